@@ -1,0 +1,31 @@
+"""Dataset readers of real on-disk layouts, plus the procedural `world`; `get_dataset(name, root, split)` opens one.
+
+Importing this package imports every reader module, which registers it by name (see base.register_dataset).
+"""
+
+from extract.datasets import ade20k, coco, fashion_mnist, imagefolder, karpathy, voc, world  # noqa: F401  (register)
+from extract.datasets.base import (
+    CLIP_TEMPLATES,
+    DATASETS,
+    Caption,
+    Dataset,
+    ImageRecord,
+    UnreadableImage,
+    get_dataset,
+    register_dataset,
+)
+from extract.datasets.world import World
+from extract.datasets.world_write import write_world
+
+__all__ = [
+    "CLIP_TEMPLATES",
+    "DATASETS",
+    "Caption",
+    "Dataset",
+    "ImageRecord",
+    "UnreadableImage",
+    "World",
+    "get_dataset",
+    "register_dataset",
+    "write_world",
+]

@@ -116,7 +116,7 @@ def get_dataset(name: str, root: str | Path | None, split: str, **options: objec
     if cls is None:
         raise PipeError(f"unknown dataset '{name}' (choose from: {', '.join(sorted(DATASETS))})")
     params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p not in ("self", "root", "split") and params[p].kind == inspect.Parameter.KEYWORD_ONLY]
+    valid = [p for p, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY]
     for key in options:
         if key not in valid:
             choices = ", ".join(valid) if valid else "none"
@@ -191,6 +191,19 @@ def clean_text(text: object, where: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise PipeError(f"empty caption in {where}")
     return " ".join(text.split())
+
+
+def int_option(dataset: str, key: str, value: object, minimum: int | None = None) -> int:
+    """An integer option, also from its CLI string form ("3"); anything else names the option."""
+    try:
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        out = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise PipeError(f"dataset '{dataset}': option {key}={value!r} is not an integer") from None
+    if minimum is not None and out < minimum:
+        raise PipeError(f"dataset '{dataset}': option {key}={value!r} must be >= {minimum}")
+    return out
 
 
 def open_rgb(path: Path) -> Image.Image:

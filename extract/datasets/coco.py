@@ -1,0 +1,97 @@
+"""COCO Captions: annotations/captions_<split><year>.json and the <split><year>/ image folder (2017 or 2014)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from extract.datasets.base import (
+    Caption,
+    Dataset,
+    ImageRecord,
+    clean_text,
+    int_option,
+    open_rgb,
+    read_json,
+    register_dataset,
+    require_root,
+    stems,
+)
+from extract.errors import PipeError
+
+YEARS = (2017, 2014)
+
+
+def _find_year(root: Path, split: str, year: int | None) -> int:
+    """The year whose caption file exists (2017 first), or the one asked for."""
+    if year is not None:
+        year = int_option("coco", "year", year)
+        if year not in YEARS:
+            raise PipeError(f"dataset 'coco': option year={year} is not one of {', '.join(map(str, YEARS))}")
+        return year
+    for y in YEARS:
+        if (root / "annotations" / f"captions_{split}{y}.json").is_file():
+            return y
+    tried = " or ".join(str(root / "annotations" / f"captions_{split}{y}.json") for y in YEARS)
+    raise PipeError(f"dataset 'coco': caption file not found: {tried}")
+
+
+@register_dataset("coco")
+class COCOCaptions(Dataset):
+    """Images in the order of the json's `images` list (de-duplicated by id); captions grouped by image, in file
+    order within an image, each linked to its image's index."""
+
+    splits = ("train", "val", "test")  # test: only where someone wrote captions for it (e.g. write_world)
+
+    def __init__(self, root: str | Path | None, split: str = "val", *, year: int | None = None) -> None:
+        super().__init__(root, split)
+        self.root = require_root(self.name, root)
+        self.year = _find_year(self.root, split, year)
+        ann_file = self.root / "annotations" / f"captions_{split}{self.year}.json"
+        data = read_json(ann_file)
+        folder = f"{split}{self.year}"
+        self.image_dir = next((d for d in (self.root / folder, self.root / "images" / folder) if d.is_dir()), None)
+        if self.image_dir is None:
+            raise PipeError(f"dataset 'coco': image folder not found: {self.root / folder}")
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise PipeError(f"malformed COCO captions file {ann_file}: no 'images' list")
+        if not isinstance(data.get("annotations"), list):
+            raise PipeError(f"malformed COCO captions file {ann_file}: no 'annotations' list")
+
+        files = stems(self.image_dir)
+        index: dict[object, int] = {}
+        self._records: list[ImageRecord] = []
+        self._paths: list[Path] = []
+        for j, img in enumerate(data["images"]):
+            if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+                raise PipeError(f"malformed COCO captions file {ann_file}: images[{j}] lacks 'id' or 'file_name'")
+            if img["id"] in index:
+                continue
+            stem = Path(img["file_name"]).stem
+            if stem not in files:
+                raise PipeError(f"{ann_file} names image '{img['file_name']}' absent from {self.image_dir}")
+            index[img["id"]] = len(self._records)
+            self._records.append(ImageRecord(stem))
+            self._paths.append(files[stem])
+
+        caps: list[Caption] = []
+        for j, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict) or "image_id" not in ann:
+                raise PipeError(f"malformed COCO captions file {ann_file}: annotations[{j}] lacks 'image_id'")
+            cid = str(ann.get("id", j))
+            item = index.get(ann["image_id"])
+            if item is None:
+                raise PipeError(f"{ann_file}: caption {cid} refers to image_id {ann['image_id']} not in 'images'")
+            caps.append(Caption(cid, clean_text(ann.get("caption"), f"{ann_file} (caption id {cid})"), item))
+        caps.sort(key=lambda c: c.item)  # stable: file order within an image
+        self._captions = caps
+
+    def images(self) -> list[ImageRecord]:
+        return self._records
+
+    def load_image(self, i: int) -> Image.Image:
+        return open_rgb(self._paths[i])
+
+    def captions(self) -> list[Caption] | None:
+        return self._captions

@@ -1,0 +1,110 @@
+"""Karpathy split files (dataset_flickr30k.json, dataset_coco.json): the splits retrieval papers report on.
+
+One json lists every image with its `split` and `sentences[].raw`; the images live in a folder beside it
+(Flickr30k: flickr30k-images/; COCO: train2014/ and val2014/, named by each entry's `filepath`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from extract.datasets.base import (
+    Caption,
+    Dataset,
+    ImageRecord,
+    clean_text,
+    open_rgb,
+    read_json,
+    register_dataset,
+    require_root,
+    stems,
+)
+from extract.errors import PipeError
+
+
+class KarpathyCaptions(Dataset):
+    """Images of one split in json order (de-duplicated by file), captions f"{stem}#{j}" in sentence order."""
+
+    splits = ("train", "val", "test")
+    json_name = ""
+    image_dirs: tuple[str, ...] = ()  # candidates under root holding the images (entry `filepath` appended)
+    merge_restval = False
+
+    def __init__(self, root: str | Path | None, split: str = "test", *, json: str | Path | None = None) -> None:
+        super().__init__(root, split)
+        self.root = require_root(self.name, root)
+        self.json_file = Path(json) if json is not None else self._find_json()
+        data = read_json(self.json_file)
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise PipeError(f"malformed Karpathy split file {self.json_file}: no 'images' list")
+        wanted = {split, "restval"} if split == "train" and self.merge_restval else {split}
+        image_root = next((self.root / d for d in self.image_dirs if (self.root / d).is_dir()), None)
+        if image_root is None:
+            tried = " or ".join(str(self.root / d) for d in self.image_dirs)
+            raise PipeError(f"dataset '{self.name}': image folder not found: {tried}")
+
+        listings: dict[Path, dict[str, Path]] = {}
+        seen: set[Path] = set()
+        self._records: list[ImageRecord] = []
+        self._paths: list[Path] = []
+        self._captions: list[Caption] = []
+        for j, entry in enumerate(data["images"]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+                raise PipeError(f"malformed Karpathy split file {self.json_file}: images[{j}] lacks 'filename'")
+            if entry.get("split") not in wanted:
+                continue
+            folder = image_root / entry.get("filepath", "")
+            if folder not in listings:
+                listings[folder] = stems(folder) if folder.is_dir() else {}
+            stem = Path(entry["filename"]).stem
+            path = listings[folder].get(stem)
+            if path is None:
+                raise PipeError(f"{self.json_file} names image '{entry['filename']}' absent from {folder}")
+            if path in seen:
+                continue
+            seen.add(path)
+            item = len(self._records)
+            self._records.append(ImageRecord(stem))
+            self._paths.append(path)
+            sentences = entry.get("sentences")
+            if not isinstance(sentences, list):
+                raise PipeError(f"malformed Karpathy split file {self.json_file}: image '{stem}' has no 'sentences'")
+            for k, sent in enumerate(sentences):
+                cid = f"{stem}#{k}"
+                raw = sent.get("raw") if isinstance(sent, dict) else None
+                self._captions.append(Caption(cid, clean_text(raw, f"{self.json_file} (caption {cid})"), item))
+
+    def _find_json(self) -> Path:
+        for cand in (self.root / self.json_name, self.root / "annotations" / self.json_name):
+            if cand.is_file():
+                return cand
+        raise PipeError(f"dataset '{self.name}': split file not found: {self.root / self.json_name}")
+
+    def images(self) -> list[ImageRecord]:
+        return self._records
+
+    def load_image(self, i: int) -> Image.Image:
+        return open_rgb(self._paths[i])
+
+    def captions(self) -> list[Caption] | None:
+        return self._captions
+
+
+@register_dataset("flickr30k")
+class Flickr30k(KarpathyCaptions):
+    """Flickr30k with Karpathy's 29k/1k/1k split; test is the 1k retrieval benchmark."""
+
+    json_name = "dataset_flickr30k.json"
+    image_dirs = ("flickr30k-images", "images", "flickr30k_images")
+
+
+@register_dataset("coco-karpathy")
+class COCOKarpathy(KarpathyCaptions):
+    """COCO with Karpathy's split (test = the 5k retrieval benchmark); train includes restval (113k), as usual."""
+
+    splits = ("train", "val", "test", "restval")
+    json_name = "dataset_coco.json"
+    image_dirs = (".", "images")
+    merge_restval = True
