@@ -1,0 +1,196 @@
+"""Encoder interfaces shared by every family: what the extraction runner calls and what the store records.
+
+An encoder is a frozen transformers model plus the conventions that make its tokens comparable across runs:
+which hidden state (`layer`), which tokens are dropped (CLS, registers, [CLS]/[SEP]), how images are resized.
+Those choices are written into `EncoderInfo`, which the feature store persists with `dataclasses.asdict`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from extract.errors import PipeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_RATIO = 256 / 224  # shortest edge / crop: the DINOv2 (and ImageNet eval) convention
+MARKER = "pipe_encoder.json"  # provenance file written into folders that `prepare_encoder` builds
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """Everything needed to say which features a store holds; persisted with `dataclasses.asdict`."""
+
+    alias: str
+    model_id: str
+    revision: str | None
+    weights: str
+    modality: str
+    dim: int
+    layer: str
+    image_size: int | None
+    patch_size: int | None
+    num_register_tokens: int
+    pooling: str | None
+    max_length: int | None
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights come from: a hub id or a local folder, and an honest description of them."""
+
+    alias: str
+    model_id: str
+    revision: str | None
+    weights: str
+
+
+@dataclass(frozen=True)
+class Options:
+    """The user's choices for one `load_encoder` call."""
+
+    layer: str = "last"
+    image_size: int | None = None
+    max_length: int = 64
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+
+def parse_layer(layer: str | int, num_layers: int) -> int | None:
+    """None for "last" (last_hidden_state), else a validated index into hidden_states (num_layers + 1 entries)."""
+    text = str(layer).strip()
+    if text == "last":
+        return None
+    try:
+        index = int(text)
+    except ValueError:
+        raise PipeError(f"layer must be 'last' or an integer index into hidden_states, got {layer!r}") from None
+    if not -(num_layers + 1) <= index <= num_layers:
+        raise PipeError(f"layer {index} out of range: the model has {num_layers + 1} hidden states (-1 = last block)")
+    return index
+
+
+def one_line(error: BaseException) -> str:
+    """First non-empty line of an exception message, so PipeError stays one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def load_pretrained(loader: Any, source: Source, what: str, **kwargs: Any) -> Any:
+    """Call `loader.from_pretrained`, turning hub/path failures into a one-line PipeError naming the model."""
+    try:
+        return loader.from_pretrained(source.model_id, revision=source.revision, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        raise PipeError(f"cannot load {what} for encoder {source.alias!r} from {source.model_id!r}: "
+                        f"{one_line(error)}") from error
+
+
+def read_marker(folder: str | Path) -> dict[str, Any] | None:
+    """The provenance record of a prepared folder, or None for any other folder or a hub id."""
+    path = Path(folder) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class ImageEncoder:
+    """A frozen vision transformer: `preprocess` PIL images, then `encode` to (cls [B,D], patches [B,P,D])."""
+
+    info: EncoderInfo
+    grid: tuple[int, int]
+
+    def __init__(self, info: EncoderInfo, model: torch.nn.Module, *, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD, crop_ratio: float = EVAL_CROP_RATIO,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.info = info
+        self.model = model
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.crop_ratio = crop_ratio
+        self.device = torch.device(device)
+        self.dtype = dtype
+        size, patch = int(info.image_size or 0), int(info.patch_size or 1)
+        self.grid = (size // patch, size // patch)
+
+    def preprocess(self, images: list[Image.Image], resize: str = "crop") -> torch.Tensor:
+        """[B,3,S,S] float32. "crop": shortest edge S*ratio then center crop S (eval convention, the ratio is
+        the processor's shortest_edge/crop_size: 256/224 for DINOv2, 1 for CLIP); "squash": the whole image to
+        SxS, which keeps pixel alignment with segmentation masks. Bicubic, mean/std from the processor config."""
+        if resize not in ("crop", "squash"):
+            raise PipeError(f"resize must be 'crop' or 'squash', got {resize!r}")
+        size = int(self.info.image_size or 0)
+        out = torch.empty(len(images), 3, size, size, dtype=torch.float32)
+        for row, image in enumerate(images):
+            image = image.convert("RGB")
+            if resize == "squash":
+                image = image.resize((size, size), Image.Resampling.BICUBIC)
+            else:
+                image = _resize_shortest_edge(image, round(size * self.crop_ratio))
+                width, height = image.size
+                top, left = (height - size) // 2, (width - size) // 2
+                image = image.crop((left, top, left + size, top + size))
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / np.float32(255.0)).permute(2, 0, 1)
+            out[row] = (pixels - self.mean) / self.std
+        return out
+
+    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cls [B,D], patches [B,P,D]) in float32 on the model's device, registers dropped, patches row-major."""
+        with torch.no_grad():
+            cls, patches = self._forward(pixel_values.to(self.device, self.dtype))
+        return cls.float(), patches.float()
+
+    def _forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class TextEncoder:
+    """A frozen text transformer: `encode` texts to (word tokens [B,L,D], length [B], pooled [B,D])."""
+
+    info: EncoderInfo
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _resize_shortest_edge(image: Image.Image, short: int) -> Image.Image:
+    """Same output size rule as transformers' `shortest_edge` resize (long side truncated), bicubic."""
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def processor_settings(processor: Any) -> dict[str, Any]:
+    """mean, std, crop ratio and default size from a transformers image processor (any backend)."""
+    mean = tuple(float(v) for v in (getattr(processor, "image_mean", None) or IMAGENET_MEAN))
+    std = tuple(float(v) for v in (getattr(processor, "image_std", None) or IMAGENET_STD))
+    size = _as_dict(getattr(processor, "size", None))
+    crop = _as_dict(getattr(processor, "crop_size", None))
+    crop_side = crop.get("height") or crop.get("shortest_edge")
+    ratio = EVAL_CROP_RATIO
+    if size.get("shortest_edge") and crop_side and getattr(processor, "do_center_crop", True):
+        ratio = float(size["shortest_edge"]) / float(crop_side)
+    default = crop_side or size.get("height") or size.get("shortest_edge")
+    return {"mean": mean, "std": std, "crop_ratio": ratio, "image_size": int(default) if default else None}
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, int):
+        return {"shortest_edge": value}
+    if isinstance(value, dict):
+        return dict(value)
+    return {k: getattr(value, k) for k in ("height", "width", "shortest_edge") if getattr(value, k, None)}

@@ -1,0 +1,113 @@
+"""Alias -> (hub id, builder) registry. Each family module registers its aliases with `@register`, and the model
+types it can build with `@register_types`, so `hf:<id or path>` reaches the same builder as the named aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from extract.encoders.base import ImageEncoder, Options, Source, TextEncoder, load_pretrained, read_marker
+from extract.errors import PipeError
+
+Encoder = ImageEncoder | TextEncoder
+Builder = Callable[[Source, Options], Encoder]
+
+_ALIASES: dict[str, tuple[str, Builder]] = {}
+_TYPES: dict[str, Builder] = {}
+_TEXT_FALLBACK: list[Builder] = []
+
+
+def register(models: dict[str, str]) -> Callable[[Builder], Builder]:
+    """Register a builder for aliases -> hub ids."""
+
+    def decorate(builder: Builder) -> Builder:
+        for alias, model_id in models.items():
+            if alias in _ALIASES:
+                raise ValueError(f"encoder alias {alias!r} registered twice")
+            _ALIASES[alias] = (model_id, builder)
+        return builder
+
+    return decorate
+
+
+def register_types(*model_types: str, text_fallback: bool = False) -> Callable[[Builder], Builder]:
+    """Register a builder for transformers `config.model_type`s reached through `hf:`; `text_fallback` marks the
+    builder used for every non-vision model type."""
+
+    def decorate(builder: Builder) -> Builder:
+        for model_type in model_types:
+            _TYPES[model_type] = builder
+        if text_fallback:
+            _TEXT_FALLBACK.append(builder)
+        return builder
+
+    return decorate
+
+
+def encoder_names() -> list[str]:
+    """Registered aliases (sorted); anything else goes through `hf:<model id or local path>`."""
+    return sorted(_ALIASES)
+
+
+def hub_id(alias: str) -> str:
+    """The hub id a registered alias stands for."""
+    if alias not in _ALIASES:
+        raise PipeError(f"unknown encoder {alias!r}; valid: {', '.join(encoder_names())}, or hf:<model id or path>")
+    return _ALIASES[alias][0]
+
+
+def load_encoder(name: str, *, layer: str = "last", image_size: int | None = None, max_length: int = 64,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32) -> Encoder:
+    """Load a frozen encoder by alias or `hf:<model id or local path>[@revision]`, in eval mode on `device`."""
+    if max_length < 1:
+        raise PipeError(f"max_length must be at least 1, got {max_length}")
+    if image_size is not None and image_size < 1:
+        raise PipeError(f"image_size must be positive, got {image_size}")
+    options = Options(layer=str(layer), image_size=image_size, max_length=max_length, device=device, dtype=dtype)
+    name = name.strip()
+    if name.startswith("hf:"):
+        source = _hf_source(name)
+        return _builder_for_config(source)(source, options)
+    if name not in _ALIASES:
+        raise PipeError(f"unknown encoder {name!r}; valid: {', '.join(encoder_names())}, or hf:<model id or path>")
+    model_id, builder = _ALIASES[name]
+    from extract.encoders.provision import local_source  # late: provision imports this module's users
+
+    return builder(local_source(name) or Source(name, model_id, None, model_id), options)
+
+
+def _hf_source(name: str) -> Source:
+    """`hf:owner/name[@rev]` or `hf:/some/folder`; a path-like target that does not exist is a PipeError."""
+    target = name[3:].strip()
+    if not target:
+        raise PipeError("hf: needs a model id or a local folder, e.g. hf:facebook/dinov2-small or hf:./my-model")
+    path = Path(target).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PipeError(f"model folder {str(path)!r} has no config.json")
+        marker = read_marker(path) or {}
+        return Source(name, str(path.resolve()), None, str(marker.get("weights") or path.resolve()))
+    if target.startswith(("/", "./", "../", "~", ".\\")) or target.count("/") > 1 or "\\" in target:
+        raise PipeError(f"model folder {target!r} does not exist")
+    model_id, _, revision = target.partition("@")
+    return Source(name, model_id, revision or None, target)
+
+
+def _builder_for_config(source: Source) -> Builder:
+    """Pick the family from the config: registered vision types -> image builders, other vision -> error,
+    everything else -> the text builder."""
+    from transformers import AutoConfig
+
+    config = load_pretrained(AutoConfig, source, "config")
+    model_type = getattr(config, "model_type", "")
+    if model_type in _TYPES:
+        return _TYPES[model_type]
+    if getattr(config, "vision_config", None) is not None or hasattr(config, "patch_size"):
+        vision = sorted(t for t, b in _TYPES.items() if b not in _TEXT_FALLBACK)
+        raise PipeError(f"vision model type {model_type!r} of {source.model_id!r} is not supported; "
+                        f"supported: {', '.join(vision)}")
+    if not _TEXT_FALLBACK:
+        raise PipeError("no text encoder family registered")
+    return _TEXT_FALLBACK[0]
