@@ -120,19 +120,27 @@ def encoders_prepare(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
-    import click
+    try:  # typer >= 0.20 vendors its own click; older releases use click itself
+        from typer._click import exceptions as cx
+    except ImportError:
+        from click import exceptions as cx
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         rv = app(args=argv, standalone_mode=False)
     except PipeError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except getattr(cx, "NoArgsIsHelpError", ()) as e:
+        typer.echo(e.format_message())
+        return 0
+    except cx.ClickException as e:
         typer.echo(f"error: {e.format_message()}", err=True)
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
     return rv if isinstance(rv, int) else 0
