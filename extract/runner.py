@@ -198,7 +198,7 @@ def _image_batches(job: Job, shards: list[int]) -> Iterator[tuple[int, int, torc
             yield shard, b0 - start, pixels, keep, skipped
 
 
-def _prefetch(it: Iterator, depth: int) -> Iterator:
+def prefetch(it: Iterator, depth: int) -> Iterator:
     """Run an iterator in a thread, `depth` items ahead; exceptions re-raise in the consumer."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     end = object()
@@ -284,7 +284,7 @@ def _image_shards(job, shards, writer, on_rows) -> list[ShardResult]:
         writer.put(cur.shard, bufs, skipped)
         results.append(cur)
 
-    for shard, offset, pixels, keep, bad in _prefetch(_image_batches(job, shards), depth=3):
+    for shard, offset, pixels, keep, bad in prefetch(_image_batches(job, shards), depth=3):
         if cur is None or shard != cur.shard:
             if cur is not None:
                 flush()

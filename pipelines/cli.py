@@ -15,12 +15,12 @@ encoders_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lis
 app.add_typer(encoders_app, name="encoders")
 
 
-def _parse_options(items: list[str]) -> tuple[tuple[str, object], ...]:
+def _parse_options(items: list[str], flag: str = "--option") -> tuple[tuple[str, object], ...]:
     out = []
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise PipeError(f"--option expects KEY=VALUE, got {item!r}")
+            raise PipeError(f"{flag} expects KEY=VALUE, got {item!r}")
         try:
             parsed: object = json.loads(value)
         except ValueError:
@@ -71,6 +71,65 @@ def extract(
         typer.echo(f"skipped {len(summary.skipped)} unreadable images:")
         for rid, reason in summary.skipped:
             typer.echo(f"  {rid}: {reason}")
+
+
+def _parse_bytes(text: str | None) -> int | None:
+    if text is None:
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise PipeError(f"--memory-budget expects a size like 512M or 8G, got {text!r}") from None
+
+
+@app.command()
+def align(
+    shards: Path = typer.Option(..., help="Folder with the stores of one dataset split (FEATURES/DATASET/SPLIT)."),
+    out: Path = typer.Option(..., help="Run dir to write (anchors/weights, run.json, loss.png)."),
+    method: str = typer.Option("pal", help="Alignment method (pal or a baseline)."),
+    image_encoder: str | None = typer.Option(None, help="Pick the image store when there are several."),
+    text_encoder: str | None = typer.Option(None, help="Pick the caption store when there are several."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    memory_budget: str | None = typer.Option(None, help="Keep training tokens in memory up to this size (e.g. 8G); "
+                                                 "default half the free memory; above it, stream from Zarr."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
+    limit: int | None = typer.Option(None, help="Use only the first N pairs."),
+    unpaired_shards: Path | None = typer.Option(None, help="Stores of unpaired images and texts (sotalign)."),
+    anchors: int | None = typer.Option(None, help="PAL: anchors per modality K [512]."),
+    tau_p: float | None = typer.Option(None, help="PAL: pooling temperature [0.03]."),
+    tau: float | None = typer.Option(None, help="InfoNCE temperature [0.05]."),
+    batch_size: int | None = typer.Option(None, help="Pairs per batch [4096]."),
+    lr: float | None = typer.Option(None, help="Learning rate [1e-3], cosine schedule with warm-up."),
+    weight_decay: float | None = typer.Option(None, help="AdamW weight decay [1e-4]."),
+    epochs: int | None = typer.Option(None, help="Maximum epochs."),
+    warmup_epochs: float | None = typer.Option(None, help="Warm-up epochs [1]."),
+    grad_clip: float | None = typer.Option(None, help="Gradient norm clip [1.0]; 0 = off."),
+    patience: int | None = typer.Option(None, help="Early stopping patience in epochs on the val loss; 0 = off."),
+    val_fraction: float | None = typer.Option(None, help="Held-out fraction of pairs for early stopping [0.05]."),
+    use_cls: bool | None = typer.Option(None, "--use-cls/--no-use-cls", help="PAL: pool the CLS token too."),
+    seed: int | None = typer.Option(None, help="Random seed [0]."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Any other method option KEY=VALUE."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train an alignment method from cached features (PAL trains only its anchors)."""
+    from align.train import AlignConfig, run_align
+
+    named = dict(anchors=anchors, tau_p=tau_p, tau=tau, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                 epochs=epochs, warmup_epochs=warmup_epochs, grad_clip=grad_clip, patience=patience,
+                 val_fraction=val_fraction, use_cls=use_cls, seed=seed)  # fmt: skip
+    params = {k: v for k, v in named.items() if v is not None} | dict(_parse_options(param, "--param"))
+    cfg = AlignConfig(
+        shards=str(shards), out=str(out), method=method, image_encoder=image_encoder, text_encoder=text_encoder,
+        device=device, memory_budget=_parse_bytes(memory_budget), resume=resume, limit=limit,
+        unpaired_shards=str(unpaired_shards) if unpaired_shards else None, params=tuple(sorted(params.items())),
+    )  # fmt: skip
+    run = run_align(cfg, progress=progress)
+    meta = json.loads((run / "run.json").read_text())
+    typer.echo(f"{run}: {meta['method']} trained on {meta['pairs']['train']} pairs ({meta['data_mode']}), "
+               f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s")
 
 
 @app.command()

@@ -28,9 +28,8 @@ def run(cfg_kwargs, **kw):
 
 
 def tree_digest(path: Path) -> dict[str, str]:
-    return {
-        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.rglob("*")) if f.is_file()
-    }
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
 def test_image_store_equals_direct_forward(tmp_path, tiny_dinov2):

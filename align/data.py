@@ -1,0 +1,246 @@
+"""Paired training data from the feature stores: which stores, which rows, and batches for an epoch.
+
+`find_pair_stores` picks the image store and the caption store of one dataset split; `PairSource` serves image rows
+with one caption each (a different caption per epoch, seeded). When the rows fit the memory budget they are loaded
+once (onto the training device) and every epoch indexes them there; otherwise each epoch streams shard-aligned
+blocks from Zarr through a bounded prefetch queue that reads the next block while the current one trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from align.base import ImageRows, TextRows
+from extract.errors import PipeError
+from extract.runner import prefetch
+from extract.store import FeatureStore, open_store
+
+
+@dataclass
+class PairStores:
+    image: FeatureStore
+    text: FeatureStore
+
+
+def _stores_in(folder: Path) -> list[FeatureStore]:
+    if not folder.is_dir():
+        raise PipeError(f"--shards {folder}: no such folder")
+    paths = sorted(p for p in folder.glob("*.zarr") if not p.name.endswith(".prompts.zarr"))
+    return [open_store(p, require_complete=False) for p in paths]
+
+
+def find_pair_stores(
+    shards: str | Path, image_encoder: str | None = None, text_encoder: str | None = None
+) -> PairStores:
+    """The image store and caption store in `shards` (one dataset split); an encoder option picks among several."""
+    folder = Path(shards)
+    stores = _stores_in(folder)
+    picked = {}
+    for modality, want, opt in (("image", image_encoder, "--image-encoder"), ("text", text_encoder, "--text-encoder")):
+        cands = [s for s in stores if s.layout.modality == modality]
+        if want is not None:
+            cands = [s for s in cands if s.layout.encoder.get("alias") == want or s.path.stem == want]
+        names = ", ".join(s.layout.encoder.get("alias") for s in stores if s.layout.modality == modality) or "none"
+        if not cands:
+            raise PipeError(f"--shards {folder}: no {modality} store" + (f" for {opt} {want}" if want else "")
+                            + f" (found: {names})")
+        if len(cands) > 1:
+            raise PipeError(f"--shards {folder}: several {modality} stores ({names}); choose one with {opt}")
+        picked[modality] = cands[0]
+    image, text = picked["image"], picked["text"]
+    for st in (image, text):
+        if not st.complete:
+            raise PipeError(f"{st.path}: store is incomplete; finish it with the same `pipe extract` command")
+    if (image.layout.dataset, image.layout.split) != (text.layout.dataset, text.layout.split):
+        raise PipeError(f"{image.path} is {image.layout.dataset}/{image.layout.split} but {text.path} is "
+                        f"{text.layout.dataset}/{text.layout.split}: stores of one dataset split are needed")
+    if text.layout.templates is not None:
+        raise PipeError(f"{text.path}: holds class prompts, not captions; pairs need a caption store")
+    return PairStores(image, text)
+
+
+def store_fingerprint(st: FeatureStore) -> str:
+    """Identifies the data a run trained on: layout attributes plus the stored ids (cheap, content-addressed)."""
+    h = hashlib.sha256(json.dumps(st.layout.to_attrs(), sort_keys=True).encode())
+    h.update("\n".join(map(str, st["ids"][:])).encode())
+    return h.hexdigest()[:16]
+
+
+def _as_float(block: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16" and block.dtype == np.uint16:
+        return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(block))
+
+
+@dataclass
+class Split:
+    """Image rows (of the image store) for training and for validation, and each image's caption rows."""
+
+    train: np.ndarray
+    val: np.ndarray
+    captions: list[np.ndarray]  # per image row: text-store rows of its captions
+
+
+def pair_split(stores: PairStores, val_fraction: float, seed: int, limit: int | None = None) -> Split:
+    """Images that have a caption and were not skipped, split into train / val by a seeded permutation."""
+    item = stores.text["item"][:]
+    n_img = stores.image.layout.count
+    if len(item) and (item.min() < 0 or item.max() >= n_img):
+        bad = int(np.flatnonzero((item < 0) | (item >= n_img))[0])
+        raise PipeError(f"{stores.text.path}: caption row {bad} links to image {item[bad]}, outside 0..{n_img - 1}")
+    order = np.argsort(item, kind="stable")
+    bounds = np.searchsorted(item[order], np.arange(n_img + 1))
+    captions = [order[bounds[i] : bounds[i + 1]] for i in range(n_img)]
+    skipped = stores.image["skipped"][:]
+    rows = np.array([i for i in range(n_img) if len(captions[i]) and not skipped[i]], dtype=np.int64)
+    if limit is not None:
+        rows = rows[:limit]
+    if len(rows) < 2:
+        raise PipeError(f"{stores.image.path} + {stores.text.path}: {len(rows)} image-caption pairs; need at least 2")
+    perm = np.random.default_rng(seed).permutation(rows)
+    n_val = int(round(len(rows) * val_fraction)) if val_fraction > 0 else 0
+    n_val = min(n_val, len(rows) - 2)
+    return Split(train=np.sort(perm[n_val:]), val=np.sort(perm[:n_val]), captions=captions)
+
+
+@dataclass
+class Batch:
+    image: ImageRows
+    text: TextRows
+    rows: np.ndarray  # image rows in this batch
+
+
+class PairSource:
+    """Serves batches of (image, one caption) for the given image rows, from memory or streamed from the stores."""
+
+    def __init__(
+        self, stores: PairStores, rows: np.ndarray, captions: list[np.ndarray], *, tokens: bool, device: str = "cpu",
+        memory_budget: int | None = None, block_rows: int | None = None, use_cls: bool = False,
+    ) -> None:  # fmt: skip
+        self.stores, self.rows, self.captions = stores, np.asarray(rows), captions
+        self.tokens, self.device, self.use_cls = tokens, device, use_cls
+        lay_i, lay_t = stores.image.layout, stores.text.layout
+        row_bytes = (lay_i.tokens * lay_i.dim + lay_t.tokens * lay_t.dim if tokens else 0) * 2
+        row_bytes += (lay_i.dim + lay_t.dim) * 2
+        self.bytes_needed = row_bytes * len(self.rows)
+        if memory_budget is None:
+            memory_budget = default_memory_budget(device)
+        self.in_memory = self.bytes_needed <= memory_budget
+        self.block_rows = block_rows or max(lay_i.rows_per_shard, 1)
+        self._cache: tuple[ImageRows, TextRows, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # -- reading ----------------------------------------------------------------------------------------------------
+    def _take(self, store: FeatureStore, name: str, rows: np.ndarray) -> torch.Tensor:
+        """Rows of one array in the given order; one contiguous read when the rows are dense, else a selection."""
+        uniq, inv = np.unique(rows, return_inverse=True)
+        arr = store[name]
+        lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+        block = arr[lo:hi][uniq - lo] if hi - lo <= 2 * len(uniq) else arr.get_orthogonal_selection((uniq,))
+        t = _as_float(block, store.layout.dtype) if block.dtype.kind in "fu" else torch.from_numpy(block)
+        return t[torch.from_numpy(inv)].to(self.device, non_blocking=True)
+
+    def _read_images(self, rows: np.ndarray) -> ImageRows:
+        si = self.stores.image
+        patches = self._take(si, "patches", rows) if self.tokens else None
+        return ImageRows(cls=self._take(si, "cls", rows), patches=patches)
+
+    def _read_texts(self, rows: np.ndarray) -> TextRows:
+        st = self.stores.text
+        txt = TextRows(pooled=self._take(st, "pooled", rows))
+        if self.tokens:
+            txt.tokens = self._take(st, "tokens", rows)
+            txt.length = self._take(st, "length", rows).long()
+        return txt
+
+    def choose_captions(self, rows: np.ndarray, epoch: int, seed: int) -> np.ndarray:
+        """One caption per image, a different draw each epoch (deterministic in seed and epoch)."""
+        rng = np.random.default_rng([seed, epoch, 7])
+        picks = rng.integers(0, 1 << 30, size=len(rows))
+        return np.array([self.captions[r][p % len(self.captions[r])] for r, p in zip(rows, picks)], dtype=np.int64)
+
+    # -- serving ----------------------------------------------------------------------------------------------------
+    def _memory(self) -> tuple[ImageRows, TextRows, np.ndarray]:
+        """Every row once, with all captions of each image (so any epoch's draw is an index, not a read)."""
+        if self._cache is None:
+            all_caps = np.concatenate([self.captions[r] for r in self.rows])
+            self._cache = (self._read_images(self.rows), self._read_texts(all_caps), all_caps)
+        return self._cache
+
+    def batches(self, epoch: int, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[Batch]:
+        rng = np.random.default_rng([seed, epoch])
+        if self.in_memory:
+            img, txt, all_caps = self._memory()
+            cap_pos = {int(c): i for i, c in enumerate(all_caps)}
+            order = rng.permutation(len(self.rows)) if shuffle else np.arange(len(self.rows))
+            chosen = self.choose_captions(self.rows, epoch, seed)
+            for b0 in range(0, len(order), batch_size):
+                idx = order[b0 : b0 + batch_size]
+                ti = torch.as_tensor([cap_pos[int(c)] for c in chosen[idx]], device=img.cls.device)
+                ii = torch.as_tensor(idx, device=img.cls.device)
+                yield Batch(_index_img(img, ii), _index_txt(txt, ti), self.rows[idx])
+            return
+        yield from self._stream(epoch, batch_size, seed, rng, shuffle)
+
+    def _stream(self, epoch, batch_size, seed, rng, shuffle) -> Iterator[Batch]:
+        """Blocks of whole image shards in shuffled order, shuffled within the block; the next block is read while
+        the current one trains (a queue of one)."""
+        shard_of = self.rows // self.stores.image.layout.rows_per_shard
+        shards = np.unique(shard_of)
+        if shuffle:
+            shards = rng.permutation(shards)
+        blocks, cur = [], []
+        for s in shards:
+            cur.append(self.rows[shard_of == s])
+            if sum(map(len, cur)) >= max(self.block_rows, batch_size):
+                blocks.append(np.sort(np.concatenate(cur)))
+                cur = []
+        if cur:
+            blocks.append(np.sort(np.concatenate(cur)))
+        chosen_all = dict(zip(self.rows.tolist(), self.choose_captions(self.rows, epoch, seed)))
+
+        def read_blocks() -> Iterator:
+            for rows in blocks:
+                caps = np.array([chosen_all[int(r)] for r in rows])
+                yield rows, (self._read_images(rows), self._read_texts(caps))
+
+        for rows, (img, txt) in prefetch(read_blocks(), depth=1):
+            order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
+            for b0 in range(0, len(order), batch_size):
+                ii = torch.as_tensor(order[b0 : b0 + batch_size], device=img.cls.device)
+                yield Batch(_index_img(img, ii), _index_txt(txt, ii), rows[order[b0 : b0 + batch_size]])
+
+
+def _index_img(img: ImageRows, idx: torch.Tensor) -> ImageRows:
+    return ImageRows(cls=img.cls[idx], patches=None if img.patches is None else img.patches[idx])
+
+
+def _index_txt(txt: TextRows, idx: torch.Tensor) -> TextRows:
+    return TextRows(
+        pooled=txt.pooled[idx],
+        tokens=None if txt.tokens is None else txt.tokens[idx],
+        length=None if txt.length is None else txt.length[idx],
+    )
+
+
+def default_memory_budget(device: str) -> int:
+    """Half the free memory of the device (CUDA) or of the host: what `--memory-budget` defaults to."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free // 2
+    try:
+        import os
+
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pages // 2
+    except (ValueError, OSError):
+        return 4 << 30

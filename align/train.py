@@ -1,0 +1,339 @@
+"""`pipe align`: train a method from the feature stores into a run dir; PAL's trainer is resumable.
+
+Run dir: `method.json` + weights (`anchors.safetensors` for PAL) written when training ends, `run.json` (config,
+encoders, stores, data fingerprints, metrics per epoch, best epoch, wall time), `loss.png`, and while PAL trains
+`checkpoint.pt` (anchors, optimiser, schedule and early-stopping state, written atomically after every epoch).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.base import MethodConfig, get_method, l2n
+from align.data import PairSource, PairStores, find_pair_stores, pair_split, store_fingerprint
+from align.pal import PAL, PALConfig, cosine_lr, image_token_view, info_nce
+from extract.errors import PipeError
+from extract.runner import resolve_device
+
+
+class NaNLoss(PipeError):
+    pass
+
+
+class Trainer:
+    """PAL's training loop: AdamW on the two anchor banks, cosine schedule with warm-up, grad clipping, early stopping
+    on the held-out pairs, a checkpoint per epoch so that `--resume` gives the same anchors as an unbroken run."""
+
+    def __init__(self, config: PALConfig, train: PairSource, val: PairSource | None, device: str) -> None:
+        self.cfg, self.train, self.val, self.device = config, train, val, device
+        lay_i, lay_t = train.stores.image.layout, train.stores.text.layout
+        init = PAL(config, lay_i.dim, lay_t.dim)
+        self.img_a = torch.nn.Parameter(init.image_anchors.to(device))
+        self.txt_a = torch.nn.Parameter(init.text_anchors.to(device))
+        self.opt = torch.optim.AdamW(
+            [self.img_a, self.txt_a], lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+        )
+        self.steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.warmup = round(config.warmup_epochs * self.steps_per_epoch)
+        self.epoch, self.step, self.bad_epochs = 0, 0, 0
+        self.best = {"val_loss": math.inf, "epoch": -1, "image_anchors": None, "text_anchors": None}
+        self.history: list[dict[str, Any]] = []
+
+    # -- one epoch ------------------------------------------------------------------------------------------------
+    def loss(self, batch, img_a, txt_a) -> torch.Tensor:
+        tokens, mask = image_token_view(batch.image, self.cfg.use_cls)
+        from align.kernel import anchor_profiles
+
+        p_img = anchor_profiles(tokens, mask, img_a, self.cfg.tau_p)
+        p_txt = anchor_profiles(batch.text.tokens, batch.text.mask(), txt_a, self.cfg.tau_p)
+        return info_nce(l2n(p_img), l2n(p_txt), self.cfg.tau)
+
+    def train_epoch(self, on_step: Callable[[int, float], None] | None = None) -> float:
+        losses, n = 0.0, 0
+        for batch in self.train.batches(self.epoch, self.cfg.batch_size, self.cfg.seed):
+            if len(batch.rows) < 2:  # a contrastive batch of one has no negatives
+                continue
+            lr = cosine_lr(self.step, self.total_steps, self.warmup, self.cfg.lr)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            loss = self.loss(batch, self.img_a, self.txt_a)
+            if not torch.isfinite(loss):
+                raise NaNLoss(f"loss is {loss.item()} at epoch {self.epoch} step {self.step}; training stopped, the "
+                              "last good checkpoint is kept (lower --lr or check the stores with `pipe verify`)")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([self.img_a, self.txt_a], self.cfg.grad_clip)
+            self.opt.step()
+            self.step += 1
+            losses += loss.item() * len(batch.rows)
+            n += len(batch.rows)
+            if on_step:
+                on_step(len(batch.rows), loss.item())
+        return losses / max(n, 1)
+
+    @torch.no_grad()
+    def val_metrics(self) -> dict[str, float]:
+        if self.val is None or len(self.val) < 2:
+            return {}
+        from evaluate.metrics import retrieval_metrics
+
+        losses, n, h_i, h_t = 0.0, 0, [], []
+        for batch in self.val.batches(0, self.cfg.batch_size, self.cfg.seed, shuffle=False):
+            if len(batch.rows) < 2:
+                continue
+            tokens, mask = image_token_view(batch.image, self.cfg.use_cls)
+            from align.kernel import anchor_profiles
+
+            hi = l2n(anchor_profiles(tokens, mask, self.img_a, self.cfg.tau_p))
+            ht = l2n(anchor_profiles(batch.text.tokens, batch.text.mask(), self.txt_a, self.cfg.tau_p))
+            losses += info_nce(hi, ht, self.cfg.tau).item() * len(batch.rows)
+            n += len(batch.rows)
+            h_i.append(hi.cpu())
+            h_t.append(ht.cpu())
+        if n == 0:
+            return {}
+        hi, ht = torch.cat(h_i), torch.cat(h_t)
+        r = retrieval_metrics(hi, ht, torch.arange(len(ht)), ks=(1, 5))
+        i2t, t2i = r["text_retrieval_recall@1"], r["image_retrieval_recall@1"]
+        return {"val_loss": losses / n, "val_i2t_r1": i2t, "val_t2i_r1": t2i}
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "image_anchors": self.img_a.detach().cpu(), "text_anchors": self.txt_a.detach().cpu(),
+            "opt": self.opt.state_dict(), "epoch": self.epoch, "step": self.step, "bad_epochs": self.bad_epochs,
+            "best": self.best, "history": self.history, "config": asdict(self.cfg),
+        }  # fmt: skip
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        ia, ta = state["image_anchors"], state["text_anchors"]
+        if ia.shape != self.img_a.shape or ta.shape != self.txt_a.shape:
+            raise PipeError(f"checkpoint anchors {tuple(ia.shape)} / {tuple(ta.shape)} do not match these stores and "
+                            f"--anchors ({tuple(self.img_a.shape)} / {tuple(self.txt_a.shape)})")
+        with torch.no_grad():
+            self.img_a.copy_(ia)
+            self.txt_a.copy_(ta)
+        self.opt.load_state_dict(state["opt"])
+        self.epoch, self.step, self.bad_epochs = state["epoch"], state["step"], state["bad_epochs"]
+        self.best, self.history = state["best"], state["history"]
+
+    def finished(self) -> bool:
+        stop = self.cfg.patience > 0 and self.bad_epochs >= self.cfg.patience
+        return self.epoch >= self.cfg.epochs or stop
+
+    def run(self, log: Callable[[dict], None] | None = None, checkpoint: Path | None = None,
+            on_step: Callable[[int, float], None] | None = None) -> PAL:  # fmt: skip
+        while not self.finished():
+            t0 = time.perf_counter()
+            train_loss = self.train_epoch(on_step)
+            metrics = {"epoch": self.epoch, "train_loss": train_loss, **self.val_metrics()}
+            metrics["seconds"] = time.perf_counter() - t0
+            metrics["pairs_per_s"] = len(self.train) / metrics["seconds"]
+            vl = metrics.get("val_loss")
+            if vl is None or vl < self.best["val_loss"] - 1e-6:
+                self.best = {"val_loss": math.inf if vl is None else vl, "epoch": self.epoch,
+                             "image_anchors": self.img_a.detach().cpu().clone(),
+                             "text_anchors": self.txt_a.detach().cpu().clone()}  # fmt: skip
+                self.bad_epochs = 0
+            else:
+                self.bad_epochs += 1
+            self.history.append(metrics)
+            self.epoch += 1
+            if log:
+                log(metrics)
+            if checkpoint is not None:
+                _atomic_torch_save(self.state(), checkpoint)
+        model = PAL(self.cfg)
+        model.load_state_dict({"image_anchors": self.best["image_anchors"], "text_anchors": self.best["text_anchors"]})
+        return model
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """One `pipe align` invocation; persisted in run.json."""
+
+    shards: str
+    out: str
+    method: str = "pal"
+    image_encoder: str | None = None
+    text_encoder: str | None = None
+    device: str = "auto"
+    memory_budget: int | None = None  # bytes; default half the free memory of the device
+    resume: bool = False
+    limit: int | None = None  # use only the first N pairs (quick runs)
+    unpaired_shards: str | None = None
+    params: tuple[tuple[str, Any], ...] = ()  # the method's hyper-parameters (its Config fields)
+
+
+def method_config(method: str, params: dict[str, Any]) -> MethodConfig:
+    cls = get_method(method)
+    names = {f.name: f for f in fields(cls.Config)}
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise PipeError(f"method {method} has no option {', '.join(unknown)}; its options: {', '.join(sorted(names))}")
+    try:
+        return cls.Config(**params)
+    except (TypeError, ValueError) as e:
+        raise PipeError(f"method {method}: bad option value ({e})") from None
+
+
+def run_align(cfg: AlignConfig, progress: bool = True) -> Path:
+    """Train (or resume, or skip when finished) and write the run dir; returns its path."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise PipeError(f"--out {out}: is a file")
+    run_json = out / "run.json"
+    mcfg = method_config(cfg.method, dict(cfg.params))
+    if run_json.exists():
+        prev = json.loads(run_json.read_text())
+        if prev.get("complete") and prev.get("config") == asdict(mcfg) and prev.get("method") == cfg.method:
+            return out  # already trained with these settings
+        if not cfg.resume:
+            raise PipeError(f"--out {out}: holds another run; use --resume to continue it or choose another --out")
+    device = resolve_device(cfg.device)
+    stores = find_pair_stores(cfg.shards, cfg.image_encoder, cfg.text_encoder)
+    method = get_method(cfg.method)
+    seed = getattr(mcfg, "seed", 0)
+    val_fraction = getattr(mcfg, "val_fraction", 0.05)
+    split = pair_split(stores, val_fraction, seed, cfg.limit)
+    tokens = _wants_tokens(method, mcfg)
+    use_cls = getattr(mcfg, "use_cls", False)
+
+    def source(rows):
+        return PairSource(stores, rows, split.captions, tokens=tokens, device=device,
+                          memory_budget=cfg.memory_budget, use_cls=use_cls)  # fmt: skip
+
+    train, val = source(split.train), (source(split.val) if len(split.val) >= 2 else None)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = _run_meta(cfg, mcfg, stores, train, split)
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    if isinstance(mcfg, PALConfig) and method is PAL:
+        aligner, history = _train_pal(mcfg, train, val, device, out, cfg.resume, progress, meta)
+    else:
+        unpaired = _load_unpaired(cfg) if cfg.unpaired_shards else None
+        aligner = method.fit(train, val, mcfg, history.append, unpaired=unpaired)
+    meta |= {"history": history, "wall_seconds": time.perf_counter() - t0, "complete": True}
+    meta["best_epoch"] = _best_epoch(history)
+    aligner.save(out)
+    _plot_loss(history, out / "loss.png", cfg.method)
+    run_json.write_text(json.dumps(meta, indent=2))
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    return out
+
+
+def _wants_tokens(method, mcfg) -> bool:
+    fn = getattr(method, "wants_tokens", None)
+    return bool(fn(mcfg)) if callable(fn) else bool(method.needs_tokens)
+
+
+def _best_epoch(history: list[dict]) -> int | None:
+    vals = [(h["val_loss"], h["epoch"]) for h in history if "val_loss" in h]
+    return min(vals)[1] if vals else (history[-1]["epoch"] if history else None)
+
+
+def _run_meta(cfg: AlignConfig, mcfg, stores: PairStores, train: PairSource, split) -> dict[str, Any]:
+    si, st = stores.image, stores.text
+    return {
+        "method": cfg.method, "config": asdict(mcfg), "align": asdict(cfg) | {"params": dict(cfg.params)},
+        "image_encoder": si.layout.encoder.get("alias"), "text_encoder": st.layout.encoder.get("alias"),
+        "image_weights": si.layout.encoder.get("weights"), "text_weights": st.layout.encoder.get("weights"),
+        "image_layer": si.layout.encoder.get("layer"), "text_layer": st.layout.encoder.get("layer"),
+        "dataset": si.layout.dataset, "split": si.layout.split,
+        "image_store": str(si.path), "text_store": str(st.path),
+        "fingerprint": {"image": store_fingerprint(si), "text": store_fingerprint(st)},
+        "pairs": {"train": int(len(split.train)), "val": int(len(split.val))},
+        "tokens": {"image": "patches+cls" if getattr(mcfg, "use_cls", False) else "patches"},
+        "data_mode": "memory" if train.in_memory else "stream", "complete": False,
+    }  # fmt: skip
+
+
+def _train_pal(mcfg, train, val, device, out: Path, resume: bool, progress: bool, meta: dict):
+    trainer = Trainer(mcfg, train, val, device)
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        if not resume:
+            raise PipeError(f"--out {out}: has an unfinished run (checkpoint.pt); pass --resume to continue it")
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("config") != asdict(mcfg):
+            raise PipeError(f"{ckpt}: was trained with other options; resume with the same options or a new --out")
+        trainer.load_state(state)
+    (out / "run.json").write_text(json.dumps(meta, indent=2))  # complete: false until the end
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), disable=not progress)  # fmt: skip
+    with bar:
+        task = bar.add_task(f"pal epoch {trainer.epoch}", total=len(train), info="")
+        t_epoch = [time.perf_counter(), 0]
+
+        def on_step(n: int, loss: float) -> None:
+            t_epoch[1] += n
+            rate = t_epoch[1] / max(time.perf_counter() - t_epoch[0], 1e-9)
+            bar.update(task, advance=n, info=f"loss {loss:.3f} {rate:.0f} pairs/s")
+
+        def log(m: dict) -> None:
+            t_epoch[0], t_epoch[1] = time.perf_counter(), 0
+            bar.reset(task, description=f"pal epoch {m['epoch'] + 1}")
+            if not progress:
+                return
+            bar.console.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+
+        model = trainer.run(log=log, checkpoint=ckpt, on_step=on_step)
+    return model, copy.deepcopy(trainer.history)
+
+
+def _load_unpaired(cfg: AlignConfig):
+    from align.base import ImageRows, TextRows
+    from align.data import _stores_in
+
+    stores = _stores_in(Path(cfg.unpaired_shards))
+    img = [s for s in stores if s.layout.modality == "image"]
+    txt = [s for s in stores if s.layout.modality == "text"]
+    if not img or not txt:
+        raise PipeError(f"--unpaired-shards {cfg.unpaired_shards}: needs one image store and one text store")
+    return ImageRows(cls=img[0].rows("cls").float()), TextRows(pooled=txt[0].rows("pooled").float())
+
+
+def _plot_loss(history: list[dict], path: Path, method: str) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ep = [h["epoch"] for h in history]
+    if "train_loss" in history[0]:
+        ax.plot(ep, [h["train_loss"] for h in history], label="train")
+    if "val_loss" in history[0]:
+        ax.plot(ep, [h["val_loss"] for h in history], label="val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("InfoNCE loss")
+    ax.set_title(f"{method}: loss per epoch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
