@@ -147,6 +147,9 @@ class PairSource:
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
         block = arr[lo:hi][uniq - lo] if hi - lo <= 2 * len(uniq) else arr.get_orthogonal_selection((uniq,))
         t = _as_float(block, store.layout.dtype) if block.dtype.kind in "fu" else torch.from_numpy(block)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int(uniq[int(torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).all(1))[0])])
+            raise PipeError(f"{store.path}: array {name!r} has non-finite values in row {bad} (see `pipe verify`)")
         return t[torch.from_numpy(inv)].to(self.device, non_blocking=True)
 
     def _read_images(self, rows: np.ndarray) -> ImageRows:

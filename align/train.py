@@ -209,8 +209,8 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> Path:
         prev = json.loads(run_json.read_text())
         if prev.get("complete") and prev.get("config") == asdict(mcfg) and prev.get("method") == cfg.method:
             return out  # already trained with these settings
-        if not cfg.resume:
-            raise PipeError(f"--out {out}: holds another run; use --resume to continue it or choose another --out")
+        if prev.get("complete"):
+            raise PipeError(f"--out {out}: holds a finished run with other settings; choose another --out")
     device = resolve_device(cfg.device)
     stores = find_pair_stores(cfg.shards, cfg.image_encoder, cfg.text_encoder)
     method = get_method(cfg.method)
@@ -282,8 +282,8 @@ def _train_pal(mcfg, train, val, device, out: Path, resume: bool, progress: bool
     (out / "run.json").write_text(json.dumps(meta, indent=2))  # complete: false until the end
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), disable=not progress)  # fmt: skip
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+    bar = Progress(*cols, TimeRemainingColumn(), disable=not progress)
     with bar:
         task = bar.add_task(f"pal epoch {trainer.epoch}", total=len(train), info="")
         t_epoch = [time.perf_counter(), 0]

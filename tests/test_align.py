@@ -1,0 +1,164 @@
+"""`pipe align` with PAL on tiny stores: learning, outputs, resume, streaming vs memory, bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from align.base import load_aligner
+from align.data import PairSource, find_pair_stores, pair_split
+from align.train import AlignConfig, Trainer, run_align
+from extract.store import open_store
+from pipelines.cli import main
+
+FAST = (("anchors", 16), ("batch_size", 8), ("epochs", 4), ("tau_p", 0.1), ("val_fraction", 0.25))
+
+
+def shards(feats, split="train"):
+    return str(feats / "world" / split)
+
+
+def test_pal_run_dir_and_learning(tmp_path, world_features):
+    out = run_align(AlignConfig(shards=shards(world_features), out=str(tmp_path / "run"), params=FAST), progress=False)
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["complete"] and meta["method"] == "pal" and meta["pairs"] == {"train": 18, "val": 6}
+    assert len(meta["history"]) == 4 and meta["data_mode"] == "memory"
+    assert meta["history"][-1]["train_loss"] < meta["history"][0]["train_loss"]  # the anchors learn something
+    assert (out / "anchors.safetensors").exists() and (out / "loss.png").stat().st_size > 0
+    assert not (out / "checkpoint.pt").exists()
+    pal = load_aligner(out)
+    assert pal.image_anchors.shape == (16, 32) and pal.text_anchors.shape == (16, 32)
+    # finished run with the same settings: nothing to do; other settings without --resume: refused
+    assert run_align(AlignConfig(shards=shards(world_features), out=str(out), params=FAST), progress=False) == out
+    with pytest.raises(Exception, match="finished run with other settings"):
+        run_align(AlignConfig(shards=shards(world_features), out=str(out), params=FAST[1:]), progress=False)
+
+
+def test_resume_after_interruption_equals_unbroken_run(tmp_path, world_features, monkeypatch):
+    cfg_full = AlignConfig(shards=shards(world_features), out=str(tmp_path / "full"), params=FAST)
+    full = run_align(cfg_full, progress=False)
+    calls = {"n": 0}
+    original = Trainer.train_epoch
+
+    def dying(self, *a, **k):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed during the third epoch
+        calls["n"] += 1
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_epoch", dying)
+    cfg = AlignConfig(shards=shards(world_features), out=str(tmp_path / "cut"), params=FAST)
+    with pytest.raises(KeyboardInterrupt):
+        run_align(cfg, progress=False)
+    assert (tmp_path / "cut" / "checkpoint.pt").exists()
+    assert not json.loads((tmp_path / "cut" / "run.json").read_text())["complete"]
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    with pytest.raises(Exception, match="--resume"):
+        run_align(cfg, progress=False)
+    resumed = run_align(AlignConfig(**{**cfg.__dict__, "resume": True}), progress=False)
+    a, b = load_aligner(full), load_aligner(resumed)
+    torch.testing.assert_close(a.image_anchors, b.image_anchors, rtol=0, atol=0)
+    torch.testing.assert_close(a.text_anchors, b.text_anchors, rtol=0, atol=0)
+
+
+def test_streaming_serves_every_pair_once_per_epoch(world_features):
+    stores = find_pair_stores(shards(world_features))
+    split = pair_split(stores, 0.0, 0)
+    mem = PairSource(stores, split.train, split.captions, tokens=True)
+    stream = PairSource(stores, split.train, split.captions, tokens=True, memory_budget=0, block_rows=8)
+    assert mem.in_memory and not stream.in_memory
+    for epoch in (0, 1):
+        got = {}
+        for src in (mem, stream):
+            rows, toks = [], {}
+            for batch in src.batches(epoch, 5, seed=3):
+                rows.extend(batch.rows.tolist())
+                for r, t in zip(batch.rows.tolist(), batch.text.tokens):
+                    toks[r] = t
+            assert sorted(rows) == sorted(split.train.tolist())
+            got[src.in_memory] = toks
+        for r in split.train.tolist():  # the same caption is drawn for each image in both modes
+            torch.testing.assert_close(got[True][r], got[False][r])
+    # the caption draw changes between epochs for images that have several captions
+    c0, c1 = mem.choose_captions(split.train, 0, 3), mem.choose_captions(split.train, 1, 3)
+    assert (c0 != c1).any()
+
+
+def test_streamed_training_runs(tmp_path, world_features):
+    out = run_align(
+        AlignConfig(shards=shards(world_features), out=str(tmp_path / "s"), params=FAST, memory_budget=0),
+        progress=False,
+    )
+    assert json.loads((out / "run.json").read_text())["data_mode"] == "stream"
+
+
+def test_nan_loss_keeps_last_good_checkpoint(tmp_path, world_features, monkeypatch):
+    original = Trainer.loss
+    calls = {"n": 0}
+
+    def poisoned(self, *a):
+        calls["n"] += 1
+        loss = original(self, *a)
+        return loss * float("nan") if calls["n"] > 3 else loss  # 3 steps = the first epoch is fine
+
+    monkeypatch.setattr(Trainer, "loss", poisoned)
+    code = main(["align", "--shards", shards(world_features), "--out", str(tmp_path / "r"), "--anchors", "16",
+                 "--batch-size", "8", "--val-fraction", "0.25", "--no-progress"])  # fmt: skip
+    assert code == 2
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and torch.isfinite(state["image_anchors"]).all()
+
+
+def test_bad_inputs(tmp_path, world_features, capsys):
+    def run(*extra):
+        code = main(["align", "--out", str(tmp_path / "bad"), "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+        return err
+
+    assert "no such folder" in run("--shards", str(tmp_path / "none"))
+    assert "no option" in run("--shards", shards(world_features), "-p", "nope=1")
+    assert "unknown method" in run("--shards", shards(world_features), "--method", "nope")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for split, kind in (("train", "dinov2"), ("val", "bert")):
+        stores = (world_features / "world" / split).glob("*.zarr")
+        src = next(p for p in stores if kind in p.name and "prompts" not in p.name)
+        shutil.copytree(src, mixed / src.name)
+    assert "one dataset split" in run("--shards", str(mixed))
+    incomplete = tmp_path / "inc"
+    shutil.copytree(world_features / "world" / "train", incomplete)
+    st = open_store(next(p for p in incomplete.glob("*.zarr") if "bert" in p.name))
+    st.group.attrs["complete"] = False
+    assert "incomplete" in run("--shards", str(incomplete))
+    nan = tmp_path / "nan"
+    shutil.copytree(world_features / "world" / "train", nan)
+    st = open_store(next(p for p in nan.glob("*.zarr") if "dinov2" in p.name))
+    st["patches"][3] = np.full(st["patches"].shape[1:], np.nan, np.float16)
+    assert "non-finite values in row 3" in run("--shards", str(nan))
+    one = tmp_path / "one"
+    shutil.copytree(world_features / "world" / "train", one)
+    st = open_store(next(p for p in one.glob("*.zarr") if "bert" in p.name))
+    st["item"][:] = np.zeros(st.layout.count, np.int64)  # every caption describes image 0: a single pair
+    assert "need at least 2" in run("--shards", str(one))
+
+
+def test_resume_with_other_dims_is_refused(tmp_path, world_features, monkeypatch):
+    cfg = AlignConfig(shards=shards(world_features), out=str(tmp_path / "r"), params=FAST)
+    original = Trainer.train_epoch
+
+    def dying(self, *a, **k):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_align(cfg, progress=False)
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    state["image_anchors"] = torch.zeros(16, 7)
+    torch.save(state, tmp_path / "r" / "checkpoint.pt")
+    with pytest.raises(Exception, match="do not match"):
+        run_align(AlignConfig(**{**cfg.__dict__, "resume": True}), progress=False)
