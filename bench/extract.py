@@ -10,18 +10,24 @@ their ratio (goal >= 0.85), and bytes on disk per row against raw fp16 size.
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import statistics
-import tempfile
-import time
-from pathlib import Path
+import os
+import sys
 
-import torch
+# This file is named like the `extract` package: keep its own folder off the import path when run as a script.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from extract.datasets import get_dataset
-from extract.runner import ExtractConfig, _encoder, run_extract
-from extract.store import open_store
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from extract.datasets import get_dataset  # noqa: E402
+from extract.runner import ExtractConfig, _encoder, run_extract  # noqa: E402
+from extract.store import open_store  # noqa: E402
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ from extract.errors import PipeError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 encoders_app = typer.Typer(add_completion=False, no_args_is_help=True, help="List and prepare encoders.")
 app.add_typer(encoders_app, name="encoders")
+from pipelines.eval_cmd import eval_app, report  # noqa: E402
+app.add_typer(eval_app, name="eval"); app.command()(report)  # noqa: E702
 
 
 def _parse_options(items: list[str], flag: str = "--option") -> tuple[tuple[str, object], ...]:
@@ -130,6 +132,24 @@ def align(
     meta = json.loads((run / "run.json").read_text())
     typer.echo(f"{run}: {meta['method']} trained on {meta['pairs']['train']} pairs ({meta['data_mode']}), "
                f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Output folder (features, runs, report, figures)."),
+    size: str = typer.Option("full", help="small (48 + 16 world images) or full (400 + 100)."),
+    image_encoder: str = typer.Option("dinov2-small", help="Image encoder alias."),
+    text_encoder: str = typer.Option("minilm", help="Text encoder alias."),
+    pal_epochs: int = typer.Option(60, help="Maximum PAL epochs (early stopping on held-out pairs)."),
+    methods: str | None = typer.Option(None, help="Comma-separated baselines to run (default: all)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Run extract -> align -> eval -> report on the built-in world (offline, real encoders once prepared)."""
+    from pipelines.demo import DemoConfig, run_demo
+
+    chosen = tuple(m for m in methods.split(",") if m) if methods is not None else None
+    run_demo(DemoConfig(out=str(out), size=size, image_encoder=image_encoder, text_encoder=text_encoder,
+                        pal_epochs=pal_epochs, methods=chosen, progress=progress))  # fmt: skip
 
 
 @app.command()

@@ -1,0 +1,125 @@
+"""`pipe demo`: the whole pipeline on the built-in world, through the same commands a user runs.
+
+extract (train captions, val captions + class prompts) -> align (PAL over a K grid, K picked on the held-out pairs of
+the train split; then every baseline) -> eval (classification, retrieval, segmentation `pal` protocol on world val)
+-> report. Re-running reuses finished stores, runs and evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from extract.errors import PipeError
+
+SIZES = {"small": (48, 16), "full": (400, 100)}  # world images: train, val
+K_GRID = (16, 64, 256, 512)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "demo-out"
+    size: str = "full"
+    image_encoder: str = "dinov2-small"
+    text_encoder: str = "minilm"
+    batch_size: int = 16
+    pal_batch: int = 64
+    pal_epochs: int = 60
+    k_grid: tuple[int, ...] = K_GRID
+    methods: tuple[str, ...] | None = None  # baselines to run (default: every registered one)
+    progress: bool = True
+
+
+def _cli(args: list[str]) -> None:
+    from pipelines.cli import main
+
+    code = main([str(a) for a in args])
+    if code != 0:
+        raise PipeError(f"demo step failed (exit {code}): pipe {' '.join(map(str, args))}")
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    if cfg.size not in SIZES:
+        raise PipeError(f"--size must be one of {', '.join(SIZES)}, got {cfg.size!r}")
+    out = Path(cfg.out)
+    feats, runs = out / "features", out / "runs"
+    n_train, n_val = SIZES[cfg.size]
+    prog = [] if cfg.progress else ["--no-progress"]
+    say = typer.echo
+
+    encs = f"{cfg.image_encoder} + {cfg.text_encoder}"
+    say(f"[1/4] extract: world train ({n_train} images) and val ({n_val}) with {encs}")
+    for split, n in (("train", n_train), ("val", n_val)):
+        common = ["--dataset", "world", "--split", split, "--features", feats, "-o", f"size={n}",
+                  "--batch-size", cfg.batch_size, *prog]  # fmt: skip
+        _cli(["extract", "--encoder", cfg.image_encoder, *common])
+        _cli(["extract", "--encoder", cfg.text_encoder, "--text", "captions", *common])
+        if split == "val":
+            _cli(["extract", "--encoder", cfg.text_encoder, "--text", "prompts", *common])
+
+    shards = feats / "world" / "train"
+    pal_common = ["--shards", shards, "--batch-size", cfg.pal_batch, "--epochs", cfg.pal_epochs, "--patience", 10,
+                  "--val-fraction", 0.1, *prog]  # fmt: skip
+    say(f"[2/4] align: PAL for K in {list(cfg.k_grid)} (K picked on held-out train pairs), then the baselines")
+    ablation = []
+    for k in cfg.k_grid:
+        run = runs / f"pal-k{k}"
+        _cli(["align", "--method", "pal", "--anchors", k, "--out", run, *pal_common])
+        hist = json.loads((run / "run.json").read_text())["history"]
+        best = max(hist, key=lambda h: h.get("val_i2t_r1", 0) + h.get("val_t2i_r1", 0))
+        ablation.append({"K": k, "run": str(run), "val_r1": (best.get("val_i2t_r1", 0) + best.get("val_t2i_r1", 0)) / 2,
+                         "epoch": best["epoch"]})  # fmt: skip
+    chosen = max(ablation, key=lambda a: a["val_r1"])
+    say(f"      chosen K = {chosen['K']} (held-out mean R@1 {chosen['val_r1']:.3f})")
+    from align.base import METHODS, get_method
+
+    get_method("pal")  # fills the registry
+    baselines = cfg.methods if cfg.methods is not None else tuple(sorted(m for m in METHODS if m != "pal"))
+    method_runs = {"pal": Path(chosen["run"])}
+    for m in baselines:
+        run = runs / m
+        _cli(["align", "--method", m, "--shards", shards, "--out", run, *prog])
+        method_runs[m] = run
+
+    say("[3/4] eval on world val: classification, retrieval, segmentation (pal protocol)")
+    evals = ["--dataset", "world", "--split", "val", "--features", feats, "-o", f"size={n_val}", "--skip-existing"]
+    for k_run in [a["run"] for a in ablation] + [str(r) for m, r in method_runs.items() if m != "pal"]:
+        for task in ("classification", "retrieval", "segmentation"):
+            extra = ["--protocol", "pal"] if task == "segmentation" else []
+            _cli(["eval", task, "--run", k_run, *evals, *extra])
+    _cli(["eval", "diagnostics", "--run", chosen["run"], *evals])
+
+    say("[4/4] report")
+    _write_ablation(out, ablation, chosen)
+    _cli(["report", *[method_runs[m] for m in method_runs], "--out", out / "report.md"])
+    say(f"done: report {out / 'report.md'}, K ablation {out / 'k_ablation.png'}, runs and figures under {runs}")
+    return out
+
+
+def _write_ablation(out: Path, ablation: list[dict], chosen: dict) -> None:
+    """K ablation: held-out R@1 (the selection criterion) and, where evaluated, world-val segmentation mIoU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for a in ablation:
+        seg = Path(a["run"]) / "eval" / "segmentation-world-val-pal.json"
+        a["val_seg_miou"] = json.loads(seg.read_text()).get("mIoU") if seg.exists() else None
+    (out / "k_ablation.json").write_text(json.dumps({"chosen": chosen["K"], "grid": ablation}, indent=2))
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ks = [a["K"] for a in ablation]
+    ax.plot(ks, [a["val_r1"] for a in ablation], "o-", label="held-out train pairs: mean R@1")
+    if all(a["val_seg_miou"] is not None for a in ablation):
+        ax.plot(ks, [a["val_seg_miou"] for a in ablation], "s-", label="world val: segmentation mIoU")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("anchors K")
+    ax.set_title(f"PAL K ablation (chosen K = {chosen['K']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "k_ablation.png")
+    plt.close(fig)
