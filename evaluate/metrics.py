@@ -118,9 +118,10 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
 def blocked_topk(queries: Tensor, keys: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
     """Top-k of ``queries @ keys.T`` per query row, computed ``block`` query rows at a time.
 
-    Only a [block, K] similarity block is ever alive, so 25k x 5k (or larger) retrieval runs in a few hundred MB
-    instead of materialising the dense matrix. Scores are in the inputs' dtype (callers pass float32). Ties are
-    resolved by ``torch.topk`` (as clip_benchmark does), i.e. arbitrarily but deterministically for given inputs.
+    Only one [block, K] similarity buffer exists (allocated once, reused), so 25k x 5k (or larger) retrieval needs
+    ``block * K * 4`` bytes of working memory instead of the dense matrix. Scores are in the inputs' dtype (callers
+    pass float32). Ties are resolved by ``torch.topk`` (as clip_benchmark does): arbitrary, but deterministic for
+    given inputs.
 
     Returns:
         (values, indices), each [Q, k], sorted by decreasing score.
@@ -235,7 +236,8 @@ def retrieval_metrics(
         text_emb: [M, E] one row per caption.
         text_to_image: [M] image row of each caption (the text store's ``item``).
         ks: the k values to report.
-        block: caption rows per similarity block (transient memory about ``block * N * 4`` bytes, plus [N, 2k]).
+        block: caption rows per similarity block (working memory ``block * N * 4`` bytes plus an [N, ~17 max(ks)]
+            candidate buffer: about 36 MB in all at N = 5000, block 1024, float32).
     """
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(f"expected image_emb [N, E] and text_emb [M, E], got {tuple(image_emb.shape)} and "

@@ -14,7 +14,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 encoders_app = typer.Typer(add_completion=False, no_args_is_help=True, help="List and prepare encoders.")
 app.add_typer(encoders_app, name="encoders")
 from pipelines.eval_cmd import eval_app, report  # noqa: E402
-app.add_typer(eval_app, name="eval"); app.command()(report)  # noqa: E702
+
+app.add_typer(eval_app, name="eval")
+app.command()(report)
 
 
 def _parse_options(items: list[str], flag: str = "--option") -> tuple[tuple[str, object], ...]:

@@ -1,0 +1,154 @@
+"""PNG figures of evaluations, where a person would rather look than read numbers. Plain arrays in, a file out.
+
+Figures are drawn on a bare `matplotlib.figure.Figure` (Agg canvas), never through pyplot: no global backend state,
+no GUI, safe in threads and on machines without a display.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from extract.datasets.base import voc_palette
+
+PALETTE = np.array(voc_palette(), dtype=np.float64).reshape(256, 3) / 255.0
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    """Class-index mask -> RGB with the VOC palette (255 = void is cream, as in the VOC PNGs)."""
+    return PALETTE[np.asarray(mask, dtype=np.uint8)]
+
+
+def seg_overlays(path: Path, samples: Sequence[tuple[np.ndarray | None, np.ndarray, np.ndarray]],
+                 classes: Sequence[str], title: str) -> Path:  # fmt: skip
+    """One row per image: image, ground truth, prediction, with a legend of the classes that appear."""
+    fig = _figure(9, 3 * len(samples) + 0.6)
+    axes = fig.subplots(len(samples), 3, squeeze=False)
+    shown: set[int] = set()
+    for r, (image, gt, pred) in enumerate(samples):
+        panels = ((image, "image"), (colorize(gt), "ground truth"), (colorize(pred), "prediction"))
+        for c, (data, name) in enumerate(panels):
+            ax = axes[r][c]
+            ax.axis("off")
+            if data is not None:
+                ax.imshow(data, interpolation="nearest")
+            if r == 0:
+                ax.set_title(name)
+        shown |= {int(v) for v in np.unique(gt)} | {int(v) for v in np.unique(pred)}
+    names = {i: n for i, n in enumerate(classes)} | {255: "void (ignored)"}
+    handles = [Patch(color=PALETTE[i], label=names.get(i, str(i))) for i in sorted(shown)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8, frameon=False)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def class_iou_bars(path: Path, names: Sequence[str], ious: Sequence[float], title: str) -> Path:
+    """Per-class IoU as horizontal bars (classes never seen, IoU NaN, are marked n/a)."""
+    values = np.array(ious, dtype=np.float64)
+    fig = _figure(7, 0.3 * len(names) + 1.2)
+    ax = fig.subplots()
+    y = np.arange(len(names))
+    ax.barh(y, np.nan_to_num(values), color="tab:blue")
+    for i, v in enumerate(values):
+        text = "n/a" if np.isnan(v) else f"{100 * v:.1f}"
+        ax.text((0 if np.isnan(v) else v) + 0.01, i, text, va="center", fontsize=8)
+    ax.set_yticks(y, labels=list(names), fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("IoU")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def retrieval_examples(path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[str], Sequence[bool],
+                                                           Sequence[float]]], title: str) -> Path:  # fmt: skip
+    """Image queries with their top captions as text; captions of the query image are green and marked [+]."""
+    fig = _figure(11, 2.6 * len(samples) + 0.5)
+    axes = fig.subplots(len(samples), 2, squeeze=False, gridspec_kw={"width_ratios": [1, 3]})
+    for r, (image, captions, hits, scores) in enumerate(samples):
+        axes[r][0].axis("off")
+        if image is not None:
+            axes[r][0].imshow(image)
+        ax = axes[r][1]
+        ax.axis("off")
+        for j, (cap, hit, score) in enumerate(zip(captions, hits, scores, strict=True)):
+            line = textwrap.shorten(f"{j + 1}. [{'+' if hit else ' '}] {score:.3f}  {cap}", 110)
+            ax.text(0, 1 - 0.18 * j, line, transform=ax.transAxes, va="top", fontsize=9,
+                    color="tab:green" if hit else "black", family="monospace")  # fmt: skip
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def anchor_usage(path: Path, image_counts: np.ndarray, text_counts: np.ndarray | None, title: str) -> Path:
+    """Tokens per anchor (argmax anchor of each token), anchors sorted by use: a long flat tail = unused anchors."""
+    sides = [("image patches", image_counts)] + ([("text tokens", text_counts)] if text_counts is not None else [])
+    fig = _figure(8, 2.8 * len(sides))
+    axes = fig.subplots(len(sides), 1, squeeze=False)
+    for ax, (name, counts) in zip(axes[:, 0], sides, strict=True):
+        order = np.sort(counts)[::-1]
+        ax.bar(np.arange(len(order)), order, width=1.0, color="tab:orange")
+        ax.set_title(f"{name}: {int((counts > 0).sum())} of {len(counts)} anchors used")
+        ax.set_xlabel("anchor (sorted by use)")
+        ax.set_ylabel("tokens")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def dice_histogram(path: Path, matched: np.ndarray, mismatched: np.ndarray, k: int, title: str) -> Path:
+    """Distribution of top-k anchor Dice for matched vs mismatched image-caption pairs."""
+    fig = _figure(6, 3.5)
+    ax = fig.subplots()
+    levels = np.arange(k + 1) / k
+    width = 0.4 / k
+    sides = (("matched", matched, "tab:green"), ("mismatched", mismatched, "tab:red"))
+    for off, (name, values, colour) in zip((-width / 2, width / 2), sides, strict=True):
+        share = [(np.isclose(values, v)).mean() if len(values) else 0.0 for v in levels]
+        ax.bar(levels + off, share, width=width, color=colour, label=f"{name} (mean {np.mean(values):.2f})")
+    ax.set_xlabel(f"Dice of top-{k} anchor sets")
+    ax.set_ylabel("fraction of pairs")
+    ax.legend()
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def anchor_maps(path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[int], Sequence[float], np.ndarray]],
+                title: str) -> Path:  # fmt: skip
+    """Per image: the image, then the cos maps of its most active anchors laid over it (each map on its own colour
+    scale: where an anchor fires, not how strongly compared with other anchors; the profile value says that)."""
+    cols = 1 + max(len(s[1]) for s in samples)
+    fig = _figure(3 * cols, 3 * len(samples) + 0.5)
+    axes = fig.subplots(len(samples), cols, squeeze=False)
+    for r, (image, ids, vals, maps) in enumerate(samples):
+        for ax in axes[r]:
+            ax.axis("off")
+        h, w = (image.shape[0], image.shape[1]) if image is not None else maps.shape[1:]
+        if image is not None:
+            axes[r][0].imshow(image)
+        for c, (k, v, m) in enumerate(zip(ids, vals, maps, strict=True)):
+            ax = axes[r][c + 1]
+            if image is not None:
+                ax.imshow(image)
+            ax.imshow(m, extent=(0, w, h, 0), alpha=0.6 if image is not None else 1.0, cmap="inferno",
+                      interpolation="bilinear")  # fmt: skip
+            ax.set_title(f"anchor {k} (profile {v:.2f})", fontsize=9)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,140 @@
+"""One comparison table over evaluated runs: runs as rows, a chosen subset of metrics as columns.
+
+Reads only the result JSONs under RUN/eval/ (never features), so a report is instant and can be rebuilt any time.
+Markdown shows percentages with one decimal (how papers print them); the CSV keeps the JSON's fractions at full
+precision for further processing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from extract.errors import PipeError
+
+TASK_ORDER = ("classification", "retrieval", "segmentation", "diagnostics")
+# (result key, column label) per task: the numbers people compare across methods
+COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "classification": [("acc1", "acc1"), ("balanced_acc", "bal.acc")],
+    "retrieval": [
+        ("text_retrieval_recall@1", "I2T R@1"), ("text_retrieval_recall@5", "I2T R@5"),
+        ("image_retrieval_recall@1", "T2I R@1"), ("image_retrieval_recall@5", "T2I R@5"),
+    ],
+    "segmentation": [("mIoU", "mIoU"), ("fg_mIoU", "fg mIoU"), ("bg_ignored/mIoU", "mIoU bg ignored")],
+    "diagnostics": [("dice_top5_matched", "Dice@5 matched"), ("dice_top5_mismatched", "Dice@5 mismatched")],
+}  # fmt: skip
+SHORT = {"classification": "", "retrieval": "", "segmentation": "seg", "diagnostics": "diag"}
+
+
+def headline(result: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The summary numbers of one result (per-class values, config and notes left out), for the printed table."""
+    skip = ("iou/", "acc/")
+    out = []
+    for key, value in result.items():
+        if key in ("config", "protocol_note") or any(s in key for s in skip) or isinstance(value, (dict, list)):
+            continue
+        out.append((key, value))
+    return out
+
+
+def format_headline(result: dict[str, Any]) -> str:
+    rows = headline(result)
+    width = max(len(k) for k, _ in rows)
+    lines = []
+    for key, value in rows:
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+def _results(run: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((run / "eval").glob("*.json")):
+        try:
+            res = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise PipeError(f"{path}: malformed result JSON; re-run that eval") from None
+        if isinstance(res, dict) and res.get("task") in COLUMNS:
+            out.append(res)
+    return out
+
+
+def _method(run: Path) -> str:
+    for name in ("run.json", "method.json"):
+        path = run / name
+        if path.is_file():
+            try:
+                return str(json.loads(path.read_text(encoding="utf-8")).get("method", "?"))
+            except json.JSONDecodeError:
+                continue
+    return "?"
+
+
+def build_table(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
+    """Header ["run", "method", columns...] and one row per run (None where a run lacks that number)."""
+    if not runs:
+        raise PipeError("pipe report: give at least one run dir")
+    columns: dict[tuple, str] = {}
+    cells: list[dict[tuple, float]] = []
+    for run in runs:
+        if not run.is_dir():
+            raise PipeError(f"pipe report: {run}: no such run dir")
+        row: dict[tuple, float] = {}
+        for res in _results(run):
+            task = res["task"]
+            protocol = res.get("protocol")
+            scope = f"{res.get('dataset')}/{res.get('split')}"
+            tag = SHORT[task] + (f"[{protocol}]" if protocol else "")
+            for m, (key, label) in enumerate(COLUMNS[task]):
+                if key in res:
+                    col = (TASK_ORDER.index(task), scope, protocol or "", m)
+                    columns[col] = " ".join(p for p in (scope, tag, label) if p)
+                    row[col] = res[key]
+        cells.append(row)
+    order = sorted(columns)
+    header = ["run", "method"] + [columns[c] for c in order]
+    rows = [[run.resolve().name, _method(run)] + [row.get(c) for c in order] for run, row in zip(runs, cells)]
+    return header, rows
+
+
+def _pct(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    return f"{100 * float(value):.1f}"
+
+
+def to_markdown(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join([str(row[0]), str(row[1])] + [_pct(v) for v in row[2:]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if v is None else v for v in row])
+    return buf.getvalue()
+
+
+def write_report(runs: list[Path], out: Path | None = None) -> tuple[Path, Path, str]:
+    """Write the Markdown and CSV tables (default: next to the first run, report.md / report.csv)."""
+    header, rows = build_table(runs)
+    base = Path(out) if out is not None else runs[0].resolve().parent / "report"
+    if base.suffix.lower() in (".md", ".csv"):
+        base = base.with_suffix("")
+    md_path, csv_path = base.with_name(base.name + ".md"), base.with_name(base.name + ".csv")
+    text = to_markdown(header, rows)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    note = "Values in percent (fractions in the CSV); '-' = not evaluated, 'n/a' = undefined.\n\n"
+    md_path.write_text("# Evaluation report\n\n" + note + text, encoding="utf-8")
+    csv_path.write_text(to_csv(header, rows), encoding="utf-8")
+    return md_path, csv_path, text

@@ -1,0 +1,327 @@
+"""`pipe eval` and `pipe report` on hand-made stores whose right answers are known.
+
+No encoder runs: features are written straight into stores. Class c is the one-hot e_c; a patch holds e_c of the
+majority class of its cell in the real mask of a world image written in the VOC layout; an image's CLS is e_label
+plus a small per-image offset; a caption's pooled vector is its image's CLS and its tokens are its image's patches.
+A test-local aligner ("identity-test") maps store rows to themselves, so a correct evaluation must score perfectly
+(classification, retrieval) or recover the masks at patch resolution (segmentation), and a shifted mapping must not.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from align.base import Aligner, MethodConfig, l2n, register_method
+from align.pal import PAL, PALConfig
+from evaluate.loading import EvalConfig, load_context
+from evaluate.metrics import miou_reference
+from evaluate.segmentation import run_segmentation, upsample_argmax
+from extract.datasets import World, get_dataset, write_world
+from extract.datasets.base import voc_palette
+from extract.store import StoreLayout, create_store, store_path
+from pipelines.cli import main
+
+D, GRID, CELL, TEMPLATES = 16, (8, 8), 28, ("a photo of a {}.", "a {}.")
+
+
+@dataclass(frozen=True)
+class IdentityConfig(MethodConfig):
+    shift: int = 0  # rolls the patch order: a deliberately wrong dense mapping
+
+
+@register_method("identity-test")
+class IdentityAligner(Aligner):
+    Config = IdentityConfig
+
+    @classmethod
+    def fit(cls, train, val, config, log, unpaired=None):
+        return cls(config)
+
+    def image_global(self, rows):
+        return l2n(rows.cls)
+
+    def text_global(self, rows):
+        return l2n(rows.pooled)
+
+    def image_dense(self, patches):
+        return torch.roll(l2n(patches), self.config.shift, dims=1)
+
+    def state_dict(self):
+        return {"scale": torch.ones(1)}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def encoder(alias: str, modality: str) -> dict:
+    return {"alias": alias, "model_id": f"test/{alias}", "revision": None, "weights": "random", "modality": modality,
+            "dim": D, "layer": "last", "image_size": 224, "patch_size": CELL, "num_register_tokens": 0,
+            "pooling": None, "max_length": None}  # fmt: skip
+
+
+def write(path: Path, modality: str, alias: str, arrays: dict, skipped=None, **kw) -> None:
+    n = len(arrays["ids"])
+    tokens = arrays["patches" if modality == "image" else "tokens"].shape[1]
+    lay = StoreLayout(modality=modality, encoder=encoder(alias, modality), dataset="voc", split="val", count=n,
+                      tokens=tokens, dim=D, rows_per_chunk=2, rows_per_shard=4, **kw)  # fmt: skip
+    st = create_store(path, lay)
+    for s in range(lay.num_shards):
+        a, b = lay.shard_range(s)
+        skip = np.zeros(b - a, bool) if skipped is None else skipped[a:b]
+        st.write_shard(s, {k: v[a:b] for k, v in arrays.items()}, skip)
+    st.finalize()
+
+
+def majority(mask: np.ndarray) -> np.ndarray:
+    """Majority class (void 255 left out) of each patch cell: [8, 8]."""
+    out = np.zeros(GRID, np.int64)
+    for i in range(GRID[0]):
+        for j in range(GRID[1]):
+            cell = mask[i * CELL : (i + 1) * CELL, j * CELL : (j + 1) * CELL].ravel()
+            cell = cell[cell != 255]
+            out[i, j] = np.bincount(cell).argmax() if len(cell) else 0
+    return out
+
+
+def build_stores(features: Path, root: Path, resize: str = "squash", all_skipped: bool = False) -> dict:
+    ds = get_dataset("voc", root, "val")
+    classes = list(ds.classes)
+    eye = np.eye(D, dtype=np.float32)
+    labels = np.array([r.label for r in World(None, "val", size=6).images()], np.int32)
+    rng = np.random.default_rng(0)
+    offsets = np.zeros((6, D), np.float32)
+    offsets[:, len(classes) :] = rng.standard_normal((6, D - len(classes))) * 0.5
+    cls = eye[labels] + offsets
+    grids = [majority(ds.load_mask(i)) for i in range(6)]
+    patches = np.stack([eye[g.ravel()] for g in grids])
+    ids = np.array([r.id for r in ds.images()])
+    n = len(ids)
+    image = {"ids": ids, "cls": cls.astype(np.float16), "patches": patches.astype(np.float16),
+             "labels": np.full(n, -1, np.int32) if all_skipped else labels}  # fmt: skip
+    skipped = np.ones(n, bool) if all_skipped else None
+    write(store_path(features, "voc", "val", "img-test"), "image", "img-test", image, skipped, grid=GRID,
+          resize=resize, classes=tuple(classes))  # fmt: skip
+    item = np.repeat(np.arange(len(classes)), len(TEMPLATES))
+    scale = np.tile(np.arange(1, len(TEMPLATES) + 1), len(classes))[:, None]
+    prompts = {"ids": np.array([f"{c}:{t}" for c, t in zip(item, range(len(item)))]),
+               "text": np.array([TEMPLATES[t % 2].format(classes[c]) for t, c in enumerate(item)]),
+               "item": item, "tokens": rng.standard_normal((len(item), 4, D)).astype(np.float16),
+               "length": np.full(len(item), 4, np.int16), "pooled": (eye[item] * scale).astype(np.float16)}  # fmt: skip
+    path = store_path(features, "voc", "val", "txt-test")
+    write(path.with_name("txt-test.prompts.zarr"), "text", "txt-test", prompts, classes=tuple(classes),
+          templates=TEMPLATES)  # fmt: skip
+    cap_item = np.repeat(np.arange(n), 2)
+    captions = {"ids": np.array([f"{ids[i]}#{j % 2}" for j, i in enumerate(cap_item)]),
+                "text": np.array([f"caption {j % 2} of image {i}" for j, i in enumerate(cap_item)]),
+                "item": cap_item, "tokens": patches[cap_item].astype(np.float16),
+                "length": np.full(len(cap_item), GRID[0] * GRID[1], np.int16),
+                "pooled": cls[cap_item].astype(np.float16)}  # fmt: skip
+    write(path, "text", "txt-test", captions)
+    return {"classes": classes, "grids": grids, "labels": labels}
+
+
+def make_run(path: Path, aligner: Aligner, **meta) -> Path:
+    aligner.save(path)
+    run = {"method": aligner.name, "image_encoder": "img-test", "text_encoder": "txt-test", "dataset": "voc",
+           "split": "train", "tokens": {"image": "patches"}} | meta  # fmt: skip
+    (path / "run.json").write_text(json.dumps(run))
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval")
+    root = write_world(base / "data", "val", size=6, layouts=("voc",))
+    seg = root / "VOCdevkit" / "VOC2012" / "SegmentationClass"
+    first = sorted(seg.glob("*.png"))[0]  # a band of void pixels in one mask: must be ignored
+    mask = np.array(Image.open(first))
+    mask[:10] = 255
+    png = Image.fromarray(mask, mode="P")
+    png.putpalette(voc_palette())
+    png.save(first)
+    facts = build_stores(base / "features", root)
+    pal = PAL(PALConfig(anchors=16), image_dim=D, text_dim=D)
+    pal.text_anchors = pal.image_anchors.clone()  # same anchors both sides: identical tokens give equal profiles
+    runs = {
+        "a": make_run(base / "runs" / "ident", IdentityAligner(IdentityConfig())),
+        "shifted": make_run(base / "runs" / "shifted", IdentityAligner(IdentityConfig(shift=GRID[1]))),
+        "pal": make_run(base / "runs" / "pal", pal),
+    }
+    return {"base": base, "root": root, "features": base / "features", "runs": runs, **facts}
+
+
+def cli(env, task: str, run: Path, *extra: str, features: Path | None = None, root: Path | None = None) -> int:
+    return main(["eval", task, "--dataset", "voc", "--root", str(root or env["root"]), "--split", "val",
+                 "--features", str(features or env["features"]), "--run", str(run), "--device", "cpu", *extra])
+
+
+def result(run: Path, name: str) -> dict:
+    return json.loads((run / "eval" / f"{name}.json").read_text())
+
+
+def one_line_error(capsys, *fragments: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for f in fragments:
+        assert f in err, err
+
+
+def test_classification_recovers_labels(env, capsys):
+    run = env["runs"]["a"]
+    assert cli(env, "classification", run) == 0
+    res = result(run, "classification-voc-val")
+    assert res["acc1"] == 1.0 and res["acc5"] == 1.0 and res["balanced_acc"] == 1.0
+    assert res["background_excluded"] is True and res["classes"] == 12 and res["images"] == 6
+    assert res["config"]["image_encoder"] == "img-test" and res["method"] == "identity-test"
+    assert "acc1" in capsys.readouterr().out
+
+
+def test_retrieval_recovers_pairs(env, tmp_path):
+    run = env["runs"]["a"]
+    assert cli(env, "retrieval", run) == 0
+    res = result(run, "retrieval-voc-val")
+    for k in (1, 5, 10):
+        assert res[f"text_retrieval_recall@{k}"] == 1.0 and res[f"image_retrieval_recall@{k}"] == 1.0
+    assert res["images"] == 6 and res["captions"] == 12
+    assert (run / "eval" / "figures" / "retrieval-voc-val-examples.png").stat().st_size > 0
+
+
+def test_segmentation_recovers_masks_at_patch_resolution(env):
+    run = env["runs"]["a"]
+    assert cli(env, "segmentation", run, "--protocol", "pal") == 0
+    res = result(run, "segmentation-voc-val-pal")
+    ds = get_dataset("voc", env["root"], "val")
+    masks = [ds.load_mask(i) for i in range(6)]
+    assert res["protocol"] == "pal" and res["pixels"] == sum(int((m != 255).sum()) for m in masks)  # void ignored
+    assert res["images"] == 6 and res["num_classes"] == 13
+    # at patch resolution the best possible answer is the cell majority upsampled: bilinear argmax of one-hot scores
+    # is nearest-cell assignment except near cell corners, so the numbers must match that reference closely
+    ref = miou_reference([np.kron(g, np.ones((CELL, CELL), np.int64)) for g in env["grids"]], masks, 13)
+    assert abs(res["mIoU"] - ref["mIoU"]) < 0.02 and abs(res["aAcc"] - ref["aAcc"]) < 0.01
+    assert res["mIoU"] > 0.6 and res["fg_mIoU"] > 0.55 and res["aAcc"] > 0.9
+    assert {f"iou/{c}" for c in env["classes"]} <= set(res)
+    # exact alignment: the prediction has the mask's shape and, at every cell centre, the cell's majority class
+    cfg = EvalConfig("segmentation", "voc", "val", str(env["features"]), str(run), str(env["root"]), "pal",
+                     figures=False, examples=6)  # fmt: skip
+    _, extras = run_segmentation(load_context(cfg, "prompts"))
+    centres = np.arange(GRID[0]) * CELL + CELL // 2 - 1
+    for row, index, mask, pred in extras["examples"]:
+        assert pred.shape == mask.shape == masks[index].shape
+        np.testing.assert_array_equal(pred[np.ix_(centres, centres)], env["grids"][row])
+    figs = run / "eval" / "figures"
+    assert (figs / "segmentation-voc-val-pal-overlays.png").is_file()
+    assert (figs / "segmentation-voc-val-pal-class-iou.png").is_file()
+
+
+def test_segmentation_shifted_mapping_scores_lower(env):
+    assert cli(env, "segmentation", env["runs"]["a"], "--no-figures", "--skip-existing") == 0
+    good = result(env["runs"]["a"], "segmentation-voc-val-pal")
+    bad_run = env["runs"]["shifted"]
+    assert cli(env, "segmentation", bad_run, "--no-figures") == 0
+    bad = result(bad_run, "segmentation-voc-val-pal")
+    assert bad["mIoU"] < good["mIoU"] - 0.15 and bad["fg_mIoU"] < good["fg_mIoU"] - 0.15
+
+
+def test_upsample_argmax_by_class_chunks_equals_full_argmax():
+    scores = torch.zeros(3, 2, 2)
+    scores[1, 0, 0] = scores[2, 1, 1] = 1.0
+    pred = upsample_argmax(scores, (8, 6), chunk=1)  # chunked over classes: must equal the plain argmax
+    ref = torch.nn.functional.interpolate(scores[None], size=(8, 6), mode="bilinear", align_corners=False)[0]
+    assert pred.shape == (8, 6) and torch.equal(pred, ref.argmax(0))
+
+
+def test_segmentation_standard_label_spaces(env):
+    run = env["runs"]["a"]
+    assert cli(env, "segmentation", run, "--protocol", "standard", "--no-figures") == 0
+    res = result(run, "segmentation-voc-val-standard")
+    assert res["protocol"] == "standard" and "sliding window" in res["protocol_note"]
+    assert res["bg_ignored/label_space"] == "background-ignored" and res["bg_ignored/mIoU"] > 0.7
+    assert "background" not in {k.split("/")[-1] for k in res if k.startswith("bg_ignored/iou/")}
+
+
+def test_diagnostics_on_anchor_method(env):
+    run = env["runs"]["pal"]
+    assert cli(env, "diagnostics", run) == 0
+    res = result(run, "diagnostics-voc-val")
+    assert res["anchors"] == 16 and res["pairs"] == 6
+    assert res["dice_top5_matched"] == 1.0 and res["dice_top5_mismatched"] < 0.9
+    assert 1 <= res["image_anchors_used"] <= 16 and 0 <= res["image_usage_entropy"] <= 1
+    assert "text_anchors_used" in res
+    for name in ("anchor-usage", "dice", "anchor-maps"):
+        assert (run / "eval" / "figures" / f"diagnostics-voc-val-{name}.png").is_file()
+
+
+def test_skip_existing(env, capsys):
+    run = env["runs"]["a"]
+    path = run / "eval" / "classification-voc-val.json"
+    if not path.is_file():
+        assert cli(env, "classification", run) == 0
+    path.write_text(json.dumps({"task": "classification", "sentinel": True}))
+    capsys.readouterr()
+    assert cli(env, "classification", run, "--skip-existing") == 0
+    assert "skipped" in capsys.readouterr().out and json.loads(path.read_text())["sentinel"]
+    assert cli(env, "classification", run) == 0  # without the flag it is recomputed
+    assert "sentinel" not in json.loads(path.read_text())
+
+
+def test_bad_inputs_are_one_line_errors(env, capsys, tmp_path):
+    runs = env["runs"]
+    assert cli(env, "diagnostics", runs["a"]) == 2
+    one_line_error(capsys, "no anchors")
+    no_prompts = make_run(tmp_path / "np", IdentityAligner(IdentityConfig()), text_encoder="txt-other")
+    assert cli(env, "classification", no_prompts) == 2
+    one_line_error(capsys, "pipe extract --encoder txt-other --dataset voc --split val", "--text prompts")
+    other = make_run(tmp_path / "other", IdentityAligner(IdentityConfig()),
+                     image_store={"encoder": encoder("img-test", "image") | {"model_id": "other/model"}})  # fmt: skip
+    assert cli(env, "classification", other) == 2
+    one_line_error(capsys, "model_id", "other/model")
+    layer = make_run(tmp_path / "layer", IdentityAligner(IdentityConfig()), text_layer="-2")  # as pipe align writes it
+    assert cli(env, "retrieval", layer) == 2
+    one_line_error(capsys, "layer='last'", "layer='-2'")
+    no_masks = tmp_path / "nomasks"
+    shutil.copytree(env["root"], no_masks)
+    shutil.rmtree(no_masks / "VOCdevkit" / "VOC2012" / "SegmentationClass")
+    assert cli(env, "segmentation", runs["a"], root=no_masks) == 2
+    one_line_error(capsys, "no segmentation masks")
+    crop = tmp_path / "crop"
+    build_stores(crop, env["root"], resize="crop")
+    assert cli(env, "segmentation", runs["a"], features=crop) == 2
+    one_line_error(capsys, "--resize squash")
+    empty = tmp_path / "empty"
+    build_stores(empty, env["root"], all_skipped=True)
+    assert cli(env, "classification", runs["a"], features=empty) == 2
+    one_line_error(capsys, "no labelled images")
+    assert cli(env, "segmentation", runs["a"], features=empty) == 2
+    one_line_error(capsys, "skipped")
+    (tmp_path / "notarun").mkdir()
+    assert cli(env, "retrieval", tmp_path / "notarun") == 2
+    one_line_error(capsys, "run.json")
+    assert cli(env, "segmentation", runs["a"], "--protocol", "mmseg") == 2
+    one_line_error(capsys, "--protocol")
+
+
+def test_report_table(env, capsys, tmp_path):
+    runs = env["runs"]
+    for run in (runs["a"], runs["shifted"]):
+        assert cli(env, "classification", run, "--skip-existing", "--no-figures") == 0
+        assert cli(env, "segmentation", run, "--skip-existing", "--no-figures") == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp.md"
+    assert main(["report", str(runs["a"]), str(runs["shifted"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    md = out.read_text()
+    assert "| ident | identity-test |" in md and "| shifted | identity-test |" in md and "ident" in printed
+    assert "voc/val acc1" in md and "voc/val seg[pal] mIoU" in md and "100.0" in md
+    lines = (tmp_path / "cmp.csv").read_text().splitlines()
+    assert lines[0].startswith("run,method,") and len(lines) == 3
+    assert main(["report", str(runs["a"])]) == 0
+    assert (runs["a"].parent / "report.md").is_file() and (runs["a"].parent / "report.csv").is_file()
+    assert main(["report", str(tmp_path / "missing")]) == 2
