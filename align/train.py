@@ -317,8 +317,8 @@ def _load_unpaired(cfg: AlignConfig):
 
 
 def _plot_loss(history: list[dict], path: Path, method: str) -> None:
-    if not history:
-        return
+    if not history or not any(k in history[0] for k in ("train_loss", "val_loss")):
+        return  # closed-form methods have no loss curve
     import matplotlib
 
     matplotlib.use("Agg")
