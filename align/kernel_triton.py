@@ -44,11 +44,11 @@ if AVAILABLE:
                       inv_tau, m_init, eps,
                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # row offsets b * s_zb can pass 2^31 elements
         kb = tl.program_id(1)
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         k_in = offs_k < n_anc
-        m = tl.full([BLOCK_K], m_init, tl.float32)
+        m = tl.zeros([BLOCK_K], tl.float32) + m_init
         lsum = tl.zeros([BLOCK_K], tl.float32)
         s = tl.zeros([BLOCK_K], tl.float32)
         for t0 in range(0, t_end, BLOCK_T):
@@ -93,7 +93,7 @@ if AVAILABLE:
                          inv_tau,
                          BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        bl = tl.program_id(0)
+        bl = tl.program_id(0).to(tl.int64)
         b = b0 + bl
         offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)

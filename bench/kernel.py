@@ -38,13 +38,13 @@ def _rss_now_kb() -> int:
 
 
 def _inputs(b: int, t: int, k: int, d: int, dtype: torch.dtype, device: str, grad: str, seed: int = 0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    tokens = torch.randn(b, t, d, generator=gen).to(device=device, dtype=dtype)
-    lengths = torch.randint(t // 2, t + 1, (b,), generator=gen)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.randn(b, t, d, generator=gen, device=device).to(dtype)
+    lengths = torch.randint(t // 2, t + 1, (b,), generator=gen, device=device)
     lengths[0] = t  # at least one full row: the padded tail is not skipped, every block is computed
-    mask = (torch.arange(t)[None, :] < lengths[:, None]).to(device)
-    anchors = torch.randn(k, d, generator=gen).to(device)
-    upstream = torch.randn(b, k, generator=gen).to(device)
+    mask = torch.arange(t, device=device)[None, :] < lengths[:, None]
+    anchors = torch.randn(k, d, generator=gen, device=device)
+    upstream = torch.randn(b, k, generator=gen, device=device)
     tokens.requires_grad_(grad == "both")
     anchors.requires_grad_(True)
     return tokens, mask, anchors, upstream
@@ -54,7 +54,7 @@ def _step(variant: str, tokens, mask, anchors, upstream, tau: float, block_t: in
     if variant == "reference":
         p = anchor_profiles_reference(tokens, mask, anchors, tau)
     else:
-        p = anchor_profiles(tokens, mask, anchors, tau, block_t=block_t)
+        p = anchor_profiles(tokens, mask, anchors, tau, block_t=block_t, compiled=variant == "compiled")
     wrt = [x for x in (tokens, anchors) if x.requires_grad]
     torch.autograd.grad(p, wrt, upstream.to(p.dtype))
 
@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     """One variant, one size, in its own process: prints one JSON line."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    for variant in ("reference", "fused"):  # load the libraries' lazily mapped code (MKL GEMMs...) before `base`
+    for variant in ("reference", args.worker):  # load the libraries' lazily mapped code (MKL GEMMs...) before `base`
         _step(variant, *_inputs(2, 5, 3, args.D, DTYPES[args.dtype], "cpu", args.grad), args.tau, args.block_t)
     tokens, mask, anchors, upstream = _inputs(args.B, args.T[0], args.K, args.D, DTYPES[args.dtype], "cpu", args.grad)
     base_kb = _rss_now_kb()
@@ -88,7 +88,7 @@ def cpu_section(args: argparse.Namespace) -> None:
     print(head)
     for t in args.T:
         rows = {}
-        for variant in ("reference", "fused"):
+        for variant in ("reference", "fused") + (("compiled",) if args.compiled else ()):
             cmd = [sys.executable, __file__, "--worker", variant, "--B", str(args.B), "--T", str(t), "--K",
                    str(args.K), "--D", str(args.D), "--reps", str(args.reps), "--tau", str(args.tau), "--dtype",
                    args.dtype, "--grad", args.grad, "--threads", str(args.threads)]
@@ -103,6 +103,9 @@ def cpu_section(args: argparse.Namespace) -> None:
         print(f"{t:>4} fused/reference: time {fus['median_s'] / ref['median_s']:.2f}x, "
               f"working memory {fus['work_mb'] / ref['work_mb']:.3f}x, process peak "
               f"{fus['peak_mb'] / ref['peak_mb']:.3f}x (block_t={bt})")
+        if "compiled" in rows:
+            print(f"{t:>4} compiled/reference: time {rows['compiled']['median_s'] / ref['median_s']:.2f}x "
+                  "(its memory includes the compiler's, so it is not compared)")
 
 
 def _cuda_time(fn, reps: int) -> float:
@@ -164,7 +167,8 @@ def main() -> None:
     ap.add_argument("--gpu-K", dest="gpu_K", type=int, default=512)
     ap.add_argument("--gpu-D", dest="gpu_D", type=int, default=1024)
     ap.add_argument("--no-cpu", action="store_true", help="GPU section only")
-    ap.add_argument("--worker", choices=["reference", "fused"], help=argparse.SUPPRESS)
+    ap.add_argument("--compiled", action="store_true", help="also time the fused path with torch.compile'd blocks")
+    ap.add_argument("--worker", choices=["reference", "fused", "compiled"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
