@@ -3,7 +3,8 @@
 Random 512-d image embeddings, 5 captions per image made as image + Gaussian noise (so recalls are neither 0 nor 1
 and the comparison of the numbers means something). Each method runs in its own fresh subprocess, so that the RSS
 high-water mark (``resource.getrusage(...).ru_maxrss``) belongs to that method alone; within it the method runs
-``--repeats`` times and the median wall time is reported. Methods:
+``--repeats`` times and the median wall time and median process CPU time (all threads) are reported; on a shared
+machine the CPU time is the steadier of the two. Methods:
 
 - ``blocked``: ``evaluate.metrics.retrieval_metrics`` (float32 blocks of ``--block`` queries, one top-k per block).
 - ``dense64``: the whole [M, N] float64 similarity matrix, then ``torch.topk`` over it in both directions.
@@ -89,14 +90,15 @@ def worker(method: str, args: argparse.Namespace) -> None:
         "dense64": lambda: dense64(img, txt, t2i),
         "clipbench64": lambda: clipbench64(img, txt, t2i),
     }[method]
-    times, metrics = [], {}
+    times, cpu, metrics = [], [], {}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         metrics = fn()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"method": method, "times": times, "rss_setup_kib": rss_setup, "rss_peak_kib": rss_peak,
-                      "metrics": metrics}))
+    record = {"method": method, "times": times, "cpu": cpu, "rss_setup_kib": rss_setup, "rss_peak_kib": rss_peak}
+    print(json.dumps(record | {"metrics": metrics}))
 
 
 def main() -> None:
@@ -128,8 +130,10 @@ def main() -> None:
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         r["median_s"] = statistics.median(r["times"])
+        r["median_cpu_s"] = statistics.median(r["cpu"])
         results[method] = r
-        print(f"{method:>12}: {r['median_s']:8.3f} s (runs {', '.join(f'{t:.3f}' for t in r['times'])})  "
+        print(f"{method:>12}: {r['median_s']:8.3f} s wall (runs {', '.join(f'{t:.3f}' for t in r['times'])}), "
+              f"{r['median_cpu_s']:8.3f} s CPU;  "
               f"peak RSS {r['rss_peak_kib'] / 1024:8.1f} MiB, above data setup "
               f"{(r['rss_peak_kib'] - r['rss_setup_kib']) / 1024:8.1f} MiB")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
@@ -141,7 +145,8 @@ def main() -> None:
                 continue
             diff = max(abs(r["metrics"][k] - v) for k, v in base["metrics"].items())
             extra_b = max(base["rss_peak_kib"] - base["rss_setup_kib"], 1)
-            print(f"{name} / blocked: time x{r['median_s'] / base['median_s']:.2f}, peak RSS "
+            print(f"{name} / blocked: wall x{r['median_s'] / base['median_s']:.2f}, CPU "
+                  f"x{r['median_cpu_s'] / base['median_cpu_s']:.2f}, peak RSS "
                   f"x{r['rss_peak_kib'] / base['rss_peak_kib']:.2f} (above setup "
                   f"x{(r['rss_peak_kib'] - r['rss_setup_kib']) / extra_b:.2f}); max |recall diff| {diff:.2e}")
 

@@ -80,7 +80,7 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
 
     - ``acc1`` / ``acc5``: fraction of samples whose label is among the ``torch.topk`` indices of its logits (ties
       broken however ``torch.topk`` breaks them). ``acc5`` only when there are at least 5 classes (clip_benchmark
-      leaves it out otherwise: with fewer classes top-5 is trivially 1).
+      reports NaN or None there; we omit the key: with fewer classes top-5 is trivially 1).
     - ``balanced_acc``: mean over the classes present in ``labels`` of the per-class recall of the argmax prediction
       (sklearn ``balanced_accuracy_score``, clip_benchmark's ``mean_per_class_recall``). Classes that are only
       predicted, never true, have no recall and do not enter the mean.

@@ -178,9 +178,9 @@ def test_retrieval_blocked_equals_unblocked() -> None:
         rows_b, cols_b = blocked_topk_both(txt, img, 10, 12, block=block)
         assert torch.equal(rows_b, i2) and torch.equal(cols_b, cols)
     # many queries: the per-key candidate lists are merged part-way (every 256 candidate columns)
-    q, keys = torch.randn(900, 8, generator=g), torch.randn(20, 8, generator=g)
+    q, keys = torch.randn(600, 8, generator=g), torch.randn(20, 8, generator=g)
     sim = q @ keys.T
-    for block in (1, 7, 300):
+    for block in (2, 7, 300):  # 2 and 7: ~300 and ~600 candidate columns -> merged part-way
         rows_b, cols_b = blocked_topk_both(q, keys, 3, 12, block=block)
         assert torch.equal(rows_b, torch.topk(sim, 3, dim=1).indices)
         assert torch.equal(cols_b, torch.topk(sim.T, 12, dim=1).indices)
