@@ -2,11 +2,13 @@
 
 One head per modality maps L2-normalised frozen features into a shared E-dim space (linear: one Linear; mlp:
 Linear-GELU-Linear); the heads are trained with the symmetric InfoNCE loss (CLIP's) at a fixed temperature. Inputs
-are L2-normalised first so the learning rate means the same whatever the encoder's feature scale.
+are L2-normalised (so the learning rate means the same whatever the encoder's feature scale) and, with `center`,
+shifted by their training mean (the shared direction of a token set otherwise dominates pooled MLP outputs).
 
 `pool="token"` projects every token with the head and mean-pools the valid tokens (image patches / word tokens),
 the token-level counterpart of the global heads; it needs the token arrays (`wants_tokens`). For the linear head
-that equals projecting the mean token, for the MLP it does not.
+that equals projecting the mean token, for the MLP it does not, and the token MLP needs many more optimiser steps
+than the global one: with a few hundred pairs use a small `batch_size` (one step per epoch barely moves it).
 
 STRUCTURE (Groeger, Wen, Le, Brbic, NeurIPS 2025, "With limited data for multimodal alignment, let the STRUCTURE
 guide you") adds lambda * mean over modalities of a divergence between in-batch neighbourhood distributions of the
@@ -56,6 +58,7 @@ class LinearConfig(BaselineConfig):
     structure_warmup: float = 5.0  # epochs of linear warm-up of lambda
     structure_temperature: float = 0.05
     structure_levels: int = 1
+    center: bool = True  # subtract the training mean of the (normalised) input tokens before the head
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,6 +121,8 @@ class ContrastiveHeads(BaselineAligner):
         super().__init__(config)
         self.img_head: nn.Module | None = None
         self.txt_head: nn.Module | None = None
+        self.center_img: Tensor | None = None  # [D] input centre (zeros when config.center is False)
+        self.center_txt: Tensor | None = None
 
     @classmethod
     def wants_tokens(cls, config: LinearConfig) -> bool:
@@ -125,6 +130,7 @@ class ContrastiveHeads(BaselineAligner):
 
     # -- inputs and encoders ------------------------------------------------------------------------------------------
     def _image_tokens(self, rows: ImageRows) -> Tensor:
+        """The frozen input the image head sees, L2-normalised (before centring): [N, D] or [N, P, D] tokens."""
         if self.config.pool == "token":
             if rows.patches is None:
                 raise PipeError("pool='token' needs the patch tokens (wants_tokens(config) is True)")
@@ -132,6 +138,7 @@ class ContrastiveHeads(BaselineAligner):
         return l2n(image_input(rows, self.config.image_feature))  # [N, D]
 
     def _text_tokens(self, rows: TextRows) -> tuple[Tensor, Tensor | None]:
+        """The frozen input of the text head (L2-normalised) and its token mask (None for a global input)."""
         if self.config.pool == "token":
             if rows.tokens is None:
                 raise PipeError("pool='token' needs the word tokens (wants_tokens(config) is True)")
@@ -148,29 +155,47 @@ class ContrastiveHeads(BaselineAligner):
         m = mask.to(h.dtype).unsqueeze(-1)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
-    def _head_on(self, head: nn.Module, z: Tensor) -> Tensor:
-        return head.to(z.device)(z)
+    def _apply(self, side: str, z: Tensor) -> Tensor:
+        """The head of `side` on centred inputs (token-wise: the last dim is the feature dim)."""
+        head = self.img_head if side == "img" else self.txt_head
+        center = self.center_img if side == "img" else self.center_txt
+        return head.to(z.device)(z - center.to(z.device))
 
     def _encode(self, image: ImageRows, text: TextRows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(image out, text out, image frozen input, text frozen input), outputs L2-normalised, inputs pooled."""
         zi = self._image_tokens(image)
         zt, mask = self._text_tokens(text)
-        hi = l2n(self._pool(self.img_head(zi), None))
-        ht = l2n(self._pool(self.txt_head(zt), mask))
+        hi = l2n(self._pool(self._apply("img", zi), None))
+        ht = l2n(self._pool(self._apply("txt", zt), mask))
         return hi, ht, self._pool(zi, None), self._pool(zt, mask)
 
     def image_global(self, rows: ImageRows) -> Tensor:
         with torch.no_grad():
-            return l2n(self._pool(self._head_on(self.img_head, self._image_tokens(rows)), None))
+            return l2n(self._pool(self._apply("img", self._image_tokens(rows)), None))
 
     def text_global(self, rows: TextRows) -> Tensor:
         with torch.no_grad():
             zt, mask = self._text_tokens(rows)
-            return l2n(self._pool(self._head_on(self.txt_head, zt), mask))
+            return l2n(self._pool(self._apply("txt", zt), mask))
 
     def image_dense(self, patches: Tensor) -> Tensor:
         with torch.no_grad():
-            return l2n(self._head_on(self.img_head, l2n(patches)))
+            return l2n(self._apply("img", l2n(patches)))
+
+    def _centres(self, train: Any) -> tuple[Tensor, Tensor]:
+        """Mean normalised input token (or global feature) of each side over the training pairs (epoch-0 captions).
+        Without it an MLP on tokens starts with pooled outputs dominated by the tokens' shared direction."""
+        si = st = None
+        ni = nt = 0
+        for b in train.batches(epoch=0, batch_size=1024, seed=self.config.seed, shuffle=False):
+            zi = self._image_tokens(b.image)
+            zi = zi.reshape(-1, zi.shape[-1])
+            zt, mask = self._text_tokens(b.text)
+            zt = zt[mask] if mask is not None else zt
+            si = zi.sum(0) if si is None else si + zi.sum(0)
+            st = zt.sum(0) if st is None else st + zt.sum(0)
+            ni, nt = ni + len(zi), nt + len(zt)
+        return si / max(ni, 1), st / max(nt, 1)
 
     # -- training -----------------------------------------------------------------------------------------------------
     @classmethod
@@ -183,6 +208,10 @@ class ContrastiveHeads(BaselineAligner):
         device = first.image.cls.device
         di = self._image_tokens(first.image).shape[-1]
         dt = self._text_tokens(first.text)[0].shape[-1]
+        if config.center:
+            self.center_img, self.center_txt = self._centres(train)
+        else:
+            self.center_img, self.center_txt = torch.zeros(di, device=device), torch.zeros(dt, device=device)
         hidden = getattr(config, "hidden", 0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -194,7 +223,7 @@ class ContrastiveHeads(BaselineAligner):
         warmup_steps = config.structure_warmup * steps_per_epoch
         best, best_state, bad, step = math.inf, None, 0, 0
         for epoch in range(config.epochs):
-            sums = {"loss": 0.0, "info_nce": 0.0, "structure": 0.0}
+            sums = {"train_loss": 0.0, "info_nce": 0.0, "structure": 0.0}
             n_batches = 0
             for batch in train.batches(epoch=epoch, batch_size=config.batch_size, seed=config.seed, shuffle=True):
                 hi, ht, zi, zt = self._encode(batch.image, batch.text)
@@ -202,17 +231,19 @@ class ContrastiveHeads(BaselineAligner):
                 loss = nce
                 if config.structure_weight > 0:
                     lam = config.structure_weight * (min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0)
-                    reg = 0.5 * (structure_loss(zi, hi, config.structure_temperature, config.structure_levels)
-                                 + structure_loss(zt, ht, config.structure_temperature, config.structure_levels))
+                    reg = 0.5 * (
+                        structure_loss(zi, hi, config.structure_temperature, config.structure_levels)
+                        + structure_loss(zt, ht, config.structure_temperature, config.structure_levels)
+                    )
                     loss = nce + lam * reg
-                    sums["structure"] += float(reg)
+                    sums["structure"] += reg.item()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
                 n_batches += 1
-                sums["loss"] += float(loss)
-                sums["info_nce"] += float(nce)
+                sums["train_loss"] += loss.item()
+                sums["info_nce"] += nce.item()
             record = {"epoch": epoch} | {k: v / max(n_batches, 1) for k, v in sums.items()}
             if val is not None:
                 record["val_loss"] = self.val_loss(val)
@@ -241,7 +272,8 @@ class ContrastiveHeads(BaselineAligner):
     # -- persistence --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         out = {f"img.{k}": v for k, v in self.img_head.state_dict().items()}
-        return out | {f"txt.{k}": v for k, v in self.txt_head.state_dict().items()}
+        out |= {f"txt.{k}": v for k, v in self.txt_head.state_dict().items()}
+        return out | {"center_img": self.center_img, "center_txt": self.center_txt}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Rebuild the heads from the saved shapes (the input dims are not in the config) and load the weights."""
@@ -257,6 +289,7 @@ class ContrastiveHeads(BaselineAligner):
             head.load_state_dict(sub)
             heads.append(head)
         self.img_head, self.txt_head = heads
+        self.center_img, self.center_txt = state["center_img"], state["center_txt"]
 
 
 @register_method("linear")

@@ -26,7 +26,7 @@ from extract.errors import PipeError
 IMAGE_FEATURES = ("cls", "mean")
 
 
-# -- shared by the baselines -----------------------------------------------------------------------------------------
+# -- shared by the baselines -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BaselineConfig(MethodConfig):
     """Options every baseline has. `image_feature`: the image's global feature, the stored CLS token ("cls") or the
@@ -71,8 +71,10 @@ def image_input(rows: ImageRows, image_feature: str) -> Tensor:
     if image_feature == "cls":
         return rows.cls.float()
     if rows.patches is None:
-        raise PipeError("image_feature='mean' needs the patch tokens; load the pairs with tokens "
-                        "(the method's wants_tokens(config) is True)")
+        raise PipeError(
+            "image_feature='mean' needs the patch tokens; load the pairs with tokens "
+            "(the method's wants_tokens(config) is True)"
+        )
     return rows.patches.float().mean(dim=1)
 
 

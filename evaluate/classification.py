@@ -38,6 +38,12 @@ def run_classification(ctx: EvalContext) -> dict[str, Any]:
         emb = aligner.image_global(image_rows(img, start, stop, aligner.needs_tokens, device))
         logits.append((emb[torch.from_numpy(k).to(emb.device)].float() @ w.T).cpu())
     y = torch.from_numpy(labels[keep] - int(cand[0]))
-    out: dict[str, Any] = classification_metrics(torch.cat(logits), y)
+    logits = torch.cat(logits)
+    out: dict[str, Any] = classification_metrics(logits, y)
+    pred = logits.argmax(1)
+    for j, c in enumerate(cand.tolist()):  # per-class recall (seen vs unseen classes in transfer checks)
+        hit = pred[y == j] == j
+        if len(hit):
+            out[f"acc/{classes[c]}"] = float(hit.float().mean())
     out |= {"images": int(keep.sum()), "classes": len(cand), "background_excluded": drop_bg}
     return out

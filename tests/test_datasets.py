@@ -302,6 +302,24 @@ def test_fashion_mnist_idx(tmp_path, gz):
     assert np.array_equal(np.asarray(clone.load_image(2)), np.asarray(img))
 
 
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_caption_pairs_subset(tmp_path, gz):
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (8, 28, 28)).astype(np.uint8)
+    labels = np.array([9, 0, 3, 3, 1, 0, 3, 9], np.uint8)
+    write_idx(tmp_path, "train", pixels, labels, gz)
+    ds = get_dataset("fashion-mnist", tmp_path, "train", per_class=1, classes="0,3,1", captions=True)
+    assert [(r.id, r.label) for r in ds.images()] == [("00001", 0), ("00002", 3), ("00004", 1)]
+    assert np.array_equal(np.asarray(ds.load_image(1))[..., 0], pixels[2])  # row 1 is file image 2
+    caps = ds.captions()
+    assert {c.item for c in caps} == {0, 1, 2} and len(caps) % 3 == 0
+    assert all("dress" in c.text for c in caps if c.item == 1)
+    assert all("trousers" in c.text for c in caps if c.item == 2)
+    assert get_dataset("fashion-mnist", tmp_path, "train").captions() is None
+    raises("option classes", get_dataset, "fashion-mnist", tmp_path, "train", classes="0,12")
+    raises("per_class", get_dataset, "fashion-mnist", tmp_path, "train", per_class=0)
+
+
 def test_fashion_mnist_bad_files(tmp_path):
     write_idx(tmp_path, "t10k", np.zeros((3, 28, 28), np.uint8), np.zeros(2, np.uint8))
     raises("has 3 images but", get_dataset, "fashion-mnist", tmp_path, "test")

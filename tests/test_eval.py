@@ -180,6 +180,8 @@ def test_classification_recovers_labels(env, capsys):
     res = result(run, "classification-voc-val")
     assert res["acc1"] == 1.0 and res["acc5"] == 1.0 and res["balanced_acc"] == 1.0
     assert res["background_excluded"] is True and res["classes"] == 12 and res["images"] == 6
+    per_class = {k: v for k, v in res.items() if k.startswith("acc/")}
+    assert per_class and all(v == 1.0 for v in per_class.values())
     assert res["config"]["image_encoder"] == "img-test" and res["method"] == "identity-test"
     assert "acc1" in capsys.readouterr().out
 

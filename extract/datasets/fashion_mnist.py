@@ -10,12 +10,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from extract.datasets.base import Dataset, ImageRecord, UnreadableImage, register_dataset, require_root
+from extract.datasets.base import Caption, Dataset, ImageRecord, UnreadableImage, register_dataset, require_root
 from extract.errors import PipeError
 
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
+# Plain-word class names and sentence forms for the caption pairs (the eval prompts use `templates()` instead).
+CAPTION_NAMES = [
+    "t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]  # fmt: skip
+CAPTION_TEMPLATES = [
+    "a grey picture of a {}.", "an image showing a {}.", "a small photo of the {}.", "this is a {}.",
+]
 # Where `apt-get install dataset-fashion-mnist` puts the files (Debian/Ubuntu), then the name the brief guessed.
 DEFAULT_ROOTS = (Path("/usr/share/datasets/fashion-mnist"), Path("/usr/share/dataset-fashion-mnist"))
 PREFIX = {"train": "train", "test": "t10k"}
@@ -53,8 +60,19 @@ class FashionMNIST(Dataset):
 
     splits = ("train", "test")
 
-    def __init__(self, root: str | Path | None = None, split: str = "test") -> None:
+    def __init__(
+        self, root: str | Path | None = None, split: str = "test", *, per_class: int | None = None,
+        classes: str | list[int] | None = None, captions: bool = False,
+    ) -> None:  # fmt: skip
+        """`per_class` keeps the first N images of each class, `classes` (e.g. "0,1,2") keeps only those classes, and
+        `captions` makes templated captions ("a grey picture of a trouser.") so the set can train an alignment: the
+        demo's zero-shot transfer check trains on 7 classes and tests on all 10."""
         super().__init__(root, split)
+        if per_class is not None and int(per_class) < 1:
+            raise PipeError(f"dataset 'fashion-mnist': option per_class must be >= 1, got {per_class}")
+        self.per_class = None if per_class is None else int(per_class)
+        self.keep_classes = _class_list(classes)
+        self.with_captions = captions in (True, "true", "True", "1", 1)
         if root is None:
             root = next((r for r in DEFAULT_ROOTS if r.is_dir()), None)
             if root is None:
@@ -78,7 +96,22 @@ class FashionMNIST(Dataset):
         if labels.size and labels.max() >= len(FASHION_CLASSES):
             raise PipeError(f"{self.label_file} has label {labels.max()}, expected 0..{len(FASHION_CLASSES) - 1}")
         self.classes = list(FASHION_CLASSES)
-        self._records = [ImageRecord(f"{i:05d}", int(y)) for i, y in enumerate(labels)]
+        records = [ImageRecord(f"{i:05d}", int(y)) for i, y in enumerate(labels)]
+        if self.keep_classes is not None:
+            bad = [c for c in self.keep_classes if not 0 <= c < len(FASHION_CLASSES)]
+            if bad:
+                valid = f"0..{len(FASHION_CLASSES) - 1}"
+                raise PipeError(f"dataset 'fashion-mnist': option classes has {bad}, valid {valid}")
+            records = [r for r in records if r.label in self.keep_classes]
+        if self.per_class is not None:
+            seen: dict[int, int] = {}
+            kept = []
+            for r in records:
+                seen[r.label] = seen.get(r.label, 0) + 1
+                if seen[r.label] <= self.per_class:
+                    kept.append(r)
+            records = kept
+        self._records, self.total = records, n  # ids index the whole file; `total` sizes the pixel array
         self._pixels: np.ndarray | None = None
         self._lock = threading.Lock()
 
@@ -92,7 +125,7 @@ class FashionMNIST(Dataset):
     def _array(self) -> np.ndarray:
         with self._lock:
             if self._pixels is None:
-                n, shape = len(self._records), (len(self._records), self.rows, self.cols)
+                n, shape = self.total, (self.total, self.rows, self.cols)
                 if self.image_file.suffix != ".gz":
                     if self.image_file.stat().st_size < 16 + n * self.rows * self.cols:
                         raise UnreadableImage(f"{self.image_file} is truncated")
@@ -110,7 +143,17 @@ class FashionMNIST(Dataset):
         return self._records
 
     def load_image(self, i: int) -> Image.Image:
-        return Image.fromarray(np.asarray(self._array()[i])).convert("RGB")
+        return Image.fromarray(np.asarray(self._array()[int(self._records[i].id)])).convert("RGB")
+
+    def captions(self) -> list[Caption] | None:
+        """With `captions`: one caption per template and image, naming the class in plain words."""
+        if not self.with_captions:
+            return None
+        return [
+            Caption(f"{r.id}#{j}", t.format(CAPTION_NAMES[r.label]), i)
+            for i, r in enumerate(self._records)
+            for j, t in enumerate(CAPTION_TEMPLATES)
+        ]
 
     def templates(self) -> list[str]:
         return [
@@ -120,3 +163,14 @@ class FashionMNIST(Dataset):
             "a photo of a {}, a fashion product.",
             "a product photo of a {}.",
         ]
+
+
+def _class_list(classes: str | list[int] | None) -> list[int] | None:
+    if classes is None:
+        return None
+    try:
+        items = classes.split(",") if isinstance(classes, str) else list(classes)
+        return sorted({int(c) for c in items if str(c).strip() != ""})
+    except (TypeError, ValueError):
+        msg = f"dataset 'fashion-mnist': option classes must be class indices like 0,1,2, got {classes!r}"
+        raise PipeError(msg) from None

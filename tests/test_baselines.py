@@ -1,0 +1,295 @@
+"""Baselines (procrustes, cca, csa, asif, linear, mlp, sotalign): closed forms against direct numpy computations,
+planted correspondences recovered, KLOT's closed-form gradient against autograd through Sinkhorn, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from align.asif import ASIF, ASIFConfig
+from align.base import Aligner, ImageRows, TextRows, get_method, l2n, load_aligner
+from align.cca import CCA, CSA, CCAConfig
+from align.contrastive import LinearConfig, LinearHeads, MLPConfig, MLPHeads, structure_loss
+from align.data import Batch
+from align.procrustes import Procrustes, ProcrustesConfig
+from align.sotalign import SOTAlign, SOTAlignConfig, klot, ot_plan, sinkhorn_log
+from extract.errors import PipeError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tensors here are tiny: one intra-op thread is as fast, and far faster when the cores are shared (OpenMP
+    workers spin against other processes: a 200x200 Sinkhorn went from 0.05 s to 2 s with 2 threads on a busy box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class FakePairs:
+    """In-memory stand-in for align.data.PairSource: the same `batches` contract (one caption per image per epoch,
+    drawn from the epoch seed; shuffled order per epoch)."""
+
+    def __init__(self, img: torch.Tensor, txt: torch.Tensor, patches: torch.Tensor | None = None,
+                 tokens: torch.Tensor | None = None, length: torch.Tensor | None = None) -> None:  # fmt: skip
+        self.img, self.patches = img, patches
+        self.txt = txt if txt.dim() == 3 else txt[:, None]  # [N, captions, D]
+        self.tokens = tokens if tokens is None or tokens.dim() == 4 else tokens[:, None]
+        self.length = length if length is None or length.dim() == 2 else length[:, None]
+
+    def __len__(self) -> int:
+        return len(self.img)
+
+    def batches(self, epoch: int, batch_size: int, seed: int, shuffle: bool = True):
+        n = len(self.img)
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        caps = np.random.default_rng([seed, epoch, 7]).integers(0, self.txt.shape[1], n)
+        for b0 in range(0, n, batch_size):
+            idx = order[b0 : b0 + batch_size]
+            ii, cc = torch.as_tensor(idx), torch.as_tensor(caps[idx])
+            image = ImageRows(cls=self.img[ii], patches=None if self.patches is None else self.patches[ii])
+            text = TextRows(pooled=self.txt[ii, cc], tokens=None if self.tokens is None else self.tokens[ii, cc],
+                            length=None if self.length is None else self.length[ii, cc])  # fmt: skip
+            yield Batch(image, text, idx)
+
+
+def noop(_: dict) -> None:
+    pass
+
+
+def top1(img: torch.Tensor, txt: torch.Tensor) -> float:
+    return float(((img @ txt.T).argmax(1) == torch.arange(len(img))).float().mean())
+
+
+def orthogonal(d: int, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    return q.float()
+
+
+def planted(n: int = 800, di: int = 32, dt: int = 24, noise: float = 0.05, seed: int = 0):
+    """Image rows with a 16-dim signal; text = an isometric copy of the signal (+ noise), so Y = X Q + noise for a
+    semi-orthogonal Q. Returns train and test (image, text) tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 16, generator=gen) + 0.3
+    x = z @ orthogonal(di, gen)[:16] + noise * torch.randn(n, di, generator=gen)
+    y = torch.cat([z, torch.zeros(n, dt - 16)], 1) @ orthogonal(dt, gen) + noise * torch.randn(n, dt, generator=gen)
+    cut = n * 3 // 4
+    return (x[:cut], y[:cut]), (x[cut:], y[cut:])
+
+
+def tokens_for(n: int, d: int, length: int, gen: torch.Generator):
+    tok = torch.randn(n, length, d, generator=gen)
+    lens = torch.randint(1, length + 1, (n,), generator=gen)
+    return tok, lens
+
+
+# -- closed forms ------------------------------------------------------------------------------------------------------
+def test_procrustes_rotation_is_uv_of_svd():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 8)), rng.normal(size=(60, 8))
+    al = Procrustes.fit(FakePairs(torch.tensor(x).float(), torch.tensor(y).float()), None, ProcrustesConfig(), noop)
+    xn = x - x.mean(0)
+    xn /= np.linalg.norm(xn, axis=1, keepdims=True)
+    yn = y - y.mean(0)
+    yn /= np.linalg.norm(yn, axis=1, keepdims=True)
+    u, _, vt = np.linalg.svd(xn.T @ yn)
+    np.testing.assert_allclose(al.state["rotation"].numpy(), u @ vt, atol=1e-5)
+    np.testing.assert_allclose(al.state["basis_img"].numpy(), np.eye(8), atol=0)
+
+
+def test_cca_correlations_match_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 6))
+    y = x[:, :5] @ rng.normal(size=(5, 5)) + rng.normal(size=(400, 5))
+    al = CCA.fit(FakePairs(torch.tensor(x).float(), torch.tensor(y).float()), None, CCAConfig(reg=0.0), noop)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    cxx, cyy, cxy = xc.T @ xc, yc.T @ yc, xc.T @ yc
+    evals = np.linalg.eigvals(np.linalg.solve(cxx, cxy) @ np.linalg.solve(cyy, cxy.T)).real
+    rho_np = np.sqrt(np.sort(np.clip(evals, 0, None))[::-1][:5])
+    np.testing.assert_allclose(al.state["rho"].numpy(), rho_np, atol=1e-4)
+    # the canonical coordinates are correlated by rho and uncorrelated within a side
+    u, v = xc @ al.state["proj_img"].double().numpy(), yc @ al.state["proj_txt"].double().numpy()
+    corr = np.corrcoef(u.T, v.T)
+    np.testing.assert_allclose(np.diag(corr[:5, 5:]), rho_np, atol=1e-4)
+    np.testing.assert_allclose(corr[:5, :5], np.eye(5), atol=1e-4)
+
+
+def test_csa_weights_canonical_coordinates_by_sqrt_rho():
+    (x, y), (xt, yt) = planted(noise=0.3)
+    train = FakePairs(x, y)
+    cca, csa = CCA.fit(train, None, CCAConfig(rank=8), noop), CSA.fit(train, None, CCAConfig(rank=8), noop)
+    rho = cca.state["rho"]
+    for a, b in ((cca.image_global(ImageRows(cls=xt)), csa.image_global(ImageRows(cls=xt))),
+                 (cca.text_global(TextRows(pooled=yt)), csa.text_global(TextRows(pooled=yt)))):  # fmt: skip
+        torch.testing.assert_close(b, l2n(a * rho.sqrt()))
+
+
+# -- planted correspondences -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["procrustes", "cca", "csa"])
+def test_planted_correspondence_is_recovered(method):
+    (x, y), (xt, yt) = planted()
+    cfg = get_method(method).Config(**({"rank": 16} if method == "cca" else {}))  # cca: equal weights, so keep
+    al = get_method(method).fit(FakePairs(x, y), None, cfg, noop)  # only the 16 signal directions
+    img, txt = al.image_global(ImageRows(cls=xt)), al.text_global(TextRows(pooled=yt))
+    assert top1(img, txt) > 0.95
+    key = "rotation" if method == "procrustes" else "proj_img"
+    al.state[key] = torch.linalg.qr(torch.randn(*al.state[key].shape, generator=torch.Generator().manual_seed(3)))[0]
+    assert top1(al.image_global(ImageRows(cls=xt)), txt) < 0.2
+
+
+def test_asif_identical_modalities_retrieve_perfectly():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 16, generator=gen)
+    al = ASIF.fit(FakePairs(x[:200], x[:200].clone()), None, ASIFConfig(k=50), noop)
+    img, txt = al.image_global(ImageRows(cls=x[200:])), al.text_global(TextRows(pooled=x[200:]))
+    assert img.shape == (100, 200) and top1(img, txt) == 1.0
+    assert int((img[0] > 0).sum()) <= 50
+    torch.testing.assert_close(img.norm(dim=1), torch.ones(100))
+
+
+def test_asif_planted_correspondence_beats_chance():
+    (x, y), (xt, yt) = planted(n=1200, noise=0.05)
+    al = ASIF.fit(FakePairs(x, y), None, ASIFConfig(k=100, n_anchors=600), noop)
+    assert al.state["anchors_img"].shape[0] == 600
+    assert top1(al.image_global(ImageRows(cls=xt)), al.text_global(TextRows(pooled=yt))) > 0.5
+
+
+# -- contrastive heads -------------------------------------------------------------------------------------------------
+def contrastive_data(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(800, 32, generator=gen)
+    y = x @ torch.randn(32, 24, generator=gen) / 32**0.5 + 0.1 * torch.randn(800, 24, generator=gen)
+    return FakePairs(x[:500], y[:500]), FakePairs(x[500:600], y[500:600]), (x[600:], y[600:])
+
+
+@pytest.mark.parametrize("cls,cfg", [(LinearHeads, LinearConfig), (MLPHeads, MLPConfig)])
+def test_contrastive_heads_learn_planted_pairs(cls, cfg):
+    train, val, (xt, yt) = contrastive_data()
+    hist: list[dict] = []
+    al = cls.fit(train, val, cfg(dim=64, epochs=30, batch_size=128, hidden=128) if cls is MLPHeads
+                 else cfg(dim=64, epochs=30, batch_size=128), hist.append)  # fmt: skip
+    assert "val_loss" in hist[0] and "train_loss" in hist[0]
+    assert top1(al.image_global(ImageRows(cls=xt)), al.text_global(TextRows(pooled=yt))) > 0.5  # chance: 0.005
+
+
+def test_structure_changes_the_loss_and_training_is_deterministic():
+    train, _, _ = contrastive_data()
+    runs = {}
+    for w in (0.0, 10.0, 10.0):
+        hist: list[dict] = []
+        al = LinearHeads.fit(train, None, LinearConfig(dim=32, epochs=3, batch_size=128, structure_weight=w,
+                                                       structure_warmup=1.0), hist.append)  # fmt: skip
+        runs.setdefault(w, []).append((hist, al.state_dict()))
+    ((h0, s0),) = runs[0.0]
+    (h1, s1), (h2, s2) = runs[10.0]
+    assert h1[-1]["structure"] > 0 and h0[-1]["structure"] == 0
+    assert h1[-1]["train_loss"] != h0[-1]["train_loss"]
+    assert not torch.equal(s0["img.weight"], s1["img.weight"])
+    assert h1 == h2 and all(torch.equal(s1[k], s2[k]) for k in s1)  # same seed, same run
+
+
+def test_structure_loss_zero_for_identical_and_positive_otherwise():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(20, 8, generator=gen)
+    assert float(structure_loss(z, z.clone(), 0.05, levels=2)) < 1e-9
+    assert float(structure_loss(z, torch.randn(20, 8, generator=gen), 0.05)) > 1e-3
+
+
+def test_token_pool_uses_valid_tokens_only():
+    gen = torch.Generator().manual_seed(0)
+    n = 64
+    patches = torch.randn(n, 5, 12, generator=gen)
+    tok, lens = tokens_for(n, 10, 6, gen)
+    train = FakePairs(patches.mean(1), torch.randn(n, 10, generator=gen), patches=patches, tokens=tok, length=lens)
+    cfg = MLPConfig(pool="token", dim=16, hidden=32, epochs=2, batch_size=32)
+    assert MLPHeads.wants_tokens(cfg) and not MLPHeads.wants_tokens(MLPConfig())
+    al = MLPHeads.fit(train, None, cfg, noop)
+    rows = TextRows(pooled=torch.zeros(n, 10), tokens=tok.clone(), length=lens)
+    before = al.text_global(rows)
+    rows.tokens[torch.arange(6)[None, :] >= lens[:, None]] = 100.0  # padding must not matter
+    torch.testing.assert_close(al.text_global(rows), before)
+    assert al.image_global(ImageRows(cls=patches[:, 0], patches=patches)).shape == (n, 16)
+
+
+# -- SOTAlign / KLOT ---------------------------------------------------------------------------------------------------
+def test_klot_closed_form_gradient_equals_autograd_through_sinkhorn():
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    target = ot_plan(torch.randn(6, 5, generator=gen, dtype=torch.float64), 0.2, 3000)
+    eps, n_iter = 0.3, 3000
+    k1 = k.clone().requires_grad_()
+    value = klot(k1, target, eps, n_iter)
+    value.backward()
+    k2 = k.clone().requires_grad_()
+    log_p = sinkhorn_log(k2 / eps, n_iter)  # unrolled, differentiated by autograd
+    ref = (torch.xlogy(target, target) - target * log_p).sum()
+    ref.backward()
+    torch.testing.assert_close(value, ref)
+    torch.testing.assert_close(k1.grad, k2.grad, atol=1e-9, rtol=1e-7)
+    plan = log_p.exp()
+    torch.testing.assert_close(plan.sum(1), torch.full((6,), 1 / 6, dtype=torch.float64))
+
+
+def test_sotalign_starts_at_teacher_and_klot_trains_on_unpaired_rows():
+    (x, y), (xt, yt) = planted(noise=0.1)
+    train = FakePairs(x[:200], y[:200])
+    frozen = SOTAlign.fit(train, None, SOTAlignConfig(lr=0.0, epochs=1, batch_size=64), noop)
+    teacher = Procrustes.fit(train, None, ProcrustesConfig(), noop)
+    for a, b in ((frozen.image_global(ImageRows(cls=xt)), teacher.image_global(ImageRows(cls=xt))),
+                 (frozen.text_global(TextRows(pooled=yt)), teacher.text_global(TextRows(pooled=yt)))):  # fmt: skip
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # cca teacher (rank 24 keeps noise directions, so it is imperfect); unpaired rows in another order; full batch
+    unpaired = (ImageRows(cls=x[200:400]), TextRows(pooled=y[200:400].flip(0)))
+    cfg = SOTAlignConfig(teacher="cca", lr=1e-2, epochs=8, batch_size=256)
+    hist: list[dict] = []
+    al = SOTAlign.fit(train, FakePairs(xt[:50], yt[:50]), cfg, hist.append, unpaired=unpaired)
+    assert "teacher_val_loss" in hist[0]
+    assert hist[-1]["klot"] < 0.9 * hist[0]["klot"]
+    cca = CCA.fit(train, None, CCAConfig(), noop)
+    before = top1(cca.image_global(ImageRows(cls=xt)), cca.text_global(TextRows(pooled=yt)))
+    assert top1(al.image_global(ImageRows(cls=xt)), al.text_global(TextRows(pooled=yt))) >= before - 0.02
+
+
+# -- interface ---------------------------------------------------------------------------------------------------------
+def fitted(method: str, train: FakePairs, val: FakePairs) -> Aligner:
+    cls = get_method(method)
+    small = {
+        "linear": {"dim": 16, "epochs": 2, "batch_size": 64},
+        "mlp": {"dim": 16, "hidden": 32, "epochs": 2},
+        "sotalign": {"epochs": 2, "batch_size": 64},
+        "asif": {"k": 20},
+    }.get(method, {})
+    return cls.fit(train, val, cls.Config(**small), noop)
+
+
+@pytest.mark.parametrize("method", ["procrustes", "cca", "csa", "asif", "linear", "mlp", "sotalign"])
+def test_save_load_roundtrip_and_dense_shapes(method, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, 12, generator=gen), torch.randn(120, 10, generator=gen)
+    al = fitted(method, FakePairs(x[:100], y[:100]), FakePairs(x[100:], y[100:]))
+    patches = torch.randn(3, 7, 12, generator=gen)
+    img, txt, dense = al.image_global(ImageRows(cls=x)), al.text_global(TextRows(pooled=y)), al.image_dense(patches)
+    e = img.shape[1]
+    assert txt.shape == (120, e) and dense.shape == (3, 7, e)
+    torch.testing.assert_close(img.norm(dim=1), torch.ones(120))
+    torch.testing.assert_close(al.image_dense(x[:, None])[:, 0], img)  # dense = the global map per token
+    al.save(tmp_path / "run")
+    back = load_aligner(tmp_path / "run")
+    assert type(back) is type(al) and back.config == al.config
+    assert torch.equal(back.image_global(ImageRows(cls=x)), img)
+    assert torch.equal(back.text_global(TextRows(pooled=y)), txt)
+    assert torch.equal(back.image_dense(patches), dense)
+
+
+def test_mean_image_feature_needs_patches():
+    gen = torch.Generator().manual_seed(0)
+    patches = torch.randn(40, 4, 8, generator=gen)
+    cfg = CCAConfig(image_feature="mean", rank=4)
+    assert CCA.wants_tokens(cfg) and not CCA.wants_tokens(CCAConfig()) and CCA(cfg).needs_tokens
+    al = CCA.fit(FakePairs(patches[:, 0], torch.randn(40, 6, generator=gen), patches=patches), None, cfg, noop)
+    assert al.image_global(ImageRows(cls=patches[:, 0], patches=patches)).shape == (40, 4)
+    with pytest.raises(PipeError, match="patch tokens"):
+        al.image_global(ImageRows(cls=patches[:, 0]))
+    with pytest.raises(PipeError, match="image_feature"):
+        CCAConfig(image_feature="max")
