@@ -8,7 +8,7 @@ STAMP := $(VENV)/.pipe-installed
 OFFLINE_STAMP := $(VENV)/.pipe-offline
 DEMO_OUT ?= demo-out
 
-.PHONY: install offline test test-all demo bench lint clean
+.PHONY: install offline test test-all demo fashion-mnist lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,26 @@ test: $(OFFLINE_STAMP)
 test-all: $(OFFLINE_STAMP)
 	$(PY) -m pytest -q -m ""
 
-demo: $(OFFLINE_STAMP)
-	$(VENV)/bin/pipe demo --out $(DEMO_OUT)
+# `make demo` uses the offline weights; `make demo HUB=1` loads facebook/dinov2-small and
+# sentence-transformers/all-MiniLM-L6-v2 from the Hugging Face hub instead (needs internet).
+HUB ?= 0
+ifeq ($(HUB),1)
+DEMO_DEPS := $(STAMP)
+DEMO_ENCODERS := --image-encoder hf:facebook/dinov2-small --text-encoder hf:sentence-transformers/all-MiniLM-L6-v2
+else
+DEMO_DEPS := $(OFFLINE_STAMP)
+DEMO_ENCODERS :=
+endif
+
+# Fashion-MNIST (Debian's dataset-fashion-mnist) feeds the demo's zero-shot transfer check; without it that step is
+# skipped with a note.
+fashion-mnist:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
+	    echo "note: could not install dataset-fashion-mnist; the demo skips its Fashion-MNIST check"; }
+
+demo: $(DEMO_DEPS) fashion-mnist
+	$(VENV)/bin/pipe demo --out $(DEMO_OUT) $(DEMO_ENCODERS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
