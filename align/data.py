@@ -73,12 +73,6 @@ def store_fingerprint(st: FeatureStore) -> str:
     return h.hexdigest()[:16]
 
 
-def _as_float(block: np.ndarray, dtype: str) -> torch.Tensor:
-    if dtype == "bfloat16" and block.dtype == np.uint16:
-        return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(block))
-
-
 @dataclass
 class Split:
     """Image rows (of the image store) for training and for validation, and each image's caption rows."""
@@ -146,7 +140,7 @@ class PairSource:
         arr = store[name]
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
         block = arr[lo:hi][uniq - lo] if hi - lo <= 2 * len(uniq) else arr.get_orthogonal_selection((uniq,))
-        t = _as_float(block, store.layout.dtype) if block.dtype.kind in "fu" else torch.from_numpy(block)
+        t = store.decode(block)
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int(uniq[int(torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).all(1))[0])])
             raise PipeError(f"{store.path}: array {name!r} has non-finite values in row {bad} (see `pipe verify`)")

@@ -113,9 +113,12 @@ class FeatureStore:
 
     def rows(self, name: str, start: int = 0, stop: int | None = None):
         """Rows of a feature array as a torch tensor in its stored precision (bfloat16 bits decoded)."""
+        return self.decode(self.group[name][start:stop])
+
+    def decode(self, block: np.ndarray):
+        """A block read from this store as a torch tensor; bfloat16 stores keep their values as uint16 bits."""
         import torch
 
-        block = self.group[name][start:stop]
         if self.layout.dtype == "bfloat16" and block.dtype == np.uint16:
             return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(np.ascontiguousarray(block))
