@@ -235,11 +235,29 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> Path:
         unpaired = _load_unpaired(cfg) if cfg.unpaired_shards else None
         aligner = method.fit(train, val, mcfg, history.append, unpaired=unpaired)
     meta |= {"history": history, "wall_seconds": time.perf_counter() - t0, "complete": True}
+    meta["heldout"] = heldout_metrics(aligner, val, getattr(mcfg, "seed", 0)) if val is not None else {}
     meta["best_epoch"] = _best_epoch(history)
     aligner.save(out)
     _plot_loss(history, out / "loss.png", cfg.method)
     run_json.write_text(json.dumps(meta, indent=2))
     (out / "checkpoint.pt").unlink(missing_ok=True)
+    return out
+
+
+@torch.no_grad()
+def heldout_metrics(aligner, val: PairSource, seed: int) -> dict[str, float]:
+    """Retrieval R@1/R@5 on the held-out pairs (one caption per image), the same for every method: what a user (and
+    the demo) can select hyper-parameters on without touching an evaluation split."""
+    from evaluate.metrics import retrieval_metrics
+
+    h_i, h_t = [], []
+    for batch in val.batches(0, 1024, seed, shuffle=False):
+        h_i.append(aligner.image_global(batch.image).float().cpu())
+        h_t.append(aligner.text_global(batch.text).float().cpu())
+    hi, ht = torch.cat(h_i), torch.cat(h_t)
+    r = retrieval_metrics(hi, ht, torch.arange(len(ht)), ks=(1, 5))
+    out = {f"heldout_{k}": v for k, v in r.items()}
+    out["heldout_mean_r1"] = (r["text_retrieval_recall@1"] + r["image_retrieval_recall@1"]) / 2
     return out
 
 

@@ -25,6 +25,9 @@ def test_pal_run_dir_and_learning(tmp_path, world_features):
     meta = json.loads((out / "run.json").read_text())
     assert meta["complete"] and meta["method"] == "pal" and meta["pairs"] == {"train": 18, "val": 6}
     assert len(meta["history"]) == 4 and meta["data_mode"] == "memory"
+    held = meta["heldout"]  # the same held-out retrieval every method gets, for picking settings
+    r1 = (held["heldout_text_retrieval_recall@1"], held["heldout_image_retrieval_recall@1"])
+    assert held["heldout_mean_r1"] == sum(r1) / 2 and 0 <= min(r1) <= max(r1) <= 1
     assert meta["history"][-1]["train_loss"] < meta["history"][0]["train_loss"]  # the anchors learn something
     assert (out / "anchors.safetensors").exists() and (out / "loss.png").stat().st_size > 0
     assert not (out / "checkpoint.pt").exists()

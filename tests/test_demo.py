@@ -21,24 +21,29 @@ def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert {f"pal-k{k}" for k in (16, 64, 256, 512)} <= set(runs)
     chosen = out / "runs" / f"pal-k{ablation['chosen']}"
+    with open(out / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    evaluated = {Path(a["run"]) for a in ablation["grid"]} | {out / "runs" / r["run"] for r in rows}
     for task in ("classification", "retrieval", "segmentation"):
-        for run in (out / "runs").iterdir():
+        for run in evaluated:
             name = f"{task}-world-val-pal.json" if task == "segmentation" else f"{task}-world-val.json"
             result = json.loads((run / "eval" / name).read_text())
             values = [v for k, v in result.items() if isinstance(v, float) and k != "config"]
             assert values and all(0.0 <= v <= 1.0 for v in values), (run.name, task)
     assert (chosen / "eval" / "diagnostics-world-val.json").exists()
     assert list((chosen / "eval" / "figures").glob("segmentation-*.png"))
-    with open(out / "report.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert {r["method"] for r in rows} >= {"pal"} and len(rows) == len(runs) - 3  # the chosen PAL + each baseline
+    selection = json.loads((out / "selection.json").read_text())  # one pick per method, on held-out train pairs
+    assert len(rows) == len(selection) and {r["method"] for r in rows} == set(selection)
+    assert selection["pal"]["params"]["anchors"] == ablation["chosen"]
+    for pick in selection.values():
+        assert pick.get("tried") is None or pick["heldout_mean_r1"] == max(t[1] for t in pick["tried"])
     fashion = out / "fashion_mnist.json"
     if Path("/usr/share/datasets/fashion-mnist").is_dir():  # Debian's dataset-fashion-mnist: the transfer check ran
         rows = json.loads(fashion.read_text())
-        assert rows[0]["method"] == "pal" and all(0 <= r[k] <= 1 for r in rows for k in ("seen_acc", "unseen_acc"))
+        assert rows[0]["method"].startswith("pal") and all(0 <= r[k] <= 1 for r in rows for k in ("seen_acc", "unseen_acc"))
     # a second run reuses everything: no store, run or evaluation is redone
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
     assert main(args) == 0
-    summaries = ("report", "k_ablation", "fashion_mnist")  # rewritten from the kept results on every run
+    summaries = ("report", "k_ablation", "fashion_mnist", "selection")  # rewritten from the kept results on every run
     kept = {p: t for p, t in stamps.items() if not p.name.startswith(summaries)}
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
