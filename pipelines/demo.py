@@ -105,8 +105,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         method_runs[m] = best[1]
         selection[m] = {"params": best[2], "heldout_mean_r1": best[0], "tried": [[t[2], t[0]] for t in tried]}
     (out / "selection.json").write_text(json.dumps(selection, indent=2))
-    say("      picked on held-out train pairs: " + ", ".join(f"{m} {_run_name(m, v['params'])}"
-                                                       for m, v in selection.items()))
+    say("      picked on held-out train pairs: " + ", ".join(str(r.name) for r in method_runs.values()))
 
     say("[3/4] eval on world val: classification, retrieval, segmentation (pal protocol)")
     evals = ["--dataset", "world", "--split", "val", "--features", feats, "-o", f"size={n_val}", "--skip-existing"]
