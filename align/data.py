@@ -129,22 +129,31 @@ class PairSource:
         self.in_memory = self.bytes_needed <= memory_budget
         self.block_rows = block_rows or max(lay_i.rows_per_shard, 1)
         self._cache: tuple[ImageRows, TextRows, np.ndarray] | None = None
+        self._checked: set[tuple] = set()
 
     def __len__(self) -> int:
         return len(self.rows)
 
     # -- reading ----------------------------------------------------------------------------------------------------
     def _take(self, store: FeatureStore, name: str, rows: np.ndarray) -> torch.Tensor:
-        """Rows of one array in the given order; one contiguous read when the rows are dense, else a selection."""
-        uniq, inv = np.unique(rows, return_inverse=True)
+        """Rows of one array in the given order: one contiguous read when the rows are dense (a streamed block is a run
+        of whole shards, read without any extra copy), else a selection of the chunks that hold them."""
+        rows = np.asarray(rows)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
         arr = store[name]
-        lo, hi = int(uniq[0]), int(uniq[-1]) + 1
-        block = arr[lo:hi][uniq - lo] if hi - lo <= 2 * len(uniq) else arr.get_orthogonal_selection((uniq,))
-        t = store.decode(block)
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int(uniq[int(torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).all(1))[0])])
+        if hi - lo == len(rows) and (np.diff(rows) == 1).all():  # sorted, unique, contiguous
+            t = store.decode(arr[lo:hi])
+            first = rows
+        else:
+            uniq, inv = np.unique(rows, return_inverse=True)
+            block = arr[lo:hi][uniq - lo] if hi - lo <= 2 * len(uniq) else arr.get_orthogonal_selection((uniq,))
+            t, first = store.decode(block)[torch.from_numpy(inv)], rows
+        key = (id(store), name, lo, hi)
+        if t.is_floating_point() and key not in self._checked and not torch.isfinite(t).all():
+            bad = int(first[int(torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).all(1))[0])])
             raise PipeError(f"{store.path}: array {name!r} has non-finite values in row {bad} (see `pipe verify`)")
-        return t[torch.from_numpy(inv)].to(self.device, non_blocking=True)
+        self._checked.add(key)  # streamed blocks recur every epoch: check each once
+        return t.to(self.device, non_blocking=True)
 
     def _read_images(self, rows: np.ndarray) -> ImageRows:
         si = self.stores.image
