@@ -165,3 +165,26 @@ def test_resume_with_other_dims_is_refused(tmp_path, world_features, monkeypatch
     torch.save(state, tmp_path / "r" / "checkpoint.pt")
     with pytest.raises(Exception, match="do not match"):
         run_align(AlignConfig(**{**cfg.__dict__, "resume": True}), progress=False)
+
+
+def test_sotalign_reads_unpaired_stores(tmp_path, world_features, monkeypatch):
+    from align.sotalign import SOTAlign
+
+    seen = {}
+    original = SOTAlign.fit.__func__
+
+    def spy(cls, train, val, config, log, unpaired=None):
+        seen["unpaired"] = unpaired
+        return original(cls, train, val, config, log, unpaired=unpaired)
+
+    monkeypatch.setattr(SOTAlign, "fit", classmethod(spy))
+    code = main(["align", "--method", "sotalign", "--shards", shards(world_features), "--out", str(tmp_path / "s"),
+                 "--unpaired-shards", shards(world_features, "val"), "-p", "epochs=2", "--no-progress"])  # fmt: skip
+    assert code == 0
+    img, txt = seen["unpaired"]
+    val_img = open_store(next(p for p in (world_features / "world" / "val").glob("*dinov2*.zarr")))
+    val_txt = open_store(next(p for p in (world_features / "world" / "val").glob("*bert.zarr")))
+    assert img.cls.shape == (val_img.layout.count, val_img.layout.dim)  # the val rows, without their pairing
+    assert txt.pooled.shape == (val_txt.layout.count, val_txt.layout.dim)
+    assert main(["align", "--method", "sotalign", "--shards", shards(world_features), "--out", str(tmp_path / "t"),
+                 "--unpaired-shards", str(tmp_path / "none"), "--no-progress"]) == 2  # fmt: skip
