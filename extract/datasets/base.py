@@ -254,3 +254,20 @@ def voc_palette() -> list[int]:
             cid >>= 3
         pal += [r, g, b]
     return pal
+
+
+class CaptionFiles(Dataset):
+    """Image files listed in a captions json (COCO, Karpathy): the readers fill `_records`, `_paths`, `_captions`."""
+
+    _records: list[ImageRecord]
+    _paths: list[Path]
+    _captions: list[Caption]
+
+    def images(self) -> list[ImageRecord]:
+        return self._records
+
+    def load_image(self, i: int) -> Image.Image:
+        return open_rgb(self._paths[i])
+
+    def captions(self) -> list[Caption] | None:
+        return self._captions

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
 from extract.datasets.base import (
     Caption,
-    Dataset,
+    CaptionFiles,
     ImageRecord,
     clean_text,
     int_option,
-    open_rgb,
     read_json,
     register_dataset,
     require_root,
@@ -38,7 +35,7 @@ def _find_year(root: Path, split: str, year: int | None) -> int:
 
 
 @register_dataset("coco")
-class COCOCaptions(Dataset):
+class COCOCaptions(CaptionFiles):
     """Images in the order of the json's `images` list (de-duplicated by id); captions grouped by image, in file
     order within an image, each linked to its image's index."""
 
@@ -87,11 +84,3 @@ class COCOCaptions(Dataset):
         caps.sort(key=lambda c: c.item)  # stable: file order within an image
         self._captions = caps
 
-    def images(self) -> list[ImageRecord]:
-        return self._records
-
-    def load_image(self, i: int) -> Image.Image:
-        return open_rgb(self._paths[i])
-
-    def captions(self) -> list[Caption] | None:
-        return self._captions

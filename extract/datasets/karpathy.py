@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
 from extract.datasets.base import (
     Caption,
-    Dataset,
+    CaptionFiles,
     ImageRecord,
     clean_text,
-    open_rgb,
     read_json,
     register_dataset,
     require_root,
@@ -24,7 +21,7 @@ from extract.datasets.base import (
 from extract.errors import PipeError
 
 
-class KarpathyCaptions(Dataset):
+class KarpathyCaptions(CaptionFiles):
     """Images of one split in json order (de-duplicated by file), captions f"{stem}#{j}" in sentence order."""
 
     splits = ("train", "val", "test")
@@ -82,14 +79,6 @@ class KarpathyCaptions(Dataset):
                 return cand
         raise PipeError(f"dataset '{self.name}': split file not found: {self.root / self.json_name}")
 
-    def images(self) -> list[ImageRecord]:
-        return self._records
-
-    def load_image(self, i: int) -> Image.Image:
-        return open_rgb(self._paths[i])
-
-    def captions(self) -> list[Caption] | None:
-        return self._captions
 
 
 @register_dataset("flickr30k")
