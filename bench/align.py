@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--shard-rows", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the tokens live and the anchors train")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pipe-bench-align-"))
     try:
@@ -69,22 +70,24 @@ def main() -> None:
         times: dict[str, list[float]] = {"memory": [], "stream": []}
         trainers = {}
         for mode in ("memory", "stream"):
-            src = PairSource(stores, split.train, split.captions, tokens=True,
+            src = PairSource(stores, split.train, split.captions, tokens=True, device=args.device,
                              memory_budget=None if mode == "memory" else 0)
             assert src.in_memory == (mode == "memory")
-            trainers[mode] = Trainer(cfg, src, None, "cpu")
+            trainers[mode] = Trainer(cfg, src, None, args.device)
             trainers[mode].train_epoch()  # warm-up: the one-time load (memory) and first-read checks (stream)
         for rep in range(args.reps):
             for mode, trainer in trainers.items():
                 trainer.epoch = rep + 1  # a fresh caption draw and order per rep, the same for both modes
                 t0 = time.perf_counter()
                 trainer.train_epoch()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
                 times[mode].append(time.perf_counter() - t0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     m, s = statistics.median(times["memory"]), statistics.median(times["stream"])
     print(f"PAL epoch | {args.pairs} pairs | K={args.anchors} | batch {args.batch_size} | image 256x384, text 64x384"
-          f" fp16 | torch threads {torch.get_num_threads()} | reps {args.reps}")
+          f" fp16 | {args.device} | torch threads {torch.get_num_threads()} | reps {args.reps}")
     for name, v in (("memory", m), ("streaming", s)):
         runs = ", ".join(f"{x:.2f}" for x in times["memory" if name == "memory" else "stream"])
         print(f"{name:10s} {v:7.2f} s/epoch  {args.pairs / v:8.1f} pairs/s  (runs: {runs})")
