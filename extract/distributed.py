@@ -7,15 +7,22 @@ it complete after. `local:N` starts a LocalCluster of N single-threaded processe
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 from extract.errors import PipeError
 from extract.runner import ExtractConfig, ShardResult, default_threads, extract_shards, plan
 from extract.store import open_store
 
 
+@lru_cache(maxsize=2)
+def _job(cfg: ExtractConfig):
+    """One plan per worker process and config: the dataset's annotations are parsed once, not once per shard."""
+    return plan(cfg)
+
+
 def shard_task(cfg: ExtractConfig, shard: int) -> ShardResult:
-    """Runs on a worker: resolve the job (the encoder is cached per process), write one shard."""
-    job = plan(cfg)
+    """Runs on a worker: resolve the job (cached per process, like the encoder), write one shard."""
+    job = _job(cfg)
     store = open_store(job.path, require_complete=False)
     return extract_shards(job, store, [shard])[0]
 
