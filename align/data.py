@@ -121,9 +121,10 @@ class PairSource:
         self.stores, self.rows, self.captions = stores, np.asarray(rows), captions
         self.tokens, self.device, self.use_cls = tokens, device, use_cls
         lay_i, lay_t = stores.image.layout, stores.text.layout
-        row_bytes = (lay_i.tokens * lay_i.dim + lay_t.tokens * lay_t.dim if tokens else 0) * 2
-        row_bytes += (lay_i.dim + lay_t.dim) * 2
-        self.bytes_needed = row_bytes * len(self.rows)
+        img_bytes = ((lay_i.tokens if tokens else 0) + 1) * lay_i.dim * 2
+        txt_bytes = ((lay_t.tokens if tokens else 0) + 1) * lay_t.dim * 2
+        n_caps = sum(len(captions[r]) for r in self.rows)  # in memory, every caption of every image is held
+        self.bytes_needed = img_bytes * len(self.rows) + txt_bytes * n_caps
         if memory_budget is None:
             memory_budget = default_memory_budget(device)
         self.in_memory = self.bytes_needed <= memory_budget

@@ -38,6 +38,15 @@ class PALConfig(MethodConfig):
     use_cls: bool = False  # add the image CLS token to the pooled tokens
     val_fraction: float = 0.05
 
+    def __post_init__(self) -> None:
+        checks = {"anchors": self.anchors >= 1, "tau_p": self.tau_p > 0, "tau": self.tau > 0,
+                  "batch_size": self.batch_size >= 2, "lr": self.lr > 0, "epochs": self.epochs >= 1,
+                  "val_fraction": 0 <= self.val_fraction < 1, "warmup_epochs": self.warmup_epochs >= 0,
+                  "patience": self.patience >= 0, "grad_clip": self.grad_clip >= 0}  # fmt: skip
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))
+
 
 def image_token_view(rows: ImageRows, use_cls: bool) -> tuple[Tensor, Tensor]:
     """Tokens [N, T, D] and mask [N, T] of the image side (patches, optionally CLS first)."""

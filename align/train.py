@@ -205,12 +205,20 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> Path:
         raise PipeError(f"--out {out}: is a file")
     run_json = out / "run.json"
     mcfg = method_config(cfg.method, dict(cfg.params))
+    if cfg.limit is not None and cfg.limit < 2:
+        raise PipeError(f"--limit must be >= 2 pairs, got {cfg.limit}")
+    if cfg.memory_budget is not None and cfg.memory_budget < 0:
+        raise PipeError(f"--memory-budget must be >= 0, got {cfg.memory_budget}")
     if run_json.exists():
         prev = json.loads(run_json.read_text())
-        if prev.get("complete") and prev.get("config") == asdict(mcfg) and prev.get("method") == cfg.method:
-            return out  # already trained with these settings
+        same = (prev.get("config") == asdict(mcfg) and prev.get("method") == cfg.method
+                and _data_key(prev.get("align", {})) == _data_key(asdict(cfg)))  # fmt: skip
+        if prev.get("complete") and same:
+            return out  # already trained with these settings on this data
         if prev.get("complete"):
-            raise PipeError(f"--out {out}: holds a finished run with other settings; choose another --out")
+            raise PipeError(f"--out {out}: holds a finished run with other settings or data; choose another --out")
+        if not same and (out / "checkpoint.pt").exists():
+            raise PipeError(f"--out {out}: its checkpoint is from other settings or data; choose another --out")
     device = resolve_device(cfg.device)
     stores = find_pair_stores(cfg.shards, cfg.image_encoder, cfg.text_encoder)
     method = get_method(cfg.method)
@@ -259,6 +267,11 @@ def heldout_metrics(aligner, val: PairSource, seed: int) -> dict[str, float]:
     out = {f"heldout_{k}": v for k, v in r.items()}
     out["heldout_mean_r1"] = (r["text_retrieval_recall@1"] + r["image_retrieval_recall@1"]) / 2
     return out
+
+
+def _data_key(align: dict) -> tuple:
+    """What a run's data depends on: a finished or checkpointed run is reused only when these match."""
+    return tuple(align.get(k) for k in ("shards", "image_encoder", "text_encoder", "limit", "unpaired_shards"))
 
 
 def _wants_tokens(method, mcfg) -> bool:

@@ -156,9 +156,10 @@ def plan(cfg: ExtractConfig) -> Job:
         tokens, rows = enc.info.max_length, None
     count = len(rows) if rows is not None else len(text_rows)
     per_chunk, per_shard = default_rows(tokens, info["dim"], count, cfg.shard_rows)
+    origin = {"root": None if cfg.root is None else str(cfg.root), "options": dict(cfg.options), "limit": cfg.limit}
     layout = StoreLayout(
         modality=info["modality"], encoder=info, dataset=cfg.dataset, split=cfg.split, count=count, tokens=tokens,
-        dim=info["dim"], rows_per_chunk=per_chunk, rows_per_shard=per_shard, dtype=cfg.dtype, **extra,
+        dim=info["dim"], rows_per_chunk=per_chunk, rows_per_shard=per_shard, dtype=cfg.dtype, origin=origin, **extra,
     )  # fmt: skip
     suffix = ".prompts" if info["modality"] == "text" and "templates" in extra else ""
     path = store_path(cfg.features, cfg.dataset, cfg.split, cfg.encoder)

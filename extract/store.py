@@ -45,6 +45,7 @@ class StoreLayout:
     resize: str | None = None  # image stores: "crop" or "squash"
     classes: tuple[str, ...] | None = None  # labelled image sets and class-prompt text stores
     templates: tuple[str, ...] | None = None  # class-prompt text stores
+    origin: dict[str, Any] | None = None  # dataset root, options and --limit: a store is resumed only from the same
     schema: str = SCHEMA
 
     @property
@@ -188,7 +189,7 @@ class FeatureStore:
             arr = self.group[name]
             step = lay.rows_per_shard
             for start in range(0, lay.count, step):
-                block = np.asarray(arr[start : start + step], dtype=np.float32)
+                block = self.decode(arr[start : start + step]).float().numpy()  # bfloat16 bits decoded first
                 bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1) & ~skipped[start : start + step]
                 if bad.any():
                     problems.append(f"array {name!r} has non-finite values in row {start + int(np.argmax(bad))}")

@@ -188,3 +188,17 @@ def test_sotalign_reads_unpaired_stores(tmp_path, world_features, monkeypatch):
     assert txt.pooled.shape == (val_txt.layout.count, val_txt.layout.dim)
     assert main(["align", "--method", "sotalign", "--shards", shards(world_features), "--out", str(tmp_path / "t"),
                  "--unpaired-shards", str(tmp_path / "none"), "--no-progress"]) == 2  # fmt: skip
+
+
+def test_bad_pal_values_and_other_data_are_refused(tmp_path, world_features, capsys):
+    base = ["align", "--shards", shards(world_features), "--no-progress"]
+    for flag, value in (("--anchors", "0"), ("--batch-size", "1"), ("--tau-p", "0"), ("--epochs", "0"),
+                        ("--val-fraction", "2"), ("--limit", "-3")):  # fmt: skip
+        assert main([*base, "--out", str(tmp_path / "bad"), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and err.count("\n") == 1, (flag, err)
+    out = str(tmp_path / "run")
+    assert main([*base, "--out", out, "--anchors", "8", "--epochs", "1", "--batch-size", "8"]) == 0
+    other = ["align", "--shards", shards(world_features, "val"), "--no-progress"]
+    assert main([*other, "--out", out, "--anchors", "8", "--epochs", "1", "--batch-size", "8"]) == 2
+    assert "other settings or data" in capsys.readouterr().err

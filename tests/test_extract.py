@@ -192,3 +192,12 @@ def test_info_and_verify_commands(tmp_path, tiny_dinov2, capsys):
     st["cls"][0] = np.full(st.layout.dim, np.nan, np.float16)
     assert main(["verify", path]) == 1 and "non-finite" in capsys.readouterr().err
     assert main(["verify", str(tmp_path / "none.zarr")]) == 2
+
+
+def test_store_is_not_resumed_with_other_dataset_options(tmp_path, tiny_dinov2, capsys):
+    base = ["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "--features", str(tmp_path),
+            "-o", "size=4", "--no-progress"]  # fmt: skip
+    assert main([*base, "-o", "seed=0"]) == 0
+    capsys.readouterr()
+    assert main([*base, "-o", "seed=5"]) == 2  # another world: neither resumed into nor reported as done
+    assert "differs in origin" in capsys.readouterr().err

@@ -129,3 +129,16 @@ def test_bfloat16_round_trip(tmp_path):
     bits = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     store.write_shard(0, {"ids": np.array(list("abcd")), "patches": bits}, np.zeros(4, bool))
     np.testing.assert_array_equal(store.rows("patches").float().numpy(), x.to(torch.bfloat16).float().numpy())
+
+
+def test_verify_sees_nan_in_bfloat16_stores(tmp_path):
+    import torch
+
+    store = create_store(tmp_path / "b.zarr", layout(count=4, dtype="bfloat16"))
+    x = torch.randn(4, 6, 8)
+    x[2, 1, 1] = float("nan")
+    bits = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    cls = torch.randn(4, 8).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    store.write_shard(0, {"ids": np.array(list("abcd")), "patches": bits, "cls": cls}, np.zeros(4, bool))
+    store.finalize()
+    assert any("non-finite" in p and "row 2" in p for p in store.verify())
