@@ -181,8 +181,6 @@ class FeatureStore:
         not_done = np.flatnonzero(~self.group["done"][:])
         if len(not_done):
             problems.append(f"{len(not_done)} rows not done (first: row {not_done[0]})")
-        if self.attrs.get("count") != lay.count:
-            problems.append(f"attribute count {self.attrs.get('count')} != {lay.count} rows")
         skipped = self.group["skipped"][:]
         float_arrays = ["cls", "patches"] if lay.modality == "image" else ["tokens", "pooled"]
         for name in float_arrays:

@@ -46,7 +46,7 @@ def extract(
     limit: int | None = typer.Option(None, help="Only the first N images (and their captions)."),
     image_size: int | None = typer.Option(None, help="Input size in pixels (default: the encoder's, 224)."),
     layer: str = typer.Option("last", help="'last' (last_hidden_state, after the final norm) or a hidden-state index."),
-    max_length: int = typer.Option(64, help="Text: tokens per caption, special tokens included."),
+    max_length: int = typer.Option(64, help="Text: word tokens kept per caption (special tokens come on top)."),
     text: str = typer.Option("auto", help="Text encoders: captions, prompts (class templates) or auto."),
     templates: str | None = typer.Option(None, help="Prompt templates, '|'-separated, each with {} for the class."),
     resize: str = typer.Option("auto", help="Images: crop (short side then centre crop), squash, or auto."),
