@@ -302,6 +302,23 @@ def open_dataset(cfg: EvalConfig):
     return get_dataset(cfg.dataset, cfg.root, cfg.split, **dict(cfg.options))
 
 
+def check_origin(store: FeatureStore, cfg: EvalConfig) -> None:
+    """Masks are matched to store rows by id, and some datasets (the world) reuse ids across options: the dataset
+    opened for evaluation must be the one the store was extracted from (root and -o options, as recorded)."""
+    origin = store.layout.origin
+    if origin is None:  # stores written before origins were recorded
+        return
+    want = {k: str(v) for k, v in (origin.get("options") or {}).items()}
+    got = {k: str(v) for k, v in cfg.options}
+    root_then, root_now = origin.get("root"), cfg.root
+    same_root = (root_then is None and root_now is None) or (
+        root_then is not None and root_now is not None and Path(root_then).resolve() == Path(root_now).resolve()
+    )
+    if want != got or not same_root:
+        opts = " ".join(f"-o {k}={v}" for k, v in sorted(want.items())) or "no -o options"
+        raise PipeError(f"{store.path}: was extracted from --root {root_then} with {opts}; evaluate with the same")
+
+
 def dataset_rows(dataset, ids: np.ndarray, where: Path) -> np.ndarray:
     """Dataset index of each store row, matched by id (the store may hold a prefix of the split, or another order)."""
     index = {r.id: i for i, r in enumerate(dataset.images())}

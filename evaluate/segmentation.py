@@ -26,6 +26,7 @@ from torch import Tensor
 
 from evaluate.loading import (
     EvalContext,
+    check_origin,
     class_weights,
     dataset_rows,
     extract_command,
@@ -110,6 +111,7 @@ def run_segmentation(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics, plus a few (row, image index, ground truth, prediction) examples for the figures."""
     cfg, img, aligner = ctx.cfg, ctx.image, ctx.aligner
     protocol = cfg.protocol or "pal"
+    check_origin(img, cfg)
     dataset = open_dataset(cfg)
     weights, classes = class_weights(ctx)
     check_inputs(ctx, dataset, classes)

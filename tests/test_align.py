@@ -202,3 +202,15 @@ def test_bad_pal_values_and_other_data_are_refused(tmp_path, world_features, cap
     other = ["align", "--shards", shards(world_features, "val"), "--no-progress"]
     assert main([*other, "--out", out, "--anchors", "8", "--epochs", "1", "--batch-size", "8"]) == 2
     assert "other settings or data" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_dataset_other_than_the_extracted_one(tmp_path, world_features, capsys):
+    run = str(tmp_path / "run")
+    assert main(["align", "--shards", shards(world_features), "--out", run, "--anchors", "8", "--epochs", "1",
+                 "--batch-size", "8", "--no-progress"]) == 0  # fmt: skip
+    ev = ["eval", "segmentation", "--dataset", "world", "--split", "val", "--features", str(world_features),
+          "--run", run, "--no-figures", "-o", "size=8"]  # fmt: skip
+    assert main(ev) == 0
+    capsys.readouterr()
+    assert main([*ev, "-o", "seed=5"]) == 2  # same ids, other scenes: the masks would not belong to the features
+    assert "-o size=8" in capsys.readouterr().err
