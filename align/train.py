@@ -17,10 +17,19 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from align.base import MethodConfig, get_method, l2n
-from align.data import PairSource, PairStores, find_pair_stores, pair_split, store_fingerprint
+from align.data import (
+    PairSource,
+    PairStores,
+    find_pair_stores,
+    keep_freed_host_memory,
+    pair_split,
+    store_fingerprint,
+)
+from align.ddp import DataParallel, barrier_and_close, gather_rows, init_from_env, launched_world, sum_gradients
 from align.pal import PAL, PALConfig, cosine_lr, image_token_view, info_nce
 from extract.errors import PipeError
 from extract.runner import resolve_device
@@ -34,8 +43,10 @@ class Trainer:
     """PAL's training loop: AdamW on the two anchor banks, cosine schedule with warm-up, grad clipping, early stopping
     on the held-out pairs, a checkpoint per epoch so that `--resume` gives the same anchors as an unbroken run."""
 
-    def __init__(self, config: PALConfig, train: PairSource, val: PairSource | None, device: str) -> None:
-        self.cfg, self.train, self.val, self.device = config, train, val, device
+    def __init__(
+        self, config: PALConfig, train: PairSource, val: PairSource | None, device: str, dp: DataParallel | None = None
+    ) -> None:
+        self.cfg, self.train, self.val, self.device, self.dp = config, train, val, device, dp
         lay_i, lay_t = train.stores.image.layout, train.stores.text.layout
         init = PAL(config, lay_i.dim, lay_t.dim)
         self.img_a = torch.nn.Parameter(init.image_anchors.to(device))
@@ -55,14 +66,18 @@ class Trainer:
         tokens, mask = image_token_view(batch.image, self.cfg.use_cls)
         from align.kernel import anchor_profiles
 
-        p_img = anchor_profiles(tokens, mask, img_a, self.cfg.tau_p)
-        p_txt = anchor_profiles(batch.text.tokens, batch.text.mask(), txt_a, self.cfg.tau_p)
-        return info_nce(l2n(p_img), l2n(p_txt), self.cfg.tau)
+        h_img = l2n(anchor_profiles(tokens, mask, img_a, self.cfg.tau_p))
+        h_txt = l2n(anchor_profiles(batch.text.tokens, batch.text.mask(), txt_a, self.cfg.tau_p))
+        if self.dp is not None:  # the whole batch's profiles; the loss is the single-process one
+            h_img, h_txt = gather_rows(h_img, batch.sizes, self.dp), gather_rows(h_txt, batch.sizes, self.dp)
+        return info_nce(h_img, h_txt, self.cfg.tau)
 
     def train_epoch(self, on_step: Callable[[int, float], None] | None = None) -> float:
         losses, n = 0.0, 0
-        for batch in self.train.batches(self.epoch, self.cfg.batch_size, self.cfg.seed):
-            if len(batch.rows) < 2:  # a contrastive batch of one has no negatives
+        part = self.dp.part if self.dp is not None else None
+        min_rows = max(2, self.dp.world if self.dp is not None else 1)  # negatives, and a row for every rank
+        for batch in self.train.batches(self.epoch, self.cfg.batch_size, self.cfg.seed, part=part):
+            if batch.total < min_rows:
                 continue
             lr = cosine_lr(self.step, self.total_steps, self.warmup, self.cfg.lr)
             for g in self.opt.param_groups:
@@ -73,14 +88,16 @@ class Trainer:
                               "last good checkpoint is kept (lower --lr or check the stores with `pipe verify`)")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            if self.dp is not None:
+                sum_gradients([self.img_a, self.txt_a])  # each rank's backward covers only its own rows
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([self.img_a, self.txt_a], self.cfg.grad_clip)
             self.opt.step()
             self.step += 1
-            losses += loss.item() * len(batch.rows)
-            n += len(batch.rows)
+            losses += loss.item() * batch.total
+            n += batch.total
             if on_step:
-                on_step(len(batch.rows), loss.item())
+                on_step(batch.total, loss.item())
         return losses / max(n, 1)
 
     @torch.no_grad()
@@ -153,7 +170,7 @@ class Trainer:
             self.epoch += 1
             if log:
                 log(metrics)
-            if checkpoint is not None:
+            if checkpoint is not None and (self.dp is None or self.dp.main):
                 _atomic_torch_save(self.state(), checkpoint)
         model = PAL(self.cfg)
         model.load_state_dict({"image_anchors": self.best["image_anchors"], "text_anchors": self.best["text_anchors"]})
@@ -220,8 +237,15 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> Path:
         if not same and (out / "checkpoint.pt").exists():
             raise PipeError(f"--out {out}: its checkpoint is from other settings or data; choose another --out")
     device = resolve_device(cfg.device)
+    keep_freed_host_memory()
     stores = find_pair_stores(cfg.shards, cfg.image_encoder, cfg.text_encoder)
     method = get_method(cfg.method)
+    dp = None
+    if launched_world() > 1:
+        if method is not PAL:
+            raise PipeError(f"--method {cfg.method}: data-parallel training (torchrun) is PAL's; run {cfg.method} "
+                            "in one process (the baselines train in seconds)")  # fmt: skip
+        dp, device = init_from_env(device)
     seed = getattr(mcfg, "seed", 0)
     val_fraction = getattr(mcfg, "val_fraction", 0.05)
     split = pair_split(stores, val_fraction, seed, cfg.limit)
@@ -234,13 +258,16 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> Path:
 
     train, val = source(split.train), (source(split.val) if len(split.val) >= 2 else None)
     out.mkdir(parents=True, exist_ok=True)
-    meta = _run_meta(cfg, mcfg, stores, train, split)
+    meta = _run_meta(cfg, mcfg, stores, train, split) | {"data_parallel": dp.world if dp is not None else 1}
     t0 = time.perf_counter()
     history: list[dict] = []
     if isinstance(mcfg, PALConfig) and method is PAL:
-        aligner, history = _train_pal(mcfg, train, val, device, out, cfg.resume, progress, meta)
+        aligner, history = _train_pal(mcfg, train, val, device, out, cfg.resume, progress, meta, dp)
+        if dp is not None and not dp.main:  # rank 0 writes the run
+            barrier_and_close(dp)
+            return out
     else:
-        unpaired = _load_unpaired(cfg) if cfg.unpaired_shards else None
+        unpaired = _load_unpaired(cfg, stores) if cfg.unpaired_shards else None
         aligner = method.fit(train, val, mcfg, history.append, unpaired=unpaired)
     meta |= {"history": history, "wall_seconds": time.perf_counter() - t0, "complete": True}
     meta["heldout"] = heldout_metrics(aligner, val, getattr(mcfg, "seed", 0)) if val is not None else {}
@@ -249,6 +276,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> Path:
     _plot_loss(history, out / "loss.png", cfg.method)
     run_json.write_text(json.dumps(meta, indent=2))
     (out / "checkpoint.pt").unlink(missing_ok=True)
+    barrier_and_close(dp)
     return out
 
 
@@ -300,8 +328,10 @@ def _run_meta(cfg: AlignConfig, mcfg, stores: PairStores, train: PairSource, spl
     }  # fmt: skip
 
 
-def _train_pal(mcfg, train, val, device, out: Path, resume: bool, progress: bool, meta: dict):
-    trainer = Trainer(mcfg, train, val, device)
+def _train_pal(mcfg, train, val, device, out: Path, resume: bool, progress: bool, meta: dict, dp=None):
+    trainer = Trainer(mcfg, train, val, device, dp)
+    main = dp is None or dp.main
+    progress = progress and main
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         if not resume:
@@ -310,7 +340,8 @@ def _train_pal(mcfg, train, val, device, out: Path, resume: bool, progress: bool
         if state.get("config") != asdict(mcfg):
             raise PipeError(f"{ckpt}: was trained with other options; resume with the same options or a new --out")
         trainer.load_state(state)
-    (out / "run.json").write_text(json.dumps(meta, indent=2))  # complete: false until the end
+    if main:
+        (out / "run.json").write_text(json.dumps(meta, indent=2))  # complete: false until the end
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
@@ -335,16 +366,38 @@ def _train_pal(mcfg, train, val, device, out: Path, resume: bool, progress: bool
     return model, copy.deepcopy(trainer.history)
 
 
-def _load_unpaired(cfg: AlignConfig):
+def _load_unpaired(cfg: AlignConfig, paired: PairStores):
+    """Image rows and caption rows of `--unpaired-shards` (their pairing, if any, unused), from stores of the same
+    encoders (alias and layer) as the paired ones: complete, skipped images dropped, every value finite."""
     from align.base import ImageRows, TextRows
     from align.data import _stores_in
 
-    stores = _stores_in(Path(cfg.unpaired_shards))
-    img = [s for s in stores if s.layout.modality == "image"]
-    txt = [s for s in stores if s.layout.modality == "text"]
-    if not img or not txt:
-        raise PipeError(f"--unpaired-shards {cfg.unpaired_shards}: needs one image store and one text store")
-    return ImageRows(cls=img[0].rows("cls").float()), TextRows(pooled=txt[0].rows("pooled").float())
+    folder = Path(cfg.unpaired_shards)
+    stores = _stores_in(folder)
+    picked = []
+    for st in (paired.image, paired.text):
+        enc = st.layout.encoder
+        same = [s for s in stores if s.layout.modality == st.layout.modality and s.layout.encoder.get("alias")
+                == enc.get("alias") and s.layout.encoder.get("layer") == enc.get("layer")]  # fmt: skip
+        what = f"{st.layout.modality} store of {enc.get('alias')} (layer {enc.get('layer')})"
+        if not same:
+            found = ", ".join(s.path.name for s in stores) or "no stores"
+            raise PipeError(f"--unpaired-shards {folder}: no {what}, the encoder of the paired stores (found: {found})")
+        if len(same) > 1:
+            raise PipeError(f"--unpaired-shards {folder}: several {what}: "
+                            + ", ".join(s.path.name for s in same) + "; keep one per folder")  # fmt: skip
+        if not same[0].complete:
+            raise PipeError(f"{same[0].path}: store is incomplete; finish it with the same `pipe extract` command")
+        picked.append(same[0])
+    img_st, txt_st = picked
+    kept = np.flatnonzero(~img_st["skipped"][:])  # skipped images were never written (NaN fill)
+    cls, pooled = img_st.rows("cls")[torch.from_numpy(kept)].float(), txt_st.rows("pooled").float()
+    for st, name, t, row_ids in ((img_st, "cls", cls, kept), (txt_st, "pooled", pooled, np.arange(len(pooled)))):
+        bad = torch.nonzero(~torch.isfinite(t).all(1))
+        if len(bad):
+            raise PipeError(f"{st.path}: array {name!r} has non-finite values in row {int(row_ids[int(bad[0])])} "
+                            "(see `pipe verify`)")  # fmt: skip
+    return ImageRows(cls=cls), TextRows(pooled=pooled)
 
 
 def _plot_loss(history: list[dict], path: Path, method: str) -> None:

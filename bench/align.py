@@ -6,6 +6,8 @@ Writes random stores with the shapes of DINOv2-S at 224 px (256 patches x 384) a
 temp folder, then times whole training epochs of the same Trainer with the data held in memory and streamed
 (shard-aligned blocks read through a prefetch queue), after one warm-up epoch each (the one-time load into memory,
 the first-read finiteness checks of the stream). Goal: streaming within 1.15x of memory. Medians over --reps.
+Like `pipe align`, it first lets the process keep freed host memory (align.data.keep_freed_host_memory); run with
+PIPE_KEEP_FREED_MEMORY=0 to measure without.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from align.data import PairSource, find_pair_stores, pair_split  # noqa: E402
+from align.data import PairSource, find_pair_stores, keep_freed_host_memory, pair_split  # noqa: E402
 from align.pal import PALConfig  # noqa: E402
 from align.train import Trainer  # noqa: E402
 from extract.store import StoreLayout, create_store, default_rows  # noqa: E402
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the tokens live and the anchors train")
     args = ap.parse_args()
+    kept = keep_freed_host_memory()  # as `pipe align` does (PIPE_KEEP_FREED_MEMORY=0 to measure without it)
     tmp = Path(tempfile.mkdtemp(prefix="pipe-bench-align-"))
     try:
         write_stores(tmp, args.pairs, 256, 64, 384, args.shard_rows)
@@ -87,7 +90,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     m, s = statistics.median(times["memory"]), statistics.median(times["stream"])
     print(f"PAL epoch | {args.pairs} pairs | K={args.anchors} | batch {args.batch_size} | image 256x384, text 64x384"
-          f" fp16 | {args.device} | torch threads {torch.get_num_threads()} | reps {args.reps}")
+          f" fp16 | {args.device} | torch threads {torch.get_num_threads()} | reps {args.reps}"
+          f" | freed memory kept: {'yes' if kept else 'no'}")
     for name, v in (("memory", m), ("streaming", s)):
         runs = ", ".join(f"{x:.2f}" for x in times["memory" if name == "memory" else "stream"])
         print(f"{name:10s} {v:7.2f} s/epoch  {args.pairs / v:8.1f} pairs/s  (runs: {runs})")

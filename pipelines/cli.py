@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -131,6 +132,8 @@ def align(
         unpaired_shards=str(unpaired_shards) if unpaired_shards else None, params=tuple(sorted(params.items())),
     )  # fmt: skip
     run = run_align(cfg, progress=progress)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return
     meta = json.loads((run / "run.json").read_text())
     typer.echo(f"{run}: {meta['method']} trained on {meta['pairs']['train']} pairs ({meta['data_mode']}), "
                f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s")
@@ -212,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         rv = app(args=argv, standalone_mode=False)
     except PipeError as e:
         typer.echo(f"error: {e}", err=True)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a real fault, keep its traceback
+            raise
+        typer.echo(f"error: {e.filename}: {e.strerror or e}", err=True)  # e.g. --out under a file, no permission
         return 2
     except typer.Exit as e:
         return e.exit_code

@@ -146,6 +146,11 @@ def test_bad_inputs(tmp_path, world_features, capsys):
     st = open_store(next(p for p in one.glob("*.zarr") if "bert" in p.name))
     st["item"][:] = np.zeros(st.layout.count, np.int64)  # every caption describes image 0: a single pair
     assert "need at least 2" in run("--shards", str(one))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["align", "--shards", shards(world_features), "--out", str(blocker / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and str(blocker) in err, err
 
 
 def test_resume_with_other_dims_is_refused(tmp_path, world_features, monkeypatch):
@@ -190,6 +195,30 @@ def test_sotalign_reads_unpaired_stores(tmp_path, world_features, monkeypatch):
                  "--unpaired-shards", str(tmp_path / "none"), "--no-progress"]) == 2  # fmt: skip
 
 
+def test_unpaired_stores_are_checked(tmp_path, world_features, capsys):
+    import zarr
+
+    base = ["align", "--method", "sotalign", "--shards", shards(world_features), "-p", "epochs=1", "--no-progress"]
+    only_text = tmp_path / "only-text"
+    only_text.mkdir()
+    for p in (world_features / "world" / "val").glob("*bert.zarr"):
+        shutil.copytree(p, only_text / p.name)
+    assert main([*base, "--out", str(tmp_path / "a"), "--unpaired-shards", str(only_text)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no image store of" in err[0] and str(only_text) in err[0]
+    broken = tmp_path / "broken"
+    shutil.copytree(world_features / "world" / "val", broken)
+    img = next(broken.glob("*dinov2*.zarr"))
+    zarr.open_group(img, mode="r+").attrs["complete"] = False
+    assert main([*base, "--out", str(tmp_path / "b"), "--unpaired-shards", str(broken)]) == 2
+    assert "incomplete" in capsys.readouterr().err and not (tmp_path / "b" / "run.json").exists()
+    zarr.open_group(img, mode="r+").attrs["complete"] = True
+    arr = zarr.open_group(img, mode="r+")["cls"]
+    arr[3] = np.nan
+    assert main([*base, "--out", str(tmp_path / "c"), "--unpaired-shards", str(broken)]) == 2
+    assert "non-finite values in row 3" in capsys.readouterr().err
+
+
 def test_bad_pal_values_and_other_data_are_refused(tmp_path, world_features, capsys):
     base = ["align", "--shards", shards(world_features), "--no-progress"]
     for flag, value in (("--anchors", "0"), ("--batch-size", "1"), ("--tau-p", "0"), ("--epochs", "0"),
@@ -214,3 +243,44 @@ def test_eval_refuses_a_dataset_other_than_the_extracted_one(tmp_path, world_fea
     capsys.readouterr()
     assert main([*ev, "-o", "seed=5"]) == 2  # same ids, other scenes: the masks would not belong to the features
     assert "-o size=8" in capsys.readouterr().err
+
+
+
+_MAPPED = """
+import ctypes
+import numpy as np
+from align.data import keep_freed_host_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+                                               "fordblks keepcost").split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+applied = keep_freed_host_memory()
+a = np.ones(64 << 20, np.uint8)  # 64 MB: above glibc's largest default mmap threshold (32 MB)
+mapped = libc.mallinfo2().hblkhd  # bytes in blocks that are their own mapping
+del a
+kept_free = libc.mallinfo2().fordblks  # freed bytes the heap keeps for reuse
+print(applied, mapped, kept_free)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt / mallinfo2 are glibc's")
+def test_large_host_blocks_come_from_the_heap_and_stay_for_reuse():
+    import os
+    import subprocess
+    import sys
+
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", _MAPPED], env={**os.environ, **env}, capture_output=True,
+                             text=True, check=True).stdout.split()  # fmt: skip
+        return out[0] == "True", int(out[1]), int(out[2])
+
+    size = 64 << 20
+    kept, mapped_kept, free_kept = run()
+    off, mapped_off, free_off = run(PIPE_KEEP_FREED_MEMORY="0")
+    user, _, _ = run(MALLOC_TRIM_THRESHOLD_="131072")  # the user's own malloc settings win
+    assert kept and not off and not user
+    assert mapped_off >= size and free_off < size  # glibc default: its own mapping, unmapped when freed
+    assert mapped_kept < size and free_kept >= size  # kept: from the heap, and still there after the free

@@ -327,3 +327,9 @@ def test_report_table(env, capsys, tmp_path):
     assert main(["report", str(runs["a"])]) == 0
     assert (runs["a"].parent / "report.md").is_file() and (runs["a"].parent / "report.csv").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    capsys.readouterr()
+    assert main(["report", str(runs["a"]), "--out", str(blocker / "cmp.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and str(blocker) in err
