@@ -203,14 +203,67 @@ class _BlockedProfiles(torch.autograd.Function):
 
 
 def triton_usable(tokens: Tensor, anchors: Tensor) -> bool:
-    """The Triton path takes CUDA tensors of 16/32-bit floats when triton imports; float64 stays on torch."""
+    """The Triton path takes CUDA tensors of 16/32-bit floats when triton imports and the kernels pass their
+    first-use self-test on this device and dtype (`triton_self_test`); float64 stays on torch."""
     if not (tokens.is_cuda and anchors.is_cuda):
         return False
     if torch.float64 in (tokens.dtype, anchors.dtype):
         return False
     from . import kernel_triton
 
-    return kernel_triton.AVAILABLE
+    return kernel_triton.AVAILABLE and triton_self_test(tokens.device, tokens.dtype)
+
+
+_SELF_TESTS: dict[tuple, bool] = {}
+
+
+def triton_self_test(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Run the Triton kernels once per (device, dtype, tf32 setting) on a small input, forward and backward, against
+    the float64 reference; True when they agree. A Triton error (a kernel that does not compile or does not fit this
+    GPU's shared memory) or a mismatch gives a warning and False, and `anchor_profiles` then uses the blocked PyTorch
+    path on that device: a GPU the kernels were never tuned on still trains, just slower. Any other error is a bug
+    and propagates.
+    """
+    key = (str(device), dtype, torch.backends.cuda.matmul.allow_tf32)
+    if key in _SELF_TESTS:
+        return _SELF_TESTS[key]
+    from . import kernel_triton
+
+    g = torch.Generator().manual_seed(0)
+    # sizes off the tiles (T 70, D 72, K 130): tails in every dimension; a half-masked and an empty row
+    tokens = torch.randn(3, 70, 72, generator=g).to(device=device, dtype=dtype)
+    anchors = torch.randn(130, 72, generator=g).to(device)
+    mask = torch.ones(3, 70, dtype=torch.bool)
+    mask[1, 35:] = False
+    mask[2] = False
+    mask = mask.to(device)
+    why = ""
+    with torch.enable_grad():
+        z, a = tokens.clone().requires_grad_(), anchors.clone().requires_grad_()
+        try:
+            p = kernel_triton.anchor_profiles_triton(z, mask, a, 0.1)
+            got = (p, *torch.autograd.grad(p.square().sum(), (z, a)))
+        except Exception as e:  # noqa: BLE001 - only Triton's own errors are caught, see below
+            if type(e).__module__.split(".")[0] != "triton":
+                raise
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if not why:
+            z64, a64 = tokens.double().requires_grad_(), anchors.double().requires_grad_()
+            p64 = anchor_profiles_reference(z64, mask, a64, 0.1)
+            want = (p64, *torch.autograd.grad(p64.square().sum(), (z64, a64)))
+            for name, x, y in zip(("profiles", "token gradient", "anchor gradient"), got, want):
+                err = (x.double() - y).abs().max().item()
+                if not err <= 2e-2 * max(1.0, y.abs().max().item()):  # catches wrong results, not rounding
+                    why = f"{name} differ from the reference by {err:.3g}"
+                    break
+    ok = not why
+    if not ok:
+        import warnings
+
+        warnings.warn(f"Triton profile kernel unusable for {dtype} on {device} ({why}); using the blocked PyTorch "
+                      "path there (correct, slower)", RuntimeWarning, stacklevel=2)  # fmt: skip
+    _SELF_TESTS[key] = ok
+    return ok
 
 
 def anchor_profiles(tokens: Tensor, mask: Tensor, anchors: Tensor, tau_p: float, *, block_t: int | None = None,

@@ -257,6 +257,53 @@ def test_triton_interp_matches_reference(dtype, tol, monkeypatch):
 
     monkeypatch.setattr(kernel_triton, "BWD_CHUNK_ELEMS", 2 * 70 * 150)  # 2 rows per backward chunk: 2 chunks
     _check_triton(dtype, tol, "cpu")
+    monkeypatch.setattr(kernel, "_SELF_TESTS", {})
+    assert kernel.triton_self_test("cpu", dtype)  # the first-use check passes on kernels that are right
+
+
+class _FakeTritonError(Exception):
+    pass
+
+
+_FakeTritonError.__module__ = "triton.runtime.errors"  # what Triton's OutOfResources / CompilationError look like
+
+
+@pytest.mark.parametrize("failure", ["triton-error", "wrong-values"])
+def test_triton_self_test_falls_back_and_warns(monkeypatch, failure):
+    from align import kernel_triton
+
+    def broken(tokens, mask, anchors, tau_p):
+        if failure == "triton-error":
+            raise _FakeTritonError("out of resource: shared memory, Required: 147456, Hardware limit: 101376")
+        return anchor_profiles_reference(tokens, mask, anchors, tau_p) + 0.5 * (anchors.sum() * 0 + 1)
+
+    calls = []
+    monkeypatch.setattr(kernel, "_SELF_TESTS", {})
+    monkeypatch.setattr(kernel_triton, "anchor_profiles_triton", lambda *a: calls.append(1) or broken(*a))
+    with pytest.warns(RuntimeWarning, match="blocked PyTorch path"):
+        assert kernel.triton_self_test("cpu", torch.float16) is False
+    assert kernel.triton_self_test("cpu", torch.float16) is False and len(calls) == 1  # once per device and dtype
+
+
+def test_triton_self_test_passes_other_errors_through(monkeypatch):
+    from align import kernel_triton
+
+    def bug(*args):
+        raise IndexError("a bug in the wrapper, not a GPU limit")
+
+    monkeypatch.setattr(kernel, "_SELF_TESTS", {})
+    monkeypatch.setattr(kernel_triton, "anchor_profiles_triton", bug)
+    with pytest.raises(IndexError):
+        kernel.triton_self_test("cpu", torch.float32)
+
+
+def test_triton_self_test_accepts_a_correct_kernel(monkeypatch):
+    from align import kernel_triton
+
+    monkeypatch.setattr(kernel, "_SELF_TESTS", {})
+    monkeypatch.setattr(kernel_triton, "anchor_profiles_triton",
+                        lambda t, m, a, tau: anchor_profiles(t, m, a, tau, backend="torch"))  # fmt: skip
+    assert kernel.triton_self_test("cpu", torch.bfloat16)
 
 
 @pytest.mark.skipif(INTERPRET or not _has_triton(), reason="needs triton; already inside the interpreter run")
