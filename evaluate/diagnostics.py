@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from align.base import l2n
-from evaluate.loading import EvalContext, embed_images, embed_texts, row_blocks, text_rows
+from evaluate.loading import EvalContext, embed_texts, image_rows, row_blocks, text_rows
 from extract.errors import PipeError
 
 TOP = 5
@@ -57,18 +57,21 @@ def topk_dice(a: Tensor, b: Tensor, k: int) -> Tensor:
 
 
 @torch.no_grad()
-def image_usage(ctx: EvalContext, k: int, keep: np.ndarray) -> np.ndarray:
-    img, counts = ctx.image, torch.zeros(k, dtype=torch.long)
+def image_pass(ctx: EvalContext, k: int, keep: np.ndarray) -> tuple[np.ndarray, Tensor]:
+    """One read of the patch store: per-anchor argmax counts over the kept images' patches, and every row's profile
+    h [N, K] on the CPU (skipped rows included; callers drop them)."""
+    img, counts, profiles = ctx.image, torch.zeros(k, dtype=torch.long), []
     for start, stop in row_blocks(img):
+        rows = image_rows(img, start, stop, True, ctx.cfg.device)
+        profiles.append(ctx.aligner.image_global(rows).float().cpu())
         sel = torch.from_numpy(keep[start:stop])
         if not sel.any():
             continue
-        dense = ctx.aligner.image_dense(img.rows("patches", start, stop).float().to(ctx.cfg.device))
-        dense = dense[sel.to(dense.device)]
+        dense = ctx.aligner.image_dense(rows.patches.float())[sel.to(rows.patches.device)]
         if dense.shape[-1] != k:
             raise PipeError(f"method {ctx.aligner.name!r}: image_dense gives {dense.shape[-1]} dims, not K={k}")
         counts += torch.bincount(dense.argmax(dim=-1).flatten().cpu(), minlength=k)
-    return counts.numpy()
+    return counts.numpy(), torch.cat(profiles)
 
 
 @torch.no_grad()
@@ -116,7 +119,7 @@ def run_diagnostics(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     if not keep.any():
         raise PipeError(f"{ctx.image.path}: every image was skipped; nothing to diagnose")
     out: dict[str, Any] = {"anchors": k}
-    img_counts = image_usage(ctx, k, keep)
+    img_counts, h_img = image_pass(ctx, k, keep)
     out |= usage_stats(img_counts, "image")
     txt_counts = text_usage(ctx, txt_anchors) if txt_anchors is not None else None
     if txt_counts is not None:
@@ -126,7 +129,6 @@ def run_diagnostics(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     if len(item) and (item.min() < 0 or item.max() >= len(keep)):
         raise PipeError(f"{ctx.text.path}: caption links outside the {len(keep)} images of {ctx.image.path}")
     images, matched, mismatched = pick_pairs(item, keep, ctx.cfg.seed)
-    h_img = embed_images(ctx.aligner, ctx.image, ctx.cfg.device)
     h_txt = embed_texts(ctx.aligner, ctx.text, ctx.cfg.device)
     if h_img.shape[1] != k or h_txt.shape[1] != k:
         raise PipeError(f"method {ctx.aligner.name!r}: profiles have {h_img.shape[1]}/{h_txt.shape[1]} dims, not {k}")
