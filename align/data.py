@@ -55,9 +55,8 @@ def find_pair_stores(
             raise PipeError(f"--shards {folder}: several {modality} stores ({names}); choose one with {opt}")
         picked[modality] = cands[0]
     image, text = picked["image"], picked["text"]
-    for st in (image, text):
-        if not st.complete:
-            raise PipeError(f"{st.path}: store is incomplete; finish it with the same `pipe extract` command")
+    image.require_complete()
+    text.require_complete()
     if (image.layout.dataset, image.layout.split) != (text.layout.dataset, text.layout.split):
         raise PipeError(f"{image.path} is {image.layout.dataset}/{image.layout.split} but {text.path} is "
                         f"{text.layout.dataset}/{text.layout.split}: stores of one dataset split are needed")
@@ -212,8 +211,9 @@ class PairSource:
             order = rng.permutation(len(self.rows)) if shuffle else np.arange(len(self.rows))
             chosen = self.choose_captions(self.rows, epoch, seed)
             for b0 in range(0, len(order), batch_size):
-                lo, hi, sizes = part_bounds(len(order[b0 : b0 + batch_size]), part)
-                idx = order[b0 : b0 + batch_size][lo:hi]
+                whole = order[b0 : b0 + batch_size]
+                lo, hi, sizes = part_bounds(len(whole), part)
+                idx = whole[lo:hi]
                 ti = torch.as_tensor([cap_pos[int(c)] for c in chosen[idx]], device=img.cls.device)
                 ii = torch.as_tensor(idx, device=img.cls.device)
                 yield Batch(_index_img(img, ii), _index_txt(txt, ti), self.rows[idx], sizes)
@@ -245,8 +245,9 @@ class PairSource:
         for rows, (img, txt) in prefetch(read_blocks(), depth=1):
             order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
             for b0 in range(0, len(order), batch_size):
-                lo, hi, sizes = part_bounds(len(order[b0 : b0 + batch_size]), part)
-                sel = order[b0 : b0 + batch_size][lo:hi]
+                whole = order[b0 : b0 + batch_size]
+                lo, hi, sizes = part_bounds(len(whole), part)
+                sel = whole[lo:hi]
                 ii = torch.as_tensor(sel, device=img.cls.device)
                 yield Batch(_index_img(img, ii), _index_txt(txt, ii), rows[sel], sizes)
 

@@ -386,8 +386,7 @@ def _load_unpaired(cfg: AlignConfig, paired: PairStores):
         if len(same) > 1:
             raise PipeError(f"--unpaired-shards {folder}: several {what}: "
                             + ", ".join(s.path.name for s in same) + "; keep one per folder")  # fmt: skip
-        if not same[0].complete:
-            raise PipeError(f"{same[0].path}: store is incomplete; finish it with the same `pipe extract` command")
+        same[0].require_complete()
         picked.append(same[0])
     img_st, txt_st = picked
     kept = np.flatnonzero(~img_st["skipped"][:])  # skipped images were never written (NaN fill)

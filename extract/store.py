@@ -128,6 +128,12 @@ class FeatureStore:
     def complete(self) -> bool:
         return bool(self.group.attrs.get("complete", False))
 
+    def require_complete(self) -> None:
+        """One-line error unless every shard was written and the store was finalized."""
+        if not self.complete:
+            raise PipeError(f"{self.path}: store is incomplete (extraction was interrupted?); re-run the same "
+                            "`pipe extract`")  # fmt: skip
+
     def to_dask(self, name: str):
         """Lazy dask view with one block per shard (dask would otherwise default to the small inner chunks)."""
         import dask.array as da
@@ -321,13 +327,14 @@ def open_store(
         layout = StoreLayout.from_attrs(attrs)
     except TypeError as e:
         raise PipeError(f"{path}: attributes do not describe a {SCHEMA} store ({e})") from None
-    if require_complete and not attrs.get("complete", False):
-        raise PipeError(f"{path}: store is incomplete (extraction was interrupted?); re-run the same `pipe extract`")
+    store = FeatureStore(path=path, group=group, layout=layout, attrs=attrs)
+    if require_complete:
+        store.require_complete()
     if modality and layout.modality != modality:
         raise PipeError(f"{path}: is a {layout.modality} store, expected {modality}")
     if encoder and layout.encoder.get("alias") != encoder:
         raise PipeError(f"{path}: was written by encoder {layout.encoder.get('alias')!r}, not {encoder!r}")
-    return FeatureStore(path=path, group=group, layout=layout, attrs=attrs)
+    return store
 
 
 def read_json_attrs(path: str | Path) -> dict[str, Any]:
