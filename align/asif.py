@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from align.base import ImageRows, TextRows, l2n, register_method
-from align.procrustes import BaselineAligner, BaselineConfig, gather_pairs, image_input, text_input
-from extract.errors import PipeError
+from pipe_align.align.base import ImageRows, TextRows, l2n, register_method
+from pipe_align.align.procrustes import BaselineAligner, BaselineConfig, gather_pairs, image_input, text_input
+from pipe_align.extract.errors import PipeError
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 METHODS: dict[str, type[Aligner]] = {}
 
@@ -124,7 +124,7 @@ def register_method(name: str) -> Callable[[type[Aligner]], type[Aligner]]:
 
 
 def get_method(name: str) -> type[Aligner]:
-    import align.methods  # noqa: F401 - importing fills the registry
+    import pipe_align.align.methods  # noqa: F401 - importing fills the registry
 
     if name not in METHODS:
         raise PipeError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")

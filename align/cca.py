@@ -23,9 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from align.base import ImageRows, TextRows, l2n, register_method
-from align.procrustes import BaselineAligner, BaselineConfig, gather_pairs, image_input, linear_embed, text_input
-from extract.errors import PipeError
+from pipe_align.align.base import ImageRows, TextRows, l2n, register_method
+from pipe_align.align.procrustes import (
+    BaselineAligner,
+    BaselineConfig,
+    gather_pairs,
+    image_input,
+    linear_embed,
+    text_input,
+)
+from pipe_align.extract.errors import PipeError
 
 DEFAULT_RANK_CAP = 256
 

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.base import ImageRows, TextRows, l2n, register_method
-from align.procrustes import BaselineAligner, BaselineConfig, image_input, text_input
-from extract.errors import PipeError
+from pipe_align.align.base import ImageRows, TextRows, l2n, register_method
+from pipe_align.align.procrustes import BaselineAligner, BaselineConfig, image_input, text_input
+from pipe_align.extract.errors import PipeError
 
 POOLS = ("global", "token")
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.base import ImageRows, TextRows
-from extract.errors import PipeError
-from extract.runner import prefetch
-from extract.store import FeatureStore, open_store
+from pipe_align.align.base import ImageRows, TextRows
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.runner import prefetch
+from pipe_align.extract.store import FeatureStore, open_store
 
 
 @dataclass

@@ -2,7 +2,7 @@
 the InfoNCE of the whole batch, and the anchor gradients are summed over ranks, so N ranks train the same anchors as
 one process on the same global batch (up to floating-point summation order).
 
-    torchrun --nproc_per_node 4 -m pipelines.cli align --shards ... --out RUN
+    torchrun --nproc_per_node 4 -m pipe_align.pipelines.cli align --shards ... --out RUN
 
 Every rank walks the same seeded epoch order and takes its slice of each batch (`align.data.part_bounds`); the
 profiles are all-gathered (the local slice keeps its autograd graph, the others are constants), every rank computes

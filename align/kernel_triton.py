@@ -1,4 +1,4 @@
-"""Triton path of `align.kernel.anchor_profiles` (CUDA; CPU tensors only under TRITON_INTERPRET=1).
+"""Triton path of `pipe_align.align.kernel.anchor_profiles` (CUDA; CPU tensors only under TRITON_INTERPRET=1).
 
 Forward: one program per (row b, tile of BLOCK_K anchors) walks the tokens in BLOCK_T tiles; each tile is a
 token-anchor GEMM over D in BLOCK_D slices (the tokens' squared norms are summed in the same loop, so tokens are

@@ -2,7 +2,7 @@
 
 Each token is represented by its cosine similarities to K anchors of its own modality; per anchor, a softmax over
 tokens (temperature tau_p) pools those similarities into a K-dim profile; image and text profiles, L2-normalised,
-meet in a symmetric InfoNCE at temperature tau. The profile computation is `align.kernel.anchor_profiles`.
+meet in a symmetric InfoNCE at temperature tau. The profile computation is `pipe_align.align.kernel.anchor_profiles`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from align.base import Aligner, ImageRows, MethodConfig, TextRows, l2n, register_method
-from align.kernel import anchor_profiles
+from pipe_align.align.base import Aligner, ImageRows, MethodConfig, TextRows, l2n, register_method
+from pipe_align.align.kernel import anchor_profiles
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class PAL(Aligner):
     @classmethod
     def fit(cls, train, val, config: PALConfig, log: Callable[[dict], None], unpaired=None) -> PAL:
         """Plain in-process training (no checkpoints); `align.train` drives resumable runs through `Trainer`."""
-        from align.train import Trainer
+        from pipe_align.align.train import Trainer
 
         trainer = Trainer(config, train, val, device=str(train.device))
         return trainer.run(log=log)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from align.base import Aligner, ImageRows, MethodConfig, TextRows, l2n, register_method
-from extract.errors import PipeError
+from pipe_align.align.base import Aligner, ImageRows, MethodConfig, TextRows, l2n, register_method
+from pipe_align.extract.errors import PipeError
 
 IMAGE_FEATURES = ("cls", "mean")
 

@@ -33,11 +33,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from align.base import ImageRows, TextRows, l2n, register_method
-from align.cca import cca_fit
-from align.contrastive import info_nce
-from align.procrustes import BaselineAligner, BaselineConfig, gather_pairs, image_input, procrustes_fit, text_input
-from extract.errors import PipeError
+from pipe_align.align.base import ImageRows, TextRows, l2n, register_method
+from pipe_align.align.cca import cca_fit
+from pipe_align.align.contrastive import info_nce
+from pipe_align.align.procrustes import (
+    BaselineAligner,
+    BaselineConfig,
+    gather_pairs,
+    image_input,
+    procrustes_fit,
+    text_input,
+)
+from pipe_align.extract.errors import PipeError
 
 TEACHERS = ("procrustes", "cca")
 

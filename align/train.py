@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from align.base import MethodConfig, get_method, l2n
-from align.data import (
+from pipe_align.align.base import MethodConfig, get_method, l2n
+from pipe_align.align.data import (
     PairSource,
     PairStores,
     find_pair_stores,
@@ -29,10 +29,17 @@ from align.data import (
     pair_split,
     store_fingerprint,
 )
-from align.ddp import DataParallel, barrier_and_close, gather_rows, init_from_env, launched_world, sum_gradients
-from align.pal import PAL, PALConfig, cosine_lr, image_token_view, info_nce
-from extract.errors import PipeError
-from extract.runner import resolve_device
+from pipe_align.align.ddp import (
+    DataParallel,
+    barrier_and_close,
+    gather_rows,
+    init_from_env,
+    launched_world,
+    sum_gradients,
+)
+from pipe_align.align.pal import PAL, PALConfig, cosine_lr, image_token_view, info_nce
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.runner import resolve_device
 
 
 class NaNLoss(PipeError):
@@ -64,7 +71,7 @@ class Trainer:
     # -- one epoch ------------------------------------------------------------------------------------------------
     def loss(self, batch, img_a, txt_a) -> torch.Tensor:
         tokens, mask = image_token_view(batch.image, self.cfg.use_cls)
-        from align.kernel import anchor_profiles
+        from pipe_align.align.kernel import anchor_profiles
 
         h_img = l2n(anchor_profiles(tokens, mask, img_a, self.cfg.tau_p))
         h_txt = l2n(anchor_profiles(batch.text.tokens, batch.text.mask(), txt_a, self.cfg.tau_p))
@@ -104,14 +111,14 @@ class Trainer:
     def val_metrics(self) -> dict[str, float]:
         if self.val is None or len(self.val) < 2:
             return {}
-        from evaluate.metrics import retrieval_metrics
+        from pipe_align.align.retrieval import retrieval_metrics
 
         losses, n, h_i, h_t = 0.0, 0, [], []
         for batch in self.val.batches(0, self.cfg.batch_size, self.cfg.seed, shuffle=False):
             if len(batch.rows) < 2:
                 continue
             tokens, mask = image_token_view(batch.image, self.cfg.use_cls)
-            from align.kernel import anchor_profiles
+            from pipe_align.align.kernel import anchor_profiles
 
             hi = l2n(anchor_profiles(tokens, mask, self.img_a, self.cfg.tau_p))
             ht = l2n(anchor_profiles(batch.text.tokens, batch.text.mask(), self.txt_a, self.cfg.tau_p))
@@ -284,7 +291,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> Path:
 def heldout_metrics(aligner, val: PairSource, seed: int) -> dict[str, float]:
     """Retrieval R@1/R@5 on the held-out pairs (one caption per image), the same for every method: what a user (and
     the demo) can select hyper-parameters on without touching an evaluation split."""
-    from evaluate.metrics import retrieval_metrics
+    from pipe_align.align.retrieval import retrieval_metrics
 
     h_i, h_t = [], []
     for batch in val.batches(0, 1024, seed, shuffle=False):
@@ -369,8 +376,8 @@ def _train_pal(mcfg, train, val, device, out: Path, resume: bool, progress: bool
 def _load_unpaired(cfg: AlignConfig, paired: PairStores):
     """Image rows and caption rows of `--unpaired-shards` (their pairing, if any, unused), from stores of the same
     encoders (alias and layer) as the paired ones: complete, skipped images dropped, every value finite."""
-    from align.base import ImageRows, TextRows
-    from align.data import _stores_in
+    from pipe_align.align.base import ImageRows, TextRows
+    from pipe_align.align.data import _stores_in
 
     folder = Path(cfg.unpaired_shards)
     stores = _stores_in(folder)

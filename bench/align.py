@@ -12,26 +12,20 @@ PIPE_KEEP_FREED_MEMORY=0 to measure without.
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-# This file is named like the `align` package: keep its own folder off the import path when run as a script.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from align.data import PairSource, find_pair_stores, keep_freed_host_memory, pair_split  # noqa: E402
-from align.pal import PALConfig  # noqa: E402
-from align.train import Trainer  # noqa: E402
-from extract.store import StoreLayout, create_store, default_rows  # noqa: E402
+from pipe_align.align.data import PairSource, find_pair_stores, keep_freed_host_memory, pair_split
+from pipe_align.align.pal import PALConfig
+from pipe_align.align.train import Trainer
+from pipe_align.extract.store import StoreLayout, create_store, default_rows
 
 
 def write_stores(root: Path, n: int, p: int, l_text: int, d: int, shard_rows: int) -> None:

@@ -11,20 +11,17 @@ first epoch (the one-time load) from each run.json, the ratio, and the largest a
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
 import os
+import shutil
+import socket
+import statistics
+import subprocess
 import sys
-
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+from pathlib import Path
 
 
 def _write_stores(root: Path, pairs: int) -> None:
@@ -56,14 +53,15 @@ def main() -> None:
         _write_stores(tmp / "stores", args.pairs)
         common = ["align", "--shards", str(tmp / "stores"), *opts]
         one_env = {**os.environ, "OMP_NUM_THREADS": str(cores)}
-        subprocess.run([sys.executable, "-m", "pipelines.cli", *common, "--out", str(tmp / "one")], cwd=root,
+        subprocess.run([sys.executable, "-m", "pipe_align.pipelines.cli", *common, "--out", str(tmp / "one")], cwd=root,
                        env=one_env, check=True)  # fmt: skip
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         per_rank = str(max(1, cores // args.ranks)) if args.device == "cpu" else os.environ.get("OMP_NUM_THREADS", "1")
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks),
-                        "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "pipelines.cli", *common,
+                        "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "pipe_align.pipelines.cli",
+                        *common,
                         "--out", str(tmp / "ddp")], cwd=root, env={**os.environ, "OMP_NUM_THREADS": per_rank},
                        check=True)  # fmt: skip
         from safetensors.torch import load_file

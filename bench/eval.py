@@ -32,25 +32,22 @@ average is printed before and after.
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
+import json
 import os
+import resource
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# bench/ holds align.py and extract.py, named like the packages: keep this folder off the import path.
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-
-import argparse  # noqa: E402
-import importlib.metadata  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
 
 ROOT = Path(HERE).parent
 D, GRID, TEXT_LEN, ANCHORS, TEMPLATES = 384, (16, 16), 64, 512, 4
@@ -84,7 +81,7 @@ def world_options(images: int, mask_size: int) -> dict[str, int]:
 
 
 def write_store(path: Path, layout, arrays_for_shard, rng) -> None:
-    from extract.store import create_store
+    from pipe_align.extract.store import create_store
 
     st = create_store(path, layout)
     for s in range(layout.num_shards):
@@ -95,10 +92,10 @@ def write_store(path: Path, layout, arrays_for_shard, rng) -> None:
 
 def build(base: Path, images: int, mask_size: int) -> dict:
     """Image store, class-prompt store and PAL run dir under `base`; returns paths and sizes."""
-    from align.pal import PAL, PALConfig
-    from extract.datasets import get_dataset
-    from extract.datasets.base import CLIP_TEMPLATES
-    from extract.store import StoreLayout, default_rows, store_path
+    from pipe_align.align.pal import PAL, PALConfig
+    from pipe_align.extract.datasets import get_dataset
+    from pipe_align.extract.datasets.base import CLIP_TEMPLATES
+    from pipe_align.extract.store import StoreLayout, default_rows, store_path
 
     ds = get_dataset("world", None, "val", **world_options(images, mask_size))
     recs = ds.images()
@@ -148,8 +145,8 @@ def build(base: Path, images: int, mask_size: int) -> dict:
             "dataset": "world", "split": "train", "tokens": {"image": "patches"}}  # fmt: skip
     (run / "run.json").write_text(json.dumps(meta))
     disk = sum(f.stat().st_size for f in image_path.rglob("*") if f.is_file())
-    from evaluate.loading import row_blocks
-    from extract.store import open_store
+    from pipe_align.evaluate.loading import row_blocks
+    from pipe_align.extract.store import open_store
 
     blocks = list(row_blocks(open_store(image_path)))
     return {"features": str(features), "run": str(run), "rows": n, "disk": disk, "raw16": n * p * D * 2,
@@ -163,9 +160,9 @@ def build(base: Path, images: int, mask_size: int) -> dict:
 def seg_worker(args: argparse.Namespace) -> dict:
     import torch  # noqa: F401 - imported before the baseline RSS, as are the eval modules
 
-    import evaluate.segmentation  # noqa: F401
-    import evaluate.tasks  # noqa: F401
-    from pipelines.cli import main
+    import pipe_align.evaluate.segmentation  # noqa: F401
+    import pipe_align.evaluate.tasks  # noqa: F401
+    from pipe_align.pipelines.cli import main
 
     opts = [x for k, v in world_options(args.images, args.mask_size).items() for x in ("-o", f"{k}={v}")]
     argv = ["eval", "segmentation", "--dataset", "world", "--split", "val", "--features", args.features,
@@ -182,7 +179,7 @@ def seg_worker(args: argparse.Namespace) -> dict:
 
 
 def masks_worker(args: argparse.Namespace) -> dict:
-    from extract.datasets import get_dataset
+    from pipe_align.extract.datasets import get_dataset
 
     rss0 = maxrss_bytes()
     t0 = time.perf_counter()

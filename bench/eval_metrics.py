@@ -81,7 +81,7 @@ def clipbench64(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, batch: 
 
 def worker(method: str, args: argparse.Namespace) -> None:
     """Run one method --repeats times in this (fresh) process; print one JSON line."""
-    from evaluate.metrics import retrieval_metrics
+    from pipe_align.evaluate.metrics import retrieval_metrics
 
     img, txt, t2i = make_data(args.images, args.per_image, args.dim)
     rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

@@ -10,24 +10,18 @@ their ratio (goal >= 0.85), and bytes on disk per row against raw fp16 size.
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-# This file is named like the `extract` package: keep its own folder off the import path when run as a script.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
 
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from extract.datasets import get_dataset  # noqa: E402
-from extract.runner import ExtractConfig, _encoder, run_extract  # noqa: E402
-from extract.store import open_store  # noqa: E402
+from pipe_align.extract.datasets import get_dataset
+from pipe_align.extract.runner import ExtractConfig, _encoder, run_extract
+from pipe_align.extract.store import open_store
 
 
 def main() -> None:

@@ -21,13 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from align.kernel import anchor_profiles, anchor_profiles_reference, default_block_t  # noqa: E402
+from pipe_align.align.kernel import anchor_profiles, anchor_profiles_reference, default_block_t
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

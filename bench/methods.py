@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipelines.demo import DemoConfig, run_demo
+from pipe_align.pipelines.demo import DemoConfig, run_demo
 
 COLUMNS = [
     ("acc1", "classification-world-val.json", "acc1"),

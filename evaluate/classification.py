@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluate.loading import EvalContext, class_weights, image_rows, is_background, row_blocks
-from evaluate.metrics import classification_metrics
-from extract.errors import PipeError
+from pipe_align.evaluate.loading import EvalContext, class_weights, image_rows, is_background, row_blocks
+from pipe_align.evaluate.metrics import classification_metrics
+from pipe_align.extract.errors import PipeError
 
 
 @torch.no_grad()

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from align.base import l2n
-from evaluate.loading import EvalContext, embed_texts, image_rows, row_blocks, text_rows
-from extract.errors import PipeError
+from pipe_align.align.base import l2n
+from pipe_align.evaluate.loading import EvalContext, embed_texts, image_rows, row_blocks, text_rows
+from pipe_align.extract.errors import PipeError
 
 TOP = 5
 MAPS_PER_IMAGE = 3

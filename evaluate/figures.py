@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from extract.datasets.base import voc_palette
+from pipe_align.extract.datasets.base import voc_palette
 
 PALETTE = np.array(voc_palette(), dtype=np.float64).reshape(256, 3) / 255.0
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from align.base import Aligner, ImageRows, TextRows, load_aligner
-from evaluate.metrics import zero_shot_classifier
-from extract.errors import PipeError
-from extract.store import FeatureStore, open_store, read_json_attrs, store_path
+from pipe_align.align.base import Aligner, ImageRows, TextRows, load_aligner
+from pipe_align.evaluate.metrics import zero_shot_classifier
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.store import FeatureStore, open_store, read_json_attrs, store_path
 
 TASKS = ("classification", "retrieval", "segmentation", "diagnostics")
 PROTOCOLS = ("pal", "standard")
@@ -297,7 +297,7 @@ def class_weights(ctx: EvalContext) -> tuple[Tensor, list[str]]:
 
 
 def open_dataset(cfg: EvalConfig):
-    from extract.datasets import get_dataset
+    from pipe_align.extract.datasets import get_dataset
 
     return get_dataset(cfg.dataset, cfg.root, cfg.split, **dict(cfg.options))
 

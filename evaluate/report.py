@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 TASK_ORDER = ("classification", "retrieval", "segmentation", "diagnostics")
 # (result key, column label) per task: the numbers people compare across methods

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evaluate.loading import EvalContext, embed_images, embed_texts
-from evaluate.metrics import blocked_topk, retrieval_metrics
-from extract.errors import PipeError
+from pipe_align.evaluate.loading import EvalContext, embed_images, embed_texts
+from pipe_align.evaluate.metrics import blocked_topk, retrieval_metrics
+from pipe_align.extract.errors import PipeError
 
 
 def retrieval_inputs(ctx: EvalContext) -> tuple[Tensor, Tensor, Tensor, np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evaluate.loading import (
+from pipe_align.evaluate.loading import (
     EvalContext,
     check_origin,
     class_weights,
@@ -35,8 +35,8 @@ from evaluate.loading import (
     open_dataset,
     row_blocks,
 )
-from evaluate.metrics import ConfusionMatrix
-from extract.errors import PipeError
+from pipe_align.evaluate.metrics import ConfusionMatrix
+from pipe_align.extract.errors import PipeError
 
 IGNORE = 255
 CLASS_CHUNK = 32  # classes upsampled at once (ADE20K: 150 maps of a 512x683 mask would be 210 MB at once)

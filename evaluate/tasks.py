@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from evaluate import figures
-from evaluate.loading import (
+from pipe_align.evaluate import figures
+from pipe_align.evaluate.loading import (
     EvalConfig,
     EvalContext,
     dataset_rows,
@@ -23,7 +23,7 @@ from evaluate.loading import (
     result_path,
     write_result,
 )
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 TEXT_KIND = {"classification": "prompts", "retrieval": "captions", "segmentation": "prompts", "diagnostics": "captions"}
 PROTOCOL_NOTES = {
@@ -58,19 +58,19 @@ def run_eval(cfg: EvalConfig, skip_existing: bool = False) -> EvalOutcome:
     ctx = load_context(cfg, TEXT_KIND.get(cfg.task))
     outcome = EvalOutcome(path)
     if cfg.task == "classification":
-        from evaluate.classification import run_classification
+        from pipe_align.evaluate.classification import run_classification
 
         metrics, extras = run_classification(ctx), None
     elif cfg.task == "retrieval":
-        from evaluate.retrieval import run_retrieval
+        from pipe_align.evaluate.retrieval import run_retrieval
 
         metrics, extras = run_retrieval(ctx)
     elif cfg.task == "segmentation":
-        from evaluate.segmentation import run_segmentation
+        from pipe_align.evaluate.segmentation import run_segmentation
 
         metrics, extras = run_segmentation(ctx)
     else:
-        from evaluate.diagnostics import run_diagnostics
+        from pipe_align.evaluate.diagnostics import run_diagnostics
 
         metrics, extras = run_diagnostics(ctx)
     result: dict[str, Any] = {"task": cfg.task, "dataset": cfg.dataset, "split": cfg.split}

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 
-from extract.errors import PipeError
-from extract.runner import ExtractConfig, ShardResult, default_threads, extract_shards, plan
-from extract.store import open_store
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.runner import ExtractConfig, ShardResult, default_threads, extract_shards, plan
+from pipe_align.extract.store import open_store
 
 
 @lru_cache(maxsize=2)

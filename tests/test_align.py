@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from align.base import load_aligner
-from align.data import PairSource, find_pair_stores, pair_split
-from align.train import AlignConfig, Trainer, run_align
-from extract.store import open_store
-from pipelines.cli import main
+from pipe_align.align.base import load_aligner
+from pipe_align.align.data import PairSource, find_pair_stores, pair_split
+from pipe_align.align.train import AlignConfig, Trainer, run_align
+from pipe_align.extract.store import open_store
+from pipe_align.pipelines.cli import main
 
 FAST = (("anchors", 16), ("batch_size", 8), ("epochs", 4), ("tau_p", 0.1), ("val_fraction", 0.25))
 
@@ -173,7 +173,7 @@ def test_resume_with_other_dims_is_refused(tmp_path, world_features, monkeypatch
 
 
 def test_sotalign_reads_unpaired_stores(tmp_path, world_features, monkeypatch):
-    from align.sotalign import SOTAlign
+    from pipe_align.align.sotalign import SOTAlign
 
     seen = {}
     original = SOTAlign.fit.__func__
@@ -249,7 +249,7 @@ def test_eval_refuses_a_dataset_other_than_the_extracted_one(tmp_path, world_fea
 _MAPPED = """
 import ctypes
 import numpy as np
-from align.data import keep_freed_host_memory
+from pipe_align.align.data import keep_freed_host_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "

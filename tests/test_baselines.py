@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from align.asif import ASIF, ASIFConfig
-from align.base import Aligner, ImageRows, TextRows, get_method, l2n, load_aligner
-from align.cca import CCA, CSA, CCAConfig
-from align.contrastive import LinearConfig, LinearHeads, MLPConfig, MLPHeads, structure_loss
-from align.data import Batch
-from align.procrustes import Procrustes, ProcrustesConfig
-from align.sotalign import SOTAlign, SOTAlignConfig, klot, ot_plan, sinkhorn_log
-from extract.errors import PipeError
+from pipe_align.align.asif import ASIF, ASIFConfig
+from pipe_align.align.base import Aligner, ImageRows, TextRows, get_method, l2n, load_aligner
+from pipe_align.align.cca import CCA, CSA, CCAConfig
+from pipe_align.align.contrastive import LinearConfig, LinearHeads, MLPConfig, MLPHeads, structure_loss
+from pipe_align.align.data import Batch
+from pipe_align.align.procrustes import Procrustes, ProcrustesConfig
+from pipe_align.align.sotalign import SOTAlign, SOTAlignConfig, klot, ot_plan, sinkhorn_log
+from pipe_align.extract.errors import PipeError
 
 
 @pytest.fixture(autouse=True)

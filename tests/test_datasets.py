@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.datasets import DATASETS, UnreadableImage, get_dataset, write_world
-from extract.datasets.base import voc_palette
-from extract.datasets.voc import VOC_CLASSES
-from extract.datasets.world import CLASSES as WORLD_CLASSES
-from extract.datasets.world import World
-from extract.errors import PipeError
+from pipe_align.extract.datasets import DATASETS, UnreadableImage, get_dataset, write_world
+from pipe_align.extract.datasets.base import voc_palette
+from pipe_align.extract.datasets.voc import VOC_CLASSES
+from pipe_align.extract.datasets.world import CLASSES as WORLD_CLASSES
+from pipe_align.extract.datasets.world import World
+from pipe_align.extract.errors import PipeError
 
 
 def jpg(path: Path, w: int = 20, h: int = 16, colour: tuple[int, int, int] = (200, 30, 30)) -> Path:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.data import part_bounds
-from pipelines.cli import main
+from pipe_align.align.data import part_bounds
+from pipe_align.pipelines.cli import main
 
 FAST = ["--anchors", "16", "--batch-size", "7", "--epochs", "3", "--val-fraction", "0.25", "--lr", "0.05",
         "--warmup-epochs", "0.5", "--device", "cpu", "--no-progress"]  # fmt: skip
@@ -37,7 +37,8 @@ def _free_port() -> int:
 
 def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), "-m", "pipelines.cli", "align", *args]  # fmt: skip
+           "127.0.0.1", "--master_port", str(_free_port()), "-m", "pipe_align.pipelines.cli", "align",
+           *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
@@ -54,7 +55,7 @@ def test_two_ranks_train_the_single_process_anchors(tmp_path, world_features, mo
     assert two["data_parallel"] == 2 and one["data_parallel"] == 1 and two["data_mode"] == mode
     assert two["complete"] and not (tmp_path / "two" / "checkpoint.pt").exists()
     a1, a2 = load_file(tmp_path / "one" / "anchors.safetensors"), load_file(tmp_path / "two" / "anchors.safetensors")
-    from align.pal import PAL, PALConfig
+    from pipe_align.align.pal import PAL, PALConfig
 
     init = PAL(PALConfig(anchors=16), a1["image_anchors"].shape[1], a1["text_anchors"].shape[1])
     assert (a1["image_anchors"] - init.image_anchors).abs().max() > 1e-2  # trained: equality below means something

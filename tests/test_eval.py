@@ -19,15 +19,15 @@ import pytest
 import torch
 from PIL import Image
 
-from align.base import Aligner, MethodConfig, l2n, register_method
-from align.pal import PAL, PALConfig
-from evaluate.loading import EvalConfig, load_context
-from evaluate.metrics import miou_reference
-from evaluate.segmentation import run_segmentation, upsample_argmax
-from extract.datasets import World, get_dataset, write_world
-from extract.datasets.base import voc_palette
-from extract.store import StoreLayout, create_store, store_path
-from pipelines.cli import main
+from pipe_align.align.base import Aligner, MethodConfig, l2n, register_method
+from pipe_align.align.pal import PAL, PALConfig
+from pipe_align.evaluate.loading import EvalConfig, load_context
+from pipe_align.evaluate.metrics import miou_reference
+from pipe_align.evaluate.segmentation import run_segmentation, upsample_argmax
+from pipe_align.extract.datasets import World, get_dataset, write_world
+from pipe_align.extract.datasets.base import voc_palette
+from pipe_align.extract.store import StoreLayout, create_store, store_path
+from pipe_align.pipelines.cli import main
 
 D, GRID, CELL, TEMPLATES = 16, (8, 8), 28, ("a photo of a {}.", "a {}.")
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from extract.datasets import get_dataset
-from extract.runner import ExtractConfig, _encoder, run_extract
-from extract.store import open_store, store_path
-from pipelines.cli import main
+from pipe_align.extract.datasets import get_dataset
+from pipe_align.extract.runner import ExtractConfig, _encoder, run_extract
+from pipe_align.extract.store import open_store, store_path
+from pipe_align.pipelines.cli import main
 
 WORLD = (("size", 12),)
 
@@ -74,13 +74,13 @@ def test_caption_and_prompt_stores(tmp_path, tiny_bert):
 SLOW_WRITER = textwrap.dedent(
     """
     import sys, time
-    from extract.store import FeatureStore
+    from pipe_align.extract.store import FeatureStore
     write = FeatureStore.write_shard
     def slow(self, *a, **k):
         write(self, *a, **k)
         time.sleep(0.3)
     FeatureStore.write_shard = slow
-    from pipelines.cli import main
+    from pipe_align.pipelines.cli import main
     sys.exit(main(sys.argv[1:]))
     """
 )
@@ -126,7 +126,7 @@ def test_two_process_dask_equals_one_process(tmp_path, tiny_dinov2):
 
 
 def test_corrupt_image_is_skipped_or_fatal_with_strict(tmp_path, tiny_dinov2, capsys):
-    from extract.datasets import write_world
+    from pipe_align.extract.datasets import write_world
 
     write_world(tmp_path / "data", "train", size=6, seed=0, layouts=("voc",))
     jpgs = sorted((tmp_path / "data").rglob("JPEGImages/*"))

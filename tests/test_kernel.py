@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from align import kernel
-from align.kernel import anchor_profiles, anchor_profiles_reference
+from pipe_align.align import kernel
+from pipe_align.align.kernel import anchor_profiles, anchor_profiles_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -253,7 +253,7 @@ def _check_triton(dtype, tol, device):
 @pytest.mark.skipif(not (INTERPRET and _has_triton()), reason="runs under TRITON_INTERPRET=1 (see the next test)")
 @pytest.mark.parametrize("dtype,tol", TRITON_CASES)
 def test_triton_interp_matches_reference(dtype, tol, monkeypatch):
-    from align import kernel_triton
+    from pipe_align.align import kernel_triton
 
     monkeypatch.setattr(kernel_triton, "BWD_CHUNK_ELEMS", 2 * 70 * 150)  # 2 rows per backward chunk: 2 chunks
     _check_triton(dtype, tol, "cpu")
@@ -270,7 +270,7 @@ _FakeTritonError.__module__ = "triton.runtime.errors"  # what Triton's OutOfReso
 
 @pytest.mark.parametrize("failure", ["triton-error", "wrong-values"])
 def test_triton_self_test_falls_back_and_warns(monkeypatch, failure):
-    from align import kernel_triton
+    from pipe_align.align import kernel_triton
 
     def broken(tokens, mask, anchors, tau_p):
         if failure == "triton-error":
@@ -286,7 +286,7 @@ def test_triton_self_test_falls_back_and_warns(monkeypatch, failure):
 
 
 def test_triton_self_test_passes_other_errors_through(monkeypatch):
-    from align import kernel_triton
+    from pipe_align.align import kernel_triton
 
     def bug(*args):
         raise IndexError("a bug in the wrapper, not a GPU limit")
@@ -298,7 +298,7 @@ def test_triton_self_test_passes_other_errors_through(monkeypatch):
 
 
 def test_triton_self_test_accepts_a_correct_kernel(monkeypatch):
-    from align import kernel_triton
+    from pipe_align.align import kernel_triton
 
     monkeypatch.setattr(kernel, "_SELF_TESTS", {})
     monkeypatch.setattr(kernel_triton, "anchor_profiles_triton",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate.metrics import (
+from pipe_align.evaluate.metrics import (
     ConfusionMatrix,
     blocked_topk,
     blocked_topk_both,

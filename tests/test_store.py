@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from extract.errors import PipeError
-from extract.store import SCHEMA, StoreLayout, create_store, default_rows, open_store, store_path
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.store import SCHEMA, StoreLayout, create_store, default_rows, open_store, store_path
 
 ENC = {"alias": "tiny", "model_id": "/tmp/tiny", "modality": "image", "dim": 8, "layer": "last"}
 

@@ -3,8 +3,8 @@
 Importing this package imports every reader module, which registers it by name (see base.register_dataset).
 """
 
-from extract.datasets import ade20k, coco, fashion_mnist, imagefolder, karpathy, voc, world  # noqa: F401  (register)
-from extract.datasets.base import (
+from pipe_align.extract.datasets import ade20k, coco, fashion_mnist, imagefolder, karpathy, voc, world  # noqa: F401  (register)
+from pipe_align.extract.datasets.base import (
     CLIP_TEMPLATES,
     DATASETS,
     Caption,
@@ -14,8 +14,8 @@ from extract.datasets.base import (
     get_dataset,
     register_dataset,
 )
-from extract.datasets.world import World
-from extract.datasets.world_write import write_world
+from pipe_align.extract.datasets.world import World
+from pipe_align.extract.datasets.world_write import write_world
 
 __all__ = [
     "CLIP_TEMPLATES",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from extract.datasets.base import (
+from pipe_align.extract.datasets.base import (
     Dataset,
     ImageRecord,
     image_size,
@@ -18,7 +18,7 @@ from extract.datasets.base import (
     require_root,
     stems,
 )
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 # objectInfo150 names as mmsegmentation spells them; index 0 = "other" (unlabelled), ignored by the evaluation
 # (mmseg's reduce_zero_label). Masks are returned raw: 0..150.

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 # A handful of the CLIP ImageNet templates (Radford et al. 2021), "{}" = class name. Used by every labelled set
 # unless a reader knows better, so that prompts for one class name are the same across datasets.

@@ -10,8 +10,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from extract.datasets.base import Caption, Dataset, ImageRecord, UnreadableImage, register_dataset, require_root
-from extract.errors import PipeError
+from pipe_align.extract.datasets.base import (
+    Caption,
+    Dataset,
+    ImageRecord,
+    UnreadableImage,
+    register_dataset,
+    require_root,
+)
+from pipe_align.extract.errors import PipeError
 
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",

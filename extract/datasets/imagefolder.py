@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from extract.datasets.base import (
+from pipe_align.extract.datasets.base import (
     IMAGE_SUFFIXES,
     Dataset,
     ImageRecord,
@@ -17,7 +17,7 @@ from extract.datasets.base import (
     require_dir,
     require_root,
 )
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 CLASSES_FILE = "classes.txt"
 

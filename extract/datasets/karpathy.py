@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extract.datasets.base import (
+from pipe_align.extract.datasets.base import (
     Caption,
     CaptionFiles,
     ImageRecord,
@@ -18,7 +18,7 @@ from extract.datasets.base import (
     require_root,
     stems,
 )
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 
 class KarpathyCaptions(CaptionFiles):

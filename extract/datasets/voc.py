@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from extract.datasets.base import (
+from pipe_align.extract.datasets.base import (
     Dataset,
     ImageRecord,
     image_size,
@@ -19,7 +19,7 @@ from extract.datasets.base import (
     require_root,
     stems,
 )
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 # The standard VOC names (as in the devkit and mmsegmentation), index = palette index in SegmentationClass.
 VOC_CLASSES = [

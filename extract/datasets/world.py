@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from extract.datasets.base import Caption, Dataset, ImageRecord, int_option, register_dataset
-from extract.datasets.world_draw import BACKGROUNDS, COLOURS, SHAPES, Placed, background, draw_object
-from extract.errors import PipeError
+from pipe_align.extract.datasets.base import Caption, Dataset, ImageRecord, int_option, register_dataset
+from pipe_align.extract.datasets.world_draw import BACKGROUNDS, COLOURS, SHAPES, Placed, background, draw_object
+from pipe_align.extract.errors import PipeError
 
 WORLD_CLASSES = list(SHAPES)  # ball star tree house car fish flower moon heart cup key boat
 CLASSES = ["background", *WORLD_CLASSES]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from extract.datasets.base import voc_palette
-from extract.datasets.voc import CLASSES_FILE
-from extract.datasets.world import World
-from extract.errors import PipeError
+from pipe_align.extract.datasets.base import voc_palette
+from pipe_align.extract.datasets.voc import CLASSES_FILE
+from pipe_align.extract.datasets.world import World
+from pipe_align.extract.errors import PipeError
 
 LAYOUTS = ("voc", "coco")
 JPEG_QUALITY = 95  # with 4:4:4 chroma: object colours stay crisp at their edges, files stay small

@@ -3,10 +3,10 @@
 One module per family registers its aliases (`dinov2`, `clip`, `sentence`); `provision` builds offline folders.
 """
 
-from extract.encoders import clip, dinov2, sentence  # noqa: F401  (import registers the families)
-from extract.encoders.base import EncoderInfo, ImageEncoder, TextEncoder
-from extract.encoders.provision import prepare_encoder
-from extract.encoders.registry import encoder_names, hub_id, load_encoder
+from pipe_align.extract.encoders import clip, dinov2, sentence  # noqa: F401  (import registers the families)
+from pipe_align.extract.encoders.base import EncoderInfo, ImageEncoder, TextEncoder
+from pipe_align.extract.encoders.provision import prepare_encoder
+from pipe_align.extract.encoders.registry import encoder_names, hub_id, load_encoder
 
 __all__ = [
     "EncoderInfo",

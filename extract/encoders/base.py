@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

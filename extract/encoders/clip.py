@@ -7,9 +7,9 @@ hidden state. The CLIP processor resizes the short side to the crop size (ratio 
 
 from __future__ import annotations
 
-from extract.encoders.base import Options, Source
-from extract.encoders.registry import register, register_types
-from extract.encoders.vision import TransformerImageEncoder, build_image_encoder
+from pipe_align.extract.encoders.base import Options, Source
+from pipe_align.extract.encoders.registry import register, register_types
+from pipe_align.extract.encoders.vision import TransformerImageEncoder, build_image_encoder
 
 MODELS = {"clip-vit-b16": "openai/clip-vit-base-patch16"}
 

