@@ -15,31 +15,28 @@ costs P x n_anchors floats per image: fine for small anchor sets (the few-pair r
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import ImageRows, TextRows, l2n, register_method
-from pipe_align.align.procrustes import BaselineAligner, BaselineConfig, gather_pairs, image_input, text_input
+from pipe_align.align.base import ClosedFormAligner, ImageRows, TextRows, TrainingData, l2n, register_method
+from pipe_align.align.baseline import BaselineConfig, BaselineState, gather_pairs, image_input, text_input
 from pipe_align.extract.errors import PipeError
 
 
 @dataclass(frozen=True)
 class ASIFConfig(BaselineConfig):
-    """`k`: non-zero entries per representation. `p`: exponent on the kept similarities. `n_anchors`: use a seeded
-    random subset of the training pairs as anchors (None = all). `block`: rows computed at once (memory bound)."""
+    k: int = field(default=800, metadata={"help": "asif: non-zero entries per relative representation."})
+    p: float = field(default=8.0, metadata={"help": "asif: exponent on the kept similarities."})
+    n_anchors: int | None = field(default=None, metadata={
+        "help": "asif: a seeded random subset of the training pairs as anchors (default all)."})  # fmt: skip
+    block: int = field(default=1024, metadata={"help": "asif: rows computed at once (memory bound)."})
 
-    k: int = 800
-    p: float = 8.0
-    n_anchors: int | None = None
-    block: int = 1024
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.k < 1 or self.block < 1 or (self.n_anchors is not None and self.n_anchors < 1):
             raise PipeError(f"k={self.k}, block={self.block}, n_anchors={self.n_anchors}: must be >= 1")
 
@@ -59,24 +56,20 @@ def relative_representation(z: Tensor, anchors: Tensor, k: int, p: float, block:
 
 
 @register_method("asif")
-class ASIF(BaselineAligner):
+class ASIF(BaselineState, ClosedFormAligner):
     """Relative representations w.r.t. the paired anchors (no training)."""
 
     Config = ASIFConfig
 
     @classmethod
-    def fit(
-        cls, train: Any, val: Any | None, config: ASIFConfig, log: Callable[[dict], None],
-        unpaired: tuple[ImageRows, TextRows] | None = None,
-    ) -> ASIF:  # fmt: skip
-        x, y = gather_pairs(train, config.image_feature, config.seed)
+    def fit(cls, data: TrainingData, config: ASIFConfig, seed: int) -> tuple[ASIF, dict[str, Any]]:
+        x, y = gather_pairs(data.train, config.image_feature, seed)
         if config.n_anchors is not None and config.n_anchors < len(x):
-            keep = np.sort(np.random.default_rng([config.seed, 11]).permutation(len(x))[: config.n_anchors])
+            keep = np.sort(np.random.default_rng([seed, 11]).permutation(len(x))[: config.n_anchors])
             x, y = x[torch.as_tensor(keep, device=x.device)], y[torch.as_tensor(keep, device=y.device)]
         self = cls(config)
         self.state = {"anchors_img": l2n(x), "anchors_txt": l2n(y)}
-        log({"epoch": 0, "pairs": len(x), "anchors": len(x), "k": min(config.k, len(x))})
-        return self
+        return self, {"pairs": len(x), "anchors": len(x), "k": min(config.k, len(x))}
 
     def _rel(self, z: Tensor, side: str) -> Tensor:
         cfg = self.config

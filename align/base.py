@@ -1,21 +1,29 @@
 """The one interface every alignment method implements, so training and evaluation never special-case a method.
 
-A method is a class registered with `@register_method("name")`. It is fitted from a `PairSource` (paired rows of
-an image store and a caption store) and maps store rows into a shared space:
+A method is a class registered with `@register_method("name")` in its own file under align/. It maps store rows into a
+shared space:
 
     image_global(ImageRows) -> [N, E]      text_global(TextRows) -> [M, E]      image_dense(patches) -> [N, P, E]
 
 Similarity is always the dot product of L2-normalised outputs (methods return normalised embeddings), and dense
 class scores are `image_dense(patches) @ text_global(prompts).T`. `save(dir)` writes `weights.safetensors` (PAL:
-`anchors.safetensors`) plus `method.json`; `load_aligner(dir)` reads any method back.
+`anchors.safetensors`) plus `method.json`; `align.methods.load_aligner(dir)` reads any method back.
+
+Methods come in two kinds, and `align.loop.fit` is the one way to fit either:
+- `ClosedFormAligner`: `fit(data, config, seed)` computes the method from the gathered training pairs (procrustes,
+  cca, csa, asif); no loop.
+- `TrainedAligner`: supplies its parameters, its loss on a batch and its embed functions; `align.loop` owns
+  everything else (held-out split, epochs, schedule, clipping, early stopping, checkpoints and resume, data
+  parallelism, progress, metrics). See docs/align.md for a new method in one file.
 """
 
 from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -50,32 +58,76 @@ class TextRows:
         return steps[None, :] < self.length.to(self.tokens.device)[:, None]
 
 
+@dataclass
+class TrainingData:
+    """What a method is fitted from: the training pairs and the held-out pairs (`align.data.PairSource`, or anything
+    with the same `batches(epoch, batch_size, seed, shuffle=..., part=...)` and `len`), and optional unpaired rows
+    (SOTAlign). The held-out rows are the same for every method given the run's seed and val fraction."""
+
+    train: Any
+    val: Any | None = None
+    unpaired: tuple[ImageRows, TextRows] | None = None
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of every method's frozen config; subclasses add their hyper-parameters (all become CLI options)."""
+    """Base of every method's frozen config: its own hyper-parameters only (run-wide settings such as the seed, epochs
+    and batch size live in `align.loop.RunConfig`). Each field becomes a `pipe align` option; its help is the field's
+    `metadata["help"]`. Float fields must be finite (an infinite temperature or rate is never meant)."""
 
-    seed: int = 0
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise PipeError(f"{f.name}={v}: must be a finite number")
+        self.check()
+
+    def check(self) -> None:
+        """Range checks of the subclass (raise PipeError naming the option)."""
+
+
+@dataclass(frozen=True)
+class TrainedConfig(MethodConfig):
+    """Optimiser settings every trained method has (AdamW, learning-rate schedule, gradient clipping); each method
+    declares its own defaults by redeclaring the fields."""
+
+    lr: float = field(default=1e-3, metadata={"help": "Trained methods: AdamW learning rate (peak)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "Trained methods: AdamW weight decay."})
+    beta1: float = field(default=0.9, metadata={"help": "Trained methods: AdamW beta1."})
+    beta2: float = field(default=0.999, metadata={"help": "Trained methods: AdamW beta2."})
+    warmup_epochs: float = field(default=0.0, metadata={"help": "Trained methods: epochs of linear LR warm-up."})
+    schedule: str = field(default="constant", metadata={
+        "help": "Trained methods: learning-rate schedule after warm-up, cosine (to zero) or constant."})
+    grad_clip: float = field(default=0.0, metadata={"help": "Trained methods: gradient norm clip; 0 = off."})
+
+    def __post_init__(self) -> None:
+        bad = {"lr": self.lr >= 0, "weight_decay": self.weight_decay >= 0, "beta1": 0 <= self.beta1 < 1,
+               "beta2": 0 <= self.beta2 < 1, "warmup_epochs": self.warmup_epochs >= 0,
+               "grad_clip": self.grad_clip >= 0, "schedule": self.schedule in SCHEDULES}  # fmt: skip
+        for name, ok in bad.items():
+            if not ok:
+                raise PipeError(f"{name}={getattr(self, name)!r} is out of range")
+        super().__post_init__()
+
+
+SCHEDULES = ("cosine", "constant")
 
 
 class Aligner(abc.ABC):
-    """A fitted alignment. Subclasses set `name`, `Config`, `needs_tokens` and implement the abstract methods."""
+    """A fitted alignment. Subclasses set `Config`, `needs_tokens` and implement the abstract methods."""
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     needs_tokens: ClassVar[bool] = False  # whether fit / *_global read token arrays (not just cls / pooled)
+    weights_file: ClassVar[str] = "weights.safetensors"
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
 
     @classmethod
-    @abc.abstractmethod
-    def fit(
-        cls, train: Any, val: Any | None, config: MethodConfig, log: Callable[[dict], None],
-        unpaired: tuple[ImageRows, TextRows] | None = None,
-    ) -> Aligner:  # fmt: skip
-        """Fit on a PairSource (`align.data`); `val` (a PairSource or None) is for early stopping; `log` receives one
-        flat dict of metrics per epoch (closed-form methods call it once); `unpaired` holds extra unpaired image and
-        text rows for methods that use them (SOTAlign)."""
+    def wants_tokens(cls, config: MethodConfig) -> bool:
+        """Whether this configuration reads token arrays (the data loader asks before fitting)."""
+        return cls.needs_tokens
 
     @abc.abstractmethod
     def image_global(self, rows: ImageRows) -> Tensor:
@@ -96,8 +148,6 @@ class Aligner(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
 
-    weights_file: ClassVar[str] = "weights.safetensors"
-
     def save(self, out: str | Path, extra: dict[str, Any] | None = None) -> None:
         from safetensors.torch import save_file
 
@@ -114,39 +164,79 @@ class Aligner(abc.ABC):
         return cls(cls.Config(**{k: v for k, v in config.items() if k in names}))
 
 
+class ClosedFormAligner(Aligner):
+    """A method computed in one step from the gathered training pairs (no epochs, nothing to resume)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def fit(cls, data: TrainingData, config: MethodConfig, seed: int) -> tuple[Aligner, dict[str, Any]]:
+        """The fitted method and one flat dict of facts about the fit (pairs used, rank, ...) for run.json."""
+
+
+@dataclass
+class StepContext:
+    """What a trained method's loss may need to know about the step: where it is in the run, and `gather`, which
+    under data parallelism returns every rank's rows of a per-row tensor (only this rank's rows keep their gradient;
+    identity in one process). A loss computed on gathered rows is the whole batch's loss on every rank."""
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    gather: Callable[[Tensor, tuple[int, ...] | None], Tensor]
+
+
+class TrainedAligner(Aligner):
+    """A method trained by `align.loop`: it supplies parameters, a loss on a batch and its embed functions.
+
+    `run_defaults` are the method's own epochs / batch_size / patience, used where the run config leaves them unset.
+    `init_is_candidate`: the state after `setup` competes in early stopping (SOTAlign: its teacher), so training can
+    only improve on it on the held-out pairs. `val_temperature` is the InfoNCE temperature of the held-out loss that
+    early stopping watches (the same definition for every method: InfoNCE of `image_global` / `text_global`)."""
+
+    Config: ClassVar[type[TrainedConfig]] = TrainedConfig
+    run_defaults: ClassVar[dict[str, int]] = {"epochs": 30, "batch_size": 1024, "patience": 5}
+    init_is_candidate: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def setup(self, data: TrainingData, seed: int) -> None:
+        """Create the parameters (seeded: every rank and every resumed run builds the same ones) and any fixed
+        statistics of the training data."""
+
+    @abc.abstractmethod
+    def parameters(self) -> list[Tensor]:
+        """The trained tensors (leaf tensors with requires_grad), in a fixed order."""
+
+    @abc.abstractmethod
+    def loss(self, batch: Any, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+        """The loss of one batch (the whole batch's, gathering per-row tensors with `ctx.gather`) and extra scalars
+        to average into the epoch's record (e.g. the parts of a regularised loss)."""
+
+    @property
+    @abc.abstractmethod
+    def val_temperature(self) -> float: ...
+
+    def batches(self, data: TrainingData, epoch: int, batch_size: int, seed: int,
+                part: tuple[int, int] | None) -> Iterator[Any]:  # fmt: skip
+        """An epoch's batches; each has `.total` (pairs in the whole batch) and, under data parallelism, only this
+        rank's part of the rows. Default: the training pairs, shuffled per epoch, one caption per image."""
+        return data.train.batches(epoch, batch_size, seed, part=part)
+
+    def epoch_rows(self, data: TrainingData) -> int:
+        """Rows one epoch walks (for progress and pairs/s)."""
+        return len(data.train)
+
+
 def register_method(name: str) -> Callable[[type[Aligner]], type[Aligner]]:
+    """Class decorator: the method is found by `name` (`pipe align --method NAME`). A name is registered once."""
+
     def deco(cls: type[Aligner]) -> type[Aligner]:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered (by {METHODS[name].__module__})")
         cls.name = name
         METHODS[name] = cls
         return cls
 
     return deco
-
-
-def get_method(name: str) -> type[Aligner]:
-    import pipe_align.align.methods  # noqa: F401 - importing fills the registry
-
-    if name not in METHODS:
-        raise PipeError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-def load_aligner(run: str | Path, device: str = "cpu") -> Aligner:
-    """Read any method's run dir back (method.json names the class)."""
-    from safetensors.torch import load_file
-
-    run = Path(run)
-    meta_path = run / "method.json"
-    if not meta_path.exists():
-        raise PipeError(f"{run}: not a run dir (no method.json); train one with `pipe align`")
-    meta = json.loads(meta_path.read_text())
-    cls = get_method(meta["method"])
-    aligner = cls.from_config_dict(meta.get("config", {}))
-    weights = run / cls.weights_file
-    if not weights.exists():
-        raise PipeError(f"{run}: {cls.weights_file} is missing (training did not finish?)")
-    aligner.load_state_dict({k: v.to(device) for k, v in load_file(str(weights)).items()})
-    return aligner
 
 
 def l2n(x: Tensor) -> Tensor:

@@ -16,22 +16,14 @@ candidate's score by its own weighted norm, which is the one departure from the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import ImageRows, TextRows, l2n, register_method
-from pipe_align.align.procrustes import (
-    BaselineAligner,
-    BaselineConfig,
-    gather_pairs,
-    image_input,
-    linear_embed,
-    text_input,
-)
+from pipe_align.align.base import ClosedFormAligner, ImageRows, TextRows, TrainingData, l2n, register_method
+from pipe_align.align.baseline import BaselineConfig, BaselineState, gather_pairs, image_input, linear_embed, text_input
 from pipe_align.extract.errors import PipeError
 
 DEFAULT_RANK_CAP = 256
@@ -39,14 +31,13 @@ DEFAULT_RANK_CAP = 256
 
 @dataclass(frozen=True)
 class CCAConfig(BaselineConfig):
-    """`reg`: ridge on each covariance, relative to its mean eigenvalue. `rank`: canonical directions kept; None means
-    min(Di, Dt, 256)."""
+    reg: float = field(default=1e-3, metadata={
+        "help": "cca, csa: ridge on each covariance, relative to its mean eigenvalue."})  # fmt: skip
+    rank: int | None = field(default=None, metadata={
+        "help": "cca, csa: canonical directions kept (default min(Di, Dt, 256))."})  # fmt: skip
 
-    reg: float = 1e-3
-    rank: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.reg < 0:
             raise PipeError(f"reg={self.reg}: must be >= 0")
         if self.rank is not None and self.rank < 1:
@@ -80,22 +71,18 @@ def cca_fit(x: Tensor, y: Tensor, reg: float = 1e-3, rank: int | None = None) ->
 
 
 @register_method("cca")
-class CCA(BaselineAligner):
+class CCA(BaselineState, ClosedFormAligner):
     """Top-`rank` canonical coordinates of each side, L2-normalised (every direction weighted equally)."""
 
     Config = CCAConfig
 
     @classmethod
-    def fit(
-        cls, train: Any, val: Any | None, config: CCAConfig, log: Callable[[dict], None],
-        unpaired: tuple[ImageRows, TextRows] | None = None,
-    ) -> CCA:  # fmt: skip
-        x, y = gather_pairs(train, config.image_feature, config.seed)
+    def fit(cls, data: TrainingData, config: CCAConfig, seed: int) -> tuple[CCA, dict[str, Any]]:
+        x, y = gather_pairs(data.train, config.image_feature, seed)
         self = cls(config)
         self.state = cca_fit(x, y, config.reg, config.rank)
         rho = self.state["rho"]
-        log({"epoch": 0, "pairs": len(x), "rank": len(rho), "rho_max": float(rho[0]), "rho_mean": float(rho.mean())})
-        return self
+        return self, {"pairs": len(x), "rank": len(rho), "rho_max": float(rho[0]), "rho_mean": float(rho.mean())}
 
     def _project(self, z: Tensor, side: str) -> Tensor:
         return linear_embed(z, self._get(f"mean_{side}", z), self._get(f"proj_{side}", z), l2_input=False)

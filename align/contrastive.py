@@ -25,61 +25,66 @@ Each epoch draws a new caption per image (the PairSource's epoch-seeded draw). E
 
 from __future__ import annotations
 
-import copy
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipe_align.align.base import ImageRows, TextRows, l2n, register_method
-from pipe_align.align.procrustes import BaselineAligner, BaselineConfig, image_input, text_input
+from pipe_align.align.base import (
+    ImageRows,
+    StepContext,
+    TextRows,
+    TrainedAligner,
+    TrainedConfig,
+    TrainingData,
+    l2n,
+    register_method,
+)
+from pipe_align.align.baseline import BaselineConfig, image_input, text_input
+from pipe_align.align.losses import info_nce
 from pipe_align.extract.errors import PipeError
 
 POOLS = ("global", "token")
 
 
 @dataclass(frozen=True)
-class LinearConfig(BaselineConfig):
+class LinearConfig(TrainedConfig, BaselineConfig):
     """Hyper-parameters of the contrastive heads (defaults: CLIP-style heads trained on few pairs)."""
 
-    pool: str = "global"
-    dim: int = 512
-    temperature: float = 0.05
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    epochs: int = 50
-    patience: int = 5
-    batch_size: int = 1024
-    structure_weight: float = 0.0  # lambda; 0 = off (the STRUCTURE paper uses 10)
-    structure_warmup: float = 5.0  # epochs of linear warm-up of lambda
-    structure_temperature: float = 0.05
-    structure_levels: int = 1
-    center: bool = True  # subtract the training mean of the (normalised) input tokens before the head
+    pool: str = field(default="global", metadata={
+        "help": "linear, mlp: global (project the global feature) or token (project every token, mean-pool)."})
+    dim: int = field(default=512, metadata={"help": "linear, mlp: output dimension of the heads."})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (baselines)."})
+    structure_weight: float = field(default=0.0, metadata={
+        "help": "linear, mlp: STRUCTURE regulariser weight lambda; 0 = off (the STRUCTURE paper uses 10)."})
+    structure_warmup: float = field(default=5.0, metadata={
+        "help": "linear, mlp: epochs of linear warm-up of lambda."})
+    structure_temperature: float = field(default=0.05, metadata={"help": "linear, mlp: STRUCTURE temperature."})
+    structure_levels: int = field(default=1, metadata={"help": "linear, mlp: STRUCTURE neighbourhood levels."})
+    center: bool = field(default=True, metadata={
+        "help": "linear, mlp: subtract the training mean of the normalised inputs before the head."})
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.pool not in POOLS:
             raise PipeError(f"pool={self.pool!r}; valid: {', '.join(POOLS)}")
-        if min(self.dim, self.epochs, self.batch_size, self.structure_levels) < 1:
-            raise PipeError("dim, epochs, batch_size and structure_levels must be >= 1")
+        if min(self.dim, self.structure_levels) < 1:
+            raise PipeError("dim and structure_levels must be >= 1")
         if self.temperature <= 0 or self.structure_temperature <= 0:
             raise PipeError("temperatures must be > 0")
+        if self.structure_weight < 0 or self.structure_warmup < 0:
+            raise PipeError("structure_weight and structure_warmup must be >= 0")
 
 
 @dataclass(frozen=True)
 class MLPConfig(LinearConfig):
-    hidden: int = 1024
+    hidden: int = field(default=1024, metadata={"help": "mlp: hidden width."})
 
-
-def info_nce(img: Tensor, txt: Tensor, temperature: float) -> Tensor:
-    """Symmetric InfoNCE of row-aligned, L2-normalised embeddings (pair i is the positive of row and column i)."""
-    logits = img @ txt.T / temperature
-    labels = torch.arange(len(img), device=img.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    def check(self) -> None:
+        super().check()
+        if self.hidden < 1:
+            raise PipeError(f"hidden={self.hidden}: must be >= 1")
 
 
 def _neighbourhoods(z: Tensor, temperature: float) -> Tensor:
@@ -111,14 +116,16 @@ def _head(kind: str, din: int, dim: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(din, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 
-class ContrastiveHeads(BaselineAligner):
+class ContrastiveHeads(TrainedAligner):
     """Two heads trained with InfoNCE (+ STRUCTURE); subclasses pick the head kind."""
 
     Config = LinearConfig
     kind: ClassVar[str] = "linear"
+    run_defaults = {"epochs": 50, "batch_size": 1024, "patience": 5}
 
     def __init__(self, config: LinearConfig) -> None:
         super().__init__(config)
+        self.needs_tokens = self.wants_tokens(config)
         self.img_head: nn.Module | None = None
         self.txt_head: nn.Module | None = None
         self.center_img: Tensor | None = None  # [D] input centre (zeros when config.center is False)
@@ -182,12 +189,12 @@ class ContrastiveHeads(BaselineAligner):
         with torch.no_grad():
             return l2n(self._apply("img", l2n(patches)))
 
-    def _centres(self, train: Any) -> tuple[Tensor, Tensor]:
+    def _centres(self, train: Any, seed: int) -> tuple[Tensor, Tensor]:
         """Mean normalised input token (or global feature) of each side over the training pairs (epoch-0 captions).
         Without it an MLP on tokens starts with pooled outputs dominated by the tokens' shared direction."""
         si = st = None
         ni = nt = 0
-        for b in train.batches(epoch=0, batch_size=1024, seed=self.config.seed, shuffle=False):
+        for b in train.batches(epoch=0, batch_size=1024, seed=seed, shuffle=False):
             zi = self._image_tokens(b.image)
             zi = zi.reshape(-1, zi.shape[-1])
             zt, mask = self._text_tokens(b.text)
@@ -197,77 +204,41 @@ class ContrastiveHeads(BaselineAligner):
             ni, nt = ni + len(zi), nt + len(zt)
         return si / max(ni, 1), st / max(nt, 1)
 
-    # -- training -----------------------------------------------------------------------------------------------------
-    @classmethod
-    def fit(
-        cls, train: Any, val: Any | None, config: LinearConfig, log: Callable[[dict], None],
-        unpaired: tuple[ImageRows, TextRows] | None = None,
-    ) -> ContrastiveHeads:  # fmt: skip
-        self = cls(config)
-        first = next(iter(train.batches(epoch=0, batch_size=2, seed=config.seed, shuffle=False)))
+    # -- training (align.loop drives it) ------------------------------------------------------------------------------
+    def setup(self, data: TrainingData, seed: int) -> None:
+        config = self.config
+        first = next(iter(data.train.batches(epoch=0, batch_size=2, seed=seed, shuffle=False)))
         device = first.image.cls.device
         di = self._image_tokens(first.image).shape[-1]
         dt = self._text_tokens(first.text)[0].shape[-1]
         if config.center:
-            self.center_img, self.center_txt = self._centres(train)
+            self.center_img, self.center_txt = self._centres(data.train, seed)
         else:
             self.center_img, self.center_txt = torch.zeros(di, device=device), torch.zeros(dt, device=device)
         hidden = getattr(config, "hidden", 0)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.img_head = _head(cls.kind, di, config.dim, hidden).to(device)
-            self.txt_head = _head(cls.kind, dt, config.dim, hidden).to(device)
-        params = [*self.img_head.parameters(), *self.txt_head.parameters()]
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
-        warmup_steps = config.structure_warmup * steps_per_epoch
-        best, best_state, bad, step = math.inf, None, 0, 0
-        for epoch in range(config.epochs):
-            sums = {"train_loss": 0.0, "info_nce": 0.0, "structure": 0.0}
-            n_batches = 0
-            for batch in train.batches(epoch=epoch, batch_size=config.batch_size, seed=config.seed, shuffle=True):
-                hi, ht, zi, zt = self._encode(batch.image, batch.text)
-                nce = info_nce(hi, ht, config.temperature)
-                loss = nce
-                if config.structure_weight > 0:
-                    lam = config.structure_weight * (min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0)
-                    reg = 0.5 * (
-                        structure_loss(zi, hi, config.structure_temperature, config.structure_levels)
-                        + structure_loss(zt, ht, config.structure_temperature, config.structure_levels)
-                    )
-                    loss = nce + lam * reg
-                    sums["structure"] += reg.item()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                n_batches += 1
-                sums["train_loss"] += loss.item()
-                sums["info_nce"] += nce.item()
-            record = {"epoch": epoch} | {k: v / max(n_batches, 1) for k, v in sums.items()}
-            if val is not None:
-                record["val_loss"] = self.val_loss(val)
-                if record["val_loss"] < best - 1e-6:
-                    best, bad = record["val_loss"], 0
-                    best_state = copy.deepcopy(self.state_dict())
-                else:
-                    bad += 1
-            log(record)
-            if val is not None and bad >= config.patience:
-                break
-        if best_state is not None:
-            self.load_state_dict(best_state)
-        return self
+            torch.manual_seed(seed)
+            self.img_head = _head(self.kind, di, config.dim, hidden).to(device)
+            self.txt_head = _head(self.kind, dt, config.dim, hidden).to(device)
 
-    def val_loss(self, val: Any) -> float:
-        """Mean InfoNCE over fixed (epoch 0, unshuffled) val batches: comparable across epochs."""
-        total, n = 0.0, 0
-        with torch.no_grad():
-            for batch in val.batches(epoch=0, batch_size=self.config.batch_size, seed=self.config.seed, shuffle=False):
-                hi, ht, _, _ = self._encode(batch.image, batch.text)
-                total += float(info_nce(hi, ht, self.config.temperature)) * len(hi)
-                n += len(hi)
-        return total / max(n, 1)
+    def parameters(self) -> list[Tensor]:
+        return [*self.img_head.parameters(), *self.txt_head.parameters()]
+
+    def loss(self, batch: Any, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+        config = self.config
+        hi, ht, zi, zt = (ctx.gather(t, batch.sizes) for t in self._encode(batch.image, batch.text))
+        nce = info_nce(hi, ht, config.temperature)
+        if config.structure_weight <= 0:
+            return nce, {"info_nce": nce.item(), "structure": 0.0}
+        warmup_steps = config.structure_warmup * ctx.steps_per_epoch
+        lam = config.structure_weight * (min(1.0, ctx.step / warmup_steps) if warmup_steps > 0 else 1.0)
+        reg = 0.5 * (structure_loss(zi, hi, config.structure_temperature, config.structure_levels)
+                     + structure_loss(zt, ht, config.structure_temperature, config.structure_levels))  # fmt: skip
+        return nce + lam * reg, {"info_nce": nce.item(), "structure": reg.item()}
+
+    @property
+    def val_temperature(self) -> float:
+        return self.config.temperature
 
     # -- persistence --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:

@@ -29,7 +29,7 @@ class PairStores:
     text: FeatureStore
 
 
-def _stores_in(folder: Path) -> list[FeatureStore]:
+def stores_in(folder: Path) -> list[FeatureStore]:
     if not folder.is_dir():
         raise PipeError(f"--shards {folder}: no such folder")
     paths = sorted(p for p in folder.glob("*.zarr") if not p.name.endswith(".prompts.zarr"))
@@ -41,7 +41,7 @@ def find_pair_stores(
 ) -> PairStores:
     """The image store and caption store in `shards` (one dataset split); an encoder option picks among several."""
     folder = Path(shards)
-    stores = _stores_in(folder)
+    stores = stores_in(folder)
     picked = {}
     for modality, want, opt in (("image", image_encoder, "--image-encoder"), ("text", text_encoder, "--text-encoder")):
         cands = [s for s in stores if s.layout.modality == modality]
@@ -132,10 +132,10 @@ class PairSource:
 
     def __init__(
         self, stores: PairStores, rows: np.ndarray, captions: list[np.ndarray], *, tokens: bool, device: str = "cpu",
-        memory_budget: int | None = None, block_rows: int | None = None, use_cls: bool = False,
+        memory_budget: int | None = None, block_rows: int | None = None,
     ) -> None:  # fmt: skip
         self.stores, self.rows, self.captions = stores, np.asarray(rows), captions
-        self.tokens, self.device, self.use_cls = tokens, device, use_cls
+        self.tokens, self.device = tokens, device
         lay_i, lay_t = stores.image.layout, stores.text.layout
         img_bytes = ((lay_i.tokens if tokens else 0) + 1) * lay_i.dim * 2
         txt_bytes = ((lay_t.tokens if tokens else 0) + 1) * lay_t.dim * 2

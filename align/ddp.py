@@ -1,14 +1,16 @@
-"""Data-parallel PAL training under torchrun: each rank computes the profiles of its part of every batch, the loss is
-the InfoNCE of the whole batch, and the anchor gradients are summed over ranks, so N ranks train the same anchors as
-one process on the same global batch (up to floating-point summation order).
+"""Data parallelism under torchrun for every trained method (`align.loop`): each rank computes the per-row tensors
+(PAL: profiles; heads: embeddings) of its part of every batch, the loss is the whole batch's, and the parameter
+gradients are summed over ranks, so N ranks train the same parameters as one process on the same global batch (up to
+floating-point summation order).
 
-    torchrun --nproc_per_node 4 -m pipe_align.pipelines.cli align --shards ... --out RUN
+    torchrun --nproc_per_node 4 -m pipe_align.pipelines.cli align --shards ... --out RUN [--method ...]
 
-Every rank walks the same seeded epoch order and takes its slice of each batch (`align.data.part_bounds`); the
-profiles are all-gathered (the local slice keeps its autograd graph, the others are constants), every rank computes
+Every rank walks the same seeded epoch order and takes its slice of each batch (`align.data.part_bounds`); per-row
+tensors are all-gathered (the local slice keeps its autograd graph, the others are constants), every rank computes
 the same global loss, and since each rank's backward yields the gradient through its own rows only, an all-reduce
-SUM of the anchor gradients is the exact gradient of the global loss. Clipping and AdamW then run identically on
-every rank, so the anchors never drift apart. Rank 0 alone writes checkpoints, run.json and the progress bar.
+SUM of the gradients is the exact gradient of the global loss. Clipping and AdamW then run identically on every rank,
+so the parameters never drift apart. Rank 0 alone writes checkpoints, run.json and the progress bar. Closed-form
+methods fit identically on every rank (deterministic) and rank 0 writes.
 """
 
 from __future__ import annotations

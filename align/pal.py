@@ -7,45 +7,44 @@ meet in a symmetric InfoNCE at temperature tau. The profile computation is `pipe
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from pipe_align.align.base import Aligner, ImageRows, MethodConfig, TextRows, l2n, register_method
+from pipe_align.align.base import (
+    ImageRows,
+    StepContext,
+    TextRows,
+    TrainedAligner,
+    TrainedConfig,
+    TrainingData,
+    l2n,
+    register_method,
+)
 from pipe_align.align.kernel import anchor_profiles
+from pipe_align.align.losses import info_nce
+from pipe_align.extract.errors import PipeError
 
 
 @dataclass(frozen=True)
-class PALConfig(MethodConfig):
+class PALConfig(TrainedConfig):
     """The authors' settings (for about 83k pairs) are the defaults; see DESIGN.md for small-data advice."""
 
-    anchors: int = 512  # K
-    tau_p: float = 0.03  # pooling temperature
-    tau: float = 0.05  # InfoNCE temperature
-    batch_size: int = 4096
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    beta1: float = 0.9
+    anchors: int = field(default=512, metadata={"help": "pal: anchors per modality K."})
+    tau_p: float = field(default=0.03, metadata={"help": "pal: pooling temperature over tokens."})
+    tau: float = field(default=0.05, metadata={"help": "pal: InfoNCE temperature."})
+    use_cls: bool = field(default=False, metadata={"help": "pal: pool the image CLS token with the patches."})
     beta2: float = 0.95
-    epochs: int = 30
     warmup_epochs: float = 1.0
+    schedule: str = "cosine"
     grad_clip: float = 1.0
-    patience: int = 5  # early stopping on the val loss; 0 = off
-    use_cls: bool = False  # add the image CLS token to the pooled tokens
-    val_fraction: float = 0.05
 
-    def __post_init__(self) -> None:
-        checks = {"anchors": self.anchors >= 1, "tau_p": self.tau_p > 0, "tau": self.tau > 0,
-                  "batch_size": self.batch_size >= 2, "lr": self.lr > 0, "epochs": self.epochs >= 1,
-                  "val_fraction": 0 <= self.val_fraction < 1, "warmup_epochs": self.warmup_epochs >= 0,
-                  "patience": self.patience >= 0, "grad_clip": self.grad_clip >= 0}  # fmt: skip
+    def check(self) -> None:
+        checks = {"anchors": self.anchors >= 1, "tau_p": self.tau_p > 0, "tau": self.tau > 0}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))
+            raise PipeError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))
 
 
 def image_token_view(rows: ImageRows, use_cls: bool) -> tuple[Tensor, Tensor]:
@@ -54,27 +53,27 @@ def image_token_view(rows: ImageRows, use_cls: bool) -> tuple[Tensor, Tensor]:
     return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
 
-def info_nce(h_img: Tensor, h_txt: Tensor, tau: float) -> Tensor:
-    """Symmetric InfoNCE over the batch: pair i is the positive of row i and of column i."""
-    logits = h_img @ h_txt.T / tau
-    target = torch.arange(len(logits), device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
 @register_method("pal")
-class PAL(Aligner):
+class PAL(TrainedAligner):
     Config = PALConfig
     needs_tokens = True
     weights_file = "anchors.safetensors"
+    run_defaults = {"epochs": 30, "batch_size": 4096, "patience": 5}
 
-    def __init__(self, config: PALConfig, image_dim: int | None = None, text_dim: int | None = None) -> None:
+    def __init__(self, config: PALConfig, image_dim: int | None = None, text_dim: int | None = None,
+                 seed: int = 0) -> None:  # fmt: skip
+        """With both dims: anchors at their initial draw for `seed` (an untrained PAL); without: empty until loaded."""
         super().__init__(config)
         self.image_anchors = torch.empty(0)
         self.text_anchors = torch.empty(0)
         if image_dim and text_dim:
-            g = torch.Generator().manual_seed(config.seed)
-            self.image_anchors = l2n(torch.randn(config.anchors, image_dim, generator=g))
-            self.text_anchors = l2n(torch.randn(config.anchors, text_dim, generator=g))
+            self.init_anchors(image_dim, text_dim, seed)
+
+    def init_anchors(self, image_dim: int, text_dim: int, seed: int, device: str | torch.device = "cpu") -> None:
+        """N(0, 1) anchors, L2-normalised, drawn from `seed` (image bank first)."""
+        g = torch.Generator().manual_seed(seed)
+        self.image_anchors = l2n(torch.randn(self.config.anchors, image_dim, generator=g)).to(device)
+        self.text_anchors = l2n(torch.randn(self.config.anchors, text_dim, generator=g)).to(device)
 
     # -- the model --------------------------------------------------------------------------------------------------
     def image_profiles(self, rows: ImageRows, anchors: Tensor | None = None) -> Tensor:
@@ -105,19 +104,22 @@ class PAL(Aligner):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.image_anchors, self.text_anchors = state["image_anchors"], state["text_anchors"]
 
-    # -- training ---------------------------------------------------------------------------------------------------
-    @classmethod
-    def fit(cls, train, val, config: PALConfig, log: Callable[[dict], None], unpaired=None) -> PAL:
-        """Plain in-process training (no checkpoints); `align.train` drives resumable runs through `Trainer`."""
-        from pipe_align.align.train import Trainer
+    # -- training (align.loop drives it) ----------------------------------------------------------------------------
+    def setup(self, data: TrainingData, seed: int) -> None:
+        lay_i, lay_t = data.train.stores.image.layout, data.train.stores.text.layout
+        self.init_anchors(lay_i.dim, lay_t.dim, seed, data.train.device)
+        self.image_anchors.requires_grad_(True)
+        self.text_anchors.requires_grad_(True)
 
-        trainer = Trainer(config, train, val, device=str(train.device))
-        return trainer.run(log=log)
+    def parameters(self) -> list[Tensor]:
+        return [self.image_anchors, self.text_anchors]
 
+    def loss(self, batch, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+        h_img = ctx.gather(l2n(self.image_profiles(batch.image)), batch.sizes)
+        h_txt = ctx.gather(l2n(self.text_profiles(batch.text)), batch.sizes)
+        return info_nce(h_img, h_txt, self.config.tau), {}
 
-def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    @property
+    def val_temperature(self) -> float:
+        return self.config.tau
+

@@ -14,66 +14,63 @@ Sinkhorn iterations (`KLOT`, a custom autograd Function). The plans come from lo
 iterations. Defaults follow the authors' KLOT module: eps (student) 0.05, eps_teacher 0.005, 100 iterations.
 
 Not confirmed from the paper (its code is not released beyond `klot.py`): the learning rate, epochs and batch size of
-stage 2 (ours: AdamW 1e-3, 20 epochs, 1024), whether a paired loss is kept during stage 2 (ours: no), and the exact
+stage 2 (ours: AdamW 1e-3 at a constant rate, 20 epochs, batch 1024), whether a paired loss is kept during stage 2
+(ours: no), and the exact
 input normalisation of the alignment layers (ours: the teacher's: centred and L2-normalised for procrustes, centred
-for cca). Early stopping uses the paired val split's InfoNCE (temperature 0.05) when a val split is given.
+for cca). Early stopping (align.loop) uses the held-out pairs' InfoNCE (temperature 0.05), with the teacher as the
+first candidate, so the student is kept only where it beats the teacher there.
 When `unpaired` is None the training rows are used with their pairing ignored: images and captions are drawn in
 independent shuffles, so no batch contains known pairs on purpose.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import ImageRows, TextRows, l2n, register_method
-from pipe_align.align.cca import cca_fit
-from pipe_align.align.contrastive import info_nce
-from pipe_align.align.procrustes import (
-    BaselineAligner,
-    BaselineConfig,
-    gather_pairs,
-    image_input,
-    procrustes_fit,
-    text_input,
+from pipe_align.align.base import (
+    ImageRows,
+    StepContext,
+    TextRows,
+    TrainedAligner,
+    TrainedConfig,
+    TrainingData,
+    l2n,
+    register_method,
 )
+from pipe_align.align.baseline import BaselineConfig, BaselineState, gather_pairs, image_input, text_input
+from pipe_align.align.cca import cca_fit
+from pipe_align.align.data import part_bounds
+from pipe_align.align.procrustes import procrustes_fit
 from pipe_align.extract.errors import PipeError
 
 TEACHERS = ("procrustes", "cca")
 
 
 @dataclass(frozen=True)
-class SOTAlignConfig(BaselineConfig):
-    """`teacher`: the stage-1 map; `teacher_dim`: its output dim (procrustes `dim` / cca `rank`, None = their
-    default); `teacher_reg`: cca ridge. `eps` / `eps_teacher`: entropic regularisation of the student / teacher
-    plans."""
+class SOTAlignConfig(TrainedConfig, BaselineConfig):
+    teacher: str = field(default="procrustes", metadata={"help": "sotalign: the stage-1 map, procrustes or cca."})
+    teacher_dim: int | None = field(default=None, metadata={
+        "help": "sotalign: the teacher's output dim (procrustes dim / cca rank; default theirs)."})
+    teacher_reg: float = field(default=1e-3, metadata={"help": "sotalign: ridge of a cca teacher."})
+    eps: float = field(default=0.05, metadata={"help": "sotalign: entropic regularisation of the student's plans."})
+    eps_teacher: float = field(default=0.005, metadata={
+        "help": "sotalign: entropic regularisation of the teacher's plans."})
+    n_iter: int = field(default=100, metadata={"help": "sotalign: Sinkhorn iterations."})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (baselines)."})
 
-    teacher: str = "procrustes"
-    teacher_dim: int | None = None
-    teacher_reg: float = 1e-3
-    eps: float = 0.05
-    eps_teacher: float = 0.005
-    n_iter: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    epochs: int = 20
-    patience: int = 5
-    batch_size: int = 1024
-    temperature: float = 0.05  # of the val InfoNCE used for early stopping only
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.teacher not in TEACHERS:
             raise PipeError(f"teacher={self.teacher!r}; valid: {', '.join(TEACHERS)}")
-        if self.eps <= 0 or self.eps_teacher <= 0 or min(self.n_iter, self.epochs, self.batch_size) < 1:
-            raise PipeError("eps, eps_teacher must be > 0 and n_iter, epochs, batch_size >= 1")
+        if self.eps <= 0 or self.eps_teacher <= 0 or self.n_iter < 1 or self.temperature <= 0:
+            raise PipeError("eps, eps_teacher and temperature must be > 0 and n_iter >= 1")
 
 
 def sinkhorn_log(logits: Tensor, n_iter: int) -> Tensor:
@@ -116,11 +113,30 @@ def klot(affinity: Tensor, plan_target: Tensor, eps: float, n_iter: int) -> Tens
     return KLOT.apply(affinity, plan_target, eps, n_iter)
 
 
+@dataclass
+class UnpairedBatch:
+    """One step of stage 2: image rows and text rows drawn independently (this rank's part of each), and the whole
+    batch's rows of both (the teacher's plan is computed on all of them, identically on every rank)."""
+
+    images: Tensor
+    texts: Tensor
+    all_images: Tensor
+    all_texts: Tensor
+    image_sizes: tuple[int, ...] | None
+    text_sizes: tuple[int, ...] | None
+
+    @property
+    def total(self) -> int:
+        return len(self.all_images)
+
+
 @register_method("sotalign")
-class SOTAlign(BaselineAligner):
+class SOTAlign(BaselineState, TrainedAligner):
     """Linear alignment layers, teacher-initialised, refined with KLOT on unpaired rows."""
 
     Config = SOTAlignConfig
+    run_defaults = {"epochs": 20, "batch_size": 1024, "patience": 5}
+    init_is_candidate = True  # the teacher, until a student epoch beats it on the held-out pairs
 
     @property
     def l2_input(self) -> bool:
@@ -144,75 +160,58 @@ class SOTAlign(BaselineAligner):
         z = z.float() - self._get(f"mean_{side}", z)
         return l2n(z) if self.l2_input else z
 
-    def _map(self, pre: Tensor, side: str, params: dict[str, Tensor] | None = None) -> Tensor:
-        p = self.state if params is None else params
+    def _map(self, pre: Tensor, side: str) -> Tensor:
+        p = self.state
         return l2n(pre @ p[f"w_{side}"].to(pre.device) + p[f"b_{side}"].to(pre.device))
 
-    @classmethod
-    def fit(
-        cls, train: Any, val: Any | None, config: SOTAlignConfig, log: Callable[[dict], None],
-        unpaired: tuple[ImageRows, TextRows] | None = None,
-    ) -> SOTAlign:  # fmt: skip
-        self = cls(config)
-        x, y = gather_pairs(train, config.image_feature, config.seed)
+    # -- training (align.loop drives it) ----------------------------------------------------------------------------
+    def setup(self, data: TrainingData, seed: int) -> None:
+        config = self.config
+        x, y = gather_pairs(data.train, config.image_feature, seed)
         teacher = self._teacher(x, y, config)
         e = teacher["w_img"].shape[1]
         self.state = teacher | {"b_img": x.new_zeros(e), "b_txt": x.new_zeros(e)}
-        if unpaired is not None:
-            ux, uy = image_input(unpaired[0], config.image_feature), text_input(unpaired[1])
+        if data.unpaired is not None:
+            ux, uy = image_input(data.unpaired[0], config.image_feature), text_input(data.unpaired[1])
         else:
-            ux, uy = x, y  # pairing ignored: images and captions are shuffled independently below
+            ux, uy = x, y  # pairing ignored: images and captions are shuffled independently in `batches`
         ux, uy = ux.to(x.device), uy.to(x.device)
-        px, py = self._pre(ux, "img"), self._pre(uy, "txt")
-        tx, ty = self._map(px, "img"), self._map(py, "txt")  # teacher embeddings (the state is the teacher now)
-        params = {k: v.clone().requires_grad_(k.startswith(("w_", "b_"))) for k, v in self.state.items()}
-        opt = torch.optim.AdamW(
-            [v for k, v in params.items() if v.requires_grad], lr=config.lr, weight_decay=config.weight_decay
-        )
-        nx, ny = len(px), len(py)
-        bi, bt = min(config.batch_size, nx), min(config.batch_size, ny)
-        steps = max(1, math.ceil(max(nx, ny) / config.batch_size))
-        best_state, bad = copy.deepcopy(self.state), 0  # the teacher, until a student epoch beats it on val
-        teacher_val = best = self._val_loss(val) if val is not None else math.inf
-        for epoch in range(config.epochs):
-            rng = np.random.default_rng([config.seed, epoch, 3])
-            perm_i, perm_t = rng.permutation(nx), rng.permutation(ny)
-            total = 0.0
-            for s in range(steps):
-                ii = torch.as_tensor(perm_i[(s * bi + np.arange(bi)) % nx], device=px.device)
-                tt = torch.as_tensor(perm_t[(s * bt + np.arange(bt)) % ny], device=py.device)
-                plan_t = ot_plan(tx[ii] @ ty[tt].T, config.eps_teacher, config.n_iter)
-                k = self._map(px[ii], "img", params) @ self._map(py[tt], "txt", params).T
-                loss = klot(k, plan_t, config.eps, config.n_iter)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item()
-            self.state = {k: v.detach().clone() for k, v in params.items()}
-            record: dict[str, Any] = {"epoch": epoch, "klot": total / steps}
-            if epoch == 0 and val is not None:
-                record["teacher_val_loss"] = teacher_val
-            if val is not None:
-                record["val_loss"] = self._val_loss(val)
-                if record["val_loss"] < best - 1e-6:
-                    best, bad, best_state = record["val_loss"], 0, copy.deepcopy(self.state)
-                else:
-                    bad += 1
-            log(record)
-            if val is not None and bad >= config.patience:
-                break
-        if val is not None:
-            self.state = best_state
-        return self
+        self._px, self._py = self._pre(ux, "img"), self._pre(uy, "txt")
+        self._tx, self._ty = self._map(self._px, "img"), self._map(self._py, "txt")  # the teacher's embeddings
+        for k in ("w_img", "b_img", "w_txt", "b_txt"):
+            self.state[k] = self.state[k].clone().requires_grad_(True)
 
-    def _val_loss(self, val: Any) -> float:
-        total, n = 0.0, 0
-        with torch.no_grad():
-            for b in val.batches(epoch=0, batch_size=self.config.batch_size, seed=self.config.seed, shuffle=False):
-                hi, ht = self.image_global(b.image), self.text_global(b.text)
-                total += float(info_nce(hi, ht, self.config.temperature)) * len(hi)
-                n += len(hi)
-        return total / max(n, 1)
+    def parameters(self) -> list[Tensor]:
+        return [self.state[k] for k in ("w_img", "b_img", "w_txt", "b_txt")]
+
+    def epoch_rows(self, data: TrainingData) -> int:
+        return max(len(self._px), len(self._py))
+
+    def batches(self, data: TrainingData, epoch: int, batch_size: int, seed: int,
+                part: tuple[int, int] | None) -> Iterator[UnpairedBatch]:  # fmt: skip
+        nx, ny = len(self._px), len(self._py)
+        bi, bt = min(batch_size, nx), min(batch_size, ny)
+        rng = np.random.default_rng([seed, epoch, 3])
+        perm_i, perm_t = rng.permutation(nx), rng.permutation(ny)
+        for s in range(max(1, math.ceil(max(nx, ny) / batch_size))):
+            ii, tt = perm_i[(s * bi + np.arange(bi)) % nx], perm_t[(s * bt + np.arange(bt)) % ny]
+            lo_i, hi_i, sizes_i = part_bounds(len(ii), part)
+            lo_t, hi_t, sizes_t = part_bounds(len(tt), part)
+            dev = self._px.device
+            yield UnpairedBatch(torch.as_tensor(ii[lo_i:hi_i], device=dev), torch.as_tensor(tt[lo_t:hi_t], device=dev),
+                                torch.as_tensor(ii, device=dev), torch.as_tensor(tt, device=dev), sizes_i, sizes_t)
+
+    def loss(self, batch: UnpairedBatch, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+        config = self.config
+        plan_t = ot_plan(self._tx[batch.all_images] @ self._ty[batch.all_texts].T, config.eps_teacher, config.n_iter)
+        f = ctx.gather(self._map(self._px[batch.images], "img"), batch.image_sizes)
+        g = ctx.gather(self._map(self._py[batch.texts], "txt"), batch.text_sizes)
+        loss = klot(f @ g.T, plan_t, config.eps, config.n_iter)
+        return loss, {"klot": loss.item()}
+
+    @property
+    def val_temperature(self) -> float:
+        return self.config.temperature
 
     def image_global(self, rows: ImageRows) -> Tensor:
         return self.image_dense(image_input(rows, self.config.image_feature))

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipe_align.align.base import TrainingData
 from pipe_align.align.data import PairSource, find_pair_stores, keep_freed_host_memory, pair_split
-from pipe_align.align.pal import PALConfig
-from pipe_align.align.train import Trainer
+from pipe_align.align.loop import RunConfig, Trainer
+from pipe_align.align.pal import PAL, PALConfig
 from pipe_align.extract.store import StoreLayout, create_store, default_rows
 
 
@@ -63,14 +64,15 @@ def main() -> None:
         write_stores(tmp, args.pairs, 256, 64, 384, args.shard_rows)
         stores = find_pair_stores(tmp)
         split = pair_split(stores, 0.0, 0)
-        cfg = PALConfig(anchors=args.anchors, batch_size=args.batch_size, epochs=10**6, patience=0)
+        cfg = PALConfig(anchors=args.anchors)
+        run = RunConfig(batch_size=args.batch_size, epochs=10**6, patience=0, val_fraction=0.0)
         times: dict[str, list[float]] = {"memory": [], "stream": []}
         trainers = {}
         for mode in ("memory", "stream"):
             src = PairSource(stores, split.train, split.captions, tokens=True, device=args.device,
                              memory_budget=None if mode == "memory" else 0)
             assert src.in_memory == (mode == "memory")
-            trainers[mode] = Trainer(cfg, src, None, args.device)
+            trainers[mode] = Trainer(PAL, cfg, run, TrainingData(src))
             trainers[mode].train_epoch()  # warm-up: the one-time load (memory) and first-read checks (stream)
         for rep in range(args.reps):
             for mode, trainer in trainers.items():

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import Aligner, ImageRows, TextRows, load_aligner
+from pipe_align.align.base import Aligner, ImageRows, TextRows
+from pipe_align.align.methods import load_aligner
 from pipe_align.evaluate.metrics import zero_shot_classifier
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.store import FeatureStore, open_store, read_json_attrs, store_path

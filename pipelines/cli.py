@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from pipe_align.extract.errors import PipeError
-from pipe_align.pipelines.options import parse_bytes, parse_options
+from pipe_align.pipelines.options import dataclass_options, parse_bytes, parse_options, with_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 encoders_app = typer.Typer(add_completion=False, no_args_is_help=True, help="List and prepare encoders.")
@@ -65,52 +65,65 @@ def extract(
             typer.echo(f"  {rid}: {reason}")
 
 
+def _align_options() -> tuple[list, list]:
+    from pipe_align.align.loop import RunConfig
+    from pipe_align.align.methods import METHODS
+
+    methods = [METHODS[m] for m in sorted(METHODS)]
+    configs = list({m.Config: m.name for m in methods}.items())  # linear and mlp share options, keep both names
+    names = {}
+    for m in methods:
+        names.setdefault(m.Config, []).append(m.name)
+    label = {cfg: "/".join(names[cfg]) for cfg, _ in configs}
+    return dataclass_options([RunConfig]), dataclass_options([cfg for cfg, _ in configs], label.get)
+
+
+_RUN_OPTIONS, _METHOD_OPTIONS = _align_options()
+
+
 @app.command()
+@with_options(_RUN_OPTIONS, _METHOD_OPTIONS)
 def align(
     shards: Path = typer.Option(..., help="Folder with the stores of one dataset split (FEATURES/DATASET/SPLIT)."),
-    out: Path = typer.Option(..., help="Run dir to write (anchors/weights, run.json, loss.png)."),
-    method: str = typer.Option("pal", help="Alignment method (pal or a baseline)."),
+    out: Path = typer.Option(..., help="Run dir to write (weights, method.json, run.json, loss.png)."),
+    method: str = typer.Option("pal", help="Alignment method: pal or a baseline (procrustes, cca, csa, asif, linear, "
+                                           "mlp, sotalign)."),
     image_encoder: str | None = typer.Option(None, help="Pick the image store when there are several."),
     text_encoder: str | None = typer.Option(None, help="Pick the caption store when there are several."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    memory_budget: str | None = typer.Option(None, help="Keep training tokens in memory up to this size (e.g. 8G); "
-                                                 "default half the free memory; above it, stream from Zarr."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
-    limit: int | None = typer.Option(None, help="Use only the first N pairs."),
     unpaired_shards: Path | None = typer.Option(None, help="Stores of unpaired images and texts (sotalign)."),
-    anchors: int | None = typer.Option(None, help="PAL: anchors per modality K [512]."),
-    tau_p: float | None = typer.Option(None, help="PAL: pooling temperature [0.03]."),
-    tau: float | None = typer.Option(None, help="InfoNCE temperature [0.05]."),
-    batch_size: int | None = typer.Option(None, help="Pairs per batch [4096]."),
-    lr: float | None = typer.Option(None, help="Learning rate [1e-3], cosine schedule with warm-up."),
-    weight_decay: float | None = typer.Option(None, help="AdamW weight decay [1e-4]."),
-    epochs: int | None = typer.Option(None, help="Maximum epochs."),
-    warmup_epochs: float | None = typer.Option(None, help="Warm-up epochs [1]."),
-    grad_clip: float | None = typer.Option(None, help="Gradient norm clip [1.0]; 0 = off."),
-    patience: int | None = typer.Option(None, help="Early stopping patience in epochs on the val loss; 0 = off."),
-    val_fraction: float | None = typer.Option(None, help="Held-out fraction of pairs for early stopping [0.05]."),
-    use_cls: bool | None = typer.Option(None, "--use-cls/--no-use-cls", help="PAL: pool the CLS token too."),
-    seed: int | None = typer.Option(None, help="Random seed [0]."),
-    param: list[str] = typer.Option([], "--param", "-p", help="Any other method option KEY=VALUE."),
+    param: list[str] = typer.Option([], "--param", "-p", help="A method option as KEY=VALUE (same as its flag)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    **options: object,
 ) -> None:
-    """Train an alignment method from cached features (PAL trains only its anchors)."""
-    from pipe_align.align.train import AlignConfig, run_align
+    """Train an alignment method from cached features (PAL trains only its anchors). Run-wide options apply to every
+    method; a method option applies to the methods named in its help."""
+    from pipe_align.align.loop import RunConfig
+    from pipe_align.align.methods import get_method
+    from pipe_align.align.run import AlignConfig, run_align
 
-    named = dict(anchors=anchors, tau_p=tau_p, tau=tau, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                 epochs=epochs, warmup_epochs=warmup_epochs, grad_clip=grad_clip, patience=patience,
-                 val_fraction=val_fraction, use_cls=use_cls, seed=seed)  # fmt: skip
-    params = {k: v for k, v in named.items() if v is not None} | dict(parse_options(param, "--param"))
+    run_fields = {p.name for p in _RUN_OPTIONS}
+    run_values = {k: v for k, v in options.items() if k in run_fields and v is not None}
+    if "memory_budget" in run_values:
+        run_values["memory_budget"] = parse_bytes(run_values["memory_budget"])
+    given = {k: v for k, v in options.items() if k not in run_fields and v is not None}
+    cls = get_method(method)
+    own = {f.name for f in dataclasses.fields(cls.Config)}
+    stray = sorted(set(given) - own)
+    if stray:
+        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+        raise PipeError(f"{flags}: not an option of --method {method}; its options: {', '.join(sorted(own))}")
+    params = given | dict(parse_options(param, "--param"))
     cfg = AlignConfig(
         shards=str(shards), out=str(out), method=method, image_encoder=image_encoder, text_encoder=text_encoder,
-        device=device, memory_budget=parse_bytes(memory_budget), resume=resume, limit=limit,
-        unpaired_shards=str(unpaired_shards) if unpaired_shards else None, params=tuple(sorted(params.items())),
+        resume=resume, unpaired_shards=str(unpaired_shards) if unpaired_shards else None,
+        run=RunConfig(**run_values), params=tuple(sorted(params.items())),
     )  # fmt: skip
-    run = run_align(cfg, progress=progress)
+    result = run_align(cfg, progress=progress)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
-    meta = json.loads((run / "run.json").read_text())
-    typer.echo(f"{run}: {meta['method']} trained on {meta['pairs']['train']} pairs ({meta['data_mode']}), "
+    meta = result.meta
+    typer.echo(f"{result.path}: {meta['method']} trained on {meta['pairs']['train']} pairs ({meta['data_mode']}), "
                f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s")
 
 

@@ -1,4 +1,4 @@
-"""`pipe demo`: the whole pipeline on the built-in world, through the same commands a user runs.
+"""`pipe demo`: the whole pipeline on the built-in world, through the stage functions the `pipe` commands call.
 
 extract (train captions, val captions + class prompts) -> align (PAL over a K grid, K picked on the held-out pairs of
 the train split; then every baseline) -> eval (classification, retrieval, segmentation `pal` protocol on world val)
@@ -13,12 +13,22 @@ from pathlib import Path
 
 import typer
 
+from pipe_align.align.loop import RunConfig
+from pipe_align.align.methods import method_names
+from pipe_align.align.run import AlignConfig, AlignResult, run_align
+from pipe_align.evaluate.loading import EvalConfig
+from pipe_align.evaluate.report import write_report
+from pipe_align.evaluate.tasks import run_eval
+from pipe_align.extract.datasets import get_dataset
+from pipe_align.extract.datasets.fashion_mnist import FASHION_CLASSES
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.runner import ExtractConfig, resolve_device, run_extract
 
 SIZES = {"small": (48, 16), "full": (400, 100)}  # world images: train, val
 FASHION = {"small": (3, 2), "full": (40, 30)}  # Fashion-MNIST images per class: train (7 seen classes), test (all 10)
 SEEN = (0, 1, 2, 3, 4, 5, 6)
 FASHION_K = 64
+VAL_FRACTION = 0.1  # held-out train pairs: early stopping and the settings each method is picked by
 # Each baseline gets a small grid too, picked like PAL's K on held-out train pairs, so no method is left at a default
 # that overfits a few hundred pairs (closed-form CCA/CSA at full rank and tiny ridge do).
 BASELINE_GRID: dict[str, tuple[dict, ...]] = {
@@ -32,6 +42,8 @@ BASELINE_GRID: dict[str, tuple[dict, ...]] = {
 
 def _run_name(method: str, params: dict) -> str:
     return "-".join([method, *(f"{k}{v}" for k, v in sorted(params.items()))]) if params else method
+
+
 K_GRID = (16, 64, 256, 512)
 
 
@@ -49,12 +61,32 @@ class DemoConfig:
     progress: bool = True
 
 
-def _cli(args: list[str]) -> None:
-    from pipe_align.pipelines.cli import main
+class Stages:
+    """The stage functions with the demo's fixed settings: typed configs in, typed results out."""
 
-    code = main([str(a) for a in args])
-    if code != 0:
-        raise PipeError(f"demo step failed (exit {code}): pipe {' '.join(map(str, args))}")
+    def __init__(self, cfg: DemoConfig, feats: Path) -> None:
+        self.cfg, self.feats = cfg, feats
+        self.device = resolve_device("auto")
+
+    def extract(self, encoder: str, dataset: str, split: str, options: dict, text: str = "auto") -> None:
+        ecfg = ExtractConfig(encoder=encoder, dataset=dataset, split=split, features=str(self.feats), text=text,
+                             batch_size=self.cfg.batch_size, options=tuple(sorted(options.items())))  # fmt: skip
+        summary = run_extract(ecfg, progress=self.cfg.progress)
+        done = "already complete" if summary.already_complete else f"{summary.written_rows} rows written"
+        typer.echo(f"      {summary.path}: {summary.rows} rows ({done})")
+
+    def align(self, method: str, shards: Path, out: Path, run: RunConfig, params: dict) -> AlignResult:
+        acfg = AlignConfig(shards=str(shards), out=str(out), method=method, run=run,
+                           params=tuple(sorted(params.items())))  # fmt: skip
+        return run_align(acfg, progress=self.cfg.progress)
+
+    def eval(self, task: str, run: Path, dataset: str, split: str, options: dict, protocol: str | None = None,
+             figures: bool = True) -> dict:  # fmt: skip
+        ecfg = EvalConfig(task=task, dataset=dataset, split=split, features=str(self.feats), run=str(run),
+                          protocol=protocol, options=tuple(sorted(options.items())), device=self.device,
+                          figures=figures)  # fmt: skip
+        outcome = run_eval(ecfg, skip_existing=True)
+        return outcome.result if outcome.result is not None else json.loads(outcome.path.read_text())
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -63,65 +95,66 @@ def run_demo(cfg: DemoConfig) -> Path:
     out = Path(cfg.out)
     feats, runs = out / "features", out / "runs"
     n_train, n_val = SIZES[cfg.size]
-    prog = [] if cfg.progress else ["--no-progress"]
+    stages = Stages(cfg, feats)
     say = typer.echo
+    fashion_ok = _fashion_available()
+    steps = 5 if fashion_ok else 4
+    step = iter(range(1, steps + 1))
 
     encs = f"{cfg.image_encoder} + {cfg.text_encoder}"
-    say(f"[1/4] extract: world train ({n_train} images) and val ({n_val}) with {encs}")
+    say(f"[{next(step)}/{steps}] extract: world train ({n_train} images) and val ({n_val}) with {encs}")
     for split, n in (("train", n_train), ("val", n_val)):
-        common = ["--dataset", "world", "--split", split, "--features", feats, "-o", f"size={n}",
-                  "--batch-size", cfg.batch_size, *prog]  # fmt: skip
-        _cli(["extract", "--encoder", cfg.image_encoder, *common])
-        _cli(["extract", "--encoder", cfg.text_encoder, "--text", "captions", *common])
+        stages.extract(cfg.image_encoder, "world", split, {"size": n})
+        stages.extract(cfg.text_encoder, "world", split, {"size": n}, text="captions")
         if split == "val":
-            _cli(["extract", "--encoder", cfg.text_encoder, "--text", "prompts", *common])
+            stages.extract(cfg.text_encoder, "world", split, {"size": n}, text="prompts")
 
     shards = feats / "world" / "train"
-    pal_common = ["--shards", shards, "--batch-size", cfg.pal_batch, "--epochs", cfg.pal_epochs, "--patience", 10,
-                  "--val-fraction", 0.1, *prog]  # fmt: skip
-    say(f"[2/4] align: PAL for K in {list(cfg.k_grid)} (K picked on held-out train pairs), then the baselines")
+    # One held-out split for every method (RunConfig's seed and val fraction); PAL's small-data batch and budget.
+    base_run = RunConfig(val_fraction=VAL_FRACTION)
+    pal_run = RunConfig(val_fraction=VAL_FRACTION, batch_size=cfg.pal_batch, epochs=cfg.pal_epochs, patience=10)
+    say(f"[{next(step)}/{steps}] align: PAL for K in {list(cfg.k_grid)} (K picked on held-out train pairs), "
+        "then the baselines")
     ablation = []
     for k in cfg.k_grid:
-        run = runs / f"pal-k{k}"
-        _cli(["align", "--method", "pal", "--anchors", k, "--out", run, *pal_common])
-        held = json.loads((run / "run.json").read_text())["heldout"]
-        ablation.append({"K": k, "run": str(run), "val_r1": held["heldout_mean_r1"]})
+        res = stages.align("pal", shards, runs / f"pal-k{k}", pal_run, {"anchors": k})
+        ablation.append({"K": k, "run": str(res.path), "val_r1": res.heldout_mean_r1})
     chosen = max(ablation, key=lambda a: a["val_r1"])
     say(f"      chosen K = {chosen['K']} (held-out mean R@1 {chosen['val_r1']:.3f})")
-    from pipe_align.align.base import METHODS, get_method
-
-    get_method("pal")  # fills the registry
-    baselines = cfg.methods if cfg.methods is not None else tuple(sorted(m for m in METHODS if m != "pal"))
+    baselines = cfg.methods if cfg.methods is not None else tuple(m for m in method_names() if m != "pal")
     method_runs = {"pal": Path(chosen["run"])}
     selection = {"pal": {"params": {"anchors": chosen["K"]}, "heldout_mean_r1": chosen["val_r1"]}}
     for m in baselines:
         tried = []
         for params in BASELINE_GRID.get(m, ({},)):
-            run = runs / _run_name(m, params)
-            flags = [x for key, v in params.items() for x in ("-p", f"{key}={v}")]
-            _cli(["align", "--method", m, "--shards", shards, "--out", run, *flags, *prog])
-            tried.append((json.loads((run / "run.json").read_text())["heldout"]["heldout_mean_r1"], run, params))
+            res = stages.align(m, shards, runs / _run_name(m, params), base_run, params)
+            tried.append((res.heldout_mean_r1, res.path, params))
         best = max(tried, key=lambda t: t[0])
         method_runs[m] = best[1]
         selection[m] = {"params": best[2], "heldout_mean_r1": best[0], "tried": [[t[2], t[0]] for t in tried]}
     (out / "selection.json").write_text(json.dumps(selection, indent=2))
     say("      picked on held-out train pairs: " + ", ".join(str(r.name) for r in method_runs.values()))
 
-    say("[3/4] eval on world val: classification, retrieval, segmentation (pal protocol)")
-    evals = ["--dataset", "world", "--split", "val", "--features", feats, "-o", f"size={n_val}", "--skip-existing"]
-    for k_run in [a["run"] for a in ablation] + [str(r) for m, r in method_runs.items() if m != "pal"]:
+    say(f"[{next(step)}/{steps}] eval on world val: classification, retrieval, segmentation (pal protocol)")
+    world_val = {"size": n_val}
+    for run in [Path(a["run"]) for a in ablation] + [r for m, r in method_runs.items() if m != "pal"]:
         for task in ("classification", "retrieval", "segmentation"):
-            extra = ["--protocol", "pal"] if task == "segmentation" else []
-            _cli(["eval", task, "--run", k_run, *evals, *extra])
-    _cli(["eval", "diagnostics", "--run", chosen["run"], *evals])
-
+            stages.eval(task, run, "world", "val", world_val, protocol="pal" if task == "segmentation" else None)
+    stages.eval("diagnostics", Path(chosen["run"]), "world", "val", world_val)
     _write_ablation(out, ablation, chosen)
-    say("[4/5] fashion-mnist: zero-shot transfer, trained on captions of 7 classes, tested on all 10")
-    fashion = _fashion_transfer(cfg, out, prog, {m: v["params"] for m, v in selection.items() if m != "pal"})
 
-    say("[5/5] report")
-    _cli(["report", *[method_runs[m] for m in method_runs], "--out", out / "report.md"])
-    if fashion:
+    if fashion_ok:
+        say(f"[{next(step)}/{steps}] fashion-mnist: zero-shot transfer, trained on captions of 7 classes, tested on "
+            "all 10")
+        _fashion_transfer(cfg, stages, out, base_run, pal_run, {m: v["params"] for m, v in selection.items()
+                                                                if m != "pal"})  # fmt: skip
+    else:
+        say("      fashion-mnist transfer skipped: dataset-fashion-mnist is not installed (`make fashion-mnist`)")
+
+    say(f"[{next(step)}/{steps}] report")
+    _, _, table = write_report(list(method_runs.values()), out / "report.md")
+    say(table.rstrip())
+    if fashion_ok:
         say(f"fashion-mnist transfer: {out / 'fashion_mnist.md'}")
         say((out / "fashion_mnist.md").read_text())
     say(f"done: report {out / 'report.md'}, K ablation {out / 'k_ablation.png'}, runs and figures under {runs}")
@@ -154,44 +187,33 @@ def _write_ablation(out: Path, ablation: list[dict], chosen: dict) -> None:
     plt.close(fig)
 
 
-def _fashion_transfer(cfg: DemoConfig, out: Path, prog: list[str], baselines: dict[str, dict]) -> bool:
-    """Fashion-MNIST (Debian's dataset-fashion-mnist): align on templated captions of the 7 seen classes, then
-    zero-shot classify the test images of all 10 classes; the 3 unseen classes measure transfer. Skipped, with a note,
-    where the data is not installed."""
-    from pipe_align.extract.datasets import get_dataset
-
+def _fashion_available() -> bool:
     try:
         get_dataset("fashion-mnist", None, "test")
-    except PipeError as e:
-        typer.echo(f"      skipped: {e}")
+    except PipeError:
         return False
-    feats, runs = out / "features", out / "runs-fashion"
-    n_train, n_test = FASHION[cfg.size]
-    seen = ",".join(map(str, SEEN))
-    train = ["--dataset", "fashion-mnist", "--split", "train", "--features", feats, "-o", f"per_class={n_train}",
-             "-o", f"classes={seen}", "-o", "captions=true", "--batch-size", cfg.batch_size, *prog]  # fmt: skip
-    test = ["--dataset", "fashion-mnist", "--split", "test", "--features", feats, "-o", f"per_class={n_test}",
-            "--batch-size", cfg.batch_size, *prog]  # fmt: skip
-    _cli(["extract", "--encoder", cfg.image_encoder, *train])
-    _cli(["extract", "--encoder", cfg.text_encoder, "--text", "captions", *train])
-    _cli(["extract", "--encoder", cfg.image_encoder, *test])
-    _cli(["extract", "--encoder", cfg.text_encoder, "--text", "prompts", *test])
-    shards = feats / "fashion-mnist" / "train"
-    method_runs = {"pal": runs / f"pal-k{FASHION_K}"}
-    _cli(["align", "--method", "pal", "--anchors", FASHION_K, "--shards", shards, "--out", method_runs["pal"],
-          "--batch-size", cfg.pal_batch, "--epochs", cfg.pal_epochs, "--patience", 10, "--val-fraction", 0.1, *prog])
-    for m, params in baselines.items():  # each with the settings picked on the world's held-out pairs
-        method_runs[m] = runs / _run_name(m, params)
-        flags = [x for key, v in params.items() for x in ("-p", f"{key}={v}")]
-        _cli(["align", "--method", m, "--shards", shards, "--out", method_runs[m], *flags, *prog])
-    evals = ["--dataset", "fashion-mnist", "--split", "test", "--features", feats, "-o", f"per_class={n_test}",
-             "--skip-existing", "--no-figures"]  # fmt: skip
-    from pipe_align.extract.datasets.fashion_mnist import FASHION_CLASSES
+    return True
 
+
+def _fashion_transfer(cfg: DemoConfig, stages: Stages, out: Path, base_run: RunConfig, pal_run: RunConfig,
+                      baselines: dict[str, dict]) -> None:  # fmt: skip
+    """Fashion-MNIST (Debian's dataset-fashion-mnist): align on templated captions of the 7 seen classes, then
+    zero-shot classify the test images of all 10 classes; the 3 unseen classes measure transfer."""
+    runs = out / "runs-fashion"
+    n_train, n_test = FASHION[cfg.size]
+    train = {"per_class": n_train, "classes": ",".join(map(str, SEEN)), "captions": True}
+    test = {"per_class": n_test}
+    stages.extract(cfg.image_encoder, "fashion-mnist", "train", train)
+    stages.extract(cfg.text_encoder, "fashion-mnist", "train", train, text="captions")
+    stages.extract(cfg.image_encoder, "fashion-mnist", "test", test)
+    stages.extract(cfg.text_encoder, "fashion-mnist", "test", test, text="prompts")
+    shards = stages.feats / "fashion-mnist" / "train"
+    method_runs = {"pal": stages.align("pal", shards, runs / f"pal-k{FASHION_K}", pal_run, {"anchors": FASHION_K}).path}
+    for m, params in baselines.items():  # each with the settings picked on the world's held-out pairs
+        method_runs[m] = stages.align(m, shards, runs / _run_name(m, params), base_run, params).path
     rows = []
     for run in method_runs.values():
-        _cli(["eval", "classification", "--run", run, *evals])
-        res = json.loads((run / "eval" / "classification-fashion-mnist-test.json").read_text())
+        res = stages.eval("classification", run, "fashion-mnist", "test", test, figures=False)
         per = [res.get(f"acc/{c}") for c in FASHION_CLASSES]
         seen_acc = [per[i] for i in SEEN if per[i] is not None]
         unseen_acc = [p for i, p in enumerate(per) if i not in SEEN and p is not None]
@@ -208,4 +230,3 @@ def _fashion_transfer(cfg: DemoConfig, out: Path, prog: list[str], baselines: di
         lines.append(f"| {r['method']} | {100 * r['acc1']:.1f} | {100 * r['balanced_acc']:.1f} | "
                      f"{100 * r['seen_acc']:.1f} | {100 * r['unseen_acc']:.1f} |")
     (out / "fashion_mnist.md").write_text("\n".join(lines) + "\n")
-    return True

@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipe_align.align.base import load_aligner
 from pipe_align.align.data import PairSource, find_pair_stores, pair_split
-from pipe_align.align.train import AlignConfig, Trainer, run_align
+from pipe_align.align.loop import RunConfig, Trainer
+from pipe_align.align.methods import load_aligner
+from pipe_align.align.pal import PAL
+from pipe_align.align.run import AlignConfig, run_align
 from pipe_align.extract.store import open_store
 from pipe_align.pipelines.cli import main
 
-FAST = (("anchors", 16), ("batch_size", 8), ("epochs", 4), ("tau_p", 0.1), ("val_fraction", 0.25))
+FAST = (("anchors", 16), ("tau_p", 0.1))
+RUN = RunConfig(batch_size=8, epochs=4, val_fraction=0.25)
 
 
 def shards(feats, split="train"):
@@ -21,9 +24,10 @@ def shards(feats, split="train"):
 
 
 def test_pal_run_dir_and_learning(tmp_path, world_features):
-    out = run_align(AlignConfig(shards=shards(world_features), out=str(tmp_path / "run"), params=FAST), progress=False)
+    out = run_align(AlignConfig(shards=shards(world_features), out=str(tmp_path / "run"), params=FAST, run=RUN),
+                    progress=False).path
     meta = json.loads((out / "run.json").read_text())
-    assert meta["complete"] and meta["method"] == "pal" and meta["pairs"] == {"train": 18, "val": 6}
+    assert meta["complete"] and meta["method"] == "pal" and (meta["pairs"]["train"], meta["pairs"]["val"]) == (18, 6)
     assert len(meta["history"]) == 4 and meta["data_mode"] == "memory"
     held = meta["heldout"]  # the same held-out retrieval every method gets, for picking settings
     r1 = (held["heldout_text_retrieval_recall@1"], held["heldout_image_retrieval_recall@1"])
@@ -34,14 +38,15 @@ def test_pal_run_dir_and_learning(tmp_path, world_features):
     pal = load_aligner(out)
     assert pal.image_anchors.shape == (16, 32) and pal.text_anchors.shape == (16, 32)
     # finished run with the same settings: nothing to do; other settings without --resume: refused
-    assert run_align(AlignConfig(shards=shards(world_features), out=str(out), params=FAST), progress=False) == out
+    again = run_align(AlignConfig(shards=shards(world_features), out=str(out), params=FAST, run=RUN), progress=False)
+    assert again.path == out and again.meta == meta
     with pytest.raises(Exception, match="finished run with other settings"):
-        run_align(AlignConfig(shards=shards(world_features), out=str(out), params=FAST[1:]), progress=False)
+        run_align(AlignConfig(shards=shards(world_features), out=str(out), params=FAST[1:], run=RUN), progress=False)
 
 
 def test_resume_after_interruption_equals_unbroken_run(tmp_path, world_features, monkeypatch):
-    cfg_full = AlignConfig(shards=shards(world_features), out=str(tmp_path / "full"), params=FAST)
-    full = run_align(cfg_full, progress=False)
+    cfg_full = AlignConfig(shards=shards(world_features), out=str(tmp_path / "full"), params=FAST, run=RUN)
+    full = run_align(cfg_full, progress=False).path
     calls = {"n": 0}
     original = Trainer.train_epoch
 
@@ -52,7 +57,7 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, world_features,
         return original(self, *a, **k)
 
     monkeypatch.setattr(Trainer, "train_epoch", dying)
-    cfg = AlignConfig(shards=shards(world_features), out=str(tmp_path / "cut"), params=FAST)
+    cfg = AlignConfig(shards=shards(world_features), out=str(tmp_path / "cut"), params=FAST, run=RUN)
     with pytest.raises(KeyboardInterrupt):
         run_align(cfg, progress=False)
     assert (tmp_path / "cut" / "checkpoint.pt").exists()
@@ -60,7 +65,7 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, world_features,
     monkeypatch.setattr(Trainer, "train_epoch", original)
     with pytest.raises(Exception, match="--resume"):
         run_align(cfg, progress=False)
-    resumed = run_align(AlignConfig(**{**cfg.__dict__, "resume": True}), progress=False)
+    resumed = run_align(AlignConfig(**{**cfg.__dict__, "resume": True}), progress=False).path
     a, b = load_aligner(full), load_aligner(resumed)
     torch.testing.assert_close(a.image_anchors, b.image_anchors, rtol=0, atol=0)
     torch.testing.assert_close(a.text_anchors, b.text_anchors, rtol=0, atol=0)
@@ -91,27 +96,28 @@ def test_streaming_serves_every_pair_once_per_epoch(world_features):
 
 def test_streamed_training_runs(tmp_path, world_features):
     out = run_align(
-        AlignConfig(shards=shards(world_features), out=str(tmp_path / "s"), params=FAST, memory_budget=0),
+        AlignConfig(shards=shards(world_features), out=str(tmp_path / "s"), params=FAST,
+                    run=RunConfig(batch_size=8, epochs=4, val_fraction=0.25, memory_budget=0)),
         progress=False,
     )
-    assert json.loads((out / "run.json").read_text())["data_mode"] == "stream"
+    assert out.meta["data_mode"] == "stream" and json.loads((out.path / "run.json").read_text()) == out.meta
 
 
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, world_features, monkeypatch):
-    original = Trainer.loss
+    original = PAL.loss
     calls = {"n": 0}
 
     def poisoned(self, *a):
         calls["n"] += 1
-        loss = original(self, *a)
-        return loss * float("nan") if calls["n"] > 3 else loss  # 3 steps = the first epoch is fine
+        loss, extras = original(self, *a)
+        return (loss * float("nan") if calls["n"] > 3 else loss), extras  # 3 steps = the first epoch is fine
 
-    monkeypatch.setattr(Trainer, "loss", poisoned)
+    monkeypatch.setattr(PAL, "loss", poisoned)
     code = main(["align", "--shards", shards(world_features), "--out", str(tmp_path / "r"), "--anchors", "16",
                  "--batch-size", "8", "--val-fraction", "0.25", "--no-progress"])  # fmt: skip
     assert code == 2
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
-    assert state["epoch"] == 1 and torch.isfinite(state["image_anchors"]).all()
+    assert state["epoch"] == 1 and all(torch.isfinite(p).all() for p in state["params"])
 
 
 def test_bad_inputs(tmp_path, world_features, capsys):
@@ -154,7 +160,7 @@ def test_bad_inputs(tmp_path, world_features, capsys):
 
 
 def test_resume_with_other_dims_is_refused(tmp_path, world_features, monkeypatch):
-    cfg = AlignConfig(shards=shards(world_features), out=str(tmp_path / "r"), params=FAST)
+    cfg = AlignConfig(shards=shards(world_features), out=str(tmp_path / "r"), params=FAST, run=RUN)
     original = Trainer.train_epoch
 
     def dying(self, *a, **k):
@@ -166,7 +172,7 @@ def test_resume_with_other_dims_is_refused(tmp_path, world_features, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run_align(cfg, progress=False)
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
-    state["image_anchors"] = torch.zeros(16, 7)
+    state["params"][0] = torch.zeros(16, 7)
     torch.save(state, tmp_path / "r" / "checkpoint.pt")
     with pytest.raises(Exception, match="do not match"):
         run_align(AlignConfig(**{**cfg.__dict__, "resume": True}), progress=False)
@@ -176,15 +182,15 @@ def test_sotalign_reads_unpaired_stores(tmp_path, world_features, monkeypatch):
     from pipe_align.align.sotalign import SOTAlign
 
     seen = {}
-    original = SOTAlign.fit.__func__
+    original = SOTAlign.setup
 
-    def spy(cls, train, val, config, log, unpaired=None):
-        seen["unpaired"] = unpaired
-        return original(cls, train, val, config, log, unpaired=unpaired)
+    def spy(self, data, seed):
+        seen["unpaired"] = data.unpaired
+        return original(self, data, seed)
 
-    monkeypatch.setattr(SOTAlign, "fit", classmethod(spy))
+    monkeypatch.setattr(SOTAlign, "setup", spy)
     code = main(["align", "--method", "sotalign", "--shards", shards(world_features), "--out", str(tmp_path / "s"),
-                 "--unpaired-shards", shards(world_features, "val"), "-p", "epochs=2", "--no-progress"])  # fmt: skip
+                 "--unpaired-shards", shards(world_features, "val"), "--epochs", "2", "--no-progress"])  # fmt: skip
     assert code == 0
     img, txt = seen["unpaired"]
     val_img = open_store(next(p for p in (world_features / "world" / "val").glob("*dinov2*.zarr")))
@@ -198,7 +204,7 @@ def test_sotalign_reads_unpaired_stores(tmp_path, world_features, monkeypatch):
 def test_unpaired_stores_are_checked(tmp_path, world_features, capsys):
     import zarr
 
-    base = ["align", "--method", "sotalign", "--shards", shards(world_features), "-p", "epochs=1", "--no-progress"]
+    base = ["align", "--method", "sotalign", "--shards", shards(world_features), "--epochs", "1", "--no-progress"]
     only_text = tmp_path / "only-text"
     only_text.mkdir()
     for p in (world_features / "world" / "val").glob("*bert.zarr"):

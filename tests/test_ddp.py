@@ -1,4 +1,4 @@
-"""Data-parallel PAL (torchrun, gloo on CPU): N ranks train the anchors one process trains on the same batches."""
+"""Data parallelism (torchrun, gloo on CPU): N ranks train what one process trains on the same batches, every method."""
 
 import json
 import os
@@ -43,30 +43,40 @@ def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("mode", ["memory", "stream"])
-def test_two_ranks_train_the_single_process_anchors(tmp_path, world_features, mode):
+RUNS = {  # method -> flags; small settings so that a run takes seconds, and rates that move the parameters
+    "pal": ["--anchors", "16", "--lr", "0.05", "--warmup-epochs", "0.5"],
+    "linear": ["--dim", "16", "--lr", "0.05", "--structure-weight", "10", "--structure-warmup", "0.5"],
+    "mlp": ["--dim", "16", "--hidden", "16", "--lr", "0.05"],
+    "sotalign": ["--lr", "0.05"],
+    "procrustes": [],
+}
+COMMON = ["--batch-size", "7", "--epochs", "3", "--val-fraction", "0.25", "--device", "cpu", "--no-progress"]
+
+
+@pytest.mark.parametrize("method,mode", [("pal", "memory"), ("pal", "stream"), ("linear", "memory"),
+                                         ("mlp", "stream"), ("sotalign", "memory"), ("procrustes", "memory")])
+def test_two_ranks_train_what_one_process_trains(tmp_path, world_features, method, mode):
+    """Same weights (to float tolerance) and the same per-epoch losses: the gathered rows and summed gradients make
+    every rank's step the single-process step, for every method of the one training loop."""
     shards = str(world_features / "world" / "train")
     extra = ["--memory-budget", "0"] if mode == "stream" else []
+    args = ["--method", method, *RUNS[method], *COMMON, *extra]
     torch.set_num_threads(1)
-    assert main(["align", "--shards", shards, "--out", str(tmp_path / "one"), *FAST, *extra]) == 0
-    proc = _torchrun(2, ["--shards", shards, "--out", str(tmp_path / "two"), *FAST, *extra])
+    assert main(["align", "--shards", shards, "--out", str(tmp_path / "one"), *args]) == 0
+    proc = _torchrun(2, ["--shards", shards, "--out", str(tmp_path / "two"), *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / r / "run.json").read_text()) for r in ("one", "two"))
     assert two["data_parallel"] == 2 and one["data_parallel"] == 1 and two["data_mode"] == mode
     assert two["complete"] and not (tmp_path / "two" / "checkpoint.pt").exists()
-    a1, a2 = load_file(tmp_path / "one" / "anchors.safetensors"), load_file(tmp_path / "two" / "anchors.safetensors")
-    from pipe_align.align.pal import PAL, PALConfig
-
-    init = PAL(PALConfig(anchors=16), a1["image_anchors"].shape[1], a1["text_anchors"].shape[1])
-    assert (a1["image_anchors"] - init.image_anchors).abs().max() > 1e-2  # trained: equality below means something
-    for k in a1:
-        assert torch.allclose(a1[k], a2[k], atol=1e-5, rtol=0), (k, (a1[k] - a2[k]).abs().max())
+    weights = "anchors.safetensors" if method == "pal" else "weights.safetensors"
+    w1, w2 = load_file(tmp_path / "one" / weights), load_file(tmp_path / "two" / weights)
+    assert w1.keys() == w2.keys()
+    for k in w1:  # summation order differs across ranks; Adam's g / sqrt(v) amplifies that noise on tiny gradients
+        assert torch.allclose(w1[k], w2[k], atol=1e-4, rtol=0), (k, (w1[k] - w2[k]).abs().max())
+    assert len(one["history"]) == len(two["history"]) == (0 if method == "procrustes" else 3)
     for h1, h2 in zip(one["history"], two["history"]):
         assert h1["train_loss"] == pytest.approx(h2["train_loss"], abs=1e-5)
         assert h1["val_loss"] == pytest.approx(h2["val_loss"], abs=1e-5)
-
-
-def test_baselines_refuse_torchrun(tmp_path, world_features):
-    proc = _torchrun(2, ["--shards", str(world_features / "world" / "train"), "--out", str(tmp_path / "p"),
-                         "--method", "procrustes", "--no-progress"])  # fmt: skip
-    assert proc.returncode != 0 and "data-parallel training (torchrun) is PAL's" in proc.stderr
+    if method != "procrustes":  # trained: the equality above is about parameters that moved
+        first = one["history"][0]["train_loss"]
+        assert any(abs(h["train_loss"] - first) > 1e-3 for h in one["history"][1:])

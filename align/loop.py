@@ -1,0 +1,333 @@
+"""The one training loop: every trained method goes through it, closed-form methods fit directly (`fit`).
+
+A trained method (`align.base.TrainedAligner`) supplies its parameters, its loss on a batch and its embed functions.
+This loop owns the rest, the same for every method:
+- the run config (`RunConfig`: seed, held-out fraction, epochs, batch size, patience, device, memory budget);
+- AdamW with the method's rate, betas and weight decay; a cosine or constant schedule with linear warm-up (per step);
+- gradient clipping (global norm) and a stop on anything non-finite: loss, gradient norm or parameters (the last
+  good checkpoint is kept);
+- early stopping on the held-out pairs with one meaning of patience: stop after `patience` epochs without a better
+  held-out loss, 0 = never stop early; the best epoch's state is what the run keeps;
+- an atomic checkpoint after every epoch, from which `resume` continues bit-identically;
+- data parallelism under torchrun (`align.ddp`): every rank walks the same batches, computes its part's per-row
+  tensors, the loss is the whole batch's (gathered rows), and the parameter gradients are summed over ranks;
+- progress (a rich bar) and per-epoch metrics (`on_epoch` receives the history so far after every epoch).
+
+The held-out loss is the same definition for every method: symmetric InfoNCE, at the method's `val_temperature`,
+of `image_global` / `text_global` on the held-out pairs in batches of the run's batch size (epoch 0's caption draw),
+with held-out R@1 both ways beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipe_align.align.base import Aligner, ClosedFormAligner, MethodConfig, StepContext, TrainedAligner, TrainingData
+from pipe_align.align.ddp import DataParallel, gather_rows, sum_gradients
+from pipe_align.align.losses import info_nce
+from pipe_align.align.retrieval import retrieval_metrics
+from pipe_align.extract.errors import PipeError
+
+
+class NonFinite(PipeError):
+    """Training produced a NaN or infinity (loss, gradient or parameters); the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Run-wide settings, the same fields for every method (persisted in run.json as "run"). `epochs`,
+    `batch_size` and `patience` left at None take the method's own defaults (`TrainedAligner.run_defaults`)."""
+
+    seed: int = field(default=0, metadata={"help": "Random seed: held-out split, initialisation, batch order."})
+    val_fraction: float = field(default=0.05, metadata={
+        "help": "Held-out fraction of the training pairs, the same rows for every method (early stopping and "
+                "held-out retrieval)."})  # fmt: skip
+    epochs: int | None = field(default=None, metadata={"help": "Maximum epochs (default: the method's)."})
+    batch_size: int | None = field(default=None, metadata={"help": "Pairs per batch (default: the method's)."})
+    patience: int | None = field(default=None, metadata={
+        "help": "Early stopping: epochs without a better held-out loss before stopping; 0 = off (default: the "
+                "method's)."})  # fmt: skip
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    memory_budget: int | None = field(default=None, metadata={
+        "help": "Keep training tokens in memory up to this size (e.g. 8G); default half the free memory of the "
+                "device; above it, stream from Zarr.", "size": True})  # fmt: skip
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N pairs."})
+
+    def __post_init__(self) -> None:
+        checks = {
+            "seed": 0 <= self.seed < 2**63, "val_fraction": math.isfinite(self.val_fraction) and
+            0 <= self.val_fraction < 1, "epochs": self.epochs is None or self.epochs >= 1,
+            "batch_size": self.batch_size is None or self.batch_size >= 2,
+            "patience": self.patience is None or self.patience >= 0,
+            "memory_budget": self.memory_budget is None or 0 <= self.memory_budget < 2**62,
+            "limit": self.limit is None or self.limit >= 2,
+        }  # fmt: skip
+        for name, ok in checks.items():
+            if not ok:
+                raise PipeError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is out of range")
+
+    def resolved(self, method: type[Aligner]) -> RunConfig:
+        """Unset epochs / batch_size / patience filled with the method's defaults (trained methods only)."""
+        if not issubclass(method, TrainedAligner):
+            return self
+        return replace(self, **{k: v for k, v in method.run_defaults.items() if getattr(self, k) is None})
+
+    def training_key(self) -> dict[str, Any]:
+        """The fields a trained result depends on (not where or how the data is held)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("device", "memory_budget")}
+
+
+@dataclass
+class FitResult:
+    aligner: Aligner
+    history: list[dict[str, Any]]
+    info: dict[str, Any]  # closed form: facts of the fit; trained: best epoch, why it stopped
+
+
+def fit(method: type[Aligner], config: MethodConfig, run: RunConfig, data: TrainingData, *,
+        checkpoint: Path | None = None, resume: bool = False, key: dict[str, Any] | None = None,
+        dp: DataParallel | None = None, on_epoch: Callable[[list[dict]], None] | None = None,
+        progress: bool = False) -> FitResult:  # fmt: skip
+    """Fit any method. Closed form: one call. Trained: `Trainer`, with a checkpoint per epoch when `checkpoint` is
+    given (`key` identifies the run it belongs to; `resume` continues from it)."""
+    run = run.resolved(method)
+    if issubclass(method, ClosedFormAligner):
+        aligner, info = method.fit(data, config, run.seed)
+        return FitResult(aligner, [], info)
+    trainer = Trainer(method, config, run, data, dp)
+    if checkpoint is not None and checkpoint.exists():
+        if not resume:
+            raise PipeError(f"{checkpoint.parent}: has an unfinished run (checkpoint.pt); pass --resume to continue it")
+        trainer.load_checkpoint(checkpoint, key)
+    return trainer.run(checkpoint=checkpoint, key=key, on_epoch=on_epoch, progress=progress)
+
+
+def lr_at(step: int, total: int, warmup: int, base: float, schedule: str) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to zero over the rest (or a constant rate)."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    def __init__(self, method: type[TrainedAligner], config: MethodConfig, run: RunConfig, data: TrainingData,
+                 dp: DataParallel | None = None) -> None:  # fmt: skip
+        self.run_cfg, self.data, self.dp = run, data, dp
+        self.method = method(config)
+        self.method.setup(data, run.seed)
+        self.params = self.method.parameters()
+        cfg = self.method.config
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                     weight_decay=cfg.weight_decay)  # fmt: skip
+        self.steps_per_epoch = max(1, math.ceil(self.method.epoch_rows(data) / run.batch_size))
+        self.total_steps = self.steps_per_epoch * run.epochs
+        self.warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.epoch, self.step, self.bad_epochs = 0, 0, 0
+        self.best: dict[str, Any] = {"val_loss": math.inf, "epoch": -1, "state": None}
+        self.history: list[dict[str, Any]] = []
+        self.init_metrics: dict[str, float] = {}
+        if method.init_is_candidate and data.val is not None:
+            self.init_metrics = self.validate()
+            if "val_loss" in self.init_metrics:
+                self.best = {"val_loss": self.init_metrics["val_loss"], "epoch": -1, "state": self._snapshot()}
+
+    def _snapshot(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.method.state_dict().items()}
+
+    def _gather(self, t: Tensor, sizes: tuple[int, ...] | None) -> Tensor:
+        return t if self.dp is None else gather_rows(t, sizes, self.dp)
+
+    # -- one epoch ------------------------------------------------------------------------------------------------
+    def train_epoch(self, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+        cfg, run = self.method.config, self.run_cfg
+        sums: dict[str, float] = {}
+        n = 0
+        part = self.dp.part if self.dp is not None else None
+        min_rows = max(2, self.dp.world if self.dp is not None else 1)  # negatives, and a row for every rank
+        for batch in self.method.batches(self.data, self.epoch, run.batch_size, run.seed, part):
+            if batch.total < min_rows:
+                continue
+            for g in self.opt.param_groups:
+                g["lr"] = lr_at(self.step, self.total_steps, self.warmup, cfg.lr, cfg.schedule)
+            ctx = StepContext(self.epoch, self.step, self.steps_per_epoch, self._gather)
+            loss, extras = self.method.loss(batch, ctx)
+            where = f"at epoch {self.epoch} step {self.step}"
+            if not torch.isfinite(loss):
+                raise NonFinite(f"loss is {loss.item()} {where}; training stopped, the last good checkpoint is kept "
+                                "(lower --lr or check the stores with `pipe verify`)")  # fmt: skip
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.dp is not None:
+                sum_gradients(self.params)  # each rank's backward covers only its own rows
+            norm = _grad_norm(self.params, cfg.grad_clip)
+            if not math.isfinite(norm):
+                raise NonFinite(f"gradient norm is {norm} {where}; training stopped, the last good checkpoint is kept "
+                                "(lower --lr)")  # fmt: skip
+            self.opt.step()
+            if not all(bool(torch.isfinite(p).all()) for p in self.params):
+                raise NonFinite(f"parameters became non-finite {where}; training stopped, the last good checkpoint "
+                                "is kept (lower --lr)")  # fmt: skip
+            self.step += 1
+            n += batch.total
+            for k, v in {"train_loss": loss.item(), **extras}.items():
+                sums[k] = sums.get(k, 0.0) + v * batch.total
+            if on_step:
+                on_step(batch.total, loss.item())
+        return {k: v / max(n, 1) for k, v in sums.items()} if n else {"train_loss": math.nan}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Held-out InfoNCE and R@1 both ways (empty without held-out pairs)."""
+        return heldout_loss(self.method, self.data.val, self.run_cfg.batch_size, self.run_cfg.seed)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def state(self, key: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "params": [p.detach().clone() for p in self.params], "opt": self.opt.state_dict(), "epoch": self.epoch,
+            "step": self.step, "bad_epochs": self.bad_epochs, "best": self.best, "history": self.history,
+            "init_metrics": self.init_metrics, "key": key,
+        }  # fmt: skip
+
+    def load_checkpoint(self, path: Path, key: dict[str, Any] | None) -> None:
+        try:
+            state = torch.load(path, map_location=self.params[0].device, weights_only=False)
+            params = state["params"]
+        except Exception as e:  # truncated, corrupt or foreign file: one line, never a traceback
+            what = type(e).__name__
+            raise PipeError(f"{path}: cannot be read as a checkpoint ({what}); remove it to start over") from None
+        if state.get("key") != key:
+            raise PipeError(f"{path}: was written with other options or data; resume with the same ones, or use "
+                            "another --out")  # fmt: skip
+        if len(params) != len(self.params) or any(a.shape != b.shape for a, b in zip(params, self.params)):
+            raise PipeError(f"{path}: parameter shapes {[tuple(p.shape) for p in params]} do not match this run's "
+                            f"{[tuple(p.shape) for p in self.params]}")  # fmt: skip
+        with torch.no_grad():
+            for p, saved in zip(self.params, params):
+                p.copy_(saved)
+        self.opt.load_state_dict(state["opt"])
+        self.epoch, self.step, self.bad_epochs = state["epoch"], state["step"], state["bad_epochs"]
+        self.best, self.history, self.init_metrics = state["best"], state["history"], state["init_metrics"]
+
+    def finished(self) -> bool:
+        patience = self.run_cfg.patience
+        return self.epoch >= self.run_cfg.epochs or (patience > 0 and self.bad_epochs >= patience)
+
+    def run(self, checkpoint: Path | None = None, key: dict[str, Any] | None = None,
+            on_epoch: Callable[[list[dict]], None] | None = None, progress: bool = False) -> FitResult:  # fmt: skip
+        main = self.dp is None or self.dp.main
+        bar, on_step, new_epoch = _progress_bar(self.method.name, self.method.epoch_rows(self.data),
+                                                progress and main, self.epoch)  # fmt: skip
+        with bar:
+            while not self.finished():
+                t0 = time.perf_counter()
+                metrics: dict[str, Any] = {"epoch": self.epoch, **self.train_epoch(on_step)}
+                if self.epoch == 0 and self.init_metrics:
+                    metrics |= {f"init_{k}": v for k, v in self.init_metrics.items()}
+                metrics |= self.validate()
+                metrics["seconds"] = time.perf_counter() - t0
+                metrics["pairs_per_s"] = self.method.epoch_rows(self.data) / metrics["seconds"]
+                vl = metrics.get("val_loss")
+                if vl is None or vl < self.best["val_loss"] - 1e-6:
+                    self.best = {"val_loss": math.inf if vl is None else vl, "epoch": self.epoch,
+                                 "state": self._snapshot()}  # fmt: skip
+                    self.bad_epochs = 0
+                else:
+                    self.bad_epochs += 1
+                self.history.append(metrics)
+                self.epoch += 1
+                if checkpoint is not None and main:
+                    atomic_torch_save(self.state(key), checkpoint)
+                new_epoch(metrics)
+                if on_epoch:
+                    on_epoch(list(self.history))
+        if self.best["state"] is not None:
+            self.method.load_state_dict(self.best["state"])
+        stopped = "epochs" if self.epoch >= self.run_cfg.epochs else "patience"
+        return FitResult(self.method, list(self.history), {"best_epoch": self.best["epoch"], "stopped": stopped})
+
+
+def _grad_norm(params: list[Tensor], clip: float) -> float:
+    """Global gradient norm (clipped to `clip` when > 0, as torch's clip_grad_norm_ does)."""
+    if clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
+@torch.no_grad()
+def heldout_loss(aligner: Aligner, val: Any, batch_size: int, seed: int) -> dict[str, float]:
+    """InfoNCE at the method's `val_temperature` and R@1 both ways on the held-out pairs (fixed epoch-0 batches)."""
+    if val is None or len(val) < 2:
+        return {}
+    losses, n, h_i, h_t = 0.0, 0, [], []
+    for batch in val.batches(0, batch_size, seed, shuffle=False):
+        if len(batch.rows) < 2:
+            continue
+        hi, ht = aligner.image_global(batch.image), aligner.text_global(batch.text)
+        losses += info_nce(hi, ht, aligner.val_temperature).item() * len(batch.rows)
+        n += len(batch.rows)
+        h_i.append(hi.float().cpu())
+        h_t.append(ht.float().cpu())
+    if n == 0:
+        return {}
+    hi, ht = torch.cat(h_i), torch.cat(h_t)
+    r = retrieval_metrics(hi, ht, torch.arange(len(ht)), ks=(1, 5))
+    i2t, t2i = r["text_retrieval_recall@1"], r["image_retrieval_recall@1"]
+    return {"val_loss": losses / n, "val_i2t_r1": i2t, "val_t2i_r1": t2i}
+
+
+@torch.no_grad()
+def heldout_retrieval(aligner: Aligner, val: Any, seed: int) -> dict[str, float]:
+    """Retrieval R@1/R@5 on the held-out pairs (one caption per image), the same for every method: what a user (and
+    the demo) can select hyper-parameters on without touching an evaluation split."""
+    h_i, h_t = [], []
+    for batch in val.batches(0, 1024, seed, shuffle=False):
+        h_i.append(aligner.image_global(batch.image).float().cpu())
+        h_t.append(aligner.text_global(batch.text).float().cpu())
+    hi, ht = torch.cat(h_i), torch.cat(h_t)
+    r = retrieval_metrics(hi, ht, torch.arange(len(ht)), ks=(1, 5))
+    out = {f"heldout_{k}": v for k, v in r.items()}
+    out["heldout_mean_r1"] = (r["text_retrieval_recall@1"] + r["image_retrieval_recall@1"]) / 2
+    return out
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _progress_bar(name: str, rows: int, enabled: bool, first_epoch: int):
+    """A rich bar per epoch (rows, loss, pairs/s) and the callbacks that drive it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+    bar = Progress(*cols, TimeRemainingColumn(), disable=not enabled)
+    task = bar.add_task(f"{name} epoch {first_epoch}", total=rows, info="")
+    clock = [time.perf_counter(), 0]
+
+    def on_step(n: int, loss: float) -> None:
+        clock[1] += n
+        rate = clock[1] / max(time.perf_counter() - clock[0], 1e-9)
+        bar.update(task, advance=n, info=f"loss {loss:.3f} {rate:.0f} pairs/s")
+
+    def new_epoch(m: dict) -> None:
+        clock[0], clock[1] = time.perf_counter(), 0
+        bar.reset(task, description=f"{name} epoch {m['epoch'] + 1}")
+        if enabled:
+            bar.console.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+
+    return bar, on_step, new_epoch
+

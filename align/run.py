@@ -1,0 +1,236 @@
+"""`pipe align`: fit a method from the feature stores into a run dir (every method the same way, through align.loop).
+
+Run dir: `method.json` + weights (`anchors.safetensors` for PAL, `weights.safetensors` otherwise) written when
+training ends; `run.json` (method config, run config, encoders, stores, data fingerprints, per-epoch metrics, best
+epoch, wall time, held-out retrieval), rewritten atomically after every epoch with `complete: false` until the end;
+`loss.png`; and while a trained method trains, `checkpoint.pt` (written atomically after every epoch) from which
+`--resume` continues to the same result as an unbroken run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipe_align.align.base import ImageRows, MethodConfig, TextRows, TrainedAligner, TrainingData
+from pipe_align.align.data import (
+    PairSource,
+    PairStores,
+    find_pair_stores,
+    keep_freed_host_memory,
+    pair_split,
+    store_fingerprint,
+    stores_in,
+)
+from pipe_align.align.ddp import barrier_and_close, init_from_env, launched_world
+from pipe_align.align.loop import RunConfig, fit, heldout_retrieval
+from pipe_align.align.methods import get_method
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.runner import resolve_device
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """One `pipe align` invocation; persisted in run.json as "align"."""
+
+    shards: str
+    out: str
+    method: str = "pal"
+    image_encoder: str | None = None
+    text_encoder: str | None = None
+    resume: bool = False
+    unpaired_shards: str | None = None
+    run: RunConfig = field(default_factory=RunConfig)
+    params: tuple[tuple[str, Any], ...] = ()  # the method's own options (fields of its Config)
+
+
+@dataclass
+class AlignResult:
+    path: Path
+    meta: dict[str, Any]  # run.json
+
+    @property
+    def heldout_mean_r1(self) -> float | None:
+        return self.meta.get("heldout", {}).get("heldout_mean_r1")
+
+
+def method_config(method: str, params: dict[str, Any]) -> MethodConfig:
+    cls = get_method(method)
+    names = {f.name: f for f in fields(cls.Config)}
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise PipeError(f"method {method} has no option {', '.join(unknown)}; its options: {', '.join(sorted(names))}")
+    try:
+        return cls.Config(**params)
+    except (TypeError, ValueError) as e:
+        raise PipeError(f"method {method}: bad option value ({e})") from None
+
+
+def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
+    """Train (or resume, or return the finished run when nothing changed) and write the run dir."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise PipeError(f"--out {out}: is a file")
+    method = get_method(cfg.method)
+    mcfg = method_config(cfg.method, dict(cfg.params))
+    run = cfg.run.resolved(method)
+    stores = find_pair_stores(cfg.shards, cfg.image_encoder, cfg.text_encoder)
+    key = _run_key(cfg, mcfg, run, stores)
+    run_json = out / "run.json"
+    if run_json.exists():
+        prev = _read_json(run_json)
+        if prev.get("complete") and prev.get("key") == key:
+            return AlignResult(out, prev)  # already trained with these settings on this data
+        if prev.get("complete"):
+            raise PipeError(f"--out {out}: holds a finished run with other settings or data; choose another --out")
+    device = resolve_device(run.device)
+    keep_freed_host_memory()
+    dp = None
+    if launched_world() > 1:
+        dp, device = init_from_env(device)
+    split = pair_split(stores, run.val_fraction, run.seed, run.limit)
+    tokens = method.wants_tokens(mcfg)
+
+    def source(rows):
+        return PairSource(stores, rows, split.captions, tokens=tokens, device=device, memory_budget=run.memory_budget)
+
+    train, val = source(split.train), (source(split.val) if len(split.val) >= 2 else None)
+    unpaired = _load_unpaired(cfg, stores) if cfg.unpaired_shards else None
+    data = TrainingData(train, val, unpaired)
+    main = dp is None or dp.main
+    out.mkdir(parents=True, exist_ok=True)
+    meta = _run_meta(cfg, mcfg, run, stores, train, split) | {"key": key, "data_parallel": dp.world if dp else 1}
+    def on_epoch(history: list[dict]) -> None:
+        if main:
+            write_json(run_json, meta | {"history": history})
+
+    if main:
+        write_json(run_json, meta)  # complete: false until the end
+    t0 = time.perf_counter()
+    trained = issubclass(method, TrainedAligner)
+    result = fit(method, mcfg, run, data, checkpoint=out / "checkpoint.pt" if trained else None, resume=cfg.resume,
+                 key=key, dp=dp, on_epoch=on_epoch, progress=progress)  # fmt: skip
+    if not main:  # rank 0 writes the run
+        barrier_and_close(dp)
+        return AlignResult(out, meta)
+    aligner = result.aligner
+    meta |= {"history": result.history, "fit": result.info, "wall_seconds": time.perf_counter() - t0}
+    meta["best_epoch"] = result.info.get("best_epoch") if trained else None
+    meta["heldout"] = heldout_retrieval(aligner, val, run.seed) if val is not None else {}
+    aligner.save(out)
+    _plot_loss(result.history, out / "loss.png", cfg.method)
+    meta["complete"] = True
+    write_json(run_json, meta)
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    barrier_and_close(dp)
+    return AlignResult(out, meta)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Written to a temporary name, then renamed: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise PipeError(f"{path}: is not valid JSON (a damaged run dir); remove it or choose another --out") from None
+
+
+def _run_key(cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: PairStores) -> dict[str, Any]:
+    """What a run's result depends on: a finished run is reused, and a checkpoint resumed, only when this matches
+    (the stores' paths resolved, and their content fingerprints, so re-extracted stores are never mistaken)."""
+    return {
+        "method": cfg.method, "config": asdict(mcfg), "run": run.training_key(),
+        "image_store": str(stores.image.path.resolve()), "text_store": str(stores.text.path.resolve()),
+        "fingerprint": {"image": store_fingerprint(stores.image), "text": store_fingerprint(stores.text)},
+        "unpaired_shards": str(Path(cfg.unpaired_shards).resolve()) if cfg.unpaired_shards else None,
+    }  # fmt: skip
+
+
+def _run_meta(cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: PairStores, train: PairSource,
+              split) -> dict[str, Any]:  # fmt: skip
+    si, st = stores.image, stores.text
+    return {
+        "method": cfg.method, "config": asdict(mcfg), "run": asdict(run),
+        "align": {k: v for k, v in asdict(cfg).items() if k not in ("run", "params")} | {"params": dict(cfg.params)},
+        "image_encoder": si.layout.encoder.get("alias"), "text_encoder": st.layout.encoder.get("alias"),
+        "image_weights": si.layout.encoder.get("weights"), "text_weights": st.layout.encoder.get("weights"),
+        "image_layer": si.layout.encoder.get("layer"), "text_layer": st.layout.encoder.get("layer"),
+        "dataset": si.layout.dataset, "split": si.layout.split,
+        "image_store": str(si.path), "text_store": str(st.path),
+        "fingerprint": {"image": store_fingerprint(si), "text": store_fingerprint(st)},
+        "pairs": {"train": int(len(split.train)), "val": int(len(split.val)), "val_ids": _ids_digest(si, split.val)},
+        "tokens": {"image": "patches+cls" if getattr(mcfg, "use_cls", False) else "patches"},
+        "data_mode": "memory" if train.in_memory else "stream", "complete": False,
+    }  # fmt: skip
+
+
+def _ids_digest(store, rows: np.ndarray) -> str:
+    """Identifies the held-out images (the same for every method given seed and fraction) without listing them."""
+    ids = store["ids"][:][rows] if len(rows) else []
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+def _load_unpaired(cfg: AlignConfig, paired: PairStores) -> tuple[ImageRows, TextRows]:
+    """Image rows and caption rows of `--unpaired-shards` (their pairing, if any, unused), from stores of the same
+    encoders (alias and layer) as the paired ones: complete, skipped images dropped, every value finite."""
+    folder = Path(cfg.unpaired_shards)
+    stores = stores_in(folder)
+    picked = []
+    for st in (paired.image, paired.text):
+        enc = st.layout.encoder
+        same = [s for s in stores if s.layout.modality == st.layout.modality and s.layout.encoder.get("alias")
+                == enc.get("alias") and s.layout.encoder.get("layer") == enc.get("layer")]  # fmt: skip
+        what = f"{st.layout.modality} store of {enc.get('alias')} (layer {enc.get('layer')})"
+        if not same:
+            found = ", ".join(s.path.name for s in stores) or "no stores"
+            raise PipeError(f"--unpaired-shards {folder}: no {what}, the encoder of the paired stores (found: {found})")
+        if len(same) > 1:
+            raise PipeError(f"--unpaired-shards {folder}: several {what}: "
+                            + ", ".join(s.path.name for s in same) + "; keep one per folder")  # fmt: skip
+        same[0].require_complete()
+        picked.append(same[0])
+    img_st, txt_st = picked
+    kept = np.flatnonzero(~img_st["skipped"][:])  # skipped images were never written (NaN fill)
+    cls, pooled = img_st.rows("cls")[torch.from_numpy(kept)].float(), txt_st.rows("pooled").float()
+    for st, name, t, row_ids in ((img_st, "cls", cls, kept), (txt_st, "pooled", pooled, np.arange(len(pooled)))):
+        bad = torch.nonzero(~torch.isfinite(t).all(1))
+        if len(bad):
+            raise PipeError(f"{st.path}: array {name!r} has non-finite values in row {int(row_ids[int(bad[0])])} "
+                            "(see `pipe verify`)")  # fmt: skip
+    return ImageRows(cls=cls), TextRows(pooled=pooled)
+
+
+def _plot_loss(history: list[dict], path: Path, method: str) -> None:
+    if not history or not any(k in history[0] for k in ("train_loss", "val_loss")):
+        return  # closed-form methods have no loss curve
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ep = [h["epoch"] for h in history]
+    if "train_loss" in history[0]:
+        ax.plot(ep, [h["train_loss"] for h in history], label="train")
+    if "val_loss" in history[0]:
+        ax.plot(ep, [h["val_loss"] for h in history], label="held-out")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{method}: loss per epoch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

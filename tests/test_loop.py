@@ -1,0 +1,251 @@
+"""The one training loop: every trained method gets the same held-out rows, one meaning of patience, a stop on
+anything non-finite, resume after SIGKILL to the same weights, and a method defined in one file (here: in a test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipe_align.align import base
+from pipe_align.align.base import ImageRows, StepContext, TextRows, TrainedAligner, TrainedConfig, l2n
+from pipe_align.align.losses import info_nce
+from pipe_align.align.methods import get_method, load_aligner
+from pipe_align.pipelines.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shards(feats, split="train"):
+    return str(feats / "world" / split)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- a method defined only here ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ToyConfig(TrainedConfig):
+    dim: int = field(default=16, metadata={"help": "toy: output dimension."})
+    temperature: float = 0.1
+
+
+class Toy(TrainedAligner):
+    """One linear map per modality on the global features, trained with InfoNCE."""
+
+    Config = ToyConfig
+    run_defaults = {"epochs": 5, "batch_size": 8, "patience": 0}
+
+    def setup(self, data, seed):
+        g = torch.Generator().manual_seed(seed)
+        di, dt = data.train.stores.image.layout.dim, data.train.stores.text.layout.dim
+        self.w_img = (torch.randn(di, self.config.dim, generator=g) / di**0.5).requires_grad_()
+        self.w_txt = (torch.randn(dt, self.config.dim, generator=g) / dt**0.5).requires_grad_()
+
+    def parameters(self):
+        return [self.w_img, self.w_txt]
+
+    def loss(self, batch, ctx: StepContext):
+        hi = ctx.gather(l2n(batch.image.cls.float() @ self.w_img), batch.sizes)
+        ht = ctx.gather(l2n(batch.text.pooled.float() @ self.w_txt), batch.sizes)
+        return info_nce(hi, ht, self.config.temperature), {}
+
+    @property
+    def val_temperature(self):
+        return self.config.temperature
+
+    def image_global(self, rows: ImageRows):
+        return l2n(rows.cls.float() @ self.w_img.detach())
+
+    def text_global(self, rows: TextRows):
+        return l2n(rows.pooled.float() @ self.w_txt.detach())
+
+    def image_dense(self, patches):
+        return l2n(patches.float() @ self.w_img.detach())
+
+    def state_dict(self):
+        return {"w_img": self.w_img, "w_txt": self.w_txt}
+
+    def load_state_dict(self, state):
+        self.w_img, self.w_txt = state["w_img"], state["w_txt"]
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """Registered for one test only: the global registry never keeps it."""
+    monkeypatch.setitem(base.METHODS, "toy", Toy)
+    monkeypatch.setattr(Toy, "name", "toy", raising=False)
+    yield Toy
+
+
+def test_a_method_defined_in_a_test_trains_resumes_and_loads(tmp_path, world_features, toy):
+    out = tmp_path / "toy"
+    args = ["align", "--method", "toy", "--shards", shards(world_features), "--val-fraction", "0.25", "--no-progress"]
+    assert main([*args, "--out", str(out), "-p", "dim=8"]) == 0
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["method"] == "toy" and meta["run"]["epochs"] == 5 and len(meta["history"]) == 5
+    assert meta["history"][-1]["train_loss"] < meta["history"][0]["train_loss"]
+    back = load_aligner(out)
+    assert type(back) is Toy and back.w_img.shape[1] == 8
+    assert meta["heldout"]["heldout_mean_r1"] >= 0
+
+
+def test_a_name_is_registered_once():
+    with pytest.raises(ValueError, match="already registered"):
+        base.register_method("pal")(type("Other", (Toy,), {}))
+    assert get_method("pal").__name__ == "PAL"
+
+
+@pytest.fixture
+def restored_registry():
+    before = dict(base.METHODS)
+    yield
+    base.METHODS.clear()
+    base.METHODS.update(before)
+
+
+def test_the_docs_example_is_a_working_method(tmp_path, world_features, monkeypatch, restored_registry):
+    """docs/align.md shows a new method in one file; that code, run as written, trains through `pipe align`."""
+    text = (ROOT / "docs" / "align.md").read_text()
+    code = re.search(r"```python\n(# align/scaled\.py.*?)```", text, re.S).group(1)
+    assert 30 <= len(code.strip().splitlines()) <= 60
+    module = types.ModuleType("docs_example")
+    monkeypatch.setitem(sys.modules, "docs_example", module)
+    exec(compile(code, "docs/align.md", "exec"), module.__dict__)
+    assert main(["align", "--method", "scaled", "--shards", shards(world_features), "--out", str(tmp_path / "s"),
+                 "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["complete"]
+
+
+# -- one held-out split, one meaning of patience ------------------------------------------------------------------
+def test_every_method_holds_out_the_same_rows(tmp_path, world_features):
+    seen = {}
+    for method in ("pal", "linear", "procrustes", "sotalign"):
+        out = tmp_path / method
+        assert main(["align", "--method", method, "--shards", shards(world_features), "--out", str(out),
+                     "--val-fraction", "0.3", "--epochs", "1", "--batch-size", "8", "--no-progress"]) == 0  # fmt: skip
+        meta = json.loads((out / "run.json").read_text())
+        seen[method] = meta["pairs"]
+    assert seen["pal"]["val"] == round(24 * 0.3) and seen["pal"]["val_ids"]
+    assert all(p == seen["pal"] for p in seen.values()), seen
+
+
+@pytest.mark.parametrize("method,extra", [("linear", ["--dim", "8"]), ("pal", ["--anchors", "8"]),
+                                          ("sotalign", [])])
+def test_patience_zero_never_stops_early(tmp_path, world_features, method, extra):
+    out = tmp_path / method
+    assert main(["align", "--method", method, *extra, "--shards", shards(world_features), "--out", str(out),
+                 "--patience", "0", "--epochs", "6", "--val-fraction", "0.25", "--batch-size", "8",
+                 "--no-progress"]) == 0  # fmt: skip
+    meta = json.loads((out / "run.json").read_text())
+    assert len(meta["history"]) == 6 and meta["fit"]["stopped"] == "epochs"
+
+
+def test_patience_stops_after_that_many_epochs_without_a_better_heldout_loss(tmp_path, world_features):
+    # a rate this high makes the held-out loss of the linear heads worse after the first epochs
+    out = tmp_path / "p"
+    assert main(["align", "--method", "linear", "--dim", "8", "--lr", "3", "--shards", shards(world_features),
+                 "--out", str(out), "--patience", "2", "--epochs", "40", "--val-fraction", "0.25", "--batch-size",
+                 "8", "--no-progress"]) == 0  # fmt: skip
+    meta = json.loads((out / "run.json").read_text())
+    losses = [h["val_loss"] for h in meta["history"]]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert meta["fit"]["stopped"] == "patience" and len(losses) < 40
+    assert len(losses) == best + 1 + 2 and meta["best_epoch"] == best  # two epochs after the best, then stop
+
+
+# -- nothing non-finite ends "complete" -------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags", [["--lr", "1e30"], ["--method", "linear", "--lr", "1e30"]])
+def test_parameters_that_blow_up_stop_training(tmp_path, world_features, capsys, flags):
+    out = tmp_path / "inf"
+    code = main(["align", *flags, "--shards", shards(world_features), "--out", str(out), "--epochs", "3",
+                 "--batch-size", "8", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite" in err and err.count("\n") == 1, err
+    assert not json.loads((out / "run.json").read_text())["complete"]
+    assert not (out / "anchors.safetensors").exists() and not (out / "weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--tau", "inf"), ("--tau-p", "nan"), ("--seed", "-1"),
+                                        ("--weight-decay", "-5"), ("--warmup-epochs", "inf"),
+                                        ("--memory-budget", "1e400"), ("--schedule", "linear")])
+def test_absurd_values_are_refused_up_front(tmp_path, world_features, capsys, flag, value):
+    code = main(["align", "--shards", shards(world_features), "--out", str(tmp_path / "x"), flag, value,
+                 "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_option_of_another_method_is_refused(tmp_path, world_features, capsys):
+    code = main(["align", "--method", "linear", "--anchors", "8", "--shards", shards(world_features), "--out",
+                 str(tmp_path / "x"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--anchors" in err and "linear" in err and err.count("\n") == 1, err
+
+
+# -- resume after SIGKILL ---------------------------------------------------------------------------------------------
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from pipe_align.align import loop
+    saved = loop.atomic_torch_save
+    count = [0]
+    def save_then_die(obj, path):  # killed right after the checkpoint of epoch KILL_AT
+        saved(obj, path)
+        count[0] += 1
+        if count[0] == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    loop.atomic_torch_save = save_then_die
+    from pipe_align.pipelines.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+RESUMABLE = {
+    "pal": ["--anchors", "8", "--lr", "0.05"],
+    "linear": ["--dim", "8", "--structure-weight", "10", "--structure-warmup", "1"],
+    "mlp": ["--dim", "8", "--hidden", "8", "--lr", "0.01"],
+    "sotalign": ["--lr", "0.01"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(RESUMABLE))
+def test_sigkill_then_resume_gives_the_unbroken_weights(tmp_path, world_features, method):
+    args = ["align", "--method", method, *RESUMABLE[method], "--shards", shards(world_features), "--epochs", "4",
+            "--patience", "0", "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    cut = tmp_path / "cut"
+    env = {**os.environ, "KILL_AT": "2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _KILLER, *args, "--out", str(cut)], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert torch.load(cut / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert not json.loads((cut / "run.json").read_text())["complete"]
+    assert main([*args, "--out", str(cut)]) == 2  # an unfinished run is not silently restarted or reused
+    assert main([*args, "--out", str(cut), "--resume"]) == 0
+    weights = "anchors.safetensors" if method == "pal" else "weights.safetensors"
+    a, b = load_file(tmp_path / "full" / weights), load_file(cut / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full, resumed = (json.loads((p / "run.json").read_text()) for p in (tmp_path / "full", cut))
+    timing = ("seconds", "pairs_per_s")
+    strip = [{k: v for k, v in h.items() if k not in timing} for h in full["history"]]
+    assert strip == [{k: v for k, v in h.items() if k not in timing} for h in resumed["history"]]
+
+
+def test_the_test_methods_did_not_leak():
+    assert not {"toy", "scaled", "identity-test"} & set(base.METHODS)  # runs last in this file
