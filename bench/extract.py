@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from pipe_align.extract.datasets import get_dataset
-from pipe_align.extract.runner import ExtractConfig, _encoder, run_extract
+from pipe_align.extract.job import cached_encoder
+from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.extract.store import open_store
 
 
@@ -35,7 +36,7 @@ def main() -> None:
 
     opts = (("size", args.images),)
     ds = get_dataset("world", None, "train", **dict(opts))
-    enc = _encoder(args.encoder, "last", None, 64, args.device)
+    enc = cached_encoder(args.encoder, "last", None, 64, args.device)
     images = [ds.load_image(i) for i in range(args.images)]
     batches = [enc.preprocess(images[i : i + args.batch_size]) for i in range(0, len(images), args.batch_size)]
     enc.encode(batches[0])  # warm-up

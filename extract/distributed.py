@@ -1,17 +1,21 @@
-"""Extraction on a dask.distributed cluster: one task per shard, each worker writes only the shards it was given.
+"""The dask executor: one task per shard on a dask.distributed cluster; each worker writes only the shards it is given.
 
-The task is the same `extract_shards` the local runner uses; the coordinator only creates the store before and marks
-it complete after. `local:N` starts a LocalCluster of N single-threaded processes (GPU users: one worker per GPU).
+The task is the same `extract_shards` the local executor runs; the coordinator (runner.run_extract) only creates the
+store before and marks it complete after. `local:N` starts a LocalCluster of N single-threaded processes (GPU users:
+one worker per GPU). dask.distributed is imported when a cluster is asked for, so a local run never pays for it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import replace
 from functools import lru_cache
 
 from pipe_align.extract.errors import PipeError
-from pipe_align.extract.runner import ExtractConfig, ShardResult, default_threads, extract_shards, plan
-from pipe_align.extract.store import open_store
+from pipe_align.extract.job import ExtractConfig, Job, plan
+from pipe_align.extract.shards import ShardResult, extract_shards
+from pipe_align.extract.store import FeatureStore, open_store
 
 
 @lru_cache(maxsize=2)
@@ -46,14 +50,22 @@ def _client(cluster: str, n_shards: int):
     return client, len(client.scheduler_info().get("workers", {})) or 1
 
 
-def run_on_cluster(cfg: ExtractConfig, shards: list[int], cluster: str, advance: Callable[[int], None]):
+def default_threads(workers: int) -> int:
+    """Torch threads per worker process so that N local workers share the cores instead of oversubscribing them."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def run_on_cluster(
+    job: Job, store: FeatureStore, shards: list[int], advance: Callable[[int], None], *, cluster: str
+) -> list[ShardResult]:
+    """The dask executor. Workers re-plan from `job.cfg` (cached per process) and reopen `store` by its path: only the
+    config and shard ids travel, never the dataset, the encoder or the store object."""
     from dask.distributed import as_completed
 
+    cfg = job.cfg
     client, workers = _client(cluster, len(shards))
     try:
         if cfg.threads is None and cluster.startswith("local:"):
-            from dataclasses import replace
-
             cfg = replace(cfg, threads=default_threads(workers))
         futures = client.map(shard_task, [cfg] * len(shards), shards, pure=False)
         results = []

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModel
 
 from pipe_align.extract.datasets import get_dataset
-from pipe_align.extract.runner import ExtractConfig, _encoder, run_extract
+from pipe_align.extract.job import cached_encoder
+from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.extract.store import open_store, store_path
 from pipe_align.pipelines.cli import main
 
@@ -38,7 +40,7 @@ def test_image_store_equals_direct_forward(tmp_path, tiny_dinov2):
     st = open_store(summary.path, modality="image")
     assert st.verify() == [] and st.layout.count == 12 and st.layout.num_shards == 3
     ds = get_dataset("world", None, "train", size=12)
-    enc = _encoder(enc_name, "last", None, 64, "cpu")
+    enc = cached_encoder(enc_name, "last", None, 64, "cpu")
     pixels = enc.preprocess([ds.load_image(i) for i in range(12)], resize=st.layout.resize)
     with torch.no_grad():
         hidden = AutoModel.from_pretrained(tiny_dinov2)(pixel_values=pixels).last_hidden_state
@@ -58,7 +60,7 @@ def test_caption_and_prompt_stores(tmp_path, tiny_bert):
     expected = [c for c in ds.captions() if c.item < 6]
     assert list(cap["text"][:]) == [c.text for c in expected]
     np.testing.assert_array_equal(cap["item"][:], [c.item for c in expected])
-    enc = _encoder(enc_name, "last", None, 64, "cpu")
+    enc = cached_encoder(enc_name, "last", None, 64, "cpu")
     tokens, length, pooled = enc.encode([c.text for c in expected])
     np.testing.assert_array_equal(cap["length"][:], length.numpy())
     np.testing.assert_allclose(cap["tokens"][:].astype(np.float32), tokens.numpy(), atol=2e-3, rtol=2e-3)
@@ -143,6 +145,49 @@ def test_corrupt_image_is_skipped_or_fatal_with_strict(tmp_path, tiny_dinov2, ca
     st = open_store(next((tmp_path / "g").rglob("*.zarr")))
     assert st.attrs["skipped"] == [jpgs[2].stem] and jpgs[2].stem in capsys.readouterr().out
     assert st.verify() == []
+
+
+def test_truncated_files_are_skipped_and_listed(tmp_path, tiny_dinov2, monkeypatch):
+    """Truncated bytes are a corrupt image: one JPEG cut by the reader's decode (UnreadableImage), one PNG that a
+    reader hands over lazily so that PIL's OSError surfaces in the runner's own decode. Both rows are skipped."""
+    from pipe_align.extract.datasets import write_world
+    from pipe_align.extract.datasets.voc import VOCSegmentation
+
+    write_world(tmp_path / "data", "train", size=6, seed=0, layouts=("voc",))
+    jpg = sorted((tmp_path / "data").rglob("JPEGImages/*"))[1]
+    jpg.write_bytes(jpg.read_bytes()[:-2000])
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    png = tmp_path / "cut.png"
+    Image.fromarray(noise).save(png)
+    png.write_bytes(png.read_bytes()[:-2000])
+    load = VOCSegmentation.load_image
+    monkeypatch.setattr(VOCSegmentation, "load_image", lambda self, i: Image.open(png) if i == 4 else load(self, i))
+    ids = [r.id for r in get_dataset("voc", tmp_path / "data", "train").images()]
+    cfg = ExtractConfig(encoder=f"hf:{tiny_dinov2}", dataset="voc", root=str(tmp_path / "data"), split="train",
+                        features=str(tmp_path / "f"), batch_size=4)  # fmt: skip
+    summary = run_extract(cfg, progress=False)
+    assert [rid for rid, _ in summary.skipped] == [jpg.stem, ids[4]] and "truncated" in summary.skipped[1][1]
+    st = open_store(summary.path)
+    assert st.attrs["skipped"] == [jpg.stem, ids[4]] and st.verify() == []
+    assert list(st["ids"][:]) == ids and st["skipped"][:].tolist() == [i in (1, 4) for i in range(6)]
+
+
+def test_reader_bug_fails_the_run_instead_of_skipping_the_row(tmp_path, tiny_dinov2, monkeypatch):
+    """Only unreadable images are skipped: any other exception from a reader is a bug and must not pass as a
+    "corrupt image" (the run fails with its traceback; the store is left incomplete)."""
+    from pipe_align.extract.datasets.world import World
+
+    load = World.load_image
+
+    def buggy(self, i):
+        if i == 2:
+            raise KeyError("annotation 'x2' missing")
+        return load(self, i)
+
+    monkeypatch.setattr(World, "load_image", buggy)
+    with pytest.raises(KeyError, match="x2"):
+        run({"encoder": f"hf:{tiny_dinov2}", "features": str(tmp_path)})
+    assert not open_store(next(tmp_path.rglob("*.zarr")), require_complete=False).complete
 
 
 @pytest.mark.parametrize(

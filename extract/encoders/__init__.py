@@ -1,6 +1,7 @@
 """Registry of frozen encoders (transformers models): `load_encoder(alias or "hf:<id or path>")`.
 
-One module per family registers its aliases (`dinov2`, `clip`, `sentence`); `provision` builds offline folders.
+One module per family registers its aliases (`dinov2`, `clip`, `sentence`); `provision` builds offline folders and
+`local` finds them (imports: base <- local <- registry <- families, provision).
 """
 
 from pipe_align.extract.encoders import clip, dinov2, sentence  # noqa: F401  (import registers the families)

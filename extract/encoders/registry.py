@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pipe_align.extract.encoders.base import ImageEncoder, Options, Source, TextEncoder, load_pretrained, read_marker
+from pipe_align.extract.encoders.local import local_source
 from pipe_align.extract.errors import PipeError
 
 Encoder = ImageEncoder | TextEncoder
@@ -73,8 +74,6 @@ def load_encoder(name: str, *, layer: str = "last", image_size: int | None = Non
     if name not in _ALIASES:
         raise PipeError(f"unknown encoder {name!r}; valid: {', '.join(encoder_names())}, or hf:<model id or path>")
     model_id, builder = _ALIASES[name]
-    from pipe_align.extract.encoders.provision import local_source  # late: provision imports this module's users
-
     return builder(local_source(name) or Source(name, model_id, None, model_id), options)
 
 

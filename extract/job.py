@@ -1,0 +1,139 @@
+"""What an extraction computes: the resolved config, and the plan (dataset rows, encoder, store layout) that every
+executor, local or dask, turns into the same shards. Planning writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from pipe_align.extract.datasets import get_dataset
+from pipe_align.extract.encoders import load_encoder
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.store import StoreLayout, default_rows, store_path
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """One `pipe extract` invocation, resolved; persisted in the store attributes as `extract`."""
+
+    encoder: str
+    dataset: str
+    split: str
+    features: str
+    root: str | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    dtype: str = "float16"
+    limit: int | None = None
+    image_size: int | None = None
+    layer: str = "last"
+    max_length: int = 64
+    text: str = "auto"  # "captions", "prompts" (class templates) or "auto" (captions when the set has them)
+    templates: tuple[str, ...] | None = None  # override the dataset's prompt templates
+    resize: str = "auto"  # image encoders: "crop", "squash", or "auto" (squash when the set has masks)
+    strict: bool = False  # a corrupt image fails the run instead of being skipped
+    shard_rows: int | None = None
+    options: tuple[tuple[str, Any], ...] = ()  # dataset options (e.g. world size, seed)
+    threads: int | None = None  # torch threads per process (dask workers)
+
+
+@lru_cache(maxsize=4)
+def cached_encoder(name: str, layer: str, image_size: int | None, max_length: int, device: str):
+    """One loaded encoder per process and settings: every plan with the same encoder (image and text stores of a
+    split, a resumed run, a test re-checking a store) reuses it."""
+    return load_encoder(name, layer=layer, image_size=image_size, max_length=max_length, device=device)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise PipeError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipeError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+@dataclass
+class Job:
+    """What a shard needs: the config, the dataset, the encoder, the rows to produce and the store."""
+
+    cfg: ExtractConfig
+    dataset: Any
+    encoder: Any
+    layout: StoreLayout
+    path: str
+    image_rows: list | None = None  # ImageRecord per row (image stores)
+    text_rows: list[tuple[str, str, int]] | None = None  # (id, text, item) per row (text stores)
+
+
+def _text_mode(cfg: ExtractConfig, dataset) -> str:
+    if cfg.text not in ("auto", "captions", "prompts"):
+        raise PipeError(f"--text must be auto, captions or prompts, got {cfg.text!r}")
+    if cfg.text != "auto":
+        return cfg.text
+    return "captions" if dataset.captions() is not None else "prompts"
+
+
+def plan(cfg: ExtractConfig) -> Job:
+    """Resolve dataset, encoder, rows and the store layout (no writing)."""
+    device = resolve_device(cfg.device)
+    if cfg.batch_size < 1:
+        raise PipeError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise PipeError(f"--limit must be >= 1, got {cfg.limit}")
+    dataset = get_dataset(cfg.dataset, cfg.root, cfg.split, **dict(cfg.options))
+    enc = cached_encoder(cfg.encoder, cfg.layer, cfg.image_size, cfg.max_length, device)
+    info = asdict(enc.info)
+    images = dataset.images()
+    limit = len(images) if cfg.limit is None else min(cfg.limit, len(images))
+    classes = tuple(dataset.classes) if dataset.classes is not None else None
+    if info["modality"] == "image":
+        if cfg.resize not in ("auto", "crop", "squash"):
+            raise PipeError(f"--resize must be auto, crop or squash, got {cfg.resize!r}")
+        resize = cfg.resize if cfg.resize != "auto" else ("squash" if dataset.has_masks() else "crop")
+        rows = images[:limit]
+        if not rows:
+            raise PipeError(f"dataset {cfg.dataset} split {cfg.split!r} has no images under {cfg.root}")
+        grid = tuple(enc.grid)
+        tokens, extra = grid[0] * grid[1], {"grid": grid, "resize": resize, "classes": classes}
+        text_rows = None
+    else:
+        mode = _text_mode(cfg, dataset)
+        if mode == "captions":
+            caps = dataset.captions()
+            if caps is None:
+                raise PipeError(f"dataset {cfg.dataset} has no captions; use --text prompts")
+            text_rows = [(c.id, c.text, c.item) for c in caps if c.item < limit]
+            extra = {}
+        else:
+            if classes is None:
+                raise PipeError(f"dataset {cfg.dataset} has no classes to build prompts from; use --text captions")
+            templates = tuple(cfg.templates) if cfg.templates else tuple(dataset.templates())
+            if not templates or any("{}" not in t for t in templates):
+                raise PipeError(f"--templates: every template needs a '{{}}' for the class name, got {templates}")
+            text_rows = [
+                (f"{ci}:{ti}", t.replace("{}", c), ci) for ci, c in enumerate(classes) for ti, t in enumerate(templates)
+            ]
+            extra = {"classes": classes, "templates": templates}
+        for rid, text, _ in text_rows:
+            if not text.strip():
+                raise PipeError(f"dataset {cfg.dataset} split {cfg.split}: caption {rid} is empty")
+        if not text_rows:
+            raise PipeError(f"dataset {cfg.dataset} split {cfg.split!r} has no captions")
+        tokens, rows = enc.info.max_length, None
+    count = len(rows) if rows is not None else len(text_rows)
+    per_chunk, per_shard = default_rows(tokens, info["dim"], count, cfg.shard_rows)
+    origin = {"root": None if cfg.root is None else str(cfg.root), "options": dict(cfg.options), "limit": cfg.limit}
+    layout = StoreLayout(
+        modality=info["modality"], encoder=info, dataset=cfg.dataset, split=cfg.split, count=count, tokens=tokens,
+        dim=info["dim"], rows_per_chunk=per_chunk, rows_per_shard=per_shard, dtype=cfg.dtype, origin=origin, **extra,
+    )  # fmt: skip
+    suffix = ".prompts" if info["modality"] == "text" and "templates" in extra else ""
+    path = store_path(cfg.features, cfg.dataset, cfg.split, cfg.encoder)
+    path = path.with_name(path.name.replace(".zarr", f"{suffix}.zarr"))
+    return Job(cfg, dataset, enc, layout, str(path), image_rows=rows, text_rows=text_rows)
