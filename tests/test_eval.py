@@ -21,7 +21,8 @@ from PIL import Image
 
 from pipe_align.align.base import Aligner, MethodConfig, l2n, register_method
 from pipe_align.align.pal import PAL, PALConfig
-from pipe_align.evaluate.loading import EvalConfig, load_context
+from pipe_align.evaluate.config import EvalConfig
+from pipe_align.evaluate.context import load_context
 from pipe_align.evaluate.metrics import miou_reference
 from pipe_align.evaluate.segmentation import run_segmentation, upsample_argmax
 from pipe_align.extract.datasets import World, get_dataset, write_world
