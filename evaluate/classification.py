@@ -58,7 +58,7 @@ def run_classification(ctx: EvalContext) -> dict[str, Any]:
 
 @register_task("classification")
 class ClassificationTask(Task):
-    """Zero-shot classification with the class-prompt store: acc1, acc5, balanced accuracy. Draws no figure."""
+    """Zero-shot classification with the class-prompt store: acc1, acc5, balanced accuracy."""
 
     text = "prompts"
     columns = (("acc1", "acc1"), ("balanced_acc", "bal.acc"))
