@@ -19,7 +19,7 @@ import torch
 
 from pipe_align.align.base import ImageRows, TextRows
 from pipe_align.extract.errors import PipeError
-from pipe_align.extract.runner import prefetch
+from pipe_align.extract.shards import prefetch
 from pipe_align.extract.store import FeatureStore, open_store
 
 

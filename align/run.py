@@ -34,7 +34,7 @@ from pipe_align.align.ddp import barrier_and_close, init_from_env, launched_worl
 from pipe_align.align.loop import RunConfig, fit, heldout_retrieval
 from pipe_align.align.methods import get_method
 from pipe_align.extract.errors import PipeError
-from pipe_align.extract.runner import resolve_device
+from pipe_align.extract.job import resolve_device
 
 
 @dataclass(frozen=True)

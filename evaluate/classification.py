@@ -8,8 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipe_align.evaluate.loading import EvalContext, class_weights, image_rows, is_background, row_blocks
+from pipe_align.evaluate.base import Task, register_task
+from pipe_align.evaluate.context import EvalContext
+from pipe_align.evaluate.dataset import reader_class
+from pipe_align.evaluate.loading import image_rows, row_blocks
 from pipe_align.evaluate.metrics import classification_metrics
+from pipe_align.evaluate.prompts import class_weights
 from pipe_align.extract.errors import PipeError
 
 
@@ -26,9 +30,12 @@ def run_classification(ctx: EvalContext) -> dict[str, Any]:
                         "or every row was skipped); classification needs a labelled set")
     if labels[keep].max() >= len(classes):
         raise PipeError(f"{img.path}: label {labels[keep].max()} outside the {len(classes)} prompt classes")
-    # VOC-style sets list "background" first but never label an image with it: it is no classification answer
-    drop_bg = is_background(classes) and not (labels[keep] == 0).any()
-    cand = torch.arange(1 if drop_bg else 0, len(classes))
+    # a background class (the reader says which) is no answer to "what is this image of" unless images carry it
+    bg = reader_class(img).background
+    drop_bg = bg is not None and bg < len(classes) and not (labels[keep] == bg).any()
+    cand = torch.tensor([c for c in range(len(classes)) if not (drop_bg and c == bg)])
+    position = np.full(len(classes), -1, np.int64)
+    position[cand.numpy()] = np.arange(len(cand))
     w = weights[cand].to(device)
     logits = []
     for start, stop in row_blocks(img, tokens=aligner.needs_tokens):
@@ -37,7 +44,7 @@ def run_classification(ctx: EvalContext) -> dict[str, Any]:
             continue
         emb = aligner.image_global(image_rows(img, start, stop, aligner.needs_tokens, device))
         logits.append((emb[torch.from_numpy(k).to(emb.device)].float() @ w.T).cpu())
-    y = torch.from_numpy(labels[keep] - int(cand[0]))
+    y = torch.from_numpy(position[labels[keep]])
     logits = torch.cat(logits)
     out: dict[str, Any] = classification_metrics(logits, y)
     pred = logits.argmax(1)
@@ -47,3 +54,15 @@ def run_classification(ctx: EvalContext) -> dict[str, Any]:
             out[f"acc/{classes[c]}"] = float(hit.float().mean())
     out |= {"images": int(keep.sum()), "classes": len(cand), "background_excluded": drop_bg}
     return out
+
+
+@register_task("classification")
+class ClassificationTask(Task):
+    """Zero-shot classification with the class-prompt store: acc1, acc5, balanced accuracy."""
+
+    text = "prompts"
+    columns = (("acc1", "acc1"), ("balanced_acc", "bal.acc"))
+    report_rank = 10
+
+    def run(self, ctx: EvalContext) -> tuple[dict[str, Any], None]:
+        return run_classification(ctx), None

@@ -13,6 +13,7 @@ same anchors, and where in an image does an anchor fire.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,12 @@ import torch
 from torch import Tensor
 
 from pipe_align.align.base import l2n
-from pipe_align.evaluate.loading import EvalContext, embed_texts, image_rows, row_blocks, text_rows
+from pipe_align.evaluate import figures
+from pipe_align.evaluate.base import Task, register_task
+from pipe_align.evaluate.config import figure_path
+from pipe_align.evaluate.context import EvalContext
+from pipe_align.evaluate.dataset import figure_images
+from pipe_align.evaluate.loading import embed_texts, image_rows, row_blocks, text_rows
 from pipe_align.extract.errors import PipeError
 
 TOP = 5
@@ -150,3 +156,31 @@ def run_diagnostics(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     extras = {"image_counts": img_counts, "text_counts": txt_counts, "dice_matched": d_match.numpy(),
               "dice_mismatched": d_mis.numpy(), "maps": samples}  # fmt: skip
     return out, extras
+
+
+@register_task("diagnostics")
+class DiagnosticsTask(Task):
+    """Anchor methods only: anchor usage, top-5 anchor Dice (matched vs mismatched pairs), activation maps."""
+
+    text = "captions"
+    columns = (("dice_top5_matched", "Dice@5 matched"), ("dice_top5_mismatched", "Dice@5 mismatched"))
+    report_tag = "diag"
+    report_rank = 40
+
+    def run(self, ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        return run_diagnostics(ctx)
+
+    def figures(self, ctx: EvalContext, result: dict[str, Any], extras: dict[str, Any], notes: list[str]) -> list[Path]:
+        """`anchor-usage`, `dice` (matched vs mismatched histogram) and `anchor-maps`."""
+        cfg, label = ctx.cfg, self.figure_title(ctx, result)
+        out = [figures.anchor_usage(figure_path(cfg, "anchor-usage"), extras["image_counts"], extras["text_counts"],
+                                    f"anchor usage, {label}")]  # fmt: skip
+        top = max(1, min(TOP, result["anchors"]))
+        out.append(figures.dice_histogram(figure_path(cfg, "dice"), extras["dice_matched"], extras["dice_mismatched"],
+                                          top, f"top-{top} anchor Dice, {label}"))  # fmt: skip
+        maps = extras["maps"]
+        if maps:
+            images = figure_images(ctx, [row for row, _, _, _ in maps], notes)
+            samples = [(image, ids, vals, m) for image, (_, ids, vals, m) in zip(images, maps, strict=True)]
+            out.append(figures.anchor_maps(figure_path(cfg, "anchor-maps"), samples, f"anchor activations, {label}"))
+        return out

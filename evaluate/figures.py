@@ -38,8 +38,9 @@ def colorize(mask: np.ndarray) -> np.ndarray:
 
 
 def seg_overlays(path: Path, samples: Sequence[tuple[np.ndarray | None, np.ndarray, np.ndarray]],
-                 classes: Sequence[str], title: str) -> Path:  # fmt: skip
-    """One row per image: image, ground truth, prediction, with a legend of the classes that appear."""
+                 classes: Sequence[str], title: str, void: int = 255) -> Path:  # fmt: skip
+    """One row per image: image, ground truth, prediction, with a legend of the classes that appear (`void`: the
+    mask value of ignored pixels)."""
     fig = _figure(9, 3 * len(samples) + 0.6)
     axes = fig.subplots(len(samples), 3, squeeze=False)
     shown: set[int] = set()
@@ -53,7 +54,7 @@ def seg_overlays(path: Path, samples: Sequence[tuple[np.ndarray | None, np.ndarr
             if r == 0:
                 ax.set_title(name)
         shown |= {int(v) for v in np.unique(gt)} | {int(v) for v in np.unique(pred)}
-    names = {i: n for i, n in enumerate(classes)} | {255: "void (ignored)"}
+    names = {i: n for i, n in enumerate(classes)} | {void: "void (ignored)"}
     handles = [Patch(color=PALETTE[i], label=names.get(i, str(i))) for i in sorted(shown)]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8, frameon=False)
     fig.suptitle(title)

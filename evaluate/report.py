@@ -14,20 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipe_align.evaluate.tasks import all_tasks
 from pipe_align.extract.errors import PipeError
-
-TASK_ORDER = ("classification", "retrieval", "segmentation", "diagnostics")
-# (result key, column label) per task: the numbers people compare across methods
-COLUMNS: dict[str, list[tuple[str, str]]] = {
-    "classification": [("acc1", "acc1"), ("balanced_acc", "bal.acc")],
-    "retrieval": [
-        ("text_retrieval_recall@1", "I2T R@1"), ("text_retrieval_recall@5", "I2T R@5"),
-        ("image_retrieval_recall@1", "T2I R@1"), ("image_retrieval_recall@5", "T2I R@5"),
-    ],
-    "segmentation": [("mIoU", "mIoU"), ("fg_mIoU", "fg mIoU"), ("bg_ignored/mIoU", "mIoU bg ignored")],
-    "diagnostics": [("dice_top5_matched", "Dice@5 matched"), ("dice_top5_mismatched", "Dice@5 mismatched")],
-}  # fmt: skip
-SHORT = {"classification": "", "retrieval": "", "segmentation": "seg", "diagnostics": "diag"}
 
 
 def headline(result: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -51,14 +39,14 @@ def format_headline(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _results(run: Path) -> list[dict[str, Any]]:
+def _results(run: Path, tasks: set[str]) -> list[dict[str, Any]]:
     out = []
     for path in sorted((run / "eval").glob("*.json")):
         try:
             res = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise PipeError(f"{path}: malformed result JSON; re-run that eval") from None
-        if isinstance(res, dict) and res.get("task") in COLUMNS:
+        if isinstance(res, dict) and res.get("task") in tasks:
             out.append(res)
     return out
 
@@ -78,20 +66,21 @@ def build_table(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
     """Header ["run", "method", columns...] and one row per run (None where a run lacks that number)."""
     if not runs:
         raise PipeError("pipe report: give at least one run dir")
+    tasks = {t.name: (rank, t) for rank, t in enumerate(all_tasks())}  # the columns each task contributes
     columns: dict[tuple, str] = {}
     cells: list[dict[tuple, float]] = []
     for run in runs:
         if not run.is_dir():
             raise PipeError(f"pipe report: {run}: no such run dir")
         row: dict[tuple, float] = {}
-        for res in _results(run):
-            task = res["task"]
+        for res in _results(run, set(tasks)):
+            rank, task = tasks[res["task"]]
             protocol = res.get("protocol")
             scope = f"{res.get('dataset')}/{res.get('split')}"
-            tag = SHORT[task] + (f"[{protocol}]" if protocol else "")
-            for m, (key, label) in enumerate(COLUMNS[task]):
+            tag = task.report_tag + (f"[{protocol}]" if protocol else "")
+            for m, (key, label) in enumerate(task.columns):
                 if key in res:
-                    col = (TASK_ORDER.index(task), scope, protocol or "", m)
+                    col = (rank, scope, protocol or "", m)
                     columns[col] = " ".join(p for p in (scope, tag, label) if p)
                     row[col] = res[key]
         cells.append(row)

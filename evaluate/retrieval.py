@@ -4,13 +4,19 @@ Skipped (unreadable) images leave the evaluation together with their captions; c
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipe_align.evaluate.loading import EvalContext, embed_images, embed_texts
+from pipe_align.evaluate import figures
+from pipe_align.evaluate.base import Task, register_task
+from pipe_align.evaluate.config import figure_path
+from pipe_align.evaluate.context import EvalContext
+from pipe_align.evaluate.dataset import figure_images
+from pipe_align.evaluate.loading import embed_images, embed_texts
 from pipe_align.evaluate.metrics import blocked_topk, retrieval_metrics
 from pipe_align.extract.errors import PipeError
 
@@ -50,3 +56,27 @@ def run_retrieval(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
         "scores": values.tolist(),
     }
     return out, examples
+
+
+@register_task("retrieval")
+class RetrievalTask(Task):
+    """Image-text retrieval with the caption store: recall@1/5/10 both ways."""
+
+    text = "captions"
+    columns = (
+        ("text_retrieval_recall@1", "I2T R@1"), ("text_retrieval_recall@5", "I2T R@5"),
+        ("image_retrieval_recall@1", "T2I R@1"), ("image_retrieval_recall@5", "T2I R@5"),
+    )  # fmt: skip
+    report_rank = 20
+
+    def run(self, ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        return run_retrieval(ctx)
+
+    def figures(self, ctx: EvalContext, result: dict[str, Any], extras: dict[str, Any], notes: list[str]) -> list[Path]:
+        """`examples`: image queries with their top captions, captions of the query marked."""
+        if not extras["rows"]:
+            return []
+        images = figure_images(ctx, extras["rows"], notes)
+        samples = list(zip(images, extras["captions"], extras["hits"], extras["scores"], strict=True))
+        title = f"image -> text, {self.figure_title(ctx, result)}"
+        return [figures.retrieval_examples(figure_path(ctx.cfg, "examples"), samples, title)]

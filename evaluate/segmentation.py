@@ -2,13 +2,14 @@
 
 Per-patch class scores are `aligner.image_dense(patches) @ classifier.T` (classifier: template-averaged prompt
 embeddings, as in classification), reshaped to the patch grid, bilinearly upsampled (align_corners=False) to each
-ground-truth mask, argmax over the competing classes, and counted in one confusion matrix over the split (255
-ignored). Which classes compete and which labels are ignored is the protocol's "label space":
+ground-truth mask, argmax over the competing classes, and counted in one confusion matrix over the split (the
+reader's void value ignored). Which classes compete and which labels are ignored is the protocol's "label space",
+built from the dataset reader's label-space facts (`background`, `reduce_zero_label`, `ignore_index`):
 
-- background sets (VOC, the world), both protocols: every class incl. background competes (VOC21); `fg_mIoU`
+- a background class (VOC, the world), both protocols: every class incl. background competes (VOC21); `fg_mIoU`
   leaves background out of the mean (the PAL authors' number); the standard protocol adds `bg_ignored/*`
-  (VOC20: background pixels ignored, only the foreground classes compete).
-- ADE20K-style sets (label 0 = "other"): label 0 ignored, classes 1.. compete (mmseg reduce_zero_label).
+  (VOC20: background pixels ignored, only the other classes compete).
+- `reduce_zero_label` (ADE20K): label 0 ignored, classes 1.. compete (mmseg's convention).
 - anything else: all classes compete.
 Neither protocol runs mmseg's sliding window (short side 448, window 448, stride 224): the store holds one
 fixed-size pass per image, so `standard` means the standard label spaces on those same patch scores.
@@ -17,6 +18,7 @@ fixed-size pass per image, so `standard` means the standard label spaces on thos
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,46 +26,60 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipe_align.evaluate.loading import (
-    EvalContext,
-    check_origin,
-    class_weights,
-    dataset_rows,
-    extract_command,
-    is_background,
-    is_zero_ignored,
-    open_dataset,
-    row_blocks,
-)
+from pipe_align.evaluate import figures
+from pipe_align.evaluate.base import Task, register_task
+from pipe_align.evaluate.config import figure_path
+from pipe_align.evaluate.context import EvalContext, extract_command
+from pipe_align.evaluate.dataset import check_origin, dataset_rows, image_or_none, open_dataset
+from pipe_align.evaluate.loading import row_blocks
 from pipe_align.evaluate.metrics import ConfusionMatrix
+from pipe_align.evaluate.prompts import class_weights
+from pipe_align.extract.datasets import Dataset
 from pipe_align.extract.errors import PipeError
 
-IGNORE = 255
 CLASS_CHUNK = 32  # classes upsampled at once (ADE20K: 150 maps of a 512x683 mask would be 210 MB at once)
+PROTOCOLS = {
+    "pal": "PAL protocol: one 224 px pass (squash resize, whole image), patch scores bilinearly upsampled to the "
+           "mask, background prompt competes in the argmax; fg_mIoU excludes background from the mean",
+    "standard": "standard label spaces (VOC21 with background, VOC20 background ignored as bg_ignored/*, ADE20K "
+                "label 0 ignored) on the store's single fixed-size pass; mmseg's sliding window (short side 448, "
+                "window 448, stride 224) is NOT run because the store holds one pass per image",
+}  # fmt: skip
+EXTRACT_OPTIONS = ("--resize", "squash")
 
 
 @dataclass(frozen=True)
 class LabelSpace:
-    """One way of scoring: which dataset classes compete in the argmax and how targets are mapped."""
+    """One way of scoring: which dataset classes compete in the argmax and which mask labels are ignored."""
 
     name: str
     prefix: str  # key prefix in the result ("" = the headline numbers)
     candidates: tuple[int, ...]  # dataset class ids, in order; the argmax index is a position in this tuple
-    reduce_zero_label: bool  # label 0 ignored, labels shift down by one (then candidates must be 1..C-1)
-    foreground: bool  # also report fg_mIoU (class 0 = background left out of the mean)
+    ignored: tuple[int, ...] = ()  # mask labels not counted besides the void value
+    background: int | None = None  # position left out of fg_mIoU (also reported when set)
+
+    def target_map(self, void: int) -> Tensor:
+        """Lookup table mask label (uint8) -> position in `candidates`, or `void` for ignored labels; -1 marks labels
+        of no class (an error: the mask and the prompt store disagree)."""
+        lut = torch.full((max(256, void + 1),), -1, dtype=torch.long)
+        lut[list(self.candidates)] = torch.arange(len(self.candidates))
+        lut[[*self.ignored, void]] = void
+        return lut
 
 
-def label_spaces(protocol: str, dataset: str, classes: list[str]) -> list[LabelSpace]:
+def label_spaces(protocol: str, reader: type[Dataset], classes: list[str]) -> list[LabelSpace]:
     c = len(classes)
-    everything, nonzero = tuple(range(c)), tuple(range(1, c))
-    if is_background(classes):
-        spaces = [LabelSpace("background-competes", "", everything, False, True)]
+    everything = tuple(range(c))
+    bg = reader.background
+    if bg is not None and bg < c:
+        spaces = [LabelSpace("background-competes", "", everything, background=bg)]
         if protocol == "standard":
-            spaces.append(LabelSpace("background-ignored", "bg_ignored/", nonzero, True, False))
+            others = tuple(i for i in everything if i != bg)
+            spaces.append(LabelSpace("background-ignored", "bg_ignored/", others, ignored=(bg,)))
         return spaces
-    if is_zero_ignored(dataset, classes):
-        return [LabelSpace("zero-ignored", "", nonzero, True, False)]
-    return [LabelSpace("all-classes", "", everything, False, False)]
+    if reader.reduce_zero_label:
+        return [LabelSpace("zero-ignored", "", everything[1:], ignored=(0,))]
+    return [LabelSpace("all-classes", "", everything)]
 
 
 @torch.no_grad()
@@ -92,14 +108,14 @@ def upsample_argmax(scores: Tensor, size: tuple[int, int], chunk: int = CLASS_CH
     return best_i
 
 
-def check_inputs(ctx: EvalContext, dataset, classes: list[str]) -> None:
+def check_inputs(ctx: EvalContext, dataset: Dataset, classes: list[str]) -> None:
     img, cfg = ctx.image, ctx.cfg
     if not dataset.has_masks():
         raise PipeError(f"dataset {cfg.dataset} split {cfg.split} has no segmentation masks (under {cfg.root})")
     if img.layout.resize != "squash":
         raise PipeError(f"{img.path}: images were resized with {img.layout.resize!r}, so the patch grid does not cover "
                         f"the whole image; re-extract with --resize squash: "
-                        f"{extract_command(cfg, ctx.meta['image_encoder'])}")
+                        f"{extract_command(cfg, ctx.meta['image_encoder'], None, EXTRACT_OPTIONS)}")
     if not img.layout.grid:
         raise PipeError(f"{img.path}: no patch grid attribute")
     if dataset.classes is not None and list(dataset.classes) != classes:
@@ -110,13 +126,15 @@ def check_inputs(ctx: EvalContext, dataset, classes: list[str]) -> None:
 def run_segmentation(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics, plus a few (row, image index, ground truth, prediction) examples for the figures."""
     cfg, img, aligner = ctx.cfg, ctx.image, ctx.aligner
-    protocol = cfg.protocol or "pal"
+    protocol = cfg.protocol or next(iter(PROTOCOLS))
     check_origin(img, cfg)
     dataset = open_dataset(cfg)
     weights, classes = class_weights(ctx)
     check_inputs(ctx, dataset, classes)
-    spaces = label_spaces(protocol, cfg.dataset, classes)
-    cms = [ConfusionMatrix(len(sp.candidates), IGNORE, sp.reduce_zero_label) for sp in spaces]
+    void = dataset.ignore_index
+    spaces = label_spaces(protocol, type(dataset), classes)
+    cms = [ConfusionMatrix(len(sp.candidates), void) for sp in spaces]
+    luts = [sp.target_map(void) for sp in spaces]
     skipped = img["skipped"][:].astype(bool)
     ids = img["ids"][:]
     ds_rows = dataset_rows(dataset, ids, img.path)
@@ -131,16 +149,18 @@ def run_segmentation(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
         for j in np.flatnonzero(~skipped[start:stop]):
             row = start + int(j)
             mask = np.asarray(dataset.load_mask(int(ds_rows[row])))
-            target = torch.from_numpy(mask.astype(np.int64))
-            for k, (sp, cm) in enumerate(zip(spaces, cms, strict=True)):
+            raw = torch.from_numpy(mask.astype(np.int64))
+            for k, (sp, cm, lut) in enumerate(zip(spaces, cms, luts, strict=True)):
+                target = lut[raw]
+                if (target < 0).any():
+                    bad = sorted({int(v) for v in raw[target < 0].unique()[:5]})
+                    raise PipeError(f"mask of {ids[row]}: labels {bad} are no class of the {len(classes)} in the "
+                                    f"prompt store and not void ({void})")  # fmt: skip
                 pred = upsample_argmax(scores[j, list(sp.candidates)], tuple(mask.shape))
-                try:
-                    cm.update(pred, target)
-                except ValueError as e:
-                    raise PipeError(f"mask of {ids[row]}: {e} ({len(classes)} classes in the prompt store)") from None
+                cm.update(pred, target)
                 if k == 0 and len(examples) < cfg.examples:
-                    raw = torch.as_tensor(sp.candidates)[pred.cpu()].numpy().astype(np.uint8)
-                    examples.append((row, int(ds_rows[row]), mask, raw))
+                    shown = torch.as_tensor(sp.candidates)[pred.cpu()].numpy().astype(np.uint8)
+                    examples.append((row, int(ds_rows[row]), mask, shown))
             n_images += 1
     if n_images == 0:
         raise PipeError(f"{img.path}: every image of {cfg.dataset}/{cfg.split} was skipped; nothing to evaluate")
@@ -150,9 +170,38 @@ def run_segmentation(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
         names = [classes[c] for c in sp.candidates]
         metrics = cm.compute(names)
         head = {k: metrics.pop(k) for k in ("mIoU", "mAcc", "aAcc")}
-        if sp.foreground:
-            head["fg_mIoU"] = cm.compute(names, exclude=(0,))["mIoU"]
+        if sp.background is not None:
+            head["fg_mIoU"] = cm.compute(names, exclude=(sp.background,))["mIoU"]
         if sp.prefix:
             head["label_space"] = sp.name
         out |= {sp.prefix + k: v for k, v in (head | metrics).items()}
     return out, {"examples": examples, "classes": classes, "dataset": dataset}
+
+
+@register_task("segmentation")
+class SegmentationTask(Task):
+    """Zero-shot segmentation from patch tokens and class prompts: mIoU, fg mIoU, per-class IoU, aAcc."""
+
+    text = "prompts"
+    protocols = PROTOCOLS
+    extract_options = EXTRACT_OPTIONS
+    columns = (("mIoU", "mIoU"), ("fg_mIoU", "fg mIoU"), ("bg_ignored/mIoU", "mIoU bg ignored"))
+    report_tag = "seg"
+    report_rank = 30
+
+    def run(self, ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        return run_segmentation(ctx)
+
+    def figures(self, ctx: EvalContext, result: dict[str, Any], extras: dict[str, Any], notes: list[str]) -> list[Path]:
+        """`overlays` (image, ground truth, prediction) and `class-iou` (per-class IoU bars)."""
+        cfg, ds = ctx.cfg, extras["dataset"]
+        title = f"{self.figure_title(ctx, result)}, protocol {cfg.protocol}"
+        out = []
+        samples = [(image_or_none(ds, i), gt, pred) for _, i, gt, pred in extras["examples"]]
+        if samples:
+            out.append(figures.seg_overlays(figure_path(cfg, "overlays"), samples, extras["classes"], title,
+                                            void=ds.ignore_index))  # fmt: skip
+        names = [k[len("iou/") :] for k in result if k.startswith("iou/")]
+        out.append(figures.class_iou_bars(figure_path(cfg, "class-iou"), names, [result[f"iou/{n}"] for n in names],
+                                          f"per-class IoU, {title}"))  # fmt: skip
+        return out

@@ -14,12 +14,11 @@ from functools import partial
 from typing import Any
 
 from pipe_align.extract.distributed import run_on_cluster
-from pipe_align.extract.job import ExtractConfig, Job, plan, resolve_device
-from pipe_align.extract.shards import ShardResult, extract_shards, prefetch
+from pipe_align.extract.job import ExtractConfig, Job, plan
+from pipe_align.extract.shards import ShardResult, extract_shards
 from pipe_align.extract.store import FeatureStore, create_store
 
-# ExtractConfig is this module's input; resolve_device and prefetch are re-exported for callers that import them here.
-__all__ = ["ExtractConfig", "ExtractSummary", "executor", "prefetch", "resolve_device", "run_extract", "run_local"]
+__all__ = ["ExtractConfig", "ExtractSummary", "executor", "run_extract", "run_local"]
 
 Executor = Callable[[Job, FeatureStore, list[int], Callable[[int], None]], list[ShardResult]]
 

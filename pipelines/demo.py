@@ -16,13 +16,14 @@ import typer
 from pipe_align.align.loop import RunConfig
 from pipe_align.align.methods import method_names
 from pipe_align.align.run import AlignConfig, AlignResult, run_align
-from pipe_align.evaluate.loading import EvalConfig
+from pipe_align.evaluate.config import EvalConfig
 from pipe_align.evaluate.report import write_report
 from pipe_align.evaluate.tasks import run_eval
 from pipe_align.extract.datasets import get_dataset
 from pipe_align.extract.datasets.fashion_mnist import FASHION_CLASSES
 from pipe_align.extract.errors import PipeError
-from pipe_align.extract.runner import ExtractConfig, resolve_device, run_extract
+from pipe_align.extract.job import resolve_device
+from pipe_align.extract.runner import ExtractConfig, run_extract
 
 SIZES = {"small": (48, 16), "full": (400, 100)}  # world images: train, val
 FASHION = {"small": (3, 2), "full": (40, 30)}  # Fashion-MNIST images per class: train (7 seen classes), test (all 10)

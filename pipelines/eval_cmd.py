@@ -1,5 +1,11 @@
 """`pipe eval classification|retrieval|segmentation|diagnostics` and `pipe report`. Glue only: options -> EvalConfig,
-then print what `pipe_align.evaluate.tasks.run_eval` / `evaluate.report.write_report` return."""
+then print what `pipe_align.evaluate.tasks.run_eval` / `evaluate.report.write_report` return.
+
+One command per registered task (typer needs explicit signatures). What the task registry knows (which task takes
+a protocol, its choices and default, the result's columns) is resolved by `run_eval`, not repeated here; the help
+strings stay literal so that `pipe --help` does not import torch (tests/test_eval.py checks them against the
+registry).
+"""
 
 from __future__ import annotations
 
@@ -25,10 +31,10 @@ EXAMPLES = typer.Option(4, help="Images shown in each figure.")
 def _run(task: str, dataset: str, root: str | None, split: str, features: Path, run: Path, skip_existing: bool,
          option: list[str], device: str, figures: bool, examples: int, protocol: str | None = None,
          seed: int = 0) -> None:  # fmt: skip
-    from pipe_align.evaluate.loading import EvalConfig
+    from pipe_align.evaluate.config import EvalConfig
     from pipe_align.evaluate.report import format_headline
     from pipe_align.evaluate.tasks import run_eval
-    from pipe_align.extract.runner import resolve_device
+    from pipe_align.extract.job import resolve_device
     from pipe_align.pipelines.options import parse_options
 
     cfg = EvalConfig(
@@ -63,7 +69,8 @@ def retrieval(dataset: str = DATASET, root: str | None = ROOT, split: str = SPLI
 
 @eval_app.command()
 def segmentation(dataset: str = DATASET, root: str | None = ROOT, split: str = SPLIT, features: Path = FEATURES,
-                 run: Path = RUN, protocol: str = typer.Option("pal", help="pal or standard (see docs/evaluate.md)."),
+                 run: Path = RUN, protocol: str | None = typer.Option(None, help="pal (default) or standard: the "
+                                                                   "label-space protocol (docs/evaluate.md)."),
                  skip_existing: bool = SKIP, option: list[str] = OPTION, device: str = DEVICE,
                  figures: bool = FIGURES, examples: int = EXAMPLES) -> None:  # fmt: skip
     """Zero-shot segmentation from patch tokens and class prompts: mIoU, fg mIoU, per-class IoU, aAcc."""

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipe_align.extract.datasets import DATASETS, UnreadableImage, get_dataset, write_world
+from pipe_align.extract.datasets import DATASETS, UnreadableImage, dataset_class, get_dataset, write_world
+from pipe_align.extract.datasets.ade20k import ADE20K_CLASSES
 from pipe_align.extract.datasets.base import voc_palette
 from pipe_align.extract.datasets.voc import VOC_CLASSES
 from pipe_align.extract.datasets.world import CLASSES as WORLD_CLASSES
@@ -59,6 +60,18 @@ def test_registry_names_and_unknown_name_lists_choices():
         assert DATASETS[name].name == name
     msg = raises("unknown dataset 'nope'", get_dataset, "nope", None, "val")
     assert "voc" in msg and "world" in msg and "fashion-mnist" in msg
+
+
+def test_label_space_facts_are_class_attributes():
+    """What evaluation reads by dataset name, without opening a file: the background class, label 0 ignored, void.
+    Each fact must agree with the reader's class list."""
+    background = {"voc": VOC_CLASSES, "world": WORLD_CLASSES}
+    for name, cls in DATASETS.items():
+        assert dataset_class(name.upper()) is cls and cls.ignore_index == 255
+        assert cls.background == (0 if name in background else None), name
+        assert cls.reduce_zero_label == (name == "ade20k"), name
+    assert all(classes[0] == "background" for classes in background.values()) and ADE20K_CLASSES[0] == "other"
+    raises("unknown dataset 'nope' (choose from: ade20k, coco", dataset_class, "nope")
 
 
 def test_bad_option_split_and_missing_root(tmp_path):

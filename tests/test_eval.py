@@ -5,29 +5,41 @@ majority class of its cell in the real mask of a world image written in the VOC 
 plus a small per-image offset; a caption's pooled vector is its image's CLS and its tokens are its image's patches.
 A test-local aligner ("identity-test") maps store rows to themselves, so a correct evaluation must score perfectly
 (classification, retrieval) or recover the masks at patch resolution (segmentation), and a shifted mapping must not.
+It is in the global method registry only while a test that asks for the `identity_method` fixture runs.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import typer
 from PIL import Image
 
-from pipe_align.align.base import Aligner, MethodConfig, l2n, register_method
+from pipe_align.align.base import METHODS, Aligner, MethodConfig, l2n
 from pipe_align.align.pal import PAL, PALConfig
-from pipe_align.evaluate.loading import EvalConfig, load_context
+from pipe_align.evaluate import figures
+from pipe_align.evaluate.base import TASKS, Task, register_task
+from pipe_align.evaluate.config import EvalConfig, figure_path
+from pipe_align.evaluate.context import load_context
+from pipe_align.evaluate.loading import embed_images, embed_texts
 from pipe_align.evaluate.metrics import miou_reference
-from pipe_align.evaluate.segmentation import run_segmentation, upsample_argmax
+from pipe_align.evaluate.report import build_table
+from pipe_align.evaluate.segmentation import SegmentationTask, run_segmentation, upsample_argmax
+from pipe_align.evaluate.tasks import run_eval
 from pipe_align.extract.datasets import World, get_dataset, write_world
+from pipe_align.extract.datasets.ade20k import ADE20K_CLASSES
 from pipe_align.extract.datasets.base import voc_palette
+from pipe_align.extract.errors import PipeError
 from pipe_align.extract.store import StoreLayout, create_store, store_path
 from pipe_align.pipelines.cli import main
+from pipe_align.pipelines.eval_cmd import eval_app
 
 D, GRID, CELL, TEMPLATES = 16, (8, 8), 28, ("a photo of a {}.", "a {}.")
 
@@ -37,8 +49,8 @@ class IdentityConfig(MethodConfig):
     shift: int = 0  # rolls the patch order: a deliberately wrong dense mapping
 
 
-@register_method("identity-test")
 class IdentityAligner(Aligner):
+    name = "identity-test"  # set here, not by @register_method: registered only inside the identity_method fixture
     Config = IdentityConfig
 
     @classmethod
@@ -61,17 +73,23 @@ class IdentityAligner(Aligner):
         pass
 
 
+@pytest.fixture
+def identity_method(monkeypatch):
+    """identity-test in the method registry for one test (run dirs name it; load_aligner looks it up)."""
+    monkeypatch.setitem(METHODS, IdentityAligner.name, IdentityAligner)
+
+
 def encoder(alias: str, modality: str) -> dict:
     return {"alias": alias, "model_id": f"test/{alias}", "revision": None, "weights": "random", "modality": modality,
             "dim": D, "layer": "last", "image_size": 224, "patch_size": CELL, "num_register_tokens": 0,
             "pooling": None, "max_length": None}  # fmt: skip
 
 
-def write(path: Path, modality: str, alias: str, arrays: dict, skipped=None, **kw) -> None:
+def write(path: Path, modality: str, alias: str, arrays: dict, skipped=None, dataset: str = "voc", **kw) -> None:
     n = len(arrays["ids"])
-    tokens = arrays["patches" if modality == "image" else "tokens"].shape[1]
-    lay = StoreLayout(modality=modality, encoder=encoder(alias, modality), dataset="voc", split="val", count=n,
-                      tokens=tokens, dim=D, rows_per_chunk=2, rows_per_shard=4, **kw)  # fmt: skip
+    tokens, dim = arrays["patches" if modality == "image" else "tokens"].shape[1:]
+    lay = StoreLayout(modality=modality, encoder=encoder(alias, modality) | {"dim": dim}, dataset=dataset, split="val",
+                      count=n, tokens=tokens, dim=dim, rows_per_chunk=2, rows_per_shard=4, **kw)  # fmt: skip
     st = create_store(path, lay)
     for s in range(lay.num_shards):
         a, b = lay.shard_range(s)
@@ -158,8 +176,9 @@ def env(tmp_path_factory):
     return {"base": base, "root": root, "features": base / "features", "runs": runs, **facts}
 
 
-def cli(env, task: str, run: Path, *extra: str, features: Path | None = None, root: Path | None = None) -> int:
-    return main(["eval", task, "--dataset", "voc", "--root", str(root or env["root"]), "--split", "val",
+def cli(env, task: str, run: Path, *extra: str, features: Path | None = None, root: Path | None = None,
+        dataset: str = "voc") -> int:  # fmt: skip
+    return main(["eval", task, "--dataset", dataset, "--root", str(root or env["root"]), "--split", "val",
                  "--features", str(features or env["features"]), "--run", str(run), "--device", "cpu", *extra])
 
 
@@ -174,6 +193,7 @@ def one_line_error(capsys, *fragments: str) -> None:
         assert f in err, err
 
 
+@pytest.mark.usefixtures("identity_method")
 def test_classification_recovers_labels(env, capsys):
     run = env["runs"]["a"]
     assert cli(env, "classification", run) == 0
@@ -186,6 +206,7 @@ def test_classification_recovers_labels(env, capsys):
     assert "acc1" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("identity_method")
 def test_retrieval_recovers_pairs(env, tmp_path):
     run = env["runs"]["a"]
     assert cli(env, "retrieval", run) == 0
@@ -196,6 +217,7 @@ def test_retrieval_recovers_pairs(env, tmp_path):
     assert (run / "eval" / "figures" / "retrieval-voc-val-examples.png").stat().st_size > 0
 
 
+@pytest.mark.usefixtures("identity_method")
 def test_segmentation_recovers_masks_at_patch_resolution(env):
     run = env["runs"]["a"]
     assert cli(env, "segmentation", run, "--protocol", "pal") == 0
@@ -213,7 +235,7 @@ def test_segmentation_recovers_masks_at_patch_resolution(env):
     # exact alignment: the prediction has the mask's shape and, at every cell centre, the cell's majority class
     cfg = EvalConfig("segmentation", "voc", "val", str(env["features"]), str(run), str(env["root"]), "pal",
                      figures=False, examples=6)  # fmt: skip
-    _, extras = run_segmentation(load_context(cfg, "prompts"))
+    _, extras = run_segmentation(load_context(cfg, SegmentationTask.text))
     centres = np.arange(GRID[0]) * CELL + CELL // 2 - 1
     for row, index, mask, pred in extras["examples"]:
         assert pred.shape == mask.shape == masks[index].shape
@@ -223,6 +245,7 @@ def test_segmentation_recovers_masks_at_patch_resolution(env):
     assert (figs / "segmentation-voc-val-pal-class-iou.png").is_file()
 
 
+@pytest.mark.usefixtures("identity_method")
 def test_segmentation_shifted_mapping_scores_lower(env):
     assert cli(env, "segmentation", env["runs"]["a"], "--no-figures") == 0  # computed here, never a stale result
     good = result(env["runs"]["a"], "segmentation-voc-val-pal")
@@ -240,6 +263,7 @@ def test_upsample_argmax_by_class_chunks_equals_full_argmax():
     assert pred.shape == (8, 6) and torch.equal(pred, ref.argmax(0))
 
 
+@pytest.mark.usefixtures("identity_method")
 def test_segmentation_standard_label_spaces(env):
     run = env["runs"]["a"]
     assert cli(env, "segmentation", run, "--protocol", "standard", "--no-figures") == 0
@@ -261,6 +285,7 @@ def test_diagnostics_on_anchor_method(env):
         assert (run / "eval" / "figures" / f"diagnostics-voc-val-{name}.png").is_file()
 
 
+@pytest.mark.usefixtures("identity_method")
 def test_skip_existing(env, capsys):
     run = env["runs"]["a"]
     path = run / "eval" / "classification-voc-val.json"
@@ -274,6 +299,7 @@ def test_skip_existing(env, capsys):
     assert "sentinel" not in json.loads(path.read_text())
 
 
+@pytest.mark.usefixtures("identity_method")
 def test_bad_inputs_are_one_line_errors(env, capsys, tmp_path):
     runs = env["runs"]
     assert cli(env, "diagnostics", runs["a"]) == 2
@@ -310,6 +336,7 @@ def test_bad_inputs_are_one_line_errors(env, capsys, tmp_path):
     one_line_error(capsys, "--protocol")
 
 
+@pytest.mark.usefixtures("identity_method")
 def test_report_table(env, capsys, tmp_path):
     runs = env["runs"]
     for run in (runs["a"], runs["shifted"]):
@@ -333,3 +360,153 @@ def test_report_table(env, capsys, tmp_path):
     assert main(["report", str(runs["a"]), "--out", str(blocker / "cmp.md")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and str(blocker) in err
+
+
+# -- label spaces come from the dataset reader ------------------------------------------------------------------------
+
+
+def build_ade(env, base: Path) -> tuple[Path, Path, list[np.ndarray]]:
+    """The env's images in the ADE20K layout (world label k -> ADE label k, so 0 = "other"; the void band kept) and
+    one-hot stores over ADE20K's 151 classes: (root, features, masks)."""
+    voc = get_dataset("voc", env["root"], "val")
+    ade = base / "ade" / "ADEChallengeData2016"
+    masks = [voc.load_mask(i) for i in range(len(voc))]
+    for sub in ("images", "annotations"):
+        (ade / sub / "validation").mkdir(parents=True)
+    for rec, mask in zip(voc.images(), masks, strict=True):
+        jpg = env["root"] / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{rec.id}.jpg"
+        shutil.copy(jpg, ade / "images" / "validation" / jpg.name)
+        Image.fromarray(mask, "L").save(ade / "annotations" / "validation" / f"{rec.id}.png")
+    c = len(ADE20K_CLASSES)
+    eye = np.eye(c + 1, dtype=np.float16)
+    ids = np.array([r.id for r in voc.images()])
+    patches = np.stack([eye[g.ravel()] for g in env["grids"]])
+    image = {"ids": ids, "cls": eye[np.arange(len(ids)) + 1], "patches": patches,
+             "labels": np.full(len(ids), -1, np.int32)}  # fmt: skip
+    features = base / "features-ade"
+    write(store_path(features, "ade20k", "val", "img-test"), "image", "img-test", image, dataset="ade20k", grid=GRID,
+          resize="squash", classes=tuple(ADE20K_CLASSES))  # fmt: skip
+    item = np.arange(c)
+    prompts = {"ids": item.astype(str), "text": np.array(ADE20K_CLASSES), "item": item, "pooled": eye[item],
+               "tokens": np.zeros((c, 2, c + 1), np.float16), "length": np.full(c, 2, np.int16)}  # fmt: skip
+    write(features / "ade20k" / "val" / "txt-test.prompts.zarr", "text", "txt-test", prompts, dataset="ade20k",
+          classes=tuple(ADE20K_CLASSES), templates=("{}",))  # fmt: skip
+    return base / "ade", features, masks
+
+
+@pytest.mark.usefixtures("identity_method")
+def test_segmentation_zero_label_ignored_as_the_reader_says(env, tmp_path):
+    root, features, masks = build_ade(env, tmp_path)
+    run = make_run(tmp_path / "run", IdentityAligner(IdentityConfig()))
+    counted = sum(int(((m != 0) & (m != 255)).sum()) for m in masks)  # label 0 ("other") and void never count
+    for protocol in ("pal", "standard"):
+        assert cli(env, "segmentation", run, "--protocol", protocol, "--no-figures", features=features, root=root,
+                   dataset="ade20k") == 0  # fmt: skip
+        res = result(run, f"segmentation-ade20k-val-{protocol}")
+        assert res["label_space"] == "zero-ignored" and res["num_classes"] == 150 and res["pixels"] == counted
+        assert "iou/other" not in res and "iou/wall" in res and "fg_mIoU" not in res
+        assert not any(k.startswith("bg_ignored/") for k in res) and res["mIoU"] > 0.6
+
+
+@pytest.mark.usefixtures("identity_method")
+def test_background_is_the_readers_fact_not_a_class_name(env, tmp_path):
+    """In the VOC layout palette index 0 is background, whatever classes.txt calls it."""
+    root = tmp_path / "renamed"
+    shutil.copytree(env["root"], root)
+    (root / "VOCdevkit" / "VOC2012" / "classes.txt").write_text("\n".join(["sky", *env["classes"][1:]]) + "\n")
+    build_stores(tmp_path / "features", root)
+    run = make_run(tmp_path / "run", IdentityAligner(IdentityConfig()))
+    assert cli(env, "classification", run, features=tmp_path / "features", root=root) == 0
+    res = result(run, "classification-voc-val")
+    assert res["background_excluded"] is True and res["classes"] == 12 and "acc/sky" not in res
+    assert res["acc1"] == 1.0
+
+
+# -- the task registry ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_task():
+    """A task that exists only in this test module, registered exactly as a task file registers itself, and removed
+    again afterwards."""
+
+    @register_task("tiny-test")
+    class PairCosine(Task):
+        """Mean cosine of each caption with its own image (image_global vs text_global)."""
+
+        text = "captions"
+        protocols = {"first": "the default protocol", "second": "another protocol"}
+        columns = (("pair_cosine", "pair cos"),)
+        report_tag = "tiny"
+
+        def run(self, ctx):
+            images = embed_images(ctx.aligner, ctx.image, ctx.cfg.device)
+            texts = embed_texts(ctx.aligner, ctx.text, ctx.cfg.device)
+            item = torch.from_numpy(ctx.text["item"][:].astype(np.int64))
+            cos = (l2n(images[item]) * l2n(texts)).sum(dim=1)
+            return {"pair_cosine": cos.mean().item(), "pairs": len(cos)}, {"cos": cos.numpy()}
+
+        def figures(self, ctx, result, extras, notes):
+            path, mean = figure_path(ctx.cfg, "cos"), float(extras["cos"].mean())
+            return [figures.class_iou_bars(path, ["mean"], [mean], self.figure_title(ctx, result))]
+
+    try:
+        yield PairCosine
+    finally:
+        del TASKS["tiny-test"]
+
+
+@pytest.mark.usefixtures("identity_method")
+def test_a_new_task_is_one_class(env, tiny_task):
+    run = env["runs"]["a"]
+    cfg = EvalConfig("tiny-test", "voc", "val", str(env["features"]), str(run), str(env["root"]))
+    out = run_eval(cfg)
+    res = out.result
+    assert res["task"] == "tiny-test" and res["protocol"] == "first" and res["protocol_note"] == "the default protocol"
+    assert res["pair_cosine"] == pytest.approx(1.0, abs=1e-4) and res["pairs"] == 12  # caption pooled = image cls
+    assert out.path.name == "tiny-test-voc-val-first.json" and json.loads(out.path.read_text())["pairs"] == 12
+    assert [p.name for p in out.figures] == ["tiny-test-voc-val-first-cos.png"] and out.figures[0].stat().st_size > 0
+    header, rows = build_table([run])
+    col = "voc/val tiny[first] pair cos"
+    assert col in header and rows[0][header.index(col)] == res["pair_cosine"]
+    with pytest.raises(PipeError, match="--protocol must be one of first, second, got 'third'"):
+        run_eval(replace(cfg, protocol="third"))
+    with pytest.raises(ValueError, match="registered twice"):
+        register_task("tiny-test")(type("Again", (tiny_task,), {}))
+    assert TASKS["tiny-test"] is tiny_task
+
+
+def test_registries_hold_no_test_entries_outside_their_fixtures():
+    """Importing this module registers nothing, and the fixtures above leave no entry behind (runs after them)."""
+    import tests.test_eval  # noqa: F401
+
+    assert "identity-test" not in METHODS and "tiny-test" not in TASKS
+    assert set(TASKS) == {"classification", "retrieval", "segmentation", "diagnostics"}
+
+
+def test_task_registry_refuses_duplicates_and_names_the_choices(env):
+    with pytest.raises(ValueError, match="'segmentation' registered twice"):
+        register_task("segmentation")(type("Other", (SegmentationTask,), {}))
+    assert TASKS["segmentation"] is SegmentationTask
+    cfg = EvalConfig("nope", "voc", "val", str(env["features"]), str(env["runs"]["a"]))
+    with pytest.raises(PipeError, match=r"unknown task 'nope' \(choose from: classification, retrieval, "
+                                        r"segmentation, diagnostics\)"):  # fmt: skip
+        run_eval(cfg)
+    with pytest.raises(PipeError, match="--protocol applies to segmentation only, not retrieval"):
+        run_eval(replace(cfg, task="retrieval", protocol="pal"))
+
+
+def test_eval_commands_follow_the_task_registry():
+    """One `pipe eval` command per task, with --protocol exactly where the task takes one (default from the
+    registry: None on the command line) and the task's summary as its help."""
+    group = typer.main.get_command(eval_app)
+    assert set(group.commands) == set(TASKS)
+    for name, command in group.commands.items():
+        task = TASKS[name]
+        options = {p.name: p for p in command.params}
+        assert ("protocol" in options) == bool(task.protocols), name
+        if task.protocols:
+            first = next(iter(task.protocols))
+            assert options["protocol"].default is None and f"{first} (default)" in options["protocol"].help
+            assert all(p in options["protocol"].help for p in task.protocols)
+        assert command.help.strip() == inspect.getdoc(task).split("\n\n")[0].replace("\n", " ")

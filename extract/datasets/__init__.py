@@ -11,6 +11,7 @@ from pipe_align.extract.datasets.base import (
     Dataset,
     ImageRecord,
     UnreadableImage,
+    dataset_class,
     get_dataset,
     register_dataset,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "ImageRecord",
     "UnreadableImage",
     "World",
+    "dataset_class",
     "get_dataset",
     "register_dataset",
     "write_world",

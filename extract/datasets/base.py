@@ -52,12 +52,20 @@ class Caption:
 
 
 class Dataset(abc.ABC):
-    """One split of one dataset. Subclasses set `classes` in their constructor when the set is labelled."""
+    """One split of one dataset. Subclasses set `classes` in their constructor when the set is labelled.
+
+    The label-space facts below are class attributes, so that evaluation can read them from the registry by the
+    dataset name recorded in a feature store, without opening any dataset file (docs/datasets.md, "Label space").
+    """
 
     name: str = ""  # filled by @register_dataset
     splits: tuple[str, ...] = ()  # the split names the reader accepts; empty = any (checked by the reader)
     split: str
     classes: list[str] | None = None
+    # -- label space ------------------------------------------------------------------------------------------------
+    ignore_index: int = 255  # mask value of void pixels, never counted
+    background: int | None = None  # class index of a background class: never an image label, left out of fg_mIoU
+    reduce_zero_label: bool = False  # mask label 0 means "unlabelled" and is ignored; classes 1.. are scored
 
     def __init__(self, root: str | Path | None, split: str) -> None:
         if self.splits and split not in self.splits:
@@ -110,11 +118,18 @@ def register_dataset(name: str) -> Callable[[type[Dataset]], type[Dataset]]:
     return wrap
 
 
-def get_dataset(name: str, root: str | Path | None, split: str, **options: object) -> Dataset:
-    """Open one split of a registered dataset; unknown names and options fail with the valid choices."""
+def dataset_class(name: str) -> type[Dataset]:
+    """The reader registered under `name` (its class attributes hold the label-space facts); unknown names fail
+    with the valid choices."""
     cls = DATASETS.get(name.strip().lower())
     if cls is None:
         raise PipeError(f"unknown dataset '{name}' (choose from: {', '.join(sorted(DATASETS))})")
+    return cls
+
+
+def get_dataset(name: str, root: str | Path | None, split: str, **options: object) -> Dataset:
+    """Open one split of a registered dataset; unknown names and options fail with the valid choices."""
+    cls = dataset_class(name)
     params = inspect.signature(cls.__init__).parameters
     valid = [p for p, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY]
     for key in options:

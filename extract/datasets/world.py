@@ -203,6 +203,7 @@ class World(Dataset):
     """The procedural world; root is ignored. Items are "<split>_<index>"; label = the largest object's class."""
 
     splits = tuple(SPLIT_CODES)
+    background = 0  # CLASSES[0]; masks have no void pixels
 
     def __init__(self, root: str | Path | None = None, split: str = "train", *, seed: int = 0,
                  size: int | None = None, image_size: int = 224) -> None:  # fmt: skip

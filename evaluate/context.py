@@ -1,0 +1,169 @@
+"""Opening what one evaluation reads: the run dir (run.json, the fitted aligner) and its feature stores, checked
+against the run's encoders. Every user mistake is a one-line PipeError, a missing store one with the exact
+`pipe extract` line that would write it."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipe_align.align.base import Aligner
+from pipe_align.align.methods import load_aligner
+from pipe_align.evaluate.config import EvalConfig
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.store import FeatureStore, open_store, read_json_attrs, store_path
+
+# Encoder attributes that must agree between the stores a run was trained on and the stores it is evaluated on.
+# image_size and max_length may differ (the same encoder at another input size or padding is still the same space).
+ENCODER_KEYS = ("model_id", "revision", "weights", "dim", "layer", "patch_size", "num_register_tokens", "pooling")
+TEXT_KINDS = ("prompts", "captions")
+
+
+@dataclass
+class EvalContext:
+    """The resolved inputs of one evaluation: run metadata, the fitted aligner and the opened stores."""
+
+    cfg: EvalConfig
+    meta: dict[str, Any]  # run.json
+    aligner: Aligner
+    image: FeatureStore
+    text: FeatureStore | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # resolved facts for the result's "config"
+
+    @property
+    def method(self) -> str:
+        return str(self.meta.get("method", self.aligner.name))
+
+
+def read_run(run: str | Path) -> dict[str, Any]:
+    """run.json of a run dir; the encoders it names decide which stores are evaluated."""
+    path = Path(run) / "run.json"
+    if not Path(run).is_dir():
+        raise PipeError(f"--run {run}: no such folder")
+    if not path.is_file():
+        raise PipeError(f"--run {run}: no run.json (train a run with `pipe align`)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PipeError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    missing = [k for k in ("method", "image_encoder", "text_encoder") if not meta.get(k)]
+    if missing:
+        raise PipeError(f"{path}: missing {', '.join(missing)}")
+    return meta
+
+
+def extract_command(cfg: EvalConfig, encoder: str, text: str | None = None, extra: tuple[str, ...] = ()) -> str:
+    """The exact `pipe extract` line that would produce a missing store (`extra`: flags the task needs, such as
+    segmentation's `--resize squash`)."""
+    parts = ["pipe", "extract", "--encoder", encoder, "--dataset", cfg.dataset, "--split", cfg.split,
+             "--features", cfg.features]  # fmt: skip
+    if cfg.root:
+        parts += ["--root", cfg.root]
+    if text:
+        parts += ["--text", text]
+    parts += list(extra)
+    for key, value in cfg.options:
+        parts += ["-o", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _run_encoder_info(meta: dict[str, Any], modality: str) -> dict[str, Any] | None:
+    """The encoder attributes of the store the run was trained on, when run.json records them (a dict with an
+    "encoder" entry, or a path to that store)."""
+    for key in (f"{modality}_store", f"{modality}_encoder_info"):
+        value = meta.get(key)
+        if isinstance(value, dict) and isinstance(value.get("encoder"), dict):
+            return value["encoder"]
+        if isinstance(value, dict) and {"model_id", "dim"} & set(value):
+            return value
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        if path and (Path(path) / "zarr.json").is_file():
+            enc = read_json_attrs(path).get("encoder")
+            if isinstance(enc, dict):
+                return enc
+    encoders = meta.get("encoders")
+    if isinstance(encoders, dict) and isinstance(encoders.get(modality), dict):
+        return encoders[modality]
+    return None
+
+
+def _trained_encoder(meta: dict[str, Any], modality: str) -> dict[str, Any]:
+    """What run.json says about the run's encoder: the training store's attributes, then top-level `<m>_layer` and
+    `<m>_weights` (as `pipe align` writes them)."""
+    out = dict(_run_encoder_info(meta, modality) or {})
+    for key in ("layer", "weights"):
+        if meta.get(f"{modality}_{key}") is not None:
+            out.setdefault(key, meta[f"{modality}_{key}"])
+    return out
+
+
+def check_encoder(store: FeatureStore, meta: dict[str, Any], modality: str, run: str) -> None:
+    """The store must hold features of the encoder the run was trained on (alias, and details where recorded)."""
+    alias = meta[f"{modality}_encoder"]
+    enc = store.layout.encoder
+    if enc.get("alias") != alias:
+        raise PipeError(f"{store.path}: written by encoder {enc.get('alias')!r} but run {run} uses {alias!r}")
+    trained = _trained_encoder(meta, modality)
+    diff = [k for k in ENCODER_KEYS if trained.get(k) is not None and enc.get(k) is not None and trained[k] != enc[k]]
+    if diff:
+        k = diff[0]
+        raise PipeError(f"{store.path}: encoder {k}={enc[k]!r} but run {run} was trained on {k}={trained[k]!r}; "
+                        f"re-extract {store.layout.dataset}/{store.layout.split} with the run's encoder")
+
+
+def _open(path: Path, command: str, modality: str, what: str) -> FeatureStore:
+    if not (path / "zarr.json").exists():
+        raise PipeError(f"no {what} store at {path}; create it with: {command}")
+    return open_store(path, modality=modality)
+
+
+def open_image_store(cfg: EvalConfig, meta: dict[str, Any], extra: tuple[str, ...] = ()) -> FeatureStore:
+    alias = meta["image_encoder"]
+    path = store_path(cfg.features, cfg.dataset, cfg.split, alias)
+    st = _open(path, extract_command(cfg, alias, None, extra), "image", "image")
+    check_encoder(st, meta, "image", cfg.run)
+    if st.layout.count == 0:
+        raise PipeError(f"{st.path}: the split {cfg.dataset}/{cfg.split} is empty")
+    return st
+
+
+def open_text_store(cfg: EvalConfig, meta: dict[str, Any], kind: str) -> FeatureStore:
+    """kind "prompts" (the class-prompt store, `.prompts.zarr`) or "captions"."""
+    if kind not in TEXT_KINDS:
+        raise ValueError(f"text store kind {kind!r} is not one of {TEXT_KINDS}")
+    alias = meta["text_encoder"]
+    path = store_path(cfg.features, cfg.dataset, cfg.split, alias)
+    if kind == "prompts":
+        path = path.with_name(path.name.replace(".zarr", ".prompts.zarr"))
+    what = "class-prompt" if kind == "prompts" else "caption"
+    st = _open(path, extract_command(cfg, alias, kind), "text", what)
+    check_encoder(st, meta, "text", cfg.run)
+    if kind == "prompts" and not st.layout.classes:
+        raise PipeError(f"{st.path}: holds no class prompts (no 'classes' attribute)")
+    if kind == "captions" and st.layout.templates is not None:
+        raise PipeError(f"{st.path}: holds class prompts, not captions")
+    if st.layout.count == 0:
+        raise PipeError(f"{st.path}: the split {cfg.dataset}/{cfg.split} has no {kind}")
+    return st
+
+
+def load_context(cfg: EvalConfig, text: str | None, extract_options: tuple[str, ...] = ()) -> EvalContext:
+    """Run metadata, aligner and stores for one task: the image store, and the text store of kind `text` ("prompts",
+    "captions" or None); `extract_options` go into the `pipe extract` hint for a missing image store."""
+    if not Path(cfg.features).is_dir():
+        raise PipeError(f"--features {cfg.features}: no such folder")
+    meta = read_run(cfg.run)
+    image = open_image_store(cfg, meta, extract_options)
+    txt = open_text_store(cfg, meta, text) if text else None
+    aligner = load_aligner(cfg.run, device=cfg.device)
+    info = {
+        "method": meta.get("method"), "image_store": str(image.path), "text_store": str(txt.path) if txt else None,
+        "image_encoder": meta["image_encoder"], "text_encoder": meta["text_encoder"],
+        "layer": image.layout.encoder.get("layer"), "image_size": image.layout.encoder.get("image_size"),
+        "grid": list(image.layout.grid) if image.layout.grid else None, "resize": image.layout.resize,
+        "tokens": meta.get("tokens"),
+    }  # fmt: skip
+    return EvalContext(cfg, meta, aligner, image, txt, info)
