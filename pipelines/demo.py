@@ -138,10 +138,14 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     say(f"[{next(step)}/{steps}] eval on world val: classification, retrieval, segmentation (pal protocol)")
     world_val = {"size": n_val}
+    seg_miou = {}
     for run in [Path(a["run"]) for a in ablation] + [r for m, r in method_runs.items() if m != "pal"]:
         for task in ("classification", "retrieval", "segmentation"):
-            stages.eval(task, run, "world", "val", world_val, protocol="pal" if task == "segmentation" else None)
+            res = stages.eval(task, run, "world", "val", world_val, protocol="pal" if task == "segmentation" else None)
+        seg_miou[str(run)] = res.get("mIoU")
     stages.eval("diagnostics", Path(chosen["run"]), "world", "val", world_val)
+    for a in ablation:
+        a["val_seg_miou"] = seg_miou[a["run"]]
     _write_ablation(out, ablation, chosen)
 
     if fashion_ok:
@@ -169,9 +173,6 @@ def _write_ablation(out: Path, ablation: list[dict], chosen: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for a in ablation:
-        seg = Path(a["run"]) / "eval" / "segmentation-world-val-pal.json"
-        a["val_seg_miou"] = json.loads(seg.read_text()).get("mIoU") if seg.exists() else None
     (out / "k_ablation.json").write_text(json.dumps({"chosen": chosen["K"], "grid": ablation}, indent=2))
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     ks = [a["K"] for a in ablation]

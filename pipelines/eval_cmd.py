@@ -1,17 +1,25 @@
-"""`pipe eval classification|retrieval|segmentation|diagnostics` and `pipe report`. Glue only: options -> EvalConfig,
-then print what `pipe_align.evaluate.tasks.run_eval` / `evaluate.report.write_report` return.
+"""`pipe eval <task>` (one command per registered task) and `pipe report`. Glue only: options -> EvalConfig, then
+print what `evaluate.tasks.run_eval` / `evaluate.report.write_report` return.
 
-One command per registered task (typer needs explicit signatures). What the task registry knows (which task takes
-a protocol, its choices and default, the result's columns) is resolved by `run_eval`, not repeated here; the help
-strings stay literal so that `pipe --help` does not import torch (tests/test_eval.py checks them against the
-registry).
+The commands are built from the task registry: a task file with a `@register_task` class is a new `pipe eval`
+command, with the task's docstring summary as its help and `--protocol` where the task takes one (its choices and
+default from the registry).
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
 import typer
+
+from pipe_align.evaluate.base import Task
+from pipe_align.evaluate.config import EvalConfig
+from pipe_align.evaluate.report import format_headline, write_report
+from pipe_align.evaluate.tasks import all_tasks, run_eval
+from pipe_align.extract.job import resolve_device
+from pipe_align.pipelines.options import parse_options
 
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="Evaluate a run on the feature stores of a dataset split.")  # fmt: skip
@@ -26,17 +34,12 @@ OPTION = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE, as g
 DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
 FIGURES = typer.Option(True, help="Also draw PNG figures under RUN/eval/figures.")
 EXAMPLES = typer.Option(4, help="Images shown in each figure.")
+SEED = typer.Option(0, help="Seed of any random draw the task makes (diagnostics: the mismatched captions).")
 
 
 def _run(task: str, dataset: str, root: str | None, split: str, features: Path, run: Path, skip_existing: bool,
          option: list[str], device: str, figures: bool, examples: int, protocol: str | None = None,
          seed: int = 0) -> None:  # fmt: skip
-    from pipe_align.evaluate.config import EvalConfig
-    from pipe_align.evaluate.report import format_headline
-    from pipe_align.evaluate.tasks import run_eval
-    from pipe_align.extract.job import resolve_device
-    from pipe_align.pipelines.options import parse_options
-
     cfg = EvalConfig(
         task=task, dataset=dataset, split=split, features=str(features), run=str(run), root=root, protocol=protocol,
         options=parse_options(option), device=resolve_device(device), figures=figures, examples=examples, seed=seed,
@@ -51,41 +54,29 @@ def _run(task: str, dataset: str, root: str | None, split: str, features: Path, 
     typer.echo(f"wrote {outcome.path}" + "".join(f"\nwrote {p}" for p in outcome.figures))
 
 
-@eval_app.command()
-def classification(dataset: str = DATASET, root: str | None = ROOT, split: str = SPLIT, features: Path = FEATURES,
-                   run: Path = RUN, skip_existing: bool = SKIP, option: list[str] = OPTION, device: str = DEVICE,
-                   figures: bool = FIGURES, examples: int = EXAMPLES) -> None:  # fmt: skip
-    """Zero-shot classification with the class-prompt store: acc1, acc5, balanced accuracy."""
-    _run("classification", dataset, root, split, features, run, skip_existing, option, device, figures, examples)
+def _command(task: type[Task]) -> None:
+    """Register `pipe eval <task.name>`: the common options, and --protocol where the task has protocols."""
+    params = [("dataset", str, DATASET), ("root", str | None, ROOT), ("split", str, SPLIT),
+              ("features", Path, FEATURES), ("run", Path, RUN)]  # fmt: skip
+    if task.protocols:
+        names = list(task.protocols)
+        choices = ", ".join([f"{names[0]} (default)", *names[1:]])
+        params.append(("protocol", str | None, typer.Option(None, help=f"{choices}: the protocol (docs/evaluate.md).")))
+    params += [("skip_existing", bool, SKIP), ("option", list[str], OPTION), ("device", str, DEVICE),
+               ("figures", bool, FIGURES), ("examples", int, EXAMPLES), ("seed", int, SEED)]  # fmt: skip
+
+    def command(**kw: Any) -> None:
+        _run(task.name, **kw)
+
+    command.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in params])
+    command.__annotations__ = {n: t for n, t, _ in params}
+    command.__doc__ = inspect.getdoc(task).split("\n\n")[0]
+    eval_app.command(task.name)(command)
 
 
-@eval_app.command()
-def retrieval(dataset: str = DATASET, root: str | None = ROOT, split: str = SPLIT, features: Path = FEATURES,
-              run: Path = RUN, skip_existing: bool = SKIP, option: list[str] = OPTION, device: str = DEVICE,
-              figures: bool = FIGURES, examples: int = EXAMPLES) -> None:  # fmt: skip
-    """Image-text retrieval with the caption store: recall@1/5/10 both ways."""
-    _run("retrieval", dataset, root, split, features, run, skip_existing, option, device, figures, examples)
-
-
-@eval_app.command()
-def segmentation(dataset: str = DATASET, root: str | None = ROOT, split: str = SPLIT, features: Path = FEATURES,
-                 run: Path = RUN, protocol: str | None = typer.Option(None, help="pal (default) or standard: the "
-                                                                   "label-space protocol (docs/evaluate.md)."),
-                 skip_existing: bool = SKIP, option: list[str] = OPTION, device: str = DEVICE,
-                 figures: bool = FIGURES, examples: int = EXAMPLES) -> None:  # fmt: skip
-    """Zero-shot segmentation from patch tokens and class prompts: mIoU, fg mIoU, per-class IoU, aAcc."""
-    _run("segmentation", dataset, root, split, features, run, skip_existing, option, device, figures, examples,
-         protocol=protocol)  # fmt: skip
-
-
-@eval_app.command()
-def diagnostics(dataset: str = DATASET, root: str | None = ROOT, split: str = SPLIT, features: Path = FEATURES,
-                run: Path = RUN, skip_existing: bool = SKIP, option: list[str] = OPTION, device: str = DEVICE,
-                figures: bool = FIGURES, examples: int = EXAMPLES,
-                seed: int = typer.Option(0, help="Seed of the random mismatched captions.")) -> None:  # fmt: skip
-    """Anchor methods only: anchor usage, top-5 anchor Dice (matched vs mismatched pairs), activation maps."""
-    _run("diagnostics", dataset, root, split, features, run, skip_existing, option, device, figures, examples,
-         seed=seed)  # fmt: skip
+for _task in all_tasks():
+    _command(_task)
 
 
 def report(
@@ -94,8 +85,6 @@ def report(
                                                "RUN/../report.md for the first RUN."),
 ) -> None:  # fmt: skip
     """One comparison table of all evaluated runs, printed and written as Markdown and CSV."""
-    from pipe_align.evaluate.report import write_report
-
     md, csv_path, text = write_report(list(runs), out)
     typer.echo(text, nl=False)
     typer.echo(f"wrote {md}\nwrote {csv_path}")
