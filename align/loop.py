@@ -102,13 +102,20 @@ def fit(method: type[Aligner], config: MethodConfig, run: RunConfig, data: Train
     run = run.resolved(method)
     if issubclass(method, ClosedFormAligner):
         aligner, info = method.fit(data, config, run.seed)
-        return FitResult(aligner, [], info)
-    trainer = Trainer(method, config, run, data, dp)
-    if checkpoint is not None and checkpoint.exists():
-        if not resume:
-            raise PipeError(f"{checkpoint.parent}: has an unfinished run (checkpoint.pt); pass --resume to continue it")
-        trainer.load_checkpoint(checkpoint, key)
-    return trainer.run(checkpoint=checkpoint, key=key, on_epoch=on_epoch, progress=progress)
+        result = FitResult(aligner, [], info)
+    else:
+        trainer = Trainer(method, config, run, data, dp)
+        if checkpoint is not None and checkpoint.exists():
+            if not resume:
+                raise PipeError(f"{checkpoint.parent}: has an unfinished run (checkpoint.pt); pass --resume to "
+                                "continue it")  # fmt: skip
+            trainer.load_checkpoint(checkpoint, key)
+        result = trainer.run(checkpoint=checkpoint, key=key, on_epoch=on_epoch, progress=progress)
+    for name, t in result.aligner.state_dict().items():  # nothing non-finite is ever saved as a result
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFinite(f"{method.name}: the fitted {name!r} is not finite ({len(data.train)} training pairs; too "
+                            "few for this method or its settings?); nothing was saved")  # fmt: skip
+    return result
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, schedule: str) -> float:
