@@ -30,3 +30,34 @@ def world_features(tmp_path_factory, tiny_dinov2, tiny_bert):
                                 options=(("size", size),), batch_size=8, shard_rows=8)  # fmt: skip
             run_extract(cfg, progress=False)
     return feats
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster when the cores are shared (OpenMP workers spin
+    against other processes: a 200x200 Sinkhorn went from 0.05 s to 2 s with 2 threads on a busy box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def interrupt_at(monkeypatch):
+    """`interrupt_at(epoch)`: training is interrupted (KeyboardInterrupt, as Ctrl-C) when it reaches `epoch`, after the
+    checkpoints of the earlier epochs; `interrupt_at(None)` trains normally again."""
+    from pipe_align.align.loop import Trainer
+
+    original = Trainer.train_epoch
+
+    def set_epoch(epoch):
+        def dying(self, *a, **k):
+            if self.epoch == epoch:
+                raise KeyboardInterrupt
+            return original(self, *a, **k)
+
+        monkeypatch.setattr(Trainer, "train_epoch", original if epoch is None else dying)
+
+    return set_epoch

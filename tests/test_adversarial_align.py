@@ -7,19 +7,11 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from pipe_align.align.loop import Trainer
 from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.pipelines.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_error(capsys, code: int) -> str:
@@ -79,26 +71,20 @@ def test_a_finished_run_is_not_returned_for_re_extracted_stores(tmp_path, world_
 
 
 def test_resume_refuses_re_extracted_stores_and_accepts_a_relative_path(tmp_path, world_features, tiny_dinov2,
-                                                                        tiny_bert, capsys, monkeypatch):  # fmt: skip
+                                                                        tiny_bert, capsys, monkeypatch,
+                                                                        interrupt_at):  # fmt: skip
     shards = copy_train(world_features, tmp_path / "stores")
-    original = Trainer.train_epoch
-
-    def dying(self, *a, **k):
-        if self.epoch == 1:
-            raise KeyboardInterrupt  # killed in the second epoch, after the first checkpoint
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "train_epoch", dying)
+    interrupt_at(1)  # in the second epoch, after the first checkpoint
     assert main(["align", "--shards", str(shards), "--out", str(tmp_path / "run"), *FAST]) == 130  # interrupted
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    interrupt_at(None)
     # the same folder written relatively: the same stores, so the run resumes
     monkeypatch.chdir(tmp_path)
     assert main(["align", "--shards", "stores", "--out", "run", *FAST, "--resume"]) == 0
     assert json.loads((tmp_path / "run" / "run.json").read_text())["complete"]
     # interrupted again, then the stores are re-extracted with other data: --resume must not continue on them
-    monkeypatch.setattr(Trainer, "train_epoch", dying)
+    interrupt_at(1)
     assert main(["align", "--shards", "stores", "--out", "run2", *FAST]) == 130
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    interrupt_at(None)
     shutil.rmtree(shards)
     fresh = tmp_path / "fresh"
     extract_world(fresh, f"hf:{tiny_dinov2}", "auto", size=24, seed=3)
@@ -110,18 +96,11 @@ def test_resume_refuses_re_extracted_stores_and_accepts_a_relative_path(tmp_path
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "random"])
-def test_a_damaged_checkpoint_is_one_line(tmp_path, world_features, capsys, monkeypatch, damage):
-    original = Trainer.train_epoch
-
-    def dying(self, *a, **k):
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "train_epoch", dying)
+def test_a_damaged_checkpoint_is_one_line(tmp_path, world_features, capsys, interrupt_at, damage):
+    interrupt_at(1)
     args = ["align", "--shards", str(world_features / "world" / "train"), "--out", str(tmp_path / "run"), *FAST]
     assert main(args) == 130
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    interrupt_at(None)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     data = ckpt.read_bytes()
     ckpt.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "random": bytes(range(256)) * 64}[damage])

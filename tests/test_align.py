@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipe_align.align.data import PairSource, find_pair_stores, pair_split
-from pipe_align.align.loop import RunConfig, Trainer
+from pipe_align.align.loop import RunConfig
 from pipe_align.align.methods import load_aligner
 from pipe_align.align.pal import PAL
 from pipe_align.align.run import AlignConfig, run_align
@@ -44,25 +44,16 @@ def test_pal_run_dir_and_learning(tmp_path, world_features):
         run_align(AlignConfig(shards=shards(world_features), out=str(out), params=FAST[1:], run=RUN), progress=False)
 
 
-def test_resume_after_interruption_equals_unbroken_run(tmp_path, world_features, monkeypatch):
+def test_resume_after_interruption_equals_unbroken_run(tmp_path, world_features, interrupt_at):
     cfg_full = AlignConfig(shards=shards(world_features), out=str(tmp_path / "full"), params=FAST, run=RUN)
     full = run_align(cfg_full, progress=False).path
-    calls = {"n": 0}
-    original = Trainer.train_epoch
-
-    def dying(self, *a, **k):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed during the third epoch
-        calls["n"] += 1
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "train_epoch", dying)
+    interrupt_at(2)  # during the third epoch
     cfg = AlignConfig(shards=shards(world_features), out=str(tmp_path / "cut"), params=FAST, run=RUN)
     with pytest.raises(KeyboardInterrupt):
         run_align(cfg, progress=False)
     assert (tmp_path / "cut" / "checkpoint.pt").exists()
     assert not json.loads((tmp_path / "cut" / "run.json").read_text())["complete"]
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    interrupt_at(None)
     with pytest.raises(Exception, match="--resume"):
         run_align(cfg, progress=False)
     resumed = run_align(AlignConfig(**{**cfg.__dict__, "resume": True}), progress=False).path
@@ -159,16 +150,9 @@ def test_bad_inputs(tmp_path, world_features, capsys):
     assert code == 2 and err.count("\n") == 1 and str(blocker) in err, err
 
 
-def test_resume_with_other_dims_is_refused(tmp_path, world_features, monkeypatch):
+def test_resume_with_other_dims_is_refused(tmp_path, world_features, interrupt_at):
     cfg = AlignConfig(shards=shards(world_features), out=str(tmp_path / "r"), params=FAST, run=RUN)
-    original = Trainer.train_epoch
-
-    def dying(self, *a, **k):
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "train_epoch", dying)
+    interrupt_at(1)
     with pytest.raises(KeyboardInterrupt):
         run_align(cfg, progress=False)
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)

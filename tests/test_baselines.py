@@ -19,15 +19,7 @@ from pipe_align.align.procrustes import Procrustes, ProcrustesConfig
 from pipe_align.align.sotalign import SOTAlign, SOTAlignConfig, klot, ot_plan, sinkhorn_log
 from pipe_align.extract.errors import PipeError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: one intra-op thread is as fast, and far faster when the cores are shared (OpenMP
-    workers spin against other processes: a 200x200 Sinkhorn went from 0.05 s to 2 s with 2 threads on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakePairs:

@@ -31,12 +31,7 @@ def shards(feats, split="train"):
     return str(feats / "world" / split)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- a method defined only here ---------------------------------------------------------------------------------------
