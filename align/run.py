@@ -170,11 +170,20 @@ def _run_meta(cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: Pair
         "image_layer": si.layout.encoder.get("layer"), "text_layer": st.layout.encoder.get("layer"),
         "dataset": si.layout.dataset, "split": si.layout.split,
         "image_store": str(si.path), "text_store": str(st.path),
+        "encoders": {"image": _encoder_record(si), "text": _encoder_record(st)},
         "fingerprint": {"image": store_fingerprint(si), "text": store_fingerprint(st)},
         "pairs": {"train": int(len(split.train)), "val": int(len(split.val)), "val_ids": _ids_digest(si, split.val)},
         "tokens": {"image": "patches+cls" if getattr(mcfg, "use_cls", False) else "patches"},
         "data_mode": "memory" if train.in_memory else "stream", "complete": False,
     }  # fmt: skip
+
+
+def _encoder_record(store) -> dict[str, Any]:
+    """What rebuilding the encoder needs without the store (`pipelines.api.load` on another machine): the store's
+    encoder attributes, its precision and, for images, the resize rule and patch grid of the extraction."""
+    lay = store.layout
+    extra = {"resize": lay.resize, "grid": list(lay.grid) if lay.grid else None} if lay.modality == "image" else {}
+    return dict(lay.encoder) | {"dtype": lay.dtype} | extra
 
 
 def _ids_digest(store, rows: np.ndarray) -> str:

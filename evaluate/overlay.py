@@ -1,0 +1,58 @@
+"""Colour overlays of a predicted label map on the user's own image (`pipe segment`), in the VOC palette that the
+eval's figures use. Plain arrays in, files out; drawn on a bare Agg `Figure`, never through pyplot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from PIL import Image
+
+from pipe_align.evaluate.figures import PALETTE, colorize
+from pipe_align.extract.datasets.base import voc_palette
+from pipe_align.extract.errors import PipeError
+
+
+def blend(image: np.ndarray, labels: np.ndarray, background: int | None, alpha: float = 0.55) -> np.ndarray:
+    """[H, W, 3] uint8: the image with each labelled pixel tinted by its class colour (background left as it is)."""
+    rgb = image.astype(np.float64) / 255.0
+    tinted = (1 - alpha) * rgb + alpha * colorize(labels)
+    if background is not None:
+        tinted = np.where((labels == background)[..., None], rgb, tinted)
+    return (np.clip(tinted, 0, 1) * 255).round().astype(np.uint8)
+
+
+def overlay_png(path: Path, image: np.ndarray, labels: np.ndarray, names: Sequence[str], background: int | None,
+                title: str) -> Path:  # fmt: skip
+    """The image and its overlay side by side, with a legend of the labels that occur (and their pixel share)."""
+    h, w = labels.shape
+    fig = Figure(figsize=(2 * 4.0 * w / max(h, w) + 0.4, 4.0 * h / max(h, w) + 1.1), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    for ax, data, name in ((axes[0], image, "image"), (axes[1], blend(image, labels, background), "labels")):
+        ax.imshow(data, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    counts = np.bincount(labels.ravel(), minlength=len(names))
+    handles = [Patch(color=PALETTE[i], label=f"{names[i]} {100 * counts[i] / labels.size:.0f}%")
+               for i in np.flatnonzero(counts)]  # fmt: skip
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def label_png(path: Path, labels: np.ndarray) -> Path:
+    """The label map as an indexed PNG (pixel value = label index, shown in the VOC palette), lossless."""
+    if labels.max(initial=0) > 255:
+        raise PipeError(f"{path}: an indexed PNG holds at most 256 labels")
+    png = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels, np.uint8).tobytes())
+    png.putpalette(voc_palette())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png.save(path)
+    return path

@@ -1,0 +1,389 @@
+"""Use a trained alignment on your own images and words: `model = load(run_dir)`.
+
+`load` rebuilds the two frozen encoders a run was trained on, exactly as they were extracted (alias, layer, image
+size, resize rule, text length; the same `load_encoder` and the same `ImageEncoder.preprocess` as `pipe extract`),
+checks that they are the same weights, and loads the fitted method. Features are rounded to the precision of the
+training stores (float16) before the method sees them, so the API computes what `pipe eval` computes from stores.
+
+    model = load("demo-out/runs/pal-k512")
+    img = model.encode_image(["cat.jpg", pil_image])        # [N, E], L2-normalised, on model.device
+    txt = model.encode_text(["a photo of a cat"])           # [M, E]
+    model.classify(images, ["cat", "dog"])                  # [N, C] cosine scores against template-averaged labels
+    seg = model.segment("street.jpg", ["car", "road"])      # label map at the image's size, score maps
+    model.similarity(images, texts)                         # [N, M]
+    model.anchor_maps("cat.jpg")                            # PAL: where its most active anchors fire
+
+Everything goes through the `Aligner` interface, so every method works; segmentation decodes like `pipe eval
+segmentation` (evaluate.segmentation.patch_scores, upsample_argmax; evaluate.background for the threshold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from pipe_align.align.base import Aligner, ImageRows, TextRows
+from pipe_align.align.methods import load_aligner
+from pipe_align.evaluate.background import decode
+from pipe_align.evaluate.context import read_run
+from pipe_align.evaluate.diagnostics import anchors_of
+from pipe_align.evaluate.metrics import zero_shot_classifier
+from pipe_align.evaluate.segmentation import patch_scores
+from pipe_align.extract.datasets.base import CLIP_TEMPLATES, UnreadableImage, open_rgb
+from pipe_align.extract.encoders import load_encoder
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.job import resolve_device
+from pipe_align.extract.shards import prefetch
+from pipe_align.extract.store import read_json_attrs
+
+ImageInput = str | Path | Image.Image | Tensor
+# Loaded encoder attributes that must equal the recorded ones (model_id is left out: a prepared folder's path
+# differs between machines while its weights, named in `weights`, are the same).
+MUST_MATCH = ("weights", "revision", "dim", "layer", "patch_size", "num_register_tokens", "pooling", "image_size",
+              "max_length")  # fmt: skip
+DEFAULT_BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How one encoder of a run is rebuilt, from run.json's `encoders` record or the store it was trained on."""
+
+    modality: str
+    alias: str
+    recorded: dict[str, Any]  # the store's encoder attributes (+ dtype, and resize/grid for images)
+    source: str  # where they were read (for error messages)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.recorded.get("dtype") or "float16")
+
+
+def encoder_specs(run: Path, meta: dict[str, Any]) -> tuple[EncoderSpec, EncoderSpec]:
+    """(image, text) specs; a run dir that does not say enough to rebuild an encoder is a one-line error."""
+    need = {"image": ("layer", "image_size", "resize"), "text": ("layer", "max_length")}
+    specs = []
+    for modality in ("image", "text"):
+        recorded, source = _recorded_encoder(run, meta, modality)
+        missing = [k for k in need[modality] if recorded.get(k) is None]
+        if missing:
+            store = meta.get(f"{modality}_store")
+            raise PipeError(f"run {run}: cannot rebuild its {modality} encoder: {', '.join(missing)} not recorded "
+                            f"(run.json has no 'encoders' entry and its {modality} store {store} is not found)")
+        specs.append(EncoderSpec(modality, str(meta[f"{modality}_encoder"]), recorded, source))
+    return specs[0], specs[1]
+
+
+def _recorded_encoder(run: Path, meta: dict[str, Any], modality: str) -> tuple[dict[str, Any], str]:
+    """run.json `encoders` (written by `pipe align` since it records them), else the training store's attributes
+    (its path as recorded, which is relative to where `pipe align` ran: tried as given and below each parent of the
+    run dir), else what run.json says at its top level."""
+    enc = (meta.get("encoders") or {}).get(modality)
+    if isinstance(enc, dict):
+        return dict(enc), f"{run}/run.json"
+    store = meta.get(f"{modality}_store")
+    if isinstance(store, str):
+        given = Path(store)
+        tries = [given] if given.is_absolute() else [given, *(p / given for p in run.resolve().parents)]
+        for path in tries:
+            if (path / "zarr.json").is_file():
+                attrs = read_json_attrs(path)
+                extra = {"resize": attrs.get("resize"), "grid": attrs.get("grid")} if modality == "image" else {}
+                return dict(attrs.get("encoder") or {}) | {"dtype": attrs.get("dtype")} | extra, str(path)
+    return {"layer": meta.get(f"{modality}_layer"), "weights": meta.get(f"{modality}_weights")}, f"{run}/run.json"
+
+
+def build_encoder(spec: EncoderSpec, run: Path, device: str):
+    """The frozen encoder of `spec` through `load_encoder` (as `pipe extract` loads it), checked against the record."""
+    r = spec.recorded
+    try:
+        enc = load_encoder(spec.alias, layer=str(r["layer"]), image_size=r.get("image_size"),
+                           max_length=int(r.get("max_length") or 64), device=device)  # fmt: skip
+    except PipeError as e:
+        raise PipeError(f"run {run}: cannot load its {spec.modality} encoder {spec.alias!r} ({e})") from None
+    got = asdict(enc.info)
+    if got["modality"] != spec.modality:
+        raise PipeError(f"run {run}: {spec.alias!r} loads a {got['modality']} encoder, expected {spec.modality}")
+    for key in MUST_MATCH:
+        if r.get(key) is not None and str(got.get(key)) != str(r[key]):
+            raise PipeError(f"run {run}: its {spec.modality} encoder {spec.alias!r} had {key}={r[key]!r} "
+                            f"({spec.source}) but loads with {key}={got.get(key)!r} here")  # fmt: skip
+    return enc
+
+
+def load(run: str | Path, device: str = "auto", batch_size: int = 32) -> AlignedModel:
+    """The trained alignment of a run dir with its two frozen encoders, ready to apply (see the module docstring)."""
+    run = Path(run)
+    meta = read_run(run)
+    if meta.get("complete") is False:
+        raise PipeError(f"run {run}: training has not finished (run.json says complete: false)")
+    if batch_size < 1:
+        raise PipeError(f"batch_size must be >= 1, got {batch_size}")
+    image_spec, text_spec = encoder_specs(run, meta)
+    device = resolve_device(device)
+    aligner = load_aligner(run, device=device)
+    image_encoder = build_encoder(image_spec, run, device)
+    text_encoder = build_encoder(text_spec, run, device)
+    return AlignedModel(run, meta, aligner, image_encoder, text_encoder, image_spec, text_spec, device, batch_size)
+
+
+@dataclass
+class Segmentation:
+    """`labels` [H, W] int64: index into `names` per pixel, at the image's size; `scores` [C, h, w]: class scores on
+    the patch grid (what the maps are upsampled from); `background`: the index of the background prompt or None."""
+
+    labels: Tensor
+    names: list[str]
+    scores: Tensor
+    background: int | None
+    threshold: float | None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.labels.shape)
+
+    def score_map(self, label: str | int) -> Tensor:
+        """[H, W] scores of one label, bilinearly upsampled to the image as the argmax sees them."""
+        c = self.names.index(label) if isinstance(label, str) else int(label)
+        return F.interpolate(self.scores[None, c : c + 1], size=self.size, mode="bilinear", align_corners=False)[0, 0]
+
+
+@dataclass
+class AnchorMaps:
+    """PAL: the `anchors` of largest profile value for an image, those `values`, and their cosine maps [k, h, w]."""
+
+    anchors: list[int]
+    values: list[float]
+    maps: Tensor
+
+
+class AlignedModel:
+    """Two frozen encoders and a fitted alignment method. Built by `load`; every output is on `self.device`."""
+
+    def __init__(self, run: Path, meta: dict[str, Any], aligner: Aligner, image_encoder, text_encoder,
+                 image_spec: EncoderSpec, text_spec: EncoderSpec, device: str, batch_size: int) -> None:  # fmt: skip
+        self.run, self.meta, self.aligner = run, meta, aligner
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.image_spec, self.text_spec = image_spec, text_spec
+        self.device, self.batch_size = device, batch_size
+        self.resize = str(image_spec.recorded["resize"])  # the extraction's rule: what the method was fitted on
+
+    @property
+    def method(self) -> str:
+        return self.aligner.name
+
+    # -- features ---------------------------------------------------------------------------------------------------
+    def _batches(self, images: list, resize: str, skip: bool) -> Iterator[tuple[Tensor | None, list[int], list]]:
+        """(pixels, positions in `images`, skipped (position, reason)) per batch; decoding and preprocessing run
+        `prefetch`ed in a thread ahead of the encoder, as in `pipe extract`."""
+
+        def produce():
+            for b0 in range(0, len(images), self.batch_size):
+                pil, kept, bad = [], [], []
+                for i in range(b0, min(b0 + self.batch_size, len(images))):
+                    try:
+                        pil.append(as_pil(images[i]))
+                        kept.append(i)
+                    except UnreadableImage as e:
+                        if not skip:
+                            raise
+                        bad.append((i, str(e)))
+                yield (self.image_encoder.preprocess(pil, resize=resize) if pil else None), kept, bad
+
+        return prefetch(produce(), depth=2)
+
+    def _image_rows(self, pixels: Tensor, patches: bool = True) -> ImageRows:
+        cls, pt = self.image_encoder.encode(pixels)
+        dtype = self.image_spec.dtype
+        return ImageRows(cls=like_store(cls, dtype), patches=like_store(pt, dtype) if patches else None)
+
+    def image_features(self, images: ImageInput | Sequence[ImageInput], resize: str | None = None) -> ImageRows:
+        """The frozen encoder's rows (CLS [N, D], patches [N, P, D]), rounded like the training store."""
+        items = as_list(images)
+        rows = [self._image_rows(px) for px, _, _ in self._batches(items, resize or self.resize, skip=False)]
+        return ImageRows(cls=torch.cat([r.cls for r in rows]), patches=torch.cat([r.patches for r in rows]))
+
+    def text_features(self, texts: str | Sequence[str]) -> TextRows:
+        """The frozen text encoder's rows (pooled, word tokens, lengths), rounded like the training store."""
+        texts = check_texts(texts)
+        parts = []
+        for b0 in range(0, len(texts), self.batch_size):
+            tokens, length, pooled = self.text_encoder.encode(texts[b0 : b0 + self.batch_size])
+            parts.append((like_store(tokens, self.text_spec.dtype), length, like_store(pooled, self.text_spec.dtype)))
+        return TextRows(pooled=torch.cat([p[2] for p in parts]), tokens=torch.cat([p[0] for p in parts]),
+                        length=torch.cat([p[1] for p in parts]))  # fmt: skip
+
+    # -- embeddings -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, images: ImageInput | Sequence[ImageInput],
+                     on_images: Callable[[int], None] | None = None) -> Tensor:  # fmt: skip
+        """[N, E] aligned, L2-normalised image embeddings; an unreadable image is a PipeError naming it."""
+        emb, _, _ = self.encode_files(as_list(images), skip_unreadable=False, on_images=on_images)
+        return emb
+
+    @torch.no_grad()
+    def encode_files(self, images: Sequence[ImageInput], skip_unreadable: bool = True,
+                     on_images: Callable[[int], None] | None = None) -> tuple[Tensor, list[int], list[tuple[int, str]]]:
+        """(embeddings of the readable images, their positions in `images`, skipped (position, reason)): for
+        folders, where one bad file should not stop the rest (as `pipe extract` skips it)."""
+        out, kept, skipped = [], [], []
+        tokens = self.aligner.needs_tokens
+        for pixels, k, bad in self._batches(list(images), self.resize, skip_unreadable):
+            if pixels is not None:
+                out.append(self.aligner.image_global(self._image_rows(pixels, patches=tokens)).float())
+            kept += k
+            skipped += bad
+            if on_images:
+                on_images(len(k) + len(bad))
+        dim = out[0].shape[1] if out else 0
+        return (torch.cat(out) if out else torch.zeros(0, dim, device=self.device)), kept, skipped
+
+    @torch.no_grad()
+    def encode_text(self, texts: str | Sequence[str]) -> Tensor:
+        """[M, E] aligned, L2-normalised text embeddings."""
+        texts = check_texts(texts)
+        tokens = self.aligner.needs_tokens
+        out = []
+        for b0 in range(0, len(texts), self.batch_size):
+            rows = self.text_features(texts[b0 : b0 + self.batch_size])
+            if not tokens:
+                rows = TextRows(pooled=rows.pooled)
+            out.append(self.aligner.text_global(rows).float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def similarity(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str]) -> Tensor:
+        """[N, M] cosine similarity of images and texts in the aligned space."""
+        return self.encode_image(images) @ self.encode_text(texts).T
+
+    # -- zero-shot --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def classifier(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
+        """[C, E] class weights as the eval builds them from a prompt store: every template filled with every label,
+        each embedding normalised, mean per label, renormalised (`evaluate.metrics.zero_shot_classifier`)."""
+        labels, templates = check_labels(labels), check_templates(templates)
+        texts = [t.replace("{}", label) for label in labels for t in templates]
+        item = torch.arange(len(labels)).repeat_interleave(len(templates))
+        return zero_shot_classifier(self.encode_text(texts), item.to(self.device), len(labels))
+
+    @torch.no_grad()
+    def classify(self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str],
+                 templates: Sequence[str] | None = None) -> Tensor:  # fmt: skip
+        """[N, C] cosine scores of each image against each label (argmax = the prediction)."""
+        return self.encode_image(images) @ self.classifier(labels, templates).T
+
+    @torch.no_grad()
+    def segment(self, image: ImageInput, labels: Sequence[str], background: str | None = DEFAULT_BACKGROUND,
+                templates: Sequence[str] | None = None, threshold: float | None = None) -> Segmentation:  # fmt: skip
+        """Per-pixel labels at the image's size, decoded as `pipe eval segmentation` does: the image squashed to the
+        encoder's size (the patch grid covers all of it), patch scores `image_dense(patches) @ classifier.T`,
+        bilinear upsampling, argmax. `background` is a prompt that competes like a class (None: none); with
+        `threshold`, a pixel whose best other score is below it becomes background too."""
+        labels = check_labels(labels)
+        if threshold is not None and background is None:
+            raise PipeError("a background threshold needs a background label")
+        names = list(labels)
+        if background is not None and background not in names:
+            names = [background, *names]
+        bg = names.index(background) if background is not None else None
+        items = as_list(image)
+        if len(items) != 1:
+            raise PipeError(f"segment takes one image, got {len(items)}")
+        pil = as_pil(items[0])
+        pixels = self.image_encoder.preprocess([pil], resize="squash")
+        rows = self._image_rows(pixels)
+        scores = patch_scores(self.aligner, rows.patches, self.classifier(names, templates), self.image_encoder.grid)
+        size = (pil.height, pil.width)
+        scores = scores[0]
+        return Segmentation(decode(scores, size, bg, threshold), names, scores, bg, threshold)
+
+    @torch.no_grad()
+    def anchor_maps(self, image: ImageInput, top: int = 3) -> AnchorMaps:
+        """Anchor methods (PAL): the `top` anchors of largest profile value and their cosine maps on the patch grid
+        (the image squashed, as for segmentation); another method is a PipeError."""
+        anchors, _ = anchors_of(self.aligner)
+        rows = self.image_features(image, resize="squash")
+        if rows.cls.shape[0] != 1:
+            raise PipeError(f"anchor_maps takes one image, got {rows.cls.shape[0]}")
+        profile = self.aligner.image_global(rows)[0]
+        dense = self.aligner.image_dense(rows.patches)[0]  # [P, K]
+        values, idx = torch.topk(profile, min(top, anchors.shape[0]))
+        h, w = self.image_encoder.grid
+        return AnchorMaps(idx.tolist(), values.tolist(), dense[:, idx].T.reshape(-1, h, w))
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------------
+def like_store(x: Tensor, dtype: str) -> Tensor:
+    """Rounded to the feature store's precision and back to float32: what the method saw in training and eval."""
+    return x.to(torch.bfloat16 if dtype == "bfloat16" else torch.float16).float()
+
+
+def as_list(images: ImageInput | Sequence[ImageInput]) -> list:
+    """One image or a sequence of them; a [B, 3, H, W] tensor is B images."""
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images]
+    if isinstance(images, Tensor):
+        return list(images) if images.ndim == 4 else [images]
+    items = list(images)
+    if not items:
+        raise PipeError("no images given")
+    return items
+
+
+def as_pil(image: ImageInput) -> Image.Image:
+    """RGB PIL image from a path (decoded fully: a truncated file fails here), a PIL image, or a [3, H, W] / [H, W]
+    tensor (uint8 0-255, or float 0-1 as torchvision's to_tensor gives). Bad input raises UnreadableImage."""
+    if isinstance(image, (str, Path)):
+        return open_rgb(Path(image))
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, Tensor):
+        x = image.detach().cpu()
+        if x.ndim == 3 and x.shape[0] in (1, 3):
+            x = x.permute(1, 2, 0)
+        if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[2] not in (1, 3)):
+            raise UnreadableImage(f"image tensor of shape {tuple(image.shape)}: expected [3, H, W] or [H, W]")
+        if x.is_floating_point():
+            if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+                raise UnreadableImage("float image tensor: values must lie in [0, 1]")
+            x = (x * 255).round()
+        arr = x.to(torch.uint8).numpy()
+        arr = arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr
+        return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
+    raise UnreadableImage(f"not an image: {type(image).__name__} (give a path, a PIL image or a tensor)")
+
+
+def check_texts(texts: str | Sequence[str]) -> list[str]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise PipeError("no texts given")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise PipeError(f"text {i} is empty")
+    return texts
+
+
+def check_labels(labels: Sequence[str]) -> list[str]:
+    labels = [str(x).strip() for x in ([labels] if isinstance(labels, str) else labels)]
+    if not labels or any(not x for x in labels):
+        raise PipeError("labels: give at least one non-empty label (e.g. 'cat,dog,grass')")
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise PipeError(f"labels: {', '.join(dup)} given twice")
+    return labels
+
+
+def check_templates(templates: Sequence[str] | None) -> list[str]:
+    """The CLIP templates every labelled dataset uses unless given; each needs a '{}' for the label."""
+    templates = list(CLIP_TEMPLATES) if templates is None else [templates] if isinstance(templates, str) else list(
+        templates)  # fmt: skip
+    if not templates or any("{}" not in t for t in templates):
+        raise PipeError(f"templates: every template needs a '{{}}' for the label, got {templates}")
+    return templates

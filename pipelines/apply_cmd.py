@@ -1,0 +1,196 @@
+"""`pipe segment`, `pipe classify`, `pipe search`: a trained run applied to your own images and words. Glue only:
+options -> `pipelines.api` (the model), `pipelines.image_index` (folders, the search cache), `evaluate.overlay`
+(the PNGs); results printed or written.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from pipe_align.extract.datasets.base import open_rgb
+from pipe_align.extract.errors import PipeError
+
+RUN = typer.Option(..., help="Run dir written by `pipe align` (its run.json names the encoders to rebuild).")
+LABELS = typer.Option(..., help="Comma-separated labels, e.g. 'cat,dog,grass'.")
+TEMPLATES = typer.Option(None, help="Prompt templates, '|'-separated, each with {} for the label "
+                                    "(default: the CLIP templates the eval's class prompts use).")  # fmt: skip
+DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
+BATCH = typer.Option(32, help="Images per encoder forward.")
+PROGRESS = typer.Option(True, help="Show a progress bar.")
+STRICT = typer.Option(False, help="Fail on an unreadable image instead of skipping it.")
+
+
+def parse_labels(text: str) -> list[str]:
+    labels = [x.strip() for x in text.split(",")]
+    if not any(labels):
+        raise PipeError("--labels: no labels given (e.g. --labels 'cat,dog,grass')")
+    if not all(labels):
+        raise PipeError(f"--labels {text!r}: an empty label between commas")
+    return labels
+
+
+def _templates(text: str | None) -> list[str] | None:
+    return text.split("|") if text else None
+
+
+@contextmanager
+def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar (images, images/s, ETA) when asked for and there is more than one image."""
+    if not enabled or total < 2:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=True)  # fmt: skip
+    task, t0, done = bar.add_task(label, total=total, rate=""), time.perf_counter(), [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        bar.update(task, advance=n, rate=f"{done[0] / max(time.perf_counter() - t0, 1e-9):.1f} images/s")
+
+    with bar:
+        yield advance
+
+
+def _load(run: Path, device: str, batch_size: int):
+    from pipe_align.pipelines.api import load
+
+    return load(run, device=device, batch_size=batch_size)
+
+
+def _out_names(images: list[Path]) -> list[str]:
+    """One output stem per input image; images of the same name in different folders get -2, -3, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in images:
+        seen[p.stem] = seen.get(p.stem, 0) + 1
+        out.append(p.stem if seen[p.stem] == 1 else f"{p.stem}-{seen[p.stem]}")
+    return out
+
+
+def segment(
+    images: list[Path] = typer.Argument(..., help="Image files to segment."),
+    run: Path = RUN,
+    labels: str = LABELS,
+    out: Path = typer.Option(Path("segment-out"), help="Folder for <image>.overlay.png, <image>.labels.png and "
+                                                       "labels.txt."),  # fmt: skip
+    background: str = typer.Option("background", help="A background prompt that competes with the labels, as in "
+                                                      "`pipe eval segmentation`; '' for none."),  # fmt: skip
+    background_threshold: float | None = typer.Option(None, help="Also mark a pixel background when its best label "
+                                                                 "score is below this (docs/apply.md: picking it)."),
+    templates: str | None = TEMPLATES,
+    device: str = DEVICE,
+    progress: bool = PROGRESS,
+) -> None:
+    """Segment images with your own labels: a colour overlay PNG and the label map (indexed PNG) per image."""
+    from pipe_align.evaluate.overlay import label_png, overlay_png
+
+    names = parse_labels(labels)
+    if len(names) > 255:
+        raise PipeError(f"--labels: {len(names)} labels; at most 255 fit an indexed PNG with a background")
+    model = _load(run, device, 1)
+    bg = background.strip() or None
+    written = []
+    with progress_bar(progress, "segment", len(images)) as advance:
+        for path, stem in zip(images, _out_names(images)):
+            image = open_rgb(path)
+            seg = model.segment(image, names, background=bg, templates=_templates(templates),
+                                threshold=background_threshold)  # fmt: skip
+            label_map = seg.labels.cpu().numpy()
+            title = f"{path.name}: {run.name} ({model.method})" + (
+                f", background threshold {background_threshold:g}" if background_threshold is not None else "")
+            written.append(overlay_png(out / f"{stem}.overlay.png", np.asarray(image), label_map, seg.names,
+                                       seg.background, title))  # fmt: skip
+            written.append(label_png(out / f"{stem}.labels.png", label_map))
+            advance(1)
+    (out / "labels.txt").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(seg.names)), encoding="utf-8")
+    for p in written:
+        typer.echo(f"wrote {p}")
+    typer.echo(f"wrote {out / 'labels.txt'} (label index -> name; the labels PNGs hold these indices)")
+
+
+def classify(
+    folder: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    run: Path = RUN,
+    labels: str = LABELS,
+    out: Path = typer.Option(Path("classify.csv"), help="CSV to write: path, then label and score for the top k."),
+    top_k: int = typer.Option(5, help="Labels per image in the CSV."),
+    templates: str | None = TEMPLATES,
+    device: str = DEVICE,
+    batch_size: int = BATCH,
+    strict: bool = STRICT,
+    progress: bool = PROGRESS,
+) -> None:
+    """Classify a folder of images against your labels: a CSV of the top-k labels with cosine scores."""
+    from pipe_align.pipelines.image_index import list_images
+
+    names = parse_labels(labels)
+    if top_k < 1:
+        raise PipeError(f"--top-k must be >= 1, got {top_k}")
+    paths = list_images(folder)
+    model = _load(run, device, batch_size)
+    weights = model.classifier(names, _templates(templates))
+    with progress_bar(progress, "classify", len(paths)) as advance:
+        emb, kept, skipped = model.encode_files(paths, skip_unreadable=not strict, on_images=advance)
+    if not kept:
+        raise PipeError(f"{folder}: none of its {len(paths)} images is readable")
+    scores, idx = (emb @ weights.T).topk(min(top_k, len(names)), dim=1)
+    k = idx.shape[1]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", *[c for j in range(1, k + 1) for c in (f"label_{j}", f"score_{j}")]])
+        for row, (s, i) in zip(kept, zip(scores.tolist(), idx.tolist())):
+            w.writerow([str(paths[row]), *[v for j in range(k) for v in (names[i[j]], f"{s[j]:.4f}")]])
+    _report_skipped([(paths[i], why) for i, why in skipped])
+    typer.echo(f"wrote {out} ({len(kept)} images, top {k} of {len(names)} labels)")
+
+
+def search(
+    folder: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    run: Path = RUN,
+    query: list[str] = typer.Option(..., help="A sentence to search for (repeat for several)."),
+    top_k: int = typer.Option(10, help="Images shown per query."),
+    cache: bool = typer.Option(True, help="Keep the folder's image embeddings in RUN/cache and reuse them while the "
+                                          "images are unchanged."),  # fmt: skip
+    device: str = DEVICE,
+    batch_size: int = BATCH,
+    strict: bool = STRICT,
+    progress: bool = PROGRESS,
+) -> None:
+    """Search a folder of images with sentences: the best-matching images, best first."""
+    from pipe_align.pipelines.image_index import folder_embeddings, list_images
+
+    if top_k < 1:
+        raise PipeError(f"--top-k must be >= 1, got {top_k}")
+    model = _load(run, device, batch_size)
+    text = model.encode_text(query)
+    with progress_bar(progress, "search: images", len(list_images(folder))) as advance:
+        index = folder_embeddings(model, folder, strict=strict, use_cache=cache, on_images=advance)
+    scores, idx = (text @ index.embeddings.T).topk(min(top_k, len(index.paths)), dim=1)
+    for q, s, i in zip(query, scores.tolist(), idx.tolist()):
+        typer.echo(f"{q}")
+        for rank, (score, j) in enumerate(zip(s, i), start=1):
+            typer.echo(f"  {rank:3d}. {score:.4f}  {index.paths[j]}")
+    _report_skipped(index.skipped)
+    reused = len(index.paths) + len(index.skipped) - index.encoded
+    where = f"; cache {index.cache}" if index.cache else ""
+    typer.echo(f"{len(index.paths)} images: {index.encoded} encoded now, {reused} from the cache{where}", err=True)
+
+
+def _report_skipped(skipped: list[tuple[Path, str]]) -> None:
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} unreadable images:", err=True)
+        for path, why in skipped:
+            typer.echo(f"  {path}: {why}", err=True)
+
+
+COMMANDS = (segment, classify, search)
