@@ -50,6 +50,7 @@ ImageInput = str | Path | Image.Image | Tensor
 MUST_MATCH = ("weights", "revision", "dim", "layer", "patch_size", "num_register_tokens", "pooling", "image_size",
               "max_length")  # fmt: skip
 DEFAULT_BACKGROUND = "background"
+CLASSIFIERS_KEPT = 8  # label sets whose class weights are kept
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class AlignedModel:
         self.image_spec, self.text_spec = image_spec, text_spec
         self.device, self.batch_size = device, batch_size
         self.resize = str(image_spec.recorded["resize"])  # the extraction's rule: what the method was fitted on
+        self._classifiers: dict[tuple, Tensor] = {}
 
     @property
     def method(self) -> str:
@@ -269,9 +271,14 @@ class AlignedModel:
         """[C, E] class weights as the eval builds them from a prompt store: every template filled with every label,
         each embedding normalised, mean per label, renormalised (`evaluate.metrics.zero_shot_classifier`)."""
         labels, templates = check_labels(labels), check_templates(templates)
-        texts = [t.replace("{}", label) for label in labels for t in templates]
-        item = torch.arange(len(labels)).repeat_interleave(len(templates))
-        return zero_shot_classifier(self.encode_text(texts), item.to(self.device), len(labels))
+        key = (tuple(labels), tuple(templates))
+        if key not in self._classifiers:  # segmenting many images with one label set encodes the prompts once
+            texts = [t.replace("{}", label) for label in labels for t in templates]
+            item = torch.arange(len(labels)).repeat_interleave(len(templates))
+            if len(self._classifiers) >= CLASSIFIERS_KEPT:
+                self._classifiers.pop(next(iter(self._classifiers)))
+            self._classifiers[key] = zero_shot_classifier(self.encode_text(texts), item.to(self.device), len(labels))
+        return self._classifiers[key]
 
     @torch.no_grad()
     def classify(self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str],

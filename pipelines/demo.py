@@ -1,14 +1,16 @@
 """`pipe demo`: the whole pipeline on the built-in world, through the stage functions the `pipe` commands call.
 
 extract (train captions, val captions + class prompts) -> align (PAL over a K grid, K picked on the held-out pairs of
-the train split; then every baseline) -> eval (classification, retrieval, segmentation `pal` protocol on world val)
--> report. Re-running reuses finished stores, runs and evaluations.
+the train split; then every baseline) -> eval (classification, retrieval, segmentation `pal` protocol on world val;
+the background score threshold picked on world train's masks and shown on val) -> report. World val is also written
+as JPEG files (`OUT/world/val2017`) to try `pipe segment|classify|search` on. Re-running reuses finished stores,
+runs and evaluations.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import typer
@@ -16,10 +18,11 @@ import typer
 from pipe_align.align.loop import RunConfig
 from pipe_align.align.methods import method_names
 from pipe_align.align.run import AlignConfig, AlignResult, run_align
+from pipe_align.evaluate.background import before_after_figure, scan_thresholds
 from pipe_align.evaluate.config import EvalConfig
 from pipe_align.evaluate.report import write_report
 from pipe_align.evaluate.tasks import run_eval
-from pipe_align.extract.datasets import get_dataset
+from pipe_align.extract.datasets import get_dataset, write_world
 from pipe_align.extract.datasets.fashion_mnist import FASHION_CLASSES
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import resolve_device
@@ -147,6 +150,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     for a in ablation:
         a["val_seg_miou"] = seg_miou[a["run"]]
     _write_ablation(out, ablation, chosen)
+    say("      background: score threshold picked on world train, applied to world val (background_threshold.png)")
+    _background_threshold(stages, out, Path(chosen["run"]), n_train, n_val)
+    _world_files(out, n_val)
 
     if fashion_ok:
         say(f"[{next(step)}/{steps}] fashion-mnist: zero-shot transfer, trained on captions of 7 classes, tested on "
@@ -187,6 +193,37 @@ def _write_ablation(out: Path, ablation: list[dict], chosen: dict) -> None:
     fig.tight_layout()
     fig.savefig(out / "k_ablation.png")
     plt.close(fig)
+
+
+def _background_threshold(stages: Stages, out: Path, run: Path, n_train: int, n_val: int) -> dict:
+    """Pick the background score threshold (evaluate/background.py) by fg mIoU on world train, whose masks no
+    reported number uses, then segment world val with and without it. Val's own best threshold is recorded only as
+    a reference for how far the train pick is from it."""
+    cfg = stages.cfg
+    stages.extract(cfg.text_encoder, "world", "train", {"size": n_train}, text="prompts")
+    train = EvalConfig(task="segmentation", dataset="world", split="train", features=str(stages.feats), run=str(run),
+                       protocol="pal", options=(("size", n_train),), device=stages.device, examples=0)  # fmt: skip
+    picked = scan_thresholds(train)
+    val_cfg = replace(train, split="val", options=(("size", n_val),), examples=4)
+    val = scan_thresholds(val_cfg, [None] if picked.best is None else [None, picked.best])
+    reference = scan_thresholds(replace(val_cfg, examples=0))
+    result = {"run": str(run), "picked_on": f"world train ({picked.images} images)", "threshold": picked.best,
+              "val": val.to_dict(), "train_scan": picked.to_dict(),
+              "val_own_best": {"threshold": reference.best, "fg_mIoU": max(reference.fg_miou)}}  # fmt: skip
+    (out / "background_threshold.json").write_text(json.dumps(result, indent=2))
+    before_after_figure(out / "background_threshold.png", val, val_cfg,
+                        f"{run.name} on world val: background threshold picked on world train")  # fmt: skip
+    t = picked.best
+    after = f" -> {100 * val.fg_miou[-1]:.1f} with T = {t:.3f}" if t is not None else " (no threshold helps on train)"
+    typer.echo(f"      world val fg mIoU {100 * val.fg_miou[0]:.1f} (background prompt competes){after}")
+    return result
+
+
+def _world_files(out: Path, n_val: int) -> None:
+    """World val as JPEG files (out/world/val2017), for trying `pipe segment|classify|search` on them."""
+    folder = out / "world" / "val2017"
+    if not folder.is_dir() or len(list(folder.glob("*.jpg"))) != n_val:
+        write_world(out / "world", "val", size=n_val, layouts=("coco",))
 
 
 def _fashion_available() -> bool:

@@ -15,7 +15,7 @@ def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):
     feats = out / "features" / "world"
     for split in ("train", "val"):
         stores = sorted(p.name for p in (feats / split).glob("*.zarr"))
-        assert len(stores) == (3 if split == "val" else 2), stores
+        assert len(stores) == 3, stores  # image, captions, class prompts (train: for the background threshold)
     ablation = json.loads((out / "k_ablation.json").read_text())
     assert [a["K"] for a in ablation["grid"]] == [16, 64, 256, 512] and (out / "k_ablation.png").exists()
     runs = sorted(p.name for p in (out / "runs").iterdir())
@@ -37,6 +37,11 @@ def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):
     assert selection["pal"]["params"]["anchors"] == ablation["chosen"]
     for pick in selection.values():
         assert pick.get("tried") is None or pick["heldout_mean_r1"] == max(t[1] for t in pick["tried"])
+    background = json.loads((out / "background_threshold.json").read_text())  # picked on train, shown on val
+    assert background["picked_on"].startswith("world train") and (out / "background_threshold.png").exists()
+    t = background["threshold"]
+    assert [g["threshold"] for g in background["val"]["grid"]] == ([None] if t is None else [None, t])
+    assert len(list((out / "world" / "val2017").glob("*.jpg"))) == 16
     fashion = out / "fashion_mnist.json"
     if Path("/usr/share/datasets/fashion-mnist").is_dir():  # Debian's dataset-fashion-mnist: the transfer check ran
         rows = json.loads(fashion.read_text())
@@ -45,6 +50,7 @@ def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):
     # a second run reuses everything: no store, run or evaluation is redone
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
     assert main(args) == 0
-    summaries = ("report", "k_ablation", "fashion_mnist", "selection")  # rewritten from the kept results on every run
+    # rewritten from the kept results on every run
+    summaries = ("report", "k_ablation", "fashion_mnist", "selection", "background_threshold")
     kept = {p: t for p, t in stamps.items() if not p.name.startswith(summaries)}
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
