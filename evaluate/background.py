@@ -1,11 +1,14 @@
-"""How zero-shot segmentation decides "background", and the scan that picks an optional score threshold.
+"""How zero-shot segmentation decides "background", and the scan that picks a background rule's value on a split.
 
 The rule of `pipe eval segmentation` (and the default everywhere): a background prompt ("a photo of a background.",
 ...) is one more class and competes in the argmax of the upsampled score maps. With few pairs it rarely wins, since no
-caption describes the background that way, so object classes spill onto background patches. The optional threshold T
-adds one rule after that argmax: a pixel whose best non-background score is below T becomes background. T = None is
-the eval's rule exactly (the same `upsample_argmax`). `scan_thresholds` picks T on a split's stores and masks by
-foreground mIoU, from the same scores, label space and confusion matrix as the eval.
+caption describes the background that way, so object classes spill onto background patches. Two optional rules act
+after that argmax, on the same upsampled maps:
+- `threshold` T: a pixel whose best non-background score is below T becomes background (an absolute score level);
+- `bias` B: a pixel whose best non-background score is below the background's score + B becomes background (the
+  background prompt's score raised by B; a margin, so it follows each pixel's own score level).
+Neither set is the eval's rule exactly (the same `upsample_argmax`). `scan` picks a rule's value on a split's stores
+and masks by foreground mIoU, from the same scores, label space and confusion matrix as the eval.
 """
 
 from __future__ import annotations
@@ -39,61 +42,97 @@ from pipe_align.evaluate.segmentation import (
 )
 from pipe_align.extract.errors import PipeError
 
-QUANTILES = tuple(round(0.05 * i, 2) for i in range(1, 20))  # default grid: quantiles of the patches' best fg score
+RULES = ("threshold", "bias")
+QUANTILES = tuple(round(0.05 * i, 2) for i in range(1, 20))  # default grid: quantiles of the rule's patch statistic
+
+
+def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """[C, h, w] -> [C, H, W] bilinear (align_corners=False), as the eval upsamples."""
+    return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def upsample_max(scores: Tensor, size: tuple[int, int], chunk: int = CLASS_CHUNK) -> Tensor:
-    """[C, h, w] -> [H, W] maximum over classes of the bilinearly upsampled score maps (chunked like
-    `upsample_argmax`, so it is the value that argmax picks)."""
+    """[C, h, w] -> [H, W] maximum over classes of the upsampled score maps (chunked like `upsample_argmax`, so it is
+    the value that argmax picks)."""
     best = None
     for c0 in range(0, scores.shape[0], chunk):
-        up = F.interpolate(scores[None, c0 : c0 + chunk], size=size, mode="bilinear", align_corners=False)[0]
-        v = up.max(dim=0).values
+        v = upsample(scores[c0 : c0 + chunk], size).max(dim=0).values
         best = v if best is None else torch.maximum(best, v)
     return best
 
 
-def decode(scores: Tensor, size: tuple[int, int], background: int | None = None,
-           threshold: float | None = None) -> Tensor:  # fmt: skip
-    """[C, h, w] class scores -> [H, W] class indices: the eval's argmax (background competing), then, with a
-    threshold, background wherever the best non-background score is below it."""
+@dataclass(frozen=True)
+class Maps:
+    """What every rule decides from, at the image's size: the eval's prediction, the best non-background score and
+    the background's score."""
+
+    pred: Tensor
+    best_fg: Tensor | None = None
+    bg: Tensor | None = None
+
+
+def maps(scores: Tensor, size: tuple[int, int], background: int | None, need: bool = True) -> Maps:
     # Contiguous, as the eval's `scores[j, candidates]` copy is: the rounding of bilinear interpolation depends on the
     # memory layout (channels-last vs not, about 3e-8), which decides exact ties between classes.
     scores = scores.contiguous()
     pred = upsample_argmax(scores, size)
-    if threshold is None or background is None or scores.shape[0] < 2:
-        return pred
+    if not need or background is None or scores.shape[0] < 2:
+        return Maps(pred)
     fg = [c for c in range(scores.shape[0]) if c != background]
-    return torch.where(upsample_max(scores[fg], size) < threshold, background, pred)
+    return Maps(pred, upsample_max(scores[fg], size), upsample(scores[background : background + 1], size)[0])
+
+
+def apply_rule(m: Maps, background: int | None, threshold: float | None = None, bias: float | None = None) -> Tensor:
+    """The prediction under the optional rules (both may be given); none given, or no background: the eval's."""
+    pred = m.pred
+    if background is None or m.best_fg is None:
+        return pred
+    if bias:
+        pred = torch.where(m.best_fg < m.bg + bias, background, pred)
+    if threshold is not None:
+        pred = torch.where(m.best_fg < threshold, background, pred)
+    return pred
+
+
+def decode(scores: Tensor, size: tuple[int, int], background: int | None = None, threshold: float | None = None,
+           bias: float | None = None) -> Tensor:  # fmt: skip
+    """[C, h, w] class scores -> [H, W] class indices: the eval's argmax (background competing), then the rules."""
+    need = threshold is not None or bool(bias)
+    return apply_rule(maps(scores, size, background, need), background, threshold, bias)
 
 
 @dataclass
-class ThresholdScan:
-    """Foreground mIoU (and mIoU) per threshold on one split; `best` is the first threshold of the highest fg mIoU in
-    the order scanned (None = no threshold comes first, so a threshold must improve on the eval's rule to win)."""
+class BackgroundScan:
+    """Foreground mIoU (and mIoU) per value of one rule on one split; None = rule off (the eval's rule). `best` is
+    the first value of the highest fg mIoU in the order scanned, None first, so a value must beat the eval's rule."""
 
-    thresholds: list[float | None]
+    rule: str
+    values: list[float | None]
     fg_miou: list[float]
     miou: list[float]
     images: int
     classes: list[str]
     background: int
-    examples: list[tuple[int, np.ndarray, list[np.ndarray]]] = field(default_factory=list)  # (item, mask, per T)
+    examples: list[tuple[int, np.ndarray, list[np.ndarray]]] = field(default_factory=list)  # (item, mask, per value)
 
     @property
     def best(self) -> float | None:
-        return self.thresholds[int(np.nanargmax(self.fg_miou))]
+        return self.values[int(np.nanargmax(self.fg_miou))]
 
     def to_dict(self) -> dict:
-        return {"best": self.best, "images": self.images, "grid": [
-            {"threshold": t, "fg_mIoU": f, "mIoU": m} for t, f, m in zip(self.thresholds, self.fg_miou, self.miou)]}
+        return {"rule": self.rule, "best": self.best, "images": self.images, "grid": [
+            {self.rule: v, "fg_mIoU": f, "mIoU": m} for v, f, m in zip(self.values, self.fg_miou, self.miou)]}
 
 
 @torch.no_grad()
-def scan_thresholds(cfg: EvalConfig, thresholds: Sequence[float | None] | None = None) -> ThresholdScan:
-    """Segment the split of `cfg` (dataset, split, features, run: as `pipe eval segmentation`) under each threshold
-    (None = no threshold); without a grid: None and the 5%, 10%, ..., 95% quantiles of the best non-background score
-    of every patch of the split. Keeps the predictions of the first `cfg.examples` images for figures."""
+def scan(cfg: EvalConfig, rule: str = "bias", values: Sequence[float | None] | None = None) -> BackgroundScan:
+    """Segment the split of `cfg` (dataset, split, features, run: as `pipe eval segmentation`) under each value of
+    `rule` (None = off). Without values: None and the 5%, 10%, ..., 95% quantiles of the rule's statistic over the
+    split's patches (threshold: the best non-background score; bias: its margin over the background's score, among
+    patches where it is positive), so that each step turns about 5% more patches into background. Keeps the
+    predictions of the first `cfg.examples` images for figures."""
+    if rule not in RULES:
+        raise PipeError(f"background rule must be one of {', '.join(RULES)}, got {rule!r}")
     cfg = replace(cfg, task="segmentation", protocol="pal")
     ctx = load_context(cfg, "prompts", EXTRACT_OPTIONS)
     img, device = ctx.image, cfg.device
@@ -103,7 +142,7 @@ def scan_thresholds(cfg: EvalConfig, thresholds: Sequence[float | None] | None =
     check_inputs(ctx, dataset, classes)
     bg = type(dataset).background
     if bg is None or bg >= len(classes):
-        raise PipeError(f"dataset {cfg.dataset} has no background class: a background threshold does not apply")
+        raise PipeError(f"dataset {cfg.dataset} has no background class: a background rule does not apply")
     fg = [c for c in range(len(classes)) if c != bg]
     void, grid, w = dataset.ignore_index, tuple(img.layout.grid), weights.to(device)
     keep = ~img["skipped"][:].astype(bool)
@@ -116,12 +155,17 @@ def scan_thresholds(cfg: EvalConfig, thresholds: Sequence[float | None] | None =
             if keep[start:stop].any():
                 yield start, patch_scores(ctx.aligner, img.rows("patches", start, stop).float().to(device), w, grid)
 
-    if thresholds is None:
-        best_fg = torch.cat([s.cpu()[torch.from_numpy(keep[b0 : b0 + len(s)])][:, fg].amax(1).flatten()
-                             for b0, s in blocks()])  # fmt: skip
-        thresholds = [None, *torch.quantile(best_fg.double(), torch.tensor(QUANTILES, dtype=torch.float64)).tolist()]
-    thresholds = list(thresholds)
-    cms = [ConfusionMatrix(len(classes), void) for _ in thresholds]
+    if values is None:
+        stats = []
+        for b0, s in blocks():
+            s = s.cpu()[torch.from_numpy(keep[b0 : b0 + len(s)])]
+            best = s[:, fg].amax(1).flatten()
+            stats.append(best if rule == "threshold" else (best - s[:, bg].flatten()).clamp(min=0))
+        stat = torch.cat(stats).double()
+        stat = stat[stat > 0] if rule == "bias" and (stat > 0).any() else stat
+        values = [None, *torch.quantile(stat, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()]
+    values = list(values)
+    cms = [ConfusionMatrix(len(classes), void) for _ in values]
     lut = label_spaces("pal", type(dataset), classes)[0].target_map(void)  # background competes: every class
     examples, n = [], 0
     for start, scores in blocks():
@@ -131,10 +175,8 @@ def scan_thresholds(cfg: EvalConfig, thresholds: Sequence[float | None] | None =
             target = lut[torch.from_numpy(mask.astype(np.int64))]
             if (target < 0).any():
                 raise PipeError(f"mask of item {item}: labels outside the {len(classes)} prompt classes")
-            size = tuple(mask.shape)
-            pred0 = upsample_argmax(scores[j].contiguous(), size)  # see `decode`
-            low = upsample_max(scores[j, fg], size)
-            preds = [pred0 if t is None else torch.where(low < t, bg, pred0) for t in thresholds]
+            m = maps(scores[j], tuple(mask.shape), bg)
+            preds = [apply_rule(m, bg, **{rule: v}) for v in values]
             for cm, pred in zip(cms, preds):
                 cm.update(pred, target)
             if len(examples) < cfg.examples:
@@ -142,20 +184,21 @@ def scan_thresholds(cfg: EvalConfig, thresholds: Sequence[float | None] | None =
             n += 1
     fg_miou = [cm.compute(classes, exclude=(bg,))["mIoU"] for cm in cms]
     miou = [cm.compute(classes)["mIoU"] for cm in cms]
-    return ThresholdScan(thresholds, fg_miou, miou, n, classes, bg, examples)
+    return BackgroundScan(rule, values, fg_miou, miou, n, classes, bg, examples)
 
 
-def before_after_figure(path: Path, scan: ThresholdScan, cfg: EvalConfig, title: str) -> Path:
-    """Per example image: the image, ground truth, and the prediction under each scanned threshold (VOC palette)."""
+def before_after_figure(path: Path, cfg: EvalConfig, classes: Sequence[str], columns: Sequence[str],
+                        examples: Sequence[tuple[int, np.ndarray, Sequence[np.ndarray]]], title: str) -> Path:
+    """Per example image (item, mask, one prediction per column): the image, ground truth and the predictions under
+    the named rules, in the VOC palette."""
     dataset = open_dataset(cfg)
-    cols = 2 + len(scan.thresholds)
-    fig = Figure(figsize=(2.6 * cols, 2.6 * len(scan.examples) + 0.8), dpi=100)
+    cols = 2 + len(columns)
+    fig = Figure(figsize=(2.6 * cols, 2.6 * len(examples) + 0.8), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(scan.examples), cols, squeeze=False)
-    names = ["image", "ground truth"] + [
-        "background competes" if t is None else f"+ threshold {t:.3f}" for t in scan.thresholds]
+    axes = fig.subplots(len(examples), cols, squeeze=False)
+    names = ["image", "ground truth", *columns]
     shown: set[int] = set()
-    for r, (item, mask, preds) in enumerate(scan.examples):
+    for r, (item, mask, preds) in enumerate(examples):
         panels = [image_or_none(dataset, item), colorize(mask)] + [colorize(p) for p in preds]
         for c, data in enumerate(panels):
             ax = axes[r][c]
@@ -165,8 +208,7 @@ def before_after_figure(path: Path, scan: ThresholdScan, cfg: EvalConfig, title:
             if r == 0:
                 ax.set_title(names[c], fontsize=9)
         shown |= {int(v) for p in [mask, *preds] for v in np.unique(p)}
-    handles = [Patch(color=PALETTE[i], label=scan.classes[i] if i < len(scan.classes) else str(i))
-               for i in sorted(shown)]  # fmt: skip
+    handles = [Patch(color=PALETTE[i], label=classes[i] if i < len(classes) else str(i)) for i in sorted(shown)]
     fig.legend(handles=handles, loc="lower center", ncol=min(7, max(1, len(handles))), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ training stores (float16) before the method sees them, so the API computes what 
     model.anchor_maps("cat.jpg")                            # PAL: where its most active anchors fire
 
 Everything goes through the `Aligner` interface, so every method works; segmentation decodes like `pipe eval
-segmentation` (evaluate.segmentation.patch_scores, upsample_argmax; evaluate.background for the threshold).
+segmentation` (evaluate.segmentation.patch_scores, upsample_argmax; evaluate.background for its rules).
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ class Segmentation:
     names: list[str]
     scores: Tensor
     background: int | None
-    threshold: float | None
+    threshold: float | None = None
+    bias: float | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -288,14 +289,16 @@ class AlignedModel:
 
     @torch.no_grad()
     def segment(self, image: ImageInput, labels: Sequence[str], background: str | None = DEFAULT_BACKGROUND,
-                templates: Sequence[str] | None = None, threshold: float | None = None) -> Segmentation:  # fmt: skip
+                templates: Sequence[str] | None = None, threshold: float | None = None,
+                bias: float | None = None) -> Segmentation:  # fmt: skip
         """Per-pixel labels at the image's size, decoded as `pipe eval segmentation` does: the image squashed to the
         encoder's size (the patch grid covers all of it), patch scores `image_dense(patches) @ classifier.T`,
-        bilinear upsampling, argmax. `background` is a prompt that competes like a class (None: none); with
-        `threshold`, a pixel whose best other score is below it becomes background too."""
+        bilinear upsampling, argmax. `background` is a prompt that competes like a class (None: none). Optional
+        rules (evaluate/background.py) turn more pixels into background: `threshold`, where the best other score
+        is below it; `bias`, where it is below the background's score + bias."""
         labels = check_labels(labels)
-        if threshold is not None and background is None:
-            raise PipeError("a background threshold needs a background label")
+        if (threshold is not None or bias) and background is None:
+            raise PipeError("a background threshold or bias needs a background label")
         names = list(labels)
         if background is not None and background not in names:
             names = [background, *names]
@@ -309,7 +312,7 @@ class AlignedModel:
         scores = patch_scores(self.aligner, rows.patches, self.classifier(names, templates), self.image_encoder.grid)
         size = (pil.height, pil.width)
         scores = scores[0]
-        return Segmentation(decode(scores, size, bg, threshold), names, scores, bg, threshold)
+        return Segmentation(decode(scores, size, bg, threshold, bias), names, scores, bg, threshold, bias)
 
     @torch.no_grad()
     def anchor_maps(self, image: ImageInput, top: int = 3) -> AnchorMaps:

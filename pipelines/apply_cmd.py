@@ -86,6 +86,8 @@ def segment(
                                                       "`pipe eval segmentation`; '' for none."),  # fmt: skip
     background_threshold: float | None = typer.Option(None, help="Also mark a pixel background when its best label "
                                                                  "score is below this (docs/apply.md: picking it)."),
+    background_bias: float | None = typer.Option(None, help="Also mark a pixel background when its best label score "
+                                                            "is below the background's + this (docs/apply.md)."),
     templates: str | None = TEMPLATES,
     device: str = DEVICE,
     progress: bool = PROGRESS,
@@ -103,10 +105,11 @@ def segment(
         for path, stem in zip(images, _out_names(images)):
             image = open_rgb(path)
             seg = model.segment(image, names, background=bg, templates=_templates(templates),
-                                threshold=background_threshold)  # fmt: skip
+                                threshold=background_threshold, bias=background_bias)  # fmt: skip
             label_map = seg.labels.cpu().numpy()
-            title = f"{path.name}: {run.name} ({model.method})" + (
-                f", background threshold {background_threshold:g}" if background_threshold is not None else "")
+            rules = [f"background {k} {v:g}" for k, v in (("threshold", background_threshold),
+                                                           ("bias", background_bias)) if v is not None]  # fmt: skip
+            title = ", ".join([f"{path.name}: {run.name} ({model.method})", *rules])
             written.append(overlay_png(out / f"{stem}.overlay.png", np.asarray(image), label_map, seg.names,
                                        seg.background, title))  # fmt: skip
             written.append(label_png(out / f"{stem}.labels.png", label_map))
@@ -171,9 +174,10 @@ def search(
 
     if top_k < 1:
         raise PipeError(f"--top-k must be >= 1, got {top_k}")
+    total = len(list_images(folder))  # a missing or empty folder fails before the encoders load
     model = _load(run, device, batch_size)
     text = model.encode_text(query)
-    with progress_bar(progress, "search: images", len(list_images(folder))) as advance:
+    with progress_bar(progress, "search: images", total) as advance:
         index = folder_embeddings(model, folder, strict=strict, use_cache=cache, on_images=advance)
     scores, idx = (text @ index.embeddings.T).topk(min(top_k, len(index.paths)), dim=1)
     for q, s, i in zip(query, scores.tolist(), idx.tolist()):

@@ -2,7 +2,7 @@
 
 extract (train captions, val captions + class prompts) -> align (PAL over a K grid, K picked on the held-out pairs of
 the train split; then every baseline) -> eval (classification, retrieval, segmentation `pal` protocol on world val;
-the background score threshold picked on world train's masks and shown on val) -> report. World val is also written
+the background rules' values picked on world train's masks and shown on val) -> report. World val is also written
 as JPEG files (`OUT/world/val2017`) to try `pipe segment|classify|search` on. Re-running reuses finished stores,
 runs and evaluations.
 """
@@ -18,7 +18,7 @@ import typer
 from pipe_align.align.loop import RunConfig
 from pipe_align.align.methods import method_names
 from pipe_align.align.run import AlignConfig, AlignResult, run_align
-from pipe_align.evaluate.background import before_after_figure, scan_thresholds
+from pipe_align.evaluate.background import RULES, before_after_figure, scan
 from pipe_align.evaluate.config import EvalConfig
 from pipe_align.evaluate.report import write_report
 from pipe_align.evaluate.tasks import run_eval
@@ -150,8 +150,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     for a in ablation:
         a["val_seg_miou"] = seg_miou[a["run"]]
     _write_ablation(out, ablation, chosen)
-    say("      background: score threshold picked on world train, applied to world val (background_threshold.png)")
-    _background_threshold(stages, out, Path(chosen["run"]), n_train, n_val)
+    say("      background: rules picked on world train, applied to world val (background.png)")
+    _background(stages, out, Path(chosen["run"]), n_train, n_val)
     _world_files(out, n_val)
 
     if fashion_ok:
@@ -195,27 +195,35 @@ def _write_ablation(out: Path, ablation: list[dict], chosen: dict) -> None:
     plt.close(fig)
 
 
-def _background_threshold(stages: Stages, out: Path, run: Path, n_train: int, n_val: int) -> dict:
-    """Pick the background score threshold (evaluate/background.py) by fg mIoU on world train, whose masks no
-    reported number uses, then segment world val with and without it. Val's own best threshold is recorded only as
-    a reference for how far the train pick is from it."""
+def _background(stages: Stages, out: Path, run: Path, n_train: int, n_val: int) -> dict:
+    """Pick each background rule's value (evaluate/background.py) by fg mIoU on world train, whose masks no reported
+    number uses, then segment world val under the eval's rule and under each picked rule. Val's own best values are
+    recorded only as a reference for how far the train picks are from them."""
     cfg = stages.cfg
     stages.extract(cfg.text_encoder, "world", "train", {"size": n_train}, text="prompts")
     train = EvalConfig(task="segmentation", dataset="world", split="train", features=str(stages.feats), run=str(run),
                        protocol="pal", options=(("size", n_train),), device=stages.device, examples=0)  # fmt: skip
-    picked = scan_thresholds(train)
     val_cfg = replace(train, split="val", options=(("size", n_val),), examples=4)
-    val = scan_thresholds(val_cfg, [None] if picked.best is None else [None, picked.best])
-    reference = scan_thresholds(replace(val_cfg, examples=0))
-    result = {"run": str(run), "picked_on": f"world train ({picked.images} images)", "threshold": picked.best,
-              "val": val.to_dict(), "train_scan": picked.to_dict(),
-              "val_own_best": {"threshold": reference.best, "fg_mIoU": max(reference.fg_miou)}}  # fmt: skip
-    (out / "background_threshold.json").write_text(json.dumps(result, indent=2))
-    before_after_figure(out / "background_threshold.png", val, val_cfg,
-                        f"{run.name} on world val: background threshold picked on world train")  # fmt: skip
-    t = picked.best
-    after = f" -> {100 * val.fg_miou[-1]:.1f} with T = {t:.3f}" if t is not None else " (no threshold helps on train)"
-    typer.echo(f"      world val fg mIoU {100 * val.fg_miou[0]:.1f} (background prompt competes){after}")
+    result: dict = {"run": str(run), "picked_on": f"world train ({n_train} images)", "rules": {}}
+    columns, examples = ["background competes (eval's rule)"], None
+    for rule in RULES:
+        picked = scan(train, rule)
+        val = scan(val_cfg, rule, [None] if picked.best is None else [None, picked.best])
+        own = scan(replace(val_cfg, examples=0), rule)
+        result["rules"][rule] = {"picked": picked.best, "val": val.to_dict(), "train_scan": picked.to_dict(),
+                                 "val_own_best": {rule: own.best, "fg_mIoU": max(own.fg_miou)}}  # fmt: skip
+        result["val_fg_mIoU"] = val.fg_miou[0]  # the eval's rule: the same under every scan
+        examples = examples or [(item, mask, [preds[0]]) for item, mask, preds in val.examples]
+        if picked.best is not None:
+            columns.append(f"+ {rule} {picked.best:.3f}")
+            for ex, (_, _, preds) in zip(examples, val.examples):
+                ex[2].append(preds[1])
+        after = f"{100 * val.fg_miou[-1]:.1f} with {rule} {picked.best:.3f}" if picked.best is not None else \
+            f"no {rule} helps on train"  # fmt: skip
+        typer.echo(f"      world val fg mIoU {100 * val.fg_miou[0]:.1f} (background prompt competes); {after}")
+    (out / "background.json").write_text(json.dumps(result, indent=2))
+    before_after_figure(out / "background.png", val_cfg, val.classes, columns, examples,
+                        f"{run.name} on world val: background rules picked on world train")  # fmt: skip
     return result
 
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from pipe_align.extract.runner import ExtractConfig, run_extract
+from pipe_align.extract.store import open_store
 from pipe_align.pipelines.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,8 +37,14 @@ FAST = ["--anchors", "8", "--epochs", "3", "--batch-size", "8", "--val-fraction"
 
 @pytest.mark.parametrize("method", ["cca", "csa"])
 def test_closed_forms_on_two_pairs_save_nothing_non_finite(tmp_path, world_features, capsys, method):
+    """Two pairs whose captions have one sentence embedding: the text covariance is zero, its whitening infinite."""
+    shards = copy_train(world_features, tmp_path / "shards")
+    captions = open_store(next(p for p in shards.glob("*.zarr") if "bert" in p.name))
+    item, pooled = captions["item"][:], captions["pooled"][:]
+    pooled[item < 2] = pooled[0]
+    captions["pooled"][:] = pooled
     out = tmp_path / method
-    code = main(["align", "--method", method, "--shards", str(world_features / "world" / "train"), "--out", str(out),
+    code = main(["align", "--method", method, "--shards", str(shards), "--out", str(out),
                  "--limit", "2", "--val-fraction", "0", "--no-progress"])  # fmt: skip
     assert "not finite" in one_error(capsys, code)
     assert not (out / "weights.safetensors").exists() and not json.loads((out / "run.json").read_text())["complete"]

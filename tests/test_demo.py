@@ -37,10 +37,12 @@ def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):
     assert selection["pal"]["params"]["anchors"] == ablation["chosen"]
     for pick in selection.values():
         assert pick.get("tried") is None or pick["heldout_mean_r1"] == max(t[1] for t in pick["tried"])
-    background = json.loads((out / "background_threshold.json").read_text())  # picked on train, shown on val
-    assert background["picked_on"].startswith("world train") and (out / "background_threshold.png").exists()
-    t = background["threshold"]
-    assert [g["threshold"] for g in background["val"]["grid"]] == ([None] if t is None else [None, t])
+    background = json.loads((out / "background.json").read_text())  # picked on train, shown on val
+    assert background["picked_on"].startswith("world train") and (out / "background.png").exists()
+    for rule, picked in background["rules"].items():
+        t = picked["picked"]
+        assert [g[rule] for g in picked["val"]["grid"]] == ([None] if t is None else [None, t])
+        assert picked["val"]["grid"][0]["fg_mIoU"] == background["val_fg_mIoU"]
     assert len(list((out / "world" / "val2017").glob("*.jpg"))) == 16
     fashion = out / "fashion_mnist.json"
     if Path("/usr/share/datasets/fashion-mnist").is_dir():  # Debian's dataset-fashion-mnist: the transfer check ran
@@ -51,6 +53,6 @@ def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
     assert main(args) == 0
     # rewritten from the kept results on every run
-    summaries = ("report", "k_ablation", "fashion_mnist", "selection", "background_threshold")
+    summaries = ("report", "k_ablation", "fashion_mnist", "selection", "background")
     kept = {p: t for p, t in stamps.items() if not p.name.startswith(summaries)}
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())

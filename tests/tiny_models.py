@@ -3,6 +3,7 @@ like a real checkpoint, offline and in milliseconds. Seeded: the same call write
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -88,7 +89,12 @@ def make_tiny_bert(path: str | Path, hidden: int = 32, layers: int = 2, heads: i
         f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
     vocab_file = path / "vocab.txt"
     vocab_file.write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    # transformers 5 renamed the argument (vocab_file -> vocab) and ignores the old name: the tokenizer then knows only
+    # its 5 special tokens and every word becomes [UNK], so every caption and prompt looks alike.
+    takes_vocab = "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters
+    tokenizer = BertTokenizerFast(**{"vocab" if takes_vocab else "vocab_file": str(vocab_file)}, do_lower_case=True)
+    if len(tokenizer) != len(set(vocab)):
+        raise RuntimeError(f"tiny BERT tokenizer has {len(tokenizer)} tokens, not the {len(set(vocab))} in vocab.txt")
     tokenizer.model_max_length = max_positions
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
