@@ -110,6 +110,7 @@ class BackgroundScan:
     values: list[float | None]
     fg_miou: list[float]
     miou: list[float]
+    bg_errors: list[float]  # share of the wrongly labelled pixels that are background pixels given an object class
     images: int
     classes: list[str]
     background: int
@@ -120,8 +121,9 @@ class BackgroundScan:
         return self.values[int(np.nanargmax(self.fg_miou))]
 
     def to_dict(self) -> dict:
+        rows = zip(self.values, self.fg_miou, self.miou, self.bg_errors)
         return {"rule": self.rule, "best": self.best, "images": self.images, "grid": [
-            {self.rule: v, "fg_mIoU": f, "mIoU": m} for v, f, m in zip(self.values, self.fg_miou, self.miou)]}
+            {self.rule: v, "fg_mIoU": f, "mIoU": m, "errors_on_background": e} for v, f, m, e in rows]}
 
 
 @torch.no_grad()
@@ -184,7 +186,9 @@ def scan(cfg: EvalConfig, rule: str = "bias", values: Sequence[float | None] | N
             n += 1
     fg_miou = [cm.compute(classes, exclude=(bg,))["mIoU"] for cm in cms]
     miou = [cm.compute(classes)["mIoU"] for cm in cms]
-    return BackgroundScan(rule, values, fg_miou, miou, n, classes, bg, examples)
+    wrong = [(cm.matrix.sum() - cm.matrix.diagonal().sum()).item() for cm in cms]
+    bg_errors = [(cm.matrix[bg].sum() - cm.matrix[bg, bg]).item() / max(w, 1) for cm, w in zip(cms, wrong)]
+    return BackgroundScan(rule, values, fg_miou, miou, bg_errors, n, classes, bg, examples)
 
 
 def before_after_figure(path: Path, cfg: EvalConfig, classes: Sequence[str], columns: Sequence[str],

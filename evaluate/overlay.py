@@ -17,7 +17,7 @@ from pipe_align.extract.datasets.base import voc_palette
 from pipe_align.extract.errors import PipeError
 
 
-def blend(image: np.ndarray, labels: np.ndarray, background: int | None, alpha: float = 0.55) -> np.ndarray:
+def blend(image: np.ndarray, labels: np.ndarray, background: int | None, alpha: float = 0.65) -> np.ndarray:
     """[H, W, 3] uint8: the image with each labelled pixel tinted by its class colour (background left as it is)."""
     rgb = image.astype(np.float64) / 255.0
     tinted = (1 - alpha) * rgb + alpha * colorize(labels)
@@ -38,7 +38,8 @@ def overlay_png(path: Path, image: np.ndarray, labels: np.ndarray, names: Sequen
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     counts = np.bincount(labels.ravel(), minlength=len(names))
-    handles = [Patch(color=PALETTE[i], label=f"{names[i]} {100 * counts[i] / labels.size:.0f}%")
+    share = 100 * counts / labels.size
+    handles = [Patch(color=PALETTE[i], label=f"{names[i]} {share[i]:.0f}%" if share[i] >= 1 else f"{names[i]} <1%")
                for i in np.flatnonzero(counts)]  # fmt: skip
     fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
