@@ -129,3 +129,14 @@ def test_run_json_is_written_atomically(tmp_path, world_features, monkeypatch):
     assert main(args) == 0
     assert sum(p.endswith("run.json") for p in renamed) >= 2  # the start, every epoch, the end
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_progress_to_a_log_is_one_unwrapped_line_per_epoch(tmp_path, world_features, capsys):
+    """Not a terminal (a log file, CI): no live bar redrawn into the file, and no field wrapped onto another line."""
+    args = ["align", "--shards", str(world_features / "world" / "train"), "--out", str(tmp_path / "run"),
+            *[a for a in FAST if a != "--no-progress"]]  # fmt: skip
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    epochs = [line for line in lines if line.startswith("pal epoch ")]
+    assert len(epochs) == 3 and all("pairs_per_s" in line for line in epochs), lines
+    assert len(lines) == 4 and lines[-1].startswith(str(tmp_path / "run")), lines  # and the summary
