@@ -80,7 +80,7 @@ def run_eval(cfg: EvalConfig, skip_existing: bool = False) -> EvalOutcome:
         return EvalOutcome(path)
     task = task_cls()
     ctx = load_context(cfg, task.text, task.extract_options)
-    outcome = EvalOutcome(path)
+    outcome = EvalOutcome(path, notes=list(ctx.notes))
     metrics, extras = task.run(ctx)
     result: dict[str, Any] = {"task": cfg.task, "dataset": cfg.dataset, "split": cfg.split}
     if cfg.protocol:
