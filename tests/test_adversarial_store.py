@@ -335,3 +335,18 @@ def test_store_marked_old_is_noted_by_eval(feats, trained, capsys):
     assert evaluate(feats, trained) == 0
     err = capsys.readouterr().err
     assert err.count("no checksums") == 2 and "note:" in err, err
+
+
+@pytest.mark.parametrize("content,fragment", [("[]", "not an eval result"),
+                                              ('{"task": "classification", "acc1": "high"}', "acc1")])  # fmt: skip
+def test_report_refuses_results_it_cannot_vouch_for(tmp_path, capsys, content, fragment):
+    """Before: a result that is no JSON object was left out of the table without a word; a text where a number
+    belongs was a ValueError traceback."""
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "run.json").write_text("[1]")  # unreadable method: the table says "?", no traceback
+    (run / "eval" / "classification-world-val.json").write_text(content)
+    one_line_error(main(["report", str(run)]), capsys, "classification-world-val.json", fragment)
+    (run / "eval" / "classification-world-val.json").write_text('{"task": "classification", "acc1": 0.5}')
+    assert main(["report", str(run)]) == 0
+    assert "| run | ? | 50.0 |" in capsys.readouterr().out
