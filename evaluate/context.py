@@ -61,6 +61,9 @@ def read_run(run: str | Path) -> dict[str, Any]:
     wrong = [k for k in ("method", "image_encoder", "text_encoder") if not isinstance(meta[k], str)]
     if wrong:
         raise PipeError(f"{path}: {wrong[0]} must be a string, got {meta[wrong[0]]!r}")
+    if meta.get("complete") is False:
+        raise PipeError(f"{path}: the run is not finished (complete: false; `pipe align` was interrupted): finish it "
+                        "with the same `pipe align` command and --resume")  # fmt: skip
     return meta
 
 

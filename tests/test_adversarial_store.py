@@ -350,3 +350,25 @@ def test_report_refuses_results_it_cannot_vouch_for(tmp_path, capsys, content, f
     (run / "eval" / "classification-world-val.json").write_text('{"task": "classification", "acc1": 0.5}')
     assert main(["report", str(run)]) == 0
     assert "| run | ? | 50.0 |" in capsys.readouterr().out
+
+
+def test_unfinished_run_is_not_evaluated(feats, run_dir, capsys):
+    """A run dir whose run.json says complete: false (`pipe align` interrupted; its weights, if any, are not the
+    run's result)."""
+    meta = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps(meta | {"complete": False}))
+    one_line_error(evaluate(feats, run_dir), capsys, "run.json", "not finished", "--resume")
+
+
+def test_skip_existing_does_not_keep_a_broken_result(feats, run_dir, capsys):
+    """Before: `--skip-existing` kept any file at the result's path, a truncated or foreign one included."""
+    assert evaluate(feats, run_dir) == 0
+    path = run_dir / "eval" / "classification-world-val.json"
+    good = json.loads(path.read_text())
+    path.write_text(path.read_text()[:40])
+    capsys.readouterr()
+    assert evaluate(feats, run_dir, "classification", "--skip-existing") == 0
+    assert "evaluated again" in capsys.readouterr().err
+    assert json.loads(path.read_text())["acc1"] == good["acc1"]
+    assert evaluate(feats, run_dir, "classification", "--skip-existing") == 0
+    assert "exists, skipped" in capsys.readouterr().out
