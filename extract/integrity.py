@@ -88,6 +88,19 @@ def has_checksums(arr: Any) -> bool:
     return any(isinstance(c, Crc32cCodec) for c in codecs)
 
 
+# Bits of +inf: a 16-bit float is NaN or inf exactly when its bits without the sign are at least these.
+INF_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}
+
+
+def non_finite_rows(block: np.ndarray, dtype: str) -> np.ndarray:
+    """bool [n]: rows of a block of stored features (float16, or bfloat16 as uint16 bits) holding NaN or inf. Reads
+    the bits: about ten times faster than torch.isfinite on float16 (tested against np.isfinite)."""
+    bits = np.ascontiguousarray(block).view(np.uint16).reshape(len(block), -1)
+    if bits.shape[1] == 0:
+        return np.zeros(len(block), bool)
+    return (bits & 0x7FFF).max(axis=1) >= INF_BITS[dtype]
+
+
 def row_digests(start: int, block: np.ndarray) -> np.ndarray:
     """uint32 [n]: crc32c of (row index as int64 little-endian, the row's stored bytes) for rows start.. of a block.
     Strings count as their UTF-8 bytes; numbers as their bytes in the array's own dtype."""

@@ -28,6 +28,7 @@ from pipe_align.extract.integrity import (
     StrictStore,
     damage_reason,
     has_checksums,
+    non_finite_rows,
     row_digests,
 )
 
@@ -35,6 +36,7 @@ SCHEMA = "pipe.features/1"
 CHUNK_BYTES = 4 << 20  # one chunk (the unit of reading) holds about 4 MB of tokens
 SHARD_BYTES = 256 << 20  # one shard (the unit of writing) about 256 MB
 DTYPES = ("float16", "bfloat16")
+FEATURES = ("cls", "patches", "tokens", "pooled")  # the float arrays (NaN fill, checked for finiteness)
 LINES_PER_ARRAY = 5  # verify lists at most this many problems of one array, then how many more there are
 
 
@@ -168,22 +170,19 @@ class FeatureStore:
     def rows(self, name: str, start: int = 0, stop: int | None = None, *, finite: bool = True):
         """Rows of a feature array as a torch tensor in its stored precision (bfloat16 bits decoded). With `finite`,
         a non-finite value in a row that is not skipped is a one-line error naming store, array and row."""
-        t = self.decode(self.read(name, slice(start, stop)))
-        if finite and t.is_floating_point():
-            self.check_finite(name, t, start)
-        return t
+        block = self.read(name, slice(start, stop))
+        if finite and name in FEATURES:
+            self.check_finite(name, block, start)
+        return self.decode(block)
 
-    def check_finite(self, name: str, block, start: int) -> None:
-        """PipeError naming the first row of `block` (rows start.. of array `name`, a torch tensor) that holds NaN
-        or inf and is not a skipped row (skipped rows are never read as features)."""
-        import torch
-
-        bad = ~torch.isfinite(block.reshape(len(block), -1)).all(dim=1)
-        if bool(bad.any()):
-            skipped = torch.from_numpy(self.read("skipped", slice(start, start + len(block))).astype(bool))
-            bad &= ~skipped.to(bad.device)
-            if bool(bad.any()):
-                row = start + int(torch.nonzero(bad)[0])
+    def check_finite(self, name: str, block: np.ndarray, start: int) -> None:
+        """PipeError naming the first row of `block` (rows start.. of feature array `name`, as stored) that holds
+        NaN or inf and is not a skipped row (skipped rows are never read as features)."""
+        bad = non_finite_rows(block, self.layout.dtype)
+        if bad.any():
+            bad &= ~self.read("skipped", slice(start, start + len(block))).astype(bool)
+            if bad.any():
+                row = start + int(np.argmax(bad))
                 raise PipeError(f"{self.path}: array {name!r} has non-finite values in row {row} (see `pipe verify`)")
 
     def decode(self, block: np.ndarray):
@@ -322,10 +321,9 @@ class FeatureStore:
         n = len(next(iter(blocks.values()))) if blocks else 0
         where = f"rows {start}-{start + n - 1}"
         skipped = blocks["skipped"].astype(bool) if "skipped" in blocks else np.zeros(n, bool)
-        for name in ("cls", "patches") if lay.modality == "image" else ("tokens", "pooled"):
+        for name in FEATURES:
             if name in blocks:
-                values = self.decode(blocks[name]).float().numpy()  # bfloat16 bits decoded first
-                bad = ~np.isfinite(values.reshape(n, -1)).all(axis=1) & ~skipped
+                bad = non_finite_rows(blocks[name], lay.dtype) & ~skipped
                 if bad.any():
                     out.append((name, f"array {name!r} has non-finite values in row {start + int(np.argmax(bad))}"))
         if "digest" in blocks:

@@ -141,3 +141,22 @@ def test_verify_sees_nan_in_bfloat16_stores(tmp_path):
     store.write_shard(0, {"ids": np.array(list("abcd")), "patches": bits, "cls": cls}, np.zeros(4, bool))
     store.finalize()
     assert any("non-finite" in p and "row 2" in p for p in store.verify())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_non_finite_rows_reads_the_bits_like_isfinite(dtype):
+    """The bit test behind every finiteness check equals np.isfinite on the decoded values, extremes included."""
+    import torch
+
+    from pipe_align.extract.integrity import non_finite_rows
+
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.standard_normal((64, 5, 7)).astype(np.float32)) * 1e3
+    specials = [float("nan"), float("inf"), -float("inf"), 65504.0, -65504.0, 6e-8, -0.0, 3e38]
+    for i in range(48):
+        x.view(-1)[int(rng.integers(x.numel()))] = specials[i % len(specials)]
+    stored = x.to(torch.float16 if dtype == "float16" else torch.bfloat16)
+    block = stored.numpy() if dtype == "float16" else stored.view(torch.int16).numpy().view(np.uint16)
+    reference = ~np.isfinite(stored.float().numpy().reshape(64, -1)).all(axis=1)
+    assert 0 < reference.sum() < 64
+    np.testing.assert_array_equal(non_finite_rows(block, dtype), reference)
