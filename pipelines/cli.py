@@ -157,10 +157,17 @@ def info(store: Path = typer.Argument(..., help="A feature store folder (.zarr).
 
 @app.command()
 def verify(store: Path = typer.Argument(..., help="A feature store folder (.zarr).")) -> None:
-    """Check shapes, done flags, finite values and attributes; exit 1 with the reasons when something is wrong."""
+    """Check every array and chunk (checksums, row digests, shapes, done flags, finite values, value ranges) and the
+    attributes; exit 1 with one line per problem when something is wrong (docs/store.md)."""
     from pipe_align.extract.store import open_store
 
-    st = open_store(store, require_complete=False)
+    try:
+        st = open_store(store, require_complete=False)
+    except PipeError as e:
+        if not (store / "zarr.json").is_file():
+            raise  # not a store at all: a user error (exit 2)
+        typer.echo(str(e), err=True)  # a store whose group metadata is damaged: a problem found (exit 1)
+        raise typer.Exit(1) from None
     problems = st.verify()
     if problems:
         for p in problems:
