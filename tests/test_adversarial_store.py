@@ -372,3 +372,12 @@ def test_skip_existing_does_not_keep_a_broken_result(feats, run_dir, capsys):
     assert json.loads(path.read_text())["acc1"] == good["acc1"]
     assert evaluate(feats, run_dir, "classification", "--skip-existing") == 0
     assert "exists, skipped" in capsys.readouterr().out
+
+
+def test_truncated_shard_stops_align_with_one_line(feats, tmp_path, capsys):
+    path = store(feats, "train", "image")
+    f = chunk_files(path / "patches", 1)[0]
+    f.write_bytes(f.read_bytes()[:-100])
+    code = main(["align", "--shards", str(feats / "world" / "train"), "--out", str(tmp_path / "r"), "--anchors", "8",
+                 "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-progress"])  # fmt: skip
+    one_line_error(code, capsys, str(path), "'patches'", "checksum")
