@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 from pathlib import Path
@@ -212,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {e}", err=True)
         return 2
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # any stage: the user frees space, nothing to debug
+            where = f"{e.filename}: " if e.filename else ""
+            typer.echo(f"error: {where}{e.strerror or e}; free space and re-run the same command", err=True)
+            return 2
         if e.filename is None:  # not about a path the user gave: a real fault, keep its traceback
             raise
         typer.echo(f"error: {e.filename}: {e.strerror or e}", err=True)  # e.g. --out under a file, no permission
