@@ -317,16 +317,18 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _progress_bar(name: str, rows: int, enabled: bool, first_epoch: int):
-    """A rich bar per epoch (rows, loss, pairs/s) on a terminal, and one plain, unwrapped line per epoch anywhere else
-    (a log file or CI: a live bar there would be redrawn into the file and rich would wrap the lines)."""
+    """On stderr, as extraction's progress (stdout keeps the summary): a rich bar per epoch (rows, loss, pairs/s) on a
+    terminal, and one plain, unwrapped line per epoch anywhere else (a log file or CI: a live bar there would be
+    redrawn into the file and rich would wrap the lines)."""
     import contextlib
     import sys
 
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    live = enabled and sys.stdout.isatty()
+    live = enabled and sys.stderr.isatty()
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
-    bar = Progress(*cols, TimeRemainingColumn(), disable=not live)
+    bar = Progress(*cols, TimeRemainingColumn(), disable=not live, console=Console(stderr=True))
     task = bar.add_task(f"{name} epoch {first_epoch}", total=rows, info="")
     clock = [time.perf_counter(), 0]
 
@@ -342,6 +344,6 @@ def _progress_bar(name: str, rows: int, enabled: bool, first_epoch: int):
         if live:
             bar.console.print(line, soft_wrap=True)
         elif enabled:
-            print(line, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     return (bar if live else contextlib.nullcontext()), on_step, new_epoch
