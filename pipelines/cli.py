@@ -229,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     except cx.ClickException as e:
         typer.echo(f"error: {e.format_message()}", err=True)
         return 2
-    except typer.Abort:
+    except typer.Abort as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, EOFError):  # click turns EOFError into Abort: a file that ends early, not Ctrl-C
+            typer.echo(f"error: a file ended early ({cause or 'EOFError'}); see `pipe verify` or re-fetch it", err=True)
+            return 2
         typer.echo("aborted", err=True)
         return 130
     return rv if isinstance(rv, int) else 0
