@@ -179,13 +179,12 @@ class PairSource:
         of whole shards, read without any extra copy), else a selection of the chunks that hold them."""
         rows = np.asarray(rows)
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        arr = store[name]
         if hi - lo == len(rows) and (np.diff(rows) == 1).all():  # sorted, unique, contiguous
-            t = store.decode(arr[lo:hi])
+            t = store.decode(store.read(name, slice(lo, hi)))
             first = rows
         else:
             uniq, inv = np.unique(rows, return_inverse=True)
-            block = arr[lo:hi][uniq - lo] if hi - lo <= 2 * len(uniq) else arr.get_orthogonal_selection((uniq,))
+            block = store.read(name, slice(lo, hi))[uniq - lo] if hi - lo <= 2 * len(uniq) else store.read(name, uniq)
             t, first = store.decode(block)[torch.from_numpy(inv)], rows
         key = (id(store), name, lo, hi)
         if t.is_floating_point() and key not in self._checked and not torch.isfinite(t).all():

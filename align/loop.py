@@ -317,11 +317,18 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _progress_bar(name: str, rows: int, enabled: bool, first_epoch: int):
-    """A rich bar per epoch (rows, loss, pairs/s) and the callbacks that drive it."""
+    """On stderr, as extraction's progress (stdout keeps the summary): a rich bar per epoch (rows, loss, pairs/s) on a
+    terminal, and one plain, unwrapped line per epoch anywhere else (a log file or CI: a live bar there would be
+    redrawn into the file and rich would wrap the lines)."""
+    import contextlib
+    import sys
+
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    live = enabled and sys.stderr.isatty()
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
-    bar = Progress(*cols, TimeRemainingColumn(), disable=not enabled)
+    bar = Progress(*cols, TimeRemainingColumn(), disable=not live, console=Console(stderr=True))
     task = bar.add_task(f"{name} epoch {first_epoch}", total=rows, info="")
     clock = [time.perf_counter(), 0]
 
@@ -333,8 +340,10 @@ def _progress_bar(name: str, rows: int, enabled: bool, first_epoch: int):
     def new_epoch(m: dict) -> None:
         clock[0], clock[1] = time.perf_counter(), 0
         bar.reset(task, description=f"{name} epoch {m['epoch'] + 1}")
-        if enabled:
-            bar.console.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+        line = f"{name} " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
+        if live:
+            bar.console.print(line, soft_wrap=True)
+        elif enabled:
+            print(line, file=sys.stderr, flush=True)
 
-    return bar, on_step, new_epoch
-
+    return (bar if live else contextlib.nullcontext()), on_step, new_epoch

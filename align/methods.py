@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+from dataclasses import MISSING, fields
 from pathlib import Path
+
+import torch
 
 import pipe_align.align
 from pipe_align.align.base import METHODS, Aligner
@@ -34,18 +37,61 @@ def get_method(name: str) -> type[Aligner]:
 
 
 def load_aligner(run: str | Path, device: str = "cpu") -> Aligner:
-    """Read any method's run dir back (method.json names the class)."""
+    """Read any method's run dir back (method.json names the class and its config, the weights file its tensors).
+    A damaged or mixed run dir (malformed or mistyped method.json, an unreadable, empty or non-finite weights file,
+    tensors that are not the method's) is a one-line PipeError naming the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     run = Path(run)
     meta_path = run / "method.json"
-    if not meta_path.exists():
+    if not meta_path.is_file():
         raise PipeError(f"{run}: not a run dir (no method.json); train one with `pipe align`")
-    meta = json.loads(meta_path.read_text())
-    cls = get_method(meta["method"])
-    aligner = cls.from_config_dict(meta.get("config", {}))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipeError(f"{meta_path}: malformed JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("method"), str):
+        raise PipeError(f'{meta_path}: not a method description (an object with a "method" name)')
+    config = meta.get("config", {})
+    if not isinstance(config, dict):
+        raise PipeError(f'{meta_path}: "config" must be an object, got {type(config).__name__}')
+    try:
+        cls = get_method(meta["method"])
+        _check_config_types(cls, config)
+        aligner = cls.from_config_dict(config)
+    except PipeError as e:
+        raise PipeError(f"{meta_path}: {e}") from None
     weights = run / cls.weights_file
-    if not weights.exists():
-        raise PipeError(f"{run}: {cls.weights_file} is missing (training did not finish?)")
-    aligner.load_state_dict({k: v.to(device) for k, v in load_file(str(weights)).items()})
+    if not weights.is_file():
+        raise PipeError(f"{weights}: missing (training did not finish, or {meta_path.name} names another method?)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PipeError(f"{weights}: not a readable safetensors file ({e})") from None
+    if not state:
+        raise PipeError(f"{weights}: holds no tensors")
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise PipeError(f"{weights}: tensor {key!r} holds non-finite values")
+    try:
+        aligner.load_state_dict({k: v.to(device) for k, v in state.items()})
+    except (KeyError, RuntimeError, ValueError, IndexError) as e:
+        raise PipeError(f"{weights}: does not hold the tensors of a {cls.name} run ({type(e).__name__}: {e})") from None
     return aligner
+
+
+def _check_config_types(cls: type[Aligner], config: dict) -> None:
+    """A value in method.json of another type than its option's default (anchors: "many") is a PipeError."""
+    for f in fields(cls.Config):
+        if f.name not in config or f.default is MISSING or f.default is None:
+            continue
+        value, kind = config[f.name], type(f.default)
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif isinstance(value, bool):
+            ok = False  # True is an int to Python, never a count or a rate to a user
+        else:
+            ok = isinstance(value, (int, float) if kind is float else kind)
+        if not ok:
+            raise PipeError(f"{f.name}={value!r} must be of type {kind.__name__}")

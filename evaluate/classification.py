@@ -23,8 +23,8 @@ def run_classification(ctx: EvalContext) -> dict[str, Any]:
     weights, classes = class_weights(ctx)
     if img.layout.classes and list(img.layout.classes) != classes:
         raise PipeError(f"{img.path} and {ctx.text.path} list different classes; re-extract one of them")
-    labels = img["labels"][:].astype(np.int64)
-    keep = (labels >= 0) & ~img["skipped"][:].astype(bool)
+    labels = img.read("labels").astype(np.int64)
+    keep = (labels >= 0) & ~img.read("skipped").astype(bool)
     if not keep.any():
         raise PipeError(f"{img.path}: no labelled images in {ctx.cfg.dataset}/{ctx.cfg.split} (labels are all -1 "
                         "or every row was skipped); classification needs a labelled set")

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipe_align.extract.errors import PipeError
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -24,6 +26,16 @@ class EvalConfig:
     figures: bool = True
     examples: int = 4  # images shown in each figure
     seed: int = 0  # the random mismatched captions of the diagnostics
+
+    def __post_init__(self) -> None:
+        """Absurd values are refused here, so every caller (the CLI, the demo, a script) gets the same one line."""
+        for option, value in (("--dataset", self.dataset), ("--split", self.split)):
+            if not value.strip():
+                raise PipeError(f"{option} must not be empty")
+        if self.examples < 0:
+            raise PipeError(f"--examples must be >= 0 (images shown in each figure), got {self.examples}")
+        if self.seed < 0:
+            raise PipeError(f"--seed must be >= 0, got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,6 +1,6 @@
 """Opening what one evaluation reads: the run dir (run.json, the fitted aligner) and its feature stores, checked
-against the run's encoders. Every user mistake is a one-line PipeError, a missing store one with the exact
-`pipe extract` line that would write it."""
+against the run's encoders and against each other (the run's weights must fit the stores' dimensions). Every user
+mistake is a one-line PipeError, a missing store one with the exact `pipe extract` line that would write it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 from pipe_align.align.base import Aligner
 from pipe_align.align.methods import load_aligner
 from pipe_align.evaluate.config import EvalConfig
+from pipe_align.evaluate.loading import image_rows, text_rows
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.store import FeatureStore, open_store, read_json_attrs, store_path
 
@@ -32,6 +33,7 @@ class EvalContext:
     image: FeatureStore
     text: FeatureStore | None = None
     info: dict[str, Any] = field(default_factory=dict)  # resolved facts for the result's "config"
+    notes: list[str] = field(default_factory=list)  # what a person should know about the inputs (stderr)
 
     @property
     def method(self) -> str:
@@ -49,9 +51,19 @@ def read_run(run: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise PipeError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise PipeError(f"{path}: not a text file") from None
+    if not isinstance(meta, dict):
+        raise PipeError(f"{path}: not a run description (a JSON object), got {type(meta).__name__}")
     missing = [k for k in ("method", "image_encoder", "text_encoder") if not meta.get(k)]
     if missing:
         raise PipeError(f"{path}: missing {', '.join(missing)}")
+    wrong = [k for k in ("method", "image_encoder", "text_encoder") if not isinstance(meta[k], str)]
+    if wrong:
+        raise PipeError(f"{path}: {wrong[0]} must be a string, got {meta[wrong[0]]!r}")
+    if meta.get("complete") is False:
+        raise PipeError(f"{path}: the run is not finished (complete: false; `pipe align` was interrupted): finish it "
+                        "with the same `pipe align` command and --resume")  # fmt: skip
     return meta
 
 
@@ -130,14 +142,19 @@ def open_image_store(cfg: EvalConfig, meta: dict[str, Any], extra: tuple[str, ..
     return st
 
 
-def open_text_store(cfg: EvalConfig, meta: dict[str, Any], kind: str) -> FeatureStore:
-    """kind "prompts" (the class-prompt store, `.prompts.zarr`) or "captions"."""
+def open_text_store(cfg: EvalConfig, meta: dict[str, Any], kind: str, image: FeatureStore) -> FeatureStore:
+    """kind "prompts" (the class-prompt store, `.prompts.zarr`) or "captions". Class prompts of a dataset whose
+    images have no classes (captions only, such as COCO) cannot be extracted: that is the error, not a hint."""
     if kind not in TEXT_KINDS:
         raise ValueError(f"text store kind {kind!r} is not one of {TEXT_KINDS}")
     alias = meta["text_encoder"]
     path = store_path(cfg.features, cfg.dataset, cfg.split, alias)
     if kind == "prompts":
         path = path.with_name(path.name.replace(".zarr", ".prompts.zarr"))
+        if not (path / "zarr.json").exists() and not image.layout.classes:
+            raise PipeError(f"{cfg.dataset}/{cfg.split} has no classes ({image.path} records none: its images come "
+                            f"with captions only, no labels or masks); `pipe eval {cfg.task}` needs a dataset with "
+                            "classes (and masks, for segmentation), such as voc, ade20k or world")  # fmt: skip
     what = "class-prompt" if kind == "prompts" else "caption"
     st = _open(path, extract_command(cfg, alias, kind), "text", what)
     check_encoder(st, meta, "text", cfg.run)
@@ -150,6 +167,25 @@ def open_text_store(cfg: EvalConfig, meta: dict[str, Any], kind: str) -> Feature
     return st
 
 
+def check_fit(aligner: Aligner, run: str, image: FeatureStore, text: FeatureStore | None, device: str) -> None:
+    """The run's weights must fit the stores: one row of each store is embedded (a shape error is a PipeError
+    naming the weights file and the stores' dimensions), and image and text embeddings must share a dimension."""
+    weights = Path(run) / aligner.weights_file
+    dims = f"{image.path} has dim {image.layout.dim}" + (f", {text.path} dim {text.layout.dim}" if text else "")
+    tokens = aligner.needs_tokens
+    try:
+        img = aligner.image_global(image_rows(image, 0, 1, tokens, device))
+        dense = aligner.image_dense(image.rows("patches", 0, 1).float().to(device)) if image.layout.grid else None
+        txt = aligner.text_global(text_rows(text, 0, 1, tokens, device)) if text else None
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise PipeError(f"{weights}: does not fit the stores ({dims}): {str(e).splitlines()[0]}") from None
+    widths = {"image": img.shape[-1]} | ({"dense": dense.shape[-1]} if dense is not None else {})
+    widths |= {"text": txt.shape[-1]} if txt is not None else {}
+    if len(set(widths.values())) > 1:
+        sizes = ", ".join(f"{k} {v}" for k, v in widths.items())
+        raise PipeError(f"{weights}: its embeddings differ in size ({sizes}); the weights are not one run's")
+
+
 def load_context(cfg: EvalConfig, text: str | None, extract_options: tuple[str, ...] = ()) -> EvalContext:
     """Run metadata, aligner and stores for one task: the image store, and the text store of kind `text` ("prompts",
     "captions" or None); `extract_options` go into the `pipe extract` hint for a missing image store."""
@@ -157,8 +193,14 @@ def load_context(cfg: EvalConfig, text: str | None, extract_options: tuple[str, 
         raise PipeError(f"--features {cfg.features}: no such folder")
     meta = read_run(cfg.run)
     image = open_image_store(cfg, meta, extract_options)
-    txt = open_text_store(cfg, meta, text) if text else None
+    txt = open_text_store(cfg, meta, text, image) if text else None
     aligner = load_aligner(cfg.run, device=cfg.device)
+    if aligner.name != meta["method"]:
+        raise PipeError(f"{Path(cfg.run) / 'run.json'} names method {meta['method']!r} but method.json "
+                        f"{aligner.name!r}: a run dir mixed from two runs")  # fmt: skip
+    check_fit(aligner, cfg.run, image, txt, cfg.device)
+    notes = [f"{st.path} has no checksums (written before crc32c/1): damage to it cannot be detected; re-extract it"
+             for st in (image, txt) if st is not None and st.layout.checksums is None]  # fmt: skip
     info = {
         "method": meta.get("method"), "image_store": str(image.path), "text_store": str(txt.path) if txt else None,
         "image_encoder": meta["image_encoder"], "text_encoder": meta["text_encoder"],
@@ -166,4 +208,4 @@ def load_context(cfg: EvalConfig, text: str | None, extract_options: tuple[str, 
         "grid": list(image.layout.grid) if image.layout.grid else None, "resize": image.layout.resize,
         "tokens": meta.get("tokens"),
     }  # fmt: skip
-    return EvalContext(cfg, meta, aligner, image, txt, info)
+    return EvalContext(cfg, meta, aligner, image, txt, info, notes)

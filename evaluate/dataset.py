@@ -74,7 +74,7 @@ def figure_images(ctx: EvalContext, rows: list[int], notes: list[str]) -> list[n
     """Images of some image-store rows for figures; all None (with a note) when the reader cannot be opened."""
     try:
         ds = open_dataset(ctx.cfg)
-        index = dataset_rows(ds, ctx.image["ids"][:], ctx.image.path)
+        index = dataset_rows(ds, ctx.image.read("ids"), ctx.image.path)
     except PipeError as e:
         notes.append(f"figures drawn without images ({e})")
         return [None] * len(rows)

@@ -121,7 +121,7 @@ def run_diagnostics(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     img_anchors, txt_anchors = anchors_of(ctx.aligner)
     k = img_anchors.shape[0]
     top = min(TOP, k)
-    keep = ~ctx.image["skipped"][:].astype(bool)
+    keep = ~ctx.image.read("skipped").astype(bool)
     if not keep.any():
         raise PipeError(f"{ctx.image.path}: every image was skipped; nothing to diagnose")
     out: dict[str, Any] = {"anchors": k}
@@ -131,7 +131,7 @@ def run_diagnostics(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     if txt_counts is not None:
         out |= usage_stats(txt_counts, "text")
 
-    item = ctx.text["item"][:].astype(np.int64)
+    item = ctx.text.read("item").astype(np.int64)
     if len(item) and (item.min() < 0 or item.max() >= len(keep)):
         raise PipeError(f"{ctx.text.path}: caption links outside the {len(keep)} images of {ctx.image.path}")
     images, matched, mismatched = pick_pairs(item, keep, ctx.cfg.seed)

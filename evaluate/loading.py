@@ -42,7 +42,7 @@ def text_rows(store: FeatureStore, start: int, stop: int, tokens: bool, device: 
     rows = TextRows(pooled=store.rows("pooled", start, stop).float().to(device))
     if tokens:
         rows.tokens = store.rows("tokens", start, stop).float().to(device)
-        rows.length = torch.from_numpy(store["length"][start:stop].astype(np.int64)).to(device)
+        rows.length = torch.from_numpy(store.read("length", slice(start, stop)).astype(np.int64)).to(device)
     return rows
 
 

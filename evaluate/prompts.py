@@ -18,7 +18,7 @@ def class_weights(ctx: EvalContext) -> tuple[Tensor, list[str]]:
     st = ctx.text
     classes = list(st.layout.classes)
     emb = embed_texts(ctx.aligner, st, ctx.cfg.device)
-    item = torch.from_numpy(st["item"][:].astype(np.int64))
+    item = torch.from_numpy(st.read("item").astype(np.int64))
     try:
         return zero_shot_classifier(emb, item, len(classes)), classes
     except ValueError as e:

@@ -39,14 +39,22 @@ def format_headline(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _results(run: Path, tasks: set[str]) -> list[dict[str, Any]]:
+def _results(run: Path, tasks: dict[str, tuple[int, type]]) -> list[dict[str, Any]]:
+    """The results of registered tasks in RUN/eval; a file there that is no result, or holds a column value that is
+    no number, is an error (a report never shows what it cannot vouch for)."""
     out = []
     for path in sorted((run / "eval").glob("*.json")):
         try:
             res = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise PipeError(f"{path}: malformed result JSON; re-run that eval") from None
-        if isinstance(res, dict) and res.get("task") in tasks:
+        if not isinstance(res, dict) or not isinstance(res.get("task"), str):
+            raise PipeError(f'{path}: not an eval result (a JSON object with a "task"); re-run that eval')
+        if res["task"] in tasks:
+            for key, _ in tasks[res["task"]][1].columns:
+                value = res.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise PipeError(f"{path}: {key} is {value!r}, not a number; re-run that eval")
             out.append(res)
     return out
 
@@ -56,9 +64,11 @@ def _method(run: Path) -> str:
         path = run / name
         if path.is_file():
             try:
-                return str(json.loads(path.read_text(encoding="utf-8")).get("method", "?"))
-            except json.JSONDecodeError:
+                meta = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
+            if isinstance(meta, dict):
+                return str(meta.get("method", "?"))
     return "?"
 
 
@@ -73,7 +83,7 @@ def build_table(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
         if not run.is_dir():
             raise PipeError(f"pipe report: {run}: no such run dir")
         row: dict[tuple, float] = {}
-        for res in _results(run, set(tasks)):
+        for res in _results(run, tasks):
             rank, task = tasks[res["task"]]
             protocol = res.get("protocol")
             scope = f"{res.get('dataset')}/{res.get('split')}"

@@ -25,11 +25,11 @@ def retrieval_inputs(ctx: EvalContext) -> tuple[Tensor, Tensor, Tensor, np.ndarr
     """(image emb [N', E], caption emb [M', E], caption -> image [M'], kept image rows, kept caption rows)."""
     img, txt = ctx.image, ctx.text
     n = img.layout.count
-    item = txt["item"][:].astype(np.int64)
+    item = txt.read("item").astype(np.int64)
     if len(item) and (item.min() < 0 or item.max() >= n):
         bad = int(np.flatnonzero((item < 0) | (item >= n))[0])
         raise PipeError(f"{txt.path}: caption row {bad} links to image {item[bad]}, outside 0..{n - 1} ({img.path})")
-    keep = ~img["skipped"][:].astype(bool)
+    keep = ~img.read("skipped").astype(bool)
     cap_keep = keep[item]
     if not keep.any() or not cap_keep.any():
         raise PipeError(f"{img.path}: no image with a caption to evaluate in {ctx.cfg.dataset}/{ctx.cfg.split}")
@@ -48,7 +48,7 @@ def run_retrieval(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     q = min(ctx.cfg.examples, len(img_rows))
     k = min(5, len(cap_rows))
     values, idx = blocked_topk(image_emb[:q], text_emb, k)
-    texts = ctx.text["text"][:]  # 1-D strings: small next to the token arrays
+    texts = ctx.text.read("text")  # 1-D strings: small next to the token arrays
     examples = {
         "rows": img_rows[:q].tolist(),
         "captions": [[str(texts[int(cap_rows[j])]) for j in row] for row in idx.tolist()],

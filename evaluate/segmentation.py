@@ -135,8 +135,8 @@ def run_segmentation(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     spaces = label_spaces(protocol, type(dataset), classes)
     cms = [ConfusionMatrix(len(sp.candidates), void) for sp in spaces]
     luts = [sp.target_map(void) for sp in spaces]
-    skipped = img["skipped"][:].astype(bool)
-    ids = img["ids"][:]
+    skipped = img.read("skipped").astype(bool)
+    ids = img.read("ids")
     ds_rows = dataset_rows(dataset, ids, img.path)
     grid = tuple(img.layout.grid)
     w = weights.to(cfg.device)

@@ -11,6 +11,7 @@ from the registry).
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -59,6 +60,15 @@ def resolve_protocol(task: type[Task], cfg: EvalConfig) -> EvalConfig:
     return cfg
 
 
+def is_result(path: Path, task: str) -> bool:
+    """Whether `path` holds a result JSON of `task` (what --skip-existing may keep)."""
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(res, dict) and res.get("task") == task
+
+
 @dataclass
 class EvalOutcome:
     path: Path
@@ -76,11 +86,14 @@ def run_eval(cfg: EvalConfig, skip_existing: bool = False) -> EvalOutcome:
     task_cls = get_task(cfg.task)
     cfg = resolve_protocol(task_cls, cfg)
     path = result_path(cfg)
+    redo = []
     if skip_existing and path.is_file():
-        return EvalOutcome(path)
+        if is_result(path, cfg.task):
+            return EvalOutcome(path)
+        redo.append(f"{path} exists but is not a readable {cfg.task} result; evaluated again")
     task = task_cls()
     ctx = load_context(cfg, task.text, task.extract_options)
-    outcome = EvalOutcome(path)
+    outcome = EvalOutcome(path, notes=redo + ctx.notes)
     metrics, extras = task.run(ctx)
     result: dict[str, Any] = {"task": cfg.task, "dataset": cfg.dataset, "split": cfg.split}
     if cfg.protocol:

@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 
-from pipe_align.extract.datasets import get_dataset
-from pipe_align.extract.encoders import load_encoder
+from pipe_align.extract.datasets import DATASETS, get_dataset
+from pipe_align.extract.datasets.base import is_blank
+from pipe_align.extract.encoders.base import Options, Source, check_image_size
+from pipe_align.extract.encoders.registry import build_encoder, resolve_source
 from pipe_align.extract.errors import PipeError
-from pipe_align.extract.store import StoreLayout, default_rows, store_path
+from pipe_align.extract.store import DTYPES, StoreLayout, default_rows, store_path
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,17 @@ class ExtractConfig:
     threads: int | None = None  # torch threads per process (dask workers)
 
 
-@lru_cache(maxsize=4)
 def cached_encoder(name: str, layer: str, image_size: int | None, max_length: int, device: str):
-    """One loaded encoder per process and settings: every plan with the same encoder (image and text stores of a
-    split, a resumed run, a test re-checking a store) reuses it."""
-    return load_encoder(name, layer=layer, image_size=image_size, max_length=max_length, device=device)
+    """One loaded encoder per process, weights identity and settings: every plan with the same encoder (image and
+    text stores of a split, a resumed run, a test re-checking a store) reuses it, and new weights saved into the
+    same folder are loaded anew (the source carries the folder's content hash)."""
+    return _loaded(resolve_source(name), Options(layer=layer, image_size=image_size, max_length=max_length,
+                                                 device=device))  # fmt: skip
+
+
+@lru_cache(maxsize=4)
+def _loaded(source: Source, options: Options):
+    return build_encoder(source, options)
 
 
 def resolve_device(device: str) -> str:
@@ -79,13 +87,36 @@ def _text_mode(cfg: ExtractConfig, dataset) -> str:
     return "captions" if dataset.captions() is not None else "prompts"
 
 
+def check_config(cfg: ExtractConfig) -> None:
+    """Option values that cannot work, refused before a dataset is read or an encoder loaded (one line each)."""
+    for flag, value in (("--batch-size", cfg.batch_size), ("--limit", cfg.limit), ("--shard-rows", cfg.shard_rows),
+                        ("--max-length", cfg.max_length), ("--threads", cfg.threads)):  # fmt: skip
+        if value is not None and value < 1:
+            raise PipeError(f"{flag} must be >= 1, got {value}")
+    if cfg.image_size is not None:
+        check_image_size(cfg.image_size)
+    if cfg.dtype not in DTYPES:
+        raise PipeError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.resize not in ("auto", "crop", "squash"):
+        raise PipeError(f"--resize must be auto, crop or squash, got {cfg.resize!r}")
+    if cfg.text not in ("auto", "captions", "prompts"):
+        raise PipeError(f"--text must be auto, captions or prompts, got {cfg.text!r}")
+
+
+def _no_classes(cfg: ExtractConfig, dataset) -> PipeError:
+    """--text prompts of a dataset without classes: say which datasets have them (what classification and
+    segmentation need)."""
+    labelled = ", ".join(sorted(n for n, c in DATASETS.items() if c.labelled))
+    what = f"{cfg.dataset} captions have" if dataset.captions() is not None else f"dataset {cfg.dataset} has"
+    masks = "masks or classes" if not dataset.has_masks() else "classes"
+    return PipeError(f"--text prompts: {what} no {masks}; segmentation and classification need a dataset with classes "
+                     f"({labelled}); use --text captions for this one")
+
+
 def plan(cfg: ExtractConfig) -> Job:
     """Resolve dataset, encoder, rows and the store layout (no writing)."""
+    check_config(cfg)
     device = resolve_device(cfg.device)
-    if cfg.batch_size < 1:
-        raise PipeError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise PipeError(f"--limit must be >= 1, got {cfg.limit}")
     dataset = get_dataset(cfg.dataset, cfg.root, cfg.split, **dict(cfg.options))
     enc = cached_encoder(cfg.encoder, cfg.layer, cfg.image_size, cfg.max_length, device)
     info = asdict(enc.info)
@@ -93,8 +124,6 @@ def plan(cfg: ExtractConfig) -> Job:
     limit = len(images) if cfg.limit is None else min(cfg.limit, len(images))
     classes = tuple(dataset.classes) if dataset.classes is not None else None
     if info["modality"] == "image":
-        if cfg.resize not in ("auto", "crop", "squash"):
-            raise PipeError(f"--resize must be auto, crop or squash, got {cfg.resize!r}")
         resize = cfg.resize if cfg.resize != "auto" else ("squash" if dataset.has_masks() else "crop")
         rows = images[:limit]
         if not rows:
@@ -112,7 +141,7 @@ def plan(cfg: ExtractConfig) -> Job:
             extra = {}
         else:
             if classes is None:
-                raise PipeError(f"dataset {cfg.dataset} has no classes to build prompts from; use --text captions")
+                raise _no_classes(cfg, dataset)
             templates = tuple(cfg.templates) if cfg.templates else tuple(dataset.templates())
             if not templates or any("{}" not in t for t in templates):
                 raise PipeError(f"--templates: every template needs a '{{}}' for the class name, got {templates}")
@@ -121,8 +150,9 @@ def plan(cfg: ExtractConfig) -> Job:
             ]
             extra = {"classes": classes, "templates": templates}
         for rid, text, _ in text_rows:
-            if not text.strip():
-                raise PipeError(f"dataset {cfg.dataset} split {cfg.split}: caption {rid} is empty")
+            if is_blank(text):
+                raise PipeError(f"dataset {cfg.dataset} split {cfg.split}: caption {rid} is empty ({text!r} has no "
+                                "visible character)")
         if not text_rows:
             raise PipeError(f"dataset {cfg.dataset} split {cfg.split!r} has no captions")
         tokens, rows = enc.info.max_length, None

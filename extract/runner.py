@@ -7,15 +7,16 @@ Two executors run the same shard function (`shards.extract_shards`): `run_local`
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TextIO
 
-from pipe_align.extract.distributed import run_on_cluster
-from pipe_align.extract.job import ExtractConfig, Job, plan
-from pipe_align.extract.shards import ShardResult, extract_shards
+from pipe_align.extract.distributed import check_cluster, run_on_cluster
+from pipe_align.extract.job import ExtractConfig, Job, check_config, plan
+from pipe_align.extract.shards import ShardResult, disk_full, extract_shards
 from pipe_align.extract.store import FeatureStore, create_store
 
 __all__ = ["ExtractConfig", "ExtractSummary", "executor", "run_extract", "run_local"]
@@ -44,8 +45,23 @@ class ExtractSummary:
 
 
 def run_extract(cfg: ExtractConfig, cluster: str | None = None, progress: bool = True) -> ExtractSummary:
-    """Plan, create (or reopen) the store, compute the pending shards with the executor `cluster` picks, finalize."""
+    """Plan, create (or reopen) the store, compute the pending shards with the executor `cluster` picks, finalize.
+    Every bad option is refused before the store exists; a full disk is a one-line error and leaves the store
+    incomplete (a re-run resumes it)."""
+    check_config(cfg)
+    if cluster is not None:
+        check_cluster(cluster)
     job = plan(cfg)
+    try:
+        return _run(cfg, job, cluster, progress)
+    except OSError as e:
+        full = disk_full(e, job.path, "extracting")
+        if full is None:
+            raise
+        raise full from None
+
+
+def _run(cfg: ExtractConfig, job: Job, cluster: str | None, progress: bool) -> ExtractSummary:
     store = create_store(job.path, job.layout)
     t0 = time.perf_counter()
     if store.complete:
@@ -69,24 +85,35 @@ def _config_attrs(cfg: ExtractConfig) -> dict[str, Any]:
 
 
 class _progress:
-    """A rich progress bar (rows, rows/s, ETA) when asked for; a no-op otherwise."""
+    """Rows, rows/s and ETA on stderr when asked for. On a terminal: rich's live bar. Anywhere else (a log file, CI,
+    a pipe): plain whole lines, one per tenth of the rows and at least one a minute, never a bar redrawn or wrapped
+    across lines. A no-op when not asked for."""
 
-    def __init__(self, enabled: bool, label: str, total: int) -> None:
+    PLAIN_STEP, PLAIN_SECONDS = 0.1, 60.0
+
+    def __init__(self, enabled: bool, label: str, total: int, stream: TextIO | None = None) -> None:
         self.enabled, self.label, self.total = enabled, label, total
+        self.stream = stream or sys.stderr
+        self.bar = None
 
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda n: None
+        self.t0, self.done = time.perf_counter(), 0
+        isatty = getattr(self.stream, "isatty", None)
+        if not (isatty and isatty()):
+            return self._plain()
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("[progress.percentage]{task.percentage:>3.0f}%"),
             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False,
+            console=Console(file=self.stream),
         )  # fmt: skip
         self.bar.start()
         self.task = self.bar.add_task(self.label, total=self.total, rate="")
-        self.t0, self.done = time.perf_counter(), 0
 
         def advance(n: int) -> None:
             self.done += n
@@ -95,6 +122,29 @@ class _progress:
 
         return advance
 
+    def _plain(self) -> Callable[[int], None]:
+        shown, last = 0, self.t0
+
+        def advance(n: int) -> None:
+            nonlocal shown, last
+            self.done += n
+            now = time.perf_counter()
+            due = self.done - shown >= self.PLAIN_STEP * self.total or now - last >= self.PLAIN_SECONDS
+            if self.done >= self.total or due:
+                shown, last = self.done, now
+                rate = self.done / max(now - self.t0, 1e-9)
+                eta = (self.total - self.done) / rate if rate > 0 else 0.0
+                pct = 100.0 * self.done / max(self.total, 1)
+                print(f"{self.label}: {self.done}/{self.total} rows ({pct:.0f}%), {rate:.1f} rows/s, "
+                      f"ETA {_clock(eta)}", file=self.stream, flush=True)  # fmt: skip
+
+        return advance
+
     def __exit__(self, *exc) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.stop()
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

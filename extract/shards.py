@@ -7,6 +7,7 @@ are written by index, so the order in which shards are handed out never changes 
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipe_align.extract.datasets.base import UnreadableImage
+from pipe_align.extract.datasets.base import UnreadableImage, to_rgb
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import Job
 from pipe_align.extract.store import FeatureStore, StoreLayout
@@ -26,6 +27,8 @@ from pipe_align.extract.store import FeatureStore, StoreLayout
 # file it cannot identify (UnidentifiedImageError) or that is truncated, SyntaxError for a malformed one (a broken
 # PNG chunk) and DecompressionBombError for an absurd size. Any other exception is a bug and fails the run.
 UNREADABLE = (UnreadableImage, OSError, SyntaxError, Image.DecompressionBombError)
+# A full disk or an exceeded quota while writing: the user frees space and re-runs; finished shards are kept.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -55,7 +58,7 @@ def _image_batches(job: Job, shards: list[int]) -> Iterator[tuple[int, int, torc
                 try:
                     img = job.dataset.load_image(i)
                     img.load()
-                    images.append(img.convert("RGB"))
+                    images.append(to_rgb(img))
                     keep.append(i - b0)
                 except UNREADABLE as e:
                     if job.cfg.strict:
@@ -66,23 +69,40 @@ def _image_batches(job: Job, shards: list[int]) -> Iterator[tuple[int, int, torc
 
 
 def prefetch(it: Iterator, depth: int) -> Iterator:
-    """Run an iterator in a thread, `depth` items ahead; exceptions re-raise in the consumer."""
+    """Run an iterator in a thread, `depth` items ahead; exceptions re-raise in the consumer. When the consumer stops
+    early (an error, a break) the producer is stopped and joined, so no thread is left decoding while the process
+    reports the error and exits (a daemon thread busy at interpreter shutdown can abort it)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
-    end = object()
+    end, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in it:
-                q.put(item)
+                if not put(item):
+                    return
         except BaseException as e:  # noqa: BLE001
-            q.put(e)
-        q.put(end)
+            put(e)
+        put(end)
 
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := q.get()) is not end:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class _Writer:
@@ -99,6 +119,8 @@ class _Writer:
             if self.error is None:
                 try:
                     self.store.write_shard(*item)
+                except OSError as e:
+                    self.error = disk_full(e, self.store.path, f"writing shard {item[0]}") or e
                 except BaseException as e:  # noqa: BLE001
                     self.error = e
 
@@ -112,6 +134,14 @@ class _Writer:
         self.thread.join()
         if self.error:
             raise self.error
+
+
+def disk_full(error: OSError, path, doing: str) -> PipeError | None:
+    """A full disk or quota as a one-line error naming the store (None for any other OSError)."""
+    if error.errno not in DISK_FULL:
+        return None
+    return PipeError(f"{path}: {error.strerror or 'no space left'} while {doing}; free space and re-run the same "
+                     "command (finished shards are kept, the store is not marked complete)")
 
 
 def _new_image_buffers(lay: StoreLayout, n: int) -> dict[str, np.ndarray]:
@@ -192,6 +222,10 @@ def _text_shards(job, shards, writer, on_rows) -> list[ShardResult]:
         }
         for b0 in range(0, n, bs):
             tokens, length, pooled = job.encoder.encode([r[1] for r in rows[b0 : b0 + bs]])
+            if not bool(length.min() > 0):
+                rid, text = rows[b0 + int(length.argmin())][:2]
+                raise PipeError(f"dataset {job.cfg.dataset} split {job.cfg.split}: caption {rid} ({text!r}) has no "
+                                f"tokens for encoder {job.cfg.encoder} (its tokenizer drops every character)")
             sl = slice(b0, b0 + len(length))
             bufs["tokens"][sl] = _to_store_dtype(tokens, lay.dtype)
             bufs["length"][sl] = np.asarray(length, dtype=np.int16)

@@ -17,14 +17,27 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.storage import LocalStore
 
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.integrity import (
+    CHECKSUMS,
+    READ_ERRORS,
+    DamagedStore,
+    StrictStore,
+    damage_reason,
+    has_checksums,
+    non_finite_rows,
+    row_digests,
+)
 
 SCHEMA = "pipe.features/1"
 CHUNK_BYTES = 4 << 20  # one chunk (the unit of reading) holds about 4 MB of tokens
 SHARD_BYTES = 256 << 20  # one shard (the unit of writing) about 256 MB
 DTYPES = ("float16", "bfloat16")
+FEATURES = ("cls", "patches", "tokens", "pooled")  # the float arrays (NaN fill, checked for finiteness)
+LINES_PER_ARRAY = 5  # verify lists at most this many problems of one array, then how many more there are
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,7 @@ class StoreLayout:
     classes: tuple[str, ...] | None = None  # labelled image sets and class-prompt text stores
     templates: tuple[str, ...] | None = None  # class-prompt text stores
     origin: dict[str, Any] | None = None  # dataset root, options and --limit: a store is resumed only from the same
+    checksums: str | None = CHECKSUMS  # integrity format (extract/integrity.py); None: a store written before it
     schema: str = SCHEMA
 
     @property
@@ -67,10 +81,23 @@ class StoreLayout:
     def from_attrs(cls, attrs: dict[str, Any]) -> StoreLayout:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in attrs.items() if k in names}
+        d.setdefault("checksums", None)  # written before checksums existed
         for key in ("grid", "classes", "templates"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
-        return cls(**d)
+        lay = cls(**d)
+        lay.check()
+        return lay
+
+    def check(self) -> None:
+        """TypeError/ValueError unless the attributes can describe a store (hand-edited or damaged zarr.json)."""
+        if self.modality not in ("image", "text") or self.dtype not in DTYPES or not isinstance(self.encoder, dict):
+            raise ValueError(f"modality {self.modality!r}, dtype {self.dtype!r} or encoder is not valid")
+        sizes = {"count": 0, "tokens": 1, "dim": 1, "rows_per_chunk": 1, "rows_per_shard": 1}
+        for key, low in sizes.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{key}={value!r} is not an integer >= {low}")
 
 
 def default_rows(tokens: int, dim: int, count: int, shard_rows: int | None = None) -> tuple[int, int]:
@@ -103,18 +130,60 @@ class FeatureStore:
     group: zarr.Group
     layout: StoreLayout
     attrs: dict[str, Any] = field(default_factory=dict)
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
 
     # -- arrays ---------------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> zarr.Array:
-        return self.group[name]
+        """An array of the store, its shape checked against the layout; a missing or unreadable one, or one of
+        another shape, is a one-line DamagedStore (a PipeError) naming the store and the array."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            try:
+                arr = self.group[name]
+            except KeyError:
+                raise DamagedStore(self.path, name, f"{name}/zarr.json is missing") from None
+            except READ_ERRORS as e:
+                raise DamagedStore(self.path, name, f"{name}/zarr.json cannot be read ({type(e).__name__})") from None
+            want = expected_shapes(self.layout).get(name)
+            if want is not None and tuple(arr.shape) != want:
+                raise DamagedStore(self.path, name, f"shape {tuple(arr.shape)}, expected {want}")
+            arr = arr.with_config({"write_empty_chunks": True})  # every chunk on disk: an absent one was lost
+            self._arrays[name] = arr
+        return arr
 
     @property
     def token_array(self) -> str:
         return "patches" if self.layout.modality == "image" else "tokens"
 
-    def rows(self, name: str, start: int = 0, stop: int | None = None):
-        """Rows of a feature array as a torch tensor in its stored precision (bfloat16 bits decoded)."""
-        return self.decode(self.group[name][start:stop])
+    def read(self, name: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """Rows of one array (a slice, or row indices: a selection of the chunks that hold them) as stored. A chunk
+        that fails its checksum, cannot be decoded or is missing is a one-line DamagedStore naming store and array."""
+        arr = self[name]
+        try:
+            if isinstance(rows, slice):
+                return arr[rows]
+            return arr.get_orthogonal_selection((np.asarray(rows),))
+        except READ_ERRORS as e:  # a missing chunk is already a DamagedStore (StrictStore), not one of these
+
+            raise DamagedStore(self.path, name, damage_reason(e)) from None
+
+    def rows(self, name: str, start: int = 0, stop: int | None = None, *, finite: bool = True):
+        """Rows of a feature array as a torch tensor in its stored precision (bfloat16 bits decoded). With `finite`,
+        a non-finite value in a row that is not skipped is a one-line error naming store, array and row."""
+        block = self.read(name, slice(start, stop))
+        if finite and name in FEATURES:
+            self.check_finite(name, block, start)
+        return self.decode(block)
+
+    def check_finite(self, name: str, block: np.ndarray, start: int) -> None:
+        """PipeError naming the first row of `block` (rows start.. of feature array `name`, as stored) that holds
+        NaN or inf and is not a skipped row (skipped rows are never read as features)."""
+        bad = non_finite_rows(block, self.layout.dtype)
+        if bad.any():
+            bad &= ~self.read("skipped", slice(start, start + len(block))).astype(bool)
+            if bad.any():
+                row = start + int(np.argmax(bad))
+                raise PipeError(f"{self.path}: array {name!r} has non-finite values in row {row} (see `pipe verify`)")
 
     def decode(self, block: np.ndarray):
         """A block read from this store as a torch tensor; bfloat16 stores keep their values as uint16 bits."""
@@ -138,31 +207,51 @@ class FeatureStore:
         """Lazy dask view with one block per shard (dask would otherwise default to the small inner chunks)."""
         import dask.array as da
 
-        arr = self.group[name]
+        arr = self[name]
         return da.from_zarr(arr, chunks=arr.shards or arr.chunks)
 
     # -- writing --------------------------------------------------------------------------------------------------
     def pending_shards(self) -> list[int]:
         """Shards with at least one row not marked done (read shard by shard: `done` is tiny)."""
-        done = self.group["done"]
+        done = self["done"]
         return [s for s in range(self.layout.num_shards) if not done[slice(*self.layout.shard_range(s))].all()]
 
     def write_shard(self, shard: int, rows: dict[str, np.ndarray], skipped: np.ndarray) -> None:
-        """Write one whole shard of every array, then its `done` flags (so a crash never leaves done rows unwritten)."""
+        """Write one whole shard of every array, then its `done` flags (so a crash never leaves done rows unwritten).
+        An array missing from `rows` is written as its fill value (NaN for features, which `pipe verify` reports),
+        so every chunk exists; with checksums, the rows' digests are written before `done`."""
         start, stop = self.layout.shard_range(shard)
-        for name, value in rows.items():
+        values = dict(rows) | {"skipped": np.asarray(skipped, dtype=bool)}
+        for name, value in values.items():
             if len(value) != stop - start:
                 raise ValueError(f"shard {shard}: {name} has {len(value)} rows, expected {stop - start}")
-            self.group[name][start:stop] = value
-        self.group["skipped"][start:stop] = skipped
-        self.group["done"][start:stop] = True
+        names = [n for n in expected_shapes(self.layout) if n not in ("done", "digest")]
+        if set(values) - set(names):
+            raise ValueError(f"shard {shard}: no arrays {sorted(set(values) - set(names))} in this store")
+        for name in names:
+            arr = self[name]
+            if name not in values:
+                values[name] = np.full((stop - start, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
+            arr[start:stop] = values[name]
+        if self.layout.checksums:
+            self["digest"][start:stop] = self._digests(start, values)
+        self["done"][start:stop] = True
+
+    def _digests(self, start: int, values: dict[str, np.ndarray]) -> np.ndarray:
+        """[rows, arrays] uint32: each row's digest in each array, computed from the values as stored."""
+        cols = []
+        for name in digest_arrays(self.layout):
+            dtype = self[name].dtype
+            value = np.asarray(values[name])
+            cols.append(row_digests(start, value if dtype.kind in "OTU" else value.astype(dtype, copy=False)))
+        return np.stack(cols, axis=1)
 
     def finalize(self, extra_attrs: dict[str, Any] | None = None) -> None:
         """Mark complete after checking every row is done; records the skipped ids."""
         if self.pending_shards():
             raise PipeError(f"{self.path}: cannot mark complete, shards {self.pending_shards()[:5]} are not done")
-        skipped_mask = self.group["skipped"][:]
-        ids = self.group["ids"][:]
+        skipped_mask = self["skipped"][:]
+        ids = self["ids"][:]
         attrs = dict(extra_attrs or {})
         attrs["skipped"] = [str(i) for i in ids[skipped_mask]]
         attrs["complete"] = True
@@ -170,43 +259,111 @@ class FeatureStore:
 
     # -- checking -------------------------------------------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Problems found (empty when the store is sound): shapes, done flags, finiteness, attributes."""
-        problems = []
-        lay = self.layout
+        """Problems found, one line each (empty when the store is sound). Checks the attributes and the checksum
+        format, then every array: present, of the layout's shape, with crc32c in its codecs, every chunk read (and
+        so checksummed) shard by shard; in each finished shard the features are finite (skipped rows aside), the
+        rows match their digests, and ids, text, labels, item and length hold possible values."""
+        lay, problems = self.layout, []
         if self.attrs.get("schema") != SCHEMA:
             problems.append(f"schema is {self.attrs.get('schema')!r}, expected {SCHEMA!r}")
-        for name, shape in expected_shapes(lay).items():
-            if name not in self.group:
-                problems.append(f"array {name!r} is missing")
-            elif tuple(self.group[name].shape) != shape:
-                problems.append(f"array {name!r} has shape {tuple(self.group[name].shape)}, expected {shape}")
-        if problems:
-            return problems
+        if lay.checksums is None:
+            problems.append("written without checksums (before format crc32c/1): damage to its files cannot be "
+                            "detected; re-extract it to protect it")  # fmt: skip
+        elif lay.checksums != CHECKSUMS:
+            problems.append(f"checksum format {lay.checksums!r} is unknown (expected {CHECKSUMS!r})")
+        names = []
+        for name in expected_shapes(lay):
+            try:
+                arr = self[name]
+            except DamagedStore as e:
+                problems.append(f"array {name!r}: {e.reason}")
+                continue
+            if lay.checksums and not has_checksums(arr):
+                problems.append(f"array {name!r} has no crc32c checksums in its codecs")
+            names.append(name)
         if not self.complete:
             problems.append("store is not marked complete")
-        not_done = np.flatnonzero(~self.group["done"][:])
-        if len(not_done):
+        counts: dict[str, int] = {}
+        not_done, skipped_ids = [], []
+        for shard in range(lay.num_shards):
+            start, stop = lay.shard_range(shard)
+            blocks = {}
+            for name in names:
+                try:
+                    blocks[name] = self.read(name, slice(start, stop))
+                except DamagedStore as e:
+                    counts[name] = counts.get(name, 0) + 1
+                    if counts[name] <= LINES_PER_ARRAY:
+                        problems.append(f"array {name!r} rows {start}-{stop - 1} (shard {shard}): {e.reason}")
+            done = blocks.get("done")
+            if done is not None and not done.all():
+                not_done.extend(start + np.flatnonzero(~done))
+                continue  # an unfinished shard's content is not checked: it was never (completely) written
+            for name, text in self._shard_problems(start, blocks):
+                counts[name] = counts.get(name, 0) + 1
+                if counts[name] <= LINES_PER_ARRAY:
+                    problems.append(text)
+            if "ids" in blocks and "skipped" in blocks:
+                skipped_ids += [str(i) for i in blocks["ids"][blocks["skipped"].astype(bool)]]
+        if not_done:
             problems.append(f"{len(not_done)} rows not done (first: row {not_done[0]})")
-        skipped = self.group["skipped"][:]
-        float_arrays = ["cls", "patches"] if lay.modality == "image" else ["tokens", "pooled"]
-        for name in float_arrays:
-            arr = self.group[name]
-            step = lay.rows_per_shard
-            for start in range(0, lay.count, step):
-                block = self.decode(arr[start : start + step]).float().numpy()  # bfloat16 bits decoded first
-                bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1) & ~skipped[start : start + step]
-                if bad.any():
-                    problems.append(f"array {name!r} has non-finite values in row {start + int(np.argmax(bad))}")
-                    break
-        if lay.modality == "text":
-            length = self.group["length"][:]
-            if (length < 0).any() or (length > lay.tokens).any():
-                problems.append(f"'length' outside [0, {lay.tokens}]")
+        problems += [f"array {n!r}: {c - LINES_PER_ARRAY} more problems not listed" for n, c in counts.items()
+                     if c > LINES_PER_ARRAY]  # fmt: skip
+        recorded = self.attrs.get("skipped", [])
+        if self.complete and not not_done and "skipped" in names and "ids" in names and recorded != skipped_ids:
+            problems.append(f"attribute 'skipped' lists {len(recorded)} ids but array 'skipped' marks "
+                            f"{len(skipped_ids)} rows")  # fmt: skip
         return problems
 
+    def _shard_problems(self, start: int, blocks: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+        """(array, problem) for the values of one finished shard (rows start..)."""
+        lay, out = self.layout, []
+        n = len(next(iter(blocks.values()))) if blocks else 0
+        where = f"rows {start}-{start + n - 1}"
+        skipped = blocks["skipped"].astype(bool) if "skipped" in blocks else np.zeros(n, bool)
+        for name in FEATURES:
+            if name in blocks:
+                bad = non_finite_rows(blocks[name], lay.dtype) & ~skipped
+                if bad.any():
+                    out.append((name, f"array {name!r} has non-finite values in row {start + int(np.argmax(bad))}"))
+        if "digest" in blocks:
+            for col, name in enumerate(digest_arrays(lay)):
+                if name in blocks:
+                    wrong = np.flatnonzero(row_digests(start, blocks[name]) != blocks["digest"][:, col])
+                    if len(wrong):
+                        out.append((name, f"array {name!r} {where}: {len(wrong)} rows do not match their recorded "
+                                          f"digest (first: row {start + wrong[0]}): a shard file moved, swapped or "
+                                          "replaced?"))  # fmt: skip
+        limits = {"length": (0, lay.tokens), "item": (0, len(lay.classes) - 1 if lay.templates else None),
+                  "labels": (-1, len(lay.classes) - 1 if lay.classes else None)}  # fmt: skip
+        for name, (low, high) in limits.items():
+            if name in blocks:
+                v = blocks[name].astype(np.int64)
+                bad = (v < low) | (v > high if high is not None else False)
+                if bad.any():
+                    r = int(np.argmax(bad))
+                    rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+                    out.append((name, f"array {name!r} row {start + r}: {v[r]} is not in {rng}"))
+        for name in ("ids", "text"):
+            if name in blocks:
+                empty = np.flatnonzero([not str(x) for x in blocks[name]])
+                if len(empty):
+                    out.append((name, f"array {name!r} row {start + empty[0]} is empty"))
+        return out
+
     def info(self) -> dict[str, Any]:
+        """What `pipe info` prints; a damaged array is shown as such rather than failing the listing."""
         size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()) if self.path.exists() else 0
-        arrays = {name: list(arr.shape) for name, arr in self.group.arrays()}
+        arrays: dict[str, Any] = {}
+        for name in expected_shapes(self.layout):
+            try:
+                arrays[name] = list(self[name].shape)
+            except DamagedStore as e:
+                arrays[name] = f"damaged ({e.reason})"
+        try:
+            done_rows: Any = int(self.read("done").sum())
+        except DamagedStore:
+            done_rows = "unreadable (see pipe verify)"
         return {
             "path": str(self.path),
             "schema": self.attrs.get("schema"),
@@ -221,8 +378,9 @@ class FeatureStore:
             "rows_per_chunk": self.layout.rows_per_chunk,
             "rows_per_shard": self.layout.rows_per_shard,
             "shards": self.layout.num_shards,
+            "checksums": self.layout.checksums or "none (written before crc32c/1)",
             "bytes_on_disk": size,
-            "done_rows": int(self.group["done"][:].sum()),
+            "done_rows": done_rows,
             "skipped": len(self.attrs.get("skipped", [])),
             "complete": self.complete,
         }
@@ -231,9 +389,19 @@ class FeatureStore:
 def expected_shapes(lay: StoreLayout) -> dict[str, tuple[int, ...]]:
     n, t, d = lay.count, lay.tokens, lay.dim
     common = {"ids": (n,), "done": (n,), "skipped": (n,)}
+    if lay.checksums:
+        common["digest"] = (n, len(digest_arrays(lay)))
     if lay.modality == "image":
         return common | {"cls": (n, d), "patches": (n, t, d), "labels": (n,)}
     return common | {"text": (n,), "item": (n,), "tokens": (n, t, d), "length": (n,), "pooled": (n, d)}
+
+
+def digest_arrays(lay: StoreLayout) -> tuple[str, ...]:
+    """The arrays whose rows have a digest, in the order of the `digest` array's columns (`done` is not one: it is
+    written after the digests)."""
+    if lay.modality == "image":
+        return ("ids", "cls", "patches", "labels", "skipped")
+    return ("ids", "text", "item", "tokens", "length", "pooled", "skipped")
 
 
 def _zarr_dtype(dtype: str) -> str:
@@ -268,6 +436,9 @@ def _array_specs(lay: StoreLayout) -> dict[str, dict[str, Any]]:
             "length": {"shape": (n,), "dtype": "int16", "fill_value": 0, **row1},
             "pooled": vec,
         }
+    if lay.checksums:
+        specs["digest"] = {"shape": (n, len(digest_arrays(lay))), "dtype": "uint32", "fill_value": 0,
+                           "chunks": (rs, len(digest_arrays(lay))), "shards": None}  # fmt: skip
     return specs
 
 
@@ -294,8 +465,11 @@ def create_store(path: str | Path, layout: StoreLayout) -> FeatureStore:
     if tmp.exists():
         shutil.rmtree(tmp)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    # crc32c last: applied to each (inner) chunk's compressed bytes, checked first on reading; shard indexes carry
+    # zarr's default crc32c index codec
+    compressors = (ZstdCodec(level=3), Crc32cCodec()) if layout.checksums else (ZstdCodec(level=3),)
     for name, spec in _array_specs(layout).items():
-        group.create_array(name, compressors=ZstdCodec(level=3), **spec)
+        group.create_array(name, compressors=compressors, **spec)
     group.attrs.update(layout.to_attrs() | {"count": layout.count, "complete": False, "skipped": []})
     tmp.rename(path)  # a store either exists with all its arrays or not at all
     return open_store(path, require_complete=False)
@@ -312,12 +486,16 @@ def _check_parent(path: Path) -> None:
 def open_store(
     path: str | Path, *, require_complete: bool = True, modality: str | None = None, encoder: str | None = None
 ) -> FeatureStore:
-    """Open a store, checking the schema version, and optionally completeness, modality and encoder alias."""
+    """Open a store, checking the schema version, and optionally completeness, modality and encoder alias.
+
+    A complete store with checksums is read strictly: a chunk file that is absent is an error, not its fill value
+    (extract/integrity.py). Stores written before checksums open as before (`pipe verify` says what they lack)."""
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise PipeError(f"{path}: no feature store here")
+    backing = StrictStore(LocalStore(path))
     try:
-        group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        group = zarr.open_group(store=backing, mode="r+", zarr_format=3)
     except Exception as e:  # noqa: BLE001 - any read failure is the same problem to the user
         raise PipeError(f"{path}: cannot open as a Zarr v3 group ({type(e).__name__}: {e})") from None
     attrs = dict(group.attrs)
@@ -325,8 +503,9 @@ def open_store(
         raise PipeError(f"{path}: schema {attrs.get('schema')!r} is not {SCHEMA!r} (written by another version?)")
     try:
         layout = StoreLayout.from_attrs(attrs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise PipeError(f"{path}: attributes do not describe a {SCHEMA} store ({e})") from None
+    backing.strict = attrs.get("complete") is True and layout.checksums is not None
     store = FeatureStore(path=path, group=group, layout=layout, attrs=attrs)
     if require_complete:
         store.require_complete()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 from pathlib import Path
@@ -161,10 +162,17 @@ def info(store: Path = typer.Argument(..., help="A feature store folder (.zarr).
 
 @app.command()
 def verify(store: Path = typer.Argument(..., help="A feature store folder (.zarr).")) -> None:
-    """Check shapes, done flags, finite values and attributes; exit 1 with the reasons when something is wrong."""
+    """Check every array and chunk (checksums, row digests, shapes, done flags, finite values, value ranges) and the
+    attributes; exit 1 with one line per problem when something is wrong (docs/store.md)."""
     from pipe_align.extract.store import open_store
 
-    st = open_store(store, require_complete=False)
+    try:
+        st = open_store(store, require_complete=False)
+    except PipeError as e:
+        if not (store / "zarr.json").is_file():
+            raise  # not a store at all: a user error (exit 2)
+        typer.echo(str(e), err=True)  # a store whose group metadata is damaged: a problem found (exit 1)
+        raise typer.Exit(1) from None
     problems = st.verify()
     if problems:
         for p in problems:
@@ -209,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {e}", err=True)
         return 2
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # any stage: the user frees space, nothing to debug
+            where = f"{e.filename}: " if e.filename else ""
+            typer.echo(f"error: {where}{e.strerror or e}; free space and re-run the same command", err=True)
+            return 2
         if e.filename is None:  # not about a path the user gave: a real fault, keep its traceback
             raise
         typer.echo(f"error: {e.filename}: {e.strerror or e}", err=True)  # e.g. --out under a file, no permission
@@ -221,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     except cx.ClickException as e:
         typer.echo(f"error: {e.format_message()}", err=True)
         return 2
-    except typer.Abort:
+    except typer.Abort as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, EOFError):  # click turns EOFError into Abort: a file that ends early, not Ctrl-C
+            typer.echo(f"error: a file ended early ({cause or 'EOFError'}); see `pipe verify` or re-fetch it", err=True)
+            return 2
         typer.echo("aborted", err=True)
         return 130
     return rv if isinstance(rv, int) else 0

@@ -136,3 +136,27 @@ def test_run_json_is_written_atomically(tmp_path, world_features, monkeypatch):
     assert main(args) == 0
     assert sum(p.endswith("run.json") for p in renamed) >= 2  # the start, every epoch, the end
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_progress_to_a_log_is_one_unwrapped_line_per_epoch(tmp_path, world_features, capsys):
+    """Not a terminal (a log file, CI): no live bar redrawn into the file, and no field wrapped onto another line."""
+    args = ["align", "--shards", str(world_features / "world" / "train"), "--out", str(tmp_path / "run"),
+            *[a for a in FAST if a != "--no-progress"]]  # fmt: skip
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    lines = err.splitlines()  # progress on stderr, as extraction's; the summary alone on stdout
+    assert len(lines) == 3 and all(line.startswith("pal epoch ") and "pairs_per_s" in line for line in lines), lines
+    assert out.splitlines() == [out.splitlines()[0]] and out.startswith(str(tmp_path / "run")), out
+
+
+def test_a_file_that_ends_early_is_an_error_not_an_interrupt(tmp_path, world_features, capsys, monkeypatch):
+    """click turns an EOFError into Abort (Ctrl-D at a prompt); a reader's EOFError (a truncated .gz) is bad data."""
+    from pipe_align.align import run
+
+    def truncated(*a, **k):
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr(run, "find_pair_stores", truncated)
+    code = main(["align", "--shards", str(world_features / "world" / "train"), "--out", str(tmp_path / "r"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: a file ended early (Compressed file ended" in err, err

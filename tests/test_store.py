@@ -78,16 +78,15 @@ def test_verify_finds_nan_and_missing_rows(tmp_path):
     rng = np.random.default_rng(1)
     store = create_store(tmp_path / "s.zarr", layout(count=8))
     fill_image_shard(store, 0, rng)
-    problems = store.verify()  # shard 1 never written: its rows read back as NaN fill and are not done
-    assert any("not done" in p for p in problems) and any("not marked complete" in p for p in problems)
-    assert any("non-finite" in p and "row 4" in p for p in problems)
+    problems = store.verify()  # shard 1 never written: its rows are not done (their content is not checked)
+    assert any("not done" in p and "row 4" in p for p in problems) and any("not marked complete" in p for p in problems)
     rows = fill_image_shard(store, 1, rng)
     store.finalize()
     assert store.verify() == []
     bad = rows["patches"].copy()
     bad[1, 2, 3] = np.inf
     store["patches"][4:8] = bad
-    assert any("row 5" in p for p in store.verify())
+    assert any("non-finite" in p and "row 5" in p for p in store.verify())
 
 
 def test_other_layout_schema_or_file_is_an_error(tmp_path):
@@ -142,3 +141,22 @@ def test_verify_sees_nan_in_bfloat16_stores(tmp_path):
     store.write_shard(0, {"ids": np.array(list("abcd")), "patches": bits, "cls": cls}, np.zeros(4, bool))
     store.finalize()
     assert any("non-finite" in p and "row 2" in p for p in store.verify())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_non_finite_rows_reads_the_bits_like_isfinite(dtype):
+    """The bit test behind every finiteness check equals np.isfinite on the decoded values, extremes included."""
+    import torch
+
+    from pipe_align.extract.integrity import non_finite_rows
+
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.standard_normal((64, 5, 7)).astype(np.float32)) * 1e3
+    specials = [float("nan"), float("inf"), -float("inf"), 65504.0, -65504.0, 6e-8, -0.0, 3e38]
+    for i in range(48):
+        x.view(-1)[int(rng.integers(x.numel()))] = specials[i % len(specials)]
+    stored = x.to(torch.float16 if dtype == "float16" else torch.bfloat16)
+    block = stored.numpy() if dtype == "float16" else stored.view(torch.int16).numpy().view(np.uint16)
+    reference = ~np.isfinite(stored.float().numpy().reshape(64, -1)).all(axis=1)
+    assert 0 < reference.sum() < 64
+    np.testing.assert_array_equal(non_finite_rows(block, dtype), reference)

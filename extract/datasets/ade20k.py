@@ -48,6 +48,7 @@ class ADE20K(Dataset):
     """All images of the split folder, sorted by name; every image must have its annotation PNG."""
 
     splits = tuple(SPLIT_FOLDERS)
+    labelled = True
     reduce_zero_label = True  # 0 = "other": unlabelled pixels, ignored by every protocol (mmseg's ADE20K convention)
 
     def __init__(self, root: str | Path | None, split: str = "val") -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import inspect
 import json
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ class Dataset(abc.ABC):
 
     name: str = ""  # filled by @register_dataset
     splits: tuple[str, ...] = ()  # the split names the reader accepts; empty = any (checked by the reader)
+    labelled: bool = False  # the reader sets `classes` (class prompts, classification, segmentation are possible)
     split: str
     classes: list[str] | None = None
     # -- label space ------------------------------------------------------------------------------------------------
@@ -136,7 +138,10 @@ def get_dataset(name: str, root: str | Path | None, split: str, **options: objec
         if key not in valid:
             choices = ", ".join(valid) if valid else "none"
             raise PipeError(f"dataset '{cls.name}' has no option '{key}' (options: {choices})")
-    return cls(root, split, **options)
+    dataset = cls(root, split, **options)
+    if (dataset.classes is not None) != cls.labelled:  # the class attribute is what error messages list
+        raise TypeError(f"dataset reader '{cls.name}': labelled={cls.labelled} but classes={dataset.classes!r:.40}")
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -171,17 +176,25 @@ def read_json(path: Path) -> object:
         raise PipeError(f"malformed JSON in {path}: not UTF-8 text ({e.reason})") from None
 
 
+def read_text(path: Path, what: str) -> str:
+    """A small UTF-8 text file (split list, class list); binary garbage is a one-line error naming the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PipeError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_id_list(path: Path) -> list[str]:
     """A split file: one id per line (first whitespace-separated field), blank lines skipped, de-duplicated."""
     if not path.is_file():
         raise PipeError(f"split file not found: {path}")
-    ids = [line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ids = [line.split()[0] for line in read_text(path, "split file").splitlines() if line.strip()]
     return unique(ids)
 
 
 def read_name_list(path: Path) -> list[str]:
     """A classes.txt: one name per line, blank lines skipped."""
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in read_text(path, "class list").splitlines() if line.strip()]
     if not names:
         raise PipeError(f"class list is empty: {path}")
     return names
@@ -201,24 +214,64 @@ def stems(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> dict[str,
     return out
 
 
+# Unicode categories with nothing to read: controls, format characters (zero-width space, BOM, ...), unassigned and
+# private-use code points, separators, and combining marks (which only modify a letter that is not there).
+_INVISIBLE = ("C", "Z", "M")
+
+
+def is_blank(text: str) -> bool:
+    """True when a text has no visible character: tokenizers drop all of it and the row would get 0 tokens."""
+    return all(unicodedata.category(ch)[0] in _INVISIBLE for ch in text)
+
+
 def clean_text(text: object, where: str) -> str:
-    """One caption as one line of text; an empty or non-string caption is a data error naming its place."""
-    if not isinstance(text, str) or not text.strip():
-        raise PipeError(f"empty caption in {where}")
+    """One caption as one line of text. A caption that is not a JSON string (a number, a list) is a broken file,
+    not text to stringify; one without a visible character is empty. Both are data errors naming their place."""
+    if not isinstance(text, str):
+        raise PipeError(f"{where}: caption must be a string, got {json.dumps(text)[:60]}")
+    if is_blank(text):
+        raise PipeError(f"empty caption in {where}: {text!r} has no visible character")
     return " ".join(text.split())
 
 
-def int_option(dataset: str, key: str, value: object, minimum: int | None = None) -> int:
-    """An integer option, also from its CLI string form ("3"); anything else names the option."""
+def int_option(dataset: str, key: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer option, also from its CLI string form ("3"); anything else, or a value out of range, names the
+    option."""
     try:
         if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
             raise ValueError
         out = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise PipeError(f"dataset '{dataset}': option {key}={value!r} is not an integer") from None
     if minimum is not None and out < minimum:
         raise PipeError(f"dataset '{dataset}': option {key}={value!r} must be >= {minimum}")
+    if maximum is not None and out > maximum:
+        raise PipeError(f"dataset '{dataset}': option {key}={value!r} must be <= {maximum}")
     return out
+
+
+def bool_option(dataset: str, key: str, value: object) -> bool:
+    """A yes/no option: true/false, 1/0, yes/no (any case); anything else names the option instead of meaning no."""
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise PipeError(f"dataset '{dataset}': option {key}={value!r} must be true or false")
+
+
+# 16-bit grey images (PNG, TIFF): PIL's convert("RGB") clips every value above 255 to white. Scale instead, the way
+# 8-bit pipelines read them (v * 255 / 65535, rounded). Mode I is how PIL presents 16-bit data from some formats;
+# it is read in the same 0..65535 range (values outside are clipped: a 32-bit image has no agreed display range).
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded PIL image as 8-bit RGB; high-bit-depth grey is scaled, not clipped."""
+    if img.mode in HIGH_BIT_MODES:
+        values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -226,7 +279,7 @@ def open_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"unreadable image {path}: {e}") from None
 

@@ -34,6 +34,12 @@ def _find_year(root: Path, split: str, year: int | None) -> int:
     raise PipeError(f"dataset 'coco': caption file not found: {tried}")
 
 
+def _check_id(value: object, ann_file: Path, where: str) -> None:
+    """COCO ids are integers (some exports use strings); a list, object or float is a broken file."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise PipeError(f"malformed COCO captions file {ann_file}: {where} is {str(value)[:40]}, not an id")
+
+
 @register_dataset("coco")
 class COCOCaptions(CaptionFiles):
     """Images in the order of the json's `images` list (de-duplicated by id); captions grouped by image, in file
@@ -63,6 +69,7 @@ class COCOCaptions(CaptionFiles):
         for j, img in enumerate(data["images"]):
             if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
                 raise PipeError(f"malformed COCO captions file {ann_file}: images[{j}] lacks 'id' or 'file_name'")
+            _check_id(img["id"], ann_file, f"images[{j}].id")
             if img["id"] in index:
                 continue
             stem = Path(img["file_name"]).stem
@@ -76,6 +83,7 @@ class COCOCaptions(CaptionFiles):
         for j, ann in enumerate(data["annotations"]):
             if not isinstance(ann, dict) or "image_id" not in ann:
                 raise PipeError(f"malformed COCO captions file {ann_file}: annotations[{j}] lacks 'image_id'")
+            _check_id(ann["image_id"], ann_file, f"annotations[{j}].image_id")
             cid = str(ann.get("id", j))
             item = index.get(ann["image_id"])
             if item is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import struct
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from pipe_align.extract.datasets.base import (
     Caption,
     Dataset,
     ImageRecord,
-    UnreadableImage,
+    bool_option,
+    int_option,
     register_dataset,
     require_root,
 )
@@ -40,6 +42,19 @@ def _open(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def _read(path: Path, size: int) -> bytes:
+    """The first `size` bytes (-1: all) of an idx file. A damaged file (truncated or corrupt gzip, a short raw file) is
+    a dataset error naming the file: every image in it is suspect, so no row is skipped as "unreadable" instead."""
+    try:
+        with _open(path) as f:
+            data = f.read(size)
+    except (OSError, EOFError, zlib.error) as e:
+        raise PipeError(f"damaged idx file {path}: {e} (re-download or reinstall it)") from None
+    if size >= 0 and len(data) < size:
+        raise PipeError(f"damaged idx file {path}: truncated, {len(data)} of {size} bytes")
+    return data
+
+
 def _find(root: Path, stem: str) -> Path:
     """The raw file if someone unpacked it (memory-mapped), else the .gz Debian and the upstream ship."""
     for cand in (root / stem, root / f"{stem}.gz"):
@@ -49,12 +64,8 @@ def _find(root: Path, stem: str) -> Path:
 
 
 def _header(path: Path, magic: int, dims: int) -> tuple[int, ...]:
-    try:
-        with _open(path) as f:
-            head = f.read(4 + 4 * dims)
-    except (OSError, EOFError) as e:
-        raise PipeError(f"unreadable idx file {path}: {e}") from None
-    if len(head) < 4 + 4 * dims or struct.unpack(">i", head[:4])[0] != magic:
+    head = _read(path, 4 + 4 * dims)
+    if struct.unpack(">i", head[:4])[0] != magic:
         raise PipeError(f"{path} is not an idx file with magic {magic}")
     return struct.unpack(f">{dims}i", head[4:])
 
@@ -66,6 +77,7 @@ class FashionMNIST(Dataset):
     whole set is smaller than one batch of decoded COCO images)."""
 
     splits = ("train", "test")
+    labelled = True
 
     def __init__(
         self, root: str | Path | None = None, split: str = "test", *, per_class: int | None = None,
@@ -75,11 +87,9 @@ class FashionMNIST(Dataset):
         `captions` makes templated captions ("a grey picture of a trouser.") so the set can train an alignment: the
         demo's zero-shot transfer check trains on 7 classes and tests on all 10."""
         super().__init__(root, split)
-        if per_class is not None and int(per_class) < 1:
-            raise PipeError(f"dataset 'fashion-mnist': option per_class must be >= 1, got {per_class}")
-        self.per_class = None if per_class is None else int(per_class)
+        self.per_class = None if per_class is None else int_option(self.name, "per_class", per_class, 1)
         self.keep_classes = _class_list(classes)
-        self.with_captions = captions in (True, "true", "True", "1", 1)
+        self.with_captions = bool_option(self.name, "captions", captions)
         if root is None:
             root = next((r for r in DEFAULT_ROOTS if r.is_dir()), None)
             if root is None:
@@ -96,8 +106,7 @@ class FashionMNIST(Dataset):
         (n_labels,) = _header(self.label_file, LABELS_MAGIC, 1)
         if n != n_labels:
             raise PipeError(f"{self.image_file} has {n} images but {self.label_file} has {n_labels} labels")
-        with _open(self.label_file) as f:
-            labels = np.frombuffer(f.read()[8:], dtype=np.uint8)
+        labels = np.frombuffer(_read(self.label_file, -1)[8:], dtype=np.uint8)
         if len(labels) != n:
             raise PipeError(f"{self.label_file} is truncated: {len(labels)} of {n} labels")
         if labels.size and labels.max() >= len(FASHION_CLASSES):
@@ -133,15 +142,16 @@ class FashionMNIST(Dataset):
         with self._lock:
             if self._pixels is None:
                 n, shape = self.total, (self.total, self.rows, self.cols)
+                need = 16 + n * self.rows * self.cols
                 if self.image_file.suffix != ".gz":
-                    if self.image_file.stat().st_size < 16 + n * self.rows * self.cols:
-                        raise UnreadableImage(f"{self.image_file} is truncated")
+                    have = self.image_file.stat().st_size
+                    if have < need:
+                        raise PipeError(f"damaged idx file {self.image_file}: truncated, {have} of {need} bytes")
                     self._pixels = np.memmap(self.image_file, np.uint8, "r", offset=16, shape=shape)
                 else:
-                    with gzip.open(self.image_file, "rb") as f:
-                        raw = f.read()
-                    if len(raw) < 16 + n * self.rows * self.cols:
-                        raise UnreadableImage(f"{self.image_file} is truncated")
+                    raw = _read(self.image_file, -1)  # the whole stream, so that a bad CRC at its end is seen
+                    if len(raw) < need:
+                        raise PipeError(f"damaged idx file {self.image_file}: truncated, {len(raw)} of {need} bytes")
                     self._pixels = np.frombuffer(raw, np.uint8, offset=16, count=n * self.rows * self.cols)
                     self._pixels = self._pixels.reshape(shape)
             return self._pixels

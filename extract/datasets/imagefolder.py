@@ -28,6 +28,8 @@ class ImageFolder(Dataset):
     label order): use that file when a split lacks some class folder, or labels would shift between splits.
     Item ids are "<class>/<stem>", since stems alone may repeat across class folders."""
 
+    labelled = True
+
     def __init__(self, root: str | Path | None, split: str = "val") -> None:
         super().__init__(root, split)
         self.root = require_root(self.name, root)

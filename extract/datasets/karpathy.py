@@ -50,6 +50,10 @@ class KarpathyCaptions(CaptionFiles):
         for j, entry in enumerate(data["images"]):
             if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
                 raise PipeError(f"malformed Karpathy split file {self.json_file}: images[{j}] lacks 'filename'")
+            for key in ("split", "filepath"):
+                if not isinstance(entry.get(key, ""), str):
+                    raise PipeError(f"malformed Karpathy split file {self.json_file}: images[{j}].{key} is "
+                                    f"{str(entry[key])[:40]}, not a string")
             if entry.get("split") not in wanted:
                 continue
             folder = image_root / entry.get("filepath", "")

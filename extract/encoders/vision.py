@@ -12,6 +12,7 @@ from pipe_align.extract.encoders.base import (
     ImageEncoder,
     Options,
     Source,
+    check_image_size,
     load_pretrained,
     parse_layer,
     processor_settings,
@@ -57,11 +58,10 @@ def build_image_encoder(source: Source, options: Options, model_class: Any, *, p
     settings = _processor(source)
     patch = int(config.patch_size)
     size = int(options.image_size or settings["image_size"] or config.image_size)
-    if size < patch:
-        raise PipeError(f"image_size {size} is smaller than the patch size {patch}")
+    check_image_size(size, patch, "--image-size" if options.image_size else f"the default image size of {source.alias}")
     registers = int(getattr(config, "num_register_tokens", 0) or 0)
     info = EncoderInfo(
-        alias=source.alias, model_id=source.model_id, revision=source.revision, weights=source.weights,
+        alias=source.alias, model_id=source.model_id, revision=source.identity, weights=source.weights,
         modality="image", dim=int(config.hidden_size),
         layer=_layer_name(options.layer, int(config.num_hidden_layers)),
         image_size=size, patch_size=patch, num_register_tokens=registers, pooling=None, max_length=None,
