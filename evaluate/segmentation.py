@@ -95,7 +95,9 @@ def patch_scores(aligner, patches: Tensor, weights: Tensor, grid: tuple[int, int
 
 def upsample_argmax(scores: Tensor, size: tuple[int, int], chunk: int = CLASS_CHUNK) -> Tensor:
     """[C, h, w] -> [H, W] argmax of the bilinearly upsampled score maps. Interpolation acts per channel, so chunks
-    of classes with a running maximum give exactly the full argmax (first index on ties, like argmax)."""
+    of classes with a running maximum give exactly the full argmax (first index on ties, like argmax). The input is
+    made contiguous first: bilinear rounding depends on the memory layout (about 3e-8), enough to flip exact ties."""
+    scores = scores.contiguous()
     best_v = best_i = None
     for c0 in range(0, scores.shape[0], chunk):
         up = F.interpolate(scores[None, c0 : c0 + chunk], size=size, mode="bilinear", align_corners=False)[0]
