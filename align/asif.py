@@ -4,9 +4,10 @@ Fitting only stores anchors: the training pairs' global features, L2-normalised,
 of their modality. A sample is represented by its cosine similarities to its *own* modality's anchors; only the top
 `k` are kept, raised to the power `p` and the vector L2-normalised. Because anchor i is the same pair on both sides,
 image and text representations live in one anchor-indexed space of dimension n_anchors and can be compared
-directly. Defaults k = 800, p = 8 are the paper's (and its code's `non_zeros=800`). Negative similarities are
-clamped to 0 before the power (the paper's anchors sit in the positive top-k of well-spread embeddings; clamping keeps
-an odd or fractional `p` well defined and never lets a dissimilar anchor count as similar).
+directly. Defaults k = 800, p = 8 are the paper's (and its code's `non_zeros=800`). The kept similarities are raised
+to the power p as they are, negative ones included, as the authors do; `clamp_negative=True` (ours, off by default)
+sets negative similarities to 0 first, which keeps an odd or fractional p well defined and never lets a dissimilar
+anchor count as similar. Without the clamp, p must be an integer (a fractional power of a negative number is NaN).
 
 Outputs are dense [*, n_anchors] tensors. `image_dense` applies the same representation to every patch token, so it
 costs P x n_anchors floats per image: fine for small anchor sets (the few-pair regime this baseline is for);
@@ -34,15 +35,22 @@ class ASIFConfig(BaselineConfig):
     n_anchors: int | None = field(default=None, metadata={
         "help": "asif: a seeded random subset of the training pairs as anchors (default all)."})  # fmt: skip
     block: int = field(default=1024, metadata={"help": "asif: rows computed at once (memory bound)."})
+    clamp_negative: bool = field(default=False, metadata={
+        "help": "asif: set negative similarities to 0 before the power (ours; the authors keep them)."})
 
     def check(self) -> None:
         super().check()
         if self.k < 1 or self.block < 1 or (self.n_anchors is not None and self.n_anchors < 1):
             raise PipeError(f"k={self.k}, block={self.block}, n_anchors={self.n_anchors}: must be >= 1")
+        if not self.clamp_negative and not float(self.p).is_integer():
+            raise PipeError(f"p={self.p}: a fractional power of negative similarities is undefined; use an integer p "
+                            "or clamp_negative=true")  # fmt: skip
 
 
-def relative_representation(z: Tensor, anchors: Tensor, k: int, p: float, block: int = 1024) -> Tensor:
-    """[..., D] -> [..., A]: top-k clamped cosine similarities to the anchors, to the power p, L2-normalised."""
+def relative_representation(z: Tensor, anchors: Tensor, k: int, p: float, block: int = 1024,
+                            clamp_negative: bool = False) -> Tensor:  # fmt: skip
+    """[..., D] -> [..., A]: top-k cosine similarities to the anchors (negatives set to 0 with `clamp_negative`), to
+    the power p, L2-normalised."""
     shape = z.shape[:-1]
     flat = l2n(z.reshape(-1, z.shape[-1]))
     anchors = anchors.to(flat.device, torch.float32)
@@ -51,7 +59,7 @@ def relative_representation(z: Tensor, anchors: Tensor, k: int, p: float, block:
     for b0 in range(0, flat.shape[0], block):
         sims = flat[b0 : b0 + block] @ anchors.T
         vals, idx = torch.topk(sims, k, dim=1)
-        out[b0 : b0 + block].scatter_(1, idx, vals.clamp(min=0).pow(p))
+        out[b0 : b0 + block].scatter_(1, idx, (vals.clamp(min=0) if clamp_negative else vals).pow(p))
     return l2n(out).reshape(*shape, anchors.shape[0])
 
 
@@ -73,7 +81,7 @@ class ASIF(BaselineState, ClosedFormAligner):
 
     def _rel(self, z: Tensor, side: str) -> Tensor:
         cfg = self.config
-        return relative_representation(z, self._get(f"anchors_{side}", z), cfg.k, cfg.p, cfg.block)
+        return relative_representation(z, self._get(f"anchors_{side}", z), cfg.k, cfg.p, cfg.block, cfg.clamp_negative)
 
     def image_global(self, rows: ImageRows) -> Tensor:
         return self._rel(image_input(rows, self.config.image_feature), "img")

@@ -17,7 +17,8 @@ similarities / temperature, row softmax, and the Jensen-Shannon divergence per r
 also compares powers of the row-stochastic matrices, i.e. multi-step neighbourhoods, weighted equally). The authors'
 code uses lambda = 10 with a linear warm-up, one level, mean centring, and the contrastive temperature as the
 structure temperature; we do the same with the warm-up counted in epochs (`structure_warmup`; theirs counts 500 steps).
-Their code's "JS" sums KL(M || A) + KL(M || O); we use the textbook JS, KL(A || M) + KL(O || M), both halved.
+The divergence is their code's, 1/2 [KL(M || A) + KL(M || O)] (`structure_divergence="reference"`, the default); the
+textbook Jensen-Shannon divergence, 1/2 [KL(A || M) + KL(O || M)], is the named variant `structure_divergence="js"`.
 
 Each epoch draws a new caption per image (the PairSource's epoch-seeded draw). Early stopping watches the val InfoNCE
 (no regulariser) and keeps the best epoch's weights. Training is deterministic given `seed` on a given device.
@@ -46,6 +47,7 @@ from pipe_align.align.losses import info_nce
 from pipe_align.extract.errors import PipeError
 
 POOLS = ("global", "token")
+DIVERGENCES = ("reference", "js")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class LinearConfig(TrainedConfig, BaselineConfig):
         "help": "linear, mlp: epochs of linear warm-up of lambda."})
     structure_temperature: float = field(default=0.05, metadata={"help": "linear, mlp: STRUCTURE temperature."})
     structure_levels: int = field(default=1, metadata={"help": "linear, mlp: STRUCTURE neighbourhood levels."})
+    structure_divergence: str = field(default="reference", metadata={
+        "help": "linear, mlp: reference (the STRUCTURE code's 1/2[KL(M||A)+KL(M||O)]) or js (textbook JS)."})
     center: bool = field(default=True, metadata={
         "help": "linear, mlp: subtract the training mean of the normalised inputs before the head."})
 
@@ -69,6 +73,8 @@ class LinearConfig(TrainedConfig, BaselineConfig):
         super().check()
         if self.pool not in POOLS:
             raise PipeError(f"pool={self.pool!r}; valid: {', '.join(POOLS)}")
+        if self.structure_divergence not in DIVERGENCES:
+            raise PipeError(f"structure_divergence={self.structure_divergence!r}; valid: {', '.join(DIVERGENCES)}")
         if min(self.dim, self.structure_levels) < 1:
             raise PipeError("dim and structure_levels must be >= 1")
         if self.temperature <= 0 or self.structure_temperature <= 0:
@@ -93,20 +99,27 @@ def _neighbourhoods(z: Tensor, temperature: float) -> Tensor:
     return torch.softmax(z @ z.T / temperature, dim=-1)
 
 
-def _js_rows(p: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
-    """Mean over rows of JS(p_row || q_row)."""
+def neighbourhood_divergence(p: Tensor, q: Tensor, kind: str = "reference", eps: float = 1e-12) -> Tensor:
+    """Mean over rows of the divergence between row distributions p and q, with m = (p + q) / 2:
+    "reference" (the STRUCTURE authors' code): 1/2 [KL(m || p) + KL(m || q)];
+    "js" (the textbook Jensen-Shannon divergence): 1/2 [KL(p || m) + KL(q || m)]."""
     m = 0.5 * (p + q)
-    kl_pm = (p * ((p + eps).log() - (m + eps).log())).sum(-1)
-    kl_qm = (q * ((q + eps).log() - (m + eps).log())).sum(-1)
-    return (0.5 * (kl_pm + kl_qm)).mean()
+    log_p, log_q, log_m = (p + eps).log(), (q + eps).log(), (m + eps).log()
+    if kind == "reference":
+        rows = 0.5 * ((m * (log_m - log_p)).sum(-1) + (m * (log_m - log_q)).sum(-1))
+    else:
+        rows = 0.5 * ((p * (log_p - log_m)).sum(-1) + (q * (log_q - log_m)).sum(-1))
+    return rows.mean()
 
 
-def structure_loss(original: Tensor, aligned: Tensor, temperature: float, levels: int = 1) -> Tensor:
+def structure_loss(original: Tensor, aligned: Tensor, temperature: float, levels: int = 1,
+                   divergence: str = "reference") -> Tensor:  # fmt: skip
     """STRUCTURE divergence between the batch neighbourhoods of frozen features and of aligned outputs."""
     po, pa = _neighbourhoods(original.detach(), temperature), _neighbourhoods(aligned, temperature)
     total = original.new_zeros(())
     for level in range(1, levels + 1):
-        total = total + _js_rows(torch.linalg.matrix_power(po, level), torch.linalg.matrix_power(pa, level))
+        pl, ql = torch.linalg.matrix_power(po, level), torch.linalg.matrix_power(pa, level)
+        total = total + neighbourhood_divergence(pl, ql, divergence)
     return total / levels
 
 
@@ -232,8 +245,8 @@ class ContrastiveHeads(TrainedAligner):
             return nce, {"info_nce": nce.item(), "structure": 0.0}
         warmup_steps = config.structure_warmup * ctx.steps_per_epoch
         lam = config.structure_weight * (min(1.0, ctx.step / warmup_steps) if warmup_steps > 0 else 1.0)
-        reg = 0.5 * (structure_loss(zi, hi, config.structure_temperature, config.structure_levels)
-                     + structure_loss(zt, ht, config.structure_temperature, config.structure_levels))  # fmt: skip
+        t, lv, div = config.structure_temperature, config.structure_levels, config.structure_divergence
+        reg = 0.5 * (structure_loss(zi, hi, t, lv, div) + structure_loss(zt, ht, t, lv, div))
         return nce + lam * reg, {"info_nce": nce.item(), "structure": reg.item()}
 
     @property

@@ -288,3 +288,53 @@ def test_mean_image_feature_needs_patches():
         al.image_global(ImageRows(cls=patches[:, 0]))
     with pytest.raises(PipeError, match="image_feature"):
         CCAConfig(image_feature="max")
+
+
+# -- the authors' definitions (written out here, independently of the code under test) --------------------------------
+def test_structure_divergence_is_the_reference_codes_by_default():
+    """STRUCTURE's code: 1/2 [KL(M || A) + KL(M || O)], M the mixture; the textbook JS is the named variant."""
+    from pipe_align.align.contrastive import neighbourhood_divergence
+
+    rng = np.random.default_rng(0)
+    p, q = rng.dirichlet(np.ones(9), size=7), rng.dirichlet(np.ones(9) * 0.3, size=7)
+    m = (p + q) / 2
+    reference = np.mean(0.5 * ((m * np.log(m / p)).sum(1) + (m * np.log(m / q)).sum(1)))
+    textbook = np.mean(0.5 * ((p * np.log(p / m)).sum(1) + (q * np.log(q / m)).sum(1)))
+    assert abs(reference - textbook) > 1e-3  # the two definitions differ on this input
+    tp, tq = torch.from_numpy(p), torch.from_numpy(q)
+    assert LinearConfig().structure_divergence == "reference"
+    assert float(neighbourhood_divergence(tp, tq)) == pytest.approx(reference, rel=1e-6)  # eps=1e-12 in the logs
+    assert float(neighbourhood_divergence(tp, tq, "js")) == pytest.approx(textbook, rel=1e-6)
+    with pytest.raises(PipeError, match="structure_divergence"):
+        LinearConfig(structure_divergence="kl")
+
+
+def test_asif_raises_the_raw_top_k_similarities_to_p():
+    """ASIF: cosine similarities to the anchors, the top k kept as they are (negative ones too), to the power p, the
+    rest zero, L2-normalised. Clamping negatives at 0 is our named variant."""
+    from pipe_align.align.asif import relative_representation
+
+    rng = np.random.default_rng(1)
+    z, anchors, k, p = rng.normal(size=(6, 5)), rng.normal(size=(12, 5)), 9, 3.0  # odd p: the sign shows
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    an = anchors / np.linalg.norm(anchors, axis=1, keepdims=True)
+    sims = zn @ an.T
+
+    def expected(clamp: bool) -> np.ndarray:
+        rep = np.zeros_like(sims)
+        for i, row in enumerate(sims):
+            top = np.argsort(-row)[:k]
+            rep[i, top] = (np.maximum(row[top], 0) if clamp else row[top]) ** p
+        return rep / np.linalg.norm(rep, axis=1, keepdims=True)
+
+    assert (np.sort(sims, axis=1)[:, -k:] < 0).any()  # negative similarities are among the kept ones
+    z32, a32 = torch.from_numpy(z).float(), torch.from_numpy(an).float()
+    got = relative_representation(z32, a32, k, p).numpy()
+    np.testing.assert_allclose(got, expected(False), atol=1e-5)
+    assert np.abs(got - expected(True)).max() > 1e-2
+    np.testing.assert_allclose(relative_representation(z32, a32, k, p, clamp_negative=True).numpy(), expected(True),
+                               atol=1e-5)  # fmt: skip
+    assert ASIFConfig().clamp_negative is False
+    with pytest.raises(PipeError, match="integer p"):
+        ASIFConfig(p=2.5)
+    ASIFConfig(p=2.5, clamp_negative=True)
