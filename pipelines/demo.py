@@ -82,7 +82,13 @@ class Stages:
     def align(self, method: str, shards: Path, out: Path, run: RunConfig, params: dict) -> AlignResult:
         acfg = AlignConfig(shards=str(shards), out=str(out), method=method, run=run,
                            params=tuple(sorted(params.items())))  # fmt: skip
-        return run_align(acfg, progress=self.cfg.progress)
+        try:
+            return run_align(acfg, progress=self.cfg.progress)
+        except PipeError as e:
+            if "finished run with other settings or data" not in str(e):
+                raise
+            raise PipeError(f"{out}: a run of another version of the demo or of other data (its settings differ); "
+                            f"remove {self.cfg.out} (or that run dir) and run the demo again") from None
 
     def eval(self, task: str, run: Path, dataset: str, split: str, options: dict, protocol: str | None = None,
              figures: bool = True) -> dict:  # fmt: skip

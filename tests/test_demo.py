@@ -56,3 +56,19 @@ def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):
     summaries = ("report", "k_ablation", "fashion_mnist", "selection", "background")
     kept = {p: t for p, t in stamps.items() if not p.name.startswith(summaries)}
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+
+
+def test_a_stale_demo_run_says_to_remove_the_demo_folder(tmp_path, world_features):
+    """After an upgrade that changes a method's settings, the demo's old run dir is refused with what to do."""
+    import pytest
+
+    from pipe_align.align.loop import RunConfig
+    from pipe_align.extract.errors import PipeError
+    from pipe_align.pipelines.demo import DemoConfig, Stages
+
+    stages = Stages(DemoConfig(out=str(tmp_path / "demo"), progress=False), world_features)
+    shards, out = world_features / "world" / "train", tmp_path / "demo" / "runs" / "cca"
+    stages.align("cca", shards, out, RunConfig(val_fraction=0.25), {})
+    assert stages.align("cca", shards, out, RunConfig(val_fraction=0.25), {}).path == out  # reused as it is
+    with pytest.raises(PipeError, match=f"remove {tmp_path / 'demo'}"):
+        stages.align("cca", shards, out, RunConfig(val_fraction=0.25), {"reg": 0.5})
