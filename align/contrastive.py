@@ -239,10 +239,12 @@ class ContrastiveHeads(TrainedAligner):
 
     def loss(self, batch: Any, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         config = self.config
-        hi, ht, zi, zt = (ctx.gather(t, batch.sizes) for t in self._encode(batch.image, batch.text))
+        hi, ht, zi, zt = self._encode(batch.image, batch.text)
+        hi, ht = ctx.gather(hi, batch.sizes), ctx.gather(ht, batch.sizes)
         nce = info_nce(hi, ht, config.temperature)
         if config.structure_weight <= 0:
             return nce, {"info_nce": nce.item(), "structure": 0.0}
+        zi, zt = ctx.gather(zi, batch.sizes), ctx.gather(zt, batch.sizes)  # frozen inputs: only STRUCTURE needs them
         warmup_steps = config.structure_warmup * ctx.steps_per_epoch
         lam = config.structure_weight * (min(1.0, ctx.step / warmup_steps) if warmup_steps > 0 else 1.0)
         t, lv, div = config.structure_temperature, config.structure_levels, config.structure_divergence

@@ -20,7 +20,7 @@ import torch
 from pipe_align.align.base import ImageRows, TextRows
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.shards import prefetch
-from pipe_align.extract.store import FeatureStore, open_store
+from pipe_align.extract.store import FeatureStore, open_store, origin_difference
 
 
 @dataclass
@@ -67,24 +67,6 @@ def find_pair_stores(
         raise PipeError(f"{image.path} and {text.path} were extracted from different data ({differs}): the caption "
                         "rows would not describe the image rows; extract both with the same --root, -o and --limit")
     return PairStores(image, text)
-
-
-def origin_difference(a: dict | None, b: dict | None) -> str | None:
-    """How two recorded origins (dataset root, -o options, --limit) differ, or None when they are the same data.
-    Roots compare as resolved paths; option values as text (the command line's `-o k=3` and `-o k="3"` agree)."""
-    if a is None or b is None:  # stores written before origins were recorded
-        return None
-    ra, rb = a.get("root"), b.get("root")
-    if (ra is None) != (rb is None) or (ra is not None and Path(ra).resolve() != Path(rb).resolve()):
-        return f"--root {ra} vs {rb}"
-    oa = {k: str(v) for k, v in (a.get("options") or {}).items()}
-    ob = {k: str(v) for k, v in (b.get("options") or {}).items()}
-    if oa != ob:
-        fmt = lambda o: " ".join(f"-o {k}={v}" for k, v in sorted(o.items())) or "no -o options"  # noqa: E731
-        return f"{fmt(oa)} vs {fmt(ob)}"
-    if a.get("limit") != b.get("limit"):
-        return f"--limit {a.get('limit')} vs {b.get('limit')}"
-    return None
 
 
 def store_fingerprint(st: FeatureStore) -> str:

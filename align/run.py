@@ -107,7 +107,8 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
     data = TrainingData(train, val, unpaired)
     main = dp is None or dp.main
     out.mkdir(parents=True, exist_ok=True)
-    meta = _run_meta(cfg, mcfg, run, stores, train, split) | {"key": key, "data_parallel": dp.world if dp else 1}
+    meta = _run_meta(cfg, mcfg, run, stores, train, split) | {"key": key, "fingerprint": key["fingerprint"],
+                                                               "data_parallel": dp.world if dp else 1}  # fmt: skip
     def on_epoch(history: list[dict]) -> None:
         if main:
             write_json(run_json, meta | {"history": history})
@@ -171,7 +172,6 @@ def _run_meta(cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: Pair
         "dataset": si.layout.dataset, "split": si.layout.split,
         "image_store": str(si.path), "text_store": str(st.path),
         "encoders": {"image": _encoder_record(si), "text": _encoder_record(st)},
-        "fingerprint": {"image": store_fingerprint(si), "text": store_fingerprint(st)},
         "pairs": {"train": int(len(split.train)), "val": int(len(split.val)), "val_ids": _ids_digest(si, split.val)},
         "tokens": {"image": "patches+cls" if getattr(mcfg, "use_cls", False) else "patches"},
         "data_mode": "memory" if train.in_memory else "stream", "complete": False,

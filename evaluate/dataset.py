@@ -16,7 +16,7 @@ from pipe_align.evaluate.config import EvalConfig
 from pipe_align.evaluate.context import EvalContext
 from pipe_align.extract.datasets import Dataset, dataset_class, get_dataset
 from pipe_align.extract.errors import PipeError
-from pipe_align.extract.store import FeatureStore
+from pipe_align.extract.store import FeatureStore, origin_difference
 
 
 def reader_class(store: FeatureStore) -> type[Dataset]:
@@ -36,17 +36,11 @@ def check_origin(store: FeatureStore, cfg: EvalConfig) -> None:
     """Masks are matched to store rows by id, and some datasets (the world) reuse ids across options: the dataset
     opened for evaluation must be the one the store was extracted from (root and -o options, as recorded)."""
     origin = store.layout.origin
-    if origin is None:  # stores written before origins were recorded
-        return
-    want = {k: str(v) for k, v in (origin.get("options") or {}).items()}
-    got = {k: str(v) for k, v in cfg.options}
-    root_then, root_now = origin.get("root"), cfg.root
-    same_root = (root_then is None and root_now is None) or (
-        root_then is not None and root_now is not None and Path(root_then).resolve() == Path(root_now).resolve()
-    )
-    if want != got or not same_root:
+    if origin_difference(origin, {"root": cfg.root, "options": dict(cfg.options)}, keys=("root", "options")):
+        want = {k: str(v) for k, v in (origin.get("options") or {}).items()}
         opts = " ".join(f"-o {k}={v}" for k, v in sorted(want.items())) or "no -o options"
-        raise PipeError(f"{store.path}: was extracted from --root {root_then} with {opts}; evaluate with the same")
+        raise PipeError(f"{store.path}: was extracted from --root {origin.get('root')} with {opts}; evaluate with "
+                        "the same")  # fmt: skip
 
 
 def dataset_rows(dataset: Dataset, ids: np.ndarray, where: Path) -> np.ndarray:

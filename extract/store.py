@@ -516,6 +516,25 @@ def open_store(
     return store
 
 
+def origin_difference(a: dict | None, b: dict | None,
+                      keys: tuple[str, ...] = ("root", "options", "limit")) -> str | None:  # fmt: skip
+    """How two origins (dataset root, -o options, --limit, as a store records them) differ in `keys`, or None when
+    they are the same data. Roots compare as resolved paths; option values as text (`-o k=3` and `-o k="3"` agree)."""
+    if a is None or b is None:  # stores written before origins were recorded
+        return None
+    ra, rb = a.get("root"), b.get("root")
+    if "root" in keys and (ra is None) != (rb is None) or (ra is not None and Path(ra).resolve() != Path(rb).resolve()):
+        return f"--root {ra} vs {rb}"
+    oa = {k: str(v) for k, v in (a.get("options") or {}).items()}
+    ob = {k: str(v) for k, v in (b.get("options") or {}).items()}
+    if "options" in keys and oa != ob:
+        fmt = lambda o: " ".join(f"-o {k}={v}" for k, v in sorted(o.items())) or "no -o options"  # noqa: E731
+        return f"{fmt(oa)} vs {fmt(ob)}"
+    if "limit" in keys and a.get("limit") != b.get("limit"):
+        return f"--limit {a.get('limit')} vs {b.get('limit')}"
+    return None
+
+
 def read_json_attrs(path: str | Path) -> dict[str, Any]:
     """Group attributes straight from zarr.json (cheap, no zarr machinery): for listings."""
     with open(Path(path) / "zarr.json") as f:
