@@ -194,12 +194,22 @@ def load_recipe(arg: str, data: str | Path | None = None, roots: Sequence[str] =
 
 
 def _assign(raw: dict, keys: list[str], value: Any, where: str) -> None:
-    node = raw
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise PipeError(f"{where}: {'.'.join(keys[:-1])} is not a table")
-    node[keys[-1]] = value
+    """raw[k0][k1]... = value; a number picks an entry of an array of tables (eval.0.split=val)."""
+    node: Any = raw
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise PipeError(f"{where}: {'.'.join(keys[:depth])} has entries 0-{len(node) - 1}, not {k!r}")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise PipeError(f"{where}: {'.'.join(keys[:depth])} is not a table")
+        elif not last:
+            node.setdefault(k, {})
+        if last:
+            node[k] = value
+        else:
+            node = node[k]
 
 
 class _Parser:

@@ -353,6 +353,10 @@ def test_relative_roots_resolve_against_the_recipe_folder_or_data(tmp_path, monk
     assert r.dataset("flickr30k").root == str(tmp_path.resolve() / "elsewhere" / "flickr30k")
     assert r.dataset("coco").root == str(tmp_path.resolve() / "rel" / "coco")  # --root: relative to the cwd
     assert r.dataset("coco-karpathy").root == str(tmp_path.resolve() / "elsewhere" / "coco")
+    r = load_recipe(str(path), sets=["eval.1.split=train", "methods.pal.anchors=64", "recipe.title=x y"])
+    assert (r.evals[1].split, dict(r.methods[0].params)["anchors"], r.title) == ("train", 64, "x y")
+    with pytest.raises(PipeError, match="--set eval.9.split=x: eval has entries 0-6, not '9'"):
+        load_recipe(str(path), sets=["eval.9.split=x"])
     shipped = load_recipe("pal-paper", roots=["coco=rel/coco"])  # no --data: relative roots stay, refused when used
     assert shipped.dataset("coco").root == str(tmp_path.resolve() / "rel" / "coco")
     assert shipped.dataset("flickr30k").root == "flickr30k"
