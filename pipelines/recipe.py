@@ -278,7 +278,7 @@ class _Parser:
         out = []
         for name, entry in raw.items():
             key = f"datasets.{name}"
-            t = self.table(entry, key, ("reader", "root", "options"))
+            t = self.table({"root": entry} if isinstance(entry, str) else entry, key, ("reader", "root", "options"))
             reader = self.string(t, "reader", key, default=name)  # checked when used: check_readers
             options = t.get("options", {})
             if not isinstance(options, dict):

@@ -125,7 +125,7 @@ def run_reproduce(cfg: ReproduceConfig) -> Summary:
     excluded = selection(r, cfg.only, cfg.skip)
     evals = [e for e in r.evals if e.dataset not in excluded]
     methods = [m for m in r.methods if m.name not in excluded]
-    check_datasets(r, [d.name for d in r.datasets if d.name not in excluded])
+    check_datasets(r, list(dict.fromkeys([r.train.dataset, *(e.dataset for e in evals)])))
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

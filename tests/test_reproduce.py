@@ -175,8 +175,9 @@ name = "world-check"
 [encoders]
 image = "hf:{image}"
 text = "hf:{text}"
-[datasets.world]
-options = {{ size = 16 }}
+[datasets]
+world = {{ options = {{ size = 16 }} }}
+flickr30k = "unused/flickr30k"  # the short form: NAME = ROOT (reader NAME)
 [train]
 dataset = "world"
 split = "train"
@@ -216,6 +217,7 @@ def test_world_recipe_every_task_and_the_differences(tmp_path, tiny_dinov2, tiny
     recipe = world_recipe(tmp_path, tiny_dinov2, tiny_bert)
     out = tmp_path / "out"
     assert main(["reproduce", str(recipe), "--out", str(out), "--no-progress", "--no-figures"]) == 0
+    assert load_recipe(str(recipe)).dataset("flickr30k").root == str(tmp_path.resolve() / "unused" / "flickr30k")
     cells = json.loads((out / "table.json").read_text())["cells"]
     shown = {(c["method"], c["task"], c["metric"]) for c in cells}
     assert shown == {(m, t, k) for m in ("pal", "procrustes") for t, ks in (
