@@ -121,7 +121,6 @@ def run_dir(cfg: ReproduceConfig, method: MethodSpec) -> Path:
 def run_reproduce(cfg: ReproduceConfig) -> Summary:
     t_all = time.perf_counter()
     r = cfg.recipe
-    say = typer.echo
     excluded = selection(r, cfg.only, cfg.skip)
     evals = [e for e in r.evals if e.dataset not in excluded]
     methods = [m for m in r.methods if m.name not in excluded]
@@ -131,48 +130,10 @@ def run_reproduce(cfg: ReproduceConfig) -> Summary:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(r), indent=2, default=str))  # the resolved recipe
     if excluded:
-        say("left out: " + ", ".join(f"{n} ({why})" for n, why in excluded.items()))
-    stages: dict[str, Work] = {"extract": Work(), "align": Work(), "eval": Work()}
-
-    stores = extract_configs(cfg, evals)
-    say(f"[1/4] extract: {len(stores)} stores under {cfg.feature_dir} ({r.encoders.image} + {r.encoders.text})")
-    w, t0 = stages["extract"], time.perf_counter()
-    for ec in stores:
-        s = run_extract(ec, progress=cfg.progress)
-        w.kept += s.already_complete
-        w.done += not s.already_complete
-        state = "complete, kept" if s.already_complete else f"{s.written_rows} rows written"
-        say(f"      {Path(s.path).relative_to(cfg.feature_dir)}: {s.rows} rows ({state})")
-    w.seconds = time.perf_counter() - t0
-
-    train = r.dataset(r.train.dataset)
-    shards = cfg.feature_dir / train.reader / r.train.split
-    say(f"[2/4] align: {len(methods)} methods on {train.name}/{r.train.split}")
-    w, t0 = stages["align"], time.perf_counter()
-    for m in methods:
-        path = run_dir(cfg, m)
-        before = _finished_stamp(path)
-        res = run_align(AlignConfig(shards=str(shards), out=str(path), method=m.method, image_encoder=r.encoders.image,
-                                    text_encoder=r.encoders.text, resume=True, run=dataclasses.replace(m.run,
-                                    device=cfg.device), params=m.params), progress=cfg.progress)  # fmt: skip
-        kept = before is not None and before == _finished_stamp(path)
-        w.kept += kept
-        w.done += not kept
-        state = "finished, kept" if kept else f"trained, {res.meta.get('wall_seconds', 0.0):.1f} s"
-        say(f"      {m.name} ({m.method}): {res.meta['pairs']['train']} pairs ({state})")
-    w.seconds = time.perf_counter() - t0
-
-    say(f"[3/4] eval: {len(evals)} evaluations x {len(methods)} methods")
-    w, t0 = stages["eval"], time.perf_counter()
-    for m in methods:
-        for ev in evals:
-            outcome = run_eval(eval_config(cfg, ev, run_dir(cfg, m), device), skip_existing=True)
-            w.kept += outcome.skipped
-            w.done += not outcome.skipped
-            say(f"      {m.name}: {ev.label} ({'result kept' if outcome.skipped else 'evaluated'})")
-    w.seconds = time.perf_counter() - t0
-
-    say("[4/4] table")
+        typer.echo("left out: " + ", ".join(f"{n} ({why})" for n, why in excluded.items()))
+    stages = {"extract": _extract(cfg, evals), "align": _align(cfg, methods)}
+    stages["eval"] = _eval(cfg, methods, evals, device)
+    typer.echo("[4/4] table")
     cells = table_cells(cfg, excluded, device)
     md, js = out / "table.md", out / "table.json"
     md.write_text(to_markdown(r, cells, excluded), encoding="utf-8")
@@ -182,10 +143,59 @@ def run_reproduce(cfg: ReproduceConfig) -> Summary:
         "encoders": dataclasses.asdict(r.encoders), "features": str(cfg.feature_dir), "excluded": excluded,
         "stages": {k: dataclasses.asdict(v) for k, v in stages.items()}, "cells": cells,
     }, indent=2), encoding="utf-8")  # fmt: skip
-    say(md.read_text(encoding="utf-8").rstrip())
+    typer.echo(md.read_text(encoding="utf-8").rstrip())
     work = ", ".join(f"{k} {v.done} done / {v.kept} kept" for k, v in stages.items())
-    say(f"done in {summary.seconds:.1f} s ({work}): {md}, {js}")
+    typer.echo(f"done in {summary.seconds:.1f} s ({work}): {md}, {js}")
     return summary
+
+
+def _extract(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> Work:
+    r, w, t0 = cfg.recipe, Work(), time.perf_counter()
+    stores = extract_configs(cfg, evals)
+    typer.echo(f"[1/4] extract: {len(stores)} stores under {cfg.feature_dir} ({r.encoders.image} + {r.encoders.text})")
+    for ec in stores:
+        s = run_extract(ec, progress=cfg.progress)
+        w.kept += s.already_complete
+        w.done += not s.already_complete
+        state = "complete, kept" if s.already_complete else f"{s.written_rows} rows written"
+        typer.echo(f"      {Path(s.path).relative_to(cfg.feature_dir)}: {s.rows} rows ({state})")
+    w.seconds = time.perf_counter() - t0
+    return w
+
+
+def _align(cfg: ReproduceConfig, methods: Sequence[MethodSpec]) -> Work:
+    """Every method on the training set; resume=True continues an interrupted run from its checkpoint."""
+    r, w, t0 = cfg.recipe, Work(), time.perf_counter()
+    train = r.dataset(r.train.dataset)
+    shards = cfg.feature_dir / train.reader / r.train.split
+    typer.echo(f"[2/4] align: {len(methods)} methods on {train.name}/{r.train.split}")
+    for m in methods:
+        path = run_dir(cfg, m)
+        before = _finished_stamp(path)
+        acfg = AlignConfig(shards=str(shards), out=str(path), method=m.method, image_encoder=r.encoders.image,
+                           text_encoder=r.encoders.text, resume=True, run=dataclasses.replace(m.run, device=cfg.device),
+                           params=m.params)  # fmt: skip
+        res = run_align(acfg, progress=cfg.progress)
+        kept = before is not None and before == _finished_stamp(path)
+        w.kept += kept
+        w.done += not kept
+        state = "finished, kept" if kept else f"trained, {res.meta.get('wall_seconds', 0.0):.1f} s"
+        typer.echo(f"      {m.name} ({m.method}): {res.meta['pairs']['train']} pairs ({state})")
+    w.seconds = time.perf_counter() - t0
+    return w
+
+
+def _eval(cfg: ReproduceConfig, methods: Sequence[MethodSpec], evals: Sequence[EvalSpec], device: str) -> Work:
+    w, t0 = Work(), time.perf_counter()
+    typer.echo(f"[3/4] eval: {len(evals)} evaluations x {len(methods)} methods")
+    for m in methods:
+        for ev in evals:
+            outcome = run_eval(eval_config(cfg, ev, run_dir(cfg, m), device), skip_existing=True)
+            w.kept += outcome.skipped
+            w.done += not outcome.skipped
+            typer.echo(f"      {m.name}: {ev.label} ({'result kept' if outcome.skipped else 'evaluated'})")
+    w.seconds = time.perf_counter() - t0
+    return w
 
 
 def _finished_stamp(run: Path) -> int | None:
