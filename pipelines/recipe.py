@@ -188,9 +188,11 @@ def load_recipe(arg: str, data: str | Path | None = None, roots: Sequence[str] =
         if not isinstance(ds, dict) or name not in ds:
             names = ", ".join(sorted(ds)) if isinstance(ds, dict) else "none"
             raise PipeError(f"--root {item}: {path.name} has no dataset {name!r} (its datasets: {names})")
+        if isinstance(ds[name], str):  # the short form NAME = "ROOT"
+            ds[name] = {"root": ds[name]}
         _assign(raw, ["datasets", name, "root"], str(Path(value).expanduser().resolve()), f"--root {item}")
     base = Path(data).expanduser().resolve() if data is not None else None if shipped else path.parent.resolve()
-    return _Parser(path, shipped).recipe(raw, base)
+    return _Parser(path).recipe(raw, base)
 
 
 def _assign(raw: dict, keys: list[str], value: Any, where: str) -> None:
@@ -215,8 +217,8 @@ def _assign(raw: dict, keys: list[str], value: Any, where: str) -> None:
 class _Parser:
     """Validation with one message shape: '<file>: <key>: <problem>; allowed: <choices>'."""
 
-    def __init__(self, path: Path, shipped: bool) -> None:
-        self.path, self.shipped = path, shipped
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
     def fail(self, key: str, problem: str, allowed: Sequence[str] | str | None = None) -> PipeError:
         tail = "" if allowed is None else f"; allowed: {allowed if isinstance(allowed, str) else ', '.join(allowed)}"

@@ -218,6 +218,7 @@ def test_world_recipe_every_task_and_the_differences(tmp_path, tiny_dinov2, tiny
     out = tmp_path / "out"
     assert main(["reproduce", str(recipe), "--out", str(out), "--no-progress", "--no-figures"]) == 0
     assert load_recipe(str(recipe)).dataset("flickr30k").root == str(tmp_path.resolve() / "unused" / "flickr30k")
+    assert load_recipe(str(recipe), roots=[f"flickr30k={tmp_path}"]).dataset("flickr30k").root == str(tmp_path)
     cells = json.loads((out / "table.json").read_text())["cells"]
     shown = {(c["method"], c["task"], c["metric"]) for c in cells}
     assert shown == {(m, t, k) for m in ("pal", "procrustes") for t, ks in (
