@@ -21,6 +21,7 @@ from pipe_align.align.methods import get_method, method_names
 from pipe_align.evaluate.tasks import get_task
 from pipe_align.extract.datasets import DATASETS
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.job import ExtractConfig, check_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,6 +41,11 @@ METRICS = {
     "segmentation": ("mIoU", "fg_mIoU", "mAcc", "aAcc", "bg_ignored/mIoU"),
 }
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "device")  # device: a command-line option
+# ExtractConfig fields a dataset entry may set (`extract = { templates = [...] }`); the others come from the recipe's
+# encoders, the dataset entry itself and the command line.
+EXTRACT_KEYS = tuple(f.name for f in dataclasses.fields(ExtractConfig) if f.name not in (
+    "encoder", "dataset", "split", "features", "root", "options", "text", "batch_size", "device", "layer",
+    "max_length", "threads"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class DatasetSpec:
     reader: str  # the dataset reader (pipe_align.extract.datasets)
     root: str | None  # absolute (relative only in a shipped recipe without --data), None for datasets that need none
     options: tuple[tuple[str, Any], ...] = ()
+    extract: tuple[tuple[str, Any], ...] = ()  # ExtractConfig settings for this dataset's stores (EXTRACT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -280,7 +287,8 @@ class _Parser:
         out = []
         for name, entry in raw.items():
             key = f"datasets.{name}"
-            t = self.table({"root": entry} if isinstance(entry, str) else entry, key, ("reader", "root", "options"))
+            t = self.table({"root": entry} if isinstance(entry, str) else entry, key,
+                           ("reader", "root", "options", "extract"))  # fmt: skip
             reader = self.string(t, "reader", key, default=name)  # checked when used: check_readers
             options = t.get("options", {})
             if not isinstance(options, dict):
@@ -289,7 +297,13 @@ class _Parser:
             if root is not None:  # a relative root without a base stays relative: check_datasets refuses it if used
                 root = Path(root).expanduser()
                 root = str(base / root if base is not None and not root.is_absolute() else root)
-            out.append(DatasetSpec(name, reader, root, tuple(sorted(options.items()))))
+            extract = self.table(t.get("extract", {}), f"{key}.extract", EXTRACT_KEYS)
+            extract = {k: tuple(v) if isinstance(v, list) else v for k, v in extract.items()}
+            try:
+                check_config(ExtractConfig(encoder="x", dataset=reader, split="x", features="x", **extract))
+            except PipeError as e:
+                raise self.fail(f"{key}.extract", str(e)) from None
+            out.append(DatasetSpec(name, reader, root, tuple(sorted(options.items())), tuple(sorted(extract.items()))))
         return tuple(out)
 
     def run_config(self, raw: dict, key: str, base: RunConfig | None = None) -> RunConfig:

@@ -95,13 +95,14 @@ def extract_configs(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> list[Ext
     for name, split, kind in wanted:
         ds = r.dataset(name)
         other = owner.setdefault((ds.reader, split), ds)
-        if (other.root, other.options) != (ds.root, ds.options):
+        if (other.root, other.options, other.extract) != (ds.root, ds.options, ds.extract):
             raise PipeError(f"datasets {other.name} and {ds.name} of {r.path} both store {ds.reader}/{split} under "
                             f"{cfg.feature_dir} from other data; give one of them its own --features folder")
         for encoder, text in ((enc.image, "auto"), (enc.text, kind)):
             ec = ExtractConfig(encoder=encoder, dataset=ds.reader, split=split, features=str(cfg.feature_dir),
                                root=ds.root, batch_size=cfg.batch_size, device=cfg.device, layer=enc.layer,
-                               max_length=enc.max_length, text=text, options=ds.options)  # fmt: skip
+                               max_length=enc.max_length, text=text, options=ds.options,
+                               **dict(ds.extract))  # fmt: skip
             if ec not in out:
                 out.append(ec)
     return out

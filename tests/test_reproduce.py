@@ -176,7 +176,7 @@ name = "world-check"
 image = "hf:{image}"
 text = "hf:{text}"
 [datasets]
-world = {{ options = {{ size = 16 }} }}
+world = {{ options = {{ size = 16 }}, extract = {{ templates = ["a photo of a {{}}.", "a {{}} in the scene."] }} }}
 flickr30k = "unused/flickr30k"  # the short form: NAME = ROOT (reader NAME)
 [train]
 dataset = "world"
@@ -219,6 +219,8 @@ def test_world_recipe_every_task_and_the_differences(tmp_path, tiny_dinov2, tiny
     assert main(["reproduce", str(recipe), "--out", str(out), "--no-progress", "--no-figures"]) == 0
     assert load_recipe(str(recipe)).dataset("flickr30k").root == str(tmp_path.resolve() / "unused" / "flickr30k")
     assert load_recipe(str(recipe), roots=[f"flickr30k={tmp_path}"]).dataset("flickr30k").root == str(tmp_path)
+    prompts = json.loads(next((out / "features" / "world" / "val").glob("*.prompts.zarr/zarr.json")).read_text())
+    assert prompts["attributes"]["templates"] == ["a photo of a {}.", "a {} in the scene."]  # the dataset's extract
     cells = json.loads((out / "table.json").read_text())["cells"]
     shown = {(c["method"], c["task"], c["metric"]) for c in cells}
     assert shown == {(m, t, k) for m in ("pal", "procrustes") for t, ks in (
@@ -307,6 +309,10 @@ def bad_recipe(tmp_path: Path, old: str, new: str) -> Path:
                                                                                          r"\.run\.epoch: unknown key"),
     ('method = "mlp"', 'method = "mpl"', r"methods\.mlp-structure\.method: 'mpl' is not one of them; allowed: asif, "),
     ("[methods.asif]", "[methods.asif]\nk = -3", r"methods\.asif: bad option value for method asif"),
+    ('[datasets.stl10]', '[datasets.stl10]\nextract = { resize = "zoom" }',
+     r"datasets\.stl10\.extract: --resize must be auto, crop or squash, got 'zoom'"),
+    ('[datasets.stl10]', '[datasets.stl10]\nextract = { colour = 1 }',
+     r"datasets\.stl10\.extract\.colour: unknown key; allowed: dtype, limit, image_size, templates, resize, strict"),
     ("max_length = 64", "max_length = 0", r"encoders\.max_length: 0 is not a positive integer"),
     ("[train]", "[trian]\n[train]", r"trian: unknown key; allowed: recipe, encoders, datasets"),
 ])  # fmt: skip
