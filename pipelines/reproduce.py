@@ -132,7 +132,9 @@ def run_reproduce(cfg: ReproduceConfig) -> Summary:
     (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(r), indent=2, default=str))  # the resolved recipe
     if excluded:
         typer.echo("left out: " + ", ".join(f"{n} ({why})" for n, why in excluded.items()))
-    stages = {"extract": _extract(cfg, evals), "align": _align(cfg, methods)}
+    stages: dict[str, Work] = {}
+    stages["extract"], shards = _extract(cfg, evals)
+    stages["align"] = _align(cfg, methods, shards)
     stages["eval"] = _eval(cfg, methods, evals, device)
     typer.echo("[4/4] table")
     cells = table_cells(cfg, excluded, device)
@@ -150,25 +152,27 @@ def run_reproduce(cfg: ReproduceConfig) -> Summary:
     return summary
 
 
-def _extract(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> Work:
+def _extract(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> tuple[Work, Path]:
+    """Every store; returns the folder of the training set's stores (where `run_extract` put them), for align."""
     r, w, t0 = cfg.recipe, Work(), time.perf_counter()
+    paths = []
     stores = extract_configs(cfg, evals)
     typer.echo(f"[1/4] extract: {len(stores)} stores under {cfg.feature_dir} ({r.encoders.image} + {r.encoders.text})")
     for ec in stores:
         s = run_extract(ec, progress=cfg.progress)
+        paths.append(Path(s.path))
         w.kept += s.already_complete
         w.done += not s.already_complete
         state = "complete, kept" if s.already_complete else f"{s.written_rows} rows written"
         typer.echo(f"      {Path(s.path).relative_to(cfg.feature_dir)}: {s.rows} rows ({state})")
     w.seconds = time.perf_counter() - t0
-    return w
+    return w, paths[0].parent  # extract_configs lists the training set's image store first
 
 
-def _align(cfg: ReproduceConfig, methods: Sequence[MethodSpec]) -> Work:
+def _align(cfg: ReproduceConfig, methods: Sequence[MethodSpec], shards: Path) -> Work:
     """Every method on the training set; resume=True continues an interrupted run from its checkpoint."""
     r, w, t0 = cfg.recipe, Work(), time.perf_counter()
     train = r.dataset(r.train.dataset)
-    shards = cfg.feature_dir / train.reader / r.train.split
     typer.echo(f"[2/4] align: {len(methods)} methods on {train.name}/{r.train.split}")
     for m in methods:
         path = run_dir(cfg, m)
