@@ -107,6 +107,21 @@ def test_cifar_wrong_roots_and_damaged_files(tmp_path):
     raises("label 10 outside 0..9", get_dataset, "cifar10", c10, "test")
     cifar_replica.dump(folder / "test_batch", {b"labels": [1], b"data": np.zeros((1, 32, 32, 3), np.uint8)})
     raises("N x 3072", get_dataset, "cifar10", c10, "test")
+    with open(folder / "test_batch", "wb") as f:  # pickle.load would run this; the reader refuses it
+        pickle.dump({"labels": [1], "data": Boom(str(tmp_path / "ran"))}, f, protocol=2)
+    raises("refused to load", get_dataset, "cifar10", c10, "test")
+    assert not (tmp_path / "ran").exists()
+    np.save(folder / "test_batch", np.zeros(3))  # not a pickle at all
+    shutil.move(folder / "test_batch.npy", folder / "test_batch")
+    raises("damaged pickle file", get_dataset, "cifar10", c10, "test")
+
+
+class Boom:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
 
 
 # ---------------------------------------------------------------------------------------------------------- stl10
@@ -182,8 +197,9 @@ def test_imagenet_layouts_labels_names_and_decoding(tmp_path, layout):
     assert grey.mode == "RGB" and np.all(np.asarray(grey) == 77)  # grayscale JPEG: grey RGB
     assert cmyk.mode == "RGB" and np.abs(np.asarray(cmyk, int) - (255, 0, 0)).max() <= 3  # CMYK cyan 0 = red
     assert ds.load_image(by_id[imagenet_replica.stem(5)]).size == (60, 40)
-    if layout == "folders":  # --root at the split folder itself
+    if layout == "folders":  # --root at the split folder itself, but not as another split
         assert {r.id: r.label for r in get_dataset("imagenet", root / "val", "val").images()} == imagenet_expected()
+        raises("no ImageNet layout under", get_dataset, "imagenet", root / "val", "train")
     if layout == "devkit":  # or at the flat image folder beside the devkit
         assert {r.id: r.label for r in get_dataset("imagenet", root / "val", "val").images()} == imagenet_expected()
 

@@ -134,12 +134,29 @@ class _Cifar(Dataset):
         return list(CIFAR_TEMPLATES)
 
 
+# What a CIFAR batch may name: numpy's array and dtype (python 2 and 3 module names, protocols 2 and 5) and the
+# codec call python 3 writes for bytes at protocol 2. Anything else (os.system, ...) is refused, never called.
+PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+    ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}  # fmt: skip
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of a CIFAR batch")
+        return super().find_class(module, name)
+
+
 def _load(path: Path) -> dict:
     """One pickle batch as torchvision loads it (python 2 strings read as latin1); bytes keys (a file written from
-    python 3) are read the same. A damaged file names itself."""
+    python 3) are read the same. Unlike pickle.load, it calls nothing but numpy's array constructors. A damaged file
+    names itself."""
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
+            obj = _BatchUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
         raise PipeError(f"damaged pickle file {path}: {type(e).__name__}: {e}"[:300].replace("\n", " ")) from None
     if not isinstance(obj, dict):

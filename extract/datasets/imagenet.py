@@ -55,7 +55,10 @@ class ImageNet(Dataset):
 
     def _folders(self, root: Path) -> list[tuple[Path, int]] | None:
         """<root>/<split>/<wnid>/ (or <root> = the split folder, or Kaggle's CLS-LOC/<split>/<wnid>/)."""
+        others = set(self.splits) - {self.split}  # --root at val/ is no train split
         for split_dir in (root / self.split, root / KAGGLE_IMAGES / self.split, root):
+            if split_dir.name in others:
+                continue
             if split_dir.is_dir() and any(is_wnid(f) for f in class_folders(split_dir)):
                 break
         else:
