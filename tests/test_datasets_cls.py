@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from PIL import Image
 
 from pipe_align.extract.datasets import get_dataset
@@ -210,6 +211,9 @@ def test_imagenet_wrong_layouts(tmp_path):
     folders = imagenet_replica.build(tmp_path / "f")
     jpg(folders / "val" / "cat" / "1.JPEG")
     raises("val/cat is not one of the 1000 ILSVRC2012 class folders", get_dataset, "imagenet", folders, "val")
+    shutil.rmtree(folders / "val" / "cat")
+    shutil.copy(folders / "val" / "n01440764" / "ILSVRC2012_val_00000001.JPEG", folders / "val" / "n04590129")
+    raises("share the id ILSVRC2012_val_00000001", get_dataset, "imagenet", folders, "val")
     devkit = imagenet_replica.build_devkit(tmp_path / "d")
     data = devkit / "ILSVRC2012_devkit_t12" / "data"
     raises("only the val split", get_dataset, "imagenet", devkit, "train")
@@ -253,6 +257,9 @@ def test_imagefolder_classes_file_with_real_names(tmp_path):
     raises("lists the folder 'c2' twice", get_dataset, "imagefolder", tmp_path, "val")
     (tmp_path / "classes.txt").write_text("c2\nc1\n")  # the plain form still works
     assert get_dataset("imagefolder", tmp_path, "val").classes == ["c2", "c1"]
+    jpg(tmp_path / "test" / "sea lion" / "a.jpg")  # plain names with spaces, "sea otter" absent from this split
+    (tmp_path / "classes.txt").write_text("sea otter\nsea lion\n")
+    assert [r.label for r in get_dataset("imagefolder", tmp_path, "test").images()] == [1]
 
 
 def test_imagefolder_wnid_folders_get_clip_names_and_templates(tmp_path):
@@ -302,8 +309,6 @@ def test_stl10_extract_and_eval_classification(tmp_path, tiny_dinov2, tiny_bert,
             "--device", "cpu", "--batch-size", "4", "--no-progress"]  # fmt: skip
     assert main([*base, "--encoder", f"hf:{tiny_dinov2}"]) == 0
     assert main([*base, "--encoder", f"hf:{tiny_bert}", "--text", "prompts"]) == 0
-    import zarr
-
     prompts = next((feats / "stl10" / "test").glob("*.prompts.zarr"))
     attrs = zarr.open_group(str(prompts), mode="r").attrs
     assert list(attrs["classes"])[7] == "monkey" and list(attrs["templates"]) == ["a photo of a {}.",

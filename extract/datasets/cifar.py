@@ -37,10 +37,10 @@ CIFAR_TEMPLATES = [
 ]  # fmt: skip
 
 
-def spelled(raw: list[str], clip: list[str]) -> list[str]:
-    """The dataset's own class names (meta file) in CLIP's spelling: CLIP's list where the file is the authors' one,
-    else the file's names with underscores as spaces (a relabelled copy keeps its own names, in its order)."""
-    return list(clip) if [n.replace("_", " ") for n in raw] == clip else [n.replace("_", " ") for n in raw]
+def spelled(raw: list[str]) -> list[str]:
+    """The meta file's class names in CLIP's spelling ("aquarium_fish" -> "aquarium fish"): for the authors' files
+    that is CLIP's list exactly; a relabelled copy keeps its own names, in its order."""
+    return [n.replace("_", " ") for n in raw]
 
 
 class _Cifar(Dataset):
@@ -55,7 +55,6 @@ class _Cifar(Dataset):
     files: dict[str, tuple[str, ...]]  # split -> batch files
     meta: tuple[str, str]  # (meta file, key of the class names)
     label_key: str
-    clip_classes: list[str]
 
     def __init__(self, root: str | Path | None, split: str = "test") -> None:
         super().__init__(root, split)
@@ -65,7 +64,7 @@ class _Cifar(Dataset):
         raw = _load(meta_path).get(self.meta[1])
         if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
             raise PipeError(f"{meta_path} has no list '{self.meta[1]}' of class names")
-        self.classes = spelled(raw, self.clip_classes)
+        self.classes = spelled(raw)
         self._pixels: np.ndarray | None = None
         self._lock = threading.Lock()
         labels = self._read(keep_pixels=True)
@@ -175,7 +174,6 @@ class Cifar10(_Cifar):
     folder, archive = "cifar-10-batches-py", "cifar-10-python.tar.gz"
     files = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
     meta, label_key = ("batches.meta", "label_names"), "labels"
-    clip_classes = CIFAR10_CLASSES
 
 
 @register_dataset("cifar100")
@@ -185,4 +183,3 @@ class Cifar100(_Cifar):
     folder, archive = "cifar-100-python", "cifar-100-python.tar.gz"
     files = {"train": ("train",), "test": ("test",)}
     meta, label_key = ("meta", "fine_label_names"), "fine_labels"
-    clip_classes = CIFAR100_CLASSES

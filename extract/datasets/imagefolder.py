@@ -46,12 +46,12 @@ def class_images(folder: Path) -> list[Path]:
 def read_classes_file(path: Path, folders: list[str]) -> tuple[list[str], list[str]]:
     """(label-order keys, names) from a classes file. Two forms: one class folder per line (names = folders), or
     `<folder> <name>` per line (the rest of the line is the name, e.g. `n01440764 tench` or LOC_synset_mapping.txt).
-    A line that is exactly a class folder's name is the first form; the whole file is one form or the other."""
+    A file with a line that is exactly a class folder's name is of the first form."""
     lines = [line.strip() for line in read_text(path, "class list").splitlines() if line.strip()]
     if not lines:
         raise PipeError(f"class list is empty: {path}")
     present = set(folders)
-    if all(line in present for line in lines) or not all(len(line.split(maxsplit=1)) == 2 for line in lines):
+    if any(line in present for line in lines) or not all(len(line.split(maxsplit=1)) == 2 for line in lines):
         return lines, lines
     keys = [line.split(maxsplit=1)[0] for line in lines]
     dup = next((k for k, n in Counter(keys).items() if n > 1), None)

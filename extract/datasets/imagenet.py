@@ -50,6 +50,10 @@ class ImageNet(Dataset):
             raise PipeError(f"dataset 'imagenet': no images (.JPEG) in the {split} split under {root_dir}")
         self._paths = [p for p, _ in pairs]
         self._records = [ImageRecord(p.stem, label) for p, label in pairs]
+        seen: dict[str, Path] = {}
+        for p in self._paths:
+            if seen.setdefault(p.stem, p) is not p:
+                raise PipeError(f"dataset 'imagenet': {seen[p.stem]} and {p} share the id {p.stem} (a copied image?)")
 
     # -- layouts: each returns [(path, label)], or None when its files are not there ----------------------------------
 

@@ -42,10 +42,7 @@ class STL10(Dataset):
         if len(labels) != size // IMAGE_BYTES:
             raise PipeError(f"{self.image_file} has {size // IMAGE_BYTES} images but {label_file} {len(labels)} labels")
         names_file = self.dir / "class_names.txt"
-        self.classes = list(STL10_CLASSES)
-        if names_file.is_file():
-            names = read_name_list(names_file)
-            self.classes = list(STL10_CLASSES) if names == STL10_CLASSES else names
+        self.classes = read_name_list(names_file) if names_file.is_file() else list(STL10_CLASSES)  # the same
         bad = next((int(y) + 1 for y in labels if not 0 <= y < len(self.classes)), None)
         if bad is not None:
             raise PipeError(f"{label_file} has label {bad}, expected 1..{len(self.classes)}")
