@@ -116,6 +116,19 @@ def test_compute_dtype_auto_and_bad_names():
                                   compute_dtype="half"), progress=False)  # fmt: skip
 
 
+def test_cli_compute_dtype(tmp_path, tiny_dinov2, capsys):
+    from pipe_align.pipelines.cli import main
+
+    args = ["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "--features", str(tmp_path), "-o",
+            "size=4", "--batch-size", "2"]  # fmt: skip
+    assert main([*args, "--compute-dtype", "half"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --compute-dtype must be") and err.count("\n") == 1
+    assert main([*args, "--compute-dtype", "bfloat16"]) == 0
+    store = open_store(next(tmp_path.rglob("*.zarr")))
+    assert store.layout.encoder["compute_dtype"] == "bfloat16"
+
+
 @pytest.mark.parametrize("model", ["tiny_dinov2", "tiny_bert"])
 def test_sdpa_and_eager_attention_give_the_same_features(model, request):
     folder = request.getfixturevalue(model)
