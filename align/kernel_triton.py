@@ -11,6 +11,8 @@ head dim of 64-128, so the two reductions of the backward (over K for the tokens
 cuBLAS. A Triton kernel recomputes R tile by tile and writes dR' = dp/dR * 1/||z|| for a chunk of rows only
 (chunks sized by BWD_CHUNK_ELEMS, so memory stays bounded whatever B is); two GEMMs per chunk then give
 dAn += dR'^T z and g = dR' An, and dz = g - z (z . g) / ||z||^2 (through the normalisation) in float32.
+
+Tiles: both kernels are autotuned over `TILES` on CUDA (docs/gpu.md); the interpreter runs one fixed tile.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ TILES = [  # (BLOCK_T, BLOCK_K, BLOCK_D, num_warps, num_stages); the first is th
     (128, 128, 32, 8, 3),
     (64, 64, 64, 4, 3),
     (128, 64, 64, 4, 4),
-    (32, 128, 128, 4, 2),
 ]
 """Autotuned per (K, D, token tile bucket, dtypes) on CUDA; tiles that do not fit a GPU's shared memory are dropped
 by the autotuner (OutOfResources). Under TRITON_INTERPRET=1 (CPU tests) there is nothing to time: the tile
