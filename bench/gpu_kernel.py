@@ -70,10 +70,13 @@ def run(table: Table, device: str, tiny: bool, results: dict) -> None:
             table.set(key, "skipped: no CUDA (and not under TRITON_INTERPRET=1)", None)
         return
     b, t, k, d = (4, 33, 40, 24) if tiny else (4096, 257, 512, 1024)
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # float32 tokens: exact dots, so the error row means float32
     tol = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}  # profile error bars of tests/test_kernel.py, fp32 relaxed for D
-    errors = max_errors(min(b, 256), t, k, d, device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 tokens: exact dots, so the error row means float32
+    try:
+        errors = max_errors(min(b, 256), t, k, d, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     for name, (ep, eg) in errors.items():
         table.set(f"triton-err-{name}", f"p {ep:.2e}, dA {eg:.2e} (rel)", ep <= tol[name] and eg <= tol[name])
     reps = 2 if tiny else 10
