@@ -62,7 +62,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="pipe-gpu-check-"))
     results: dict = {}
     try:
-        table.section(["pytest-gpu"], lambda: run_pytest(table, args.tiny, 240), "pytest -m gpu", 30)
+        table.section(["pytest-gpu"], lambda: run_pytest(table, args.tiny, 180), "pytest -m gpu", 30)
         table.section(["triton-err-fp32", "triton-err-bf16", "triton-err-fp16", "triton-vs-matmul"],
                       lambda: gpu_kernel.run(table, device, args.tiny, results), "triton", 40)  # fmt: skip
         table.section(["extract-image", "mfu-image", "extract-text", "mfu-text"],

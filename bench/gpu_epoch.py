@@ -91,6 +91,6 @@ def run(table: Table, device: str, tiny: bool, tmp: Path, results: dict) -> None
     tokens = s["grid"] ** 2 + 1 + s["length"]
     floor = 3 * 2.0 * s["anchors"] * s["dim"] * tokens * len(split.train) / (rate * 1e12)
     table.set("epoch-resident", f"{resident:.3f} s = {resident / floor:.1f}x floor {floor:.3f} s "
-              f"({len(split.train) / resident:.0f} pairs/s, matmul {rate:.0f} TFLOP/s)", resident <= 3 * floor)
+              f"({len(split.train) / resident:.0f} pairs/s, matmul {rate:.3g} TFLOP/s)", resident <= 3 * floor)
     streamed = epoch_seconds(stores, split, cfg, s["batch"], device, 0, reps=1)
     table.set("epoch-streamed", f"{streamed:.3f} s = {streamed / resident:.2f}x resident", streamed <= 1.15 * resident)
