@@ -11,9 +11,13 @@ head dim of 64-128, so the two reductions of the backward (over K for the tokens
 cuBLAS. A Triton kernel recomputes R tile by tile and writes dR' = dp/dR * 1/||z|| for a chunk of rows only
 (chunks sized by BWD_CHUNK_ELEMS, so memory stays bounded whatever B is); two GEMMs per chunk then give
 dAn += dR'^T z and g = dR' An, and dz = g - z (z . g) / ||z||^2 (through the normalisation) in float32.
+
+Tiles: both kernels are autotuned over `TILES` on CUDA (docs/gpu.md); the interpreter runs one fixed tile.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -30,16 +34,30 @@ except Exception:  # pragma: no cover - depends on the platform
     AVAILABLE = False
 
 EPS = 1e-6  # same floor as align.kernel.EPS (kept literal here to avoid an import cycle)
-BLOCK_T, BLOCK_K, BLOCK_D = 64, 128, 64
 BWD_CHUNK_ELEMS = 1 << 27
 """Backward rows per chunk: about this many elements in the [chunk, T, max(K, D)] temporaries."""
+TILES = [  # (BLOCK_T, BLOCK_K, BLOCK_D, num_warps, num_stages); the first is the one used without autotuning
+    (64, 128, 64, 8, 3),
+    (128, 128, 32, 8, 3),
+    (64, 64, 64, 4, 3),
+    (128, 64, 64, 4, 4),
+]
+"""Autotuned per (K, D, token tile bucket, dtypes) on CUDA; tiles that do not fit a GPU's shared memory are dropped
+by the autotuner (OutOfResources). Under TRITON_INTERPRET=1 (CPU tests) there is nothing to time: the tile
+`PINNED` (default the first) runs, and PIPE_TRITON_TILE=i pins tile i on CUDA too (to compare against autotune)."""
+PINNED: int | None = int(os.environ["PIPE_TRITON_TILE"]) if os.environ.get("PIPE_TRITON_TILE", "").isdigit() else None
 
 
 if AVAILABLE:
 
+    def _configs() -> list:
+        return [triton.Config({"BLOCK_T": t, "BLOCK_K": k, "BLOCK_D": d}, num_warps=w, num_stages=st)
+                for t, k, d, w, st in TILES]  # fmt: skip
+
+    @triton.autotune(configs=_configs(), key=["n_anc", "dim", "t_bucket"])
     @triton.jit
     def _profiles_fwd(z_ptr, a_ptr, valid_ptr, inv_ptr, p_ptr, lse_ptr,
-                      t_end, n_anc, dim,
+                      t_end, n_anc, dim, t_bucket,
                       s_zb, s_zt, s_zd, s_vb, s_vt,
                       inv_tau, m_init, eps,
                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -86,9 +104,10 @@ if AVAILABLE:
         tl.store(p_ptr + b * n_anc + offs_k, tl.where(row, s / lsum_safe, 0.0), mask=k_in)
         tl.store(lse_ptr + b * n_anc + offs_k, tl.where(row, m + tl.log(lsum_safe), 0.0), mask=k_in)
 
+    @triton.autotune(configs=_configs(), key=["n_anc", "dim", "t_bucket"])
     @triton.jit
     def _profiles_bwd_dr(z_ptr, a_ptr, valid_ptr, inv_ptr, lse_ptr, p_ptr, g_ptr, dr_ptr,
-                         b0, t_end, n_anc, dim,
+                         b0, t_end, n_anc, dim, t_bucket,
                          s_zb, s_zt, s_zd, s_vb, s_vt, s_gb, s_gk,
                          inv_tau,
                          BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -145,6 +164,19 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreting()
 
 
+def _launcher(kernel):
+    """The autotuned kernel on CUDA; the jitted function with one fixed tile when interpreting or pinned."""
+    if PINNED is None and not interpreting():
+        return kernel, {}
+    t, k, d, w, st = TILES[PINNED or 0]
+    return kernel.fn, {"BLOCK_T": t, "BLOCK_K": k, "BLOCK_D": d, "num_warps": w, "num_stages": st}
+
+
+def _t_bucket(t_end: int) -> int:
+    """Autotune key for the token count: its power-of-two ceiling (text lengths vary per batch; 257 and 32 differ)."""
+    return max(16, 1 << max(0, t_end - 1).bit_length())
+
+
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b with a float32 result; on CUDA 16-bit inputs keep a float32 output (no rounding of the partial sum)."""
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
@@ -179,12 +211,12 @@ class _TritonProfiles(torch.autograd.Function):
         p = torch.empty(bsz, n_anc, dtype=torch.float32, device=dev)
         lse = torch.empty(bsz, n_anc, dtype=torch.float32, device=dev)
         inv_tau = 1.0 / tau_p
-        grid = (bsz, triton.cdiv(n_anc, BLOCK_K))
-        _profiles_fwd[grid](z, an_op, valid_u8, tok_inv, p, lse, t_end, n_anc, dim,
-                            z.stride(0), z.stride(1), z.stride(2), valid_u8.stride(0), valid_u8.stride(1),
-                            inv_tau, -2.0 * inv_tau - 1.0, EPS,
-                            BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=_precision(z.dtype),
-                            UPCAST=_upcast(z.dtype), num_warps=8, num_stages=3)
+        kernel, fixed = _launcher(_profiles_fwd)
+        grid = lambda meta: (bsz, triton.cdiv(n_anc, meta["BLOCK_K"]))  # noqa: E731
+        kernel[grid](z, an_op, valid_u8, tok_inv, p, lse, t_end, n_anc, dim, _t_bucket(t_end),
+                     z.stride(0), z.stride(1), z.stride(2), valid_u8.stride(0), valid_u8.stride(1),
+                     inv_tau, -2.0 * inv_tau - 1.0, EPS, PRECISION=_precision(z.dtype), UPCAST=_upcast(z.dtype),
+                     **fixed)
         ctx.save_for_backward(tokens, valid_u8, tok_inv, an, an_op, a_inv, a_norm, lse, p)
         ctx.cfg = (tau_p, t_end, anchors.dtype)
         return p
@@ -205,15 +237,15 @@ class _TritonProfiles(torch.autograd.Function):
             chunk = max(1, min(bsz, BWD_CHUNK_ELEMS // (t_end * max(n_anc, dim))))
             dr_dtype = z.dtype if z.dtype in (torch.float16, torch.bfloat16) else torch.float32
             dr = torch.empty(chunk, t_end, n_anc, dtype=dr_dtype, device=z.device)
+            kernel, fixed = _launcher(_profiles_bwd_dr)
             for b0 in range(0, bsz, chunk):
                 nb = min(chunk, bsz - b0)
-                grid = (nb, triton.cdiv(t_end, BLOCK_T), triton.cdiv(n_anc, BLOCK_K))
-                _profiles_bwd_dr[grid](z, an_op, valid_u8, tok_inv, lse, p, g, dr, b0, t_end, n_anc, dim,
-                                       z.stride(0), z.stride(1), z.stride(2), valid_u8.stride(0),
-                                       valid_u8.stride(1), g.stride(0), g.stride(1), 1.0 / tau_p,
-                                       BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
-                                       PRECISION=_precision(z.dtype), UPCAST=_upcast(z.dtype),
-                                       num_warps=8, num_stages=3)
+                grid = lambda meta, nb=nb: (nb, triton.cdiv(t_end, meta["BLOCK_T"]),  # noqa: E731
+                                            triton.cdiv(n_anc, meta["BLOCK_K"]))  # fmt: skip
+                kernel[grid](z, an_op, valid_u8, tok_inv, lse, p, g, dr, b0, t_end, n_anc, dim, _t_bucket(t_end),
+                             z.stride(0), z.stride(1), z.stride(2), valid_u8.stride(0), valid_u8.stride(1),
+                             g.stride(0), g.stride(1), 1.0 / tau_p, PRECISION=_precision(z.dtype),
+                             UPCAST=_upcast(z.dtype), **fixed)
                 drc = dr[:nb].view(-1, n_anc)
                 zc = z[b0:b0 + nb, :t_end]
                 if dan is not None:

@@ -19,7 +19,8 @@ from pipe_align.extract.store import FeatureStore, open_store, read_json_attrs, 
 
 # Encoder attributes that must agree between the stores a run was trained on and the stores it is evaluated on.
 # image_size and max_length may differ (the same encoder at another input size or padding is still the same space).
-ENCODER_KEYS = ("model_id", "revision", "weights", "dim", "layer", "patch_size", "num_register_tokens", "pooling")
+ENCODER_KEYS = ("model_id", "revision", "weights", "dim", "layer", "patch_size", "num_register_tokens", "pooling",
+                "compute_dtype")
 TEXT_KINDS = ("prompts", "captions")
 
 

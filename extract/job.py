@@ -12,7 +12,7 @@ import torch
 
 from pipe_align.extract.datasets import DATASETS, get_dataset
 from pipe_align.extract.datasets.base import is_blank
-from pipe_align.extract.encoders.base import Options, Source, check_image_size
+from pipe_align.extract.encoders.base import COMPUTE_DTYPES, Options, Source, check_image_size, resolve_compute_dtype
 from pipe_align.extract.encoders.registry import build_encoder, resolve_source
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.store import DTYPES, StoreLayout, default_rows, store_path
@@ -29,7 +29,8 @@ class ExtractConfig:
     root: str | None = None
     batch_size: int = 32
     device: str = "auto"
-    dtype: str = "float16"
+    dtype: str = "float16"  # stored features
+    compute_dtype: str = "auto"  # the forward: bfloat16 on a CUDA device that has it, else float32 (store records it)
     limit: int | None = None
     image_size: int | None = None
     layer: str = "last"
@@ -43,12 +44,14 @@ class ExtractConfig:
     threads: int | None = None  # torch threads per process (dask workers)
 
 
-def cached_encoder(name: str, layer: str, image_size: int | None, max_length: int, device: str):
+def cached_encoder(name: str, layer: str, image_size: int | None, max_length: int, device: str,
+                   compute_dtype: str = "float32"):  # fmt: skip
     """One loaded encoder per process, weights identity and settings: every plan with the same encoder (image and
     text stores of a split, a resumed run, a test re-checking a store) reuses it, and new weights saved into the
     same folder are loaded anew (the source carries the folder's content hash)."""
+    dtype = COMPUTE_DTYPES[resolve_compute_dtype(compute_dtype, device)]
     return _loaded(resolve_source(name), Options(layer=layer, image_size=image_size, max_length=max_length,
-                                                 device=device))  # fmt: skip
+                                                 device=device, dtype=dtype))  # fmt: skip
 
 
 @lru_cache(maxsize=4)
@@ -97,6 +100,7 @@ def check_config(cfg: ExtractConfig) -> None:
         check_image_size(cfg.image_size)
     if cfg.dtype not in DTYPES:
         raise PipeError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    resolve_compute_dtype(cfg.compute_dtype, "cpu")  # the name only; "auto" is resolved for the device in `plan`
     if cfg.resize not in ("auto", "crop", "squash"):
         raise PipeError(f"--resize must be auto, crop or squash, got {cfg.resize!r}")
     if cfg.text not in ("auto", "captions", "prompts"):
@@ -118,7 +122,7 @@ def plan(cfg: ExtractConfig) -> Job:
     check_config(cfg)
     device = resolve_device(cfg.device)
     dataset = get_dataset(cfg.dataset, cfg.root, cfg.split, **dict(cfg.options))
-    enc = cached_encoder(cfg.encoder, cfg.layer, cfg.image_size, cfg.max_length, device)
+    enc = cached_encoder(cfg.encoder, cfg.layer, cfg.image_size, cfg.max_length, device, cfg.compute_dtype)
     info = asdict(enc.info)
     images = dataset.images()
     limit = len(images) if cfg.limit is None else min(cfg.limit, len(images))

@@ -452,10 +452,14 @@ def create_store(path: str | Path, layout: StoreLayout) -> FeatureStore:
     _check_parent(path)
     if (path / "zarr.json").exists():
         store = open_store(path, require_complete=False)
-        old, new = store.layout.to_attrs(), layout.to_attrs()
+        old, new = _resumable_attrs(store.layout), _resumable_attrs(layout)
         if old != new:
             diff = sorted(k for k in new if old.get(k) != new.get(k))
-            raise PipeError(f"{path}: existing store differs in {', '.join(diff)}; remove it or use another --features")
+            enc_a, enc_b = old.get("encoder") or {}, new.get("encoder") or {}
+            sub = [f"encoder {k} {enc_a.get(k)} vs {enc_b.get(k)}" for k in sorted(enc_b)
+                   if enc_a.get(k) != enc_b.get(k)]  # fmt: skip
+            what = ", ".join(sub + [k for k in diff if k != "encoder"])
+            raise PipeError(f"{path}: existing store differs in {what}; remove it or use another --features")
         return store
     if path.exists():
         if any(path.iterdir()):
@@ -473,6 +477,14 @@ def create_store(path: str | Path, layout: StoreLayout) -> FeatureStore:
     group.attrs.update(layout.to_attrs() | {"count": layout.count, "complete": False, "skipped": []})
     tmp.rename(path)  # a store either exists with all its arrays or not at all
     return open_store(path, require_complete=False)
+
+
+def _resumable_attrs(layout: StoreLayout) -> dict[str, Any]:
+    """Layout attributes as resume compares them: a store written before `compute_dtype` was recorded was computed
+    in float32 (the only compute dtype then), so that is what its missing entry means."""
+    d = layout.to_attrs()
+    d["encoder"] = {"compute_dtype": "float32", **d["encoder"]}
+    return d
 
 
 def _check_parent(path: Path) -> None:

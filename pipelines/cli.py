@@ -36,6 +36,8 @@ def extract(
     batch_size: int = typer.Option(32, help="Rows per encoder forward."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or bfloat16."),
+    compute_dtype: str = typer.Option("auto", help="Encoder forward dtype: auto (bfloat16 on a CUDA GPU with it, "
+                                      "else float32), float32, bfloat16, float16; recorded in the store."),
     limit: int | None = typer.Option(None, help="Only the first N images (and their captions)."),
     image_size: int | None = typer.Option(None, help="Input size in pixels (default: the encoder's, 224)."),
     layer: str = typer.Option("last", help="'last' (last_hidden_state, after the final norm) or a hidden-state index."),
@@ -54,9 +56,9 @@ def extract(
 
     cfg = ExtractConfig(
         encoder=encoder, dataset=dataset, split=split, features=str(features), root=root, batch_size=batch_size,
-        device=device, dtype=dtype, limit=limit, image_size=image_size, layer=layer, max_length=max_length, text=text,
-        templates=tuple(templates.split("|")) if templates else None, resize=resize, strict=strict,
-        shard_rows=shard_rows, options=parse_options(option),
+        device=device, dtype=dtype, compute_dtype=compute_dtype, limit=limit, image_size=image_size, layer=layer,
+        max_length=max_length, text=text, templates=tuple(templates.split("|")) if templates else None,
+        resize=resize, strict=strict, shard_rows=shard_rows, options=parse_options(option),
     )  # fmt: skip
     summary = run_extract(cfg, cluster=cluster, progress=progress)
     if summary.already_complete:

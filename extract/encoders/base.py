@@ -27,6 +27,8 @@ EVAL_CROP_RATIO = 256 / 224  # shortest edge / crop: the DINOv2 (and ImageNet ev
 MARKER = "pipe_encoder.json"  # provenance file written into folders that `prepare_encoder` builds
 MAX_IMAGE_SIZE = 4096  # pixels; see `check_image_size`
 HUB_PROBE_SECONDS = 3.0
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class EncoderInfo:
     num_register_tokens: int
     pooling: str | None
     max_length: int | None
+    compute_dtype: str = "float32"  # the forward's dtype: stores computed in another one are other features
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,40 @@ class Options:
     image_size: int | None = None
     max_length: int = 64
     device: str = "cpu"
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # compute dtype: the weights are loaded in it
+    attention: str = "sdpa"  # transformers attn_implementation; models without SDPA keep their default
+
+
+def resolve_compute_dtype(name: str, device: str | torch.device) -> str:
+    """"auto": bfloat16 on a CUDA device that supports it (what the PAL authors load their text encoder in), else
+    float32 (CPU bfloat16 matmuls are slow without AMX, and float16 on CPU slower still); other names as given."""
+    if name == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bfloat16"
+        return "float32"
+    if name not in COMPUTE_DTYPES:
+        raise PipeError(f"--compute-dtype must be auto, {', '.join(COMPUTE_DTYPES)}, got {name!r}")
+    return name
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16 (the name the store records)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def load_model(loader: Any, source: Source, options: Options) -> torch.nn.Module:
+    """The frozen model in the compute dtype on the device, with SDPA attention where the model has it (the kernel
+    torch picks for the device: flash / memory-efficient on CUDA) and transformers' default otherwise."""
+    if options.attention not in ATTENTION:
+        raise PipeError(f"attention must be one of {', '.join(ATTENTION)}, got {options.attention!r}")
+    try:
+        model = load_pretrained(loader, source, "model", dtype=options.dtype, attn_implementation=options.attention)
+    except PipeError:
+        if options.attention != "sdpa":
+            raise
+        model = load_pretrained(loader, source, "model", dtype=options.dtype)  # an architecture without SDPA
+    return model.eval().requires_grad_(False).to(options.device)
 
 
 def parse_layer(layer: str | int, num_layers: int) -> int | None:
@@ -189,28 +225,42 @@ class ImageEncoder:
         """[B,3,S,S] float32. "crop": shortest edge S*ratio then center crop S (eval convention, the ratio is
         the processor's shortest_edge/crop_size: 256/224 for DINOv2, 1 for CLIP); "squash": the whole image to
         SxS, which keeps pixel alignment with segmentation masks. Bicubic, mean/std from the processor config."""
+        out = self.pixel_buffer(len(images))
+        for row, image in enumerate(images):
+            out[row] = self.preprocess_one(image, resize)
+        return out
+
+    def pixel_buffer(self, n: int) -> torch.Tensor:
+        """An uninitialised [n,3,S,S] float32 batch, in pinned host memory when the model is on CUDA (so that the
+        copy to the device is asynchronous)."""
+        size = int(self.info.image_size or 0)
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        return torch.empty(n, 3, size, size, dtype=torch.float32, pin_memory=pin)
+
+    def preprocess_one(self, image: Image.Image, resize: str = "crop") -> torch.Tensor:
+        """[3,S,S] float32 of one image (see `preprocess`); PIL and numpy release the GIL, so threads can share it."""
         if resize not in ("crop", "squash"):
             raise PipeError(f"resize must be 'crop' or 'squash', got {resize!r}")
         size = int(self.info.image_size or 0)
-        out = torch.empty(len(images), 3, size, size, dtype=torch.float32)
-        for row, image in enumerate(images):
-            image = image.convert("RGB")
-            if resize == "squash":
-                image = image.resize((size, size), Image.Resampling.BICUBIC)
-            else:
-                image = _resize_shortest_edge(image, round(size * self.crop_ratio))
-                width, height = image.size
-                top, left = (height - size) // 2, (width - size) // 2
-                image = image.crop((left, top, left + size, top + size))
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / np.float32(255.0)).permute(2, 0, 1)
-            out[row] = (pixels - self.mean) / self.std
-        return out
+        image = image.convert("RGB")
+        if resize == "squash":
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        else:
+            image = _resize_shortest_edge(image, round(size * self.crop_ratio))
+            width, height = image.size
+            top, left = (height - size) // 2, (width - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / np.float32(255.0)).permute(2, 0, 1)
+        return (pixels - self.mean) / self.std
 
-    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cls [B,D], patches [B,P,D]) in float32 on the model's device, registers dropped, patches row-major."""
+    def encode(self, pixel_values: torch.Tensor,
+               out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(cls [B,D], patches [B,P,D]) in `out_dtype` on the model's device, registers dropped, patches row-major.
+        Pixels travel in float32 (non-blocking from pinned memory) and are cast on the device."""
         with torch.no_grad():
-            cls, patches = self._forward(pixel_values.to(self.device, self.dtype))
-        return cls.float(), patches.float()
+            pixels = pixel_values.to(self.device, non_blocking=True).to(self.dtype)
+            cls, patches = self._forward(pixels)
+        return cls.to(out_dtype), patches.to(out_dtype)
 
     def _forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -221,7 +271,8 @@ class TextEncoder:
 
     info: EncoderInfo
 
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(self, texts: list[str],
+               out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         raise NotImplementedError
 
 

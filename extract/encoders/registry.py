@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pipe_align.extract.encoders.base import (
+    COMPUTE_DTYPES,
     HubUnreachable,
     ImageEncoder,
     Options,
@@ -17,6 +18,7 @@ from pipe_align.extract.encoders.base import (
     check_image_size,
     load_pretrained,
     read_marker,
+    resolve_compute_dtype,
 )
 from pipe_align.extract.encoders.local import folder_sha256, local_source, offline_hint
 from pipe_align.extract.errors import PipeError
@@ -69,9 +71,13 @@ def hub_id(alias: str) -> str:
 
 
 def load_encoder(name: str, *, layer: str = "last", image_size: int | None = None, max_length: int = 64,
-                 device: str = "cpu", dtype: torch.dtype = torch.float32) -> Encoder:
-    """Load a frozen encoder by alias or `hf:<model id or local path>[@revision]`, in eval mode on `device`."""
-    options = Options(layer=str(layer), image_size=image_size, max_length=max_length, device=device, dtype=dtype)
+                 device: str = "cpu", dtype: torch.dtype | str = torch.float32, attention: str = "sdpa") -> Encoder:
+    """Load a frozen encoder by alias or `hf:<model id or local path>[@revision]`, in eval mode on `device`; `dtype`
+    is the compute dtype (a torch dtype, or a name: float32, bfloat16, float16, auto)."""
+    if isinstance(dtype, str):
+        dtype = COMPUTE_DTYPES[resolve_compute_dtype(dtype, device)]
+    options = Options(layer=str(layer), image_size=image_size, max_length=max_length, device=device, dtype=dtype,
+                      attention=attention)  # fmt: skip
     return build_encoder(resolve_source(name), options)
 
 

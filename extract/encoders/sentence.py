@@ -20,7 +20,9 @@ from pipe_align.extract.encoders.base import (
     Options,
     Source,
     TextEncoder,
+    dtype_name,
     hub_kwargs,
+    load_model,
     load_pretrained,
     parse_layer,
 )
@@ -53,16 +55,32 @@ class TransformerTextEncoder(TextEncoder):
                             "tokens)")
         self.seq_cap = min(int(info.max_length or 0) + specials, limit)  # at the limit the specials take 2 of it
 
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens [B,L,D] float32, length [B] int64, pooled [B,D] float32), on the model's device."""
-        length_cap, dim = int(self.info.max_length or 0), self.info.dim
+    def encode(self, texts: list[str],
+               out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(tokens [B,L,D], length [B] int64, pooled [B,D]) on the model's device, features in `out_dtype` (the
+        gather and pooling run in float32 whatever the compute dtype)."""
+        return self.encode_batch(self.tokenize(texts), out_dtype)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The tokenizer's tensors for `encode_batch` (pinned on CUDA); a thread can run it ahead of the forward."""
         if not texts:
-            empty = torch.zeros(0, length_cap, dim, device=self.device)
-            return empty, torch.zeros(0, dtype=torch.long, device=self.device), empty[:, 0]
+            return {}
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.seq_cap,
                                return_special_tokens_mask=True, return_tensors="pt")
-        special = batch.pop("special_tokens_mask").to(self.device).bool()
-        inputs = {key: value.to(self.device) for key, value in batch.items()}
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            return {key: value.pin_memory() for key, value in batch.items()}
+        return dict(batch)
+
+    def encode_batch(self, batch: dict[str, torch.Tensor],
+                     out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """`encode` of an already tokenized batch."""
+        length_cap, dim = int(self.info.max_length or 0), self.info.dim
+        if not batch:
+            empty = torch.zeros(0, length_cap, dim, device=self.device, dtype=out_dtype)
+            return empty, torch.zeros(0, dtype=torch.long, device=self.device), empty[:, 0]
+        batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+        special = batch.pop("special_tokens_mask").bool()
+        inputs = batch
         attention = inputs["attention_mask"].bool()
         hidden = self.layer_index is not None
         with torch.no_grad():
@@ -75,10 +93,11 @@ class TransformerTextEncoder(TextEncoder):
         gathered = states.gather(1, order.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
         length = valid.sum(dim=1).clamp(max=length_cap)
         take = min(length_cap, gathered.shape[1])
-        tokens = torch.zeros(len(texts), length_cap, dim, device=self.device)
+        tokens = torch.zeros(len(length), length_cap, dim, device=self.device)
         keep = torch.arange(take, device=self.device).unsqueeze(0) < length.unsqueeze(1)
         tokens[:, :take] = gathered[:, :take] * keep.unsqueeze(-1)
-        return tokens, length.long(), _pool(last, attention, self.info.pooling or "cls")
+        pooled = _pool(last, attention, self.info.pooling or "cls")
+        return tokens.to(out_dtype), length.long(), pooled.to(out_dtype)
 
 
 def _pool(last: torch.Tensor, attention: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -151,8 +170,7 @@ def build_text_encoder(source: Source, options: Options, pooling: str | None = N
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = load_pretrained(AutoTokenizer, source, "tokenizer")
-    model = load_pretrained(AutoModel, source, "model", dtype=options.dtype)
-    model.eval().requires_grad_(False).to(options.device)
+    model = load_model(AutoModel, source, options)
     config = model.config
     num_layers = int(config.num_hidden_layers)
     layer_index = parse_layer(options.layer, num_layers)
@@ -160,7 +178,7 @@ def build_text_encoder(source: Source, options: Options, pooling: str | None = N
         alias=source.alias, model_id=source.model_id, revision=source.identity, weights=source.weights,
         modality="text", dim=int(config.hidden_size), layer="last" if layer_index is None else str(layer_index),
         image_size=None, patch_size=None, num_register_tokens=0, pooling=pooling or detect_pooling(source),
-        max_length=int(options.max_length),
+        max_length=int(options.max_length), compute_dtype=dtype_name(options.dtype),
     )
     return TransformerTextEncoder(info, model, tokenizer, layer_index=layer_index, device=options.device,
                                   dtype=options.dtype)

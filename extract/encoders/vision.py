@@ -13,6 +13,8 @@ from pipe_align.extract.encoders.base import (
     Options,
     Source,
     check_image_size,
+    dtype_name,
+    load_model,
     load_pretrained,
     parse_layer,
     processor_settings,
@@ -52,8 +54,7 @@ class TransformerImageEncoder(ImageEncoder):
 def build_image_encoder(source: Source, options: Options, model_class: Any, *, pooled_cls: bool = False,
                         interpolate_kwarg: bool = False) -> TransformerImageEncoder:
     """Load model and processor settings through transformers, then wrap them; used by every vision family."""
-    model = load_pretrained(model_class, source, "model", dtype=options.dtype)
-    model.eval().requires_grad_(False).to(options.device)
+    model = load_model(model_class, source, options)
     config = model.config
     settings = _processor(source)
     patch = int(config.patch_size)
@@ -65,6 +66,7 @@ def build_image_encoder(source: Source, options: Options, model_class: Any, *, p
         modality="image", dim=int(config.hidden_size),
         layer=_layer_name(options.layer, int(config.num_hidden_layers)),
         image_size=size, patch_size=patch, num_register_tokens=registers, pooling=None, max_length=None,
+        compute_dtype=dtype_name(options.dtype),
     )
     encoder = TransformerImageEncoder(
         info, model, layer_index=parse_layer(options.layer, int(config.num_hidden_layers)), prefix=1 + registers,
