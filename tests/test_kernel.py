@@ -79,7 +79,7 @@ def test_reference_matches_definition(tau):
     assert torch.allclose(got, definition(tokens, mask, anchors, tau), atol=1e-12)
 
 
-@pytest.mark.parametrize("tau", [0.03, 1.0, 0.005])
+@pytest.mark.parametrize("tau", [0.03, 1.0, 0.005, 0.002])  # 0.002: below the fixed-shift limit
 @pytest.mark.parametrize("block_t", [1, 4, 7, 64])
 def test_fused_matches_reference_float64(tau, block_t):
     tokens, mask, anchors = make_inputs()  # T = 23: not a multiple of 4 or 7, smaller than 64
@@ -179,16 +179,19 @@ def test_gradcheck_fused():
 
 def _wrong_bwd_block(r, bias, lse, c0, c1, inv_tau):
     """dR = g alpha (1 - (R - p) / tau), the sign of the softmax term flipped: what the tests must catch."""
-    alpha = torch.add(bias, r, alpha=inv_tau).sub_(lse[:, None]).exp_()
+    u = torch.add(bias, r, alpha=inv_tau)
+    alpha = (u if lse is None else u - lse[:, None]).exp()  # fixed-shift path: lse None, c0 and c1 pre-scaled
     g = c1 / inv_tau  # c0 = g (1 - p / tau), c1 = g / tau
     return (2 * g - c0)[:, None].sub(c1[:, None] * r).mul(alpha)
 
 
-def test_a_wrong_sign_is_caught(monkeypatch):
+@pytest.mark.parametrize("tau", [1.0, 0.002])  # the fixed-shift and the online-max path
+def test_a_wrong_sign_is_caught(monkeypatch, tau):
     tokens, mask, anchors = make_inputs()
-    _, gz_ref, ga_ref = values_and_grads(anchor_profiles_reference, tokens, mask, anchors, 1.0)
+    assert kernel.fixed_shift(tau, torch.float64) == (tau == 1.0)
+    _, gz_ref, ga_ref = values_and_grads(anchor_profiles_reference, tokens, mask, anchors, tau)
     monkeypatch.setattr(kernel, "_bwd_block", _wrong_bwd_block)
-    _, gz, ga = values_and_grads(anchor_profiles, tokens, mask, anchors, 1.0, block_t=4)
+    _, gz, ga = values_and_grads(anchor_profiles, tokens, mask, anchors, tau, block_t=4)
     assert not close(gz, gz_ref, 1e-6, 1e-8) and not close(ga, ga_ref, 1e-6, 1e-8)
 
 
