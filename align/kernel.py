@@ -166,18 +166,16 @@ class _BlockedProfiles(torch.autograd.Function):
         fwd_fixed, fwd_online, _ = _block_fns(compiled)
         bias = _mask_bias(valid[:, :t_end], inv_tau if fixed else 0.0, cd)[:, :, None]  # [B, t_end, 1]
 
-        tok_inv = torch.zeros(bsz, n_tok, dtype=cd, device=tokens.device)  # 1 / max(||z_bt||, EPS)
+        z_all = tokens.detach()
+        tok_inv = torch.zeros(bsz, n_tok, dtype=cd, device=tokens.device)  # 1 / max(||z_bt||, EPS), in one pass
+        tok_inv[:, :t_end] = torch.linalg.vector_norm(z_all[:, :t_end], dim=-1, dtype=cd).clamp_min_(EPS).reciprocal_()
         # Online path: the running max starts at a lower bound of every valid u = R / tau (|R| <= 1), so it is finite
         # from the start. Fixed path: the shift is 1 / tau throughout.
         m = torch.full((bsz, n_anc), inv_tau if fixed else -2.0 * inv_tau - 1.0, dtype=cd, device=tokens.device)
         lsum = torch.zeros(bsz, n_anc, dtype=cd, device=tokens.device)  # sum_t exp(u - m)
         s = torch.zeros(bsz, n_anc, dtype=cd, device=tokens.device)  # sum_t exp(u - m) R
-        z_all = tokens.detach()
         for t0, t1 in _blocks(t_end, block_t):
-            zb = z_all[:, t0:t1].to(cd)
-            ib = torch.linalg.vector_norm(zb, dim=-1).clamp_min_(EPS).reciprocal_()
-            tok_inv[:, t0:t1] = ib
-            zb = zb * ib[:, :, None]
+            zb = z_all[:, t0:t1] * tok_inv[:, t0:t1, None]  # in the compute dtype (type promotion), normalised
             r = (zb.reshape(-1, dim) @ an_t).view(bsz, t1 - t0, n_anc)
             if fixed:
                 fwd_fixed(r, bias[:, t0:t1], lsum, s, inv_tau)
@@ -219,7 +217,7 @@ class _BlockedProfiles(torch.autograd.Function):
         dan = torch.zeros_like(an) if want_a else None
         for t0, t1 in _blocks(t_end, block_t):
             ib = tok_inv[:, t0:t1]
-            zb = tokens[:, t0:t1].to(cd) * ib[:, :, None]
+            zb = tokens[:, t0:t1] * ib[:, :, None]
             r = (zb.reshape(-1, dim) @ an_t).view(bsz, t1 - t0, n_anc)
             dr = bwd_block(r, bias[:, t0:t1], lse, c0, c1, inv_tau).reshape(-1, n_anc)
             if dan is not None:

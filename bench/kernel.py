@@ -143,15 +143,16 @@ def worker_env(policy: str) -> dict[str, str]:
 
     if policy == "pipe":
         env.update(threads.policy(env))
-    return env | {"OMP_DISPLAY_ENV": "TRUE"}
+    return env | {"OMP_DISPLAY_ENV": "VERBOSE"}
 
 
 def _omp_settings(stderr: str) -> dict[str, str]:
-    """OMP_WAIT_POLICY and OMP_NUM_THREADS as libgomp read them when the worker loaded torch."""
+    """Wait settings as libgomp read them when the worker loaded torch. It shows OMP_WAIT_POLICY 'PASSIVE' also when
+    the variable is unset; GOMP_SPINCOUNT tells the two apart (0 under PASSIVE, 300000 by default)."""
     out = {}
     for line in stderr.splitlines():
         key, _, value = line.strip().partition(" = ")
-        if key in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS"):
+        if key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"):
             out[key] = value.strip("'")
     return out
 
@@ -206,8 +207,8 @@ def cpu_section(args: argparse.Namespace) -> dict:
             for t in args.T:
                 results[(load, t)] = r = measure(args, t, env)
                 if t == args.T[0]:
-                    print(f"-- load={load}: torch threads {r['threads']}; libgomp read OMP_WAIT_POLICY="
-                          f"{r['omp'].get('OMP_WAIT_POLICY', '?')}; load average before {la0:.2f}")
+                    print(f"-- load={load}: torch threads {r['threads']}; libgomp GOMP_SPINCOUNT "
+                          f"{r['omp'].get('GOMP_SPINCOUNT', '?')} (0: PASSIVE); load average before {la0:.2f}")
                     print(head)
                 ref = r["reference"]
                 for v in [x for x in ("reference", "fused", "compiled") if x in r]:
