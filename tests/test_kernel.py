@@ -92,6 +92,35 @@ def test_fused_matches_reference_float64(tau, block_t):
     assert gz_ref.abs().max() > 1e-3 and ga_ref.abs().max() > 1e-3  # the comparison is not between zeros
 
 
+@pytest.mark.parametrize("tau", [0.03, 0.01])  # float32: 0.03 (PAL default) takes the fixed shift, 0.01 the online max
+def test_float32_paths_match_reference(tau):
+    assert kernel.fixed_shift(tau, torch.float32) == (tau == 0.03)
+    tokens, mask, anchors = make_inputs(b=6, t=40, d=32, k=16, dtype=torch.float32, anchor_dtype=torch.float32)
+    t64, a64 = (x.detach().double().requires_grad_() for x in (tokens, anchors))
+    p_ref, gz_ref, ga_ref = values_and_grads(anchor_profiles_reference, t64, mask, a64, tau)
+    p, gz, ga = values_and_grads(anchor_profiles, tokens, mask, anchors, tau, block_t=8)
+    assert close(p, p_ref, 1e-5, 1e-6)
+    assert close(gz, gz_ref, 1e-4, 1e-5 * gz_ref.abs().max().item())
+    assert close(ga, ga_ref, 1e-4, 1e-5 * ga_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fixed_shift_at_its_limit_does_not_underflow(dtype):
+    """The smallest tau on the fixed-shift path, and a row whose every cosine is -1: its softmax terms are all
+    exp(-2 / tau), the smallest the path allows; they must stay nonzero (else the row would count as empty)."""
+    tau = 2.0 / kernel.FIXED_SHIFT_LIMIT[dtype]
+    assert kernel.fixed_shift(tau, dtype) and not kernel.fixed_shift(tau * 0.99, dtype)
+    tokens, mask, anchors = make_inputs(dtype=dtype, anchor_dtype=dtype)
+    with torch.no_grad():
+        tokens[0] = -anchors[0]  # row 0 (all valid): cos(z_t, a_0) = -1 for every token
+    p_ref, gz_ref, ga_ref = values_and_grads(anchor_profiles_reference, tokens, mask, anchors, tau)
+    p, gz, ga = values_and_grads(anchor_profiles, tokens, mask, anchors, tau, block_t=4)
+    assert abs(p[0, 0].item() + 1.0) < 1e-5
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert close(p, p_ref, tol, tol) and close(ga, ga_ref, tol, tol * ga_ref.abs().max().item())
+    assert torch.isfinite(gz).all()
+
+
 def test_default_block_is_used_and_long_sequences():
     tokens, mask, anchors = make_inputs(b=3, t=300, d=8, k=5, seed=3)
     assert kernel.default_block_t(3, 5) < 300  # several blocks
