@@ -210,14 +210,15 @@ def cpu_section(args: argparse.Namespace) -> dict:
                     print(f"-- load={load}: torch threads {r['threads']}; libgomp GOMP_SPINCOUNT "
                           f"{r['omp'].get('GOMP_SPINCOUNT', '?')} (0: PASSIVE); load average before {la0:.2f}")
                     print(head)
-                ref = r["reference"]
+                ref, fus = r["reference"], r["fused"]
                 for v in [x for x in ("reference", "fused", "compiled") if x in r]:
                     x = r[v]
                     print(f"{load:>5} {t:>4} {v:>9} {x['median_s']:>9.3f} {x['min_s']:>7.3f} {x['work_mb']:>8.0f} "
                           f"{x['median_s'] / ref['median_s']:>6.2f} {x['median_s'] / r['floor_s']:>7.2f}")
                 rates = ", ".join(f"{k} {v:.0f}" for k, v in r["gemm_gflops"].items())
-                fus = r["fused"]
-                print(f"{load:>5} {t:>4} GEMM GFLOP/s: {rates}; floor {r['floor_s']:.3f} s")
+                whole = floor_gemms(args.grad) * r["gemm"]["whole"]
+                print(f"{load:>5} {t:>4} GEMM GFLOP/s: {rates}; floor {r['floor_s']:.3f} s (at the whole GEMM's rate "
+                      f"{whole:.3f} s: fused/that {fus['median_s'] / whole:.2f}x)")
                 print(f"{load:>5} {t:>4} fused/reference: time {fus['median_s'] / ref['median_s']:.2f}x, working "
                       f"memory {fus['work_mb'] / ref['work_mb']:.3f}x; fused/floor "
                       f"{fus['median_s'] / r['floor_s']:.2f}x")
