@@ -82,14 +82,33 @@ def _last_valid(mask: Tensor) -> int:
     return int(cols[-1]) + 1 if cols.numel() else 0
 
 
-def _mask_bias(valid: Tensor, dtype: torch.dtype) -> Tensor:
-    """[B, n, 1] additive mask: 0 at valid tokens, -inf at padding (folded into the R / tau pass)."""
-    zero = torch.zeros((), dtype=dtype, device=valid.device)
-    return torch.where(valid, zero, float("-inf"))[:, :, None]
+def fixed_shift(tau_p: float, dtype: torch.dtype) -> bool:
+    """Whether exp(R / tau - 1 / tau) stays a normal float for every R in [-1, 1]: then the softmax needs no running
+    max (1 / tau is the largest possible logit, |R| <= 1), which saves two passes over every block and one in the
+    backward. Smaller tau_p (below about 0.025 in float32, 0.003 in float64) takes the online-max path."""
+    return 2.0 / tau_p <= FIXED_SHIFT_LIMIT[dtype]
+
+
+FIXED_SHIFT_LIMIT = {torch.float32: 80.0, torch.float64: 700.0}
+"""Largest -log of a softmax term allowed on the fixed-shift path: exp(-80) = 1.8e-35 and exp(-700) = 1e-304 are
+normal float32 / float64 numbers (no underflow, no slow denormals)."""
+
+
+def _mask_bias(valid: Tensor, shift: float, dtype: torch.dtype) -> Tensor:
+    """[B, n] additive bias of the logits: -shift at valid tokens, -inf at padding (exp(-inf) = 0: masked exactly)."""
+    out = torch.full(valid.shape, -shift, dtype=dtype, device=valid.device)
+    return out.masked_fill_(~valid, float("-inf"))
 
 
 def _blocks(t_end: int, block_t: int) -> list[tuple[int, int]]:
     return [(t0, min(t0 + block_t, t_end)) for t0 in range(0, t_end, block_t)]
+
+
+def _fwd_block_fixed(r: Tensor, bias: Tensor, lsum: Tensor, s: Tensor, inv_tau: float) -> None:
+    """Accumulate sum_t e and sum_t e R in place, e = exp(R / tau - 1 / tau) (the shift sits in `bias`)."""
+    e = torch.add(bias, r, alpha=inv_tau).exp_()
+    lsum += e.sum(dim=1)
+    s += e.mul_(r).sum(dim=1)
 
 
 def _fwd_block(r: Tensor, bias: Tensor, m: Tensor, lsum: Tensor, s: Tensor, inv_tau: float
@@ -104,10 +123,13 @@ def _fwd_block(r: Tensor, bias: Tensor, m: Tensor, lsum: Tensor, s: Tensor, inv_
     return m_new, lsum, s
 
 
-def _bwd_block(r: Tensor, bias: Tensor, lse: Tensor, c0: Tensor, c1: Tensor, inv_tau: float) -> Tensor:
-    """dR = g alpha (1 + (R - p) / tau) = alpha (c0 + c1 R), alpha = exp(R / tau - lse) (0 at padding)."""
-    alpha = torch.add(bias, r, alpha=inv_tau).sub_(lse[:, None]).exp_()
-    return torch.addcmul(c0[:, None], c1[:, None], r).mul_(alpha)
+def _bwd_block(r: Tensor, bias: Tensor, lse: Tensor | None, c0: Tensor, c1: Tensor, inv_tau: float) -> Tensor:
+    """dR = alpha (c0 + c1 R) with alpha = exp(R / tau + bias - lse) (0 at padding). On the fixed-shift path `lse` is
+    None: bias holds -1 / tau and c0, c1 come divided by sum_t e, which turns exp(R / tau - 1 / tau) into alpha."""
+    u = torch.add(bias, r, alpha=inv_tau)
+    if lse is not None:
+        u.sub_(lse[:, None])
+    return torch.addcmul(c0[:, None], c1[:, None], r).mul_(u.exp_())
 
 
 _COMPILED: dict[str, object] = {}
@@ -116,11 +138,11 @@ _COMPILED: dict[str, object] = {}
 def _block_fns(compiled: bool):
     """The per-block elementwise steps, eager or through torch.compile (fuses them into one loop each)."""
     if not compiled:
-        return _fwd_block, _bwd_block
+        return _fwd_block_fixed, _fwd_block, _bwd_block
     if not _COMPILED:
-        _COMPILED["fwd"] = torch.compile(_fwd_block)
-        _COMPILED["bwd"] = torch.compile(_bwd_block)
-    return _COMPILED["fwd"], _COMPILED["bwd"]
+        for name, fn in (("fixed", _fwd_block_fixed), ("fwd", _fwd_block), ("bwd", _bwd_block)):
+            _COMPILED[name] = torch.compile(fn)
+    return _COMPILED["fixed"], _COMPILED["fwd"], _COMPILED["bwd"]
 
 
 class _BlockedProfiles(torch.autograd.Function):
@@ -140,36 +162,42 @@ class _BlockedProfiles(torch.autograd.Function):
         an_t = an.T.contiguous()
         inv_tau = 1.0 / tau_p
         t_end = _last_valid(valid)
-        fwd_block, _ = _block_fns(compiled)
+        fixed = fixed_shift(tau_p, cd)
+        fwd_fixed, fwd_online, _ = _block_fns(compiled)
+        bias = _mask_bias(valid[:, :t_end], inv_tau if fixed else 0.0, cd)[:, :, None]  # [B, t_end, 1]
 
-        tok_inv = torch.zeros(bsz, n_tok, dtype=cd, device=tokens.device)  # 1 / max(||z_bt||, EPS)
-        # Running max starts at a lower bound of every valid u = R / tau (|R| <= 1), so it is finite from the start.
-        m = torch.full((bsz, n_anc), -2.0 * inv_tau - 1.0, dtype=cd, device=tokens.device)
+        z_all = tokens.detach()
+        tok_inv = torch.zeros(bsz, n_tok, dtype=cd, device=tokens.device)  # 1 / max(||z_bt||, EPS), in one pass
+        tok_inv[:, :t_end] = torch.linalg.vector_norm(z_all[:, :t_end], dim=-1, dtype=cd).clamp_min_(EPS).reciprocal_()
+        # Online path: the running max starts at a lower bound of every valid u = R / tau (|R| <= 1), so it is finite
+        # from the start. Fixed path: the shift is 1 / tau throughout.
+        m = torch.full((bsz, n_anc), inv_tau if fixed else -2.0 * inv_tau - 1.0, dtype=cd, device=tokens.device)
         lsum = torch.zeros(bsz, n_anc, dtype=cd, device=tokens.device)  # sum_t exp(u - m)
         s = torch.zeros(bsz, n_anc, dtype=cd, device=tokens.device)  # sum_t exp(u - m) R
-        z_all = tokens.detach()
         for t0, t1 in _blocks(t_end, block_t):
-            zb = z_all[:, t0:t1].to(cd)
-            ib = 1.0 / torch.linalg.vector_norm(zb, dim=-1).clamp_min(EPS)
-            tok_inv[:, t0:t1] = ib
-            zb = zb * ib[:, :, None]
+            zb = z_all[:, t0:t1] * tok_inv[:, t0:t1, None]  # in the compute dtype (type promotion), normalised
             r = (zb.reshape(-1, dim) @ an_t).view(bsz, t1 - t0, n_anc)
-            m, lsum, s = fwd_block(r, _mask_bias(valid[:, t0:t1], cd), m, lsum, s, inv_tau)
+            if fixed:
+                fwd_fixed(r, bias[:, t0:t1], lsum, s, inv_tau)
+            else:
+                m, lsum, s = fwd_online(r, bias[:, t0:t1], m, lsum, s, inv_tau)
             del zb, r  # free this block's temporaries before the next block allocates its own
         row = lsum > 0
         lsum_safe = torch.where(row, lsum, torch.ones_like(lsum))
         p = torch.where(row, s / lsum_safe, torch.zeros_like(s))
-        lse = torch.where(row, m + torch.log(lsum_safe), torch.zeros_like(m))  # alpha = exp(u - lse)
-        ctx.save_for_backward(tokens, valid, tok_inv, an, a_inv, a_norm, lse, p)
-        ctx.cfg = (tau_p, block_t, t_end, anchors.dtype, compiled)
+        # alpha = exp(u - lse); the fixed path keeps 1 / sum_t e instead (0 for empty rows) and folds it into c0, c1
+        stat = torch.where(row, 1.0 / lsum_safe, torch.zeros_like(s)) if fixed else \
+            torch.where(row, m + torch.log(lsum_safe), torch.zeros_like(m))
+        ctx.save_for_backward(tokens, valid, tok_inv, an, a_inv, a_norm, stat, p)
+        ctx.cfg = (tau_p, block_t, t_end, anchors.dtype, compiled, fixed)
         return p
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_p: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None, None]:
-        tokens, valid, tok_inv, an, a_inv, a_norm, lse, p = ctx.saved_tensors
-        tau_p, block_t, t_end, anchor_dtype, compiled = ctx.cfg
-        _, bwd_block = _block_fns(compiled)
+        tokens, valid, tok_inv, an, a_inv, a_norm, stat, p = ctx.saved_tensors
+        tau_p, block_t, t_end, anchor_dtype, compiled, fixed = ctx.cfg
+        bwd_block = _block_fns(compiled)[2]
         want_z, _, want_a = ctx.needs_input_grad[:3]
         cd = an.dtype
         bsz, n_tok, dim = tokens.shape
@@ -179,13 +207,19 @@ class _BlockedProfiles(torch.autograd.Function):
         g = grad_p.to(cd)
         c0 = g * (1.0 - p * inv_tau)
         c1 = g * inv_tau
+        lse = None
+        if fixed:
+            c0, c1 = c0 * stat, c1 * stat
+        else:
+            lse = stat
+        bias = _mask_bias(valid[:, :t_end], inv_tau if fixed else 0.0, cd)[:, :, None]
         dz = torch.zeros_like(tokens) if want_z else None  # columns past t_end are padding: zero gradient
         dan = torch.zeros_like(an) if want_a else None
         for t0, t1 in _blocks(t_end, block_t):
             ib = tok_inv[:, t0:t1]
-            zb = tokens[:, t0:t1].to(cd) * ib[:, :, None]
+            zb = tokens[:, t0:t1] * ib[:, :, None]
             r = (zb.reshape(-1, dim) @ an_t).view(bsz, t1 - t0, n_anc)
-            dr = bwd_block(r, _mask_bias(valid[:, t0:t1], cd), lse, c0, c1, inv_tau).reshape(-1, n_anc)
+            dr = bwd_block(r, bias[:, t0:t1], lse, c0, c1, inv_tau).reshape(-1, n_anc)
             if dan is not None:
                 dan.addmm_(dr.T, zb.reshape(-1, dim))
             if dz is not None:

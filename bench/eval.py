@@ -158,6 +158,7 @@ def build(base: Path, images: int, mask_size: int) -> dict:
 
 
 def seg_worker(args: argparse.Namespace) -> dict:
+    importlib.import_module("pipe_align.pipelines")  # first, as in `pipe`: its thread policy precedes torch
     import torch  # noqa: F401 - imported before the baseline RSS, as are the eval modules
 
     import pipe_align.evaluate.segmentation  # noqa: F401

@@ -43,6 +43,7 @@ from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import resolve_device
 from pipe_align.extract.shards import prefetch
 from pipe_align.extract.store import read_json_attrs
+from pipe_align.pipelines import threads
 
 ImageInput = str | Path | Image.Image | Tensor
 # Loaded encoder attributes that must equal the recorded ones (model_id is left out: a prepared folder's path
@@ -121,6 +122,7 @@ def build_encoder(spec: EncoderSpec, run: Path, device: str):
 
 def load(run: str | Path, device: str = "auto", batch_size: int = 32) -> AlignedModel:
     """The trained alignment of a run dir with its two frozen encoders, ready to apply (see the module docstring)."""
+    threads.check()  # the thread policy was applied when pipe_align.pipelines was imported (docs/kernel.md)
     run = Path(run)
     meta = read_run(run)
     if meta.get("complete") is False:

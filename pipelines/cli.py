@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from pipe_align.extract.errors import PipeError
+from pipe_align.pipelines import threads
 from pipe_align.pipelines.options import dataclass_options, parse_bytes, parse_options, with_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     try:
+        threads.check()  # the policy itself was set when pipe_align.pipelines was imported, before torch
         rv = app(args=argv, standalone_mode=False)
     except PipeError as e:
         typer.echo(f"error: {e}", err=True)

@@ -79,7 +79,7 @@ def test_reference_matches_definition(tau):
     assert torch.allclose(got, definition(tokens, mask, anchors, tau), atol=1e-12)
 
 
-@pytest.mark.parametrize("tau", [0.03, 1.0, 0.005])
+@pytest.mark.parametrize("tau", [0.03, 1.0, 0.005, 0.002])  # 0.002: below the fixed-shift limit
 @pytest.mark.parametrize("block_t", [1, 4, 7, 64])
 def test_fused_matches_reference_float64(tau, block_t):
     tokens, mask, anchors = make_inputs()  # T = 23: not a multiple of 4 or 7, smaller than 64
@@ -90,6 +90,35 @@ def test_fused_matches_reference_float64(tau, block_t):
     assert close(gz, gz_ref, 1e-9, 1e-10)
     assert close(ga, ga_ref, 1e-9, 1e-10)
     assert gz_ref.abs().max() > 1e-3 and ga_ref.abs().max() > 1e-3  # the comparison is not between zeros
+
+
+@pytest.mark.parametrize("tau", [0.03, 0.01])  # float32: 0.03 (PAL default) takes the fixed shift, 0.01 the online max
+def test_float32_paths_match_reference(tau):
+    assert kernel.fixed_shift(tau, torch.float32) == (tau == 0.03)
+    tokens, mask, anchors = make_inputs(b=6, t=40, d=32, k=16, dtype=torch.float32, anchor_dtype=torch.float32)
+    t64, a64 = (x.detach().double().requires_grad_() for x in (tokens, anchors))
+    p_ref, gz_ref, ga_ref = values_and_grads(anchor_profiles_reference, t64, mask, a64, tau)
+    p, gz, ga = values_and_grads(anchor_profiles, tokens, mask, anchors, tau, block_t=8)
+    assert close(p, p_ref, 1e-5, 1e-6)
+    assert close(gz, gz_ref, 1e-4, 1e-5 * gz_ref.abs().max().item())
+    assert close(ga, ga_ref, 1e-4, 1e-5 * ga_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fixed_shift_at_its_limit_does_not_underflow(dtype):
+    """The smallest tau on the fixed-shift path, and a row whose every cosine is -1: its softmax terms are all
+    exp(-2 / tau), the smallest the path allows; they must stay nonzero (else the row would count as empty)."""
+    tau = 2.0 / kernel.FIXED_SHIFT_LIMIT[dtype]
+    assert kernel.fixed_shift(tau, dtype) and not kernel.fixed_shift(tau * 0.99, dtype)
+    tokens, mask, anchors = make_inputs(dtype=dtype, anchor_dtype=dtype)
+    with torch.no_grad():
+        tokens[0] = -anchors[0]  # row 0 (all valid): cos(z_t, a_0) = -1 for every token
+    p_ref, gz_ref, ga_ref = values_and_grads(anchor_profiles_reference, tokens, mask, anchors, tau)
+    p, gz, ga = values_and_grads(anchor_profiles, tokens, mask, anchors, tau, block_t=4)
+    assert abs(p[0, 0].item() + 1.0) < 1e-5
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert close(p, p_ref, tol, tol) and close(ga, ga_ref, tol, tol * ga_ref.abs().max().item())
+    assert torch.isfinite(gz).all()
 
 
 def test_default_block_is_used_and_long_sequences():
@@ -179,16 +208,19 @@ def test_gradcheck_fused():
 
 def _wrong_bwd_block(r, bias, lse, c0, c1, inv_tau):
     """dR = g alpha (1 - (R - p) / tau), the sign of the softmax term flipped: what the tests must catch."""
-    alpha = torch.add(bias, r, alpha=inv_tau).sub_(lse[:, None]).exp_()
+    u = torch.add(bias, r, alpha=inv_tau)
+    alpha = (u if lse is None else u - lse[:, None]).exp()  # fixed-shift path: lse None, c0 and c1 pre-scaled
     g = c1 / inv_tau  # c0 = g (1 - p / tau), c1 = g / tau
     return (2 * g - c0)[:, None].sub(c1[:, None] * r).mul(alpha)
 
 
-def test_a_wrong_sign_is_caught(monkeypatch):
+@pytest.mark.parametrize("tau", [1.0, 0.002])  # the fixed-shift and the online-max path
+def test_a_wrong_sign_is_caught(monkeypatch, tau):
     tokens, mask, anchors = make_inputs()
-    _, gz_ref, ga_ref = values_and_grads(anchor_profiles_reference, tokens, mask, anchors, 1.0)
+    assert kernel.fixed_shift(tau, torch.float64) == (tau == 1.0)
+    _, gz_ref, ga_ref = values_and_grads(anchor_profiles_reference, tokens, mask, anchors, tau)
     monkeypatch.setattr(kernel, "_bwd_block", _wrong_bwd_block)
-    _, gz, ga = values_and_grads(anchor_profiles, tokens, mask, anchors, 1.0, block_t=4)
+    _, gz, ga = values_and_grads(anchor_profiles, tokens, mask, anchors, tau, block_t=4)
     assert not close(gz, gz_ref, 1e-6, 1e-8) and not close(ga, ga_ref, 1e-6, 1e-8)
 
 
