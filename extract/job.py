@@ -12,6 +12,7 @@ import torch
 
 from pipe_align.extract.datasets import DATASETS, get_dataset
 from pipe_align.extract.datasets.base import is_blank
+from pipe_align.extract.datasets.prompt_sets import PROMPT_SETS, prompt_set, prompt_store_suffix
 from pipe_align.extract.encoders.base import Options, Source, check_image_size
 from pipe_align.extract.encoders.registry import build_encoder, resolve_source
 from pipe_align.extract.errors import PipeError
@@ -36,6 +37,7 @@ class ExtractConfig:
     max_length: int = 64
     text: str = "auto"  # "captions", "prompts" (class templates) or "auto" (captions when the set has them)
     templates: tuple[str, ...] | None = None  # override the dataset's prompt templates
+    prompts: str = "standard"  # named prompt set of class-prompt stores: "standard" or "pal" (datasets/prompt_sets.py)
     resize: str = "auto"  # image encoders: "crop", "squash", or "auto" (squash when the set has masks)
     strict: bool = False  # a corrupt image fails the run instead of being skipped
     shard_rows: int | None = None
@@ -101,6 +103,12 @@ def check_config(cfg: ExtractConfig) -> None:
         raise PipeError(f"--resize must be auto, crop or squash, got {cfg.resize!r}")
     if cfg.text not in ("auto", "captions", "prompts"):
         raise PipeError(f"--text must be auto, captions or prompts, got {cfg.text!r}")
+    if cfg.prompts not in PROMPT_SETS:
+        raise PipeError(f"--prompts must be one of {', '.join(PROMPT_SETS)}, got {cfg.prompts!r}")
+    if cfg.prompts != "standard" and cfg.templates:
+        raise PipeError(f"--prompts {cfg.prompts} brings its own templates; --templates applies to the standard set")
+    if cfg.prompts != "standard" and cfg.text == "captions":
+        raise PipeError(f"--prompts {cfg.prompts} names class prompts; it does not apply to --text captions")
 
 
 def _no_classes(cfg: ExtractConfig, dataset) -> PipeError:
@@ -124,6 +132,8 @@ def plan(cfg: ExtractConfig) -> Job:
     limit = len(images) if cfg.limit is None else min(cfg.limit, len(images))
     classes = tuple(dataset.classes) if dataset.classes is not None else None
     if info["modality"] == "image":
+        if cfg.prompts != "standard":
+            raise PipeError(f"--prompts {cfg.prompts} applies to text encoders (class prompts), not {cfg.encoder}")
         resize = cfg.resize if cfg.resize != "auto" else ("squash" if dataset.has_masks() else "crop")
         rows = images[:limit]
         if not rows:
@@ -134,6 +144,9 @@ def plan(cfg: ExtractConfig) -> Job:
     else:
         mode = _text_mode(cfg, dataset)
         if mode == "captions":
+            if cfg.prompts != "standard":
+                raise PipeError(f"--prompts {cfg.prompts} names class prompts, but {cfg.dataset} gives captions; add "
+                                "--text prompts")  # fmt: skip
             caps = dataset.captions()
             if caps is None:
                 raise PipeError(f"dataset {cfg.dataset} has no captions; use --text prompts")
@@ -145,10 +158,12 @@ def plan(cfg: ExtractConfig) -> Job:
             templates = tuple(cfg.templates) if cfg.templates else tuple(dataset.templates())
             if not templates or any("{}" not in t for t in templates):
                 raise PipeError(f"--templates: every template needs a '{{}}' for the class name, got {templates}")
-            text_rows = [
-                (f"{ci}:{ti}", t.replace("{}", c), ci) for ci, c in enumerate(classes) for ti, t in enumerate(templates)
-            ]
-            extra = {"classes": classes, "templates": templates}
+            ps = prompt_set(cfg.prompts, dataset.name, classes, templates)
+            text_rows = [(f"{ci}:{ti}", t.replace("{}", c), ci)
+                         for ci, c in enumerate(ps.names) for ti, t in enumerate(ps.templates)]  # fmt: skip
+            extra = {"classes": classes, "templates": ps.templates}
+            if ps.name != "standard":  # standard stores keep the attributes they always had
+                extra |= {"prompts": ps.name, "prompt_names": ps.names}
         for rid, text, _ in text_rows:
             if is_blank(text):
                 raise PipeError(f"dataset {cfg.dataset} split {cfg.split}: caption {rid} is empty ({text!r} has no "
@@ -159,11 +174,12 @@ def plan(cfg: ExtractConfig) -> Job:
     count = len(rows) if rows is not None else len(text_rows)
     per_chunk, per_shard = default_rows(tokens, info["dim"], count, cfg.shard_rows)
     origin = {"root": None if cfg.root is None else str(cfg.root), "options": dict(cfg.options), "limit": cfg.limit}
+    name = dataset.store_name or cfg.dataset  # `coco` -> coco2017: a store path tells the two years apart
     layout = StoreLayout(
-        modality=info["modality"], encoder=info, dataset=cfg.dataset, split=cfg.split, count=count, tokens=tokens,
+        modality=info["modality"], encoder=info, dataset=name, split=cfg.split, count=count, tokens=tokens,
         dim=info["dim"], rows_per_chunk=per_chunk, rows_per_shard=per_shard, dtype=cfg.dtype, origin=origin, **extra,
     )  # fmt: skip
-    suffix = ".prompts" if info["modality"] == "text" and "templates" in extra else ""
-    path = store_path(cfg.features, cfg.dataset, cfg.split, cfg.encoder)
+    suffix = prompt_store_suffix(cfg.prompts) if info["modality"] == "text" and "templates" in extra else ""
+    path = store_path(cfg.features, name, cfg.split, cfg.encoder)
     path = path.with_name(path.name.replace(".zarr", f"{suffix}.zarr"))
     return Job(cfg, dataset, enc, layout, str(path), image_rows=rows, text_rows=text_rows)
