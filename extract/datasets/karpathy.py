@@ -85,8 +85,8 @@ class KarpathyCaptions(CaptionFiles):
         """The folder under which each entry's `filepath`/`filename` lies: one of `image_dirs` under --root (or under
         the folder above, when --root is the caption_datasets/ folder itself). Decided by where the split's first
         image is, so a folder that exists but holds something else (root/. always exists) never wins."""
-        ok = lambda e: isinstance(e.get("filename"), str) and isinstance(e.get("filepath", ""), str)  # noqa: E731
-        first = next((e for e in entries if isinstance(e, dict) and e.get("split") in wanted and ok(e)), None)
+        ok = lambda e: all(isinstance(e.get(k, ""), str) for k in ("filename", "filepath", "split"))  # noqa: E731
+        first = next((e for e in entries if isinstance(e, dict) and ok(e) and e.get("split") in wanted), None)
         cands = list(self.image_dirs)
         if self.json_file.parent == self.root and self.root.name == "caption_datasets":
             cands += [f"../{d}" for d in self.image_dirs]
