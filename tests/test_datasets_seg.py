@@ -104,6 +104,13 @@ def test_voc_trainaug_reads_the_augmented_masks(tmp_path):
     with Image.open(year / "SegmentationClass" / f"{official.images()[0].id}.png") as img:
         assert img.mode == "P"
     assert (official.load_mask(0) == 255).any()  # object borders are void
+    # mmseg's voc_aug.py converts SBD's masks only: a VOC-train id SBD lacks keeps its official mask
+    first = ids[0]
+    (year / "SegmentationClassAug" / f"{first}.png").unlink()
+    mixed = get_dataset("voc", root, "trainaug")
+    assert np.array_equal(mixed.load_mask(0), file_mask(year / "SegmentationClass" / f"{first}.png"))
+    (year / "SegmentationClass" / f"{first}.png").unlink()
+    raises(f"'{first}' with no mask in", get_dataset, "voc", root, "trainaug")
     shutil.rmtree(year / "SegmentationClassAug")
     raises("SegmentationClassAug", get_dataset, "voc", root, "trainaug")
 
@@ -347,6 +354,10 @@ def test_pascal_context_segmentation_under_both_protocols(pc_env, tiny_bert, cap
     code = main(seg(env, "pascal-context", "pal"))  # no pal prompt store: no fallback to the standard prompts
     err = one_line_error(capsys, code, "no pal class-prompt store", ".pal.prompts.zarr", "--prompts pal")
     command = err.split("create it with: ", 1)[1].strip().split()
+    pal_path = Path(err.split("no pal class-prompt store at ", 1)[1].split(";")[0])
+    shutil.copytree(pal_path.with_name(pal_path.name.replace(".pal.prompts", ".prompts")), pal_path)  # a renamed copy
+    one_line_error(capsys, main(seg(env, "pascal-context", "pal")), "holds the standard prompt set, not pal")
+    shutil.rmtree(pal_path)
     assert main(command[1:] + ["--no-progress"]) == 0  # the command it names writes the store it needs
     capsys.readouterr()
     assert main(seg(env, "pascal-context", "pal")) == 0
@@ -364,3 +375,41 @@ def test_voc_test_split_is_refused_for_segmentation(pc_env, tiny_dinov2, tiny_be
     code = main(["eval", "segmentation", "--run", str(env["run"]), "--dataset", "voc", "--split", "test", "--features",
                  str(env["feats"]), "--root", str(voc), "--protocol", "standard", "--no-figures"])  # fmt: skip
     one_line_error(capsys, code, "has no segmentation masks")
+
+
+def test_pal_protocol_on_a_set_the_authors_never_evaluated_says_so(pc_env, world_features, capsys):
+    """The world has no pal prompt set: --protocol pal scores with its standard prompts, noted and recorded."""
+    run = pc_env["run"]
+    code = main(["eval", "segmentation", "--run", str(run), "--dataset", "world", "--split", "val", "--features",
+                 str(world_features), "-o", "size=8", "--protocol", "pal", "--no-figures"])  # fmt: skip
+    assert code == 0
+    assert "wrote no prompts for world" in capsys.readouterr().err
+    res = json.loads((run / "eval" / "segmentation-world-val-pal.json").read_text())
+    assert res["config"]["prompts"] == "standard" and res["config"]["text_store"].endswith("bert.prompts.zarr")
+
+
+def test_eval_finds_coco_stores_under_the_years_name(pc_env, tiny_dinov2, tiny_bert, tmp_path, capsys):
+    root, feats, run = tmp_path / "coco", pc_env["feats"], pc_env["run"]
+    coco_year(root, 2017)
+    coco_year(root, 2014)
+    common = ["--features", str(feats), "--root", str(root), "--split", "val", "--no-progress"]
+    for dataset in ("coco", "coco2014"):
+        assert main(["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", dataset, *common]) == 0
+        assert main(["extract", "--encoder", f"hf:{tiny_bert}", "--dataset", dataset, "--text", "captions",
+                     *common]) == 0  # fmt: skip
+    assert not (feats / "coco").exists() and (feats / "coco2017" / "val").is_dir()
+
+    def retrieval(dataset: str) -> int:
+        return main(["eval", "retrieval", "--run", str(run), "--dataset", dataset, "--split", "val", "--features",
+                     str(feats), "--no-figures"])  # fmt: skip
+
+    assert retrieval("coco") == 2  # both years' stores exist: the name must say which
+    one_line_error(capsys, 2, "coco2014", "coco2017", "--dataset")
+    for dataset in ("coco2014", "coco2017"):
+        assert retrieval(dataset) == 0
+        res = json.loads((run / "eval" / f"retrieval-{dataset}-val.json").read_text())
+        assert f"/{dataset}/val/" in res["config"]["image_store"]
+    shutil.rmtree(feats / "coco2014")
+    assert retrieval("coco") == 0
+    res = json.loads((run / "eval" / "retrieval-coco-val.json").read_text())
+    assert "/coco2017/val/" in res["config"]["image_store"] and res["images"] == 1

@@ -24,7 +24,7 @@ from pipe_align.extract.datasets.base import (
     register_dataset,
     require_root,
 )
-from pipe_align.extract.datasets.voc import find_year, read_split
+from pipe_align.extract.datasets.voc import find_year, mask_files, read_split
 
 # mmsegmentation's PascalContextDataset class names (mask value = index); PascalContextDataset59 is [1:].
 PASCAL_CONTEXT_CLASSES = [
@@ -51,7 +51,8 @@ class PascalContext(Dataset):
         super().__init__(root, split)
         self.root = find_year(self.name, require_root(self.name, root), "VOC2010", SETS_DIR)
         split_file = self.root / "ImageSets" / SETS_DIR / f"{split}.txt"
-        ids, self._paths = read_split(self.name, self.root, split_file, self.root / MASK_DIR)
+        ids, self._paths = read_split(self.root, split_file)
+        self._masks = mask_files(self.name, ids, split_file, self.root / MASK_DIR)
         self._records = [ImageRecord(i) for i in ids]
         self.classes = list(PASCAL_CONTEXT_CLASSES)
 
@@ -65,7 +66,7 @@ class PascalContext(Dataset):
         return True
 
     def load_mask(self, i: int) -> np.ndarray:
-        return read_index_png(self.root / MASK_DIR / f"{self._records[i].id}.png", image_size(self._paths[i]))
+        return read_index_png(self._masks[i], image_size(self._paths[i]))
 
 
 @register_dataset("pascal-context-59")

@@ -45,21 +45,40 @@ def find_year(name: str, root: Path, year: str, sets: str) -> Path:
                       f"the VOC layout ({year}: JPEGImages/ and ImageSets/{sets}/)")  # fmt: skip
 
 
-def read_split(name: str, root: Path, split_file: Path, mask_dir: Path | None) -> tuple[list[str], list[Path]]:
-    """Ids of a split file, their JPEGs, and (when `mask_dir` is given) a check that every id has its mask."""
+def read_split(root: Path, split_file: Path) -> tuple[list[str], list[Path]]:
+    """Ids of a split file and their JPEGs."""
     ids = read_id_list(split_file)
     jpgs = stems(root / "JPEGImages", (".jpg", ".jpeg"))
     missing = next((i for i in ids if i not in jpgs), None)
     if missing is not None:
         raise PipeError(f"split file {split_file} names image '{missing}' absent from {root / 'JPEGImages'}")
-    if mask_dir is not None:
-        if not mask_dir.is_dir():
-            raise PipeError(f"dataset '{name}': mask folder not found: {mask_dir} (split file {split_file})")
-        pngs = stems(mask_dir, (".png",))
-        missing = next((i for i in ids if i not in pngs), None)
-        if missing is not None:
-            raise PipeError(f"split file {split_file} names image '{missing}' with no mask in {mask_dir}")
     return ids, [jpgs[i] for i in ids]
+
+
+def mask_files(name: str, ids: list[str], split_file: Path, mask_dir: Path) -> list[Path]:
+    """Every id's <id>.png in `mask_dir`, or a one-line error naming the first id without one."""
+    if not mask_dir.is_dir():
+        raise PipeError(f"dataset '{name}': mask folder not found: {mask_dir} (split file {split_file})")
+    pngs = stems(mask_dir, (".png",))
+    missing = next((i for i in ids if i not in pngs), None)
+    if missing is not None:
+        raise PipeError(f"split file {split_file} names image '{missing}' with no mask in {mask_dir}")
+    return [pngs[i] for i in ids]
+
+
+def aug_masks(name: str, root: Path, ids: list[str], split_file: Path) -> list[Path]:
+    """trainaug masks: SegmentationClassAug/<id>.png (SBD's, grey indices), else the official palette mask. The DeepLab
+    zip holds all 10,582; mmseg's voc_aug.py converts SBD's only, and its config reads VOC-train ids that SBD lacks
+    from SegmentationClass: so does this."""
+    aug, official = root / "SegmentationClassAug", root / "SegmentationClass"
+    if not aug.is_dir():
+        raise PipeError(f"dataset '{name}': mask folder not found: {aug} (split file {split_file})")
+    found = stems(aug, (".png",))
+    extra = stems(official, (".png",)) if official.is_dir() else {}
+    missing = next((i for i in ids if i not in found and i not in extra), None)
+    if missing is not None:
+        raise PipeError(f"split file {split_file} names image '{missing}' with no mask in {aug} or {official}")
+    return [found.get(i) or extra[i] for i in ids]
 
 
 @register_dataset("voc")
@@ -74,13 +93,14 @@ class VOCSegmentation(Dataset):
         self.root = find_year(self.name, require_root(self.name, root), "VOC2012", "Segmentation")
         self.image_dir = self.root / "JPEGImages"
         folder = MASK_DIRS.get(split, "SegmentationClass")  # other split files (a user's own) use the official masks
-        self.mask_dir = self.root / folder if folder else None
         split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
-        # official masks are optional for train/val (captions or prompts alone); the Aug masks are what trainaug is
-        need = split == "trainaug" or (self.mask_dir is not None and self.mask_dir.is_dir())
-        ids, self._paths = read_split(self.name, self.root, split_file, self.mask_dir if need else None)
-        self._masks = need
+        ids, self._paths = read_split(self.root, split_file)
         self._records = [ImageRecord(i) for i in ids]
+        self._mask_paths: list[Path] | None = None  # official masks are optional for train/val (prompts, captions)
+        if folder == "SegmentationClassAug":
+            self._mask_paths = aug_masks(self.name, self.root, ids, split_file)
+        elif folder is not None and (self.root / folder).is_dir():
+            self._mask_paths = mask_files(self.name, ids, split_file, self.root / folder)
         names = self.root / CLASSES_FILE
         self.classes = read_name_list(names) if names.is_file() else list(VOC_CLASSES)
 
@@ -91,11 +111,11 @@ class VOCSegmentation(Dataset):
         return open_rgb(self._paths[i])
 
     def has_masks(self) -> bool:
-        return self._masks
+        return self._mask_paths is not None
 
     def load_mask(self, i: int) -> np.ndarray:
-        if not self._masks:
+        if self._mask_paths is None:
             if self.split == "test":
                 raise PipeError("dataset 'voc': the test split has no public masks (evaluate it on the VOC server)")
             return super().load_mask(i)
-        return read_index_png(self.mask_dir / f"{self._records[i].id}.png", image_size(self._paths[i]))
+        return read_index_png(self._mask_paths[i], image_size(self._paths[i]))
