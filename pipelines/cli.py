@@ -153,6 +153,33 @@ def demo(
 
 
 @app.command()
+def reproduce(
+    recipe: str = typer.Argument(..., help="A recipe TOML file, or the name of a shipped one (pal-paper)."),
+    out: Path | None = typer.Option(None, help="Output folder: runs, table.md, table.json [reproduce-<recipe>]."),
+    features: Path | None = typer.Option(None, help="Feature store folder [OUT/features]."),
+    data: Path | None = typer.Option(None, help="Folder that relative dataset roots resolve against [the recipe's]."),
+    root: list[str] = typer.Option([], help="NAME=PATH: a dataset's root (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="KEY=VALUE: override any recipe key (train.epochs=2)."),
+    only: str | None = typer.Option(None, help="Comma-separated datasets and/or methods to keep."),
+    skip: str | None = typer.Option(None, help="Comma-separated datasets and/or methods to leave out."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(32, help="Rows per encoder forward (extraction)."),
+    figures: bool = typer.Option(True, help="Write each evaluation's figures."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Run a paper recipe end to end (extract -> align -> eval, resumable) and write the table beside the paper's
+    published numbers (docs/reproduce.md)."""
+    from pipe_align.pipelines.recipe import load_recipe
+    from pipe_align.pipelines.reproduce import ReproduceConfig, run_reproduce
+
+    r = load_recipe(recipe, data=data, roots=root, sets=set_)
+    names = [tuple(n for n in (v or "").split(",") if n) for v in (only, skip)]
+    run_reproduce(ReproduceConfig(recipe=r, out=str(out or f"reproduce-{r.name}"), features=str(features) if features
+                                  else None, device=device, batch_size=batch_size, only=names[0], skip=names[1],
+                                  figures=figures, progress=progress))  # fmt: skip
+
+
+@app.command()
 def info(store: Path = typer.Argument(..., help="A feature store folder (.zarr).")) -> None:
     """Shapes, encoder, dataset, size on disk and completeness of a store."""
     from pipe_align.extract.store import open_store

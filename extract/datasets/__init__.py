@@ -3,7 +3,19 @@
 Importing this package imports every reader module, which registers it by name (see base.register_dataset).
 """
 
-from pipe_align.extract.datasets import ade20k, coco, fashion_mnist, imagefolder, karpathy, pascal_context, voc, world  # noqa: F401,E501  (register)
+from pipe_align.extract.datasets import (  # noqa: F401  (register)
+    ade20k,
+    cifar,
+    coco,
+    fashion_mnist,
+    imagefolder,
+    imagenet,
+    karpathy,
+    pascal_context,
+    stl10,
+    voc,
+    world,
+)
 from pipe_align.extract.datasets.base import (
     CLIP_TEMPLATES,
     DATASETS,
