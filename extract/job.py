@@ -37,7 +37,7 @@ class ExtractConfig:
     max_length: int = 64
     text: str = "auto"  # "captions", "prompts" (class templates) or "auto" (captions when the set has them)
     templates: tuple[str, ...] | None = None  # override the dataset's prompt templates
-    prompts: str = "standard"  # named prompt set of class-prompt stores: "standard" or "pal" (datasets/prompt_sets.py)
+    prompts: str = "standard"  # class-prompt set, "standard" or "pal" (datasets/prompt_sets.py); image stores ignore it
     resize: str = "auto"  # image encoders: "crop", "squash", or "auto" (squash when the set has masks)
     strict: bool = False  # a corrupt image fails the run instead of being skipped
     shard_rows: int | None = None
@@ -132,8 +132,6 @@ def plan(cfg: ExtractConfig) -> Job:
     limit = len(images) if cfg.limit is None else min(cfg.limit, len(images))
     classes = tuple(dataset.classes) if dataset.classes is not None else None
     if info["modality"] == "image":
-        if cfg.prompts != "standard":
-            raise PipeError(f"--prompts {cfg.prompts} applies to text encoders (class prompts), not {cfg.encoder}")
         resize = cfg.resize if cfg.resize != "auto" else ("squash" if dataset.has_masks() else "crop")
         rows = images[:limit]
         if not rows:

@@ -294,7 +294,7 @@ def test_pal_prompts_use_the_authors_names_and_templates(tmp_path, tiny_bert):
     assert not any(" other." in t for t in prompt_texts(ade))
 
 
-def test_pal_prompts_refused_where_the_authors_wrote_none(tmp_path, tiny_bert, tiny_dinov2, capsys):
+def test_pal_prompts_refused_where_the_authors_wrote_none(tmp_path, tiny_bert, capsys):
     base = ["extract", "--features", str(tmp_path / "f"), "--no-progress", "--split", "val"]
     code = main([*base, "--encoder", f"hf:{tiny_bert}", "--dataset", "world", "-o", "size=4", "--text", "prompts",
                  "--prompts", "pal"])  # fmt: skip
@@ -307,8 +307,6 @@ def test_pal_prompts_refused_where_the_authors_wrote_none(tmp_path, tiny_bert, t
     code = main([*base, "--encoder", f"hf:{tiny_bert}", "--dataset", "voc", "--root", str(voc), "--text", "prompts",
                  "--prompts", "pal", "--templates", "a {}."])  # fmt: skip
     one_line_error(capsys, code, "--templates")
-    code = main([*base, "--encoder", f"hf:{tiny_dinov2}", "--dataset", "voc", "--root", str(voc), "--prompts", "pal"])
-    one_line_error(capsys, code, "applies to text encoders")
     code = main([*base, "--encoder", f"hf:{tiny_bert}", "--dataset", "voc", "--root", str(voc), "--prompts", "mine"])
     one_line_error(capsys, code, "--prompts must be one of standard, pal")
 
