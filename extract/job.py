@@ -37,12 +37,12 @@ class ExtractConfig:
     max_length: int = 64
     text: str = "auto"  # "captions", "prompts" (class templates) or "auto" (captions when the set has them)
     templates: tuple[str, ...] | None = None  # override the dataset's prompt templates
-    prompts: str = "standard"  # class-prompt set, "standard" or "pal" (datasets/prompt_sets.py); image stores ignore it
     resize: str = "auto"  # image encoders: "crop", "squash", or "auto" (squash when the set has masks)
     strict: bool = False  # a corrupt image fails the run instead of being skipped
     shard_rows: int | None = None
     options: tuple[tuple[str, Any], ...] = ()  # dataset options (e.g. world size, seed)
     threads: int | None = None  # torch threads per process (dask workers)
+    prompts: str = "standard"  # class-prompt set, "standard" or "pal" (datasets/prompt_sets.py); image stores ignore it
 
 
 def cached_encoder(name: str, layer: str, image_size: int | None, max_length: int, device: str):
