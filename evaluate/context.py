@@ -14,6 +14,8 @@ from pipe_align.align.base import Aligner
 from pipe_align.align.methods import load_aligner
 from pipe_align.evaluate.config import EvalConfig
 from pipe_align.evaluate.loading import image_rows, text_rows
+from pipe_align.extract.datasets import dataset_class
+from pipe_align.extract.datasets.prompt_sets import has_pal_prompts, prompt_store_suffix
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.store import FeatureStore, open_store, read_json_attrs, store_path
 
@@ -22,6 +24,9 @@ from pipe_align.extract.store import FeatureStore, open_store, read_json_attrs, 
 ENCODER_KEYS = ("model_id", "revision", "weights", "dim", "layer", "patch_size", "num_register_tokens", "pooling",
                 "compute_dtype")
 TEXT_KINDS = ("prompts", "captions")
+# Protocols that score with a named prompt set (extract/datasets/prompt_sets.py) where the dataset has one; no
+# fallback to other prompts there: a missing store is an error naming the `pipe extract` line that writes it.
+PROTOCOL_PROMPTS = {"pal": "pal"}
 
 
 @dataclass
@@ -127,6 +132,28 @@ def check_encoder(store: FeatureStore, meta: dict[str, Any], modality: str, run:
                         f"re-extract {store.layout.dataset}/{store.layout.split} with the run's encoder")
 
 
+def store_dataset(cfg: EvalConfig) -> str:
+    """The dataset folder of the stores: the name given, or, for a reader whose stores go under another name (`coco`
+    writes coco2014/ or coco2017/), the one of those that exists for the split. Old stores under the name given are
+    still found when none of those exists; both existing is ambiguous and an error."""
+    try:
+        names = dataset_class(cfg.dataset).store_names
+    except PipeError:
+        return cfg.dataset
+    found = [n for n in names if (Path(cfg.features) / n / cfg.split).is_dir()]
+    if len(found) > 1:
+        raise PipeError(f"--dataset {cfg.dataset}: stores of {' and '.join(found)} exist for split {cfg.split} in "
+                        f"{cfg.features}; say which with --dataset {found[0]} or --dataset {found[1]}")  # fmt: skip
+    return found[0] if found else cfg.dataset
+
+
+def prompt_set_for(cfg: EvalConfig, image: FeatureStore) -> str:
+    """The prompt set a task scores with: the protocol's (pal) where the PAL authors wrote prompts for the
+    dataset's classes, else the standard one (their protocol on a dataset they never evaluated, e.g. the world)."""
+    name = PROTOCOL_PROMPTS.get(cfg.protocol or "")
+    return name if name and has_pal_prompts(image.layout.dataset, image.layout.classes) else "standard"
+
+
 def _open(path: Path, command: str, modality: str, what: str) -> FeatureStore:
     if not (path / "zarr.json").exists():
         raise PipeError(f"no {what} store at {path}; create it with: {command}")
@@ -135,7 +162,7 @@ def _open(path: Path, command: str, modality: str, what: str) -> FeatureStore:
 
 def open_image_store(cfg: EvalConfig, meta: dict[str, Any], extra: tuple[str, ...] = ()) -> FeatureStore:
     alias = meta["image_encoder"]
-    path = store_path(cfg.features, cfg.dataset, cfg.split, alias)
+    path = store_path(cfg.features, store_dataset(cfg), cfg.split, alias)
     st = _open(path, extract_command(cfg, alias, None, extra), "image", "image")
     check_encoder(st, meta, "image", cfg.run)
     if st.layout.count == 0:
@@ -149,18 +176,23 @@ def open_text_store(cfg: EvalConfig, meta: dict[str, Any], kind: str, image: Fea
     if kind not in TEXT_KINDS:
         raise ValueError(f"text store kind {kind!r} is not one of {TEXT_KINDS}")
     alias = meta["text_encoder"]
-    path = store_path(cfg.features, cfg.dataset, cfg.split, alias)
+    path = store_path(cfg.features, store_dataset(cfg), cfg.split, alias)
+    prompts = prompt_set_for(cfg, image) if kind == "prompts" else "standard"
     if kind == "prompts":
-        path = path.with_name(path.name.replace(".zarr", ".prompts.zarr"))
+        path = path.with_name(path.name.replace(".zarr", f"{prompt_store_suffix(prompts)}.zarr"))
         if not (path / "zarr.json").exists() and not image.layout.classes:
             raise PipeError(f"{cfg.dataset}/{cfg.split} has no classes ({image.path} records none: its images come "
                             f"with captions only, no labels or masks); `pipe eval {cfg.task}` needs a dataset with "
                             "classes (and masks, for segmentation), such as voc, ade20k or world")  # fmt: skip
-    what = "class-prompt" if kind == "prompts" else "caption"
-    st = _open(path, extract_command(cfg, alias, kind), "text", what)
+    what = "caption" if kind == "captions" else "class-prompt" if prompts == "standard" else f"{prompts} class-prompt"
+    extra = ("--prompts", prompts) if prompts != "standard" else ()
+    st = _open(path, extract_command(cfg, alias, kind, extra), "text", what)
     check_encoder(st, meta, "text", cfg.run)
     if kind == "prompts" and not st.layout.classes:
         raise PipeError(f"{st.path}: holds no class prompts (no 'classes' attribute)")
+    if kind == "prompts" and (st.layout.prompts or "standard") != prompts:
+        raise PipeError(f"{st.path}: holds the {st.layout.prompts or 'standard'} prompt set, not {prompts}; "
+                        f"re-extract it: {extract_command(cfg, alias, kind, extra)}")  # fmt: skip
     if kind == "captions" and st.layout.templates is not None:
         raise PipeError(f"{st.path}: holds class prompts, not captions")
     if st.layout.count == 0:
@@ -209,4 +241,9 @@ def load_context(cfg: EvalConfig, text: str | None, extract_options: tuple[str, 
         "grid": list(image.layout.grid) if image.layout.grid else None, "resize": image.layout.resize,
         "tokens": meta.get("tokens"),
     }  # fmt: skip
+    if txt is not None and text == "prompts":
+        info["prompts"] = txt.layout.prompts or "standard"
+        if cfg.protocol in PROTOCOL_PROMPTS and info["prompts"] != PROTOCOL_PROMPTS[cfg.protocol]:
+            notes.append(f"--protocol {cfg.protocol}: the PAL authors wrote no prompts for {cfg.dataset} "
+                         f"({image.layout.dataset}); scored with its standard prompts")  # fmt: skip
     return EvalContext(cfg, meta, aligner, image, txt, info, notes)

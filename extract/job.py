@@ -12,6 +12,7 @@ import torch
 
 from pipe_align.extract.datasets import DATASETS, get_dataset
 from pipe_align.extract.datasets.base import is_blank
+from pipe_align.extract.datasets.prompt_sets import PROMPT_SETS, prompt_set, prompt_store_suffix
 from pipe_align.extract.encoders.base import COMPUTE_DTYPES, Options, Source, check_image_size, resolve_compute_dtype
 from pipe_align.extract.encoders.registry import build_encoder, resolve_source
 from pipe_align.extract.errors import PipeError
@@ -42,6 +43,7 @@ class ExtractConfig:
     shard_rows: int | None = None
     options: tuple[tuple[str, Any], ...] = ()  # dataset options (e.g. world size, seed)
     threads: int | None = None  # torch threads per process (dask workers)
+    prompts: str = "standard"  # class-prompt set, "standard" or "pal" (datasets/prompt_sets.py); image stores ignore it
 
 
 def cached_encoder(name: str, layer: str, image_size: int | None, max_length: int, device: str,
@@ -105,6 +107,12 @@ def check_config(cfg: ExtractConfig) -> None:
         raise PipeError(f"--resize must be auto, crop or squash, got {cfg.resize!r}")
     if cfg.text not in ("auto", "captions", "prompts"):
         raise PipeError(f"--text must be auto, captions or prompts, got {cfg.text!r}")
+    if cfg.prompts not in PROMPT_SETS:
+        raise PipeError(f"--prompts must be one of {', '.join(PROMPT_SETS)}, got {cfg.prompts!r}")
+    if cfg.prompts != "standard" and cfg.templates:
+        raise PipeError(f"--prompts {cfg.prompts} brings its own templates; --templates applies to the standard set")
+    if cfg.prompts != "standard" and cfg.text == "captions":
+        raise PipeError(f"--prompts {cfg.prompts} names class prompts; it does not apply to --text captions")
 
 
 def _no_classes(cfg: ExtractConfig, dataset) -> PipeError:
@@ -138,6 +146,9 @@ def plan(cfg: ExtractConfig) -> Job:
     else:
         mode = _text_mode(cfg, dataset)
         if mode == "captions":
+            if cfg.prompts != "standard":
+                raise PipeError(f"--prompts {cfg.prompts} names class prompts, but {cfg.dataset} gives captions; add "
+                                "--text prompts")  # fmt: skip
             caps = dataset.captions()
             if caps is None:
                 raise PipeError(f"dataset {cfg.dataset} has no captions; use --text prompts")
@@ -149,10 +160,12 @@ def plan(cfg: ExtractConfig) -> Job:
             templates = tuple(cfg.templates) if cfg.templates else tuple(dataset.templates())
             if not templates or any("{}" not in t for t in templates):
                 raise PipeError(f"--templates: every template needs a '{{}}' for the class name, got {templates}")
-            text_rows = [
-                (f"{ci}:{ti}", t.replace("{}", c), ci) for ci, c in enumerate(classes) for ti, t in enumerate(templates)
-            ]
-            extra = {"classes": classes, "templates": templates}
+            ps = prompt_set(cfg.prompts, dataset.name, classes, templates)
+            text_rows = [(f"{ci}:{ti}", t.replace("{}", c), ci)
+                         for ci, c in enumerate(ps.names) for ti, t in enumerate(ps.templates)]  # fmt: skip
+            extra = {"classes": classes, "templates": ps.templates}
+            if ps.name != "standard":  # standard stores keep the attributes they always had
+                extra |= {"prompts": ps.name, "prompt_names": ps.names}
         for rid, text, _ in text_rows:
             if is_blank(text):
                 raise PipeError(f"dataset {cfg.dataset} split {cfg.split}: caption {rid} is empty ({text!r} has no "
@@ -163,11 +176,12 @@ def plan(cfg: ExtractConfig) -> Job:
     count = len(rows) if rows is not None else len(text_rows)
     per_chunk, per_shard = default_rows(tokens, info["dim"], count, cfg.shard_rows)
     origin = {"root": None if cfg.root is None else str(cfg.root), "options": dict(cfg.options), "limit": cfg.limit}
+    name = dataset.store_name or cfg.dataset  # `coco` -> coco2017: a store path tells the two years apart
     layout = StoreLayout(
-        modality=info["modality"], encoder=info, dataset=cfg.dataset, split=cfg.split, count=count, tokens=tokens,
+        modality=info["modality"], encoder=info, dataset=name, split=cfg.split, count=count, tokens=tokens,
         dim=info["dim"], rows_per_chunk=per_chunk, rows_per_shard=per_shard, dtype=cfg.dtype, origin=origin, **extra,
     )  # fmt: skip
-    suffix = ".prompts" if info["modality"] == "text" and "templates" in extra else ""
-    path = store_path(cfg.features, cfg.dataset, cfg.split, cfg.encoder)
+    suffix = prompt_store_suffix(cfg.prompts) if info["modality"] == "text" and "templates" in extra else ""
+    path = store_path(cfg.features, name, cfg.split, cfg.encoder)
     path = path.with_name(path.name.replace(".zarr", f"{suffix}.zarr"))
     return Job(cfg, dataset, enc, layout, str(path), image_rows=rows, text_rows=text_rows)

@@ -61,6 +61,8 @@ class StoreLayout:
     origin: dict[str, Any] | None = None  # dataset root, options and --limit: a store is resumed only from the same
     checksums: str | None = CHECKSUMS  # integrity format (extract/integrity.py); None: a store written before it
     schema: str = SCHEMA
+    prompts: str | None = None  # class-prompt stores of a named prompt set other than the standard one ("pal")
+    prompt_names: tuple[str, ...] | None = None  # the class names written into its prompts, where not `classes`
 
     @property
     def num_shards(self) -> int:
@@ -75,6 +77,7 @@ class StoreLayout:
         d["grid"] = list(self.grid) if self.grid else None
         d["classes"] = list(self.classes) if self.classes is not None else None
         d["templates"] = list(self.templates) if self.templates is not None else None
+        d["prompt_names"] = list(self.prompt_names) if self.prompt_names is not None else None
         return d
 
     @classmethod
@@ -82,7 +85,7 @@ class StoreLayout:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in attrs.items() if k in names}
         d.setdefault("checksums", None)  # written before checksums existed
-        for key in ("grid", "classes", "templates"):
+        for key in ("grid", "classes", "templates", "prompt_names"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         lay = cls(**d)

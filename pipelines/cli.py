@@ -45,6 +45,8 @@ def extract(
     max_length: int = typer.Option(64, help="Text: word tokens kept per caption (special tokens come on top)."),
     text: str = typer.Option("auto", help="Text encoders: captions, prompts (class templates) or auto."),
     templates: str | None = typer.Option(None, help="Prompt templates, '|'-separated, each with {} for the class."),
+    prompts: str = typer.Option("standard", help="Class-prompt set: standard, or pal (the PAL authors' names and "
+                                                 "templates, for `pipe eval segmentation --protocol pal`)."),
     resize: str = typer.Option("auto", help="Images: crop (short side then centre crop), squash, or auto."),
     strict: bool = typer.Option(False, help="Fail on an unreadable image instead of skipping it."),
     shard_rows: int | None = typer.Option(None, help="Rows per shard (default: about 256 MB of tokens)."),
@@ -59,7 +61,7 @@ def extract(
         encoder=encoder, dataset=dataset, split=split, features=str(features), root=root, batch_size=batch_size,
         device=device, dtype=dtype, compute_dtype=compute_dtype, limit=limit, image_size=image_size, layer=layer,
         max_length=max_length, text=text, templates=tuple(templates.split("|")) if templates else None,
-        resize=resize, strict=strict, shard_rows=shard_rows, options=parse_options(option),
+        prompts=prompts, resize=resize, strict=strict, shard_rows=shard_rows, options=parse_options(option),
     )  # fmt: skip
     summary = run_extract(cfg, cluster=cluster, progress=progress)
     if summary.already_complete:

@@ -16,6 +16,7 @@ from PIL import Image
 from pipe_align.extract.datasets import DATASETS, UnreadableImage, dataset_class, get_dataset, write_world
 from pipe_align.extract.datasets.ade20k import ADE20K_CLASSES
 from pipe_align.extract.datasets.base import voc_palette
+from pipe_align.extract.datasets.pascal_context import PASCAL_CONTEXT_CLASSES
 from pipe_align.extract.datasets.voc import VOC_CLASSES
 from pipe_align.extract.datasets.world import CLASSES as WORLD_CLASSES
 from pipe_align.extract.datasets.world import World
@@ -65,11 +66,11 @@ def test_registry_names_and_unknown_name_lists_choices():
 def test_label_space_facts_are_class_attributes():
     """What evaluation reads by dataset name, without opening a file: the background class, label 0 ignored, void.
     Each fact must agree with the reader's class list."""
-    background = {"voc": VOC_CLASSES, "world": WORLD_CLASSES}
+    background = {"voc": VOC_CLASSES, "world": WORLD_CLASSES, "pascal-context": PASCAL_CONTEXT_CLASSES}
     for name, cls in DATASETS.items():
         assert dataset_class(name.upper()) is cls and cls.ignore_index == 255
         assert cls.background == (0 if name in background else None), name
-        assert cls.reduce_zero_label == (name == "ade20k"), name
+        assert cls.reduce_zero_label == (name in ("ade20k", "pascal-context-59")), name
     assert all(classes[0] == "background" for classes in background.values()) and ADE20K_CLASSES[0] == "other"
     assert "coco, " in raises("unknown dataset 'nope' (choose from: ade20k, ", dataset_class, "nope")  # sorted
 
@@ -126,7 +127,7 @@ def test_voc_bad_inputs(voc_root):
     (year / "JPEGImages" / "2007_000039.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(UnreadableImage, match="2007_000039"):
         get_dataset("voc", voc_root, "train").load_image(1)
-    raises("no VOC layout", get_dataset, "voc", voc_root / "VOCdevkit" / "VOC2012" / "ImageSets", "val")
+    raises("expected the VOC layout", get_dataset, "voc", voc_root / "VOCdevkit" / "VOC2012" / "ImageSets", "val")
 
 
 def test_voc_classes_file_overrides_names(voc_root):

@@ -391,6 +391,8 @@ def build_ade(env, base: Path) -> tuple[Path, Path, list[np.ndarray]]:
                "tokens": np.zeros((c, 2, c + 1), np.float16), "length": np.full(c, 2, np.int16)}  # fmt: skip
     write(features / "ade20k" / "val" / "txt-test.prompts.zarr", "text", "txt-test", prompts, dataset="ade20k",
           classes=tuple(ADE20K_CLASSES), templates=("{}",))  # fmt: skip
+    write(features / "ade20k" / "val" / "txt-test.pal.prompts.zarr", "text", "txt-test", prompts, dataset="ade20k",
+          classes=tuple(ADE20K_CLASSES), templates=("{}",), prompts="pal")  # fmt: skip  (--protocol pal reads it)
     return base / "ade", features, masks
 
 

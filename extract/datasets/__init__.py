@@ -11,6 +11,7 @@ from pipe_align.extract.datasets import (  # noqa: F401  (register)
     imagefolder,
     imagenet,
     karpathy,
+    pascal_context,
     stl10,
     voc,
     world,

@@ -18,6 +18,7 @@ from pipe_align.extract.datasets.base import (
     require_root,
     stems,
 )
+from pipe_align.extract.datasets.roots import find_under, has_all
 from pipe_align.extract.errors import PipeError
 
 # objectInfo150 names as mmsegmentation spells them; index 0 = "other" (unlabelled), ignored by the evaluation
@@ -40,6 +41,9 @@ ADE20K_CLASSES = ["other"] + [
     "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 ]  # fmt: skip
 
+# --root may be ADEChallengeData2016 itself, the folder it was unzipped into, a folder named after it holding the
+# unzipped one, or mmsegmentation's data/ (data/ade/ADEChallengeData2016).
+ROOT_CANDIDATES = (".", "ADEChallengeData2016", "ADEChallengeData2016/ADEChallengeData2016", "ade/ADEChallengeData2016")
 SPLIT_FOLDERS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 
 
@@ -53,9 +57,9 @@ class ADE20K(Dataset):
 
     def __init__(self, root: str | Path | None, split: str = "val") -> None:
         super().__init__(root, split)
-        root_path = require_root(self.name, root)
-        self.root = root_path / "ADEChallengeData2016" if (root_path / "ADEChallengeData2016").is_dir() else root_path
         folder = SPLIT_FOLDERS[split]
+        self.root = find_under(self.name, require_root(self.name, root), ROOT_CANDIDATES,
+                               has_all("images", "annotations"), "ADEChallengeData2016's images/ and annotations/")
         self.image_dir = require_dir(self.root / "images" / folder, f"dataset '{self.name}': image")
         self.mask_dir = require_dir(self.root / "annotations" / folder, f"dataset '{self.name}': annotation")
         jpgs = stems(self.image_dir, (".jpg", ".jpeg"))

@@ -68,6 +68,9 @@ class Dataset(abc.ABC):
     ignore_index: int = 255  # mask value of void pixels, never counted
     background: int | None = None  # class index of a background class: never an image label, left out of fg_mIoU
     reduce_zero_label: bool = False  # mask label 0 means "unlabelled" and is ignored; classes 1.. are scored
+    # -- store path -------------------------------------------------------------------------------------------------
+    store_name: str = ""  # the dataset folder of this instance's stores when not the name given (coco -> coco2017)
+    store_names: tuple[str, ...] = ()  # every store_name an instance may take: where evaluation looks for stores
 
     def __init__(self, root: str | Path | None, split: str) -> None:
         if self.splits and split not in self.splits:

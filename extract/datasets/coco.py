@@ -1,4 +1,9 @@
-"""COCO Captions: annotations/captions_<split><year>.json and the <split><year>/ image folder (2017 or 2014)."""
+"""COCO Captions: annotations/captions_<split><year>.json and the <split><year>/ image folder (2017 or 2014).
+
+Three names: `coco2014` and `coco2017` read one year; `coco` reads the year present (2017 first, or `-o year=`) and
+writes its stores under the year's name (`<features>/coco2017/val/...`), so that the two years' val sets, which are
+different images, never share a store path. Old stores under `<features>/coco/<split>/` are still evaluated.
+"""
 
 from __future__ import annotations
 
@@ -15,23 +20,28 @@ from pipe_align.extract.datasets.base import (
     require_root,
     stems,
 )
+from pipe_align.extract.datasets.roots import find_under
 from pipe_align.extract.errors import PipeError
 
 YEARS = (2017, 2014)
 
 
-def _find_year(root: Path, split: str, year: int | None) -> int:
-    """The year whose caption file exists (2017 first), or the one asked for."""
+def _find_year(name: str, root: Path, split: str, year: int | None, fixed: int | None) -> int:
+    """The year whose caption file exists (2017 first), or the one asked for (by option or by reader name)."""
     if year is not None:
-        year = int_option("coco", "year", year)
+        year = int_option(name, "year", year)
         if year not in YEARS:
-            raise PipeError(f"dataset 'coco': option year={year} is not one of {', '.join(map(str, YEARS))}")
+            raise PipeError(f"dataset '{name}': option year={year} is not one of {', '.join(map(str, YEARS))}")
+        if fixed is not None and year != fixed:
+            raise PipeError(f"dataset '{name}': option year={year} contradicts the name; use --dataset coco{year}")
         return year
+    if fixed is not None:
+        return fixed
     for y in YEARS:
         if (root / "annotations" / f"captions_{split}{y}.json").is_file():
             return y
     tried = " or ".join(str(root / "annotations" / f"captions_{split}{y}.json") for y in YEARS)
-    raise PipeError(f"dataset 'coco': caption file not found: {tried}")
+    raise PipeError(f"dataset '{name}': caption file not found: {tried}")
 
 
 def _check_id(value: object, ann_file: Path, where: str) -> None:
@@ -46,17 +56,19 @@ class COCOCaptions(CaptionFiles):
     order within an image, each linked to its image's index."""
 
     splits = ("train", "val", "test")  # test: only where someone wrote captions for it (e.g. write_world)
+    fixed_year: int | None = None  # coco2014 / coco2017
+    store_names = tuple(f"coco{y}" for y in YEARS)  # where `coco`'s stores go (evaluation looks there too)
 
     def __init__(self, root: str | Path | None, split: str = "val", *, year: int | None = None) -> None:
         super().__init__(root, split)
         self.root = require_root(self.name, root)
-        self.year = _find_year(self.root, split, year)
+        self.year = _find_year(self.name, self.root, split, year, self.fixed_year)
+        self.store_name = f"coco{self.year}"
         ann_file = self.root / "annotations" / f"captions_{split}{self.year}.json"
         data = read_json(ann_file)
         folder = f"{split}{self.year}"
-        self.image_dir = next((d for d in (self.root / folder, self.root / "images" / folder) if d.is_dir()), None)
-        if self.image_dir is None:
-            raise PipeError(f"dataset 'coco': image folder not found: {self.root / folder}")
+        self.image_dir = find_under(self.name, self.root, (folder, f"images/{folder}"), lambda p: True,
+                                    f"the image folder {folder}/")  # fmt: skip
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise PipeError(f"malformed COCO captions file {ann_file}: no 'images' list")
         if not isinstance(data.get("annotations"), list):
@@ -92,3 +104,19 @@ class COCOCaptions(CaptionFiles):
         caps.sort(key=lambda c: c.item)  # stable: file order within an image
         self._captions = caps
 
+
+
+@register_dataset("coco2014")
+class COCO2014(COCOCaptions):
+    """COCO 2014 (train2014 / val2014: the images of the Karpathy split and of the PAL paper's training pairs)."""
+
+    fixed_year = 2014
+    store_names = ()
+
+
+@register_dataset("coco2017")
+class COCO2017(COCOCaptions):
+    """COCO 2017 (train2017 / val2017)."""
+
+    fixed_year = 2017
+    store_names = ()

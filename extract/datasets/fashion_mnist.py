@@ -20,6 +20,7 @@ from pipe_align.extract.datasets.base import (
     register_dataset,
     require_root,
 )
+from pipe_align.extract.datasets.roots import find_under, has_files
 from pipe_align.extract.errors import PipeError
 
 FASHION_CLASSES = [
@@ -34,6 +35,8 @@ CAPTION_TEMPLATES = [
 ]
 # Where `apt-get install dataset-fashion-mnist` puts the files (Debian/Ubuntu), then the name the brief guessed.
 DEFAULT_ROOTS = (Path("/usr/share/datasets/fashion-mnist"), Path("/usr/share/dataset-fashion-mnist"))
+# --root may be the folder of the idx files, or torchvision's download root (FashionMNIST/raw) or FashionMNIST/.
+ROOT_CANDIDATES = (".", "raw", "FashionMNIST/raw")
 PREFIX = {"train": "train", "test": "t10k"}
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 
@@ -98,8 +101,10 @@ class FashionMNIST(Dataset):
                     f"dataset 'fashion-mnist': no root given and none of {tried} exists "
                     "(apt-get install dataset-fashion-mnist, or pass --root)"
                 )
-        self.root = require_root(self.name, root)
         prefix = PREFIX[split]
+        idx = f"{prefix}-images-idx3-ubyte"
+        self.root = find_under(self.name, require_root(self.name, root), ROOT_CANDIDATES, has_files(idx, f"{idx}.gz"),
+                               f"{idx}.gz")  # fmt: skip
         self.image_file = _find(self.root, f"{prefix}-images-idx3-ubyte")
         self.label_file = _find(self.root, f"{prefix}-labels-idx1-ubyte")
         n, self.rows, self.cols = _header(self.image_file, IMAGES_MAGIC, 3)

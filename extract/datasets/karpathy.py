@@ -18,6 +18,7 @@ from pipe_align.extract.datasets.base import (
     require_root,
     stems,
 )
+from pipe_align.extract.datasets.roots import find_under, has_files
 from pipe_align.extract.errors import PipeError
 
 
@@ -37,10 +38,7 @@ class KarpathyCaptions(CaptionFiles):
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise PipeError(f"malformed Karpathy split file {self.json_file}: no 'images' list")
         wanted = {split, "restval"} if split == "train" and self.merge_restval else {split}
-        image_root = next((self.root / d for d in self.image_dirs if (self.root / d).is_dir()), None)
-        if image_root is None:
-            tried = " or ".join(str(self.root / d) for d in self.image_dirs)
-            raise PipeError(f"dataset '{self.name}': image folder not found: {tried}")
+        image_root = self._image_root(data["images"], wanted)
 
         listings: dict[Path, dict[str, Path]] = {}
         seen: set[Path] = set()
@@ -78,11 +76,25 @@ class KarpathyCaptions(CaptionFiles):
                 self._captions.append(Caption(cid, clean_text(raw, f"{self.json_file} (caption {cid})"), item))
 
     def _find_json(self) -> Path:
-        for cand in (self.root / self.json_name, self.root / "annotations" / self.json_name):
-            if cand.is_file():
-                return cand
-        raise PipeError(f"dataset '{self.name}': split file not found: {self.root / self.json_name}")
+        """The split json in --root, its annotations/, or Karpathy's caption_datasets/ folder (from his release zip)."""
+        folder = find_under(self.name, self.root, (".", "annotations", "caption_datasets"), has_files(self.json_name),
+                            self.json_name)  # fmt: skip
+        return folder / self.json_name
 
+    def _image_root(self, entries: list, wanted: set[str]) -> Path:
+        """The folder under which each entry's `filepath`/`filename` lies: one of `image_dirs` under --root (or under
+        the folder above, when --root is the caption_datasets/ folder itself). Decided by where the split's first
+        image is, so a folder that exists but holds something else (root/. always exists) never wins."""
+        ok = lambda e: all(isinstance(e.get(k, ""), str) for k in ("filename", "filepath", "split"))  # noqa: E731
+        first = next((e for e in entries if isinstance(e, dict) and ok(e) and e.get("split") in wanted), None)
+        cands = list(self.image_dirs)
+        if self.json_file.parent == self.root and self.root.name == "caption_datasets":
+            cands += [f"../{d}" for d in self.image_dirs]
+        if first is None:  # an empty split: no image to look for
+            return self.root
+        rel = Path(first.get("filepath", "")) / first["filename"]
+        return find_under(self.name, self.root, cands, lambda p: (p / rel).is_file(),
+                          f"{rel} (the split's first image in {self.json_file.name})")  # fmt: skip
 
 
 @register_dataset("flickr30k")
@@ -90,7 +102,8 @@ class Flickr30k(KarpathyCaptions):
     """Flickr30k with Karpathy's 29k/1k/1k split; test is the 1k retrieval benchmark."""
 
     json_name = "dataset_flickr30k.json"
-    image_dirs = ("flickr30k-images", "images", "flickr30k_images")
+    # the official flickr30k-images/, other mirrors' names, Kaggle's flickr30k_images/flickr30k_images/
+    image_dirs = ("flickr30k-images", "images", "flickr30k_images", "flickr30k_images/flickr30k_images")
 
 
 @register_dataset("coco-karpathy")
@@ -99,5 +112,5 @@ class COCOKarpathy(KarpathyCaptions):
 
     splits = ("train", "val", "test", "restval")
     json_name = "dataset_coco.json"
-    image_dirs = (".", "images")
+    image_dirs = (".", "images")  # train2014/ and val2014/ in --root, or under images/ (the LAVIS/BLIP layout)
     merge_restval = True

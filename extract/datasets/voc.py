@@ -1,4 +1,6 @@
-"""PASCAL VOC 2012 segmentation: VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation}."""
+"""PASCAL VOC 2012 segmentation: VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation}, plus the
+SBD-augmented training split (`trainaug`: ImageSets/Segmentation/trainaug.txt, masks in SegmentationClassAug/) and
+the `test` split (images only: its masks are not public)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pipe_align.extract.datasets.base import (
     require_root,
     stems,
 )
+from pipe_align.extract.datasets.roots import find_under, has_all
 from pipe_align.extract.errors import PipeError
 
 # The standard VOC names (as in the devkit and mmsegmentation), index = palette index in SegmentationClass.
@@ -30,18 +33,52 @@ VOC_CLASSES = [
 # Written by write_world (and by anyone re-using the layout for other classes): one class name per line, line i =
 # palette index i. When present it replaces VOC_CLASSES.
 CLASSES_FILE = "classes.txt"
+# Split -> mask folder. trainaug: the 10,582 SBD-augmented training ids, grey index PNGs in SegmentationClassAug
+# (the DeepLab layout); test: images only, whatever mask folders exist.
+MASK_DIRS = {"train": "SegmentationClass", "val": "SegmentationClass", "trainval": "SegmentationClass",
+             "trainaug": "SegmentationClassAug", "test": None}  # fmt: skip
 
 
-def find_voc_year(root: Path) -> Path:
-    """Accept the folder holding VOCdevkit, VOCdevkit itself, or VOC2012 itself (whichever the user points at)."""
-    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
-        if (cand / "JPEGImages").is_dir():
-            return cand
-    for devkit in (root, root / "VOCdevkit"):
-        years = sorted(p for p in devkit.glob("VOC20*") if (p / "JPEGImages").is_dir()) if devkit.is_dir() else []
-        if years:
-            return years[-1]
-    raise PipeError(f"no VOC layout under {root} (expected VOCdevkit/VOC2012/JPEGImages)")
+def find_year(name: str, root: Path, year: str, sets: str) -> Path:
+    """The VOC<year> folder: --root may be it, the VOCdevkit above it, or the folder holding VOCdevkit."""
+    return find_under(name, root, (".", year, f"VOCdevkit/{year}"), has_all("JPEGImages", f"ImageSets/{sets}"),
+                      f"the VOC layout ({year}: JPEGImages/ and ImageSets/{sets}/)")  # fmt: skip
+
+
+def read_split(root: Path, split_file: Path) -> tuple[list[str], list[Path]]:
+    """Ids of a split file and their JPEGs."""
+    ids = read_id_list(split_file)
+    jpgs = stems(root / "JPEGImages", (".jpg", ".jpeg"))
+    missing = next((i for i in ids if i not in jpgs), None)
+    if missing is not None:
+        raise PipeError(f"split file {split_file} names image '{missing}' absent from {root / 'JPEGImages'}")
+    return ids, [jpgs[i] for i in ids]
+
+
+def mask_files(name: str, ids: list[str], split_file: Path, mask_dir: Path) -> list[Path]:
+    """Every id's <id>.png in `mask_dir`, or a one-line error naming the first id without one."""
+    if not mask_dir.is_dir():
+        raise PipeError(f"dataset '{name}': mask folder not found: {mask_dir} (split file {split_file})")
+    pngs = stems(mask_dir, (".png",))
+    missing = next((i for i in ids if i not in pngs), None)
+    if missing is not None:
+        raise PipeError(f"split file {split_file} names image '{missing}' with no mask in {mask_dir}")
+    return [pngs[i] for i in ids]
+
+
+def aug_masks(name: str, root: Path, ids: list[str], split_file: Path) -> list[Path]:
+    """trainaug masks: SegmentationClassAug/<id>.png (SBD's, grey indices), else the official palette mask. The DeepLab
+    zip holds all 10,582; mmseg's voc_aug.py converts SBD's only, and its config reads VOC-train ids that SBD lacks
+    from SegmentationClass: so does this."""
+    aug, official = root / "SegmentationClassAug", root / "SegmentationClass"
+    if not aug.is_dir():
+        raise PipeError(f"dataset '{name}': mask folder not found: {aug} (split file {split_file})")
+    found = stems(aug, (".png",))
+    extra = stems(official, (".png",)) if official.is_dir() else {}
+    missing = next((i for i in ids if i not in found and i not in extra), None)
+    if missing is not None:
+        raise PipeError(f"split file {split_file} names image '{missing}' with no mask in {aug} or {official}")
+    return [found.get(i) or extra[i] for i in ids]
 
 
 @register_dataset("voc")
@@ -53,23 +90,17 @@ class VOCSegmentation(Dataset):
 
     def __init__(self, root: str | Path | None, split: str = "val") -> None:
         super().__init__(root, split)
-        self.root = find_voc_year(require_root(self.name, root))
+        self.root = find_year(self.name, require_root(self.name, root), "VOC2012", "Segmentation")
         self.image_dir = self.root / "JPEGImages"
-        self.mask_dir = self.root / "SegmentationClass"
+        folder = MASK_DIRS.get(split, "SegmentationClass")  # other split files (a user's own) use the official masks
         split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
-        ids = read_id_list(split_file)
-        jpgs = stems(self.image_dir, (".jpg", ".jpeg"))
-        missing = next((i for i in ids if i not in jpgs), None)
-        if missing is not None:
-            raise PipeError(f"split file {split_file} names image '{missing}' absent from {self.image_dir}")
-        self._paths = [jpgs[i] for i in ids]
+        ids, self._paths = read_split(self.root, split_file)
         self._records = [ImageRecord(i) for i in ids]
-        self._masks = self.mask_dir.is_dir()
-        if self._masks:
-            pngs = stems(self.mask_dir, (".png",))
-            missing = next((i for i in ids if i not in pngs), None)
-            if missing is not None:
-                raise PipeError(f"split file {split_file} names image '{missing}' with no mask in {self.mask_dir}")
+        self._mask_paths: list[Path] | None = None  # official masks are optional for train/val (prompts, captions)
+        if folder == "SegmentationClassAug":
+            self._mask_paths = aug_masks(self.name, self.root, ids, split_file)
+        elif folder is not None and (self.root / folder).is_dir():
+            self._mask_paths = mask_files(self.name, ids, split_file, self.root / folder)
         names = self.root / CLASSES_FILE
         self.classes = read_name_list(names) if names.is_file() else list(VOC_CLASSES)
 
@@ -80,9 +111,11 @@ class VOCSegmentation(Dataset):
         return open_rgb(self._paths[i])
 
     def has_masks(self) -> bool:
-        return self._masks
+        return self._mask_paths is not None
 
     def load_mask(self, i: int) -> np.ndarray:
-        if not self._masks:
+        if self._mask_paths is None:
+            if self.split == "test":
+                raise PipeError("dataset 'voc': the test split has no public masks (evaluate it on the VOC server)")
             return super().load_mask(i)
-        return read_index_png(self.mask_dir / f"{self._records[i].id}.png", image_size(self._paths[i]))
+        return read_index_png(self._mask_paths[i], image_size(self._paths[i]))
