@@ -175,7 +175,7 @@ def test_structure_changes_the_loss_and_training_is_deterministic():
     train, _, _ = contrastive_data()
     runs = {}
     for w in (0.0, 10.0, 10.0):
-        al, hist = fit(LinearHeads, LinearConfig(dim=32, structure_weight=w, structure_warmup=1.0), train, epochs=3,
+        al, hist = fit(LinearHeads, LinearConfig(dim=32, structure_weight=w, structure_warmup_steps=4), train, epochs=3,
                        batch_size=128)
         runs.setdefault(w, []).append((hist, al.state_dict()))
     ((h0, s0),) = runs[0.0]
@@ -338,3 +338,89 @@ def test_asif_raises_the_raw_top_k_similarities_to_p():
     with pytest.raises(PipeError, match="integer p"):
         ASIFConfig(p=2.5)
     ASIFConfig(p=2.5, clamp_negative=True)
+
+
+def test_klot_is_the_authors_symmetric_sinkhorn_by_default():
+    """SOTAlign's klot.py: log-domain Sinkhorn on cost -K (uniform marginals, n_iter rounds of a row then a column
+    update), then by default (symmetric=True) both potentials averaged with one more update computed from the final
+    ones; KLOT = KL(P* || P), gradient (P - P*) / eps_student. Written out in numpy, float64, at the defaults."""
+
+    def lse(a: np.ndarray, axis: int) -> np.ndarray:
+        top = a.max(axis=axis, keepdims=True)
+        return np.squeeze(top, axis) + np.log(np.exp(a - top).sum(axis=axis))
+
+    def log_plan(k: np.ndarray, eps: float, n_iter: int, symmetric: bool) -> np.ndarray:
+        g = k / eps
+        n, m = g.shape
+        u, v = np.zeros(n), np.zeros(m)
+        for _ in range(n_iter):
+            u = -np.log(n) - lse(g + v[None, :], 1)
+            v = -np.log(m) - lse(g + u[:, None], 0)
+        if symmetric:
+            u, v = (u + (-np.log(n) - lse(g + v[None, :], 1))) / 2, (v + (-np.log(m) - lse(g + u[:, None], 0))) / 2
+        return g + u[:, None] + v[None, :]
+
+    cfg = SOTAlignConfig()
+    assert (cfg.eps, cfg.eps_teacher, cfg.n_iter, cfg.sinkhorn_symmetric) == (0.05, 0.005, 100, True)
+    rng = np.random.default_rng(3)
+    student, teacher = rng.normal(size=(7, 9)) * 0.3, rng.normal(size=(7, 9)) * 0.3  # cosine-like affinities
+
+    def expected(symmetric: bool) -> tuple[float, np.ndarray]:
+        lp, lt = log_plan(student, 0.05, 100, symmetric), log_plan(teacher, 0.005, 100, symmetric)
+        return float((np.exp(lt) * (lt - lp)).sum()), (np.exp(lp) - np.exp(lt)) / 0.05
+
+    def got(symmetric: bool) -> tuple[float, np.ndarray]:
+        k = torch.from_numpy(student).requires_grad_()
+        target = ot_plan(torch.from_numpy(teacher), 0.005, 100, symmetric)
+        value = klot(k, target, 0.05, 100, symmetric)
+        value.backward()
+        return float(value.detach()), k.grad.numpy()
+
+    ref_value, ref_grad = expected(True)
+    old_value, old_grad = expected(False)
+    assert abs(ref_value - old_value) > 1e-4 and np.abs(ref_grad - old_grad).max() > 1e-3  # the variants differ here
+    value, grad = got(True)
+    assert value == pytest.approx(ref_value, rel=1e-9, abs=1e-12)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-9, atol=1e-10)
+    value, grad = got(False)  # the named variant: ends on the column update
+    assert value == pytest.approx(old_value, rel=1e-9, abs=1e-12)
+    np.testing.assert_allclose(grad, old_grad, rtol=1e-9, atol=1e-10)
+
+
+# -- ADE20K under the two segmentation protocols ---------------------------------------------------------------------
+def test_ade20k_pal_protocol_is_151_way_and_counts_class_zero_once_predicted():
+    """The PAL authors' ADE20K evaluation (zero_shot_segmentation.py: 151 classes, ignore_index 0, IoU over classes
+    with a non-empty union): every class competes, including class 0's prompt; pixels labelled 0 are not counted;
+    a pixel predicted 0 is a miss, and class 0 enters the mean with IoU 0. `standard` keeps mmseg's rule: 150-way over
+    classes 1..150, label 0 ignored. Hand-made 3x4 image, mIoU of both computed here pixel by pixel."""
+    from pipe_align.evaluate.metrics import ConfusionMatrix
+    from pipe_align.evaluate.segmentation import count_image, label_spaces
+    from pipe_align.extract.datasets.ade20k import ADE20K, ADE20K_CLASSES
+
+    mask = np.array([[0, 1, 1, 2], [0, 2, 2, 2], [5, 5, 0, 1]])
+    best = np.array([[0, 1, 0, 2], [1, 2, 0, 2], [5, 3, 0, 1]])  # argmax over all 151 classes
+    second = np.array([[1, 7, 2, 9], [9, 9, 2, 9], [9, 9, 5, 9]])  # runner-up (the argmax when 0 cannot win)
+    scores = np.full((151, 3, 4), -1.0)
+    for y, x in np.ndindex(mask.shape):
+        scores[best[y, x], y, x], scores[second[y, x], y, x] = 1.0, 0.5
+
+    def miou(pred: np.ndarray) -> float:
+        keep = mask != 0
+        ious = []
+        for c in range(151):
+            inter = ((pred == c) & (mask == c) & keep).sum()
+            union = (((pred == c) | (mask == c)) & keep).sum()
+            if union:
+                ious.append(inter / union)
+        return float(np.mean(ious))
+
+    expected = {"pal": miou(best), "standard": miou(np.where(best == 0, second, best))}
+    assert expected["pal"] < expected["standard"]  # predicted 0 on a labelled pixel costs the pal number
+    void = ADE20K.ignore_index
+    for protocol, (name, n_classes) in {"pal": ("zero-competes", 151), "standard": ("zero-ignored", 150)}.items():
+        (space,) = label_spaces(protocol, ADE20K, list(ADE20K_CLASSES))
+        assert (space.name, len(space.candidates)) == (name, n_classes)
+        cm = ConfusionMatrix(len(space.candidates), void)
+        count_image(space, space.target_map(void), cm, torch.from_numpy(scores).float(), torch.from_numpy(mask))
+        names = [ADE20K_CLASSES[c] for c in space.candidates]
+        assert cm.compute(names)["mIoU"] == pytest.approx(expected[protocol], abs=1e-12), protocol
