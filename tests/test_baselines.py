@@ -424,3 +424,62 @@ def test_ade20k_pal_protocol_is_151_way_and_counts_class_zero_once_predicted():
         count_image(space, space.target_map(void), cm, torch.from_numpy(scores).float(), torch.from_numpy(mask))
         names = [ADE20K_CLASSES[c] for c in space.candidates]
         assert cm.compute(names)["mIoU"] == pytest.approx(expected[protocol], abs=1e-12), protocol
+
+
+# -- the STRUCTURE code's heads, inputs, optimiser and warm-up -------------------------------------------------------
+def test_mlp_is_the_structure_codes_residual_low_rank_head_on_raw_features():
+    """ResLowRankHead (their mlp.py): z = P x + sigmoid(logit) * W2 dropout(GELU(W1 x)), P and W1 orthogonal without
+    bias, W2 zero, rank 64, dropout 0.1, gate_init 0 (logit -inf: the residual never opens); inputs as stored."""
+    from pipe_align.align.contrastive import ResLowRankHead
+
+    cfg = MLPConfig()
+    assert (cfg.head, cfg.rank, cfg.dropout, cfg.gate_init) == ("reslowrank", 64, 0.1, 0.0)
+    assert not (cfg.normalize_inputs or cfg.center)
+    train, _, (xt, yt) = contrastive_data()
+    scale = 7.0  # raw features are not normalised: a scale reaches the head unchanged
+    train = FakePairs(train.img * scale, train.txt[:, 0])
+    al, _ = fit(MLPHeads, MLPConfig(dim=16, rank=8), train, epochs=3, batch_size=128)
+    state = {k: v.double() for k, v in al.state_dict().items()}
+    p, w1, w2 = state["img.P.weight"], state["img.W1.weight"], state["img.W2.weight"]
+    assert p.shape == (16, 32) and w1.shape == (8, 32) and "img.P.bias" not in state
+    assert torch.count_nonzero(w2) == 0  # no gradient ever reaches W2 through a zero gate
+    x = xt.double() * scale
+    expected = torch.nn.functional.normalize(x @ p.T, dim=1)  # alpha = 0: the skip projection alone
+    torch.testing.assert_close(al.image_global(ImageRows(cls=xt * scale)).double(), expected, atol=1e-5, rtol=1e-5)
+
+    # an open gate: the residual as written in their forward (dropout off outside training)
+    gen = torch.Generator().manual_seed(1)
+    head = ResLowRankHead(6, 5, 3, 0.1, 0.25)
+    with torch.no_grad():
+        head.W2.weight.copy_(torch.randn(5, 3, generator=gen))
+    z = torch.randn(4, 6, generator=gen)
+    alpha = 1 / (1 + np.exp(-np.log(0.25 / 0.75)))
+    ref = z @ head.P.weight.T + alpha * (torch.nn.functional.gelu(z @ head.W1.weight.T) @ head.W2.weight.T)
+    torch.testing.assert_close(head(z), ref)
+    torch.testing.assert_close(head.P.weight @ head.P.weight.T, torch.eye(5), atol=1e-5, rtol=0)  # orthogonal rows
+    dropped = head(z, torch.Generator().manual_seed(0))
+    assert not torch.allclose(dropped, ref) and dropped.shape == ref.shape
+
+
+def test_linear_head_optimiser_and_structure_warmup_are_the_structure_codes():
+    """nn.Linear(D, E) on raw features; AdamW betas (0.9, 0.95), lr 1e-3, weight decay 1e-4, cosine schedule, clipping
+    at 1.0; lambda(step) = structure_weight * min(1, step / 1000), step counted from 0 (their CLIPLoss.step())."""
+    from pipe_align.align.base import StepContext
+
+    for cfg in (LinearConfig(), MLPConfig()):
+        assert (cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2) == (1e-3, 1e-4, 0.9, 0.95)
+        assert (cfg.schedule, cfg.grad_clip, cfg.warmup_epochs, cfg.structure_warmup_steps) == ("cosine", 1.0, 0, 1000)
+    train, _, (xt, _) = contrastive_data()
+    al, _ = fit(LinearHeads, LinearConfig(dim=16), train, epochs=2, batch_size=128)
+    w, b = al.state_dict()["img.weight"].double(), al.state_dict()["img.bias"].double()
+    raw = xt.double() * 3.0
+    torch.testing.assert_close(al.image_global(ImageRows(cls=raw.float())).double(),
+                               torch.nn.functional.normalize(raw @ w.T + b, dim=1), atol=1e-5, rtol=1e-5)  # fmt: skip
+    batch = next(iter(train.batches(0, 64, 0)))
+    heads = LinearHeads(LinearConfig(dim=16, structure_weight=10.0))
+    heads.setup(TrainingData(train), 0)
+    for step in (0, 1, 250, 999, 1000, 5000):
+        total, parts = heads.loss(batch, StepContext(0, step, 4, lambda t, sizes: t))
+        lam = 10.0 * min(1.0, step / 1000)
+        assert parts["structure"] > 0
+        assert float(total.detach()) == pytest.approx(parts["info_nce"] + lam * parts["structure"], rel=1e-6, abs=1e-7)
