@@ -483,3 +483,44 @@ def test_linear_head_optimiser_and_structure_warmup_are_the_structure_codes():
         lam = 10.0 * min(1.0, step / 1000)
         assert parts["structure"] > 0
         assert float(total.detach()) == pytest.approx(parts["info_nce"] + lam * parts["structure"], rel=1e-6, abs=1e-7)
+
+
+# -- the demo's semi-supervised stores ---------------------------------------------------------------------------------
+def test_semi_unpaired_stores_are_the_other_rows_disjoint_and_shuffled(tmp_path):
+    """pipelines/demo_semi.py: the unpaired stores hold every image after the first n pairs and exactly the captions
+    of those images (none of a paired image), each in its own shuffle, rows intact, caption links cut."""
+    from pipe_align.extract.store import StoreLayout, create_store, open_store
+    from pipe_align.pipelines.demo_semi import _write_unpaired
+
+    n_img, per, n_pairs = 30, 3, 8
+    enc = {"alias": "fake", "layer": None}
+    arrays = {
+        "image": {"ids": np.array([f"im{i}" for i in range(n_img)]), "cls": np.arange(n_img * 4).reshape(n_img, 4),
+                  "patches": np.arange(n_img * 8).reshape(n_img, 2, 4), "labels": np.full(n_img, -1)},
+        "text": {"ids": np.array([f"c{i}" for i in range(n_img * per)]),
+                 "text": np.array([f"t{i}" for i in range(n_img * per)]), "item": np.repeat(np.arange(n_img), per),
+                 "tokens": np.zeros((n_img * per, 2, 4)), "length": np.full(n_img * per, 2),
+                 "pooled": np.arange(n_img * per * 4).reshape(-1, 4)},
+    }  # fmt: skip
+    stores = {}
+    for modality, arr in arrays.items():
+        n = len(arr["ids"])
+        lay = StoreLayout(modality=modality, encoder=enc | {"dim": 4}, dataset="world", split="train", count=n,
+                          tokens=2, dim=4, rows_per_chunk=4, rows_per_shard=8,
+                          grid=(1, 2) if modality == "image" else None)  # fmt: skip
+        st = create_store(tmp_path / "train" / f"{modality}.zarr", lay)
+        for s in range(lay.num_shards):
+            a, b = lay.shard_range(s)
+            st.write_shard(s, {k: np.asarray(v)[a:b] for k, v in arr.items()}, np.zeros(b - a, bool))
+        st.finalize()
+        stores[modality] = open_store(st.path)
+    _write_unpaired(stores["image"], stores["text"], n_pairs, tmp_path / "unpaired")
+    img, txt = open_store(tmp_path / "unpaired" / "image.zarr"), open_store(tmp_path / "unpaired" / "text.zarr")
+    img_ids = [int(s[2:]) for s in img.read("ids")]
+    cap_ids = [int(s[1:]) for s in txt.read("ids")]
+    assert sorted(img_ids) == list(range(n_pairs, n_img)) and img_ids != sorted(img_ids)
+    assert sorted(cap_ids) == list(range(n_pairs * per, n_img * per)) and cap_ids != sorted(cap_ids)
+    np.testing.assert_array_equal(img.read("cls"), arrays["image"]["cls"][img_ids])
+    np.testing.assert_array_equal(img.read("patches"), arrays["image"]["patches"][img_ids])
+    np.testing.assert_array_equal(txt.read("pooled"), arrays["text"]["pooled"][cap_ids])
+    assert (txt.read("item") == -1).all()
