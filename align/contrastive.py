@@ -212,6 +212,14 @@ class ContrastiveHeads(TrainedAligner):
     def wants_tokens(cls, config: LinearConfig) -> bool:
         return config.image_feature == "mean" or config.pool == "token"
 
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> ContrastiveHeads:
+        """A method.json written before 2026-11-30 has no `normalize_inputs`: its weights were trained with the
+        definitions of then (normalised, centred inputs; the GELU head), so those are what it loads with."""
+        if "normalize_inputs" not in config:
+            config = {"normalize_inputs": True, "center": True, "head": "gelu"} | config
+        return super().from_config_dict(config)
+
     # -- inputs and encoders ------------------------------------------------------------------------------------------
     def _prep(self, z: Tensor) -> Tensor:
         return l2n(z) if self.config.normalize_inputs else z.float()

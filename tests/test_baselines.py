@@ -524,3 +524,25 @@ def test_semi_unpaired_stores_are_the_other_rows_disjoint_and_shuffled(tmp_path)
     np.testing.assert_array_equal(img.read("patches"), arrays["image"]["patches"][img_ids])
     np.testing.assert_array_equal(txt.read("pooled"), arrays["text"]["pooled"][cap_ids])
     assert (txt.read("item") == -1).all()
+
+
+@pytest.mark.parametrize("method", ["linear", "mlp"])
+def test_a_head_saved_before_the_authors_definitions_loads_as_it_was_trained(method, tmp_path):
+    """A method.json from before 2026-11-30 (no normalize_inputs; center and a GELU mlp were then the only behaviour)
+    loads with those definitions, not with today's defaults."""
+    import json
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 12, generator=gen) * 5, torch.randn(60, 10, generator=gen)
+    cls = get_method(method)
+    former = {"normalize_inputs": True, "center": True} | ({"head": "gelu", "hidden": 8} if method == "mlp" else {})
+    al, _ = fit(cls, cls.Config(dim=6, **former), FakePairs(x, y), epochs=2, batch_size=32)
+    al.save(tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "method.json").read_text())
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in ("normalize_inputs", "head", "rank",
+                      "dropout", "gate_init", "structure_warmup_steps")} | {"structure_warmup": 5.0}  # fmt: skip
+    (tmp_path / "run" / "method.json").write_text(json.dumps(meta))
+    back = load_aligner(tmp_path / "run")
+    assert back.config.normalize_inputs and back.config.center
+    assert torch.equal(back.image_global(ImageRows(cls=x)), al.image_global(ImageRows(cls=x)))
+    assert torch.equal(back.text_global(TextRows(pooled=y)), al.text_global(TextRows(pooled=y)))
