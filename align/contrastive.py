@@ -1,35 +1,46 @@
 """Contrastive heads on frozen features (`linear`, `mlp`), with the optional STRUCTURE regulariser.
 
-One head per modality maps L2-normalised frozen features into a shared E-dim space (linear: one Linear; mlp:
-Linear-GELU-Linear); the heads are trained with the symmetric InfoNCE loss (CLIP's) at a fixed temperature. Inputs
-are L2-normalised (so the learning rate means the same whatever the encoder's feature scale) and, with `center`,
-shifted by their training mean (the shared direction of a token set otherwise dominates pooled MLP outputs).
+One head per modality maps the frozen features into a shared E-dim space; the heads are trained with the symmetric
+InfoNCE loss (CLIP's) on L2-normalised outputs at a fixed temperature. By default everything is what the STRUCTURE
+authors' code does (Groeger, Wen, Le, Brbic, NeurIPS 2025, "With limited data for multimodal alignment, let the
+STRUCTURE guide you"; the PAL authors' copy, `src/models/alignment/{linear,mlp}.py`, `src/training/loss/clip_loss.py`,
+`configs/default.yaml`, `configs/mlp/*/mlp_d512_struct.yaml`):
+- `linear`: `nn.Linear(D, E)` (LinearAlignmentLayer). `mlp`: their "MLP", `ResLowRankHead`: z = P x + alpha * W2
+  dropout(GELU(W1 x)), P orthogonal (no bias), W1 orthogonal [rank x D], W2 zero, gate alpha = sigmoid(logit) with
+  logit = -inf for their gate_init 0, rank 64, dropout 0.1. With gate_init 0 the gate and the residual never receive a
+  gradient (sigmoid'(-inf) = 0, W2 stays 0), so the head stays the linear map P x; we keep that gate fixed at 0
+  rather than store an infinite parameter. `head="gelu"` is our former Linear-GELU-Linear (`hidden` wide).
+- inputs as stored (raw, uncentred); `normalize_inputs` (L2) and `center` (subtract the training mean) are ours.
+- AdamW betas (0.9, 0.95), weight decay 1e-4, lr 1e-3, cosine schedule, gradient clipping at 1.0 (TrainedConfig
+  fields; their LR finder is not run).
+- STRUCTURE: lambda ramps linearly from 0 over `structure_warmup_steps` (1000) optimiser steps, lambda(step) =
+  structure_weight * min(1, step / warmup), step counted from 0 as in their `CLIPLoss.step()`.
 
 `pool="token"` projects every token with the head and mean-pools the valid tokens (image patches / word tokens),
-the token-level counterpart of the global heads; it needs the token arrays (`wants_tokens`). For the linear head
-that equals projecting the mean token, for the MLP it does not, and the token MLP needs many more optimiser steps
-than the global one: with a few hundred pairs use a small `batch_size` (one step per epoch barely moves it).
+the token-level counterpart of the global heads; it needs the token arrays (`wants_tokens`). For a linear head that
+equals projecting the mean token; for the GELU MLP it does not, and it needs many more optimiser steps than the
+global one: with a few hundred pairs use a small `batch_size` (one step per epoch barely moves it).
 
-STRUCTURE (Groeger, Wen, Le, Brbic, NeurIPS 2025, "With limited data for multimodal alignment, let the STRUCTURE
-guide you") adds lambda * mean over modalities of a divergence between in-batch neighbourhood distributions of the
+STRUCTURE adds lambda * mean over modalities of a divergence between in-batch neighbourhood distributions of the
 frozen input features and of the aligned outputs: each side L2-normalised then mean-centred over the batch,
-similarities / temperature, row softmax, and the Jensen-Shannon divergence per row averaged over the batch (levels > 1
-also compares powers of the row-stochastic matrices, i.e. multi-step neighbourhoods, weighted equally). The authors'
-code uses lambda = 10 with a linear warm-up, one level, mean centring, and the contrastive temperature as the
-structure temperature; we do the same with the warm-up counted in epochs (`structure_warmup`; theirs counts 500 steps).
-The divergence is their code's, 1/2 [KL(M || A) + KL(M || O)] (`structure_divergence="reference"`, the default); the
-textbook Jensen-Shannon divergence, 1/2 [KL(A || M) + KL(O || M)], is the named variant `structure_divergence="js"`.
+similarities / temperature, row softmax, the divergence per row averaged over the batch (levels > 1 also compares
+powers of the row-stochastic matrices, i.e. multi-step neighbourhoods, weighted equally). The divergence is their
+code's, 1/2 [KL(M || A) + KL(M || O)] (`structure_divergence="reference"`, the default); the textbook Jensen-Shannon
+divergence, 1/2 [KL(A || M) + KL(O || M)], is the named variant `structure_divergence="js"`.
 
 Each epoch draws a new caption per image (the PairSource's epoch-seeded draw). Early stopping watches the val InfoNCE
-(no regulariser) and keeps the best epoch's weights. Training is deterministic given `seed` on a given device.
+(no regulariser) and keeps the best epoch's weights. Training is deterministic given `seed` on a given device (the
+dropout masks of a trainable residual come from a generator seeded by the run's seed and the step).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipe_align.align.base import (
@@ -48,26 +59,34 @@ from pipe_align.extract.errors import PipeError
 
 POOLS = ("global", "token")
 DIVERGENCES = ("reference", "js")
+HEADS = ("reslowrank", "gelu")
 
 
 @dataclass(frozen=True)
 class LinearConfig(TrainedConfig, BaselineConfig):
-    """Hyper-parameters of the contrastive heads (defaults: CLIP-style heads trained on few pairs)."""
+    """Hyper-parameters of the contrastive heads (defaults: the STRUCTURE authors' code)."""
 
+    beta2: float = field(default=0.95, metadata={"help": "Trained methods: AdamW beta2."})
+    schedule: str = field(default="cosine", metadata={
+        "help": "Trained methods: learning-rate schedule after warm-up, cosine (to zero) or constant."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Trained methods: gradient norm clip; 0 = off."})
     pool: str = field(default="global", metadata={
         "help": "linear, mlp: global (project the global feature) or token (project every token, mean-pool)."})
     dim: int = field(default=512, metadata={"help": "linear, mlp: output dimension of the heads."})
     temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (baselines)."})
     structure_weight: float = field(default=0.0, metadata={
         "help": "linear, mlp: STRUCTURE regulariser weight lambda; 0 = off (the STRUCTURE paper uses 10)."})
-    structure_warmup: float = field(default=5.0, metadata={
-        "help": "linear, mlp: epochs of linear warm-up of lambda."})
+    structure_warmup_steps: int = field(default=1000, metadata={
+        "help": "linear, mlp: optimiser steps of linear warm-up of lambda (the STRUCTURE code: 1000)."})
     structure_temperature: float = field(default=0.05, metadata={"help": "linear, mlp: STRUCTURE temperature."})
     structure_levels: int = field(default=1, metadata={"help": "linear, mlp: STRUCTURE neighbourhood levels."})
     structure_divergence: str = field(default="reference", metadata={
         "help": "linear, mlp: reference (the STRUCTURE code's 1/2[KL(M||A)+KL(M||O)]) or js (textbook JS)."})
-    center: bool = field(default=True, metadata={
-        "help": "linear, mlp: subtract the training mean of the normalised inputs before the head."})
+    normalize_inputs: bool = field(default=False, metadata={
+        "help": "linear, mlp: L2-normalise the frozen features before the head (ours; the STRUCTURE code feeds them "
+                "as stored)."})  # fmt: skip
+    center: bool = field(default=False, metadata={
+        "help": "linear, mlp: subtract the training mean of the (normalised) inputs before the head (ours)."})
 
     def check(self) -> None:
         super().check()
@@ -79,18 +98,28 @@ class LinearConfig(TrainedConfig, BaselineConfig):
             raise PipeError("dim and structure_levels must be >= 1")
         if self.temperature <= 0 or self.structure_temperature <= 0:
             raise PipeError("temperatures must be > 0")
-        if self.structure_weight < 0 or self.structure_warmup < 0:
-            raise PipeError("structure_weight and structure_warmup must be >= 0")
+        if self.structure_weight < 0 or self.structure_warmup_steps < 0:
+            raise PipeError("structure_weight and structure_warmup_steps must be >= 0")
 
 
 @dataclass(frozen=True)
 class MLPConfig(LinearConfig):
-    hidden: int = field(default=1024, metadata={"help": "mlp: hidden width."})
+    head: str = field(default="reslowrank", metadata={
+        "help": "mlp: reslowrank (the STRUCTURE code's residual low-rank head) or gelu (Linear-GELU-Linear, ours)."})
+    rank: int = field(default=64, metadata={"help": "mlp: bottleneck width of the reslowrank residual."})
+    dropout: float = field(default=0.1, metadata={"help": "mlp: dropout on the reslowrank residual (training only)."})
+    gate_init: float = field(default=0.0, metadata={
+        "help": "mlp: initial residual gate alpha of reslowrank in [0, 1); 0 = residual off for good (theirs)."})
+    hidden: int = field(default=1024, metadata={"help": "mlp: hidden width of the gelu head."})
 
     def check(self) -> None:
         super().check()
-        if self.hidden < 1:
-            raise PipeError(f"hidden={self.hidden}: must be >= 1")
+        if self.head not in HEADS:
+            raise PipeError(f"head={self.head!r}; valid: {', '.join(HEADS)}")
+        if min(self.hidden, self.rank) < 1:
+            raise PipeError("hidden and rank must be >= 1")
+        if not (0 <= self.dropout < 1 and 0 <= self.gate_init < 1):
+            raise PipeError("dropout and gate_init must be in [0, 1)")
 
 
 def _neighbourhoods(z: Tensor, temperature: float) -> Tensor:
@@ -123,10 +152,45 @@ def structure_loss(original: Tensor, aligned: Tensor, temperature: float, levels
     return total / levels
 
 
-def _head(kind: str, din: int, dim: int, hidden: int) -> nn.Module:
+class ResLowRankHead(nn.Module):
+    """The STRUCTURE code's residual low-rank head: P x + alpha * W2 dropout(GELU(W1 x)), alpha = sigmoid(logit).
+
+    P and W1 orthogonal and bias-free, W2 zero. A gate_init of 0 is their logit -inf: alpha is 0 and never moves
+    (no gradient reaches it or W2), kept here as a fixed zero buffer `gate`; a positive gate_init trains `gate_logit`.
+    Dropout acts in training only, drawing from the generator passed to `forward` (none: no dropout)."""
+
+    def __init__(self, din: int, dim: int, rank: int, dropout: float, gate_init: float) -> None:
+        super().__init__()
+        self.P = nn.Linear(din, dim, bias=False)
+        self.W1 = nn.Linear(din, rank, bias=False)
+        self.W2 = nn.Linear(rank, dim, bias=False)
+        nn.init.orthogonal_(self.P.weight)
+        nn.init.orthogonal_(self.W1.weight)
+        nn.init.zeros_(self.W2.weight)
+        self.p = dropout
+        if gate_init > 0:
+            self.gate_logit = nn.Parameter(torch.tensor(math.log(gate_init / (1 - gate_init))))
+        else:
+            self.register_buffer("gate", torch.zeros(()))
+
+    @property
+    def alpha(self) -> Tensor:
+        return torch.sigmoid(self.gate_logit) if hasattr(self, "gate_logit") else self.gate
+
+    def forward(self, z: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        h = F.gelu(self.W1(z))
+        if gen is not None and self.p > 0:
+            keep = torch.rand(h.shape, generator=gen, device=h.device) >= self.p
+            h = h * keep / (1 - self.p)
+        return self.P(z) + self.alpha * self.W2(h)
+
+
+def _head(kind: str, din: int, config: LinearConfig) -> nn.Module:
     if kind == "linear":
-        return nn.Linear(din, dim)
-    return nn.Sequential(nn.Linear(din, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        return nn.Linear(din, config.dim)
+    if config.head == "gelu":
+        return nn.Sequential(nn.Linear(din, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.dim))
+    return ResLowRankHead(din, config.dim, config.rank, config.dropout, config.gate_init)
 
 
 class ContrastiveHeads(TrainedAligner):
@@ -148,22 +212,33 @@ class ContrastiveHeads(TrainedAligner):
     def wants_tokens(cls, config: LinearConfig) -> bool:
         return config.image_feature == "mean" or config.pool == "token"
 
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> ContrastiveHeads:
+        """A method.json written before 2026-11-30 has no `normalize_inputs`: its weights were trained with the
+        definitions of then (normalised, centred inputs; the GELU head), so those are what it loads with."""
+        if "normalize_inputs" not in config:
+            config = {"normalize_inputs": True, "center": True, "head": "gelu"} | config
+        return super().from_config_dict(config)
+
     # -- inputs and encoders ------------------------------------------------------------------------------------------
+    def _prep(self, z: Tensor) -> Tensor:
+        return l2n(z) if self.config.normalize_inputs else z.float()
+
     def _image_tokens(self, rows: ImageRows) -> Tensor:
-        """The frozen input the image head sees, L2-normalised (before centring): [N, D] or [N, P, D] tokens."""
+        """The frozen input the image head sees (before centring): [N, D] or [N, P, D] tokens."""
         if self.config.pool == "token":
             if rows.patches is None:
                 raise PipeError("pool='token' needs the patch tokens (wants_tokens(config) is True)")
-            return l2n(rows.patches)  # [N, P, D]
-        return l2n(image_input(rows, self.config.image_feature))  # [N, D]
+            return self._prep(rows.patches)  # [N, P, D]
+        return self._prep(image_input(rows, self.config.image_feature))  # [N, D]
 
     def _text_tokens(self, rows: TextRows) -> tuple[Tensor, Tensor | None]:
-        """The frozen input of the text head (L2-normalised) and its token mask (None for a global input)."""
+        """The frozen input of the text head and its token mask (None for a global input)."""
         if self.config.pool == "token":
             if rows.tokens is None:
                 raise PipeError("pool='token' needs the word tokens (wants_tokens(config) is True)")
-            return l2n(rows.tokens), rows.mask()
-        return l2n(text_input(rows)), None
+            return self._prep(rows.tokens), rows.mask()
+        return self._prep(text_input(rows)), None
 
     @staticmethod
     def _pool(h: Tensor, mask: Tensor | None) -> Tensor:
@@ -175,18 +250,20 @@ class ContrastiveHeads(TrainedAligner):
         m = mask.to(h.dtype).unsqueeze(-1)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
-    def _apply(self, side: str, z: Tensor) -> Tensor:
-        """The head of `side` on centred inputs (token-wise: the last dim is the feature dim)."""
-        head = self.img_head if side == "img" else self.txt_head
-        center = self.center_img if side == "img" else self.center_txt
-        return head.to(z.device)(z - center.to(z.device))
+    def _apply(self, side: str, z: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """The head of `side` on centred inputs (token-wise: the last dim is the feature dim); `gen` draws the
+        dropout masks of a residual head in training."""
+        head = (self.img_head if side == "img" else self.txt_head).to(z.device)
+        z = z - (self.center_img if side == "img" else self.center_txt).to(z.device)
+        return head(z, gen) if isinstance(head, ResLowRankHead) else head(z)
 
-    def _encode(self, image: ImageRows, text: TextRows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _encode(self, image: ImageRows, text: TextRows,
+                gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         """(image out, text out, image frozen input, text frozen input), outputs L2-normalised, inputs pooled."""
         zi = self._image_tokens(image)
         zt, mask = self._text_tokens(text)
-        hi = l2n(self._pool(self._apply("img", zi), None))
-        ht = l2n(self._pool(self._apply("txt", zt), mask))
+        hi = l2n(self._pool(self._apply("img", zi, gen), None))
+        ht = l2n(self._pool(self._apply("txt", zt, gen), mask))
         return hi, ht, self._pool(zi, None), self._pool(zt, mask)
 
     def image_global(self, rows: ImageRows) -> Tensor:
@@ -200,11 +277,12 @@ class ContrastiveHeads(TrainedAligner):
 
     def image_dense(self, patches: Tensor) -> Tensor:
         with torch.no_grad():
-            return l2n(self._apply("img", l2n(patches)))
+            return l2n(self._apply("img", self._prep(patches)))
 
     def _centres(self, train: Any, seed: int) -> tuple[Tensor, Tensor]:
-        """Mean normalised input token (or global feature) of each side over the training pairs (epoch-0 captions).
-        Without it an MLP on tokens starts with pooled outputs dominated by the tokens' shared direction."""
+        """Mean input token (or global feature) of each side over the training pairs (epoch-0 captions), for
+        `center`: without it a GELU MLP on tokens starts with pooled outputs dominated by the tokens' shared
+        direction."""
         si = st = None
         ni = nt = 0
         for b in train.batches(epoch=0, batch_size=1024, seed=seed, shuffle=False):
@@ -228,25 +306,34 @@ class ContrastiveHeads(TrainedAligner):
             self.center_img, self.center_txt = self._centres(data.train, seed)
         else:
             self.center_img, self.center_txt = torch.zeros(di, device=device), torch.zeros(dt, device=device)
-        hidden = getattr(config, "hidden", 0)
+        self._seed = seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.img_head = _head(self.kind, di, config.dim, hidden).to(device)
-            self.txt_head = _head(self.kind, dt, config.dim, hidden).to(device)
+            self.img_head = _head(self.kind, di, config).to(device)
+            self.txt_head = _head(self.kind, dt, config).to(device)
 
     def parameters(self) -> list[Tensor]:
         return [*self.img_head.parameters(), *self.txt_head.parameters()]
 
+    def _dropout_generator(self, step: int, device: torch.device) -> torch.Generator | None:
+        """Seeded by (run seed, step), so a run and its resumed continuation draw the same masks; None when no
+        dropout can change anything (no residual head, dropout 0, or a gate fixed at 0)."""
+        head = self.img_head
+        if not isinstance(head, ResLowRankHead) or head.p == 0 or not hasattr(head, "gate_logit"):
+            return None
+        return torch.Generator(device=device).manual_seed(self._seed * 1_000_003 + step)
+
     def loss(self, batch: Any, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         config = self.config
-        hi, ht, zi, zt = self._encode(batch.image, batch.text)
+        gen = self._dropout_generator(ctx.step, batch.image.cls.device)
+        hi, ht, zi, zt = self._encode(batch.image, batch.text, gen)
         hi, ht = ctx.gather(hi, batch.sizes), ctx.gather(ht, batch.sizes)
         nce = info_nce(hi, ht, config.temperature)
         if config.structure_weight <= 0:
             return nce, {"info_nce": nce.item(), "structure": 0.0}
         zi, zt = ctx.gather(zi, batch.sizes), ctx.gather(zt, batch.sizes)  # frozen inputs: only STRUCTURE needs them
-        warmup_steps = config.structure_warmup * ctx.steps_per_epoch
-        lam = config.structure_weight * (min(1.0, ctx.step / warmup_steps) if warmup_steps > 0 else 1.0)
+        warmup = config.structure_warmup_steps
+        lam = config.structure_weight * (min(1.0, ctx.step / warmup) if warmup > 0 else 1.0)
         t, lv, div = config.structure_temperature, config.structure_levels, config.structure_divergence
         reg = 0.5 * (structure_loss(zi, hi, t, lv, div) + structure_loss(zt, ht, t, lv, div))
         return nce + lam * reg, {"info_nce": nce.item(), "structure": reg.item()}
@@ -267,11 +354,14 @@ class ContrastiveHeads(TrainedAligner):
         for side in ("img", "txt"):
             sub = {k[len(side) + 1 :]: v for k, v in state.items() if k.startswith(side + ".")}
             if self.kind == "linear":
-                dim, din = sub["weight"].shape
-                hidden = 0
-            else:
+                (dim, din), shape = sub["weight"].shape, {}
+            elif self.config.head == "gelu":
                 (hidden, din), dim = sub["0.weight"].shape, sub["2.weight"].shape[0]
-            head = _head(self.kind, din, dim, hidden).to(next(iter(sub.values())).device)
+                shape = {"hidden": hidden}
+            else:
+                (dim, din), rank = sub["P.weight"].shape, sub["W1.weight"].shape[0]
+                shape = {"rank": rank, "gate_init": 0.5 if "gate_logit" in sub else 0.0}  # the gate is loaded below
+            head = _head(self.kind, din, replace(self.config, dim=dim, **shape)).to(next(iter(sub.values())).device)
             head.load_state_dict(sub)
             heads.append(head)
         self.img_head, self.txt_head = heads
@@ -288,7 +378,7 @@ class LinearHeads(ContrastiveHeads):
 
 @register_method("mlp")
 class MLPHeads(ContrastiveHeads):
-    """Linear-GELU-Linear per modality (hidden width `hidden`)."""
+    """The STRUCTURE code's residual low-rank head per modality (or Linear-GELU-Linear with head="gelu")."""
 
     Config = MLPConfig
     kind = "mlp"

@@ -63,6 +63,9 @@ class SOTAlignConfig(TrainedConfig, BaselineConfig):
     eps_teacher: float = field(default=0.005, metadata={
         "help": "sotalign: entropic regularisation of the teacher's plans."})
     n_iter: int = field(default=100, metadata={"help": "sotalign: Sinkhorn iterations."})
+    sinkhorn_symmetric: bool = field(default=True, metadata={
+        "help": "sotalign: end Sinkhorn with the authors' averaged half-update (klot.py symmetric=True); false ends "
+                "on the column update."})  # fmt: skip
     temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (baselines)."})
 
     def check(self) -> None:
@@ -73,8 +76,12 @@ class SOTAlignConfig(TrainedConfig, BaselineConfig):
             raise PipeError("eps, eps_teacher and temperature must be > 0 and n_iter >= 1")
 
 
-def sinkhorn_log(logits: Tensor, n_iter: int) -> Tensor:
-    """log of the entropic OT plan with uniform marginals for the Gibbs kernel exp(logits) (logits = K / eps)."""
+def sinkhorn_log(logits: Tensor, n_iter: int, symmetric: bool = True) -> Tensor:
+    """log of the entropic OT plan with uniform marginals for the Gibbs kernel exp(logits) (logits = K / eps).
+
+    `n_iter` rounds of (row, column) log-domain updates; `symmetric` then does what the authors' `sinkhorn` in
+    `src/klot.py` does by default: one more row and column update from the final potentials, each potential averaged
+    with its update, so that neither marginal is exact and both are close (without it the column marginal is exact)."""
     n, m = logits.shape
     log_a, log_b = -math.log(n), -math.log(m)
     logits_t = logits.T.contiguous()  # column reductions as contiguous row reductions (about 2x faster on CPU)
@@ -83,34 +90,39 @@ def sinkhorn_log(logits: Tensor, n_iter: int) -> Tensor:
     for _ in range(n_iter):
         u = log_a - torch.logsumexp(logits + v[None, :], dim=1)
         v = log_b - torch.logsumexp(logits_t + u[None, :], dim=1)
+    if symmetric:
+        u_extra = log_a - torch.logsumexp(logits + v[None, :], dim=1)
+        v_extra = log_b - torch.logsumexp(logits_t + u[None, :], dim=1)
+        u, v = 0.5 * (u + u_extra), 0.5 * (v + v_extra)
     return logits + u[:, None] + v[None, :]
 
 
-def ot_plan(affinity: Tensor, eps: float, n_iter: int) -> Tensor:
+def ot_plan(affinity: Tensor, eps: float, n_iter: int, symmetric: bool = True) -> Tensor:
     """Entropic OT plan of an affinity (cost = -affinity), no gradient."""
     with torch.no_grad():
-        return sinkhorn_log(affinity / eps, n_iter).exp()
+        return sinkhorn_log(affinity / eps, n_iter, symmetric).exp()
 
 
 class KLOT(torch.autograd.Function):
     """KL(P* || P(K)) with the closed-form gradient (P - P*) / eps w.r.t. the affinity K."""
 
     @staticmethod
-    def forward(ctx: Any, affinity: Tensor, plan_target: Tensor, eps: float, n_iter: int) -> Tensor:
-        log_p = sinkhorn_log(affinity.detach() / eps, n_iter)
+    def forward(ctx: Any, affinity: Tensor, plan_target: Tensor, eps: float, n_iter: int,
+                symmetric: bool = True) -> Tensor:  # fmt: skip
+        log_p = sinkhorn_log(affinity.detach() / eps, n_iter, symmetric)
         kl = (torch.xlogy(plan_target, plan_target) - plan_target * log_p).sum()
         ctx.save_for_backward(log_p.exp(), plan_target)
         ctx.eps = eps
         return kl
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         plan, plan_target = ctx.saved_tensors
-        return grad * (plan - plan_target) / ctx.eps, None, None, None
+        return grad * (plan - plan_target) / ctx.eps, None, None, None, None
 
 
-def klot(affinity: Tensor, plan_target: Tensor, eps: float, n_iter: int) -> Tensor:
-    return KLOT.apply(affinity, plan_target, eps, n_iter)
+def klot(affinity: Tensor, plan_target: Tensor, eps: float, n_iter: int, symmetric: bool = True) -> Tensor:
+    return KLOT.apply(affinity, plan_target, eps, n_iter, symmetric)
 
 
 @dataclass
@@ -203,10 +215,11 @@ class SOTAlign(BaselineState, TrainedAligner):
 
     def loss(self, batch: UnpairedBatch, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         config = self.config
-        plan_t = ot_plan(self._tx[batch.all_images] @ self._ty[batch.all_texts].T, config.eps_teacher, config.n_iter)
+        plan_t = ot_plan(self._tx[batch.all_images] @ self._ty[batch.all_texts].T, config.eps_teacher, config.n_iter,
+                         config.sinkhorn_symmetric)
         f = ctx.gather(self._map(self._px[batch.images], "img"), batch.image_sizes)
         g = ctx.gather(self._map(self._py[batch.texts], "txt"), batch.text_sizes)
-        loss = klot(f @ g.T, plan_t, config.eps, config.n_iter)
+        loss = klot(f @ g.T, plan_t, config.eps, config.n_iter, config.sinkhorn_symmetric)
         return loss, {"klot": loss.item()}
 
     @property

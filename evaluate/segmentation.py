@@ -9,7 +9,11 @@ built from the dataset reader's label-space facts (`background`, `reduce_zero_la
 - a background class (VOC, the world), both protocols: every class incl. background competes (VOC21); `fg_mIoU`
   leaves background out of the mean (the PAL authors' number); the standard protocol adds `bg_ignored/*`
   (VOC20: background pixels ignored, only the other classes compete).
-- `reduce_zero_label` (ADE20K): label 0 ignored, classes 1.. compete (mmseg's convention).
+- `reduce_zero_label` (ADE20K): label 0 is never a target. `standard`: classes 1.. compete (mmseg's convention,
+  150-way). `pal`: the PAL authors' rule (`src/evaluation/zero_shot_segmentation.py`, `DatasetSpec.for_ade20k` and
+  `run_eval`): all 151 classes compete, class 0's prompt included, and a pixel predicted as class 0 counts as a
+  wrong prediction; class 0 enters the mean with IoU 0 as soon as it is predicted anywhere (their mIoU-fg equals
+  their mIoU there, so no `fg_mIoU` is reported).
 - anything else: all classes compete.
 Neither protocol runs mmseg's sliding window (short side 448, window 448, stride 224): the store holds one
 fixed-size pass per image, so `standard` means the standard label spaces on those same patch scores.
@@ -40,7 +44,8 @@ from pipe_align.extract.errors import PipeError
 CLASS_CHUNK = 32  # classes upsampled at once (ADE20K: 150 maps of a 512x683 mask would be 210 MB at once)
 PROTOCOLS = {
     "pal": "PAL protocol: one 224 px pass (squash resize, whole image), patch scores bilinearly upsampled to the "
-           "mask, background prompt competes in the argmax; fg_mIoU excludes background from the mean",
+           "mask, background prompt competes in the argmax; fg_mIoU excludes background from the mean; ADE20K: "
+           "151-way, label 0 never a target but its prompt competes (the authors' rule)",
     "standard": "standard label spaces (VOC21 with background, VOC20 background ignored as bg_ignored/*, ADE20K "
                 "label 0 ignored) on the store's single fixed-size pass; mmseg's sliding window (short side 448, "
                 "window 448, stride 224) is NOT run because the store holds one pass per image",
@@ -78,6 +83,8 @@ def label_spaces(protocol: str, reader: type[Dataset], classes: list[str]) -> li
             spaces.append(LabelSpace("background-ignored", "bg_ignored/", others, ignored=(bg,)))
         return spaces
     if reader.reduce_zero_label:
+        if protocol == "pal":
+            return [LabelSpace("zero-competes", "", everything, ignored=(0,))]
         return [LabelSpace("zero-ignored", "", everything[1:], ignored=(0,))]
     return [LabelSpace("all-classes", "", everything)]
 
@@ -108,6 +115,19 @@ def upsample_argmax(scores: Tensor, size: tuple[int, int], chunk: int = CLASS_CH
             better = v > best_v
             best_v, best_i = torch.where(better, v, best_v), torch.where(better, i + c0, best_i)
     return best_i
+
+
+def count_image(space: LabelSpace, lut: Tensor, cm: ConfusionMatrix, scores: Tensor, raw: Tensor) -> Tensor:
+    """Count one image into `cm`: [C, h, w] score maps of every prompt-store class and the raw [H, W] mask; the
+    space's candidates compete, the mask is mapped through `lut` (`space.target_map`). Returns the prediction
+    (positions in `space.candidates`)."""
+    target = lut[raw]
+    if (target < 0).any():
+        bad = sorted({int(v) for v in raw[target < 0].unique()[:5]})
+        raise PipeError(f"labels {bad} are no class of the {scores.shape[0]} in the prompt store")
+    pred = upsample_argmax(scores[list(space.candidates)], tuple(raw.shape))
+    cm.update(pred, target)
+    return pred
 
 
 def check_inputs(ctx: EvalContext, dataset: Dataset, classes: list[str]) -> None:
@@ -153,13 +173,10 @@ def run_segmentation(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
             mask = np.asarray(dataset.load_mask(int(ds_rows[row])))
             raw = torch.from_numpy(mask.astype(np.int64))
             for k, (sp, cm, lut) in enumerate(zip(spaces, cms, luts, strict=True)):
-                target = lut[raw]
-                if (target < 0).any():
-                    bad = sorted({int(v) for v in raw[target < 0].unique()[:5]})
-                    raise PipeError(f"mask of {ids[row]}: labels {bad} are no class of the {len(classes)} in the "
-                                    f"prompt store and not void ({void})")  # fmt: skip
-                pred = upsample_argmax(scores[j, list(sp.candidates)], tuple(mask.shape))
-                cm.update(pred, target)
+                try:
+                    pred = count_image(sp, lut, cm, scores[j], raw)
+                except PipeError as e:
+                    raise PipeError(f"mask of {ids[row]}: {e} and not void ({void})") from None
                 if k == 0 and len(examples) < cfg.examples:
                     shown = torch.as_tensor(sp.candidates)[pred.cpu()].numpy().astype(np.uint8)
                     examples.append((row, int(ds_rows[row]), mask, shown))

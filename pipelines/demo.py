@@ -27,6 +27,7 @@ from pipe_align.extract.datasets.fashion_mnist import FASHION_CLASSES
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import resolve_device
 from pipe_align.extract.runner import ExtractConfig, run_extract
+from pipe_align.pipelines.demo_semi import run_semi
 
 SIZES = {"small": (48, 16), "full": (400, 100)}  # world images: train, val
 FASHION = {"small": (3, 2), "full": (40, 30)}  # Fashion-MNIST images per class: train (7 seen classes), test (all 10)
@@ -168,6 +169,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     else:
         say("      fashion-mnist transfer skipped: dataset-fashion-mnist is not installed (`make fashion-mnist`)")
 
+    run_semi(stages, out, cfg.size, n_val)  # SOTAlign's semi-supervised setting (pipelines/demo_semi.py)
     say(f"[{next(step)}/{steps}] report")
     _, _, table = write_report(list(method_runs.values()), out / "report.md")
     say(table.rstrip())

@@ -175,7 +175,7 @@ def test_structure_changes_the_loss_and_training_is_deterministic():
     train, _, _ = contrastive_data()
     runs = {}
     for w in (0.0, 10.0, 10.0):
-        al, hist = fit(LinearHeads, LinearConfig(dim=32, structure_weight=w, structure_warmup=1.0), train, epochs=3,
+        al, hist = fit(LinearHeads, LinearConfig(dim=32, structure_weight=w, structure_warmup_steps=4), train, epochs=3,
                        batch_size=128)
         runs.setdefault(w, []).append((hist, al.state_dict()))
     ((h0, s0),) = runs[0.0]
@@ -338,3 +338,211 @@ def test_asif_raises_the_raw_top_k_similarities_to_p():
     with pytest.raises(PipeError, match="integer p"):
         ASIFConfig(p=2.5)
     ASIFConfig(p=2.5, clamp_negative=True)
+
+
+def test_klot_is_the_authors_symmetric_sinkhorn_by_default():
+    """SOTAlign's klot.py: log-domain Sinkhorn on cost -K (uniform marginals, n_iter rounds of a row then a column
+    update), then by default (symmetric=True) both potentials averaged with one more update computed from the final
+    ones; KLOT = KL(P* || P), gradient (P - P*) / eps_student. Written out in numpy, float64, at the defaults."""
+
+    def lse(a: np.ndarray, axis: int) -> np.ndarray:
+        top = a.max(axis=axis, keepdims=True)
+        return np.squeeze(top, axis) + np.log(np.exp(a - top).sum(axis=axis))
+
+    def log_plan(k: np.ndarray, eps: float, n_iter: int, symmetric: bool) -> np.ndarray:
+        g = k / eps
+        n, m = g.shape
+        u, v = np.zeros(n), np.zeros(m)
+        for _ in range(n_iter):
+            u = -np.log(n) - lse(g + v[None, :], 1)
+            v = -np.log(m) - lse(g + u[:, None], 0)
+        if symmetric:
+            u, v = (u + (-np.log(n) - lse(g + v[None, :], 1))) / 2, (v + (-np.log(m) - lse(g + u[:, None], 0))) / 2
+        return g + u[:, None] + v[None, :]
+
+    cfg = SOTAlignConfig()
+    assert (cfg.eps, cfg.eps_teacher, cfg.n_iter, cfg.sinkhorn_symmetric) == (0.05, 0.005, 100, True)
+    rng = np.random.default_rng(3)
+    student, teacher = rng.normal(size=(7, 9)) * 0.3, rng.normal(size=(7, 9)) * 0.3  # cosine-like affinities
+
+    def expected(symmetric: bool) -> tuple[float, np.ndarray]:
+        lp, lt = log_plan(student, 0.05, 100, symmetric), log_plan(teacher, 0.005, 100, symmetric)
+        return float((np.exp(lt) * (lt - lp)).sum()), (np.exp(lp) - np.exp(lt)) / 0.05
+
+    def got(symmetric: bool) -> tuple[float, np.ndarray]:
+        k = torch.from_numpy(student).requires_grad_()
+        target = ot_plan(torch.from_numpy(teacher), 0.005, 100, symmetric)
+        value = klot(k, target, 0.05, 100, symmetric)
+        value.backward()
+        return float(value.detach()), k.grad.numpy()
+
+    ref_value, ref_grad = expected(True)
+    old_value, old_grad = expected(False)
+    assert abs(ref_value - old_value) > 1e-4 and np.abs(ref_grad - old_grad).max() > 1e-3  # the variants differ here
+    value, grad = got(True)
+    assert value == pytest.approx(ref_value, rel=1e-9, abs=1e-12)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-9, atol=1e-10)
+    value, grad = got(False)  # the named variant: ends on the column update
+    assert value == pytest.approx(old_value, rel=1e-9, abs=1e-12)
+    np.testing.assert_allclose(grad, old_grad, rtol=1e-9, atol=1e-10)
+
+
+# -- ADE20K under the two segmentation protocols ---------------------------------------------------------------------
+def test_ade20k_pal_protocol_is_151_way_and_counts_class_zero_once_predicted():
+    """The PAL authors' ADE20K evaluation (zero_shot_segmentation.py: 151 classes, ignore_index 0, IoU over classes
+    with a non-empty union): every class competes, including class 0's prompt; pixels labelled 0 are not counted;
+    a pixel predicted 0 is a miss, and class 0 enters the mean with IoU 0. `standard` keeps mmseg's rule: 150-way over
+    classes 1..150, label 0 ignored. Hand-made 3x4 image, mIoU of both computed here pixel by pixel."""
+    from pipe_align.evaluate.metrics import ConfusionMatrix
+    from pipe_align.evaluate.segmentation import count_image, label_spaces
+    from pipe_align.extract.datasets.ade20k import ADE20K, ADE20K_CLASSES
+
+    mask = np.array([[0, 1, 1, 2], [0, 2, 2, 2], [5, 5, 0, 1]])
+    best = np.array([[0, 1, 0, 2], [1, 2, 0, 2], [5, 3, 0, 1]])  # argmax over all 151 classes
+    second = np.array([[1, 7, 2, 9], [9, 9, 2, 9], [9, 9, 5, 9]])  # runner-up (the argmax when 0 cannot win)
+    scores = np.full((151, 3, 4), -1.0)
+    for y, x in np.ndindex(mask.shape):
+        scores[best[y, x], y, x], scores[second[y, x], y, x] = 1.0, 0.5
+
+    def miou(pred: np.ndarray) -> float:
+        keep = mask != 0
+        ious = []
+        for c in range(151):
+            inter = ((pred == c) & (mask == c) & keep).sum()
+            union = (((pred == c) | (mask == c)) & keep).sum()
+            if union:
+                ious.append(inter / union)
+        return float(np.mean(ious))
+
+    expected = {"pal": miou(best), "standard": miou(np.where(best == 0, second, best))}
+    assert expected["pal"] < expected["standard"]  # predicted 0 on a labelled pixel costs the pal number
+    void = ADE20K.ignore_index
+    for protocol, (name, n_classes) in {"pal": ("zero-competes", 151), "standard": ("zero-ignored", 150)}.items():
+        (space,) = label_spaces(protocol, ADE20K, list(ADE20K_CLASSES))
+        assert (space.name, len(space.candidates)) == (name, n_classes)
+        cm = ConfusionMatrix(len(space.candidates), void)
+        count_image(space, space.target_map(void), cm, torch.from_numpy(scores).float(), torch.from_numpy(mask))
+        names = [ADE20K_CLASSES[c] for c in space.candidates]
+        assert cm.compute(names)["mIoU"] == pytest.approx(expected[protocol], abs=1e-12), protocol
+
+
+# -- the STRUCTURE code's heads, inputs, optimiser and warm-up -------------------------------------------------------
+def test_mlp_is_the_structure_codes_residual_low_rank_head_on_raw_features():
+    """ResLowRankHead (their mlp.py): z = P x + sigmoid(logit) * W2 dropout(GELU(W1 x)), P and W1 orthogonal without
+    bias, W2 zero, rank 64, dropout 0.1, gate_init 0 (logit -inf: the residual never opens); inputs as stored."""
+    from pipe_align.align.contrastive import ResLowRankHead
+
+    cfg = MLPConfig()
+    assert (cfg.head, cfg.rank, cfg.dropout, cfg.gate_init) == ("reslowrank", 64, 0.1, 0.0)
+    assert not (cfg.normalize_inputs or cfg.center)
+    train, _, (xt, yt) = contrastive_data()
+    scale = 7.0  # raw features are not normalised: a scale reaches the head unchanged
+    train = FakePairs(train.img * scale, train.txt[:, 0])
+    al, _ = fit(MLPHeads, MLPConfig(dim=16, rank=8), train, epochs=3, batch_size=128)
+    state = {k: v.double() for k, v in al.state_dict().items()}
+    p, w1, w2 = state["img.P.weight"], state["img.W1.weight"], state["img.W2.weight"]
+    assert p.shape == (16, 32) and w1.shape == (8, 32) and "img.P.bias" not in state
+    assert torch.count_nonzero(w2) == 0  # no gradient ever reaches W2 through a zero gate
+    x = xt.double() * scale
+    expected = torch.nn.functional.normalize(x @ p.T, dim=1)  # alpha = 0: the skip projection alone
+    torch.testing.assert_close(al.image_global(ImageRows(cls=xt * scale)).double(), expected, atol=1e-5, rtol=1e-5)
+
+    # an open gate: the residual as written in their forward (dropout off outside training)
+    gen = torch.Generator().manual_seed(1)
+    head = ResLowRankHead(6, 5, 3, 0.1, 0.25)
+    with torch.no_grad():
+        head.W2.weight.copy_(torch.randn(5, 3, generator=gen))
+    z = torch.randn(4, 6, generator=gen)
+    alpha = 1 / (1 + np.exp(-np.log(0.25 / 0.75)))
+    ref = z @ head.P.weight.T + alpha * (torch.nn.functional.gelu(z @ head.W1.weight.T) @ head.W2.weight.T)
+    torch.testing.assert_close(head(z), ref)
+    torch.testing.assert_close(head.P.weight @ head.P.weight.T, torch.eye(5), atol=1e-5, rtol=0)  # orthogonal rows
+    dropped = head(z, torch.Generator().manual_seed(0))
+    assert not torch.allclose(dropped, ref) and dropped.shape == ref.shape
+
+
+def test_linear_head_optimiser_and_structure_warmup_are_the_structure_codes():
+    """nn.Linear(D, E) on raw features; AdamW betas (0.9, 0.95), lr 1e-3, weight decay 1e-4, cosine schedule, clipping
+    at 1.0; lambda(step) = structure_weight * min(1, step / 1000), step counted from 0 (their CLIPLoss.step())."""
+    from pipe_align.align.base import StepContext
+
+    for cfg in (LinearConfig(), MLPConfig()):
+        assert (cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2) == (1e-3, 1e-4, 0.9, 0.95)
+        assert (cfg.schedule, cfg.grad_clip, cfg.warmup_epochs, cfg.structure_warmup_steps) == ("cosine", 1.0, 0, 1000)
+    train, _, (xt, _) = contrastive_data()
+    al, _ = fit(LinearHeads, LinearConfig(dim=16), train, epochs=2, batch_size=128)
+    w, b = al.state_dict()["img.weight"].double(), al.state_dict()["img.bias"].double()
+    raw = xt.double() * 3.0
+    torch.testing.assert_close(al.image_global(ImageRows(cls=raw.float())).double(),
+                               torch.nn.functional.normalize(raw @ w.T + b, dim=1), atol=1e-5, rtol=1e-5)  # fmt: skip
+    batch = next(iter(train.batches(0, 64, 0)))
+    heads = LinearHeads(LinearConfig(dim=16, structure_weight=10.0))
+    heads.setup(TrainingData(train), 0)
+    for step in (0, 1, 250, 999, 1000, 5000):
+        total, parts = heads.loss(batch, StepContext(0, step, 4, lambda t, sizes: t))
+        lam = 10.0 * min(1.0, step / 1000)
+        assert parts["structure"] > 0
+        assert float(total.detach()) == pytest.approx(parts["info_nce"] + lam * parts["structure"], rel=1e-6, abs=1e-7)
+
+
+# -- the demo's semi-supervised stores ---------------------------------------------------------------------------------
+def test_semi_unpaired_stores_are_the_other_rows_disjoint_and_shuffled(tmp_path):
+    """pipelines/demo_semi.py: the unpaired stores hold every image after the first n pairs and exactly the captions
+    of those images (none of a paired image), each in its own shuffle, rows intact, caption links cut."""
+    from pipe_align.extract.store import StoreLayout, create_store, open_store
+    from pipe_align.pipelines.demo_semi import _write_unpaired
+
+    n_img, per, n_pairs = 30, 3, 8
+    enc = {"alias": "fake", "layer": None}
+    arrays = {
+        "image": {"ids": np.array([f"im{i}" for i in range(n_img)]), "cls": np.arange(n_img * 4).reshape(n_img, 4),
+                  "patches": np.arange(n_img * 8).reshape(n_img, 2, 4), "labels": np.full(n_img, -1)},
+        "text": {"ids": np.array([f"c{i}" for i in range(n_img * per)]),
+                 "text": np.array([f"t{i}" for i in range(n_img * per)]), "item": np.repeat(np.arange(n_img), per),
+                 "tokens": np.zeros((n_img * per, 2, 4)), "length": np.full(n_img * per, 2),
+                 "pooled": np.arange(n_img * per * 4).reshape(-1, 4)},
+    }  # fmt: skip
+    stores = {}
+    for modality, arr in arrays.items():
+        n = len(arr["ids"])
+        lay = StoreLayout(modality=modality, encoder=enc | {"dim": 4}, dataset="world", split="train", count=n,
+                          tokens=2, dim=4, rows_per_chunk=4, rows_per_shard=8,
+                          grid=(1, 2) if modality == "image" else None)  # fmt: skip
+        st = create_store(tmp_path / "train" / f"{modality}.zarr", lay)
+        for s in range(lay.num_shards):
+            a, b = lay.shard_range(s)
+            st.write_shard(s, {k: np.asarray(v)[a:b] for k, v in arr.items()}, np.zeros(b - a, bool))
+        st.finalize()
+        stores[modality] = open_store(st.path)
+    _write_unpaired(stores["image"], stores["text"], n_pairs, tmp_path / "unpaired")
+    img, txt = open_store(tmp_path / "unpaired" / "image.zarr"), open_store(tmp_path / "unpaired" / "text.zarr")
+    img_ids = [int(s[2:]) for s in img.read("ids")]
+    cap_ids = [int(s[1:]) for s in txt.read("ids")]
+    assert sorted(img_ids) == list(range(n_pairs, n_img)) and img_ids != sorted(img_ids)
+    assert sorted(cap_ids) == list(range(n_pairs * per, n_img * per)) and cap_ids != sorted(cap_ids)
+    np.testing.assert_array_equal(img.read("cls"), arrays["image"]["cls"][img_ids])
+    np.testing.assert_array_equal(img.read("patches"), arrays["image"]["patches"][img_ids])
+    np.testing.assert_array_equal(txt.read("pooled"), arrays["text"]["pooled"][cap_ids])
+    assert (txt.read("item") == -1).all()
+
+
+@pytest.mark.parametrize("method", ["linear", "mlp"])
+def test_a_head_saved_before_the_authors_definitions_loads_as_it_was_trained(method, tmp_path):
+    """A method.json from before 2026-11-30 (no normalize_inputs; center and a GELU mlp were then the only behaviour)
+    loads with those definitions, not with today's defaults."""
+    import json
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 12, generator=gen) * 5, torch.randn(60, 10, generator=gen)
+    cls = get_method(method)
+    former = {"normalize_inputs": True, "center": True} | ({"head": "gelu", "hidden": 8} if method == "mlp" else {})
+    al, _ = fit(cls, cls.Config(dim=6, **former), FakePairs(x, y), epochs=2, batch_size=32)
+    al.save(tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "method.json").read_text())
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in ("normalize_inputs", "head", "rank",
+                      "dropout", "gate_init", "structure_warmup_steps")} | {"structure_warmup": 5.0}  # fmt: skip
+    (tmp_path / "run" / "method.json").write_text(json.dumps(meta))
+    back = load_aligner(tmp_path / "run")
+    assert back.config.normalize_inputs and back.config.center
+    assert torch.equal(back.image_global(ImageRows(cls=x)), al.image_global(ImageRows(cls=x)))
+    assert torch.equal(back.text_global(TextRows(pooled=y)), al.text_global(TextRows(pooled=y)))

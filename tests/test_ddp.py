@@ -45,7 +45,7 @@ def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
 
 RUNS = {  # method -> flags; small settings so that a run takes seconds, and rates that move the parameters
     "pal": ["--anchors", "16", "--lr", "0.05", "--warmup-epochs", "0.5"],
-    "linear": ["--dim", "16", "--lr", "0.05", "--structure-weight", "10", "--structure-warmup", "0.5"],
+    "linear": ["--dim", "16", "--lr", "0.05", "--structure-weight", "10", "--structure-warmup-steps", "2"],
     "mlp": ["--dim", "16", "--hidden", "16", "--lr", "0.05"],
     "sotalign": ["--lr", "0.05"],
     "procrustes": [],
@@ -74,9 +74,9 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, world_features, metho
     for k in w1:  # summation order differs across ranks; Adam's g / sqrt(v) amplifies that noise on tiny gradients
         assert torch.allclose(w1[k], w2[k], atol=1e-4, rtol=0), (k, (w1[k] - w2[k]).abs().max())
     assert len(one["history"]) == len(two["history"]) == (0 if method == "procrustes" else 3)
-    for h1, h2 in zip(one["history"], two["history"]):
-        assert h1["train_loss"] == pytest.approx(h2["train_loss"], abs=1e-5)
-        assert h1["val_loss"] == pytest.approx(h2["val_loss"], abs=1e-5)
+    for h1, h2 in zip(one["history"], two["history"]):  # float32 losses of several nats (SOTAlign's KLOT: 1/eps)
+        assert h1["train_loss"] == pytest.approx(h2["train_loss"], abs=1e-5, rel=1e-5)
+        assert h1["val_loss"] == pytest.approx(h2["val_loss"], abs=1e-5, rel=1e-5)
     if method != "procrustes":  # trained: the equality above is about parameters that moved
         first = one["history"][0]["train_loss"]
         assert any(abs(h["train_loss"] - first) > 1e-3 for h in one["history"][1:])

@@ -153,9 +153,11 @@ def test_patience_zero_never_stops_early(tmp_path, world_features, method, extra
 
 
 def test_patience_stops_after_that_many_epochs_without_a_better_heldout_loss(tmp_path, world_features):
-    # a rate this high makes the held-out loss of the linear heads worse after the first epochs
+    # a rate this high makes the held-out loss of the linear heads worse after the first epochs (with the former
+    # defaults: normalised, centred inputs, constant rate, no clipping)
     out = tmp_path / "p"
-    assert main(["align", "--method", "linear", "--dim", "8", "--lr", "3", "--shards", shards(world_features),
+    former = ["--normalize-inputs", "--center", "--beta2", "0.999", "--schedule", "constant", "--grad-clip", "0"]
+    assert main(["align", "--method", "linear", "--dim", "8", "--lr", "3", *former, "--shards", shards(world_features),
                  "--out", str(out), "--patience", "2", "--epochs", "40", "--val-fraction", "0.25", "--batch-size",
                  "8", "--no-progress"]) == 0  # fmt: skip
     meta = json.loads((out / "run.json").read_text())
@@ -213,8 +215,8 @@ _KILLER = textwrap.dedent("""
 
 RESUMABLE = {
     "pal": ["--anchors", "8", "--lr", "0.05"],
-    "linear": ["--dim", "8", "--structure-weight", "10", "--structure-warmup", "1"],
-    "mlp": ["--dim", "8", "--hidden", "8", "--lr", "0.01"],
+    "linear": ["--dim", "8", "--structure-weight", "10", "--structure-warmup-steps", "4"],
+    "mlp": ["--dim", "8", "--rank", "4", "--gate-init", "0.5", "--lr", "0.01"],  # an open gate: seeded dropout
     "sotalign": ["--lr", "0.01"],
 }
 
