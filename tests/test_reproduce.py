@@ -28,7 +28,7 @@ SHIPPED = ROOT / "pipelines" / "recipes" / "pal-paper.toml"
 # Datasets of the shipped recipe whose reader or replica does not exist on this branch yet (the readers-cls and
 # readers-seg work adds them). After that merge this assertion fails: empty the tuple (the test then runs every
 # dataset of the recipe).
-NOT_YET = ("voc", "pascal-context", "ade20k")
+NOT_YET: tuple[str, ...] = ()
 
 
 def paper_toml() -> dict:
@@ -146,6 +146,7 @@ def test_pal_paper_end_to_end_and_resume(tmp_path, roots, tiny_dinov2, tiny_bert
                     assert c["measured"] is None and c["note"].startswith(f"not run: {ev['dataset']} left out")
                     continue
                 name = f"{ev['task']}-{raw['datasets'][ev['dataset']].get('reader', ev['dataset'])}-{ev['split']}"
+                name += f"-{ev['protocol']}" if "protocol" in ev else ""
                 result = json.loads((out / "runs" / m / "eval" / f"{name}.json").read_text())
                 assert c["measured"] == pytest.approx(100 * result[c["metric"]])
                 if c["paper"] is not None:
@@ -314,7 +315,8 @@ def bad_recipe(tmp_path: Path, old: str, new: str) -> Path:
     ('[datasets.stl10]', '[datasets.stl10]\nextract = { resize = "zoom" }',
      r"datasets\.stl10\.extract: --resize must be auto, crop or squash, got 'zoom'"),
     ('[datasets.stl10]', '[datasets.stl10]\nextract = { colour = 1 }',
-     r"datasets\.stl10\.extract\.colour: unknown key; allowed: dtype, limit, image_size, templates, resize, strict"),
+     r"datasets\.stl10\.extract\.colour: unknown key; allowed: dtype, compute_dtype, limit, image_size, templates, "
+     r"resize, strict, shard_rows, prompts"),
     ("max_length = 64", "max_length = 0", r"encoders\.max_length: 0 is not a positive integer"),
     ("[train]", "[trian]\n[train]", r"trian: unknown key; allowed: recipe, encoders, datasets"),
 ])  # fmt: skip
