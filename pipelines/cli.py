@@ -97,6 +97,8 @@ def align(
     text_encoder: str | None = typer.Option(None, help="Pick the caption store when there are several."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     unpaired_shards: Path | None = typer.Option(None, help="Stores of unpaired images and texts (sotalign)."),
+    recipe: str | None = typer.Option(None, help="pal: auto (default: small below 4096 training pairs, else paper), "
+                                                 "paper (the authors' recipe) or small; given options win."),
     param: list[str] = typer.Option([], "--param", "-p", help="A method option as KEY=VALUE (same as its flag)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     **options: object,
@@ -121,7 +123,7 @@ def align(
     params = given | dict(parse_options(param, "--param"))
     cfg = AlignConfig(
         shards=str(shards), out=str(out), method=method, image_encoder=image_encoder, text_encoder=text_encoder,
-        resume=resume, unpaired_shards=str(unpaired_shards) if unpaired_shards else None,
+        resume=resume, unpaired_shards=str(unpaired_shards) if unpaired_shards else None, recipe=recipe,
         run=RunConfig(**run_values), params=tuple(sorted(params.items())),
     )  # fmt: skip
     result = run_align(cfg, progress=progress)
@@ -130,6 +132,8 @@ def align(
     meta = result.meta
     typer.echo(f"{result.path}: {meta['method']} trained on {meta['pairs']['train']} pairs ({meta['data_mode']}), "
                f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s")
+    if meta.get("recipe"):
+        typer.echo(f"recipe {meta['recipe']['summary']} ({meta['recipe']['why']})")
 
 
 @app.command()
