@@ -142,7 +142,8 @@ def demo(
     size: str = typer.Option("full", help="small (48 + 16 world images) or full (400 + 100)."),
     image_encoder: str = typer.Option("dinov2-small", help="Image encoder alias."),
     text_encoder: str = typer.Option("minilm", help="Text encoder alias."),
-    pal_epochs: int = typer.Option(60, help="Maximum PAL epochs (early stopping on held-out pairs)."),
+    pal_epochs: int | None = typer.Option(None, help="PAL epochs (default: the step budget of the recipe pipe align "
+                                                     "picks)."),
     methods: str | None = typer.Option(None, help="Comma-separated baselines to run (default: all)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
