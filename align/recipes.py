@@ -36,8 +36,8 @@ RECIPES = ("auto", "paper", "small")
 SMALL_PAIRS = 4096
 K_GRID = (64, 128, 256, 512)
 SMALL_BATCH = 64
-PROBE_STEPS = 100
-FINAL_STEPS = 600
+PROBE_STEPS = 50
+FINAL_STEPS = 300
 # The small recipe's fixed settings (the rest are PALConfig's, the authors').
 SMALL_PARAMS = {"lr": 1e-3, "schedule": "cosine", "warmup_epochs": 0.0, "lr_finder": 0}
 
