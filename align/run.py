@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -97,6 +96,9 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
         raise PipeError(f"--out {out}: holds a finished run with other settings or data; choose another --out")
     if (out / "checkpoint.pt").exists() and not cfg.resume:
         raise PipeError(f"{out}: has an unfinished run (checkpoint.pt); pass --resume to continue it")
+    if (out / "checkpoint.pt").exists() and prev.get("request") not in (None, request):  # before any recipe search
+        raise PipeError(f"{out / 'checkpoint.pt'}: was written with other options or data; resume with the same ones, "
+                        "or use another --out")  # fmt: skip
     split = pair_split(stores, cfg.run.val_fraction, cfg.run.seed, cfg.run.limit)
     chosen = _reuse_plan(prev, request) or (plan(recipe, given, cfg.run, len(split.train)) if recipe else
                                              Plan(given, cfg.run.resolved(method), {}))  # fmt: skip
@@ -129,8 +131,6 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
         if prev.get("complete"):
             return _finished(out, prev, key)
     run = chosen.run
-    if progress and main and chosen.record:
-        print(f"pal recipe {chosen.record['summary']}", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     meta = _run_meta(cfg, mcfg, run, stores, train, split) | {
         "key": key, "fingerprint": key["fingerprint"], "data_parallel": dp.world if dp else 1, "request": request,

@@ -130,10 +130,9 @@ def align(
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
     meta = result.meta
+    recipe = f"; recipe {meta['recipe']['summary']} ({meta['recipe']['why']})" if meta.get("recipe") else ""
     typer.echo(f"{result.path}: {meta['method']} trained on {meta['pairs']['train']} pairs ({meta['data_mode']}), "
-               f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s")
-    if meta.get("recipe"):
-        typer.echo(f"recipe {meta['recipe']['summary']} ({meta['recipe']['why']})")
+               f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s{recipe}")
 
 
 @app.command()
