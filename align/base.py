@@ -97,20 +97,37 @@ class TrainedConfig(MethodConfig):
     beta2: float = field(default=0.999, metadata={"help": "Trained methods: AdamW beta2."})
     warmup_epochs: float = field(default=0.0, metadata={"help": "Trained methods: epochs of linear LR warm-up."})
     schedule: str = field(default="constant", metadata={
-        "help": "Trained methods: learning-rate schedule after warm-up, cosine (to zero) or constant."})
+        "help": "Trained methods: learning-rate schedule after warm-up: cosine (to zero at the last epoch), constant, "
+                "or cosine_cycle (periodic cosine with a half period of --cycle-epochs, as torch's "
+                "CosineAnnealingLR stepped per batch)."})  # fmt: skip
+    cycle_epochs: float = field(default=50.0, metadata={
+        "help": "Trained methods: schedule cosine_cycle: epochs per half period (torch's CosineAnnealingLR T_max, "
+                "counted as epochs x max(1, pairs // batch) steps)."})  # fmt: skip
     grad_clip: float = field(default=0.0, metadata={"help": "Trained methods: gradient norm clip; 0 = off."})
+    grad_clip_mode: str = field(default="global", metadata={
+        "help": "Trained methods: clip the norm of all gradients together (global) or of each parameter group on "
+                "its own (per_group; PAL: each anchor bank)."})  # fmt: skip
+    lr_finder: int = field(default=0, metadata={
+        "help": "Trained methods: iterations of the LR finder run before training (0 = off); its pick replaces "
+                "--lr."})  # fmt: skip
+    lr_finder_start: float = field(default=1e-7, metadata={"help": "Trained methods: LR finder's first rate."})
+    lr_finder_end: float = field(default=10.0, metadata={"help": "Trained methods: LR finder's last rate."})
 
     def __post_init__(self) -> None:
         bad = {"lr": self.lr >= 0, "weight_decay": self.weight_decay >= 0, "beta1": 0 <= self.beta1 < 1,
                "beta2": 0 <= self.beta2 < 1, "warmup_epochs": self.warmup_epochs >= 0,
-               "grad_clip": self.grad_clip >= 0, "schedule": self.schedule in SCHEDULES}  # fmt: skip
+               "grad_clip": self.grad_clip >= 0, "schedule": self.schedule in SCHEDULES,
+               "cycle_epochs": self.cycle_epochs > 0, "grad_clip_mode": self.grad_clip_mode in CLIP_MODES,
+               "lr_finder": self.lr_finder >= 0,
+               "lr_finder_start": 0 < self.lr_finder_start < self.lr_finder_end}  # fmt: skip
         for name, ok in bad.items():
             if not ok:
                 raise PipeError(f"{name}={getattr(self, name)!r} is out of range")
         super().__post_init__()
 
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "cosine_cycle")
+CLIP_MODES = ("global", "per_group")
 
 
 class Aligner(abc.ABC):
@@ -214,6 +231,11 @@ class TrainedAligner(Aligner):
     @property
     @abc.abstractmethod
     def val_temperature(self) -> float: ...
+
+    def param_groups(self) -> list[list[Tensor]]:
+        """The groups whose gradient norms `grad_clip_mode=per_group` clips one by one (default: one group, which is
+        the same as global clipping). PAL: the image anchor bank and the text anchor bank."""
+        return [self.parameters()]
 
     def batches(self, data: TrainingData, epoch: int, batch_size: int, seed: int,
                 part: tuple[int, int] | None) -> Iterator[Any]:  # fmt: skip

@@ -3,9 +3,10 @@
 A trained method (`align.base.TrainedAligner`) supplies its parameters, its loss on a batch and its embed functions.
 This loop owns the rest, the same for every method:
 - the run config (`RunConfig`: seed, held-out fraction, epochs, batch size, patience, device, memory budget);
-- AdamW with the method's rate, betas and weight decay; a cosine or constant schedule with linear warm-up (per step);
-- gradient clipping (global norm) and a stop on anything non-finite: loss, gradient norm or parameters (the last
-  good checkpoint is kept);
+- AdamW with the method's rate, betas and weight decay; a cosine, periodic cosine or constant schedule with linear
+  warm-up (per step); optionally an LR finder before the first epoch (`align.lr_finder`) whose pick replaces the rate;
+- gradient clipping (the global norm, or each of the method's parameter groups on its own) and a stop on anything
+  non-finite: loss, gradient norm or parameters (the last good checkpoint is kept);
 - early stopping on the held-out pairs with one meaning of patience: stop after `patience` epochs without a better
   held-out loss, 0 = never stop early; the best epoch's state is what the run keeps;
 - an atomic checkpoint after every epoch, from which `resume` continues bit-identically;
@@ -34,6 +35,7 @@ from torch import Tensor
 from pipe_align.align.base import Aligner, ClosedFormAligner, MethodConfig, StepContext, TrainedAligner, TrainingData
 from pipe_align.align.ddp import DataParallel, gather_rows, sum_gradients
 from pipe_align.align.losses import info_nce
+from pipe_align.align.lr_finder import find_lr
 from pipe_align.align.retrieval import retrieval_metrics
 from pipe_align.extract.errors import PipeError
 
@@ -118,12 +120,16 @@ def fit(method: type[Aligner], config: MethodConfig, run: RunConfig, data: Train
     return result
 
 
-def lr_at(step: int, total: int, warmup: int, base: float, schedule: str) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to zero over the rest (or a constant rate)."""
+def lr_at(step: int, total: int, warmup: int, base: float, schedule: str, period: int = 1) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to zero over the rest, a constant rate, or (cosine_cycle)
+    base * (1 + cos(pi t / period)) / 2 for every t, falling to zero at `period` steps and rising back (torch's
+    CosineAnnealingLR, which the PAL authors step per batch for all their epochs)."""
     if warmup > 0 and step < warmup:
         return base * (step + 1) / warmup
     if schedule == "constant":
         return base
+    if schedule == "cosine_cycle":
+        return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, period)))
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -141,6 +147,10 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(self.method.epoch_rows(data) / run.batch_size))
         self.total_steps = self.steps_per_epoch * run.epochs
         self.warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        # the authors' CosineAnnealingLR: T_max = cycle epochs x max(1, pairs // batch) steps (floor, as theirs)
+        self.period = max(1, round(cfg.cycle_epochs * max(1, self.method.epoch_rows(data) // run.batch_size)))
+        self.groups = self.method.param_groups()
+        self.lr_finder: dict[str, Any] | None = None  # the finder's record once it ran (kept in the checkpoint)
         self.epoch, self.step, self.bad_epochs = 0, 0, 0
         self.best: dict[str, Any] = {"val_loss": math.inf, "epoch": -1, "state": None}
         self.history: list[dict[str, Any]] = []
@@ -166,8 +176,9 @@ class Trainer:
         for batch in self.method.batches(self.data, self.epoch, run.batch_size, run.seed, part):
             if batch.total < min_rows:
                 continue
+            lr = lr_at(self.step, self.total_steps, self.warmup, self.base_lr, cfg.schedule, self.period)
             for g in self.opt.param_groups:
-                g["lr"] = lr_at(self.step, self.total_steps, self.warmup, cfg.lr, cfg.schedule)
+                g["lr"] = lr
             ctx = StepContext(self.epoch, self.step, self.steps_per_epoch, self._gather)
             loss, extras = self.method.loss(batch, ctx)
             where = f"at epoch {self.epoch} step {self.step}"
@@ -178,7 +189,7 @@ class Trainer:
             loss.backward()
             if self.dp is not None:
                 sum_gradients(self.params)  # each rank's backward covers only its own rows
-            norm = _grad_norm(self.params, cfg.grad_clip)
+            norm = clip_gradients(self.groups, cfg.grad_clip, cfg.grad_clip_mode)
             if not math.isfinite(norm):
                 raise NonFinite(f"gradient norm is {norm} {where}; training stopped, the last good checkpoint is kept "
                                 "(lower --lr)")  # fmt: skip
@@ -192,7 +203,38 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v * batch.total
             if on_step:
                 on_step(batch.total, loss.item())
-        return {k: v / max(n, 1) for k, v in sums.items()} if n else {"train_loss": math.nan}
+        if not n:
+            return {"train_loss": math.nan}
+        return {k: v / n for k, v in sums.items()} | {"lr": lr}  # the epoch's last rate
+
+    @property
+    def base_lr(self) -> float:
+        """The peak rate: the LR finder's pick when it ran and could pick, else the configured one."""
+        found = (self.lr_finder or {}).get("lr")
+        return self.method.config.lr if found is None else found
+
+    def find_lr(self) -> dict[str, Any]:
+        """The LR finder on this run's batches (full-size ones of successive shuffled epochs, numbered after any
+        training epoch), with the method's loss, under data parallelism like a training step."""
+        cfg, run = self.method.config, self.run_cfg
+        part = self.dp.part if self.dp is not None else None
+        full = min(run.batch_size, self.method.epoch_rows(self.data))
+        min_rows = max(2, self.dp.world if self.dp is not None else 1)
+
+        def batches():
+            for e in range(1 << 20):
+                for batch in self.method.batches(self.data, FINDER_EPOCHS + e, run.batch_size, run.seed, part):
+                    if batch.total >= max(full, min_rows):
+                        yield batch
+
+        def loss_of(batch):
+            ctx = StepContext(self.epoch, self.step, self.steps_per_epoch, self._gather)
+            return self.method.loss(batch, ctx)[0]
+
+        after = (lambda: sum_gradients(self.params)) if self.dp is not None else None
+        return find_lr(self.params, loss_of, batches(), iters=cfg.lr_finder, start=cfg.lr_finder_start,
+                       end=cfg.lr_finder_end, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                       after_backward=after)  # fmt: skip
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -204,7 +246,7 @@ class Trainer:
         return {
             "params": [p.detach().clone() for p in self.params], "opt": self.opt.state_dict(), "epoch": self.epoch,
             "step": self.step, "bad_epochs": self.bad_epochs, "best": self.best, "history": self.history,
-            "init_metrics": self.init_metrics, "key": key,
+            "init_metrics": self.init_metrics, "lr_finder": self.lr_finder, "key": key,
         }  # fmt: skip
 
     def load_checkpoint(self, path: Path, key: dict[str, Any] | None) -> None:
@@ -226,6 +268,7 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         self.epoch, self.step, self.bad_epochs = state["epoch"], state["step"], state["bad_epochs"]
         self.best, self.history, self.init_metrics = state["best"], state["history"], state["init_metrics"]
+        self.lr_finder = state.get("lr_finder")
 
     def finished(self) -> bool:
         patience = self.run_cfg.patience
@@ -234,6 +277,8 @@ class Trainer:
     def run(self, checkpoint: Path | None = None, key: dict[str, Any] | None = None,
             on_epoch: Callable[[list[dict]], None] | None = None, progress: bool = False) -> FitResult:  # fmt: skip
         main = self.dp is None or self.dp.main
+        if self.method.config.lr_finder and self.lr_finder is None and self.step == 0:
+            self.lr_finder = self.find_lr()
         bar, on_step, new_epoch = _progress_bar(self.method.name, self.method.epoch_rows(self.data),
                                                 progress and main, self.epoch)  # fmt: skip
         with bar:
@@ -262,15 +307,29 @@ class Trainer:
         if self.best["state"] is not None:
             self.method.load_state_dict(self.best["state"])
         stopped = "epochs" if self.epoch >= self.run_cfg.epochs else "patience"
-        return FitResult(self.method, list(self.history), {"best_epoch": self.best["epoch"], "stopped": stopped})
+        info: dict[str, Any] = {"best_epoch": self.best["epoch"], "stopped": stopped, "lr": self.base_lr}
+        if self.lr_finder is not None:
+            info["lr_finder"] = self.lr_finder
+        return FitResult(self.method, list(self.history), info)
 
 
-def _grad_norm(params: list[Tensor], clip: float) -> float:
-    """Global gradient norm (clipped to `clip` when > 0, as torch's clip_grad_norm_ does)."""
-    if clip > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+FINDER_EPOCHS = 1 << 30  # the LR finder's batches are those of epochs numbered from here (never a training epoch's)
+
+
+def clip_gradients(groups: list[list[Tensor]], clip: float, mode: str = "global") -> float:
+    """Clip gradients in place and return the global norm before clipping. `global`: the norm of all gradients
+    together is clipped to `clip` (torch's clip_grad_norm_); `per_group`: each group's norm on its own (the PAL
+    authors' clip_gradients: coefficient clip / (norm + 1e-6) where below 1). `clip` 0: nothing is clipped."""
+    params = [p for g in groups for p in g]
     grads = [p.grad.detach() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    if not grads:
+        return 0.0
+    if clip <= 0:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    if mode == "global":
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    norms = [float(torch.nn.utils.clip_grad_norm_(g, clip)) for g in groups if any(p.grad is not None for p in g)]
+    return math.sqrt(sum(n * n for n in norms))
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from pipe_align.align.data import (
 from pipe_align.align.ddp import barrier_and_close, init_from_env, launched_world
 from pipe_align.align.loop import RunConfig, fit, heldout_retrieval
 from pipe_align.align.methods import get_method
+from pipe_align.align.recipes import Plan, check_recipe, plan, search_small
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import resolve_device
 
@@ -48,6 +49,7 @@ class AlignConfig:
     text_encoder: str | None = None
     resume: bool = False
     unpaired_shards: str | None = None
+    recipe: str | None = None  # PAL: auto (default), paper or small (align.recipes); other methods: none
     run: RunConfig = field(default_factory=RunConfig)
     params: tuple[tuple[str, Any], ...] = ()  # the method's own options (fields of its Config)
 
@@ -75,47 +77,71 @@ def method_config(method: str, params: dict[str, Any]) -> MethodConfig:
 
 
 def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
-    """Train (or resume, or return the finished run when nothing changed) and write the run dir."""
+    """Train (or resume, or return the finished run when nothing changed) and write the run dir. A PAL recipe
+    (align.recipes) is resolved first; one that searches on the held-out pairs does so once, and its choice, kept in
+    run.json, is what a resumed or repeated run uses."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise PipeError(f"--out {out}: is a file")
     method = get_method(cfg.method)
-    mcfg = method_config(cfg.method, dict(cfg.params))
-    run = cfg.run.resolved(method)
+    recipe = check_recipe(method, cfg.recipe)
+    given = dict(cfg.params)
+    method_config(cfg.method, given)  # bad option names and values fail before anything runs
     stores = find_pair_stores(cfg.shards, cfg.image_encoder, cfg.text_encoder)
-    key = _run_key(cfg, mcfg, run, stores)
+    request = {"recipe": recipe, "params": given, "run": cfg.run.training_key(),
+               "fingerprint": {"image": store_fingerprint(stores.image), "text": store_fingerprint(stores.text)}}
     run_json = out / "run.json"
-    if run_json.exists():
-        prev = _read_json(run_json)
-        if prev.get("complete") and prev.get("key") == key:
-            return AlignResult(out, prev)  # already trained with these settings on this data
+    prev = _read_json(run_json) if run_json.exists() else {}
+    if prev.get("complete") and prev.get("request") != request:
+        raise PipeError(f"--out {out}: holds a finished run with other settings or data; choose another --out")
+    if (out / "checkpoint.pt").exists() and not cfg.resume:
+        raise PipeError(f"{out}: has an unfinished run (checkpoint.pt); pass --resume to continue it")
+    if (out / "checkpoint.pt").exists() and prev.get("request") not in (None, request):  # before any recipe search
+        raise PipeError(f"{out / 'checkpoint.pt'}: was written with other options or data; resume with the same ones, "
+                        "or use another --out")  # fmt: skip
+    split = pair_split(stores, cfg.run.val_fraction, cfg.run.seed, cfg.run.limit)
+    chosen = _reuse_plan(prev, request) or (plan(recipe, given, cfg.run, len(split.train)) if recipe else
+                                             Plan(given, cfg.run.resolved(method), {}))  # fmt: skip
+    if chosen is not None:
+        mcfg = method_config(cfg.method, chosen.params)
+        key = _run_key(cfg, mcfg, chosen.run, stores)
         if prev.get("complete"):
-            raise PipeError(f"--out {out}: holds a finished run with other settings or data; choose another --out")
-    device = resolve_device(run.device)
+            return _finished(out, prev, key)
+    device = resolve_device(cfg.run.device)
     keep_freed_host_memory()
     dp = None
     if launched_world() > 1:
         dp, device = init_from_env(device)
-    split = pair_split(stores, run.val_fraction, run.seed, run.limit)
-    tokens = method.wants_tokens(mcfg)
+    main = dp is None or dp.main
+    tokens = method.wants_tokens(method_config(cfg.method, chosen.params if chosen else given))
 
     def source(rows):
-        return PairSource(stores, rows, split.captions, tokens=tokens, device=device, memory_budget=run.memory_budget)
+        return PairSource(stores, rows, split.captions, tokens=tokens, device=device,
+                          memory_budget=cfg.run.memory_budget)  # fmt: skip
 
     train, val = source(split.train), (source(split.val) if len(split.val) >= 2 else None)
     unpaired = _load_unpaired(cfg, stores) if cfg.unpaired_shards else None
     data = TrainingData(train, val, unpaired)
-    main = dp is None or dp.main
+    t0 = time.perf_counter()
+    if chosen is None:  # the small-data search, on the held-out pairs of the training split
+        chosen = search_small(given, cfg.run, data, recipe, dp=dp, say=progress and main)
+        chosen.record["search_seconds"] = round(time.perf_counter() - t0, 2)
+        mcfg = method_config(cfg.method, chosen.params)
+        key = _run_key(cfg, mcfg, chosen.run, stores)
+        if prev.get("complete"):
+            return _finished(out, prev, key)
+    run = chosen.run
     out.mkdir(parents=True, exist_ok=True)
-    meta = _run_meta(cfg, mcfg, run, stores, train, split) | {"key": key, "fingerprint": key["fingerprint"],
-                                                               "data_parallel": dp.world if dp else 1}  # fmt: skip
+    meta = _run_meta(cfg, mcfg, run, stores, train, split) | {
+        "key": key, "fingerprint": key["fingerprint"], "data_parallel": dp.world if dp else 1, "request": request,
+        "recipe": chosen.record | {"params": chosen.params, "run": asdict(run)} if chosen.record else None}  # fmt: skip
+
     def on_epoch(history: list[dict]) -> None:
         if main:
             write_json(run_json, meta | {"history": history})
 
     if main:
         write_json(run_json, meta)  # complete: false until the end
-    t0 = time.perf_counter()
     trained = issubclass(method, TrainedAligner)
     result = fit(method, mcfg, run, data, checkpoint=out / "checkpoint.pt" if trained else None, resume=cfg.resume,
                  key=key, dp=dp, on_epoch=on_epoch, progress=progress)  # fmt: skip
@@ -133,6 +159,21 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
     (out / "checkpoint.pt").unlink(missing_ok=True)
     barrier_and_close(dp)
     return AlignResult(out, meta)
+
+
+def _finished(out: Path, prev: dict, key: dict) -> AlignResult:
+    if prev.get("key") == key:
+        return AlignResult(out, prev)  # already trained with these settings on this data
+    raise PipeError(f"--out {out}: holds a finished run with other settings or data; choose another --out")
+
+
+def _reuse_plan(prev: dict, request: dict) -> Plan | None:
+    """The recipe a previous run of this request resolved (its search is not repeated on resume or re-run)."""
+    rec = prev.get("recipe")
+    if prev.get("request") != request or not rec or "params" not in rec:
+        return None
+    return Plan(dict(rec["params"]), RunConfig(**rec["run"]), {k: v for k, v in rec.items() if k not in ("params",
+                                                                                                        "run")})
 
 
 def write_json(path: Path, obj: Any) -> None:

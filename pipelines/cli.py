@@ -102,6 +102,8 @@ def align(
     text_encoder: str | None = typer.Option(None, help="Pick the caption store when there are several."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     unpaired_shards: Path | None = typer.Option(None, help="Stores of unpaired images and texts (sotalign)."),
+    recipe: str | None = typer.Option(None, help="pal: auto (default: small below 4096 training pairs, else paper), "
+                                                 "paper (the authors' recipe) or small; given options win."),
     param: list[str] = typer.Option([], "--param", "-p", help="A method option as KEY=VALUE (same as its flag)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     **options: object,
@@ -126,15 +128,16 @@ def align(
     params = given | dict(parse_options(param, "--param"))
     cfg = AlignConfig(
         shards=str(shards), out=str(out), method=method, image_encoder=image_encoder, text_encoder=text_encoder,
-        resume=resume, unpaired_shards=str(unpaired_shards) if unpaired_shards else None,
+        resume=resume, unpaired_shards=str(unpaired_shards) if unpaired_shards else None, recipe=recipe,
         run=RunConfig(**run_values), params=tuple(sorted(params.items())),
     )  # fmt: skip
     result = run_align(cfg, progress=progress)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
     meta = result.meta
+    recipe = f"; recipe {meta['recipe']['summary']} ({meta['recipe']['why']})" if meta.get("recipe") else ""
     typer.echo(f"{result.path}: {meta['method']} trained on {meta['pairs']['train']} pairs ({meta['data_mode']}), "
-               f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s")
+               f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s{recipe}")
 
 
 @app.command()
@@ -143,7 +146,8 @@ def demo(
     size: str = typer.Option("full", help="small (48 + 16 world images) or full (400 + 100)."),
     image_encoder: str = typer.Option("dinov2-small", help="Image encoder alias."),
     text_encoder: str = typer.Option("minilm", help="Text encoder alias."),
-    pal_epochs: int = typer.Option(60, help="Maximum PAL epochs (early stopping on held-out pairs)."),
+    pal_epochs: int | None = typer.Option(None, help="PAL epochs (default: the step budget of the recipe pipe align "
+                                                     "picks)."),
     methods: str | None = typer.Option(None, help="Comma-separated baselines to run (default: all)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:

@@ -1,7 +1,8 @@
 """`pipe demo`: the whole pipeline on the built-in world, through the stage functions the `pipe` commands call.
 
-extract (train captions, val captions + class prompts) -> align (PAL over a K grid, K picked on the held-out pairs of
-the train split; then every baseline) -> eval (classification, retrieval, segmentation `pal` protocol on world val;
+extract (train captions, val captions + class prompts) -> align (PAL with `pipe align`'s automatic choice: on a few
+hundred pairs the `small` recipe picks K and the token set on the held-out pairs of the train split, align/recipes.py;
+then every baseline) -> eval (classification, retrieval, segmentation `pal` protocol on world val;
 the background rules' values picked on world train's masks and shown on val) -> report. World val is also written
 as JPEG files (`OUT/world/val2017`) to try `pipe segment|classify|search` on. Re-running reuses finished stores,
 runs and evaluations.
@@ -32,7 +33,6 @@ from pipe_align.pipelines.demo_semi import run_semi
 SIZES = {"small": (48, 16), "full": (400, 100)}  # world images: train, val
 FASHION = {"small": (3, 2), "full": (40, 30)}  # Fashion-MNIST images per class: train (7 seen classes), test (all 10)
 SEEN = (0, 1, 2, 3, 4, 5, 6)
-FASHION_K = 64
 VAL_FRACTION = 0.1  # held-out train pairs: early stopping and the settings each method is picked by
 # Each baseline gets a small grid too, picked like PAL's K on held-out train pairs, so no method is left at a default
 # that overfits a few hundred pairs (closed-form CCA/CSA at full rank and tiny ridge do).
@@ -49,9 +49,6 @@ def _run_name(method: str, params: dict) -> str:
     return "-".join([method, *(f"{k}{v}" for k, v in sorted(params.items()))]) if params else method
 
 
-K_GRID = (16, 64, 256, 512)
-
-
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "demo-out"
@@ -59,9 +56,7 @@ class DemoConfig:
     image_encoder: str = "dinov2-small"
     text_encoder: str = "minilm"
     batch_size: int = 16
-    pal_batch: int = 64
-    pal_epochs: int = 60
-    k_grid: tuple[int, ...] = K_GRID
+    pal_epochs: int | None = None  # given: wins over the recipe's step budget (a quick demo); None: the recipe's
     methods: tuple[str, ...] | None = None  # baselines to run (default: every registered one)
     progress: bool = True
 
@@ -121,20 +116,20 @@ def run_demo(cfg: DemoConfig) -> Path:
             stages.extract(cfg.text_encoder, "world", split, {"size": n}, text="prompts")
 
     shards = feats / "world" / "train"
-    # One held-out split for every method (RunConfig's seed and val fraction); PAL's small-data batch and budget.
+    # One held-out split for every method (RunConfig's seed and val fraction); PAL: `pipe align`'s own choice.
     base_run = RunConfig(val_fraction=VAL_FRACTION)
-    pal_run = RunConfig(val_fraction=VAL_FRACTION, batch_size=cfg.pal_batch, epochs=cfg.pal_epochs, patience=10)
-    say(f"[{next(step)}/{steps}] align: PAL for K in {list(cfg.k_grid)} (K picked on held-out train pairs), "
-        "then the baselines")
-    ablation = []
-    for k in cfg.k_grid:
-        res = stages.align("pal", shards, runs / f"pal-k{k}", pal_run, {"anchors": k})
-        ablation.append({"K": k, "run": str(res.path), "val_r1": res.heldout_mean_r1})
-    chosen = max(ablation, key=lambda a: a["val_r1"])
-    say(f"      chosen K = {chosen['K']} (held-out mean R@1 {chosen['val_r1']:.3f})")
+    pal_run = RunConfig(val_fraction=VAL_FRACTION, epochs=cfg.pal_epochs)
+    say(f"[{next(step)}/{steps}] align: PAL (recipe auto: settings picked on held-out train pairs), then the baselines")
+    pal = stages.align("pal", shards, runs / "pal", pal_run, {})
+    recipe = pal.meta["recipe"]
+    say(f"      pal recipe {recipe['summary']}")
+    ablation = [{"K": t["anchors"], "use_cls": t["use_cls"], "val_r1": t["heldout_mean_r1"]}
+                for t in recipe.get("tried", [])]  # fmt: skip
+    chosen = {"K": pal.meta["config"]["anchors"], "run": str(pal.path)}
     baselines = cfg.methods if cfg.methods is not None else tuple(m for m in method_names() if m != "pal")
-    method_runs = {"pal": Path(chosen["run"])}
-    selection = {"pal": {"params": {"anchors": chosen["K"]}, "heldout_mean_r1": chosen["val_r1"]}}
+    method_runs = {"pal": pal.path}
+    selection = {"pal": {"params": {k: pal.meta["config"][k] for k in ("anchors", "use_cls")},
+                         "heldout_mean_r1": pal.heldout_mean_r1, "recipe": recipe["name"]}}  # fmt: skip
     for m in baselines:
         tried = []
         for params in BASELINE_GRID.get(m, ({},)):
@@ -148,14 +143,10 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     say(f"[{next(step)}/{steps}] eval on world val: classification, retrieval, segmentation (pal protocol)")
     world_val = {"size": n_val}
-    seg_miou = {}
-    for run in [Path(a["run"]) for a in ablation] + [r for m, r in method_runs.items() if m != "pal"]:
+    for run in method_runs.values():
         for task in ("classification", "retrieval", "segmentation"):
-            res = stages.eval(task, run, "world", "val", world_val, protocol="pal" if task == "segmentation" else None)
-        seg_miou[str(run)] = res.get("mIoU")
+            stages.eval(task, run, "world", "val", world_val, protocol="pal" if task == "segmentation" else None)
     stages.eval("diagnostics", Path(chosen["run"]), "world", "val", world_val)
-    for a in ablation:
-        a["val_seg_miou"] = seg_miou[a["run"]]
     _write_ablation(out, ablation, chosen)
     say("      background: rules picked on world train, applied to world val (background.png)")
     _background(stages, out, Path(chosen["run"]), n_train, n_val)
@@ -181,7 +172,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 
 def _write_ablation(out: Path, ablation: list[dict], chosen: dict) -> None:
-    """K ablation: held-out R@1 (the selection criterion) and, where evaluated, world-val segmentation mIoU."""
+    """The recipe's probes: held-out mean R@1 (its selection criterion) per K, patches only and CLS pooled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,15 +180,18 @@ def _write_ablation(out: Path, ablation: list[dict], chosen: dict) -> None:
 
     (out / "k_ablation.json").write_text(json.dumps({"chosen": chosen["K"], "grid": ablation}, indent=2))
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ks = [a["K"] for a in ablation]
-    ax.plot(ks, [a["val_r1"] for a in ablation], "o-", label="held-out train pairs: mean R@1")
-    if all(a["val_seg_miou"] is not None for a in ablation):
-        ax.plot(ks, [a["val_seg_miou"] for a in ablation], "s-", label="world val: segmentation mIoU")
+    ks = sorted({a["K"] for a in ablation}) or [chosen["K"]]
+    for cls, mark in ((False, "o-"), (True, "s")):
+        pts = sorted((a["K"], a["val_r1"]) for a in ablation if a["use_cls"] == cls)
+        if pts:
+            label = "CLS + patches" if cls else "patches only"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], mark, label=f"held-out mean R@1, {label}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("anchors K")
-    ax.set_title(f"PAL K ablation (chosen K = {chosen['K']})")
-    ax.legend(fontsize=8)
+    ax.set_title(f"PAL recipe probes (chosen K = {chosen['K']})")
+    if ablation:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "k_ablation.png")
     plt.close(fig)
@@ -263,7 +257,7 @@ def _fashion_transfer(cfg: DemoConfig, stages: Stages, out: Path, base_run: RunC
     stages.extract(cfg.image_encoder, "fashion-mnist", "test", test)
     stages.extract(cfg.text_encoder, "fashion-mnist", "test", test, text="prompts")
     shards = stages.feats / "fashion-mnist" / "train"
-    method_runs = {"pal": stages.align("pal", shards, runs / f"pal-k{FASHION_K}", pal_run, {"anchors": FASHION_K}).path}
+    method_runs = {"pal": stages.align("pal", shards, runs / "pal", pal_run, {}).path}  # recipe auto, as on the world
     for m, params in baselines.items():  # each with the settings picked on the world's held-out pairs
         method_runs[m] = stages.align(m, shards, runs / _run_name(m, params), base_run, params).path
     rows = []
@@ -278,7 +272,7 @@ def _fashion_transfer(cfg: DemoConfig, stages: Stages, out: Path, base_run: RunC
     (out / "fashion_mnist.json").write_text(json.dumps(rows, indent=2))
     unseen = ", ".join(c for i, c in enumerate(FASHION_CLASSES) if i not in SEEN)
     lines = [f"Fashion-MNIST test, {n_test} images per class; trained on captions of 7 classes ({n_train} images each);"
-             f" unseen: {unseen}. PAL K={FASHION_K}. Percent.", "",
+             f" unseen: {unseen}. PAL: recipe auto. Percent.", "",
              "| method | acc1 (10 classes) | balanced acc | seen classes (7) | unseen classes (3) |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:

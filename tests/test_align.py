@@ -15,7 +15,7 @@ from pipe_align.align.run import AlignConfig, run_align
 from pipe_align.extract.store import open_store
 from pipe_align.pipelines.cli import main
 
-FAST = (("anchors", 16), ("tau_p", 0.1))
+FAST = (("anchors", 16), ("tau_p", 0.1), ("use_cls", False))  # K and token set given: no recipe probes
 RUN = RunConfig(batch_size=8, epochs=4, val_fraction=0.25)
 
 
@@ -105,7 +105,7 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, world_features, monkeypat
 
     monkeypatch.setattr(PAL, "loss", poisoned)
     code = main(["align", "--shards", shards(world_features), "--out", str(tmp_path / "r"), "--anchors", "16",
-                 "--batch-size", "8", "--val-fraction", "0.25", "--no-progress"])  # fmt: skip
+                 "--no-use-cls", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress"])  # fmt: skip
     assert code == 2
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 1 and all(torch.isfinite(p).all() for p in state["params"])

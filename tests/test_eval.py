@@ -166,7 +166,7 @@ def env(tmp_path_factory):
     png.putpalette(voc_palette())
     png.save(first)
     facts = build_stores(base / "features", root)
-    pal = PAL(PALConfig(anchors=16), image_dim=D, text_dim=D)
+    pal = PAL(PALConfig(anchors=16, use_cls=False), image_dim=D, text_dim=D)  # patches vs words: no CLS
     pal.text_anchors = pal.image_anchors.clone()  # same anchors both sides: identical tokens give equal profiles
     runs = {
         "a": make_run(base / "runs" / "ident", IdentityAligner(IdentityConfig())),
