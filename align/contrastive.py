@@ -11,8 +11,9 @@ STRUCTURE guide you"; the PAL authors' copy, `src/models/alignment/{linear,mlp}.
   gradient (sigmoid'(-inf) = 0, W2 stays 0), so the head stays the linear map P x; we keep that gate fixed at 0
   rather than store an infinite parameter. `head="gelu"` is our former Linear-GELU-Linear (`hidden` wide).
 - inputs as stored (raw, uncentred); `normalize_inputs` (L2) and `center` (subtract the training mean) are ours.
-- AdamW betas (0.9, 0.95), weight decay 1e-4, lr 1e-3, cosine schedule, gradient clipping at 1.0 (TrainedConfig
-  fields; their LR finder is not run).
+- AdamW betas (0.9, 0.95), weight decay 1e-4, lr 1e-3 replaced by the LR finder's pick (100 iterations, 1e-7 to
+  10), periodic cosine (torch's CosineAnnealingLR, T_max = 50 epochs of steps), every parameter tensor's gradient
+  norm clipped to 1.0 on its own (TrainedConfig fields and `param_groups`).
 - STRUCTURE: lambda ramps linearly from 0 over `structure_warmup_steps` (1000) optimiser steps, lambda(step) =
   structure_weight * min(1, step / warmup), step counted from 0 as in their `CLIPLoss.step()`.
 
@@ -67,9 +68,17 @@ class LinearConfig(TrainedConfig, BaselineConfig):
     """Hyper-parameters of the contrastive heads (defaults: the STRUCTURE authors' code)."""
 
     beta2: float = field(default=0.95, metadata={"help": "Trained methods: AdamW beta2."})
-    schedule: str = field(default="cosine", metadata={
-        "help": "Trained methods: learning-rate schedule after warm-up, cosine (to zero) or constant."})
+    schedule: str = field(default="cosine_cycle", metadata={
+        "help": "Trained methods: learning-rate schedule after warm-up: cosine (to zero at the last epoch), constant, "
+                "or cosine_cycle (periodic cosine with a half period of --cycle-epochs, as torch's "
+                "CosineAnnealingLR stepped per batch)."})  # fmt: skip
     grad_clip: float = field(default=1.0, metadata={"help": "Trained methods: gradient norm clip; 0 = off."})
+    grad_clip_mode: str = field(default="per_group", metadata={
+        "help": "Trained methods: clip the norm of all gradients together (global) or of each parameter group on "
+                "its own (per_group; linear, mlp: each parameter tensor, as the STRUCTURE code clips)."})  # fmt: skip
+    lr_finder: int = field(default=100, metadata={
+        "help": "Trained methods: iterations of the LR finder run before training (0 = off); its pick replaces "
+                "--lr."})  # fmt: skip
     pool: str = field(default="global", metadata={
         "help": "linear, mlp: global (project the global feature) or token (project every token, mean-pool)."})
     dim: int = field(default=512, metadata={"help": "linear, mlp: output dimension of the heads."})
@@ -314,6 +323,10 @@ class ContrastiveHeads(TrainedAligner):
 
     def parameters(self) -> list[Tensor]:
         return [*self.img_head.parameters(), *self.txt_head.parameters()]
+
+    def param_groups(self) -> list[list[Tensor]]:
+        """Every parameter tensor on its own: the STRUCTURE code's `clip_gradients` clips each one's norm."""
+        return [[p] for p in self.parameters()]
 
     def _dropout_generator(self, step: int, device: torch.device) -> torch.Generator | None:
         """Seeded by (run seed, step), so a run and its resumed continuation draw the same masks; None when no

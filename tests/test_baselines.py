@@ -462,19 +462,23 @@ def test_mlp_is_the_structure_codes_residual_low_rank_head_on_raw_features():
 
 
 def test_linear_head_optimiser_and_structure_warmup_are_the_structure_codes():
-    """nn.Linear(D, E) on raw features; AdamW betas (0.9, 0.95), lr 1e-3, weight decay 1e-4, cosine schedule, clipping
-    at 1.0; lambda(step) = structure_weight * min(1, step / 1000), step counted from 0 (their CLIPLoss.step())."""
+    """nn.Linear(D, E) on raw features; AdamW betas (0.9, 0.95), lr 1e-3 replaced by a 100-iteration LR finder, weight
+    decay 1e-4, periodic cosine (T_max 50 epochs), each parameter tensor's gradient clipped to norm 1.0 on its own;
+    lambda(step) = structure_weight * min(1, step / 1000), step counted from 0 (their CLIPLoss.step())."""
     from pipe_align.align.base import StepContext
 
     for cfg in (LinearConfig(), MLPConfig()):
         assert (cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2) == (1e-3, 1e-4, 0.9, 0.95)
-        assert (cfg.schedule, cfg.grad_clip, cfg.warmup_epochs, cfg.structure_warmup_steps) == ("cosine", 1.0, 0, 1000)
+        assert (cfg.schedule, cfg.cycle_epochs, cfg.warmup_epochs) == ("cosine_cycle", 50, 0)  # CosineAnnealingLR
+        assert (cfg.grad_clip, cfg.grad_clip_mode, cfg.structure_warmup_steps) == (1.0, "per_group", 1000)
+        assert (cfg.lr_finder, cfg.lr_finder_start, cfg.lr_finder_end) == (100, 1e-7, 10)
     train, _, (xt, _) = contrastive_data()
     al, _ = fit(LinearHeads, LinearConfig(dim=16), train, epochs=2, batch_size=128)
     w, b = al.state_dict()["img.weight"].double(), al.state_dict()["img.bias"].double()
     raw = xt.double() * 3.0
     torch.testing.assert_close(al.image_global(ImageRows(cls=raw.float())).double(),
                                torch.nn.functional.normalize(raw @ w.T + b, dim=1), atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert [[tuple(p.shape) for p in g] for g in al.param_groups()] == [[(16, 32)], [(16,)], [(16, 24)], [(16,)]]
     batch = next(iter(train.batches(0, 64, 0)))
     heads = LinearHeads(LinearConfig(dim=16, structure_weight=10.0))
     heads.setup(TrainingData(train), 0)

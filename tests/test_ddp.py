@@ -45,7 +45,8 @@ def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
 
 RUNS = {  # method -> flags; small settings so that a run takes seconds, and rates that move the parameters
     "pal": ["--anchors", "16", "--lr", "0.05", "--warmup-epochs", "0.5"],
-    "linear": ["--dim", "16", "--lr", "0.05", "--structure-weight", "10", "--structure-warmup-steps", "2"],
+    "linear": ["--dim", "16", "--lr", "0.05", "--structure-weight", "10", "--structure-warmup-steps", "2",
+               "--lr-finder", "0"],
     "mlp": ["--dim", "16", "--hidden", "16", "--lr", "0.05"],
     "sotalign": ["--lr", "0.05"],
     "procrustes": [],

@@ -156,7 +156,8 @@ def test_patience_stops_after_that_many_epochs_without_a_better_heldout_loss(tmp
     # a rate this high makes the held-out loss of the linear heads worse after the first epochs (with the former
     # defaults: normalised, centred inputs, constant rate, no clipping)
     out = tmp_path / "p"
-    former = ["--normalize-inputs", "--center", "--beta2", "0.999", "--schedule", "constant", "--grad-clip", "0"]
+    former = ["--normalize-inputs", "--center", "--beta2", "0.999", "--schedule", "constant", "--grad-clip", "0",
+              "--lr-finder", "0"]
     assert main(["align", "--method", "linear", "--dim", "8", "--lr", "3", *former, "--shards", shards(world_features),
                  "--out", str(out), "--patience", "2", "--epochs", "40", "--val-fraction", "0.25", "--batch-size",
                  "8", "--no-progress"]) == 0  # fmt: skip
@@ -168,7 +169,7 @@ def test_patience_stops_after_that_many_epochs_without_a_better_heldout_loss(tmp
 
 
 # -- nothing non-finite ends "complete" -------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags", [["--lr", "1e30"], ["--method", "linear", "--lr", "1e30"]])
+@pytest.mark.parametrize("flags", [["--lr", "1e30"], ["--method", "linear", "--lr", "1e30", "--lr-finder", "0"]])
 def test_parameters_that_blow_up_stop_training(tmp_path, world_features, capsys, flags):
     out = tmp_path / "inf"
     code = main(["align", *flags, "--shards", shards(world_features), "--out", str(out), "--epochs", "3",
