@@ -106,7 +106,8 @@ class TrainedConfig(MethodConfig):
     grad_clip: float = field(default=0.0, metadata={"help": "Trained methods: gradient norm clip; 0 = off."})
     grad_clip_mode: str = field(default="global", metadata={
         "help": "Trained methods: clip the norm of all gradients together (global) or of each parameter group on "
-                "its own (per_group; PAL: each anchor bank)."})  # fmt: skip
+                "its own (per_group; PAL: each anchor bank; linear, mlp: each parameter tensor, as the STRUCTURE "
+                "code)."})  # fmt: skip
     lr_finder: int = field(default=0, metadata={
         "help": "Trained methods: iterations of the LR finder run before training (0 = off); its pick replaces "
                 "--lr."})  # fmt: skip

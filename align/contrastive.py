@@ -67,18 +67,13 @@ HEADS = ("reslowrank", "gelu")
 class LinearConfig(TrainedConfig, BaselineConfig):
     """Hyper-parameters of the contrastive heads (defaults: the STRUCTURE authors' code)."""
 
-    beta2: float = field(default=0.95, metadata={"help": "Trained methods: AdamW beta2."})
-    schedule: str = field(default="cosine_cycle", metadata={
-        "help": "Trained methods: learning-rate schedule after warm-up: cosine (to zero at the last epoch), constant, "
-                "or cosine_cycle (periodic cosine with a half period of --cycle-epochs, as torch's "
-                "CosineAnnealingLR stepped per batch)."})  # fmt: skip
-    grad_clip: float = field(default=1.0, metadata={"help": "Trained methods: gradient norm clip; 0 = off."})
-    grad_clip_mode: str = field(default="per_group", metadata={
-        "help": "Trained methods: clip the norm of all gradients together (global) or of each parameter group on "
-                "its own (per_group; linear, mlp: each parameter tensor, as the STRUCTURE code clips)."})  # fmt: skip
-    lr_finder: int = field(default=100, metadata={
-        "help": "Trained methods: iterations of the LR finder run before training (0 = off); its pick replaces "
-                "--lr."})  # fmt: skip
+    # The STRUCTURE code's optimiser (help text: TrainedConfig's): AdamW (0.9, 0.95), its LR finder, the periodic
+    # per-batch cosine, and each parameter tensor's gradient clipped on its own.
+    beta2: float = 0.95
+    schedule: str = "cosine_cycle"
+    grad_clip: float = 1.0
+    grad_clip_mode: str = "per_group"
+    lr_finder: int = 100
     pool: str = field(default="global", metadata={
         "help": "linear, mlp: global (project the global feature) or token (project every token, mean-pool)."})
     dim: int = field(default=512, metadata={"help": "linear, mlp: output dimension of the heads."})

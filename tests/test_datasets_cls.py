@@ -15,24 +15,14 @@ import zarr
 from PIL import Image
 
 from pipe_align.extract.datasets import get_dataset
-from pipe_align.extract.errors import PipeError
 from pipe_align.pipelines.cli import main
 from tests.replicas import cifar as cifar_replica
 from tests.replicas import imagenet as imagenet_replica
 from tests.replicas import replica
 from tests.replicas import stl10 as stl10_replica
+from tests.test_datasets import raises
 
 CLIP_CIFAR_TEMPLATES = 18  # openai/CLIP data/prompts.md lists 18 templates for CIFAR10 and CIFAR100
-
-
-def raises(match: str, fn, *args, **kwargs) -> str:
-    """Call fn, expect a one-line PipeError containing `match`; return the message."""
-    with pytest.raises(PipeError) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert match in msg, msg
-    assert "\n" not in msg
-    return msg
 
 
 def jpg(path: Path, colour=(200, 30, 30), suffix_format: str = "JPEG") -> Path:

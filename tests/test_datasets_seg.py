@@ -14,21 +14,12 @@ import pytest
 from PIL import Image
 
 from pipe_align.extract.datasets import dataset_class, get_dataset
-from pipe_align.extract.errors import PipeError
 from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.extract.store import open_store
 from pipe_align.pipelines.cli import main
 from tests.replicas import replica
 from tests.replicas.voc import write_jpg
-
-
-def raises(match: str, fn, *args, **kwargs) -> str:
-    """fn must raise a one-line PipeError containing `match`."""
-    with pytest.raises(PipeError) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert match in msg and "\n" not in msg, msg
-    return msg
+from tests.test_datasets import raises
 
 
 def one_line_error(capsys, code: int, *needles: str) -> str:
