@@ -134,8 +134,10 @@ def retrieval_metrics(
     - ``image_retrieval_recall@k``: each caption is a query over all images; a hit when its image is among the
       top k. Averaged over captions.
     - ``text_retrieval_recall@k``: each image is a query over all captions; a hit when ANY of its captions is among
-      the top k (the CLIP-paper convention, clip_benchmark's ``recall > 0``). Averaged over images; an image with no
-      caption counts as a miss, as in clip_benchmark (0/0 is NaN there, and NaN > 0 is false).
+      the top k (the CLIP-paper convention, clip_benchmark's ``recall > 0``). Averaged over the images that have a
+      caption: an image without one has nothing to retrieve (its recall is 0/0), so it is no query here, though it
+      stays a candidate for the captions' queries. clip_benchmark's code would count it as a miss (NaN > 0 is
+      false), which never happens on its data (every image has captions); docs/metrics.md.
 
     Embeddings are L2-normalised here (cosine similarity), in float32 (float64 input stays float64). Top-k uses
     ``torch.topk`` indices exactly as clip_benchmark, so among exactly tied scores which item enters the top k is
@@ -176,6 +178,7 @@ def retrieval_metrics(
     img_hit = txt_top == t2i.unsqueeze(1)  # [M, k']: at most one True per row
     # image -> text: an image hits when any caption of it is in its top k
     txt_hit = t2i[img_top] == torch.arange(n, device=img.device).unsqueeze(1)  # [N, k']
+    txt_hit = txt_hit[torch.bincount(t2i, minlength=n) > 0]  # queries: the images with at least one caption
 
     out: dict[str, float] = {}
     for k in ks:

@@ -1,6 +1,8 @@
 """Image-text retrieval on a caption store: clip_benchmark's recall@k both ways, from metrics' blocked top-k.
 
-Skipped (unreadable) images leave the evaluation together with their captions; caption links are re-indexed."""
+Skipped (unreadable) images leave the evaluation together with their captions; caption links are re-indexed. Images
+without a caption are no image->text queries (nothing to find) but stay text->image candidates; the result says how
+many there were (`images_without_captions`)."""
 
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ def run_retrieval(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics, plus the top captions of the first few images (for the examples figure)."""
     image_emb, text_emb, links, img_rows, cap_rows = retrieval_inputs(ctx)
     out: dict[str, Any] = retrieval_metrics(image_emb, text_emb, links, ks=(1, 5, 10))
-    out |= {"images": len(img_rows), "captions": len(cap_rows)}
+    uncaptioned = int((torch.bincount(links, minlength=len(img_rows)) == 0).sum())
+    out |= {"images": len(img_rows), "captions": len(cap_rows), "images_without_captions": uncaptioned}
     q = min(ctx.cfg.examples, len(img_rows))
     k = min(5, len(cap_rows))
     values, idx = blocked_topk(image_emb[:q], text_emb, k)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import typer
+import zarr
 from PIL import Image
 
 from pipe_align.align.base import METHODS, Aligner, MethodConfig, l2n
@@ -42,6 +43,7 @@ from pipe_align.pipelines.cli import main
 from pipe_align.pipelines.eval_cmd import eval_app
 
 D, GRID, CELL, TEMPLATES = 16, (8, 8), 28, ("a photo of a {}.", "a {}.")
+CAPTION_ARRAYS = ("ids", "text", "item", "tokens", "length", "pooled")
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,26 @@ def test_retrieval_recovers_pairs(env, tmp_path):
         assert res[f"text_retrieval_recall@{k}"] == 1.0 and res[f"image_retrieval_recall@{k}"] == 1.0
     assert res["images"] == 6 and res["captions"] == 12
     assert (run / "eval" / "figures" / "retrieval-voc-val-examples.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("identity_method")
+def test_retrieval_leaves_images_without_captions_out_of_image_to_text(env, tmp_path, capsys):
+    """The last image loses its captions: image->text is still perfect over the five images that have some (it was
+    5/6 when a captionless image counted as a miss), and the JSON and the printed lines say one was left out."""
+    features = tmp_path / "features"
+    shutil.copytree(env["features"], features)
+    path = store_path(features, "voc", "val", "txt-test")
+    old = {k: np.asarray(v[:]) for k, v in zarr.open_group(str(path), mode="r").arrays() if k in CAPTION_ARRAYS}
+    keep = old["item"] != 5
+    shutil.rmtree(path)
+    write(path, "text", "txt-test", {k: v[keep] for k, v in old.items()})
+    run = shutil.copytree(env["runs"]["a"], tmp_path / "run")  # its results stay apart from the other tests'
+    assert cli(env, "retrieval", run, "--no-figures", features=features) == 0
+    res = result(run, "retrieval-voc-val")
+    for k in (1, 5, 10):
+        assert res[f"text_retrieval_recall@{k}"] == 1.0 and res[f"image_retrieval_recall@{k}"] == 1.0
+    assert res["images"] == 6 and res["captions"] == 10 and res["images_without_captions"] == 1
+    assert any(line.split() == ["images_without_captions", "1"] for line in capsys.readouterr().out.splitlines())
 
 
 @pytest.mark.usefixtures("identity_method")

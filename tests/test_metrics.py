@@ -133,11 +133,14 @@ def _brute_force_retrieval(img: np.ndarray, txt: np.ndarray, t2i: np.ndarray, ks
             order = sorted(range(n), key=lambda j, q=q: -sim[q, j])
             hits += int(t2i[q] in order[:k])
         out[f"image_retrieval_recall@{k}"] = hits / m
-        hits = 0
+        hits, queries = 0, 0
         for i in range(n):
+            if i not in set(t2i.tolist()):  # no caption: recall 0/0, not a query
+                continue
+            queries += 1
             order = sorted(range(m), key=lambda j, i=i: -sim[j, i])
             hits += int(any(t2i[j] == i for j in order[:k]))
-        out[f"text_retrieval_recall@{k}"] = hits / n
+        out[f"text_retrieval_recall@{k}"] = hits / queries
     return out
 
 
@@ -145,7 +148,7 @@ def test_retrieval_random_vs_brute_force_several_captions() -> None:
     rng = np.random.default_rng(1)
     n, e = 40, 16
     per_image = rng.integers(1, 6, size=n)  # 1..5 captions per image
-    per_image[7] = 0  # an image with no caption: a miss for text retrieval, as in clip_benchmark
+    per_image[7] = 0  # an image with no caption: no text-retrieval query, still an image-retrieval candidate
     t2i = np.repeat(np.arange(n), per_image)
     rng.shuffle(t2i)
     img = rng.normal(size=(n, e))
@@ -193,13 +196,45 @@ def test_retrieval_k_larger_than_candidates_and_bad_links() -> None:
     assert m == {"image_retrieval_recall@10": 1.0, "text_retrieval_recall@10": 1.0}
     with pytest.raises(ValueError):
         retrieval_metrics(img, txt, torch.tensor([0, 0, 1, 1, 2, 3]))
-    # more images than captions (most images caption-less, so text retrieval misses for them)
+    # more images than captions (most images caption-less: only the three captioned ones are text queries)
     rng = np.random.default_rng(5)
     img, txt, t2i = rng.normal(size=(12, 6)), rng.normal(size=(4, 6)), np.array([3, 3, 9, 0])
     ref = _brute_force_retrieval(img, txt, t2i, (1, 3))
     got = retrieval_metrics(torch.from_numpy(img), torch.from_numpy(txt), torch.from_numpy(t2i), ks=(1, 3), block=3)
     assert got == pytest.approx(ref, abs=1e-12)
-    assert got["text_retrieval_recall@3"] <= 3 / 12
+    assert (got["text_retrieval_recall@3"] * 3).is_integer()  # a mean over the 3 captioned images, not over 12
+
+
+def _recall_clip_benchmark(scores: torch.Tensor, positive: torch.Tensor, k: int) -> torch.Tensor:
+    """clip_benchmark's recall_at_k (metrics/zeroshot_retrieval.py), rewritten: per query row, true positives among
+    the top-k columns over all positives of the row (0/0 = NaN for a row without positives)."""
+    top = torch.topk(scores, k, dim=1).indices
+    true_pos = torch.gather(positive.float(), 1, top).sum(dim=1)
+    return true_pos / positive.float().sum(dim=1)
+
+
+def test_image_without_captions_is_no_text_retrieval_query() -> None:
+    """Six images, five captioned with a caption equal to their image, one without a caption that the sixth caption
+    resembles most: image->text is perfect over the five queries (R@10 1.0, not 5/6 = 0.83 as when the captionless
+    image counted as a miss), and the captionless image still competes as a candidate for the captions' queries."""
+    g = torch.Generator().manual_seed(7)
+    img = torch.linalg.qr(torch.randn(16, 6, generator=g)).Q.T  # orthonormal rows: distinct, no ties
+    t2i = torch.tensor([0, 1, 2, 3, 4])  # image 5 has no caption
+    txt = img[t2i].clone()
+    txt[4] = img[4] + 2.0 * img[5]  # caption of image 4, closer to image 5 (the captionless one)
+    got = retrieval_metrics(img, txt, t2i, ks=(1, 10))
+    positive = torch.zeros(5, 6, dtype=torch.bool)
+    positive[torch.arange(5), t2i] = True
+    sim = torch.nn.functional.normalize(txt, dim=1) @ torch.nn.functional.normalize(img, dim=1).T
+    for k in (1, 10):
+        i2t = _recall_clip_benchmark(sim.T, positive.T, min(k, 5))  # image queries over the 5 captions
+        assert torch.isnan(i2t[5])  # clip_benchmark's 0/0 for the captionless image
+        want_i2t = (i2t[~torch.isnan(i2t)] > 0).double().mean().item()  # that query left out of the mean
+        want_t2i = (_recall_clip_benchmark(sim, positive, min(k, 6)) > 0).double().mean().item()
+        assert got[f"text_retrieval_recall@{k}"] == pytest.approx(want_i2t, abs=1e-12)
+        assert got[f"image_retrieval_recall@{k}"] == pytest.approx(want_t2i, abs=1e-12)
+    assert got["text_retrieval_recall@10"] == 1.0 and got["text_retrieval_recall@1"] == 1.0
+    assert got["image_retrieval_recall@1"] == pytest.approx(4 / 5)  # caption 4 finds image 5 first
 
 
 # ------------------------------------------------------------------------------------------------------- segmentation
