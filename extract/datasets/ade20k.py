@@ -11,6 +11,7 @@ from pipe_align.extract.datasets.base import (
     Dataset,
     ImageRecord,
     image_size,
+    mask_file,
     open_rgb,
     read_index_png,
     register_dataset,
@@ -83,4 +84,4 @@ class ADE20K(Dataset):
         return True
 
     def load_mask(self, i: int) -> np.ndarray:
-        return read_index_png(self.mask_dir / f"{self._records[i].id}.png", image_size(self._paths[i]))
+        return read_index_png(mask_file(self.mask_dir / f"{self._records[i].id}.png"), image_size(self._paths[i]))

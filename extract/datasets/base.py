@@ -166,6 +166,18 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def inside(path: Path, root: Path, what: str) -> Path:
+    """`path` as given, unless it leads (symlinks followed) outside `root`: a reader opens files of its dataset by
+    name, and a symlink in a downloaded dataset must not make it read a file elsewhere and store what it holds (class
+    names, ids, labels). Files the user names (an option, --root itself) are not checked; `root` is the dataset
+    folder the reader found, itself resolved, so a root that is a link works."""
+    real, base = path.resolve(), root.resolve()
+    if real != base and not real.is_relative_to(base):
+        raise PipeError(f"{what} {path} leads outside the dataset folder {root} (to {real}); a reader opens only "
+                        "files inside its dataset: copy the file there instead of linking it")  # fmt: skip
+    return path
+
+
 def read_json(path: Path) -> object:
     """Parse a JSON file; malformed JSON becomes a one-line PipeError naming the file and position."""
     if not path.is_file():
@@ -294,6 +306,12 @@ def image_size(path: Path) -> tuple[int, int]:
             return img.size
     except (OSError, SyntaxError, ValueError) as e:
         raise UnreadableImage(f"unreadable image {path}: {e}") from None
+
+
+def mask_file(path: Path) -> Path:
+    """A mask found by listing its folder, unless it is a link leading out of that folder. The folder itself may be a
+    link (SegmentationClassAug is often linked in from elsewhere); a single planted file may not."""
+    return inside(path, path.parent, "mask")
 
 
 def read_index_png(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -3,14 +3,18 @@ way torchvision reads them (pickle with latin1 strings), without importing torch
 
 from __future__ import annotations
 
+import io
+import math
 import pickle
+import re
+import struct
 import threading
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pipe_align.extract.datasets.base import Dataset, ImageRecord, register_dataset, require_root
+from pipe_align.extract.datasets.base import Dataset, ImageRecord, inside, register_dataset, require_root
 from pipe_align.extract.errors import PipeError
 
 # Class names and templates of CLIP's zero-shot evaluation (openai/CLIP data/prompts.md, "CIFAR10" / "CIFAR100";
@@ -68,9 +72,6 @@ class _Cifar(Dataset):
         self._pixels: np.ndarray | None = None
         self._lock = threading.Lock()
         labels = self._read(keep_pixels=True)
-        bad = next((int(y) for y in labels if not 0 <= y < len(self.classes)), None)
-        if bad is not None:
-            raise PipeError(f"{self.dir}: label {bad} outside 0..{len(self.classes) - 1} ({meta_path.name})")
         self._records = [ImageRecord(f"{i:05d}", int(y)) for i, y in enumerate(labels)]  # torchvision's index
 
     def _locate(self, root: Path) -> Path:
@@ -94,7 +95,7 @@ class _Cifar(Dataset):
         path = self.dir / name
         if not path.is_file():
             raise PipeError(f"dataset '{self.name}': file not found: {path}")
-        return path
+        return inside(path, self.dir, "batch file")
 
     def _read(self, keep_pixels: bool) -> np.ndarray:
         """Labels of the split, in batch-file order; the pixels as [N, 32, 32, 3] into `_pixels` if asked."""
@@ -108,6 +109,10 @@ class _Cifar(Dataset):
             if not isinstance(y, list) or len(y) != len(data):
                 size = len(y) if isinstance(y, list) else "no"
                 raise PipeError(f"{path}: {len(data)} images but {size} '{self.label_key}'")
+            n = len(self.classes or ())
+            bad = next((v for v in y if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n), None)
+            if bad is not None:  # checked as python ints: 2**70 is out of range, not an OverflowError
+                raise PipeError(f"{path}: label {str(bad)[:40]} outside 0..{n - 1} ({self.meta[0]})")
             pixels.append(data)
             labels.append(np.asarray(y, dtype=np.int64))
         if keep_pixels:  # channel planes of 32 rows: [N, 3, 32, 32] -> [N, 32, 32, 3], as torchvision
@@ -133,37 +138,124 @@ class _Cifar(Dataset):
         return list(CIFAR_TEMPLATES)
 
 
-# What a CIFAR batch may name: numpy's array and dtype (python 2 and 3 module names, protocols 2 and 5) and the
-# codec call python 3 writes for bytes at protocol 2. Anything else (os.system, ...) is refused, never called.
+# The largest file of the authors' archives is cifar-100-python/train: 50,000 rows of 3,072 bytes plus labels and
+# file names, about 158 MB. A file beyond this bound is no CIFAR batch and is not read at all.
+MAX_FILE_BYTES = 256 << 20
+DTYPE_NAME = re.compile(r"[biuf][1248]")  # the numeric dtypes numpy writes as its pickled dtype's name ("u1", "i8")
+
+
+class _Dtype:
+    """A pickled numpy dtype (numpy.dtype(name, align, copy), then its state), kept as the name and byte order only:
+    what the state could say about sizes or fields is never given to numpy."""
+
+    def __init__(self, name: object, *_: object) -> None:
+        if not isinstance(name, str) or not DTYPE_NAME.fullmatch(name):
+            raise pickle.UnpicklingError(f"refused dtype {str(name)[:40]!r}: a CIFAR batch holds numbers only")
+        self.name, self.order = name, "|"
+
+    def __setstate__(self, state: object) -> None:
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else None
+        if order not in ("<", ">", "|", "="):
+            raise pickle.UnpicklingError(f"dtype state {str(state)[:60]} is not one numpy writes")
+        self.order = order
+
+    def resolve(self) -> np.dtype:
+        dtype = np.dtype(self.name)
+        return dtype if self.order in ("|", "=") else dtype.newbyteorder(self.order)
+
+
+def _array(raw: object, dtype: object, shape: object, order: str = "C") -> np.ndarray:
+    """The array of `shape` over the bytes `raw`, once the bytes it needs are known to be exactly the bytes given:
+    a hostile shape (4e12 elements) or dtype fails here, before numpy allocates anything."""
+    if isinstance(raw, str):  # python 2 pickles: the raw bytes as a latin1 string
+        raw = raw.encode("latin1")
+    if not isinstance(dtype, _Dtype) or not isinstance(raw, (bytes, bytearray, pickle.PickleBuffer)):
+        raise pickle.UnpicklingError("array state is not (raw bytes, dtype) as numpy writes it")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape):  # fmt: skip
+        raise pickle.UnpicklingError(f"array shape {str(shape)[:60]} is not a tuple of sizes")
+    dt = dtype.resolve()
+    need = math.prod(shape) * dt.itemsize  # python ints: no overflow
+    have = memoryview(raw).nbytes
+    if need != have:
+        raise pickle.UnpicklingError(f"array of shape {shape[:4]} needs {need} bytes, the file gives {have}")
+    return np.frombuffer(raw, dt).reshape(shape, order="F" if order == "F" else "C")
+
+
+class _ArrayState:
+    """numpy's _reconstruct(ndarray, (0,), dtype), then BUILD: the array is made in __setstate__ by `_array`."""
+
+    def __init__(self, subtype: object, shape: object, dtype: object) -> None:
+        if subtype is not _NDARRAY or shape != (0,):
+            raise pickle.UnpicklingError("array constructor called with arguments numpy never writes")
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("array state is not the tuple numpy writes")
+        shape, dtype, fortran, raw = state[-4:]
+        self.array = _array(raw, dtype, shape, "F" if fortran else "C")
+
+
+def _frombuffer(buf: object, dtype: object, shape: object, order: str) -> np.ndarray:
+    """numpy's protocol-5 array constructor, through the same checks."""
+    return _array(buf, dtype, shape, order)
+
+
+def _encode(text: object, encoding: object = "utf-8") -> bytes:
+    """The codec call python 3 writes for bytes at protocol 2 (latin1); any other codec is refused, not looked up."""
+    name = str(encoding).lower().replace("-", "").replace("_", "")
+    if not isinstance(text, str) or name not in ("latin1", "iso88591"):
+        raise pickle.UnpicklingError(f"refused codec {str(encoding)[:40]!r}: a CIFAR batch uses latin1 only")
+    return text.encode("latin1")
+
+
+_NDARRAY = object()  # stands for numpy.ndarray: only ever an argument, never called (ndarray(shape) allocates)
+
+# What a CIFAR batch may name (python 2 and 3 module names, protocols 2 and 5), each mapped to a checked stand-in:
+# numpy's array and dtype constructors and the codec call python 3 writes for bytes. Anything else (os.system, ...)
+# is refused, never called.
 PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
-    ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"): _ArrayState, ("numpy._core.multiarray", "_reconstruct"): _ArrayState,
+    ("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _Dtype,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer, ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("_codecs", "encode"): _encode,
 }  # fmt: skip
 
 
-class _BatchUnpickler(pickle.Unpickler):
+class _BatchUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """The pure-python unpickler over the file's bytes in memory: a length field (2**62) can never make it allocate
+    more than the file holds (the C unpickler allocates a field's size before reading it)."""
+
     def find_class(self, module: str, name: str):
-        if (module, name) not in PICKLE_GLOBALS:
+        found = PICKLE_GLOBALS.get((module, name))
+        if found is None:
             raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of a CIFAR batch")
-        return super().find_class(module, name)
+        return found
 
 
 def _load(path: Path) -> dict:
     """One pickle batch as torchvision loads it (python 2 strings read as latin1); bytes keys (a file written from
-    python 3) are read the same. Unlike pickle.load, it calls nothing but numpy's array constructors. A damaged file
-    names itself."""
+    python 3) are read the same. Unlike pickle.load, it calls nothing but checked stand-ins of numpy's array
+    constructors, and allocates nothing the file's size does not bound. A damaged or hostile file names itself."""
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise PipeError(f"{path} is {size} bytes, more than any CIFAR batch (at most {MAX_FILE_BYTES >> 20} MiB)")
     try:
-        with open(path, "rb") as f:
-            obj = _BatchUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
+        obj = _BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError,
+            OverflowError, struct.error, MemoryError, RecursionError) as e:  # fmt: skip
         raise PipeError(f"damaged pickle file {path}: {type(e).__name__}: {e}"[:300].replace("\n", " ")) from None
     if not isinstance(obj, dict):
         raise PipeError(f"{path} is not a CIFAR batch (a pickled dict), got {type(obj).__name__}")
     out = {}
     for k, v in obj.items():
         key = k.decode("latin1") if isinstance(k, bytes) else k
-        if isinstance(v, list):
+        if isinstance(v, _ArrayState):
+            if v.array is None:
+                raise PipeError(f"damaged pickle file {path}: array '{key}' has no state")
+            v = v.array
+        elif isinstance(v, list):
             v = [x.decode("latin1") if isinstance(x, bytes) else x for x in v]
         out[key] = v
     return out

@@ -14,6 +14,7 @@ from pipe_align.extract.datasets.base import (
     CaptionFiles,
     ImageRecord,
     clean_text,
+    inside,
     int_option,
     read_json,
     register_dataset,
@@ -65,7 +66,7 @@ class COCOCaptions(CaptionFiles):
         self.year = _find_year(self.name, self.root, split, year, self.fixed_year)
         self.store_name = f"coco{self.year}"
         ann_file = self.root / "annotations" / f"captions_{split}{self.year}.json"
-        data = read_json(ann_file)
+        data = read_json(inside(ann_file, self.root, "captions file"))
         folder = f"{split}{self.year}"
         self.image_dir = find_under(self.name, self.root, (folder, f"images/{folder}"), lambda p: True,
                                     f"the image folder {folder}/")  # fmt: skip

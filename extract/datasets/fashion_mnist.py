@@ -16,6 +16,7 @@ from pipe_align.extract.datasets.base import (
     Dataset,
     ImageRecord,
     bool_option,
+    inside,
     int_option,
     register_dataset,
     require_root,
@@ -62,7 +63,7 @@ def _find(root: Path, stem: str) -> Path:
     """The raw file if someone unpacked it (memory-mapped), else the .gz Debian and the upstream ship."""
     for cand in (root / stem, root / f"{stem}.gz"):
         if cand.is_file():
-            return cand
+            return inside(cand, root, "idx file")
     raise PipeError(f"dataset 'fashion-mnist': file not found: {root / stem}.gz")
 
 

@@ -11,6 +11,7 @@ from pipe_align.extract.datasets.base import (
     IMAGE_SUFFIXES,
     Dataset,
     ImageRecord,
+    inside,
     open_rgb,
     read_text,
     register_dataset,
@@ -84,7 +85,7 @@ class ImageFolder(Dataset):
         names_file = self.root / CLASSES_FILE
         self.imagenet = False  # wnid folders named by CLIP: CLIP's 80 ImageNet templates too
         if names_file.is_file():
-            keys, self.classes = read_classes_file(names_file, folders)
+            keys, self.classes = read_classes_file(inside(names_file, self.root, "class list"), folders)
             extra = next((f for f in folders if f not in keys), None)
             if extra is not None:
                 raise PipeError(f"class folder '{extra}' in {split_dir} is not listed in {names_file}")

@@ -15,7 +15,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipe_align.extract.datasets.base import Dataset, ImageRecord, open_rgb, read_text, register_dataset, require_root
+from pipe_align.extract.datasets.base import (
+    Dataset,
+    ImageRecord,
+    inside,
+    open_rgb,
+    read_text,
+    register_dataset,
+    require_root,
+)
 from pipe_align.extract.datasets.imagefolder import class_folders, class_images, ignored
 from pipe_align.extract.datasets.imagenet_classes import imagenet_classes, imagenet_templates, is_wnid
 from pipe_align.extract.errors import PipeError
@@ -76,8 +84,9 @@ class ImageNet(Dataset):
         return pairs
 
     def _flat(self, root: Path, names: dict[str, int], where: Path) -> list[tuple[Path, int]]:
-        """The flat val images, listed once; a listed image missing from the folder is skipped only if the folder
-        holds none (a partial copy must say which image it lacks)."""
+        """The flat val images, listed once. Every image of the folder needs its label and every label its image: the
+        devkit's ground truth labels by line number, so one lost line would silently drop the last image, or give
+        every later image its neighbour's label."""
         folders = (root / self.split, root / "ILSVRC2012_img_val", root / KAGGLE_IMAGES / self.split, root)
         image_dir = next((d for d in folders if d.is_dir() and (d / f"{next(iter(names))}.JPEG").is_file()), None)
         if image_dir is None:
@@ -88,17 +97,22 @@ class ImageNet(Dataset):
         missing = next((n for n in names if n not in files), None)
         if missing is not None:
             raise PipeError(f"dataset 'imagenet': {image_dir / missing}.JPEG is missing (listed in {where})")
+        if len(files) != len(names):
+            raise PipeError(f"{where} has {len(names)} labels but {image_dir} holds {len(files)} images: the number of "
+                            "labels must equal the number of images (a line lost, or images added?)")  # fmt: skip
         return [(files[n], label) for n, label in names.items()]
 
     def _devkit(self, root: Path) -> list[tuple[Path, int]] | None:
         """ILSVRC2012_validation_ground_truth.txt: line i = ILSVRC2012_ID of ILSVRC2012_val_<i>, 1..1000 in the
         devkit's own order, which meta.mat maps to wnids."""
-        data = next((d for d in (root / DEVKIT, root.parent / DEVKIT) if d.is_dir()), None)  # root: or the val folder
+        base = next((b for b in (root, root.parent) if (b / DEVKIT).is_dir()), None)  # root: or the val folder
+        data = None if base is None else base / DEVKIT
         if data is None or not (data / GROUND_TRUTH).is_file():
             return None
+        inside(data / GROUND_TRUTH, base, "ground truth file")
         if self.split != "val":
             raise PipeError(f"dataset 'imagenet': the devkit layout under {root} has only the val split")
-        id_to_wnid = _devkit_wnids(data / "meta.mat")
+        id_to_wnid = _devkit_wnids(inside(data / "meta.mat", base, "class table"))
         names = {}
         for i, line in enumerate(read_text(data / GROUND_TRUTH, "ground truth").split(), 1):
             wnid = id_to_wnid.get(int(line)) if line.isdigit() else None
@@ -115,6 +129,7 @@ class ImageNet(Dataset):
         path = next((p for p in (root / KAGGLE_CSV, root.parent / KAGGLE_CSV) if p.is_file()), None)
         if path is None:
             return None
+        inside(path, path.parent, "Kaggle solution file")
         if self.split != "val":
             raise PipeError(f"dataset 'imagenet': {path} labels only the val split")
         rows = list(csv.reader(read_text(path, "Kaggle solution file").splitlines()))
@@ -144,6 +159,10 @@ def _devkit_wnids(path: Path) -> dict[int, str]:
     reads it."""
     if not path.is_file():
         raise PipeError(f"dataset 'imagenet': file not found: {path} (the devkit's class table)")
+    if _is_hdf5_mat(path):
+        raise PipeError(f"{path} is a MATLAB v7.3 (HDF5) file, not the devkit's own meta.mat (MATLAB v5, which "
+                        "scipy reads): use the meta.mat of ILSVRC2012_devkit_t12.tar.gz, or sort the val images into "
+                        "val/<wnid>/ folders (valprep.sh), or the Kaggle layout (LOC_val_solution.csv)")  # fmt: skip
     try:
         from scipy.io import loadmat  # optional: only this layout needs it (docs/datasets.md)
     except ImportError:
@@ -152,10 +171,22 @@ def _devkit_wnids(path: Path) -> dict[int, str]:
     try:
         synsets = loadmat(str(path), squeeze_me=True)["synsets"]
         table = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
-    except (KeyError, ValueError, TypeError, IndexError, OSError) as e:
+    except (KeyError, ValueError, TypeError, IndexError, OSError, NotImplementedError) as e:
         raise PipeError(f"{path} is not the devkit's meta.mat (synsets with ILSVRC2012_ID, WNID, num_children): "
                         f"{type(e).__name__}: {e}"[:300]) from None  # fmt: skip
     unknown = next((w for w in table.values() if w not in imagenet_classes()), None)
     if unknown is not None:
         raise PipeError(f"{path}: leaf synset {unknown} is not an ILSVRC2012 class")
     return table
+
+
+# A MATLAB v7.3 file is an HDF5 file behind a 512-byte MATLAB header: version 0x0200 at bytes 124-125 (in the file's
+# byte order, 'IM' or 'MI' at 126-127 says which), the HDF5 signature at byte 512. The devkit's file is v5 (0x0100).
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_hdf5_mat(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(520)
+    version = head[124:126] if head[126:128] == b"IM" else head[124:126][::-1]
+    return version == b"\x00\x02" or head[512:520] == HDF5_SIGNATURE

@@ -13,6 +13,7 @@ from pipe_align.extract.datasets.base import (
     CaptionFiles,
     ImageRecord,
     clean_text,
+    inside,
     read_json,
     register_dataset,
     require_root,
@@ -20,6 +21,14 @@ from pipe_align.extract.datasets.base import (
 )
 from pipe_align.extract.datasets.roots import find_under, has_files
 from pipe_align.extract.errors import PipeError
+
+
+def relative(name: str, where: str) -> str:
+    """A folder name from the json, below the image folder: an absolute path or a `..` would make the json pick which
+    files on the machine are read."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise PipeError(f"{where} is {name!r}: it must be a path below the image folder (no '/' first, no '..')")
+    return name
 
 
 class KarpathyCaptions(CaptionFiles):
@@ -54,7 +63,7 @@ class KarpathyCaptions(CaptionFiles):
                                     f"{str(entry[key])[:40]}, not a string")
             if entry.get("split") not in wanted:
                 continue
-            folder = image_root / entry.get("filepath", "")
+            folder = image_root / relative(entry.get("filepath", ""), f"{self.json_file} images[{j}].filepath")
             if folder not in listings:
                 listings[folder] = stems(folder) if folder.is_dir() else {}
             stem = Path(entry["filename"]).stem
@@ -79,7 +88,7 @@ class KarpathyCaptions(CaptionFiles):
         """The split json in --root, its annotations/, or Karpathy's caption_datasets/ folder (from his release zip)."""
         folder = find_under(self.name, self.root, (".", "annotations", "caption_datasets"), has_files(self.json_name),
                             self.json_name)  # fmt: skip
-        return folder / self.json_name
+        return inside(folder / self.json_name, self.root, "split file")
 
     def _image_root(self, entries: list, wanted: set[str]) -> Path:
         """The folder under which each entry's `filepath`/`filename` lies: one of `image_dirs` under --root (or under
@@ -92,7 +101,9 @@ class KarpathyCaptions(CaptionFiles):
             cands += [f"../{d}" for d in self.image_dirs]
         if first is None:  # an empty split: no image to look for
             return self.root
-        rel = Path(first.get("filepath", "")) / first["filename"]
+        where = f"{self.json_file} images[{entries.index(first)}]"
+        rel = Path(relative(first.get("filepath", ""), f"{where}.filepath")) / relative(first["filename"],
+                                                                                         f"{where}.filename")
         return find_under(self.name, self.root, cands, lambda p: (p / rel).is_file(),
                           f"{rel} (the split's first image in {self.json_file.name})")  # fmt: skip
 

@@ -19,6 +19,7 @@ from pipe_align.extract.datasets.base import (
     Dataset,
     ImageRecord,
     image_size,
+    mask_file,
     open_rgb,
     read_index_png,
     register_dataset,
@@ -66,7 +67,7 @@ class PascalContext(Dataset):
         return True
 
     def load_mask(self, i: int) -> np.ndarray:
-        return read_index_png(self._masks[i], image_size(self._paths[i]))
+        return read_index_png(mask_file(self._masks[i]), image_size(self._paths[i]))
 
 
 @register_dataset("pascal-context-59")

@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipe_align.extract.datasets.base import Dataset, ImageRecord, read_name_list, register_dataset, require_root
+from pipe_align.extract.datasets.base import (
+    Dataset,
+    ImageRecord,
+    inside,
+    read_name_list,
+    register_dataset,
+    require_root,
+)
 from pipe_align.extract.errors import PipeError
 
 # CLIP's names and templates for STL10 (openai/CLIP data/prompts.md; clip_benchmark uses the same two templates and
@@ -35,6 +42,7 @@ class STL10(Dataset):
         for path in (self.image_file, label_file):
             if not path.is_file():
                 raise PipeError(f"dataset 'stl10': file not found: {path}")
+            inside(path, self.dir, "data file")
         size = self.image_file.stat().st_size
         if size % IMAGE_BYTES:
             raise PipeError(f"damaged {self.image_file}: {size} bytes is not a whole number of 3x96x96 images")
@@ -42,7 +50,9 @@ class STL10(Dataset):
         if len(labels) != size // IMAGE_BYTES:
             raise PipeError(f"{self.image_file} has {size // IMAGE_BYTES} images but {label_file} {len(labels)} labels")
         names_file = self.dir / "class_names.txt"
-        self.classes = read_name_list(names_file) if names_file.is_file() else list(STL10_CLASSES)  # the same
+        self.classes = list(STL10_CLASSES)  # the authors' class_names.txt holds the same names
+        if names_file.is_file():
+            self.classes = read_name_list(inside(names_file, self.dir, "class list"))
         bad = next((int(y) + 1 for y in labels if not 0 <= y < len(self.classes)), None)
         if bad is not None:
             raise PipeError(f"{label_file} has label {bad}, expected 1..{len(self.classes)}")

@@ -13,6 +13,8 @@ from pipe_align.extract.datasets.base import (
     Dataset,
     ImageRecord,
     image_size,
+    inside,
+    mask_file,
     open_rgb,
     read_id_list,
     read_index_png,
@@ -47,7 +49,7 @@ def find_year(name: str, root: Path, year: str, sets: str) -> Path:
 
 def read_split(root: Path, split_file: Path) -> tuple[list[str], list[Path]]:
     """Ids of a split file and their JPEGs."""
-    ids = read_id_list(split_file)
+    ids = read_id_list(inside(split_file, root, "split file"))
     jpgs = stems(root / "JPEGImages", (".jpg", ".jpeg"))
     missing = next((i for i in ids if i not in jpgs), None)
     if missing is not None:
@@ -102,7 +104,7 @@ class VOCSegmentation(Dataset):
         elif folder is not None and (self.root / folder).is_dir():
             self._mask_paths = mask_files(self.name, ids, split_file, self.root / folder)
         names = self.root / CLASSES_FILE
-        self.classes = read_name_list(names) if names.is_file() else list(VOC_CLASSES)
+        self.classes = read_name_list(inside(names, self.root, "class list")) if names.is_file() else list(VOC_CLASSES)
 
     def images(self) -> list[ImageRecord]:
         return self._records
@@ -118,4 +120,4 @@ class VOCSegmentation(Dataset):
             if self.split == "test":
                 raise PipeError("dataset 'voc': the test split has no public masks (evaluate it on the VOC server)")
             return super().load_mask(i)
-        return read_index_png(self._mask_paths[i], image_size(self._paths[i]))
+        return read_index_png(mask_file(self._mask_paths[i]), image_size(self._paths[i]))
