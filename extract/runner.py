@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, TextIO
 
+from pipe_align.extract.claim import claim
 from pipe_align.extract.distributed import check_cluster, run_on_cluster
 from pipe_align.extract.job import ExtractConfig, Job, check_config, plan
 from pipe_align.extract.shards import ShardResult, disk_full, extract_shards
@@ -47,13 +48,15 @@ class ExtractSummary:
 def run_extract(cfg: ExtractConfig, cluster: str | None = None, progress: bool = True) -> ExtractSummary:
     """Plan, create (or reopen) the store, compute the pending shards with the executor `cluster` picks, finalize.
     Every bad option is refused before the store exists; a full disk is a one-line error and leaves the store
-    incomplete (a re-run resumes it)."""
+    incomplete (a re-run resumes it). The store's claim is held throughout: a second process extracting the same
+    store meanwhile is refused in one line naming this one."""
     check_config(cfg)
     if cluster is not None:
         check_cluster(cluster)
     job = plan(cfg)
     try:
-        return _run(cfg, job, cluster, progress)
+        with claim(job.path):  # from creation to `complete`: another extract of this store is refused meanwhile
+            return _run(cfg, job, cluster, progress)
     except OSError as e:
         full = disk_full(e, job.path, "extracting")
         if full is None:

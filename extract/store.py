@@ -20,6 +20,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
+from pipe_align.extract.claim import check_parent, claim
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.integrity import (
     CHECKSUMS,
@@ -449,10 +450,16 @@ def create_store(path: str | Path, layout: StoreLayout) -> FeatureStore:
     """Create an empty store, or reopen an unfinished one with the same layout (resume).
 
     A complete store with the same layout is returned as is (nothing to do); a store written with another layout
-    (encoder, dataset, rows, schema) is an error rather than something to overwrite silently.
+    (encoder, dataset, rows, schema) is an error rather than something to overwrite silently. The store's claim
+    (extract/claim.py) is held meanwhile: another process creating or writing it is refused, never interleaved.
     """
     path = Path(path)
-    _check_parent(path)
+    check_parent(path)
+    with claim(path):
+        return _create_or_reopen(path, layout)
+
+
+def _create_or_reopen(path: Path, layout: StoreLayout) -> FeatureStore:
     if (path / "zarr.json").exists():
         store = open_store(path, require_complete=False)
         old, new = _resumable_attrs(store.layout), _resumable_attrs(layout)
@@ -469,7 +476,7 @@ def create_store(path: str | Path, layout: StoreLayout) -> FeatureStore:
             raise PipeError(f"{path}: exists and is not a feature store")
         path.rmdir()
     tmp = path.with_name(path.name + ".creating")
-    if tmp.exists():
+    if tmp.exists():  # left by a process that died while creating it (the claim is ours: nobody else writes it)
         shutil.rmtree(tmp)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     # crc32c last: applied to each (inner) chunk's compressed bytes, checked first on reading; shard indexes carry
@@ -488,14 +495,6 @@ def _resumable_attrs(layout: StoreLayout) -> dict[str, Any]:
     d = layout.to_attrs()
     d["encoder"] = {"compute_dtype": "float32", **d["encoder"]}
     return d
-
-
-def _check_parent(path: Path) -> None:
-    for parent in [path, *path.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise PipeError(f"{parent}: is a file, not a folder (check --features)")
-            return
 
 
 def open_store(
