@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +34,7 @@ from pipe_align.align.loop import RunConfig, fit, heldout_retrieval
 from pipe_align.align.methods import get_method
 from pipe_align.align.recipes import Plan, check_recipe, plan, search_small
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import write_text
 from pipe_align.extract.job import resolve_device
 
 
@@ -177,10 +177,8 @@ def _reuse_plan(prev: dict, request: dict) -> Plan | None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Written to a temporary name, then renamed: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """Written to an exclusive temporary, then renamed: a reader never sees half a file (extract.files)."""
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def _read_json(path: Path) -> dict:
