@@ -107,6 +107,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
         key = _run_key(cfg, mcfg, chosen.run, stores)
         if prev.get("complete"):
             return _finished(out, prev, key)
+        _check_resumable(out, prev, key)
     device = resolve_device(cfg.run.device)
     keep_freed_host_memory()
     dp = None
@@ -159,6 +160,15 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
     (out / "checkpoint.pt").unlink(missing_ok=True)
     barrier_and_close(dp)
     return AlignResult(out, meta)
+
+
+def _check_resumable(out: Path, prev: dict, key: dict) -> None:
+    """A checkpoint is resumed only by the run run.json says wrote it: checked before any data or the checkpoint is
+    loaded (the checkpoint's own key is checked again when it is read)."""
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists() and prev.get("key") not in (None, key):
+        raise PipeError(f"{ckpt}: was written with other options or data; resume with the same ones, or use another "
+                        "--out")  # fmt: skip
 
 
 def _finished(out: Path, prev: dict, key: dict) -> AlignResult:

@@ -318,8 +318,9 @@ class _Parser:
         given = {k: v for k, v in raw.items() if k in RUN_KEYS}
         try:
             return dataclasses.replace(base, **given) if base is not None else RunConfig(**given)
-        except PipeError as e:  # RunConfig names the flag; say which recipe key it came from
-            raise self.fail(key, str(e).replace("--", "", 1)) from None
+        except PipeError as e:  # RunConfig names the flag ("--batch-size VALUE ..."): name the recipe key instead
+            flag, _, problem = str(e).partition(" ")
+            raise self.fail(f"{key}.{flag.removeprefix('--').replace('-', '_')}", problem) from None
         except TypeError as e:
             raise self.fail(key, str(e)) from None
 

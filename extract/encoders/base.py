@@ -186,6 +186,9 @@ def load_pretrained(loader: Any, source: Source, what: str, **kwargs: Any) -> An
     try:
         return loader.from_pretrained(source.model_id, **hub, **kwargs, trust_remote_code=False)
     except (OSError, ValueError, KeyError, ImportError) as error:
+        if "trust_remote_code" in str(error):
+            raise PipeError(f"{source.model_id}: its {what} needs the model's own Python code (auto_map), which pipe "
+                            "never runs; use a model type transformers supports") from None  # fmt: skip
         if hub.get("local_files_only"):
             raise HubUnreachable(f"cannot load {what} for encoder {source.alias!r}: {source.model_id!r} is not in the "
                                  f"Hugging Face cache and the hub cannot be used ({hub_unusable()})") from None
