@@ -20,8 +20,10 @@ Methods come in two kinds, and `align.loop.fit` is the one way to fit either:
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import math
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import write_bytes, write_text
 
 METHODS: dict[str, type[Aligner]] = {}
 
@@ -69,17 +72,61 @@ class TrainingData:
     unpaired: tuple[ImageRows, TextRows] | None = None
 
 
+INT_LIMIT = 1 << 20  # the largest value of a method's integer option that declares no limit of its own
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _limits(cls: type) -> dict[str, tuple[int | None, int]]:
+    """`limits` of the class and its bases merged (a subclass's entry wins)."""
+    return {k: v for c in reversed(cls.__mro__) for k, v in vars(c).get("limits", {}).items()}
+
+
+def value_problem(obj: Any, default_max: int | None = None) -> tuple[str, str] | None:
+    """(field, problem) for the first field of a config dataclass whose value is not of its annotated type (int: an
+    integer, not a bool; float: a finite number; str; bool: true or false; `X | None` also None) or outside the
+    inclusive `limits[field]` = (lowest or None, highest) of the class, else None. Integer fields without a limit are
+    bounded by `default_max` when given. Checked before any other range check, so those can compare freely."""
+    limits = _limits(type(obj))
+    for f in fields(obj):
+        v, tp = getattr(obj, f.name), _field_types(type(obj))[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if args and v is None and len(args) < len(typing.get_args(tp)):
+            continue
+        kind = args[0] if len(args) == 1 else tp
+        lo, hi = limits.get(f.name, (None, default_max) if kind is int else (None, None))
+        span = f"from {lo} to {hi}" if lo is not None and hi is not None else f"up to {hi}" if hi is not None else ""
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            return f.name, f"is not an integer; allowed: an integer {span}".rstrip()
+        if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            return f.name, "is not a finite number"
+        if kind is str and not isinstance(v, str):
+            return f.name, "is not a string"
+        if kind is bool and not isinstance(v, bool):
+            return f.name, "is not true or false"
+        if kind in (int, float) and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+            return f.name, f"is out of range; allowed: {span}"
+    return None
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Base of every method's frozen config: its own hyper-parameters only (run-wide settings such as the seed, epochs
     and batch size live in `align.loop.RunConfig`). Each field becomes a `pipe align` option; its help is the field's
-    `metadata["help"]`. Float fields must be finite (an infinite temperature or rate is never meant)."""
+    `metadata["help"]`. Every value must be of its field's type; float fields must be finite (an infinite temperature
+    or rate is never meant); integer fields stay within `limits` (default: up to INT_LIMIT), so that no option can ask
+    for an allocation or a loop that never ends (docs/guarantees.md, "Security")."""
+
+    limits: ClassVar[dict[str, tuple[int | None, int]]] = {}
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise PipeError(f"{f.name}={v}: must be a finite number")
+        problem = value_problem(self, INT_LIMIT)
+        if problem is not None:
+            name, what = problem
+            raise PipeError(f"{name}={getattr(self, name)!r} {what}")
         self.check()
 
     def check(self) -> None:
@@ -114,7 +161,10 @@ class TrainedConfig(MethodConfig):
     lr_finder_start: float = field(default=1e-7, metadata={"help": "Trained methods: LR finder's first rate."})
     lr_finder_end: float = field(default=10.0, metadata={"help": "Trained methods: LR finder's last rate."})
 
+    limits: ClassVar[dict[str, tuple[int | None, int]]] = {"lr_finder": (0, 10_000)}
+
     def __post_init__(self) -> None:
+        super().__post_init__()  # types first: the comparisons below need numbers
         bad = {"lr": self.lr >= 0, "weight_decay": self.weight_decay >= 0, "beta1": 0 <= self.beta1 < 1,
                "beta2": 0 <= self.beta2 < 1, "warmup_epochs": self.warmup_epochs >= 0,
                "grad_clip": self.grad_clip >= 0, "schedule": self.schedule in SCHEDULES,
@@ -124,7 +174,6 @@ class TrainedConfig(MethodConfig):
         for name, ok in bad.items():
             if not ok:
                 raise PipeError(f"{name}={getattr(self, name)!r} is out of range")
-        super().__post_init__()
 
 
 SCHEDULES = ("cosine", "constant", "cosine_cycle")
@@ -167,14 +216,14 @@ class Aligner(abc.ABC):
     def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
 
     def save(self, out: str | Path, extra: dict[str, Any] | None = None) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(out / self.weights_file))
+        write_bytes(out / self.weights_file, save(state))
         meta = {"method": self.name, "config": asdict(self.config)} | (extra or {})
-        (out / "method.json").write_text(json.dumps(meta, indent=2))
+        write_text(out / "method.json", json.dumps(meta, indent=2))
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any]) -> Aligner:

@@ -21,23 +21,32 @@ with held-out R@1 both ways beside it.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import Aligner, ClosedFormAligner, MethodConfig, StepContext, TrainedAligner, TrainingData
+from pipe_align.align.base import (
+    Aligner,
+    ClosedFormAligner,
+    MethodConfig,
+    StepContext,
+    TrainedAligner,
+    TrainingData,
+    value_problem,
+)
 from pipe_align.align.ddp import DataParallel, gather_rows, sum_gradients
 from pipe_align.align.losses import info_nce
 from pipe_align.align.lr_finder import find_lr
 from pipe_align.align.retrieval import retrieval_metrics
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import write_bytes
 
 
 class NonFinite(PipeError):
@@ -64,18 +73,20 @@ class RunConfig:
                 "device; above it, stream from Zarr.", "size": True})  # fmt: skip
     limit: int | None = field(default=None, metadata={"help": "Use only the first N pairs."})
 
+    # Inclusive bounds (docs/guarantees.md, "Security"): far above any real run (the PAL authors train up to 1000
+    # epochs with patience 200 and batches of 4096 on 83k pairs), low enough that no value asks for a loop that
+    # never ends or an allocation that cannot succeed.
+    limits: ClassVar[dict[str, tuple[int | None, int]]] = {
+        "seed": (0, 2**63 - 1), "epochs": (1, 100_000), "batch_size": (2, 1 << 24), "patience": (0, 100_000),
+        "memory_budget": (0, 2**62 - 1), "limit": (2, 1 << 40)}  # fmt: skip
+
     def __post_init__(self) -> None:
-        checks = {
-            "seed": 0 <= self.seed < 2**63, "val_fraction": math.isfinite(self.val_fraction) and
-            0 <= self.val_fraction < 1, "epochs": self.epochs is None or self.epochs >= 1,
-            "batch_size": self.batch_size is None or self.batch_size >= 2,
-            "patience": self.patience is None or self.patience >= 0,
-            "memory_budget": self.memory_budget is None or 0 <= self.memory_budget < 2**62,
-            "limit": self.limit is None or self.limit >= 2,
-        }  # fmt: skip
-        for name, ok in checks.items():
-            if not ok:
-                raise PipeError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is out of range")
+        problem = value_problem(self)
+        if problem is None and not 0 <= self.val_fraction < 1:
+            problem = "val_fraction", "is out of range; allowed: from 0 to below 1"
+        if problem is not None:
+            name, what = problem
+            raise PipeError(f"--{name.replace('_', '-')} {getattr(self, name)!r} {what}")
 
     def resolved(self, method: type[Aligner]) -> RunConfig:
         """Unset epochs / batch_size / patience filled with the method's defaults (trained methods only)."""
@@ -250,10 +261,14 @@ class Trainer:
         }  # fmt: skip
 
     def load_checkpoint(self, path: Path, key: dict[str, Any] | None) -> None:
+        """weights_only: a checkpoint holds tensors, numbers, strings, lists and dicts, so torch's restricted unpickler
+        reads it and a planted file that would build any other object (run code) is refused, not executed."""
         try:
-            state = torch.load(path, map_location=self.params[0].device, weights_only=False)
+            state = torch.load(path, map_location=self.params[0].device, weights_only=True)
+            if not isinstance(state, dict):
+                raise TypeError(type(state).__name__)
             params = state["params"]
-        except Exception as e:  # truncated, corrupt or foreign file: one line, never a traceback
+        except Exception as e:  # truncated, corrupt, foreign or hostile file: one line, never a traceback
             what = type(e).__name__
             raise PipeError(f"{path}: cannot be read as a checkpoint ({what}); remove it to start over") from None
         if state.get("key") != key:
@@ -370,9 +385,11 @@ def heldout_retrieval(aligner: Aligner, val: Any, seed: int) -> dict[str, float]
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Serialised in memory first (a checkpoint is the parameters and the optimiser state: small), then written by
+    `write_bytes`: a full disk is one line naming the file and the previous checkpoint stays whole."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def _progress_bar(name: str, rows: int, enabled: bool, first_epoch: int):

@@ -8,6 +8,7 @@ meet in a symmetric InfoNCE at temperature tau. The profile computation is `pipe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -48,6 +49,7 @@ class PALConfig(TrainedConfig):
     grad_clip: float = 1.0
     grad_clip_mode: str = "per_group"
     lr_finder: int = 100
+    limits: ClassVar[dict[str, tuple[int | None, int]]] = {"anchors": (1, 65_536)}
 
     def check(self) -> None:
         checks = {"anchors": self.anchors >= 1, "tau_p": self.tau_p > 0, "tau": self.tau > 0}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +34,7 @@ from pipe_align.align.loop import RunConfig, fit, heldout_retrieval
 from pipe_align.align.methods import get_method
 from pipe_align.align.recipes import Plan, check_recipe, plan, search_small
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import write_text
 from pipe_align.extract.job import resolve_device
 
 
@@ -107,6 +107,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
         key = _run_key(cfg, mcfg, chosen.run, stores)
         if prev.get("complete"):
             return _finished(out, prev, key)
+        _check_resumable(out, prev, key)
     device = resolve_device(cfg.run.device)
     keep_freed_host_memory()
     dp = None
@@ -161,6 +162,15 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
     return AlignResult(out, meta)
 
 
+def _check_resumable(out: Path, prev: dict, key: dict) -> None:
+    """A checkpoint is resumed only by the run run.json says wrote it: checked before any data or the checkpoint is
+    loaded (the checkpoint's own key is checked again when it is read)."""
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists() and prev.get("key") not in (None, key):
+        raise PipeError(f"{ckpt}: was written with other options or data; resume with the same ones, or use another "
+                        "--out")  # fmt: skip
+
+
 def _finished(out: Path, prev: dict, key: dict) -> AlignResult:
     if prev.get("key") == key:
         return AlignResult(out, prev)  # already trained with these settings on this data
@@ -177,10 +187,8 @@ def _reuse_plan(prev: dict, request: dict) -> Plan | None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Written to a temporary name, then renamed: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """Written to an exclusive temporary, then renamed: a reader never sees half a file (extract.files)."""
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def _read_json(path: Path) -> dict:

@@ -65,7 +65,7 @@ def main() -> None:
         stores = find_pair_stores(tmp)
         split = pair_split(stores, 0.0, 0)
         cfg = PALConfig(anchors=args.anchors)
-        run = RunConfig(batch_size=args.batch_size, epochs=10**6, patience=0, val_fraction=0.0)
+        run = RunConfig(batch_size=args.batch_size, epochs=100_000, patience=0, val_fraction=0.0)
         times: dict[str, list[float]] = {"memory": [], "stream": []}
         trainers = {}
         for mode in ("memory", "stream"):

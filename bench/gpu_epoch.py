@@ -59,7 +59,7 @@ def epoch_seconds(stores, split, cfg: PALConfig, batch: int, device: str, budget
     """Median seconds of whole training epochs after one warm-up epoch (the load, autotune, first-read checks)."""
     src = PairSource(stores, split.train, split.captions, tokens=True, device=device, memory_budget=budget)
     assert src.in_memory == (budget is None), "the resident epoch must fit the device memory"
-    run = RunConfig(batch_size=batch, epochs=10**6, patience=0, val_fraction=0.0)
+    run = RunConfig(batch_size=batch, epochs=100_000, patience=0, val_fraction=0.0)
     trainer = Trainer(PAL, cfg, run, TrainingData(src))
     trainer.train_epoch()
     times = []

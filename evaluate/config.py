@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import check_name, write_text
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class EvalConfig:
         for option, value in (("--dataset", self.dataset), ("--split", self.split)):
             if not value.strip():
                 raise PipeError(f"{option} must not be empty")
+            check_name(value, option)  # both become folders of the feature stores' paths
         if self.examples < 0:
             raise PipeError(f"--examples must be >= 0 (images shown in each figure), got {self.examples}")
         if self.seed < 0:
@@ -56,6 +58,5 @@ def figure_path(cfg: EvalConfig, what: str) -> Path:
 
 def write_result(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)  # a half-written JSON would be taken for a finished eval by --skip-existing
+    # atomic: a half-written JSON would be taken for a finished eval by --skip-existing
+    write_text(path, json.dumps(result, indent=2, default=str))

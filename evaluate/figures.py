@@ -6,6 +6,7 @@ no GUI, safe in threads and on machines without a display.
 
 from __future__ import annotations
 
+import io
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from pipe_align.extract.datasets.base import voc_palette
+from pipe_align.extract.files import write_bytes
 
 PALETTE = np.array(voc_palette(), dtype=np.float64).reshape(256, 3) / 255.0
 
@@ -27,8 +29,11 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    """Rendered in memory, then written through an exclusive temporary (a planted link is never written through)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", bbox_inches="tight")
+    write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from pipe_align.evaluate.tasks import all_tasks
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import write_text
 
 
 def headline(result: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -134,6 +135,6 @@ def write_report(runs: list[Path], out: Path | None = None) -> tuple[Path, Path,
     text = to_markdown(header, rows)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     note = "Values in percent (fractions in the CSV); '-' = not evaluated, 'n/a' = undefined.\n\n"
-    md_path.write_text("# Evaluation report\n\n" + note + text, encoding="utf-8")
-    csv_path.write_text(to_csv(header, rows), encoding="utf-8")
+    write_text(md_path, "# Evaluation report\n\n" + note + text)
+    write_text(csv_path, to_csv(header, rows))
     return md_path, csv_path, text

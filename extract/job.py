@@ -16,6 +16,7 @@ from pipe_align.extract.datasets.prompt_sets import PROMPT_SETS, prompt_set, pro
 from pipe_align.extract.encoders.base import COMPUTE_DTYPES, Options, Source, check_image_size, resolve_compute_dtype
 from pipe_align.extract.encoders.registry import build_encoder, resolve_source
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import check_name
 from pipe_align.extract.store import DTYPES, StoreLayout, default_rows, store_path
 
 
@@ -94,6 +95,7 @@ def _text_mode(cfg: ExtractConfig, dataset) -> str:
 
 def check_config(cfg: ExtractConfig) -> None:
     """Option values that cannot work, refused before a dataset is read or an encoder loaded (one line each)."""
+    check_name(cfg.split, "--split")  # a folder of the store's path: never one outside --features
     for flag, value in (("--batch-size", cfg.batch_size), ("--limit", cfg.limit), ("--shard-rows", cfg.shard_rows),
                         ("--max-length", cfg.max_length), ("--threads", cfg.threads)):  # fmt: skip
         if value is not None and value < 1:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from pipe_align.extract.datasets.base import IMAGE_SUFFIXES
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import write_bytes
 from pipe_align.pipelines.api import AlignedModel
 
 
@@ -103,15 +103,13 @@ def folder_embeddings(model: AlignedModel, folder: Path, strict: bool = False, u
 
 def _write(path: Path, key: str, folder: Path, emb: Tensor, files: list, skipped: list) -> Path | None:
     """Atomically replace the cache; a run dir we cannot write to just means no cache (None)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     meta = {"key": key, "folder": str(folder.resolve()), "files": files, "skipped": skipped}
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"embeddings": emb.detach().float().cpu().contiguous()}
-        save_file(tensors, str(tmp), metadata={"index": json.dumps(meta)})
-        os.replace(tmp, path)
-    except OSError:
+        write_bytes(path, save(tensors, metadata={"index": json.dumps(meta)}))
+    except (OSError, PipeError):
         return None
     return path

@@ -21,6 +21,7 @@ from pipe_align.align.methods import get_method, method_names
 from pipe_align.evaluate.tasks import get_task
 from pipe_align.extract.datasets import DATASETS
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import NAME_RULE, check_name
 from pipe_align.extract.job import ExtractConfig, check_config
 
 if sys.version_info >= (3, 11):
@@ -248,6 +249,13 @@ class _Parser:
             raise self.fail(f"{where}.{key}", f"must be a non-empty string, got {value!r}")
         return value
 
+    def name(self, value: Any, key: str) -> str:
+        """A string that becomes one path component (a run folder, a store folder, the output folder's name)."""
+        try:
+            return check_name(value, key)
+        except PipeError:
+            raise self.fail(key, f"{value!r} is not a name (one path component)", NAME_RULE) from None
+
     def choice(self, value: str, key: str, allowed: Sequence[str]) -> str:
         if value not in allowed:
             raise self.fail(key, f"{value!r} is not one of them", allowed)
@@ -264,7 +272,7 @@ class _Parser:
         evals = self.evals(top["eval"], names)
         methods = self.methods(top["methods"], train.run)
         paper = self.paper(top.get("paper", {}), methods, evals)
-        name = self.string(meta, "name", "recipe") or self.path.stem
+        name = self.name(meta["name"], "recipe.name") if "name" in meta else self.path.stem
         return Recipe(str(self.path), name, self.string(meta, "title", "recipe") or name,
                       self.string(meta, "source", "recipe") or "", encoders, datasets, train, evals, methods,
                       paper)  # fmt: skip
@@ -286,10 +294,10 @@ class _Parser:
             raise self.fail("datasets", "must be a table of named datasets ([datasets.NAME])")
         out = []
         for name, entry in raw.items():
-            key = f"datasets.{name}"
+            key = f"datasets.{self.name(name, f'datasets.{name!r}')}"
             t = self.table({"root": entry} if isinstance(entry, str) else entry, key,
                            ("reader", "root", "options", "extract"))  # fmt: skip
-            reader = self.string(t, "reader", key, default=name)  # checked when used: check_readers
+            reader = self.name(t.get("reader", name), f"{key}.reader")  # checked when used: check_datasets
             options = t.get("options", {})
             if not isinstance(options, dict):
                 raise self.fail(f"{key}.options", f"must be a table of reader options, got {options!r}")
@@ -310,15 +318,16 @@ class _Parser:
         given = {k: v for k, v in raw.items() if k in RUN_KEYS}
         try:
             return dataclasses.replace(base, **given) if base is not None else RunConfig(**given)
-        except PipeError as e:  # RunConfig names the flag; say which recipe key it came from
-            raise self.fail(key, str(e).replace("--", "", 1)) from None
+        except PipeError as e:  # RunConfig names the flag ("--batch-size VALUE ..."): name the recipe key instead
+            flag, _, problem = str(e).partition(" ")
+            raise self.fail(f"{key}.{flag.removeprefix('--').replace('-', '_')}", problem) from None
         except TypeError as e:
             raise self.fail(key, str(e)) from None
 
     def train(self, raw: Any, names: list[str]) -> TrainSpec:
         t = self.table(raw, "train", ("dataset", "split", *RUN_KEYS), ("dataset",))
         dataset = self.choice(self.string(t, "dataset", "train"), "train.dataset", names)
-        return TrainSpec(dataset, self.string(t, "split", "train", "train"), self.run_config(t, "train"))
+        return TrainSpec(dataset, self.name(t.get("split", "train"), "train.split"), self.run_config(t, "train"))
 
     def evals(self, raw: Any, names: list[str]) -> tuple[EvalSpec, ...]:
         if not isinstance(raw, list) or not raw:
@@ -343,7 +352,7 @@ class _Parser:
             for m in metrics:
                 self.choice(m, f"{key}.metrics", METRICS[task])
             ev = EvalSpec(task, self.choice(self.string(t, "dataset", key), f"{key}.dataset", names),
-                          self.string(t, "split", key), protocol, tuple(metrics))  # fmt: skip
+                          self.name(t["split"], f"{key}.split"), protocol, tuple(metrics))  # fmt: skip
             if any((e.task, e.dataset) == (ev.task, ev.dataset) for e in out):
                 raise self.fail(key, f"a second {task} eval of dataset {ev.dataset} (the table keys cells by task and "
                                 "dataset: add a second [datasets] entry for another split)")  # fmt: skip
@@ -355,7 +364,7 @@ class _Parser:
             raise self.fail("methods", "must be a table of named methods ([methods.NAME])")
         out = []
         for name, entry in raw.items():
-            key = f"methods.{name}"
+            key = f"methods.{self.name(name, f'methods.{name!r}')}"
             if not isinstance(entry, dict):
                 raise self.fail(key, f"must be a table, got {entry!r}")
             method = self.choice(self.string(entry, "method", key, default=name), f"{key}.method", method_names())

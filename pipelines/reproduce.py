@@ -22,8 +22,12 @@ import typer
 
 from pipe_align.align.run import AlignConfig, run_align
 from pipe_align.evaluate.config import EvalConfig, result_path
+from pipe_align.evaluate.context import PROTOCOL_PROMPTS
 from pipe_align.evaluate.tasks import get_task, run_eval
+from pipe_align.extract.datasets import get_dataset
+from pipe_align.extract.datasets.prompt_sets import has_pal_prompts
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import write_text
 from pipe_align.extract.job import resolve_device
 from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.pipelines.recipe import DatasetSpec, EvalSpec, MethodSpec, Recipe, check_datasets
@@ -84,25 +88,45 @@ def selection(recipe: Recipe, only: Sequence[str], skip: Sequence[str]) -> dict[
     return out
 
 
+def eval_prompts(r: Recipe, ev: EvalSpec) -> str | None:
+    """The class-prompt set an eval will score with, decided before anything runs by the rule the eval applies to the
+    stores (`evaluate.context.prompt_set_for`): its protocol's set (pal) where the PAL authors wrote prompts for the
+    dataset's classes, else the standard one; None for an eval of captions."""
+    if TEXT_KIND[ev.task] != "prompts":
+        return None
+    wanted = PROTOCOL_PROMPTS.get(ev.protocol or "")
+    if wanted is None:
+        return "standard"
+    ds = r.dataset(ev.dataset)
+    dataset = get_dataset(ds.reader, ds.root, ev.split, **dict(ds.options))  # the class list: a reader reads no images
+    return wanted if has_pal_prompts(dataset.store_name or ds.reader, dataset.classes) else "standard"
+
+
 def extract_configs(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> list[ExtractConfig]:
     """Every store the training set and the kept evals read, once each (image + captions for pairs and retrieval,
-    image + class prompts for classification and segmentation)."""
+    image + class prompts for classification and segmentation, in the prompt set each eval scores with)."""
     r = cfg.recipe
     enc = r.encoders
-    wanted = [(r.train.dataset, r.train.split, "captions")] + [(e.dataset, e.split, TEXT_KIND[e.task]) for e in evals]
+    wanted = [(r.train.dataset, r.train.split, "captions", None)]
+    wanted += [(e.dataset, e.split, TEXT_KIND[e.task], e) for e in evals]
     out: list[ExtractConfig] = []
     owner: dict[tuple[str, str], DatasetSpec] = {}
-    for name, split, kind in wanted:
+    for name, split, kind, ev in wanted:
         ds = r.dataset(name)
         other = owner.setdefault((ds.reader, split), ds)
         if (other.root, other.options, other.extract) != (ds.root, ds.options, ds.extract):
             raise PipeError(f"datasets {other.name} and {ds.name} of {r.path} both store {ds.reader}/{split} under "
                             f"{cfg.feature_dir} from other data; give one of them its own --features folder")
+        settings = dict(ds.extract)
+        prompts = eval_prompts(r, ev) if ev is not None else None
+        if prompts is not None and settings.get("prompts", prompts) != prompts:
+            raise PipeError(f"{r.path}: datasets.{name}.extract.prompts: {settings['prompts']!r}, but {ev.label} "
+                            f"scores with the {prompts} prompts; allowed: {prompts!r} (or leave it out)")
         for encoder, text in ((enc.image, "auto"), (enc.text, kind)):
+            extra = settings | ({"prompts": prompts} if prompts is not None and text == "prompts" else {})
             ec = ExtractConfig(encoder=encoder, dataset=ds.reader, split=split, features=str(cfg.feature_dir),
                                root=ds.root, batch_size=cfg.batch_size, device=cfg.device, layer=enc.layer,
-                               max_length=enc.max_length, text=text, options=ds.options,
-                               **dict(ds.extract))  # fmt: skip
+                               max_length=enc.max_length, text=text, options=ds.options, **extra)  # fmt: skip
             if ec not in out:
                 out.append(ec)
     return out
@@ -129,7 +153,7 @@ def run_reproduce(cfg: ReproduceConfig) -> Summary:
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(r), indent=2, default=str))  # the resolved recipe
+    write_text(out / "recipe.json", json.dumps(dataclasses.asdict(r), indent=2, default=str))  # the resolved recipe
     if excluded:
         typer.echo("left out: " + ", ".join(f"{n} ({why})" for n, why in excluded.items()))
     stages: dict[str, Work] = {}
@@ -139,13 +163,13 @@ def run_reproduce(cfg: ReproduceConfig) -> Summary:
     typer.echo("[4/4] table")
     cells = table_cells(cfg, excluded, device)
     md, js = out / "table.md", out / "table.json"
-    md.write_text(to_markdown(r, cells, excluded), encoding="utf-8")
+    write_text(md, to_markdown(r, cells, excluded))
     summary = Summary(md, js, excluded, stages, time.perf_counter() - t_all)
-    js.write_text(json.dumps({
+    write_text(js, json.dumps({
         "recipe": r.name, "title": r.title, "source": r.source, "recipe_file": r.path, "unit": "percent",
         "encoders": dataclasses.asdict(r.encoders), "features": str(cfg.feature_dir), "excluded": excluded,
         "stages": {k: dataclasses.asdict(v) for k, v in stages.items()}, "cells": cells,
-    }, indent=2), encoding="utf-8")  # fmt: skip
+    }, indent=2))  # fmt: skip
     typer.echo(md.read_text(encoding="utf-8").rstrip())
     work = ", ".join(f"{k} {v.done} done / {v.kept} kept" for k, v in stages.items())
     typer.echo(f"done in {summary.seconds:.1f} s ({work}): {md}, {js}")

@@ -336,7 +336,7 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
         (["--root", "cocoo=/x"], "--root cocoo=/x: pal-paper.toml has no dataset 'cocoo' (its datasets: ade20k, "),
         (["--root", "coco"], "--root expects NAME=PATH"),
         (["--set", "train.epochs"], "--set expects KEY=VALUE"),
-        ([*data, "--set", "train.epochs=0"], "pal-paper.toml: train: epochs 0 is out of range"),
+        ([*data, "--set", "train.epochs=0"], "pal-paper.toml: train.epochs: 0 is out of range"),
         ([*data, "--set", "encoders.colour=red"], "encoders.colour: unknown key; allowed: image, text, layer, "),
         ([*data, "--skip", "imagenet"], "--skip imagenet: not a dataset or method of recipe pal-paper (datasets: "),
         ([*data, "--only", "voc"], "not in --only leaves out coco, the training set"),

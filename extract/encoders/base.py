@@ -179,11 +179,16 @@ def hub_kwargs(source: Source) -> dict[str, Any]:
 
 
 def load_pretrained(loader: Any, source: Source, what: str, **kwargs: Any) -> Any:
-    """Call `loader.from_pretrained`, turning hub/path failures into a one-line PipeError naming the model."""
+    """Call `loader.from_pretrained`, turning hub/path failures into a one-line PipeError naming the model. Never with
+    custom code: trust_remote_code=False, so transformers neither asks on a terminal nor runs a model folder's
+    Python; a model that needs it is refused (docs/guarantees.md, "Security")."""
     hub = hub_kwargs(source)
     try:
-        return loader.from_pretrained(source.model_id, **hub, **kwargs)
+        return loader.from_pretrained(source.model_id, **hub, **kwargs, trust_remote_code=False)
     except (OSError, ValueError, KeyError, ImportError) as error:
+        if "trust_remote_code" in str(error):
+            raise PipeError(f"{source.model_id}: its {what} needs the model's own Python code (auto_map), which pipe "
+                            "never runs; use a model type transformers supports") from None  # fmt: skip
         if hub.get("local_files_only"):
             raise HubUnreachable(f"cannot load {what} for encoder {source.alias!r}: {source.model_id!r} is not in the "
                                  f"Hugging Face cache and the hub cannot be used ({hub_unusable()})") from None

