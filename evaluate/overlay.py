@@ -3,6 +3,10 @@ eval's figures use. Plain arrays in, files out; drawn on a bare Agg `Figure`, ne
 
 from __future__ import annotations
 
+import errno
+import io
+import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,9 +47,9 @@ def overlay_png(path: Path, image: np.ndarray, labels: np.ndarray, names: Sequen
                for i in np.flatnonzero(counts)]  # fmt: skip
     fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    return path
+    data = io.BytesIO()
+    fig.savefig(data, format="png", bbox_inches="tight")
+    return write_file(path, data.getvalue())
 
 
 def label_png(path: Path, labels: np.ndarray) -> Path:
@@ -54,6 +58,32 @@ def label_png(path: Path, labels: np.ndarray) -> Path:
         raise PipeError(f"{path}: an indexed PNG holds at most 256 labels")
     png = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels, np.uint8).tobytes())
     png.putpalette(voc_palette())
+    data = io.BytesIO()
+    png.save(data, format="PNG")
+    return write_file(path, data.getvalue())
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` whole or not at all: into a new temporary file of the same folder (created exclusively,
+    so nothing planted there is followed; mode from the umask, as a plain write would give), then renamed over
+    `path`. A full disk or a file-size limit is one line naming the file; the temporary file is removed and `path`
+    keeps what it held before."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    png.save(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        if not isinstance(e, FileExistsError):
+            tmp.unlink(missing_ok=True)
+        hint = {errno.ENOSPC: "; free space and re-run", errno.EDQUOT: "; free space and re-run",
+                errno.EFBIG: "; raise the file-size limit (ulimit -f) and re-run"}.get(e.errno, "")  # fmt: skip
+        raise PipeError(f"{path}: {e.strerror or e} while writing it{hint} (nothing was written under that name)"
+                        ) from None  # fmt: skip
     return path
