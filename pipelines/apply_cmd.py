@@ -142,7 +142,7 @@ def segment(
     labels_given = parse_labels(labels)
     names, _ = segment_names(labels_given, bg, "--labels")
     if len(names) > 256:
-        raise PipeError(f"--labels: {len(labels_given)} labels; at most 255 fit an indexed PNG with a background")
+        raise PipeError(f"--labels: {len(names)} labels with the background; an indexed PNG holds at most 256")
     threshold = check_rule_value("--background-threshold", background_threshold)
     bias = check_rule_value("--background-bias", background_bias, minimum=0.0)
     if (threshold is not None or bias is not None) and bg is None:
