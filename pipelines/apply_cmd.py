@@ -150,7 +150,6 @@ def segment(
     stems = out_names(images)
     check_out_folder(out, names, images, stems)
     model = _load(run, device, 1)
-    write_file(out / "labels.txt", label_index(names))  # first: every label PNG in the folder is named by it
     written = []
     with progress_bar(progress, "segment", len(images)) as advance:
         for path, stem in zip(images, stems):
@@ -158,6 +157,8 @@ def segment(
             seg = model.segment(image, labels_given, background=bg, templates=_templates(templates),
                                 threshold=threshold, bias=bias)  # fmt: skip
             label_map = seg.labels.cpu().numpy()
+            if not written:  # before the first label PNG, which it names; after the first image is read
+                written.append(write_file(out / "labels.txt", label_index(names)))
             rules = [f"background {k} {v:g}" for k, v in (("threshold", threshold),
                                                            ("bias", bias)) if v is not None]  # fmt: skip
             title = ", ".join([f"{path.name}: {run.name} ({model.method})", *rules])
@@ -165,7 +166,7 @@ def segment(
                                        seg.background, title))  # fmt: skip
             written.append(label_png(out / f"{stem}.labels.png", label_map))
             advance(1)
-    for p in written:
+    for p in written[1:]:
         typer.echo(f"wrote {p}")
     typer.echo(f"wrote {out / 'labels.txt'} (label index -> name; the labels PNGs hold these indices)")
 

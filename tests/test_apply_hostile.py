@@ -104,6 +104,9 @@ def test_out_folder_with_other_labels_is_refused(pal_run, tmp_path, capsys, one_
     val_images()[0].save(image)
     out = tmp_path / "out"
     run = ["--run", pal_run, "--out", out]
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG truncated")
+    assert segment(tmp_path / "bad.png", *run, "--labels", "ball,star") == 2
+    assert "unreadable image" in one_error(capsys) and not out.exists()  # no labels.txt before an image is read
     assert segment(image, *run, "--labels", "ball,star") == 0
     assert (out / "labels.txt").read_text() == "0\tbackground\n1\tball\n2\tstar\n"
     before = files(out)
