@@ -28,7 +28,7 @@ from torch import Tensor
 from pipe_align.evaluate.config import EvalConfig
 from pipe_align.evaluate.context import load_context
 from pipe_align.evaluate.dataset import check_origin, dataset_rows, image_or_none, open_dataset
-from pipe_align.evaluate.figures import PALETTE, colorize
+from pipe_align.evaluate.figures import PALETTE, colorize, save_figure
 from pipe_align.evaluate.loading import row_blocks
 from pipe_align.evaluate.metrics import ConfusionMatrix
 from pipe_align.evaluate.prompts import class_weights
@@ -215,6 +215,4 @@ def before_after_figure(path: Path, cfg: EvalConfig, classes: Sequence[str], col
     handles = [Patch(color=PALETTE[i], label=classes[i] if i < len(classes) else str(i)) for i in sorted(shown)]
     fig.legend(handles=handles, loc="lower center", ncol=min(7, max(1, len(handles))), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)

@@ -28,7 +28,7 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Rendered in memory, then written through an exclusive temporary (a planted link is never written through)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -63,7 +63,7 @@ def seg_overlays(path: Path, samples: Sequence[tuple[np.ndarray | None, np.ndarr
     handles = [Patch(color=PALETTE[i], label=names.get(i, str(i))) for i in sorted(shown)]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8, frameon=False)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def class_iou_bars(path: Path, names: Sequence[str], ious: Sequence[float], title: str) -> Path:
@@ -81,7 +81,7 @@ def class_iou_bars(path: Path, names: Sequence[str], ious: Sequence[float], titl
     ax.set_xlim(0, 1.1)
     ax.set_xlabel("IoU")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def retrieval_examples(path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[str], Sequence[bool],
@@ -100,7 +100,7 @@ def retrieval_examples(path: Path, samples: Sequence[tuple[np.ndarray | None, Se
             ax.text(0, 1 - 0.18 * j, line, transform=ax.transAxes, va="top", fontsize=9,
                     color="tab:green" if hit else "black", family="monospace")  # fmt: skip
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def anchor_usage(path: Path, image_counts: np.ndarray, text_counts: np.ndarray | None, title: str) -> Path:
@@ -116,7 +116,7 @@ def anchor_usage(path: Path, image_counts: np.ndarray, text_counts: np.ndarray |
         ax.set_ylabel("tokens")
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def dice_histogram(path: Path, matched: np.ndarray, mismatched: np.ndarray, k: int, title: str) -> Path:
@@ -133,7 +133,7 @@ def dice_histogram(path: Path, matched: np.ndarray, mismatched: np.ndarray, k: i
     ax.set_ylabel("fraction of pairs")
     ax.legend()
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def anchor_maps(path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[int], Sequence[float], np.ndarray]],
@@ -157,4 +157,4 @@ def anchor_maps(path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[
                       interpolation="bilinear")  # fmt: skip
             ax.set_title(f"anchor {k} (profile {v:.2f})", fontsize=9)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

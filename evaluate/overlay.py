@@ -3,6 +3,7 @@ eval's figures use. Plain arrays in, files out; drawn on a bare Agg `Figure`, ne
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from pipe_align.evaluate.figures import PALETTE, colorize
 from pipe_align.extract.datasets.base import voc_palette
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import write_bytes
 
 
 def blend(image: np.ndarray, labels: np.ndarray, background: int | None, alpha: float = 0.65) -> np.ndarray:
@@ -43,9 +45,9 @@ def overlay_png(path: Path, image: np.ndarray, labels: np.ndarray, names: Sequen
                for i in np.flatnonzero(counts)]  # fmt: skip
     fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    return path
+    data = io.BytesIO()
+    fig.savefig(data, format="png", bbox_inches="tight")
+    return write_file(path, data.getvalue())
 
 
 def label_png(path: Path, labels: np.ndarray) -> Path:
@@ -54,6 +56,14 @@ def label_png(path: Path, labels: np.ndarray) -> Path:
         raise PipeError(f"{path}: an indexed PNG holds at most 256 labels")
     png = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels, np.uint8).tobytes())
     png.putpalette(voc_palette())
+    data = io.BytesIO()
+    png.save(data, format="PNG")
+    return write_file(path, data.getvalue())
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` whole or not at all (extract/files.py: an exclusive temporary renamed over `path`); a
+    full disk or a file-size limit is one line naming the file, and `path` keeps what it held before."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    png.save(path)
+    write_bytes(path, data)
     return path

@@ -70,7 +70,13 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
-    write_atomic(path, lambda f: f.write(data))
+    def write(f: IO[bytes]) -> None:
+        f.flush()
+        view = memoryview(data)
+        while view:  # os.write may write part of it (a filling disk): go on until all is written or it fails
+            view = view[os.write(f.fileno(), view) :]
+
+    write_atomic(path, write)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -19,6 +19,8 @@ segmentation` (evaluate.segmentation.patch_scores, upsample_argmax; evaluate.bac
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from pipe_align.evaluate.context import read_run
 from pipe_align.evaluate.diagnostics import anchors_of
 from pipe_align.evaluate.metrics import zero_shot_classifier
 from pipe_align.evaluate.segmentation import patch_scores
-from pipe_align.extract.datasets.base import CLIP_TEMPLATES, UnreadableImage, open_rgb
+from pipe_align.extract.datasets.base import CLIP_TEMPLATES, UnreadableImage, is_blank, open_rgb
 from pipe_align.extract.encoders import load_encoder
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import resolve_device
@@ -154,8 +156,15 @@ class Segmentation:
         return tuple(self.labels.shape)
 
     def score_map(self, label: str | int) -> Tensor:
-        """[H, W] scores of one label, bilinearly upsampled to the image as the argmax sees them."""
-        c = self.names.index(label) if isinstance(label, str) else int(label)
+        """[H, W] scores of one label (a name, or its index into `names`), bilinearly upsampled to the image as the
+        argmax sees them."""
+        if isinstance(label, str) and label in self.names:
+            c = self.names.index(label)
+        elif isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= label < len(self.names):
+            c = int(label)
+        else:  # a negative index would slice an empty map, an unknown name would raise a bare ValueError
+            raise PipeError(f"score_map: label {label!r} is not one of this segmentation's labels "
+                            f"({', '.join(self.names)}) or their indices 0..{len(self.names) - 1}")
         return F.interpolate(self.scores[None, c : c + 1], size=self.size, mode="bilinear", align_corners=False)[0, 0]
 
 
@@ -197,8 +206,10 @@ class AlignedModel:
                         pil.append(as_pil(images[i]))
                         kept.append(i)
                     except UnreadableImage as e:
-                        if not skip:
-                            raise
+                        if not skip and (isinstance(images[i], (str, Path)) or len(images) == 1):
+                            raise  # a path names itself
+                        if not skip:  # an in-memory image is named by its position
+                            raise UnreadableImage(f"images[{i}]: {e}") from None
                         bad.append((i, str(e)))
                 yield (self.image_encoder.preprocess(pil, resize=resize) if pil else None), kept, bad
 
@@ -298,13 +309,11 @@ class AlignedModel:
         bilinear upsampling, argmax. `background` is a prompt that competes like a class (None: none). Optional
         rules (evaluate/background.py) turn more pixels into background: `threshold`, where the best other score
         is below it; `bias`, where it is below the background's score + bias."""
-        labels = check_labels(labels)
-        if (threshold is not None or bias) and background is None:
+        names, bg = segment_names(labels, background)
+        threshold = check_rule_value("threshold", threshold)
+        bias = check_rule_value("bias", bias, minimum=0.0)
+        if (threshold is not None or bias is not None) and background is None:
             raise PipeError("a background threshold or bias needs a background label")
-        names = list(labels)
-        if background is not None and background not in names:
-            names = [background, *names]
-        bg = names.index(background) if background is not None else None
         items = as_list(image)
         if len(items) != 1:
             raise PipeError(f"segment takes one image, got {len(items)}")
@@ -320,6 +329,8 @@ class AlignedModel:
     def anchor_maps(self, image: ImageInput, top: int = 3) -> AnchorMaps:
         """Anchor methods (PAL): the `top` anchors of largest profile value and their cosine maps on the patch grid
         (the image squashed, as for segmentation); another method is a PipeError."""
+        if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+            raise PipeError(f"anchor_maps: top must be an integer >= 1 (anchors to show), got {top!r}")
         anchors, _ = anchors_of(self.aligner)
         rows = self.image_features(image, resize="squash")
         if rows.cls.shape[0] != 1:
@@ -341,11 +352,12 @@ def as_list(images: ImageInput | Sequence[ImageInput]) -> list:
     """One image or a sequence of them; a [B, 3, H, W] tensor is B images."""
     if isinstance(images, (str, Path, Image.Image)):
         return [images]
-    if isinstance(images, Tensor):
-        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, Tensor) and images.ndim != 4:
+        return [images]
     items = list(images)
     if not items:
-        raise PipeError("no images given")
+        raise PipeError("no images given" + (f" (a batch tensor of shape {tuple(images.shape)})"
+                                             if isinstance(images, Tensor) else ""))  # fmt: skip
     return items
 
 
@@ -353,43 +365,100 @@ def as_pil(image: ImageInput) -> Image.Image:
     """RGB PIL image from a path (decoded fully: a truncated file fails here), a PIL image, or a [3, H, W] / [H, W]
     tensor (uint8 0-255, or float 0-1 as torchvision's to_tensor gives). Bad input raises UnreadableImage."""
     if isinstance(image, (str, Path)):
-        return open_rgb(Path(image))
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, Tensor):
-        x = image.detach().cpu()
-        if x.ndim == 3 and x.shape[0] in (1, 3):
-            x = x.permute(1, 2, 0)
-        if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[2] not in (1, 3)):
-            raise UnreadableImage(f"image tensor of shape {tuple(image.shape)}: expected [3, H, W] or [H, W]")
-        if x.is_floating_point():
-            if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-                raise UnreadableImage("float image tensor: values must lie in [0, 1]")
-            x = (x * 255).round()
-        arr = x.to(torch.uint8).numpy()
-        arr = arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr
-        return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
-    raise UnreadableImage(f"not an image: {type(image).__name__} (give a path, a PIL image or a tensor)")
+        out = open_rgb(Path(image))
+    elif isinstance(image, Image.Image):
+        out = image.convert("RGB")
+    elif isinstance(image, Tensor):
+        out = Image.fromarray(tensor_pixels(image)).convert("RGB")
+    else:
+        raise UnreadableImage(f"not an image: {type(image).__name__} (give a path, a PIL image or a tensor)")
+    if out.width < 1 or out.height < 1:
+        raise UnreadableImage(f"image of size {out.width}x{out.height}: an image needs at least one pixel")
+    return out
+
+
+def tensor_pixels(image: Tensor) -> np.ndarray:
+    """[H, W] or [H, W, 3] uint8 from an image tensor. Only values that are pixels pass: a cast to uint8 would wrap
+    300 to 44 and read a bool mask as black and near-black, so both are refused rather than guessed at."""
+    x = image.detach().cpu()
+    if x.ndim == 3 and x.shape[0] in (1, 3):
+        x = x.permute(1, 2, 0)
+    if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[2] not in (1, 3)):
+        raise UnreadableImage(f"image tensor of shape {tuple(image.shape)}: expected [3, H, W] or [H, W]")
+    if x.numel() == 0:
+        raise UnreadableImage(f"image tensor of shape {tuple(image.shape)}: an image needs at least one pixel")
+    if x.dtype == torch.bool or x.is_complex():
+        raise UnreadableImage(f"{x.dtype} image tensor: give uint8 0-255 or float 0-1 pixels (a mask is not an image)")
+    if x.is_floating_point():
+        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise UnreadableImage("float image tensor: values must lie in [0, 1]")
+        x = (x * 255).round()
+    elif x.dtype != torch.uint8 and (x.min() < 0 or x.max() > 255):
+        raise UnreadableImage(f"{x.dtype} image tensor: values must lie in 0..255, got {x.min().item()}.."
+                              f"{x.max().item()}")  # fmt: skip
+    arr = x.to(torch.uint8).numpy()
+    return np.ascontiguousarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
 
 
 def check_texts(texts: str | Sequence[str]) -> list[str]:
+    """Texts with something to read: one of only invisible characters (zero-width, controls) tokenizes to nothing
+    but the special tokens and would score every image alike; `pipe extract` refuses it as a caption (`is_blank`)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise PipeError("no texts given")
     for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            raise PipeError(f"text {i} is empty")
+        if not isinstance(t, str) or is_blank(t):
+            raise PipeError(f"text {i} is empty: {t!r} has no visible character")
     return texts
 
 
-def check_labels(labels: Sequence[str]) -> list[str]:
-    labels = [str(x).strip() for x in ([labels] if isinstance(labels, str) else labels)]
-    if not labels or any(not x for x in labels):
-        raise PipeError("labels: give at least one non-empty label (e.g. 'cat,dog,grass')")
+def check_label(label: object, what: str = "labels") -> str:
+    """One label, stripped: it must have a visible character and no line break or control character (it becomes a
+    line of labels.txt and a legend entry)."""
+    text = str(label).strip()
+    if is_blank(text):
+        raise PipeError(f"{what}: label {label!r} has no visible character")
+    bad = [ch for ch in text if unicodedata.category(ch) in ("Cc", "Zl", "Zp")]
+    if bad:
+        raise PipeError(f"{what}: label {text!r} contains a line break or control character ({bad[0]!r})")
+    return text
+
+
+def check_labels(labels: Sequence[str], what: str = "labels") -> list[str]:
+    labels = [check_label(x, what) for x in ([labels] if isinstance(labels, str) else labels)]
+    if not labels:
+        raise PipeError(f"{what}: give at least one non-empty label (e.g. 'cat,dog,grass')")
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
-        raise PipeError(f"labels: {', '.join(dup)} given twice")
+        raise PipeError(f"{what}: {', '.join(dup)} given twice")
     return labels
+
+
+def segment_names(labels: Sequence[str], background: str | None = DEFAULT_BACKGROUND,
+                  what: str = "labels") -> tuple[list[str], int | None]:  # fmt: skip
+    """(names, index of the background): the labels with the background prompt in front unless listed."""
+    names = check_labels(labels, what)
+    if background is None:
+        return names, None
+    background = check_label(background, "background")
+    if background not in names:
+        names = [background, *names]
+    return names, names.index(background)
+
+
+def check_rule_value(what: str, value: float | None, minimum: float | None = None) -> float | None:
+    """A background rule's value: a finite number (NaN compares false everywhere and would silently switch the rule
+    off; infinity makes every pixel background) and, for the bias, >= 0: a negative margin never changes a pixel."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise PipeError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise PipeError(f"{what} must be a finite number, got {value}")
+    if minimum is not None and value < minimum:
+        raise PipeError(f"{what} must be >= {minimum:g} (a negative margin never makes a pixel background), "
+                        f"got {value}")
+    return float(value)
 
 
 def check_templates(templates: Sequence[str] | None) -> list[str]:

@@ -6,6 +6,7 @@ options -> `pipelines.api` (the model), `pipelines.image_index` (folders, the se
 from __future__ import annotations
 
 import csv
+import io
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from pipe_align.extract.datasets.base import open_rgb
+from pipe_align.extract.datasets.base import is_blank, open_rgb
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import write_text
 
 RUN = typer.Option(..., help="Run dir written by `pipe align` (its run.json names the encoders to rebuild).")
 LABELS = typer.Option(..., help="Comma-separated labels, e.g. 'cat,dog,grass'.")
@@ -28,12 +30,15 @@ STRICT = typer.Option(False, help="Fail on an unreadable image instead of skippi
 
 
 def parse_labels(text: str) -> list[str]:
+    """Comma-separated labels, each checked as the API checks it (visible, no line break or control character)."""
+    from pipe_align.pipelines.api import check_labels
+
     labels = [x.strip() for x in text.split(",")]
     if not any(labels):
         raise PipeError("--labels: no labels given (e.g. --labels 'cat,dog,grass')")
     if not all(labels):
         raise PipeError(f"--labels {text!r}: an empty label between commas")
-    return labels
+    return check_labels(labels, "--labels")
 
 
 def _templates(text: str | None) -> list[str] | None:
@@ -66,14 +71,53 @@ def _load(run: Path, device: str, batch_size: int):
     return load(run, device=device, batch_size=batch_size)
 
 
-def _out_names(images: list[Path]) -> list[str]:
-    """One output stem per input image; images of the same name in different folders get -2, -3, ..."""
-    seen: dict[str, int] = {}
+def out_names(images: list[Path]) -> list[str]:
+    """One output stem per input image, unique even on a case-insensitive file system. Every input's own stem is
+    reserved for it (the first image of that stem keeps it); a later image of the same stem gets the first free
+    -2, -3, ..., skipping every stem reserved by another input, so `d1/a.png d2/a.png a-2.png` gives a, a-3, a-2.
+    The names depend only on the list of inputs and its order."""
+    reserved = {p.stem.casefold() for p in images}
+    used: set[str] = set()
     out = []
     for p in images:
-        seen[p.stem] = seen.get(p.stem, 0) + 1
-        out.append(p.stem if seen[p.stem] == 1 else f"{p.stem}-{seen[p.stem]}")
+        name, n = p.stem, 1
+        while name.casefold() in used or (n > 1 and name.casefold() in reserved):
+            n += 1
+            name = f"{p.stem}-{n}"
+        used.add(name.casefold())
+        out.append(name)
     return out
+
+
+def label_index(names: list[str]) -> bytes:
+    """labels.txt: one line per label index, index TAB label (labels never hold a line break: `check_label`)."""
+    return "".join(f"{i}\t{n}\n" for i, n in enumerate(names)).encode("utf-8")
+
+
+def check_out_folder(out: Path, names: list[str], images: list[Path], stems: list[str]) -> None:
+    """An --out folder that already holds label PNGs for other labels is refused: its labels.txt is what gives their
+    pixel values names, and rewriting it would rename every older map. An output that would replace one of the
+    input images is refused too."""
+    index = out / "labels.txt"
+    if index.is_file():
+        try:
+            old = [line.split("\t", 1) for line in index.read_text(encoding="utf-8").splitlines()]
+            ok = all(len(x) == 2 and x[0] == str(i) for i, x in enumerate(old))
+        except (OSError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise PipeError(f"--out {out}: its labels.txt is not one written by `pipe segment`; use another --out")
+        had = [x[1] for x in old]
+        if had != names:
+            raise PipeError(f"--out {out}: holds label maps for other labels ({', '.join(had)}; now "
+                            f"{', '.join(names)}) and their labels.txt would no longer name them; use another --out "
+                            "or the same --labels and --background")  # fmt: skip
+    inputs = {p.resolve() for p in images}
+    for stem in stems:
+        for kind in ("overlay", "labels"):
+            target = out / f"{stem}.{kind}.png"
+            if target.resolve() in inputs:
+                raise PipeError(f"--out {out}: writing {target} would replace that input image; use another --out")
 
 
 def segment(
@@ -93,29 +137,38 @@ def segment(
     progress: bool = PROGRESS,
 ) -> None:
     """Segment images with your own labels: a colour overlay PNG and the label map (indexed PNG) per image."""
-    from pipe_align.evaluate.overlay import label_png, overlay_png
+    from pipe_align.evaluate.overlay import label_png, overlay_png, write_file
+    from pipe_align.pipelines.api import check_label, check_rule_value, segment_names
 
-    names = parse_labels(labels)
-    if len(names) > 255:
-        raise PipeError(f"--labels: {len(names)} labels; at most 255 fit an indexed PNG with a background")
+    bg = check_label(background, "--background") if background.strip() else None
+    labels_given = parse_labels(labels)
+    names, _ = segment_names(labels_given, bg, "--labels")
+    if len(names) > 256:
+        raise PipeError(f"--labels: {len(names)} labels with the background; an indexed PNG holds at most 256")
+    threshold = check_rule_value("--background-threshold", background_threshold)
+    bias = check_rule_value("--background-bias", background_bias, minimum=0.0)
+    if (threshold is not None or bias is not None) and bg is None:
+        raise PipeError("--background-threshold/--background-bias need a background label (--background)")
+    stems = out_names(images)
+    check_out_folder(out, names, images, stems)
     model = _load(run, device, 1)
-    bg = background.strip() or None
     written = []
     with progress_bar(progress, "segment", len(images)) as advance:
-        for path, stem in zip(images, _out_names(images)):
+        for path, stem in zip(images, stems):
             image = open_rgb(path)
-            seg = model.segment(image, names, background=bg, templates=_templates(templates),
-                                threshold=background_threshold, bias=background_bias)  # fmt: skip
+            seg = model.segment(image, labels_given, background=bg, templates=_templates(templates),
+                                threshold=threshold, bias=bias)  # fmt: skip
             label_map = seg.labels.cpu().numpy()
-            rules = [f"background {k} {v:g}" for k, v in (("threshold", background_threshold),
-                                                           ("bias", background_bias)) if v is not None]  # fmt: skip
+            if not written:  # before the first label PNG, which it names; after the first image is read
+                written.append(write_file(out / "labels.txt", label_index(names)))
+            rules = [f"background {k} {v:g}" for k, v in (("threshold", threshold),
+                                                           ("bias", bias)) if v is not None]  # fmt: skip
             title = ", ".join([f"{path.name}: {run.name} ({model.method})", *rules])
             written.append(overlay_png(out / f"{stem}.overlay.png", np.asarray(image), label_map, seg.names,
                                        seg.background, title))  # fmt: skip
             written.append(label_png(out / f"{stem}.labels.png", label_map))
             advance(1)
-    (out / "labels.txt").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(seg.names)), encoding="utf-8")
-    for p in written:
+    for p in written[1:]:
         typer.echo(f"wrote {p}")
     typer.echo(f"wrote {out / 'labels.txt'} (label index -> name; the labels PNGs hold these indices)")
 
@@ -147,12 +200,13 @@ def classify(
         raise PipeError(f"{folder}: none of its {len(paths)} images is readable")
     scores, idx = (emb @ weights.T).topk(min(top_k, len(names)), dim=1)
     k = idx.shape[1]
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(["path", *[c for j in range(1, k + 1) for c in (f"label_{j}", f"score_{j}")]])
+    for row, (s, i) in zip(kept, zip(scores.tolist(), idx.tolist())):
+        w.writerow([str(paths[row]), *[v for j in range(k) for v in (names[i[j]], f"{s[j]:.4f}")]])
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", *[c for j in range(1, k + 1) for c in (f"label_{j}", f"score_{j}")]])
-        for row, (s, i) in zip(kept, zip(scores.tolist(), idx.tolist())):
-            w.writerow([str(paths[row]), *[v for j in range(k) for v in (names[i[j]], f"{s[j]:.4f}")]])
+    write_text(out, table.getvalue())  # whole or not at all, never through a planted link
     _report_skipped([(paths[i], why) for i, why in skipped])
     typer.echo(f"wrote {out} ({len(kept)} images, top {k} of {len(names)} labels)")
 
@@ -170,15 +224,21 @@ def search(
     progress: bool = PROGRESS,
 ) -> None:
     """Search a folder of images with sentences: the best-matching images, best first."""
-    from pipe_align.pipelines.image_index import folder_embeddings, list_images
+    from pipe_align.pipelines.image_index import cache_file, folder_embeddings, list_images
 
     if top_k < 1:
         raise PipeError(f"--top-k must be >= 1, got {top_k}")
+    for q in query:  # as `pipe extract` refuses such a caption: it would score every image alike
+        if is_blank(q):
+            raise PipeError(f"--query {q!r}: no visible character (only blanks, zero-width or control characters)")
     total = len(list_images(folder))  # a missing or empty folder fails before the encoders load
     model = _load(run, device, batch_size)
     text = model.encode_text(query)
     with progress_bar(progress, "search: images", total) as advance:
         index = folder_embeddings(model, folder, strict=strict, use_cache=cache, on_images=advance)
+    if index.cache_problem:
+        typer.echo(f"search cache {cache_file(model, folder)} was damaged ({index.cache_problem}); encoded the "
+                   "folder again", err=True)  # fmt: skip
     scores, idx = (text @ index.embeddings.T).topk(min(top_k, len(index.paths)), dim=1)
     for q, s, i in zip(query, scores.tolist(), idx.tolist()):
         typer.echo(f"{q}")

@@ -230,7 +230,8 @@ def test_segment_command(runs, image_dir, tmp_path, one_thread):
         assert np.array_equal(written, model.segment(p, ["ball", "star", "tree"]).labels.numpy())
         with Image.open(out / f"{p.stem}.overlay.png") as png:
             assert png.width > 2 * 224 * 0.8  # image and overlay side by side
-    for rule in ("--background-threshold", "--background-bias"):
+    for rule in ("--background-threshold", "--background-bias"):  # other labels: another --out (labels.txt)
+        out = tmp_path / f"seg{rule}"
         assert main(["segment", str(paths[0]), "--run", str(runs["pal"]), "--labels", "ball", "--out", str(out),
                      rule, "1e9", "--no-progress"]) == 0  # fmt: skip
         with Image.open(out / "img0.labels.png") as png:
