@@ -476,7 +476,9 @@ def _create_or_reopen(path: Path, layout: StoreLayout) -> FeatureStore:
             raise PipeError(f"{path}: exists and is not a feature store")
         path.rmdir()
     tmp = path.with_name(path.name + ".creating")
-    if tmp.exists():  # left by a process that died while creating it (the claim is ours: nobody else writes it)
+    if tmp.is_symlink():  # never created through a link planted at the temporary's name
+        tmp.unlink()
+    elif tmp.exists():  # left by a process that died while creating it (the claim is ours: nobody else writes it)
         shutil.rmtree(tmp)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     # crc32c last: applied to each (inner) chunk's compressed bytes, checked first on reading; shard indexes carry

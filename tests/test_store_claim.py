@@ -176,3 +176,16 @@ def test_claims_nest_in_one_process_and_a_planted_link_is_refused(tmp_path):
     with pytest.raises(PipeError, match="cannot create the store's claim file"):
         create_store(other, layout())
     assert victim.read_text() == "keep"
+
+
+def test_a_link_planted_at_the_creating_name_is_not_created_through(tmp_path):
+    """`<store>.creating` planted as a link to a folder outside: the store is created in a fresh folder of its own and
+    nothing is written into the link's target."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    path = tmp_path / "features" / "world" / "val" / "enc.zarr"
+    path.parent.mkdir(parents=True)
+    path.with_name(path.name + ".creating").symlink_to(victim, target_is_directory=True)
+    create_store(path, layout())
+    assert list(victim.iterdir()) == []
+    assert path.is_dir() and not path.is_symlink() and (path / "zarr.json").exists()
