@@ -10,12 +10,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, TextIO
 
 from pipe_align.extract.distributed import check_cluster, run_on_cluster
 from pipe_align.extract.job import ExtractConfig, Job, check_config, plan
+from pipe_align.extract.phrases import write_phrases
 from pipe_align.extract.shards import ShardResult, disk_full, extract_shards
 from pipe_align.extract.store import FeatureStore, create_store
 
@@ -53,12 +54,15 @@ def run_extract(cfg: ExtractConfig, cluster: str | None = None, progress: bool =
         check_cluster(cluster)
     job = plan(cfg)
     try:
-        return _run(cfg, job, cluster, progress)
+        summary = _run(cfg, job, cluster, progress)
     except OSError as e:
         full = disk_full(e, job.path, "extracting")
         if full is None:
             raise
         raise full from None
+    if job.text_mode == "captions" and job.dataset.phrase_store:  # grounding reads the phrases as their own texts
+        run_extract(replace(cfg, text="phrases"), cluster, progress)
+    return summary
 
 
 def _run(cfg: ExtractConfig, job: Job, cluster: str | None, progress: bool) -> ExtractSummary:
@@ -72,6 +76,8 @@ def _run(cfg: ExtractConfig, job: Job, cluster: str | None, progress: bool) -> E
     with _progress(progress, f"{cfg.dataset}/{cfg.split} {cfg.encoder}", todo_rows) as advance:
         results = executor(cluster)(job, store, pending, advance)
     skipped = [s for r in results for s in r.skipped]
+    if job.text_mode == "captions" and job.dataset.has_boxes():
+        write_phrases(store, job.encoder.tokenizer, job.captions)
     store.finalize({"extract": _config_attrs(cfg)})
     return ExtractSummary(job.path, lay.count, sum(r.rows for r in results), skipped, time.perf_counter() - t0)
 
