@@ -184,3 +184,20 @@ def grounding_maps(path: Path, examples: Sequence[dict], images: Sequence[np.nda
                         va="top")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def collapse_histograms(path: Path, sides: dict[str, dict[str, np.ndarray]], title: str) -> Path:
+    """One panel per side (image, text): histograms of the per-sample within variance for the trained anchors, the
+    shuffled control and the untrained anchors."""
+    fig = _figure(5 * len(sides), 3.6)
+    axes = fig.subplots(1, len(sides), squeeze=False)[0]
+    for ax, (side, s) in zip(axes, sides.items(), strict=True):
+        hi = max(float(np.max(v)) for v in s.values() if len(v)) or 1.0
+        bins = np.linspace(0, hi, 40)
+        for key, colour in (("within", "C0"), ("shuffled", "C1"), ("untrained", "C2")):
+            ax.hist(s[key], bins=bins, alpha=0.55, color=colour, label=f"{key} (mean {np.mean(s[key]):.2g})")
+        ax.set_title(f"{side} tokens", fontsize=10)
+        ax.set_xlabel("mean over anchors of Var_t cos(token, anchor)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,3 +51,36 @@ def test_pooled_control_trains_through_the_one_loop(tmp_path, world_features):
     assert meta["history"][-1]["train_loss"] < meta["history"][0]["train_loss"]
     pal = load_aligner(out)
     assert pal.config.profile == "pooled"
+
+
+def test_within_sample_variance_against_numpy_and_the_shuffled_control():
+    from pipe_align.evaluate.collapse import shuffled, within_variance
+
+    rng = np.random.default_rng(0)
+    sims = torch.from_numpy(rng.standard_normal((5, 7, 3)))
+    length = [7, 1, 4, 6, 2]
+    mask = torch.arange(7)[None, :] < torch.tensor(length)[:, None]
+    got = within_variance(sims, mask).numpy()
+    want = [np.var(sims[n, : length[n]].numpy(), axis=0).mean() for n in range(5)]  # population variance per anchor
+    assert np.allclose(got, want)
+    # tokens constant within each sample: no within-sample variance, however much samples differ
+    const = torch.from_numpy(rng.standard_normal((5, 1, 3))).expand(5, 7, 3).contiguous()
+    assert torch.allclose(within_variance(const, mask), torch.zeros(5, dtype=const.dtype))
+    mixed = shuffled(const, mask, torch.Generator().manual_seed(0))
+    assert sorted(mixed[mask].flatten().tolist()) == sorted(const[mask].flatten().tolist())  # same tokens, regrouped
+    assert (mixed[~mask] == const[~mask]).all() and within_variance(mixed, mask).mean() > 0.1
+
+
+def test_eval_collapse_and_its_figure(tmp_path, world_features):
+    from pipe_align.pipelines.cli import main
+
+    out = run_align(AlignConfig(shards=str(world_features / "world" / "train"), out=str(tmp_path / "pal"),
+                                params=FAST, run=RUN), progress=False).path  # fmt: skip
+    assert main(["eval", "collapse", "--dataset", "world", "--split", "val", "--features", str(world_features),
+                 "--run", str(out), "--device", "cpu", "-o", "size=8"]) == 0  # fmt: skip
+    res = json.loads((out / "eval" / "collapse-world-val.json").read_text())
+    for side in ("image", "text"):
+        assert res[f"{side}_within_var"] > 0 and res[f"{side}_shuffled_var"] > 0 and res[f"{side}_untrained_var"] > 0
+        assert res[f"{side}_within_over_shuffled"] == pytest.approx(res[f"{side}_within_var"]
+                                                                    / res[f"{side}_shuffled_var"])  # fmt: skip
+    assert res["image_samples"] == 8 and (out / "eval" / "figures" / "collapse-world-val-variance.png").is_file()
