@@ -84,3 +84,48 @@ def test_eval_collapse_and_its_figure(tmp_path, world_features):
         assert res[f"{side}_within_over_shuffled"] == pytest.approx(res[f"{side}_within_var"]
                                                                     / res[f"{side}_shuffled_var"])  # fmt: skip
     assert res["image_samples"] == 8 and (out / "eval" / "figures" / "collapse-world-val-variance.png").is_file()
+
+
+def test_world_unseen_option_leaves_those_classes_out_of_training():
+    from pipe_align.extract.datasets import World
+
+    full, part = World(None, "train", size=40), World(None, "train", size=40, unseen="moon,cup")
+    shown = {r.id: {o.cls for o in s.objects} for r, s in zip(full.images(), full.scenes(), strict=True)}
+    assert [r.id for r in part.images()] == [i for i, cls in shown.items() if not cls & {"moon", "cup"}]
+    assert all("moon" not in c.text.lower() and "cup" not in c.text.lower() for c in part.captions())
+    same = {c.id: c.text for c in full.captions()}
+    assert all(same[c.id] == c.text for c in part.captions())  # kept items keep their ids and captions
+    assert World.seen_classes({"unseen": "moon,cup"}) == [c for c in full.classes[1:] if c not in ("moon", "cup")]
+    with pytest.raises(PipeError, match="option unseen names 'mooon'"):
+        World(None, "train", unseen="mooon")
+
+
+def test_seen_and_unseen_accuracy_are_mean_recalls_of_each_group():
+    from pipe_align.evaluate.classification import seen_unseen
+
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3])
+    pred = torch.tensor([0, 1, 1, 1, 0, 2, 2, 0])
+    out = seen_unseen(pred, y, ["a", "b", "c", "d"], {"a", "b"})
+    # recalls by hand: a 1/2, b 2/2, c 2/3, d 0/1
+    assert out["seen_acc"] == pytest.approx((0.5 + 1.0) / 2) and out["unseen_acc"] == pytest.approx((2 / 3 + 0) / 2)
+    assert out["unseen_names"] == ["c", "d"] and seen_unseen(pred, y, ["a", "b", "c", "d"], {"a", "b", "c", "d"}) == {}
+
+
+def test_classification_reports_seen_and_unseen_for_a_run_trained_on_a_subset(tmp_path, tiny_dinov2, tiny_bert):
+    from pipe_align.extract.runner import ExtractConfig, run_extract
+    from pipe_align.pipelines.cli import main
+
+    feats = tmp_path / "f"
+    for split, text, opts in (("train", "captions", (("size", 24), ("unseen", "moon,cup"))),
+                              ("val", "prompts", (("size", 16),))):  # fmt: skip
+        for enc, t in ((f"hf:{tiny_dinov2}", "auto"), (f"hf:{tiny_bert}", text)):
+            run_extract(ExtractConfig(encoder=enc, dataset="world", split=split, features=str(feats), text=t,
+                                      options=opts, batch_size=8), progress=False)  # fmt: skip
+    run = tmp_path / "run"
+    assert main(["align", "--method", "procrustes", "--shards", str(feats / "world" / "train"), "--out", str(run),
+                 "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    assert main(["eval", "classification", "--dataset", "world", "--split", "val", "--features", str(feats),
+                 "--run", str(run), "--device", "cpu", "-o", "size=16"]) == 0  # fmt: skip
+    res = json.loads((run / "eval" / "classification-world-val.json").read_text())
+    labels = {json.dumps(n) for n in res["unseen_names"]}
+    assert labels <= {'"moon"', '"cup"'} and 0 <= res["unseen_acc"] <= 1 and 0 <= res["seen_acc"] <= 1

@@ -102,6 +102,12 @@ class Dataset(abc.ABC):
     store_names: tuple[str, ...] = ()  # every store_name an instance may take: where evaluation looks for stores
     phrase_store: bool = False  # `pipe extract` of its captions also writes the phrases as their own texts
 
+    @classmethod
+    def seen_classes(cls, options: dict) -> list[str] | None:
+        """The classes a store extracted with these -o options can show, when an option restricts them (the
+        unseen-classes protocol: a run trained on it has never seen the others); None when nothing is restricted."""
+        return None
+
     def __init__(self, root: str | Path | None, split: str) -> None:
         if self.splits and split not in self.splits:
             raise PipeError(f"dataset '{self.name}' has no split '{split}' (choose from: {', '.join(self.splits)})")

@@ -244,6 +244,19 @@ def _relation(objs: list[Placed], rng: np.random.Generator, size: int, ent: Call
 # ---------------------------------------------------------------------------------------------------- dataset
 
 
+def _class_names(unseen: str | None) -> tuple[str, ...]:
+    """The `unseen` option as world class names; an unknown name lists the valid ones."""
+    if unseen is None or not str(unseen).strip():
+        return ()
+    names = tuple(n.strip() for n in str(unseen).split(",") if n.strip())
+    bad = [n for n in names if n not in WORLD_CLASSES]
+    if bad:
+        raise PipeError(f"dataset 'world': option unseen names {bad[0]!r}, not a class ({', '.join(WORLD_CLASSES)})")
+    if len(set(names)) == len(WORLD_CLASSES):
+        raise PipeError("dataset 'world': option unseen leaves no class seen")
+    return names
+
+
 @register_dataset("world")
 class World(Dataset):
     """The procedural world; root is ignored. Items are "<split>_<index>"; label = the largest object's class."""
@@ -252,14 +265,23 @@ class World(Dataset):
     labelled = True
     background = 0  # CLASSES[0]; masks have no void pixels
 
+    @classmethod
+    def seen_classes(cls, options: dict) -> list[str] | None:
+        unseen = _class_names(options.get("unseen"))
+        return [c for c in WORLD_CLASSES if c not in unseen] if unseen else None
+
     def __init__(self, root: str | Path | None = None, split: str = "train", *, seed: int = 0,
-                 size: int | None = None, image_size: int = 224) -> None:  # fmt: skip
+                 size: int | None = None, image_size: int = 224, unseen: str | None = None) -> None:  # fmt: skip
+        """`unseen` ("moon,cup,key"): leave out every item whose scene shows one of these classes, so that training
+        captions never name them (the unseen-classes protocol, docs/claims.md); kept items keep their ids."""
         super().__init__(root, split)
+        self.unseen = _class_names(unseen)
         self.seed = int_option(self.name, "seed", seed, 0)
         self.image_size = int_option(self.name, "image_size", image_size, 112, MAX_IMAGE_SIZE)
         self.count = DEFAULT_SIZES[split] if size is None else int_option(self.name, "size", size, 0, MAX_SIZE)
         self.classes = list(CLASSES)
         self._scenes: list[Scene] | None = None
+        self._index: list[int] = []  # split index of each kept item (all of them unless `unseen` leaves some out)
         self._lock = threading.Lock()
         self._last: tuple[int, Image.Image, np.ndarray] | None = None
 
@@ -274,11 +296,14 @@ class World(Dataset):
         """Scene parameters of the whole split (small: a few numbers per object), computed once on first use."""
         with self._lock:
             if self._scenes is None:
-                self._scenes = [sample_scene(self.seed, self.split, i, self.image_size) for i in range(self.count)]
+                every = [sample_scene(self.seed, self.split, i, self.image_size) for i in range(self.count)]
+                self._index = [i for i, s in enumerate(every) if not {o.cls for o in s.objects} & set(self.unseen)]
+                self._scenes = [every[i] for i in self._index]
             return self._scenes
 
     def images(self) -> list[ImageRecord]:
-        return [ImageRecord(f"{self.split}_{i:05d}", s.label) for i, s in enumerate(self.scenes())]
+        scenes = self.scenes()
+        return [ImageRecord(f"{self.split}_{i:05d}", s.label) for i, s in zip(self._index, scenes, strict=True)]
 
     def render(self, i: int) -> tuple[Image.Image, np.ndarray]:
         """Image and mask of item i; the last one is kept so that load_image then load_mask draws once."""
@@ -301,9 +326,9 @@ class World(Dataset):
     def captions(self) -> list[Caption] | None:
         out = []
         for i, scene in enumerate(self.scenes()):
-            rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], i, 1])
+            rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], self._index[i], 1])
             for j, (text, phrases) in enumerate(scene_captions(scene, rng, self.image_size)):
-                out.append(Caption(f"{self.split}_{i:05d}#{j}", text, i, phrases))
+                out.append(Caption(f"{self.split}_{self._index[i]:05d}#{j}", text, i, phrases))
         return out
 
     def has_boxes(self) -> bool:
