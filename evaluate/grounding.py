@@ -102,6 +102,7 @@ def run_grounding(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     chance: list[float] = []
     types: list[tuple[str, ...]] = []
     examples: list[dict[str, Any]] = []
+    per_image: dict[int, list[bool]] = {}  # image row -> hits of its phrases (primary map), for the falsification test
     order = np.argsort(item[table[:, 0]], kind="stable")
     groups = np.split(order, np.flatnonzero(np.diff(item[table[order, 0]])) + 1) if len(order) else []
     for group in groups:
@@ -141,6 +142,8 @@ def run_grounding(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
                         continue
                     y, x = point_of(heat[n].reshape(h, w), g.height, g.width)
                     hits[mode].append(bool(inside[y, x]))
+                    if mode == ("tokens" if heat_t is not None else "phrase"):
+                        per_image.setdefault(image_row, []).append(bool(inside[y, x]))
                     shown[mode] = (heat[n].reshape(h, w).numpy(), (x, y), bool(inside[y, x]))
                 if len(examples) < cfg.examples and n == 0:
                     examples.append({"image_row": image_row, "caption_row": row, "key": keys[row][n],
@@ -152,7 +155,7 @@ def run_grounding(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     texts, captions = phr.read("text"), caps.read("text")
     for ex in examples:
         ex["phrase"], ex["caption"] = str(texts[phrase_row[ex["key"]]]), str(captions[ex["caption_row"]])
-    return out, {"examples": examples}
+    return out, {"examples": examples, "per_image": per_image}
 
 
 def grounding_metrics(hits: dict[str, list[bool]], chance: list[float], types: list[tuple[str, ...]]) -> dict[str, Any]:

@@ -129,3 +129,42 @@ def test_classification_reports_seen_and_unseen_for_a_run_trained_on_a_subset(tm
     res = json.loads((run / "eval" / "classification-world-val.json").read_text())
     labels = {json.dumps(n) for n in res["unseen_names"]}
     assert labels <= {'"moon"', '"cup"'} and 0 <= res["unseen_acc"] <= 1 and 0 <= res["seen_acc"] <= 1
+
+
+def test_spearman_and_ranks_against_independent_definitions():
+    from pipe_align.evaluate.falsify import rank_of_best_positive, spearman
+
+    # Spearman by its textbook formula on distinct values: 1 - 6 sum d^2 / (n (n^2 - 1))
+    a, b = np.array([3.0, 1.0, 4.0, 1.5, 9.0, 2.6]), np.array([2.0, 7.0, 1.0, 8.0, 2.5, 3.0])
+    ra, rb = a.argsort().argsort() + 1, b.argsort().argsort() + 1
+    n = len(a)
+    assert spearman(a, b) == pytest.approx(1 - 6 * ((ra - rb) ** 2).sum() / (n * (n * n - 1)))
+    assert spearman(np.array([1, 2, 2, 3.0]), np.array([1, 2, 2, 3.0])) == pytest.approx(1.0)  # ties
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(5, 4, generator=g), torch.randn(12, 4, generator=g)
+    links = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 1])
+    got = rank_of_best_positive(img, txt, links)
+    for i in range(5):
+        order = sorted(range(12), key=lambda j: -float(img[i] @ txt[j]))
+        assert got[i] == 1 + min(order.index(j) for j in range(12) if links[j] == i)
+
+
+def test_falsification_command_on_the_world(tmp_path, tiny_dinov2, tiny_bert):
+    from pipe_align.extract.runner import ExtractConfig, run_extract
+    from pipe_align.pipelines.cli import main
+
+    feats = tmp_path / "f"
+    for split, size, texts in (("train", 16, ("captions",)), ("test", 8, ("captions", "phrases"))):
+        for enc, t in [(f"hf:{tiny_dinov2}", "auto")] + [(f"hf:{tiny_bert}", x) for x in texts]:
+            run_extract(ExtractConfig(encoder=enc, dataset="world", split=split, features=str(feats), text=t,
+                                      options=(("size", size),), batch_size=8), progress=False)  # fmt: skip
+    runs = {}
+    for method, extra in (("pal", ["--epochs", "1", "--anchors", "8", "--lr-finder", "0"]), ("procrustes", [])):
+        runs[method] = tmp_path / method
+        assert main(["align", "--method", method, "--shards", str(feats / "world" / "train"), "--out",
+                     str(runs[method]), "--device", "cpu", "--no-progress", *extra]) == 0  # fmt: skip
+    assert main(["claims", "--pal", str(runs["pal"]), "--baseline", str(runs["procrustes"]), "--dataset", "world",
+                 "--split", "test", "--features", str(feats), "-o", "size=8"]) == 0  # fmt: skip
+    res = json.loads((runs["pal"] / "eval" / "claims-world-test.json").read_text())
+    assert res["images"] == 8 and res["best_baseline"].startswith("procrustes") and isinstance(res["holds"], bool)
+    assert res["images_grounding_fails"] + res["images_grounding_works"] == 8 and 0 < res["spearman_p"] <= 1
