@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipe_align.evaluate.claims import claims_markdown
 from pipe_align.evaluate.tasks import all_tasks
 from pipe_align.extract.errors import PipeError
 
@@ -132,6 +133,8 @@ def write_report(runs: list[Path], out: Path | None = None) -> tuple[Path, Path,
         base = base.with_suffix("")
     md_path, csv_path = base.with_name(base.name + ".md"), base.with_name(base.name + ".csv")
     text = to_markdown(header, rows)
+    claims = claims_markdown(runs)
+    text += f"\n{claims}" if claims else ""
     md_path.parent.mkdir(parents=True, exist_ok=True)
     note = "Values in percent (fractions in the CSV); '-' = not evaluated, 'n/a' = undefined.\n\n"
     md_path.write_text("# Evaluation report\n\n" + note + text, encoding="utf-8")

@@ -168,3 +168,34 @@ def test_falsification_command_on_the_world(tmp_path, tiny_dinov2, tiny_bert):
     res = json.loads((runs["pal"] / "eval" / "claims-world-test.json").read_text())
     assert res["images"] == 8 and res["best_baseline"].startswith("procrustes") and isinstance(res["holds"], bool)
     assert res["images_grounding_fails"] + res["images_grounding_works"] == 8 and 0 < res["spearman_p"] <= 1
+
+
+def _fake_run(path, method, profile, results):
+    path.mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps({"method": method, "config": {"profile": profile} if profile else {}}))
+    (path / "eval").mkdir()
+    for i, r in enumerate(results):
+        where = {"dataset": "world", "split": "val", "method": method}
+        (path / "eval" / f"r{i}.json").write_text(json.dumps(r | where))
+    return path
+
+
+def test_report_states_each_claim_with_its_numbers_and_verdict(tmp_path):
+    from pipe_align.evaluate.report import write_report
+
+    g = {"task": "grounding", "pointing_acc": 0.5, "chance": 0.1, "phrases": 100}  # 2 s.e. = 0.06: 0.5 > 0.16
+    full = _fake_run(tmp_path / "pal", "pal", "tokens", [
+        g, {"task": "collapse", "image_within_over_shuffled": 0.05, "text_within_over_shuffled": 0.4,
+            "image_within_over_untrained": 0.5, "text_within_over_untrained": 1.1},
+        {"task": "classification", "acc1": 0.5, "balanced_acc": 0.5, "classes": 10, "seen_acc": 0.7,
+         "unseen_acc": 0.05, "unseen_names": ["moon"]}])  # fmt: skip
+    pooled = _fake_run(tmp_path / "pooled", "pal", "pooled", [g | {"pointing_acc": 0.12}])  # 0.12 < 0.16
+    _, _, text = write_report([full, pooled], tmp_path / "report.md")
+    lines = [x for x in text.splitlines() if x.startswith("- **")]
+    assert any("Token correspondence** (pal," in x and "50.0%" in x and x.endswith(": holds.") for x in lines)
+    assert any("Token correspondence** (pooled," in x and "12.0%" in x and x.endswith("does not hold.") for x in lines)
+    assert any("Per-token profiles matter" in x and "full 50.0% vs pooled 12.0%" in x and x.endswith(": holds.")
+               for x in lines)  # fmt: skip
+    assert any("No collapse" in x and "0.05 (image)" in x and x.endswith("does not hold.") for x in lines)
+    assert any("unseen 5.0% (moon) vs chance 10.0%" in x and x.endswith("does not hold.") for x in lines)
+    assert "## Claims of the PAL paper" in (tmp_path / "report.md").read_text()
