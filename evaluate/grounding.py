@@ -29,7 +29,7 @@ from pipe_align.evaluate.base import Task, register_task
 from pipe_align.evaluate.config import figure_path
 from pipe_align.evaluate.context import EvalContext, extract_command, store_dataset
 from pipe_align.evaluate.dataset import check_origin, dataset_rows, image_or_none, open_dataset
-from pipe_align.evaluate.loading import text_rows
+from pipe_align.evaluate.loading import row_blocks, text_rows
 from pipe_align.extract.datasets.base import Grounding
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import PHRASE_SUFFIX
@@ -66,6 +66,21 @@ def phrase_store(ctx: EvalContext) -> FeatureStore:
     return open_store(path, modality="text", encoder=alias)
 
 
+class _Block:
+    """Patch rows read a shard-aligned block at a time (images are visited in row order): one chunk decode per block,
+    not one per image."""
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store, self.blocks = store, list(row_blocks(store, tokens=True))
+        self.start, self.stop, self.data = 0, 0, None
+
+    def row(self, r: int) -> Tensor:
+        if not self.start <= r < self.stop or self.data is None:
+            self.start, self.stop = next((a, b) for a, b in self.blocks if a <= r < b)
+            self.data = self.store.rows("patches", self.start, self.stop)
+        return self.data[r - self.start]
+
+
 def _heat_tokens(ctx: EvalContext, patches: Tensor, tokens: Tensor, spans: np.ndarray) -> Tensor | None:
     """[S, P] heat maps of one caption's phrases (spans [S, 2] into its tokens [L, D]) from the method's word-patch
     scores, or None (a method without token-level text)."""
@@ -97,6 +112,7 @@ def run_grounding(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     cap_ids, item = caps.read("ids"), caps.read("item").astype(np.int64)
     skipped = img.read("skipped").astype(bool)
     h, w = img.layout.grid
+    block = _Block(img)
 
     hits: dict[str, list[bool]] = {m: [] for m in MODES}
     chance: list[float] = []
@@ -110,7 +126,7 @@ def run_grounding(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
         if skipped[image_row]:
             continue
         g: Grounding = ds.load_boxes(int(index[image_row]))
-        patches = img.rows("patches", image_row, image_row + 1).float().to(cfg.device)[0]
+        patches = block.row(image_row).float().to(cfg.device)
         dense = aligner.image_dense(patches[None])[0]  # [P, E]
         by_caption: dict[int, list[int]] = {}
         for j in group:

@@ -207,3 +207,7 @@ def test_eval_grounding_end_to_end_on_a_world_in_the_flickr30k_entities_layout(t
         assert 0 <= res["pointing_acc"] <= 1 and 0 < res["chance"] < 1 and res["phrases"] > 0
         assert ("pointing_acc/tokens" in res) == (method == "pal") and "pointing_acc/phrase" in res
         assert (run / "eval" / "figures" / "grounding-flickr30k-entities-test-heatmaps.png").is_file()
+    # a damaged span table is a one-line error, not a result
+    caps.group["phrases"][0, 2] = 999
+    with pytest.raises(PipeError, match="array 'phrases' row 0 is not a span of its caption"):
+        read_phrases(open_store(caps.path))
