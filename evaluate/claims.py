@@ -67,12 +67,13 @@ def claim_lines(runs: list[Path]) -> list[str]:
                              f"pointing accuracy {_pct(acc)} vs chance {_pct(c)} (+2 s.e. = {_pct(c + margin)}): "
                              f"{_verdict(acc > c + margin)}.")  # fmt: skip
             elif r["task"] == "collapse":
+                fig = run / "eval" / "figures" / f"collapse-{r.get('dataset')}-{r.get('split')}-variance.png"
                 ri, rt = r["image_within_over_shuffled"], r["text_within_over_shuffled"]
                 lines.append(f"- **No collapse within a sample** ({name[run]}, {where}): within-sample variance / "
                              f"shuffled control = {ri:.3g} (image), {rt:.3g} (text); trained / untrained anchors "
                              f"{r['image_within_over_untrained']:.3g} (image), {r['text_within_over_untrained']:.3g} "
                              f"(text); threshold {COLLAPSE_RATIO}: "
-                             f"{_verdict(min(ri, rt) >= COLLAPSE_RATIO)}.")  # fmt: skip
+                             f"{_verdict(min(ri, rt) >= COLLAPSE_RATIO)} (figure: {fig}).")  # fmt: skip
             elif r["task"] == "classification" and "unseen_acc" in r:
                 chance = 1 / max(int(r.get("classes", 1)), 1)
                 lines.append(f"- **Transfer to unseen classes** ({name[run]}, {r.get('method')}, {where}): unseen "

@@ -196,6 +196,6 @@ def test_report_states_each_claim_with_its_numbers_and_verdict(tmp_path):
     assert any("Token correspondence** (pooled," in x and "12.0%" in x and x.endswith("does not hold.") for x in lines)
     assert any("Per-token profiles matter" in x and "full 50.0% vs pooled 12.0%" in x and x.endswith(": holds.")
                for x in lines)  # fmt: skip
-    assert any("No collapse" in x and "0.05 (image)" in x and x.endswith("does not hold.") for x in lines)
+    assert any("No collapse" in x and "0.05 (image)" in x and "does not hold (figure: " in x for x in lines)
     assert any("unseen 5.0% (moon) vs chance 10.0%" in x and x.endswith("does not hold.") for x in lines)
     assert "## Claims of the PAL paper" in (tmp_path / "report.md").read_text()
