@@ -54,18 +54,22 @@ def run_extract(cfg: ExtractConfig, cluster: str | None = None, progress: bool =
         check_cluster(cluster)
     job = plan(cfg)
     try:
-        summary = _run(cfg, job, cluster, progress)
+        return _run(cfg, job, cluster, progress)
     except OSError as e:
         full = disk_full(e, job.path, "extracting")
         if full is None:
             raise
         raise full from None
+
+
+def _run(cfg: ExtractConfig, job: Job, cluster: str | None, progress: bool) -> ExtractSummary:
+    summary = _run_store(cfg, job, cluster, progress)
     if job.text_mode == "captions" and job.dataset.phrase_store:  # grounding reads the phrases as their own texts
         run_extract(replace(cfg, text="phrases"), cluster, progress)
     return summary
 
 
-def _run(cfg: ExtractConfig, job: Job, cluster: str | None, progress: bool) -> ExtractSummary:
+def _run_store(cfg: ExtractConfig, job: Job, cluster: str | None, progress: bool) -> ExtractSummary:
     store = create_store(job.path, job.layout)
     t0 = time.perf_counter()
     if store.complete:
