@@ -208,6 +208,12 @@ class Aligner(abc.ABC):
     def image_dense(self, patches: Tensor) -> Tensor:
         """[N, P, E] per-patch embeddings (or scores) whose dot product with `text_global` gives class scores."""
 
+    def word_patch_scores(self, patches: Tensor, tokens: Tensor) -> Tensor | None:
+        """[N, L, P] similarity of every word token (in its sentence) to every patch, for methods whose text side is
+        token-level (PAL); None for the others, which phrase grounding serves by embedding each phrase as its own
+        text (`text_global` against `image_dense`)."""
+        return None
+
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that define the fitted method (saved as safetensors)."""

@@ -32,7 +32,7 @@ class PairStores:
 def stores_in(folder: Path) -> list[FeatureStore]:
     if not folder.is_dir():
         raise PipeError(f"--shards {folder}: no such folder")
-    paths = sorted(p for p in folder.glob("*.zarr") if not p.name.endswith(".prompts.zarr"))
+    paths = sorted(p for p in folder.glob("*.zarr") if not p.name.endswith((".prompts.zarr", ".phrases.zarr")))
     return [open_store(p, require_complete=False) for p in paths]
 
 

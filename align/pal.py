@@ -44,6 +44,10 @@ class PALConfig(TrainedConfig):
     use_cls: bool = field(default=True, metadata={
         "help": "pal: pool the image CLS token with the patches (training and global embeddings; dense decoding "
                 "always uses patches)."})  # fmt: skip
+    profile: str = field(default="tokens", metadata={
+        "help": "pal: tokens (each token's similarity vector, pooled over tokens per anchor: the method) or pooled "
+                "(the pooled control: one mean token per image and per caption, its anchor similarities as the "
+                "profile; docs/claims.md)."})  # fmt: skip
     beta2: float = 0.95
     schedule: str = "cosine_cycle"
     grad_clip: float = 1.0
@@ -52,10 +56,21 @@ class PALConfig(TrainedConfig):
     limits: ClassVar[dict[str, tuple[int | None, int]]] = {"anchors": (1, 65_536)}
 
     def check(self) -> None:
-        checks = {"anchors": self.anchors >= 1, "tau_p": self.tau_p > 0, "tau": self.tau > 0}
+        checks = {"anchors": self.anchors >= 1, "tau_p": self.tau_p > 0, "tau": self.tau > 0,
+                  "profile": self.profile in PROFILES}  # fmt: skip
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise PipeError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))
+
+
+PROFILES = ("tokens", "pooled")
+
+
+def pooled_view(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The pooled control's input: the mean of the valid tokens as the one token of each row ([N, 1, D], mask)."""
+    m = mask.to(tokens.dtype)[..., None]
+    mean = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
+    return mean[:, None, :], torch.ones(mean.shape[0], 1, dtype=torch.bool, device=tokens.device)
 
 
 def image_token_view(rows: ImageRows, use_cls: bool) -> tuple[Tensor, Tensor]:
@@ -89,12 +104,17 @@ class PAL(TrainedAligner):
     # -- the model --------------------------------------------------------------------------------------------------
     def image_profiles(self, rows: ImageRows, anchors: Tensor | None = None) -> Tensor:
         tokens, mask = image_token_view(rows, self.config.use_cls)
+        if self.config.profile == "pooled":
+            tokens, mask = pooled_view(tokens, mask)
         a = self.image_anchors if anchors is None else anchors
         return anchor_profiles(tokens, mask, a, self.config.tau_p)
 
     def text_profiles(self, rows: TextRows, anchors: Tensor | None = None) -> Tensor:
         a = self.text_anchors if anchors is None else anchors
-        return anchor_profiles(rows.tokens, rows.mask(), a, self.config.tau_p)
+        tokens, mask = rows.tokens, rows.mask()
+        if self.config.profile == "pooled":
+            tokens, mask = pooled_view(tokens, mask)
+        return anchor_profiles(tokens, mask, a, self.config.tau_p)
 
     @torch.no_grad()
     def image_global(self, rows: ImageRows) -> Tensor:
@@ -108,6 +128,14 @@ class PAL(TrainedAligner):
     def image_dense(self, patches: Tensor) -> Tensor:
         """S[n, p, k] = cos(patch, a_k): decoding through the anchors, class scores = S . h(prompt)."""
         return l2n(patches) @ l2n(self.image_anchors).T.to(patches.device)
+
+    @torch.no_grad()
+    def word_patch_scores(self, patches: Tensor, tokens: Tensor) -> Tensor:
+        """cos(R_text[t], R_image[p]): each word token's similarity vector over the text anchors against each patch's
+        over the image anchors (anchor k of one bank is paired with anchor k of the other by the loss)."""
+        r_img = l2n(l2n(patches) @ l2n(self.image_anchors).T.to(patches.device))
+        r_txt = l2n(l2n(tokens) @ l2n(self.text_anchors).T.to(tokens.device))
+        return r_txt @ r_img.transpose(1, 2)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"image_anchors": self.image_anchors, "text_anchors": self.text_anchors}

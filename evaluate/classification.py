@@ -3,6 +3,7 @@ accuracy. Images are embedded shard block by shard block; only the [N, C] logits
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,9 @@ from pipe_align.evaluate.dataset import reader_class
 from pipe_align.evaluate.loading import image_rows, row_blocks
 from pipe_align.evaluate.metrics import classification_metrics
 from pipe_align.evaluate.prompts import class_weights
+from pipe_align.extract.datasets import dataset_class
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.store import open_store
 
 
 @torch.no_grad()
@@ -53,7 +56,37 @@ def run_classification(ctx: EvalContext) -> dict[str, Any]:
         if len(hit):
             out[f"acc/{classes[c]}"] = float(hit.float().mean())
     out |= {"images": int(keep.sum()), "classes": len(cand), "background_excluded": drop_bg}
+    seen = trained_classes(ctx)
+    if seen is not None:
+        out |= seen_unseen(pred, y, [classes[c] for c in cand.tolist()], seen)
     return out
+
+
+def trained_classes(ctx: EvalContext) -> set[str] | None:
+    """When the run was trained on a class subset (its training store extracted with an option that restricts the
+    classes, e.g. world `-o unseen=...`, fashion-mnist `-o classes=...`; the reader's `seen_classes` says which):
+    those classes. None otherwise, or when run.json does not say where that store is, or it is gone."""
+    path = ctx.meta.get("image_store")
+    if not isinstance(path, str) or not (Path(path) / "zarr.json").is_file():
+        return None
+    try:
+        st = open_store(path, modality="image")
+        seen = dataset_class(st.layout.dataset).seen_classes(dict((st.layout.origin or {}).get("options") or {}))
+    except PipeError:
+        return None
+    return set(seen) if seen is not None else None
+
+
+def seen_unseen(pred: torch.Tensor, y: torch.Tensor, names: list[str], seen: set[str]) -> dict[str, Any]:
+    """Mean per-class recall over the evaluated classes the run was trained on (seen) and over the others (unseen),
+    predictions made among all candidates; only when both groups have images."""
+    recall = {names[j]: float((pred[y == j] == j).float().mean()) for j in range(len(names)) if (y == j).any()}
+    s = [v for k, v in recall.items() if k in seen]
+    u = [v for k, v in recall.items() if k not in seen]
+    if not s or not u:
+        return {}
+    return {"seen_acc": float(np.mean(s)), "unseen_acc": float(np.mean(u)), "seen_classes": len(s),
+            "unseen_classes": len(u), "unseen_names": sorted(k for k in recall if k not in seen)}  # fmt: skip
 
 
 @register_task("classification")
@@ -61,7 +94,7 @@ class ClassificationTask(Task):
     """Zero-shot classification with the class-prompt store: acc1, acc5, balanced accuracy."""
 
     text = "prompts"
-    columns = (("acc1", "acc1"), ("balanced_acc", "bal.acc"))
+    columns = (("acc1", "acc1"), ("balanced_acc", "bal.acc"), ("seen_acc", "seen"), ("unseen_acc", "unseen"))
     report_rank = 10
 
     def run(self, ctx: EvalContext) -> tuple[dict[str, Any], None]:

@@ -158,3 +158,51 @@ def anchor_maps(path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[
             ax.set_title(f"anchor {k} (profile {v:.2f})", fontsize=9)
     fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def grounding_maps(path: Path, examples: Sequence[dict], images: Sequence[np.ndarray | None], title: str) -> Path:
+    """One row per phrase: the image with the phrase's boxes, then each heat map (upsampled over the image) with its
+    maximum marked (green: inside a box, red: outside)."""
+    from matplotlib.patches import Rectangle
+
+    modes = sorted({m for e in examples for m in e["maps"]}, key=["tokens", "phrase"].index)
+    fig = _figure(3.2 * (1 + len(modes)), 3.3 * len(examples) + 0.6)
+    axes = fig.subplots(len(examples), 1 + len(modes), squeeze=False)
+    for r, (ex, image) in enumerate(zip(examples, images, strict=True)):
+        width, height = (image.shape[1], image.shape[0]) if image is not None else ex.get("size", (1, 1))
+        panels = [(None, "boxes")] + [(m, f"{m} heat map") for m in modes]
+        for c, (mode, name) in enumerate(panels):
+            ax = axes[r][c]
+            ax.axis("off")
+            if image is not None:
+                ax.imshow(image)
+            if mode is not None and mode in ex["maps"]:
+                heat, (x, y), hit = ex["maps"][mode]
+                ax.imshow(heat, cmap="jet", alpha=0.5 if image is not None else 1.0, extent=(0, width, height, 0))
+                ax.plot([x], [y], marker="*", markersize=14, color="lime" if hit else "red", markeredgecolor="k")
+            for x0, y0, x1, y1 in ex["boxes"]:
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=2))
+            ax.set_xlim(0, width)
+            ax.set_ylim(height, 0)
+            ax.set_title(name if c else textwrap.shorten(f'"{ex["phrase"]}"', 40), fontsize=9)
+        axes[r][0].text(0, -0.08, textwrap.fill(ex["caption"], 45), transform=axes[r][0].transAxes, fontsize=7,
+                        va="top")
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def collapse_histograms(path: Path, sides: dict[str, dict[str, np.ndarray]], title: str) -> Path:
+    """One panel per side (image, text): histograms of the per-sample within variance for the trained anchors, the
+    shuffled control and the untrained anchors."""
+    fig = _figure(5 * len(sides), 3.6)
+    axes = fig.subplots(1, len(sides), squeeze=False)[0]
+    for ax, (side, s) in zip(axes, sides.items(), strict=True):
+        hi = max(float(np.max(v)) for v in s.values() if len(v)) or 1.0
+        bins = np.linspace(0, hi, 40)
+        for key, colour in (("within", "C0"), ("shuffled", "C1"), ("untrained", "C2")):
+            ax.hist(s[key], bins=bins, alpha=0.55, color=colour, label=f"{key} (mean {np.mean(s[key]):.2g})")
+        ax.set_title(f"{side} tokens", fontsize=10)
+        ax.set_xlabel("mean over anchors of Var_t cos(token, anchor)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipe_align.evaluate.claims import claims_markdown
 from pipe_align.evaluate.tasks import all_tasks
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_text
@@ -125,14 +126,18 @@ def to_csv(header: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-def write_report(runs: list[Path], out: Path | None = None) -> tuple[Path, Path, str]:
-    """Write the Markdown and CSV tables (default: next to the first run, report.md / report.csv)."""
+def write_report(runs: list[Path], out: Path | None = None,
+                 claim_runs: tuple[Path, ...] = ()) -> tuple[Path, Path, str]:  # fmt: skip
+    """Write the Markdown and CSV tables (default: next to the first run, report.md / report.csv); the claims section
+    reads `runs` and `claim_runs` (runs that measure a claim only, such as a pooled control, not table rows)."""
     header, rows = build_table(runs)
     base = Path(out) if out is not None else runs[0].resolve().parent / "report"
     if base.suffix.lower() in (".md", ".csv"):
         base = base.with_suffix("")
     md_path, csv_path = base.with_name(base.name + ".md"), base.with_name(base.name + ".csv")
     text = to_markdown(header, rows)
+    claims = claims_markdown([*runs, *claim_runs])
+    text += f"\n{claims}" if claims else ""
     md_path.parent.mkdir(parents=True, exist_ok=True)
     note = "Values in percent (fractions in the CSV); '-' = not evaluated, 'n/a' = undefined.\n\n"
     write_text(md_path, "# Evaluation report\n\n" + note + text)

@@ -19,6 +19,9 @@ from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import check_name
 from pipe_align.extract.store import DTYPES, StoreLayout, default_rows, store_path
 
+TEXT_MODES = ("auto", "captions", "prompts", "phrases")
+PHRASE_SUFFIX = ".phrases"  # <encoder>.phrases.zarr: the marked phrases of a caption set, each as its own text
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -37,7 +40,7 @@ class ExtractConfig:
     image_size: int | None = None
     layer: str = "last"
     max_length: int = 64
-    text: str = "auto"  # "captions", "prompts" (class templates) or "auto" (captions when the set has them)
+    text: str = "auto"  # "captions", "prompts" (class templates), "phrases" or "auto" (captions when the set has them)
     templates: tuple[str, ...] | None = None  # override the dataset's prompt templates
     resize: str = "auto"  # image encoders: "crop", "squash", or "auto" (squash when the set has masks)
     strict: bool = False  # a corrupt image fails the run instead of being skipped
@@ -83,11 +86,13 @@ class Job:
     path: str
     image_rows: list | None = None  # ImageRecord per row (image stores)
     text_rows: list[tuple[str, str, int]] | None = None  # (id, text, item) per row (text stores)
+    text_mode: str | None = None  # text stores: "captions", "prompts" or "phrases"
+    captions: list | None = None  # caption stores: the dataset's Caption per row (their phrase markup)
 
 
 def _text_mode(cfg: ExtractConfig, dataset) -> str:
-    if cfg.text not in ("auto", "captions", "prompts"):
-        raise PipeError(f"--text must be auto, captions or prompts, got {cfg.text!r}")
+    if cfg.text not in TEXT_MODES:
+        raise PipeError(f"--text must be {', '.join(TEXT_MODES)}, got {cfg.text!r}")
     if cfg.text != "auto":
         return cfg.text
     return "captions" if dataset.captions() is not None else "prompts"
@@ -107,8 +112,8 @@ def check_config(cfg: ExtractConfig) -> None:
     resolve_compute_dtype(cfg.compute_dtype, "cpu")  # the name only; "auto" is resolved for the device in `plan`
     if cfg.resize not in ("auto", "crop", "squash"):
         raise PipeError(f"--resize must be auto, crop or squash, got {cfg.resize!r}")
-    if cfg.text not in ("auto", "captions", "prompts"):
-        raise PipeError(f"--text must be auto, captions or prompts, got {cfg.text!r}")
+    if cfg.text not in TEXT_MODES:
+        raise PipeError(f"--text must be {', '.join(TEXT_MODES)}, got {cfg.text!r}")
     if cfg.prompts not in PROMPT_SETS:
         raise PipeError(f"--prompts must be one of {', '.join(PROMPT_SETS)}, got {cfg.prompts!r}")
     if cfg.prompts != "standard" and cfg.templates:
@@ -138,7 +143,8 @@ def plan(cfg: ExtractConfig) -> Job:
     limit = len(images) if cfg.limit is None else min(cfg.limit, len(images))
     classes = tuple(dataset.classes) if dataset.classes is not None else None
     if info["modality"] == "image":
-        resize = cfg.resize if cfg.resize != "auto" else ("squash" if dataset.has_masks() else "crop")
+        pixels = dataset.has_masks() or dataset.has_boxes()  # masks and boxes must keep their pixel alignment
+        resize = cfg.resize if cfg.resize != "auto" else ("squash" if pixels else "crop")
         rows = images[:limit]
         if not rows:
             raise PipeError(f"dataset {cfg.dataset} split {cfg.split!r} has no images under {cfg.root}")
@@ -147,14 +153,18 @@ def plan(cfg: ExtractConfig) -> Job:
         text_rows = None
     else:
         mode = _text_mode(cfg, dataset)
-        if mode == "captions":
+        caps_kept = None
+        if mode == "phrases":
+            text_rows, extra = _phrase_rows(cfg, dataset, limit), {}
+        elif mode == "captions":
             if cfg.prompts != "standard":
                 raise PipeError(f"--prompts {cfg.prompts} names class prompts, but {cfg.dataset} gives captions; add "
                                 "--text prompts")  # fmt: skip
             caps = dataset.captions()
             if caps is None:
                 raise PipeError(f"dataset {cfg.dataset} has no captions; use --text prompts")
-            text_rows = [(c.id, c.text, c.item) for c in caps if c.item < limit]
+            caps_kept = [c for c in caps if c.item < limit]
+            text_rows = [(c.id, c.text, c.item) for c in caps_kept]
             extra = {}
         else:
             if classes is None:
@@ -185,5 +195,19 @@ def plan(cfg: ExtractConfig) -> Job:
     )  # fmt: skip
     suffix = prompt_store_suffix(cfg.prompts) if info["modality"] == "text" and "templates" in extra else ""
     path = store_path(cfg.features, name, cfg.split, cfg.encoder)
+    if info["modality"] == "text" and mode == "phrases":
+        suffix = PHRASE_SUFFIX
     path = path.with_name(path.name.replace(".zarr", f"{suffix}.zarr"))
-    return Job(cfg, dataset, enc, layout, str(path), image_rows=rows, text_rows=text_rows)
+    text = info["modality"] == "text"
+    return Job(cfg, dataset, enc, layout, str(path), image_rows=rows, text_rows=text_rows,
+               text_mode=mode if text else None, captions=caps_kept if text else None)
+
+
+def _phrase_rows(cfg: ExtractConfig, dataset, limit: int) -> list[tuple[str, str, int]]:
+    """Every marked phrase as its own text (what a method without token-level text grounds): id
+    f"{caption id}/{k}" for the caption's k-th phrase, item = its image."""
+    caps = dataset.captions() if dataset.has_boxes() else None
+    if not caps:
+        raise PipeError(f"--text phrases: dataset {cfg.dataset} has no phrase markup (flickr30k-entities and world do)")
+    return [(f"{c.id}/{k}", c.text[p.start : p.stop], c.item) for c in caps if c.item < limit
+            for k, p in enumerate(c.phrases)]  # fmt: skip

@@ -10,13 +10,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, TextIO
 
 from pipe_align.extract.claim import claim
 from pipe_align.extract.distributed import check_cluster, run_on_cluster
 from pipe_align.extract.job import ExtractConfig, Job, check_config, plan
+from pipe_align.extract.phrases import write_phrases
 from pipe_align.extract.shards import ShardResult, disk_full, extract_shards
 from pipe_align.extract.store import FeatureStore, create_store
 
@@ -65,6 +66,13 @@ def run_extract(cfg: ExtractConfig, cluster: str | None = None, progress: bool =
 
 
 def _run(cfg: ExtractConfig, job: Job, cluster: str | None, progress: bool) -> ExtractSummary:
+    summary = _run_store(cfg, job, cluster, progress)
+    if job.text_mode == "captions" and job.dataset.phrase_store:  # grounding reads the phrases as their own texts
+        run_extract(replace(cfg, text="phrases"), cluster, progress)
+    return summary
+
+
+def _run_store(cfg: ExtractConfig, job: Job, cluster: str | None, progress: bool) -> ExtractSummary:
     store = create_store(job.path, job.layout)
     t0 = time.perf_counter()
     if store.complete:
@@ -75,6 +83,8 @@ def _run(cfg: ExtractConfig, job: Job, cluster: str | None, progress: bool) -> E
     with _progress(progress, f"{cfg.dataset}/{cfg.split} {cfg.encoder}", todo_rows) as advance:
         results = executor(cluster)(job, store, pending, advance)
     skipped = [s for r in results for s in r.skipped]
+    if job.text_mode == "captions" and job.dataset.has_boxes():
+        write_phrases(store, job.encoder.tokenizer, job.captions)
     store.finalize({"extract": _config_attrs(cfg)})
     return ExtractSummary(job.path, lay.count, sum(r.rows for r in results), skipped, time.perf_counter() - t0)
 

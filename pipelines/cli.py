@@ -21,6 +21,9 @@ from pipe_align.pipelines.eval_cmd import eval_app, report  # noqa: E402
 
 app.add_typer(eval_app, name="eval")
 app.command()(report)
+from pipe_align.pipelines.claims_cmd import claims  # noqa: E402
+
+app.command()(claims)
 from pipe_align.pipelines.apply_cmd import COMMANDS as APPLY_COMMANDS  # noqa: E402  (pipe segment|classify|search)
 
 for _command in APPLY_COMMANDS:

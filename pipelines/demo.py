@@ -28,6 +28,7 @@ from pipe_align.extract.datasets.fashion_mnist import FASHION_CLASSES
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import resolve_device
 from pipe_align.extract.runner import ExtractConfig, run_extract
+from pipe_align.pipelines.demo_claims import run_claims
 from pipe_align.pipelines.demo_semi import run_semi
 
 SIZES = {"small": (48, 16), "full": (400, 100)}  # world images: train, val
@@ -104,7 +105,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     stages = Stages(cfg, feats)
     say = typer.echo
     fashion_ok = _fashion_available()
-    steps = 5 if fashion_ok else 4
+    steps = 6 if fashion_ok else 5
     step = iter(range(1, steps + 1))
 
     encs = f"{cfg.image_encoder} + {cfg.text_encoder}"
@@ -161,8 +162,11 @@ def run_demo(cfg: DemoConfig) -> Path:
         say("      fashion-mnist transfer skipped: dataset-fashion-mnist is not installed (`make fashion-mnist`)")
 
     run_semi(stages, out, cfg.size, n_val)  # SOTAlign's semi-supervised setting (pipelines/demo_semi.py)
+    say(f"[{next(step)}/{steps}] claims of the PAL paper on world val (docs/claims.md)")
+    params = {"pal": {}} | {m: v["params"] for m, v in selection.items() if m != "pal"}
+    extra = run_claims(stages, out, method_runs, params, pal_run, base_run, n_train, n_val)
     say(f"[{next(step)}/{steps}] report")
-    _, _, table = write_report(list(method_runs.values()), out / "report.md")
+    _, _, table = write_report(list(method_runs.values()), out / "report.md", claim_runs=tuple(extra))
     say(table.rstrip())
     if fashion_ok:
         say(f"fashion-mnist transfer: {out / 'fashion_mnist.md'}")

@@ -90,7 +90,8 @@ KEYS = {"retrieval": ("text_retrieval_recall@1", "image_retrieval_recall@1"), "c
 
 
 def _open_pair(shards: Path) -> tuple[FeatureStore, FeatureStore]:
-    stores = [open_store(p) for p in sorted(shards.glob("*.zarr")) if not p.name.endswith(".prompts.zarr")]
+    side = (".prompts.zarr", ".phrases.zarr")  # class prompts and phrases are no captions
+    stores = [open_store(p) for p in sorted(shards.glob("*.zarr")) if not p.name.endswith(side)]
     image = next(s for s in stores if s.layout.modality == "image")
     text = next(s for s in stores if s.layout.modality == "text")
     return image, text

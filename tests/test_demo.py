@@ -14,9 +14,10 @@ def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):
             "--text-encoder", f"hf:{tiny_bert}", "--pal-epochs", "2", "--no-progress"]  # fmt: skip
     assert main(args) == 0
     feats = out / "features" / "world"
-    for split in ("train", "val"):
+    for split, n in (("train", 3), ("val", 4)):
         stores = sorted(p.name for p in (feats / split).glob("*.zarr"))
-        assert len(stores) == 3, stores  # image, captions, class prompts (train: for the background threshold)
+        # image, captions, class prompts (train: for the background threshold); val: the phrases for grounding too
+        assert len(stores) == n, stores
     ablation = json.loads((out / "k_ablation.json").read_text())  # the probes of pipe align's small-data recipe
     assert [a["K"] for a in ablation["grid"]][: len(K_GRID)] == list(K_GRID) and (out / "k_ablation.png").exists()
     runs = sorted(p.name for p in (out / "runs").iterdir())
@@ -32,6 +33,14 @@ def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):
             values = [v for k, v in result.items() if isinstance(v, float) and k != "config"]
             assert values and all(0.0 <= v <= 1.0 for v in values), (run.name, task)
     assert (chosen / "eval" / "diagnostics-world-val.json").exists()
+    # the claims step: grounding for every method, collapse, the pooled control, unseen classes, falsification
+    for run in evaluated:
+        assert json.loads((run / "eval" / "grounding-world-val.json").read_text())["phrases"] > 0
+    assert all((chosen / "eval" / f"{t}-world-val.json").exists() for t in ("collapse", "claims"))
+    assert (out / "runs" / "pal-pooled" / "eval" / "grounding-world-val.json").exists()
+    unseen = json.loads((out / "runs" / "unseen-pal" / "eval" / "classification-world-val.json").read_text())
+    assert set(unseen["unseen_names"]) <= {"moon", "cup", "key"} and 0 <= unseen["unseen_acc"] <= 1
+    assert "## Claims of the PAL paper" in (out / "report.md").read_text()
     assert list((chosen / "eval" / "figures").glob("segmentation-*.png"))
     selection = json.loads((out / "selection.json").read_text())  # one pick per method, on held-out train pairs
     assert len(rows) == len(selection) and {r["method"] for r in rows} == set(selection)

@@ -506,7 +506,7 @@ def test_registries_hold_no_test_entries_outside_their_fixtures():
     import tests.test_eval  # noqa: F401
 
     assert "identity-test" not in METHODS and "tiny-test" not in TASKS
-    assert set(TASKS) == {"classification", "retrieval", "segmentation", "diagnostics"}
+    assert set(TASKS) == {"classification", "retrieval", "segmentation", "diagnostics", "grounding", "collapse"}
 
 
 def test_task_registry_refuses_duplicates_and_names_the_choices(env):
@@ -515,7 +515,7 @@ def test_task_registry_refuses_duplicates_and_names_the_choices(env):
     assert TASKS["segmentation"] is SegmentationTask
     cfg = EvalConfig("nope", "voc", "val", str(env["features"]), str(env["runs"]["a"]))
     with pytest.raises(PipeError, match=r"unknown task 'nope' \(choose from: classification, retrieval, "
-                                        r"segmentation, diagnostics\)"):  # fmt: skip
+                                        r"segmentation, diagnostics, grounding, collapse\)"):  # fmt: skip
         run_eval(cfg)
     with pytest.raises(PipeError, match="--protocol applies to segmentation only, not retrieval"):
         run_eval(replace(cfg, task="retrieval", protocol="pal"))

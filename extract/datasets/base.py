@@ -46,10 +46,39 @@ class ImageRecord:
 
 
 @dataclass(frozen=True)
+class Phrase:
+    """A phrase of a caption that names an entity of its image (Flickr30k Entities markup): characters
+    text[start:stop], and the entity's id within the image (boxes and types stay with the reader: `load_boxes`)."""
+
+    start: int
+    stop: int
+    entity: int
+
+
+@dataclass(frozen=True)
 class Caption:
     id: str  # caption id (e.g. COCO annotation id, or f"{image_id}#{j}")
     text: str
     item: int  # index into Dataset.images() of the image it describes
+    phrases: tuple[Phrase, ...] = ()  # marked phrases, in caption order (readers with phrase markup)
+
+
+@dataclass(frozen=True)
+class Entity:
+    """What a phrase's entity is in its image: its types (Flickr30k Entities: people, clothing, ...) and its
+    ground-truth boxes (x0, y0, x1, y1) in pixels of the image as loaded, x1/y1 exclusive; no box: not groundable."""
+
+    types: tuple[str, ...]
+    boxes: tuple[tuple[float, float, float, float], ...]
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """The entities of one image, with the image's size (width, height) their boxes refer to."""
+
+    width: int
+    height: int
+    entities: dict[int, Entity]
 
 
 class Dataset(abc.ABC):
@@ -71,6 +100,13 @@ class Dataset(abc.ABC):
     # -- store path -------------------------------------------------------------------------------------------------
     store_name: str = ""  # the dataset folder of this instance's stores when not the name given (coco -> coco2017)
     store_names: tuple[str, ...] = ()  # every store_name an instance may take: where evaluation looks for stores
+    phrase_store: bool = False  # `pipe extract` of its captions also writes the phrases as their own texts
+
+    @classmethod
+    def seen_classes(cls, options: dict) -> list[str] | None:
+        """The classes a store extracted with these -o options can show, when an option restricts them (the
+        unseen-classes protocol: a run trained on it has never seen the others); None when nothing is restricted."""
+        return None
 
     def __init__(self, root: str | Path | None, split: str) -> None:
         if self.splits and split not in self.splits:
@@ -95,6 +131,14 @@ class Dataset(abc.ABC):
     def load_mask(self, i: int) -> np.ndarray:
         """uint8 HxW class indices (255 = void), the same HxW as load_image(i)."""
         raise PipeError(f"dataset '{self.name}' has no segmentation masks")
+
+    def has_boxes(self) -> bool:
+        """Whether captions mark phrases and `load_boxes` gives their entities' boxes (phrase grounding)."""
+        return False
+
+    def load_boxes(self, i: int) -> Grounding:
+        """The entities of item i with their boxes (readers with phrase markup)."""
+        raise PipeError(f"dataset '{self.name}' has no phrase boxes")
 
     def templates(self) -> list[str]:
         """Prompt templates ("{}" = class name) for labelled sets; empty for unlabelled ones."""

@@ -80,6 +80,12 @@ class FashionMNIST(Dataset):
     when the idx file is uncompressed, otherwise the .gz is decompressed once on first use (47 MB for train: the
     whole set is smaller than one batch of decoded COCO images)."""
 
+    @classmethod
+    def seen_classes(cls, options: dict) -> list[str] | None:
+        """Option `classes` keeps some classes: the others are unseen by a run trained on it."""
+        kept = _class_list(options.get("classes"))
+        return None if kept is None else [FASHION_CLASSES[c] for c in kept if 0 <= c < len(FASHION_CLASSES)]
+
     splits = ("train", "test")
     labelled = True
 

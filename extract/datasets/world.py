@@ -11,13 +11,23 @@ asked for, never stored.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pipe_align.extract.datasets.base import Caption, Dataset, ImageRecord, int_option, register_dataset
+from pipe_align.extract.datasets.base import (
+    Caption,
+    Dataset,
+    Entity,
+    Grounding,
+    ImageRecord,
+    Phrase,
+    int_option,
+    register_dataset,
+)
 from pipe_align.extract.datasets.world_draw import BACKGROUNDS, COLOURS, SHAPES, Placed, background, draw_object
 from pipe_align.extract.errors import PipeError
 
@@ -140,25 +150,56 @@ def _size_word(obj: Placed, size: int) -> str:
     return "small" if extent < SMALL else "large" if extent > LARGE else ""
 
 
-def _np(obj: Placed, rng: np.random.Generator, size: int, colour_p: float = 0.6, size_p: float = 0.3) -> str:
-    """A phrase like "a small red ball": the noun always, colour and size sometimes."""
+# Phrase markup inside a caption while it is built: OPEN <entity> MID <phrase> CLOSE (control characters that no
+# caption contains); `_unmark` turns it into plain text and Phrase spans.
+OPEN, MID, CLOSE = "\x01", "\x02", "\x03"
+
+
+def _mark(text: str, entity: int) -> str:
+    return f"{OPEN}{entity}{MID}{text}{CLOSE}"
+
+
+def _unmark(marked: str) -> tuple[str, tuple[Phrase, ...]]:
+    """Plain caption text and the spans of its marked phrases."""
+    out, phrases, pos = [], [], 0
+    for part in marked.split(OPEN):
+        if MID in part:
+            entity, rest = part.split(MID, 1)
+            phrase, tail = rest.split(CLOSE, 1)
+            phrases.append(Phrase(pos, pos + len(phrase), int(entity)))
+            part = phrase + tail
+        out.append(part)
+        pos += len(part)
+    return "".join(out), tuple(phrases)
+
+
+def _np_marked(obj: Placed, rng: np.random.Generator, size: int, colour_p: float = 0.6, size_p: float = 0.3,
+               entity: int = 0) -> str:  # fmt: skip
+    """A phrase like "a small red ball": the noun always, colour and size sometimes; marked as `entity`."""
     words = []
     if _size_word(obj, size) and rng.random() < size_p:
         words.append(_size_word(obj, size))
     if rng.random() < colour_p:
         words.append(obj.colour)
-    return _article(" ".join([*words, obj.cls]))
+    return _mark(_article(" ".join([*words, obj.cls])), entity)
 
 
 def _join(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def scene_captions(scene: Scene, rng: np.random.Generator, size: int = 224) -> list[str]:
-    """3-5 distinct captions; the first names every object, the others vary form and focus."""
+def scene_captions(scene: Scene, rng: np.random.Generator, size: int = 224) -> list[tuple[str, tuple[Phrase, ...]]]:
+    """3-5 distinct captions, each with its phrases (entity = object index + 1, as `World.load_boxes` numbers
+    them); the first names every object, the others vary form and focus."""
     objs = list(scene.objects)
     prep, bg_np, _ = BACKGROUNDS[scene.background]
     n = len(objs)
+
+    def ent(o: Placed) -> int:
+        return objs.index(o) + 1
+
+    def _np(o: Placed, rng: np.random.Generator, size: int, colour_p: float = 0.6, size_p: float = 0.3) -> str:
+        return _np_marked(o, rng, size, colour_p, size_p, ent(o))
 
     def all_objects() -> str:
         return _join([_np(o, rng, size) for o in rng.permutation(objs)])
@@ -174,11 +215,11 @@ def scene_captions(scene: Scene, rng: np.random.Generator, size: int = 224) -> l
         lambda: f"there {'is' if n == 1 else 'are'} {all_objects()} in this image",
         lambda: (lambda o: f"there is {_np(o, rng, size, 0.7, 0.8)} {_where(o, size)}")(one()),
         lambda: (lambda o: f"{_np(o, rng, size, 0.9)} {_where(o, size)}")(one()),
-        lambda: (lambda o: f"the {o.cls} is {_where(o, size)}")(one()),
+        lambda: (lambda o: f"{_mark(f'the {o.cls}', ent(o))} is {_where(o, size)}")(one()),
         lambda: (lambda o: f"a close-up of {_np(o, rng, size)} {prep}")(one()),
     ]
     if n > 1:
-        forms += [lambda: _relation(objs, rng, size), lambda: _relation(objs, rng, size)]
+        forms += [lambda: _relation(objs, rng, size, ent), lambda: _relation(objs, rng, size, ent)]
     want = int(rng.integers(3, 6))
     out = [forms[int(rng.integers(5))]()]
     for _ in range(50):
@@ -187,19 +228,33 @@ def scene_captions(scene: Scene, rng: np.random.Generator, size: int = 224) -> l
         text = forms[int(rng.integers(len(forms)))]()
         if text not in out:
             out.append(text)
-    return [t[0].upper() + t[1:] + "." for t in out]
+    plain = [_unmark(t + ".") for t in out]
+    return [(text[0].upper() + text[1:], phrases) for text, phrases in plain]
 
 
-def _relation(objs: list[Placed], rng: np.random.Generator, size: int) -> str:
+def _relation(objs: list[Placed], rng: np.random.Generator, size: int, ent: Callable[[Placed], int]) -> str:
     a, b = (objs[int(i)] for i in rng.choice(len(objs), 2, replace=False))
     if abs(a.cx - b.cx) > abs(a.cy - b.cy):
         rel = "to the left of" if a.cx < b.cx else "to the right of"
     else:
         rel = "above" if a.cy < b.cy else "below"
-    return f"{_np(a, rng, size, 0.4)} {rel} {_np(b, rng, size, 0.4)}"
+    return f"{_np_marked(a, rng, size, 0.4, entity=ent(a))} {rel} {_np_marked(b, rng, size, 0.4, entity=ent(b))}"
 
 
 # ---------------------------------------------------------------------------------------------------- dataset
+
+
+def _class_names(unseen: str | None) -> tuple[str, ...]:
+    """The `unseen` option as world class names; an unknown name lists the valid ones."""
+    if unseen is None or not str(unseen).strip():
+        return ()
+    names = tuple(n.strip() for n in str(unseen).split(",") if n.strip())
+    bad = [n for n in names if n not in WORLD_CLASSES]
+    if bad:
+        raise PipeError(f"dataset 'world': option unseen names {bad[0]!r}, not a class ({', '.join(WORLD_CLASSES)})")
+    if len(set(names)) == len(WORLD_CLASSES):
+        raise PipeError("dataset 'world': option unseen leaves no class seen")
+    return names
 
 
 @register_dataset("world")
@@ -210,14 +265,23 @@ class World(Dataset):
     labelled = True
     background = 0  # CLASSES[0]; masks have no void pixels
 
+    @classmethod
+    def seen_classes(cls, options: dict) -> list[str] | None:
+        unseen = _class_names(options.get("unseen"))
+        return [c for c in WORLD_CLASSES if c not in unseen] if unseen else None
+
     def __init__(self, root: str | Path | None = None, split: str = "train", *, seed: int = 0,
-                 size: int | None = None, image_size: int = 224) -> None:  # fmt: skip
+                 size: int | None = None, image_size: int = 224, unseen: str | None = None) -> None:  # fmt: skip
+        """`unseen` ("moon,cup,key"): leave out every item whose scene shows one of these classes, so that training
+        captions never name them (the unseen-classes protocol, docs/claims.md); kept items keep their ids."""
         super().__init__(root, split)
+        self.unseen = _class_names(unseen)
         self.seed = int_option(self.name, "seed", seed, 0)
         self.image_size = int_option(self.name, "image_size", image_size, 112, MAX_IMAGE_SIZE)
         self.count = DEFAULT_SIZES[split] if size is None else int_option(self.name, "size", size, 0, MAX_SIZE)
         self.classes = list(CLASSES)
         self._scenes: list[Scene] | None = None
+        self._index: list[int] = []  # split index of each kept item (all of them unless `unseen` leaves some out)
         self._lock = threading.Lock()
         self._last: tuple[int, Image.Image, np.ndarray] | None = None
 
@@ -232,11 +296,14 @@ class World(Dataset):
         """Scene parameters of the whole split (small: a few numbers per object), computed once on first use."""
         with self._lock:
             if self._scenes is None:
-                self._scenes = [sample_scene(self.seed, self.split, i, self.image_size) for i in range(self.count)]
+                every = [sample_scene(self.seed, self.split, i, self.image_size) for i in range(self.count)]
+                self._index = [i for i, s in enumerate(every) if not {o.cls for o in s.objects} & set(self.unseen)]
+                self._scenes = [every[i] for i in self._index]
             return self._scenes
 
     def images(self) -> list[ImageRecord]:
-        return [ImageRecord(f"{self.split}_{i:05d}", s.label) for i, s in enumerate(self.scenes())]
+        scenes = self.scenes()
+        return [ImageRecord(f"{self.split}_{i:05d}", s.label) for i, s in zip(self._index, scenes, strict=True)]
 
     def render(self, i: int) -> tuple[Image.Image, np.ndarray]:
         """Image and mask of item i; the last one is kept so that load_image then load_mask draws once."""
@@ -259,7 +326,21 @@ class World(Dataset):
     def captions(self) -> list[Caption] | None:
         out = []
         for i, scene in enumerate(self.scenes()):
-            rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], i, 1])
-            for j, text in enumerate(scene_captions(scene, rng, self.image_size)):
-                out.append(Caption(f"{self.split}_{i:05d}#{j}", text, i))
+            rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], self._index[i], 1])
+            for j, (text, phrases) in enumerate(scene_captions(scene, rng, self.image_size)):
+                out.append(Caption(f"{self.split}_{self._index[i]:05d}#{j}", text, i, phrases))
         return out
+
+    def has_boxes(self) -> bool:
+        return True
+
+    def load_boxes(self, i: int) -> Grounding:
+        """Entity k + 1 = object k of the scene, typed by its class; its box is the tight box of its visible pixels
+        in the exact mask (half-open pixels), so an object partly covered gets the box of what can be seen."""
+        scene, mask = self.scenes()[i], self.render(i)[1]
+        entities = {}
+        for k, obj in enumerate(scene.objects):
+            ys, xs = np.nonzero(mask == CLASSES.index(obj.cls))
+            box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+            entities[k + 1] = Entity((obj.cls,), (box,))
+        return Grounding(self.image_size, self.image_size, entities)
