@@ -123,14 +123,14 @@ class WebDataset(Dataset):
                 raise PipeError(f"{path} is a gzip-compressed tar; webdataset shards are read as plain .tar "
                                 "(decompress it: gunzip)")  # fmt: skip
             f.seek(0)
+            tar = None
             try:
-                with tarfile.open(fileobj=f, mode="r:") as tar:
-                    for m in tar:
-                        self._member(tar, m, path, found, seen)
-                    end = tar.offset
+                tar = tarfile.open(fileobj=f, mode="r:")
+                for m in tar:
+                    self._member(tar, m, path, found, seen)
             except (tarfile.TarError, EOFError) as e:
-                raise PipeError(f"damaged tar {path}: {e}") from None
-            _check_end(f, path, end)
+                raise PipeError(f"damaged tar {path}: {e} at byte {tar.offset if tar else 0}") from None
+            _check_end(f, path, tar.offset)
         return found
 
     def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo, path: Path, found: dict[str, _Listing],
@@ -158,7 +158,10 @@ class WebDataset(Dataset):
 
     @staticmethod
     def _text(tar: tarfile.TarFile, m: tarfile.TarInfo, path: Path) -> str:
-        data = tar.extractfile(m).read()  # type: ignore[union-attr]
+        try:
+            data = tar.extractfile(m).read()  # type: ignore[union-attr]
+        except (tarfile.TarError, EOFError) as e:
+            raise PipeError(f"damaged tar {path}: member {m.name} (at byte {m.offset}) is cut short ({e})") from None
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:
