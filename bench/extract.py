@@ -1,20 +1,31 @@
-"""Extraction throughput: `pipe extract` end to end versus a bare forward loop of the same model, batch and device.
+"""Extraction throughput: `pipe extract` end to end versus a bare forward loop of the same model, batch and device;
+with --formats, the containers of users' own pairs against the same images read from a folder.
 
     python bench/extract.py [--encoder dinov2-small] [--images 96] [--batch-size 16] [--reps 3]
+    python bench/extract.py --formats [--images 64] [--reps 3]
 
 Both run on the same world images with the encoder already loaded. The baseline is the model's forward alone on
 pre-decoded, pre-processed tensors (the upper bound for any pipeline); `pipe extract` adds decoding, preprocessing,
 fp16 conversion, zstd compression and Zarr writes, overlapped with the forward. Reports medians over --reps runs,
 their ratio (goal >= 0.85), and bytes on disk per row against raw fp16 size.
+
+--formats writes the world images (JPEG, quality 95) once as an imagefolder with metadata.jsonl (the folder read,
+the baseline), an open_clip CSV, two WebDataset shards and two parquet files (row groups of 100 rows), then per rep
+and in rotating order: `pipe extract` of the image store from each, and the reader alone (every image decoded by the
+extraction's decode threads, no encoder). Reports per format the median over reps of the paired ratio
+folder time / format time (goal >= 0.95: a container must not slow extraction).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,7 +33,11 @@ import torch
 from pipe_align.extract.datasets import get_dataset
 from pipe_align.extract.job import cached_encoder
 from pipe_align.extract.runner import ExtractConfig, run_extract
+from pipe_align.extract.shards import DECODE_THREADS
 from pipe_align.extract.store import open_store
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/pairs_files.py writes the containers
+from tests.pairs_files import Pair, write_csv, write_imagefolder, write_parquet, write_webdataset  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +47,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--formats", action="store_true", help="containers of pairs against a folder read")
     args = ap.parse_args()
+    if args.formats:
+        return formats(args)
 
     opts = (("size", args.images),)
     ds = get_dataset("world", None, "train", **dict(opts))
@@ -73,6 +91,57 @@ def main() -> None:
     per_row = info["bytes_on_disk"] / info["rows"]
     print(f"bytes on disk per row  {per_row:9.0f} vs raw fp16 {raw} (cls + {store.layout.tokens} patches x"
           f" {store.layout.dim}): {per_row / raw:.3f}x")
+
+
+def formats(args: argparse.Namespace) -> None:
+    world = get_dataset("world", None, "train", size=args.images)
+    pairs = []
+    for i, rec in enumerate(world.images()):
+        buf = io.BytesIO()
+        world.load_image(i).save(buf, format="JPEG", quality=95)
+        caps = tuple(c.text for c in world.captions() if c.item == i)
+        pairs.append(Pair(rec.id, buf.getvalue(), ".jpg", caps))
+    tmp = Path(tempfile.mkdtemp(prefix="pipe-bench-formats-"))
+    sources = {
+        "folder": ("imagefolder", str(write_imagefolder(tmp / "folder", pairs)), ()),
+        "csv": ("csv", str(write_csv(tmp / "csv", pairs)), ()),
+        "webdataset": ("webdataset", str(write_webdataset(tmp / "wds", pairs, shards=2)[0].parent), ()),
+        "parquet": ("parquet", str(write_parquet(tmp / "pq", pairs, files=2, row_group_size=100)[0].parent),
+                    (("id_key", "key"),)),
+    }  # fmt: skip
+    enc = cached_encoder(args.encoder, "last", None, 64, args.device)
+    names = list(sources)
+    extract: dict[str, list[float]] = {n: [] for n in names}
+    read: dict[str, list[float]] = {n: [] for n in names}
+    try:
+        for rep in range(args.reps):
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            for n in order:
+                name, root, opts = sources[n]
+                ds = get_dataset(name, root, "train", **dict(opts))
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(DECODE_THREADS) as pool:
+                    for img in pool.map(ds.load_image, range(len(ds))):
+                        enc.preprocess_one(img, resize="crop")
+                read[n].append(time.perf_counter() - t0)
+                cfg = ExtractConfig(encoder=args.encoder, dataset=name, split="train", root=root, options=opts,
+                                    features=str(tmp / "features" / f"{n}{rep}"), batch_size=args.batch_size,
+                                    device=args.device, resize="crop")  # fmt: skip
+                t0 = time.perf_counter()
+                run_extract(cfg, progress=False)
+                extract[n].append(time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"encoder {enc.info.weights} | {args.images} world images as JPEG q95 | batch {args.batch_size} | device "
+          f"{args.device} | torch threads {torch.get_num_threads()} | decode threads {DECODE_THREADS} | reps "
+          f"{args.reps}")  # fmt: skip
+    for what, times in (("pipe extract", extract), ("reader + preprocess", read)):
+        print(f"{what}: images/s per format (median), and median of paired ratios folder time / format time")
+        for n in names:
+            ratios = [f / t for f, t in zip(times["folder"], times[n])]
+            rate = args.images / statistics.median(times[n])
+            print(f"  {n:<11} {rate:8.1f} images/s   ratio {statistics.median(ratios):6.3f}   (runs: "
+                  f"{', '.join(f'{r:.3f}' for r in ratios)})")  # fmt: skip
 
 
 if __name__ == "__main__":
