@@ -88,7 +88,8 @@ def source_files(name: str, root: str | Path | None, suffixes: tuple[str, ...], 
         for one in expand_braces(text):
             found = sorted(glob.glob(one)) if _GLOB.search(one) else ([one] if Path(one).is_file() else [])
             if not found:
-                raise PipeError(f"dataset '{name}': {one} (from --root {text}) does not exist")
+                why = f"is a folder, not one of the {what}" if Path(one).is_dir() else "does not exist"
+                raise PipeError(f"dataset '{name}': {one} (from --root {text}) {why}")
             out += [Path(p) for p in found]
         return list(dict.fromkeys(out))
     if _GLOB.search(text) and not Path(text).exists():
