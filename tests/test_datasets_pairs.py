@@ -18,6 +18,7 @@ from PIL import Image
 from pipe_align.extract.datasets import UnreadableImage, get_dataset
 from pipe_align.extract.datasets.pairs import expand_braces, source_files
 from pipe_align.extract.datasets.webdataset import WebDataset
+from pipe_align.extract.errors import PipeError
 from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.extract.store import open_store
 from pipe_align.pipelines.cli import main
@@ -300,13 +301,21 @@ def test_webdataset_damaged_shards_are_one_line(tmp_path):
     raises("sample key '000000' is in two shards", get_dataset, "webdataset", tmp_path / "good", "train")
 
 
-def test_webdataset_corrupt_image_is_unreadable(tmp_path):
+def test_webdataset_corrupt_image_is_unreadable_a_cut_shard_is_fatal(tmp_path):
     path = tmp_path / "a.tar"
     with tarfile.open(path, "w") as tar:
         tar_member(tar, "k.jpg", b"\xff\xd8 not really a jpeg")
         tar_member(tar, "k.txt", b"a caption")
     with pytest.raises(UnreadableImage, match="k.jpg"):
         get_dataset("webdataset", path, "train").load_image(0)
+    pairs = make_pairs(2)
+    write_webdataset(tmp_path / "w", pairs, shards=1)
+    shard = tmp_path / "w" / "00000.tar"
+    ds = get_dataset("webdataset", shard, "train")
+    shard.write_bytes(shard.read_bytes()[:2048])  # cut after listing: the shard's problem, not one image's
+    with pytest.raises(PipeError, match=f"{shard} is shorter than when it was listed") as info:
+        ds.load_image(1)
+    assert not isinstance(info.value, UnreadableImage)
 
 
 # --------------------------------------------------------------------------------------------------- parquet
@@ -356,12 +365,30 @@ def test_parquet_bad_input(tmp_path, monkeypatch):
     raises(f"damaged parquet file {path}", get_dataset, "parquet", path, "train")
     pq.write_table(pa.table({"image": [pairs[0].data], "text": [None]}), path)
     raises(f"{path} row 0: caption must be a string, got null", get_dataset, "parquet", path, "train")
+    (tmp_path / "beside.png").write_bytes(pairs[0].data)  # Hugging Face's non-embedded image: a path, no bytes
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = pa.array([{"bytes": None, "path": "beside.png"}, {"bytes": None, "path": "gone.png"}], image_type)
+    pq.write_table(pa.table({"image": cells, "text": ["a", "b"]}), path)
+    ds = get_dataset("parquet", path, "train")
+    np.testing.assert_array_equal(pixels(ds, 0), decoded(pairs[0]))
+    with pytest.raises(UnreadableImage, match="gone.png"):
+        ds.load_image(1)
     pq.write_table(pa.table({"image": [b"garbage", None], "text": ["a", "b"]}), path)
     ds = get_dataset("parquet", path, "train")
     with pytest.raises(UnreadableImage, match="unreadable image"):
         ds.load_image(0)
     with pytest.raises(UnreadableImage, match="no image bytes"):
         ds.load_image(1)
+    pq.write_table(pa.table({"image": [p.data for p in pairs], "text": ["a", "b", "c"]}), path, row_group_size=2)
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 16] = b"\xff" * 16  # the image column's page of row group 1, which opening never reads
+    path.write_bytes(bytes(data))
+    ds = get_dataset("parquet", path, "train")
+    np.testing.assert_array_equal(pixels(ds, 0), decoded(pairs[0]))
+    with pytest.raises(PipeError, match=f"damaged parquet file {path} \\(row group 1\\)") as info:
+        ds.load_image(2)  # the file, not one image: a plain PipeError fails the run instead of skipping the row
+    assert not isinstance(info.value, UnreadableImage)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     raises("needs pyarrow: pip install 'pipe-align[parquet]'", get_dataset, "parquet", path, "train")
 
