@@ -14,8 +14,10 @@ the baseline), an open_clip CSV, two WebDataset shards and two parquet files (ro
 per container, two back-to-back runs, the folder's and the container's (which goes first alternates): `pipe
 extract` of the image store, then the reader alone (every image decoded and preprocessed on the extraction's decode
 threads, no encoder). Reports the median over reps of the paired ratio folder time / container time (goal >= 0.95:
-a container must not slow extraction). `--encoder tiny` extracts with a random 2-layer DINOv2, so that reading, not
-the forward, dominates, as it does on a GPU.
+a container must not slow extraction), in wall-clock time and in this process's CPU time (steadier on a shared
+machine, where other processes' load moves wall-clock times by more than the difference looked for).
+`--encoder tiny` extracts with a random 2-layer DINOv2, so that reading, not the forward, dominates, as it does on
+a GPU.
 """
 
 from __future__ import annotations
@@ -124,27 +126,28 @@ def formats(args: argparse.Namespace) -> None:
     }  # fmt: skip
     enc = cached_encoder(encoder, "last", None, 64, args.device)
     others = [n for n in sources if n != "folder"]
-    ratios: dict[str, dict[str, list[float]]] = {"pipe extract": {n: [] for n in others},
-                                                 "reader + preprocess": {n: [] for n in others}}  # fmt: skip
-    rates: dict[str, dict[str, list[float]]] = {w: {n: [] for n in sources} for w in ratios}
+    whats = ("pipe extract", "reader + preprocess")
+    ratios = {w: {n: [] for n in others} for w in whats}  # wall-clock: folder / container
+    cpu_ratios = {w: {n: [] for n in others} for w in whats}  # CPU time of this process (all its threads)
+    rates: dict[str, dict[str, list[float]]] = {w: {n: [] for n in sources} for w in whats}
     runs = 0
 
-    def extract_once(n: str) -> float:
+    def extract_once(n: str) -> tuple[float, float]:
         nonlocal runs
         name, root, opts = sources[n]
         runs += 1
         cfg = ExtractConfig(encoder=encoder, dataset=name, split="train", root=root, options=opts, resize="crop",
                             features=str(tmp / "features" / str(runs)), batch_size=args.batch_size,
                             device=args.device)  # fmt: skip
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run_extract(cfg, progress=False)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
-    def read_once(n: str) -> float:
+    def read_once(n: str) -> tuple[float, float]:
         name, root, opts = sources[n]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _read_all(get_dataset(name, root, "train", **dict(opts)), enc)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     try:
         for rep in range(args.reps):  # each ratio from two back-to-back runs, which goes first alternating
@@ -152,22 +155,23 @@ def formats(args: argparse.Namespace) -> None:
                 for what, once in (("pipe extract", extract_once), ("reader + preprocess", read_once)):
                     pair = ("folder", n) if rep % 2 == 0 else (n, "folder")
                     t = {m: once(m) for m in pair}
-                    ratios[what][n].append(t["folder"] / t[n])
+                    ratios[what][n].append(t["folder"][0] / t[n][0])
+                    cpu_ratios[what][n].append(t["folder"][1] / t[n][1])
                     for m in pair:
-                        rates[what][m].append(args.images / t[m])
+                        rates[what][m].append(args.images / t[m][0])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"encoder {enc.info.weights} | {args.images} world images as JPEG q95 | batch {args.batch_size} | device "
           f"{args.device} | torch threads {torch.get_num_threads()} | decode threads {DECODE_THREADS} | reps "
           f"{args.reps}")  # fmt: skip
-    for what in ratios:
-        print(f"{what} (opening the reader included): median images/s; median of paired ratios folder time / "
-              "format time (goal >= 0.95)")  # fmt: skip
+    for what in whats:
+        print(f"{what} (opening the reader included): median images/s; medians of the paired ratios folder / "
+              "container, wall-clock and CPU time (goal >= 0.95)")  # fmt: skip
         print(f"  {'folder':<11} {statistics.median(rates[what]['folder']):8.1f} images/s")
         for n in others:
-            r = ratios[what][n]
-            print(f"  {n:<11} {statistics.median(rates[what][n]):8.1f} images/s   ratio {statistics.median(r):6.3f}"
-                  f"   (runs: {', '.join(f'{x:.2f}' for x in r)})")  # fmt: skip
+            r, c = ratios[what][n], cpu_ratios[what][n]
+            print(f"  {n:<11} {statistics.median(rates[what][n]):8.1f} images/s   wall {statistics.median(r):6.3f}"
+                  f"   cpu {statistics.median(c):6.3f}   (wall runs: {', '.join(f'{x:.2f}' for x in r)})")  # fmt: skip
 
 
 if __name__ == "__main__":
