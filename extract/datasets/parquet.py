@@ -75,7 +75,7 @@ class ParquetPairs(Dataset):
                     self._check_columns(path, pf.schema_arrow, caption_key, id_key)
                     for g in range(pf.num_row_groups):
                         cols = [caption_key] + ([id_key] if id_key else [])
-                        table = pf.read_row_group(g, columns=cols)
+                        table = pf.read_row_group(g, columns=cols, use_threads=False)
                         texts = table.column(caption_key).to_pylist()
                         ids = table.column(id_key).to_pylist() if id_key else [None] * len(texts)
                         for j, (text, rid) in enumerate(zip(texts, ids)):
@@ -139,8 +139,9 @@ class ParquetPairs(Dataset):
                 return col
             path = self.files[fi]
             try:
-                with open_source(path) as f:
-                    table = parquet_module().ParquetFile(f).read_row_group(g, columns=[self.image_key])
+                with open_source(path) as f:  # one thread: the decode threads already keep the cores busy
+                    pf = parquet_module().ParquetFile(f)
+                    table = pf.read_row_group(g, columns=[self.image_key], use_threads=False)
                 col = table.column(self.image_key).combine_chunks()
             except Exception as e:  # noqa: BLE001 (the file, not one image: every row of it is suspect)
                 raise _damaged(path, e, f" (row group {g})") from None
