@@ -33,10 +33,12 @@ for _command in APPLY_COMMANDS:
 @app.command()
 def extract(
     encoder: str = typer.Option(..., help="Encoder alias (pipe encoders list) or hf:<model id or folder>."),
-    dataset: str = typer.Option(..., help="Dataset: voc, coco, flickr30k, imagefolder, ade20k, fashion-mnist, world."),
+    dataset: str = typer.Option(..., help="Dataset: voc, coco, flickr30k, imagefolder, ade20k, fashion-mnist, world; "
+                                          "your own pairs: csv, imagefolder, webdataset, parquet."),
     split: str = typer.Option("train", help="Dataset split."),
     features: Path = typer.Option(..., help="Root folder of the feature stores."),
-    root: str | None = typer.Option(None, help="Dataset root folder (not needed for world)."),
+    root: str | None = typer.Option(None, help="Dataset root folder (not needed for world); for csv the table, for "
+                                               "webdataset / parquet a file, folder, glob or {000..009} range."),
     batch_size: int = typer.Option(32, help="Rows per encoder forward."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or bfloat16."),

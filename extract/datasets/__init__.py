@@ -12,9 +12,12 @@ from pipe_align.extract.datasets import (  # noqa: F401  (register)
     imagefolder,
     imagenet,
     karpathy,
+    parquet,
     pascal_context,
     stl10,
+    tables,
     voc,
+    webdataset,
     world,
 )
 from pipe_align.extract.datasets.base import (

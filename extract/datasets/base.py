@@ -186,8 +186,10 @@ def get_dataset(name: str, root: str | Path | None, split: str, **options: objec
             choices = ", ".join(valid) if valid else "none"
             raise PipeError(f"dataset '{cls.name}' has no option '{key}' (options: {choices})")
     dataset = cls(root, split, **options)
-    if (dataset.classes is not None) != cls.labelled:  # the class attribute is what error messages list
-        raise TypeError(f"dataset reader '{cls.name}': labelled={cls.labelled} but classes={dataset.classes!r:.40}")
+    # The class attribute is what error messages list; an instance may say otherwise (an imagefolder split with
+    # caption metadata has no classes).
+    if (dataset.classes is not None) != dataset.labelled:
+        raise TypeError(f"dataset reader '{cls.name}': labelled={dataset.labelled} but classes={dataset.classes!r:.40}")
     return dataset
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from pipe_align.extract.datasets.base import (
     IMAGE_SUFFIXES,
+    Caption,
     Dataset,
     ImageRecord,
     inside,
@@ -18,9 +19,13 @@ from pipe_align.extract.datasets.base import (
     require_root,
 )
 from pipe_align.extract.datasets.imagenet_classes import imagenet_classes, imagenet_templates
+from pipe_align.extract.datasets.pairs import string_option
+from pipe_align.extract.datasets.tables import group_rows, read_table, require_columns
 from pipe_align.extract.errors import PipeError
 
 CLASSES_FILE = "classes.txt"
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # Hugging Face imagefolder: image-caption pairs
+METADATA_IMAGE_KEY = "file_name"
 SUFFIXES = (*IMAGE_SUFFIXES, ".tif", ".tiff")
 
 
@@ -66,11 +71,14 @@ class ImageFolder(Dataset):
     """Classes are the sorted sub-folders of root/<split>, unless root/classes.txt fixes them (in label order): use
     it when a split lacks some class folder, or labels would shift between splits, or to give the folders real
     names (`<folder> <name>` per line). Folders named by ImageNet wnids get CLIP's ImageNet names by themselves.
-    Item ids are "<class>/<path below it, without suffix>", since stems alone may repeat across folders."""
+    Item ids are "<class>/<path below it, without suffix>", since stems alone may repeat across folders.
+
+    A split folder with a `metadata.jsonl` or `metadata.csv` (Hugging Face's imagefolder convention) is image-caption
+    pairs instead: `file_name` + a text column (`-o caption_key=`, default `text`), no classes."""
 
     labelled = True
 
-    def __init__(self, root: str | Path | None, split: str = "val") -> None:
+    def __init__(self, root: str | Path | None, split: str = "val", *, caption_key: str | None = None) -> None:
         super().__init__(root, split)
         self.root = require_root(self.name, root)
         split_dir = self.root / split
@@ -79,6 +87,9 @@ class ImageFolder(Dataset):
         if not split_dir.is_dir():
             raise PipeError(f"dataset '{self.name}': split folder not found: {split_dir} (expected "
                             f"<root>/{split}/<class>/<images>)")  # fmt: skip
+        self._captions: list[Caption] | None = None
+        if self._read_metadata(split_dir, caption_key):
+            return
         folders = class_folders(split_dir)
         if not folders:
             raise PipeError(f"dataset '{self.name}': no class folders in {split_dir} (expected {split_dir}/<class>/)")
@@ -107,8 +118,32 @@ class ImageFolder(Dataset):
         if dup is not None:
             raise PipeError(f"dataset '{self.name}': two files with the id '{dup}' in {split_dir} (stem, two suffixes)")
 
+    def _read_metadata(self, split_dir: Path, caption_key: str | None) -> bool:
+        """A split folder with Hugging Face's `metadata.jsonl` or `metadata.csv` (`file_name` + a text column) is a
+        pairs dataset: no classes, captions from the text column, images in the file's order, ids the file names
+        without suffix. False (and nothing read) when there is no metadata file."""
+        found = [split_dir / n for n in METADATA_FILES if (split_dir / n).is_file()]
+        if not found:
+            if caption_key is not None:
+                raise PipeError(f"dataset '{self.name}': option caption_key applies to a split folder with "
+                                f"{' or '.join(METADATA_FILES)}; {split_dir} has neither")  # fmt: skip
+            return False
+        if len(found) > 1:
+            raise PipeError(f"dataset '{self.name}': both {found[0]} and {found[1]}; keep one")
+        meta = found[0]
+        caption_key = string_option(self.name, "caption_key", caption_key or "text")
+        columns, rows = read_table(meta, None, METADATA_IMAGE_KEY)
+        require_columns(meta, columns, rows, {METADATA_IMAGE_KEY: "file_name", caption_key: "caption_key"})
+        groups = group_rows(self.name, meta, rows, METADATA_IMAGE_KEY, caption_key)
+        self.labelled, self.classes, self.imagenet = False, None, False
+        self._records, self._paths, self._captions = groups.records, groups.sources, groups.captions()
+        return True
+
     def images(self) -> list[ImageRecord]:
         return self._records
+
+    def captions(self) -> list[Caption] | None:
+        return self._captions
 
     def load_image(self, i: int) -> Image.Image:
         return open_rgb(self._paths[i])
