@@ -39,6 +39,8 @@ from pipe_align.align.lr_finder import find_lr
 from pipe_align.align.retrieval import retrieval_metrics
 from pipe_align.extract.errors import PipeError
 
+CAPTION_RULES = ("draw", "first")  # RunConfig.captions: a caption drawn per epoch, or each image's first (the authors')
+
 
 class NonFinite(PipeError):
     """Training produced a NaN or infinity (loss, gradient or parameters); the last good checkpoint is kept."""
@@ -63,6 +65,13 @@ class RunConfig:
         "help": "Keep training tokens in memory up to this size (e.g. 8G); default half the free memory of the "
                 "device; above it, stream from Zarr.", "size": True})  # fmt: skip
     limit: int | None = field(default=None, metadata={"help": "Use only the first N pairs."})
+    captions: str = field(default="draw", metadata={
+        "help": "The caption of each image in an epoch: draw (a different one each epoch, seeded) or first (the "
+                "image's first caption in every epoch, as the PAL authors)."})  # fmt: skip
+    val_shards: str | None = field(default=None, metadata={
+        "help": "Held-out pairs from another store set (a FEATURES/DATASET/SPLIT folder, e.g. COCO val2014) "
+                "instead of a fraction of the training pairs: every training pair trains (needs --val-fraction 0)."
+    })  # fmt: skip
 
     def __post_init__(self) -> None:
         checks = {
@@ -76,6 +85,15 @@ class RunConfig:
         for name, ok in checks.items():
             if not ok:
                 raise PipeError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is out of range")
+        self.check_heldout()
+
+    def check_heldout(self) -> None:
+        """The caption rule is a known one, and one source of held-out pairs is named, not two."""
+        if self.captions not in CAPTION_RULES:
+            raise PipeError(f"--captions must be one of {', '.join(CAPTION_RULES)}, got {self.captions!r}")
+        if self.val_shards is not None and self.val_fraction > 0:
+            raise PipeError(f"--val-shards {self.val_shards} holds the held-out pairs and --val-fraction "
+                            f"{self.val_fraction} would hold out training pairs too; give --val-fraction 0")
 
     def resolved(self, method: type[Aligner]) -> RunConfig:
         """Unset epochs / batch_size / patience filled with the method's defaults (trained methods only)."""
@@ -84,8 +102,16 @@ class RunConfig:
         return replace(self, **{k: v for k, v in method.run_defaults.items() if getattr(self, k) is None})
 
     def training_key(self) -> dict[str, Any]:
-        """The fields a trained result depends on (not where or how the data is held)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("device", "memory_budget")}
+        """The fields a trained result depends on (not where or how the data is held). The caption rule and the
+        held-out store set appear when they are not the defaults, so runs made before they existed keep their key."""
+        key = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("device", "memory_budget")}
+        if key["captions"] == "draw":
+            del key["captions"]
+        if key["val_shards"] is None:
+            del key["val_shards"]
+        else:
+            key["val_shards"] = str(Path(key["val_shards"]).resolve())
+        return key
 
 
 @dataclass

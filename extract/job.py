@@ -13,7 +13,16 @@ import torch
 from pipe_align.extract.datasets import DATASETS, get_dataset
 from pipe_align.extract.datasets.base import is_blank
 from pipe_align.extract.datasets.prompt_sets import PROMPT_SETS, prompt_set, prompt_store_suffix
-from pipe_align.extract.encoders.base import COMPUTE_DTYPES, Options, Source, check_image_size, resolve_compute_dtype
+from pipe_align.extract.encoders.base import (
+    COMPUTE_DTYPES,
+    CROPS,
+    SPECIAL_TOKENS,
+    Options,
+    Source,
+    check_choice,
+    check_image_size,
+    resolve_compute_dtype,
+)
 from pipe_align.extract.encoders.registry import build_encoder, resolve_source
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.store import DTYPES, StoreLayout, default_rows, store_path
@@ -44,16 +53,19 @@ class ExtractConfig:
     options: tuple[tuple[str, Any], ...] = ()  # dataset options (e.g. world size, seed)
     threads: int | None = None  # torch threads per process (dask workers)
     prompts: str = "standard"  # class-prompt set, "standard" or "pal" (datasets/prompt_sets.py); image stores ignore it
+    crop: str = "processor"  # image stores: the model's processor or "short-side" (encoders/base.py CROPS)
+    special_tokens: str = "keep"  # text stores: every attention-mask position, or "drop" the specials (SPECIAL_TOKENS)
 
 
 def cached_encoder(name: str, layer: str, image_size: int | None, max_length: int, device: str,
-                   compute_dtype: str = "float32"):  # fmt: skip
+                   compute_dtype: str = "float32", crop: str = "processor", special_tokens: str = "keep"):  # fmt: skip
     """One loaded encoder per process, weights identity and settings: every plan with the same encoder (image and
     text stores of a split, a resumed run, a test re-checking a store) reuses it, and new weights saved into the
     same folder are loaded anew (the source carries the folder's content hash)."""
     dtype = COMPUTE_DTYPES[resolve_compute_dtype(compute_dtype, device)]
     return _loaded(resolve_source(name), Options(layer=layer, image_size=image_size, max_length=max_length,
-                                                 device=device, dtype=dtype))  # fmt: skip
+                                                 device=device, dtype=dtype, crop=crop,
+                                                 special_tokens=special_tokens))  # fmt: skip
 
 
 @lru_cache(maxsize=4)
@@ -103,6 +115,8 @@ def check_config(cfg: ExtractConfig) -> None:
     if cfg.dtype not in DTYPES:
         raise PipeError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     resolve_compute_dtype(cfg.compute_dtype, "cpu")  # the name only; "auto" is resolved for the device in `plan`
+    check_choice(cfg.crop, CROPS, "--crop")
+    check_choice(cfg.special_tokens, SPECIAL_TOKENS, "--special-tokens")
     if cfg.resize not in ("auto", "crop", "squash"):
         raise PipeError(f"--resize must be auto, crop or squash, got {cfg.resize!r}")
     if cfg.text not in ("auto", "captions", "prompts"):
@@ -130,7 +144,8 @@ def plan(cfg: ExtractConfig) -> Job:
     check_config(cfg)
     device = resolve_device(cfg.device)
     dataset = get_dataset(cfg.dataset, cfg.root, cfg.split, **dict(cfg.options))
-    enc = cached_encoder(cfg.encoder, cfg.layer, cfg.image_size, cfg.max_length, device, cfg.compute_dtype)
+    enc = cached_encoder(cfg.encoder, cfg.layer, cfg.image_size, cfg.max_length, device, cfg.compute_dtype, cfg.crop,
+                         cfg.special_tokens)  # fmt: skip
     info = asdict(enc.info)
     images = dataset.images()
     limit = len(images) if cfg.limit is None else min(cfg.limit, len(images))

@@ -42,7 +42,13 @@ def extract(
     limit: int | None = typer.Option(None, help="Only the first N images (and their captions)."),
     image_size: int | None = typer.Option(None, help="Input size in pixels (default: the encoder's, 224)."),
     layer: str = typer.Option("last", help="'last' (last_hidden_state, after the final norm) or a hidden-state index."),
-    max_length: int = typer.Option(64, help="Text: word tokens kept per caption (special tokens come on top)."),
+    max_length: int = typer.Option(64, help="Text: tokens kept per caption (with --special-tokens drop: word tokens, "
+                                   "the specials on top)."),
+    special_tokens: str = typer.Option("keep", help="Text: keep (every attention-mask position, [CLS]/[SEP] or "
+                                       "<s></s> included, as the PAL authors) or drop (word tokens only)."),
+    crop: str = typer.Option("processor", help="Images (--resize crop): processor (the model's: DINOv2 short side "
+                             "256 then centre 224) or short-side (short side to the input size, then centre crop: "
+                             "timm's crop_pct 1.0, the PAL authors')."),
     text: str = typer.Option("auto", help="Text encoders: captions, prompts (class templates) or auto."),
     templates: str | None = typer.Option(None, help="Prompt templates, '|'-separated, each with {} for the class."),
     prompts: str = typer.Option("standard", help="Class-prompt set: standard, or pal (the PAL authors' names and "
@@ -62,6 +68,7 @@ def extract(
         device=device, dtype=dtype, compute_dtype=compute_dtype, limit=limit, image_size=image_size, layer=layer,
         max_length=max_length, text=text, templates=tuple(templates.split("|")) if templates else None,
         prompts=prompts, resize=resize, strict=strict, shard_rows=shard_rows, options=parse_options(option),
+        crop=crop, special_tokens=special_tokens,
     )  # fmt: skip
     summary = run_extract(cfg, cluster=cluster, progress=progress)
     if summary.already_complete:

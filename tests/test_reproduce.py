@@ -127,7 +127,8 @@ def test_pal_paper_end_to_end_and_resume(tmp_path, roots, tiny_dinov2, tiny_bert
     raw = paper_toml()
     methods, evals = list(raw["methods"]), raw["eval"]
     run_sets = {raw["train"]["dataset"]} | {ev["dataset"] for ev in evals if ev["dataset"] not in NOT_YET}
-    stores = 2 * len(run_sets)  # an image store and a caption/prompt store per dataset run
+    held_out = 1 if raw["train"].get("val_split") else 0  # the training set's held-out split has its own stores
+    stores = 2 * (len(run_sets) + held_out)  # an image store and a caption/prompt store per dataset split run
     assert table["stages"]["extract"]["done"] == stores and table["stages"]["extract"]["kept"] == 0
     assert table["stages"]["align"] == table["stages"]["align"] | {"done": len(methods), "kept": 0}
     assert table["stages"]["eval"]["done"] == len(methods) * (len(evals) - len(NOT_YET))
