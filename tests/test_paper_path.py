@@ -194,3 +194,104 @@ def test_eval_refuses_a_store_with_other_choices(tmp_path, tiny_bert) -> None:
     meta["encoders"]["text"] = trained
     with pytest.raises(PipeError, match="special_tokens='drop' but run RUN was trained on special_tokens='keep'"):
         check_encoder(old, meta, "text", "RUN")
+
+
+# ------------------------------------------------------------------------------- captions, held-out pairs, schedule
+
+
+def first_captions(annotation_file: Path) -> dict[int, str]:
+    """The authors' pick (alignment_trainer.py:680-690, n_dup_samples 1): per image, the first of its captions in the
+    annotation file's order (`df.groupby("image_path").cumcount() < 1`)."""
+    out: dict[int, str] = {}
+    for ann in json.loads(annotation_file.read_text())["annotations"]:
+        out.setdefault(ann["image_id"], ann["caption"].strip())
+    return out
+
+
+def test_paper_run_trains_on_all_of_train_and_stops_on_val2014(paper_run) -> None:
+    from tests.replicas.coco import TRAIN, VAL
+
+    data, out = paper_run
+    meta = json.loads((out / "runs" / "pal" / "run.json").read_text())
+    assert meta["pairs"]["train"] == TRAIN  # every train2014 image trains, none held out
+    held = meta["heldout_stores"]
+    assert (held["dataset"], held["split"], held["pairs"]) == ("coco2014", "val", VAL)
+    assert meta["run"]["captions"] == "first" and meta["run"]["val_fraction"] == 0.0
+    assert meta["run"]["val_shards"] == str(out / "features" / "coco2014" / "val")
+    assert "val_loss" in meta["history"][0]  # early stopping watched val2014
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_first_caption_rule_is_the_files_first_caption(paper_run, split) -> None:
+    from pipe_align.align.data import PairSource, PairStores, pair_split
+
+    data, out = paper_run
+    stores = PairStores(store_of(out, split, "image"), store_of(out, split, "text"))
+    cut = pair_split(stores, 0.0, 0)
+    ids = [str(i) for i in stores.image["ids"][:]]
+    first = first_captions(data / "coco" / "annotations" / f"captions_{split}2014.json")
+    want = [first[int(i.rsplit("_", 1)[1])] for i in ids]
+    texts = stores.text["text"][:]
+    rule = PairSource(stores, cut.train, cut.captions, tokens=False, caption_rule="first")
+    for epoch in range(3):
+        assert [str(texts[c]).strip() for c in rule.choose_captions(cut.train, epoch, 0)] == want
+    drawn = PairSource(stores, cut.train, cut.captions, tokens=False)  # the other rule: a caption drawn per epoch
+    picks = {epoch: [str(texts[c]).strip() for c in drawn.choose_captions(cut.train, epoch, 0)] for epoch in range(3)}
+    assert picks[0] != picks[1] and picks[0] != want
+
+
+def test_periodic_cosine_period_follows_all_of_train(paper_run) -> None:
+    """The authors' CosineAnnealingLR: T_max = scheduler_epoch_cycles (50) x max(1, train pairs // batch)
+    (alignment_trainer.py:1297-1302): with every train2014 image training, 50 x (24 // 5) = 200 steps."""
+    from pipe_align.align.base import TrainingData
+    from pipe_align.align.data import PairSource, PairStores, heldout_stores, pair_split
+    from pipe_align.align.loop import RunConfig, Trainer
+    from pipe_align.align.pal import PAL, PALConfig
+    from tests.replicas.coco import TRAIN
+
+    _, out = paper_run
+    stores = PairStores(store_of(out, "train", "image"), store_of(out, "train", "text"))
+    val_folder = out / "features" / "coco2014" / "val"
+    run = RunConfig(batch_size=5, epochs=1, val_fraction=0.0, val_shards=str(val_folder), captions="first")
+    cut = pair_split(stores, run.val_fraction, run.seed)
+    held = heldout_stores(val_folder, stores)
+    held_cut = pair_split(held, 0.0, run.seed)
+    data = TrainingData(PairSource(stores, cut.train, cut.captions, tokens=True, caption_rule="first"),
+                        PairSource(held, held_cut.train, held_cut.captions, tokens=True, caption_rule="first"))
+    trainer = Trainer(PAL, PALConfig(anchors=8, lr_finder=0), run.resolved(PAL), data)
+    assert trainer.period == 50 * (TRAIN // 5) == 200
+
+
+def test_heldout_store_set_must_match_and_not_double_count(paper_run, tmp_path, tiny_dinov2) -> None:
+    from pipe_align.align.data import PairStores, heldout_stores
+    from pipe_align.align.loop import RunConfig
+
+    data, out = paper_run
+    stores = PairStores(store_of(out, "train", "image"), store_of(out, "train", "text"))
+    with pytest.raises(PipeError, match="holds the training stores themselves"):
+        heldout_stores(out / "features" / "coco2014" / "train", stores)
+    with pytest.raises(PipeError, match="give --val-fraction 0"):
+        RunConfig(val_shards=str(out), val_fraction=0.05)
+    with pytest.raises(PipeError, match="--captions must be one of draw, first"):
+        RunConfig(captions="second")
+    other = tmp_path / "features"  # val2014 stores cropped as the model's processor says: not comparable
+    base = dict(dataset="coco", split="val", features=str(other), root=str(data / "coco"), layer="-1")
+    run_extract(ExtractConfig(encoder=f"hf:{tiny_dinov2}", **base), progress=False)
+    text = store_of(out, "val", "text")
+    run_extract(ExtractConfig(encoder=text.layout.encoder["alias"], **base), progress=False)
+    with pytest.raises(PipeError, match="has encoder crop='processor' but the training store .* has crop='short-side'"):
+        heldout_stores(other / "coco2014" / "val", stores)
+
+
+def test_recipe_runs_every_trained_method_as_the_authors(tmp_path) -> None:
+    """configs/default.yaml:67 and :83: n_epochs 1000, early_stopping_patience 200 for every method (the linear and
+    MLP configs do not override them); the data path as in the authors' token_k512.yaml and vision_models.py."""
+    from pipe_align.pipelines.recipe import load_recipe
+
+    r = load_recipe("pal-paper", data=tmp_path)
+    assert (r.encoders.layer, r.encoders.crop, r.encoders.special_tokens) == ("-1", "short-side", "keep")
+    assert (r.train.split, r.train.val_split, r.train.run.captions, r.train.run.val_fraction) == ("train", "val",
+                                                                                                  "first", 0.0)
+    for m in r.methods:
+        if m.method in ("pal", "linear", "mlp"):
+            assert (m.run.epochs, m.run.patience) == (1000, 200), m.name
