@@ -201,6 +201,7 @@ class StepContext:
     step: int
     steps_per_epoch: int
     gather: Callable[[Tensor, tuple[int, ...] | None], Tensor]
+    finder: bool = False  # the LR finder's trial step, before any training step (a schedule has not started yet)
 
 
 class TrainedAligner(Aligner):

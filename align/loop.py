@@ -254,7 +254,7 @@ class Trainer:
                         yield batch
 
         def loss_of(batch):
-            ctx = StepContext(self.epoch, self.step, self.steps_per_epoch, self._gather)
+            ctx = StepContext(self.epoch, self.step, self.steps_per_epoch, self._gather, finder=True)
             return self.method.loss(batch, ctx)[0]
 
         after = (lambda: sum_gradients(self.params)) if self.dp is not None else None
@@ -265,7 +265,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Held-out InfoNCE and R@1 both ways (empty without held-out pairs)."""
-        return heldout_loss(self.method, self.data.val, self.run_cfg.batch_size, self.run_cfg.seed)
+        return heldout_loss(self.method, self.data.val, self.run_cfg.batch_size, self.run_cfg.seed, self.step)
 
     # -- state ----------------------------------------------------------------------------------------------------
     def state(self, key: dict[str, Any] | None) -> dict[str, Any]:
@@ -359,8 +359,12 @@ def clip_gradients(groups: list[list[Tensor]], clip: float, mode: str = "global"
 
 
 @torch.no_grad()
-def heldout_loss(aligner: Aligner, val: Any, batch_size: int, seed: int) -> dict[str, float]:
-    """InfoNCE at the method's `val_temperature` and R@1 both ways on the held-out pairs (fixed epoch-0 batches)."""
+def heldout_loss(aligner: Aligner, val: Any, batch_size: int, seed: int,
+                 steps_done: int | None = None) -> dict[str, float]:  # fmt: skip
+    """InfoNCE at the method's `val_temperature` and R@1 both ways on the held-out pairs (fixed epoch-0 batches).
+    Given the training steps done, a method's regulariser at its weight then (`heldout_penalty`: the contrastive
+    heads' lambda * STRUCTURE) is added, as the authors' validation loss is their training loss."""
+    penalty = getattr(aligner, "heldout_penalty", None) if steps_done is not None else None
     if val is None or len(val) < 2:
         return {}
     losses, n, h_i, h_t = 0.0, 0, [], []
@@ -368,7 +372,8 @@ def heldout_loss(aligner: Aligner, val: Any, batch_size: int, seed: int) -> dict
         if len(batch.rows) < 2:
             continue
         hi, ht = aligner.image_global(batch.image), aligner.text_global(batch.text)
-        losses += info_nce(hi, ht, aligner.val_temperature).item() * len(batch.rows)
+        extra = penalty(batch, steps_done) if penalty is not None else 0.0
+        losses += (info_nce(hi, ht, aligner.val_temperature).item() + extra) * len(batch.rows)
         n += len(batch.rows)
         h_i.append(hi.float().cpu())
         h_t.append(ht.float().cpu())
