@@ -113,13 +113,17 @@ class TrainedConfig(MethodConfig):
                 "--lr."})  # fmt: skip
     lr_finder_start: float = field(default=1e-7, metadata={"help": "Trained methods: LR finder's first rate."})
     lr_finder_end: float = field(default=10.0, metadata={"help": "Trained methods: LR finder's last rate."})
+    lr_finder_draw: str = field(default="epochs", metadata={
+        "help": "Trained methods: the LR finder's batches: subset (each iteration a random full batch of a random "
+                "5,000-pair subset of the training pairs, as the PAL authors) or epochs (the loop's own batches of "
+                "successive shuffled epochs)."})  # fmt: skip
 
     def __post_init__(self) -> None:
         bad = {"lr": self.lr >= 0, "weight_decay": self.weight_decay >= 0, "beta1": 0 <= self.beta1 < 1,
                "beta2": 0 <= self.beta2 < 1, "warmup_epochs": self.warmup_epochs >= 0,
                "grad_clip": self.grad_clip >= 0, "schedule": self.schedule in SCHEDULES,
                "cycle_epochs": self.cycle_epochs > 0, "grad_clip_mode": self.grad_clip_mode in CLIP_MODES,
-               "lr_finder": self.lr_finder >= 0,
+               "lr_finder": self.lr_finder >= 0, "lr_finder_draw": self.lr_finder_draw in FINDER_DRAWS,
                "lr_finder_start": 0 < self.lr_finder_start < self.lr_finder_end}  # fmt: skip
         for name, ok in bad.items():
             if not ok:
@@ -129,6 +133,7 @@ class TrainedConfig(MethodConfig):
 
 SCHEDULES = ("cosine", "constant", "cosine_cycle")
 CLIP_MODES = ("global", "per_group")
+FINDER_DRAWS = ("epochs", "subset")  # TrainedConfig.lr_finder_draw
 
 
 class Aligner(abc.ABC):

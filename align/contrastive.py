@@ -74,6 +74,7 @@ class LinearConfig(TrainedConfig, BaselineConfig):
     grad_clip: float = 1.0
     grad_clip_mode: str = "per_group"
     lr_finder: int = 100
+    lr_finder_draw: str = "subset"
     pool: str = field(default="global", metadata={
         "help": "linear, mlp: global (project the global feature) or token (project every token, mean-pool)."})
     dim: int = field(default=512, metadata={"help": "linear, mlp: output dimension of the heads."})

@@ -223,6 +223,23 @@ class PairSource:
         picks = rng.integers(0, 1 << 30, size=len(rows))
         return np.array([self.captions[r][p % len(self.captions[r])] for r, p in zip(rows, picks)], dtype=np.int64)
 
+    def batch_of(self, positions: np.ndarray, epoch: int, seed: int, part: tuple[int, int] | None = None) -> Batch:
+        """The pairs at `positions` (indices into this source's rows, any order) as one batch, each image with the
+        caption its rule gives in `epoch`: the LR finder's random draws (align.loop.finder_draws)."""
+        positions = np.asarray(positions)
+        lo, hi, sizes = part_bounds(len(positions), part)
+        pos = positions[lo:hi]
+        rows = self.rows[pos]
+        caps = self.choose_captions(rows, epoch, seed)
+        if not self.in_memory:
+            return Batch(self._read_images(rows), self._read_texts(caps), rows, sizes)
+        img, txt, all_caps = self._memory()
+        if getattr(self, "_cap_pos", None) is None:
+            self._cap_pos = {int(c): i for i, c in enumerate(all_caps)}
+        ii = torch.as_tensor(pos, device=img.cls.device)
+        ti = torch.as_tensor([self._cap_pos[int(c)] for c in caps], device=img.cls.device)
+        return Batch(_index_img(img, ii), _index_txt(txt, ti), rows, sizes)
+
     # -- serving ----------------------------------------------------------------------------------------------------
     def _memory(self) -> tuple[ImageRows, TextRows, np.ndarray]:
         """Every row once, with all captions of each image (so any epoch's draw is an index, not a read)."""

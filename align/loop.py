@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -248,6 +249,9 @@ class Trainer:
         min_rows = max(2, self.dp.world if self.dp is not None else 1)
 
         def batches():
+            if getattr(cfg, "lr_finder_draw", "epochs") == "subset" and finder_draws_apply(self.method, self.data):
+                yield from finder_draws(self.data.train, run.batch_size, run.seed, part)
+                return
             for e in range(1 << 20):
                 for batch in self.method.batches(self.data, FINDER_EPOCHS + e, run.batch_size, run.seed, part):
                     if batch.total >= max(full, min_rows):
@@ -340,6 +344,24 @@ class Trainer:
 
 
 FINDER_EPOCHS = 1 << 30  # the LR finder's batches are those of epochs numbered from here (never a training epoch's)
+FINDER_SUBSET = 5000  # the authors' finder draws its batches from this many random training pairs
+
+
+def finder_draws_apply(method: TrainedAligner, data: TrainingData) -> bool:
+    """The authors' draws need a source that serves any rows (align.data.PairSource) and a method that trains on the
+    plain paired batches (not SOTAlign's unpaired ones)."""
+    return hasattr(data.train, "batch_of") and type(method).batches is TrainedAligner.batches
+
+
+def finder_draws(train: Any, batch_size: int, seed: int, part: tuple[int, int] | None = None):
+    """The LR finder's batches as the PAL authors draw them (base_trainer.py find_optimal_learning_rate): a random
+    subset of min(N, 5000) training pairs once, then per iteration a random min(batch, subset) of that subset, each
+    image with its caption of the finder's epoch. Seeded by the run's seed, so a resumed run draws the same."""
+    gen = np.random.default_rng([seed, FINDER_EPOCHS])
+    subset = gen.permutation(len(train))[: min(len(train), FINDER_SUBSET)]
+    size = min(batch_size, len(subset))
+    while True:
+        yield train.batch_of(subset[gen.permutation(len(subset))[:size]], FINDER_EPOCHS, seed, part)
 
 
 def clip_gradients(groups: list[list[Tensor]], clip: float, mode: str = "global") -> float:

@@ -48,6 +48,7 @@ class PALConfig(TrainedConfig):
     grad_clip: float = 1.0
     grad_clip_mode: str = "per_group"
     lr_finder: int = 100
+    lr_finder_draw: str = "subset"
 
     def check(self) -> None:
         checks = {"anchors": self.anchors >= 1, "tau_p": self.tau_p > 0, "tau": self.tau > 0}

@@ -180,6 +180,9 @@ def reproduce(
     batch_size: int = typer.Option(32, help="Rows per encoder forward (extraction)."),
     figures: bool = typer.Option(True, help="Write each evaluation's figures."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan per stage (settings, stores, rows, disk, "
+                                 "compute) and do nothing."),
+    tflops: float | None = typer.Option(None, help="--dry-run: the TFLOP/s your device achieves, for a time."),
 ) -> None:
     """Run a paper recipe end to end (extract -> align -> eval, resumable) and write the table beside the paper's
     published numbers (docs/reproduce.md)."""
@@ -188,9 +191,18 @@ def reproduce(
 
     r = load_recipe(recipe, data=data, roots=root, sets=set_)
     names = [tuple(n for n in (v or "").split(",") if n) for v in (only, skip)]
-    run_reproduce(ReproduceConfig(recipe=r, out=str(out or f"reproduce-{r.name}"), features=str(features) if features
-                                  else None, device=device, batch_size=batch_size, only=names[0], skip=names[1],
-                                  figures=figures, progress=progress))  # fmt: skip
+    cfg = ReproduceConfig(recipe=r, out=str(out or f"reproduce-{r.name}"), features=str(features) if features else None,
+                          device=device, batch_size=batch_size, only=names[0], skip=names[1], figures=figures,
+                          progress=progress)  # fmt: skip
+    if dry_run:
+        from pipe_align.pipelines.dry_run import check_tflops
+        from pipe_align.pipelines.dry_run import dry_run as plan
+
+        typer.echo(plan(cfg, check_tflops(tflops)))
+        return
+    if tflops is not None:
+        raise PipeError("--tflops only applies with --dry-run")
+    run_reproduce(cfg)
 
 
 @app.command()

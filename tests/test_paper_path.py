@@ -295,3 +295,75 @@ def test_recipe_runs_every_trained_method_as_the_authors(tmp_path) -> None:
     for m in r.methods:
         if m.method in ("pal", "linear", "mlp"):
             assert (m.run.epochs, m.run.patience) == (1000, 200), m.name
+
+
+def test_lr_finder_draws_full_batches_from_one_random_5000_subset() -> None:
+    """base_trainer.py:182-199: subset = randperm(N)[:min(N, 5000)] once; per iteration randperm(subset)[:min(batch,
+    subset)]."""
+    from pipe_align.align.contrastive import LinearConfig, MLPConfig
+    from pipe_align.align.loop import finder_draws
+    from pipe_align.align.pal import PALConfig
+
+    class Rows:
+        def __len__(self) -> int:
+            return 12_000
+
+        def batch_of(self, positions, epoch, seed, part=None):
+            return np.asarray(positions)
+
+    draws = finder_draws(Rows(), 4096, seed=3)
+    seen = [next(draws) for _ in range(60)]
+    assert all(len(d) == 4096 == len(set(d.tolist())) for d in seen)
+    union = set(np.concatenate(seen).tolist())
+    assert len(union) == 5000 and max(union) < 12_000  # 60 draws of 4096 cover the subset, nothing outside it
+    assert not all((seen[0] == d).all() for d in seen[1:])
+    small = next(finder_draws(Rows(), 20_000, seed=3))
+    assert len(small) == 5000  # min(batch, subset)
+    for cfg in (PALConfig(), LinearConfig(), MLPConfig()):
+        assert cfg.lr_finder_draw == "subset"
+
+
+def test_batch_of_serves_the_pairs_asked_for(paper_run) -> None:
+    from pipe_align.align.data import PairSource, PairStores, pair_split
+
+    _, out = paper_run
+    stores = PairStores(store_of(out, "train", "image"), store_of(out, "train", "text"))
+    cut = pair_split(stores, 0.0, 0)
+    cls, pooled = stores.image.rows("cls").float(), stores.text.rows("pooled").float()
+    for budget in (None, 0):  # in memory, and streamed from the stores
+        src = PairSource(stores, cut.train, cut.captions, tokens=True, caption_rule="first", memory_budget=budget)
+        assert src.in_memory is (budget is None)
+        pos = np.array([7, 2, 19, 2])
+        batch = src.batch_of(pos, 5, 0)
+        rows = cut.train[pos]
+        torch.testing.assert_close(batch.image.cls.float(), cls[rows])
+        torch.testing.assert_close(batch.text.pooled.float(), pooled[[cut.captions[r][0] for r in rows]])
+
+
+def test_dry_run_prints_the_plan_and_does_nothing(tmp_path, tiny_dinov2, tiny_bert, capsys) -> None:
+    from pipe_align.pipelines.cli import main
+    from tests.replicas.coco import TRAIN, VAL, captions_of
+
+    data = tmp_path / "data"
+    replica("coco", data / "coco")
+    out = tmp_path / "out"
+    args = ["reproduce", "pal-paper", "--data", str(data), "--skip", EVAL_SETS, "--out", str(out),
+            "--set", f"encoders.image=hf:{tiny_dinov2}", "--set", f"encoders.text=hf:{tiny_bert}", "--dry-run",
+            "--tflops", "50"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists()  # nothing written
+    assert "layer -1, crop short-side" in printed and "special tokens keep" in printed
+    n_caps = sum(len(captions_of("train", i)) for i in range(TRAIN))
+    grid = (56 // 14) ** 2
+    image_bytes = TRAIN * (grid + 1) * 32 * 2  # float16 patches + CLS
+    assert f"coco2014/train/{Path(tiny_dinov2).name}" not in printed  # store names are the encoder alias's
+    assert f"image, {TRAIN} rows x {grid} tokens x 32, {image_bytes / 1000:.1f} KB raw" in printed
+    assert f"captions, {n_caps} rows x 64 tokens x 32" in printed
+    assert f"image, {VAL} rows x {grid} tokens x 32" in printed  # the val2014 stores of early stopping
+    assert f"({TRAIN} images, {n_caps} captions, early stopping on coco/val)" in printed
+    assert "epochs 1000, batch_size 4096, patience 200, captions first" in printed and "h at 50 TFLOP/s" in printed
+    assert main(args[:-2]) == 0  # the plan without a rate
+    assert "give --tflops" in capsys.readouterr().out and not out.exists()
+    assert main([*args[:-3], "--tflops", "5"]) == 2  # --tflops without --dry-run is a mistake
+    assert "--tflops only applies with --dry-run" in capsys.readouterr().err
