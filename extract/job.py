@@ -44,7 +44,7 @@ class ExtractConfig:
     limit: int | None = None
     image_size: int | None = None
     layer: str = "last"
-    max_length: int = 64
+    max_length: int | str = 64  # text positions stored per row, or "longest": the longest text's, no truncation
     text: str = "auto"  # "captions", "prompts" (class templates) or "auto" (captions when the set has them)
     templates: tuple[str, ...] | None = None  # override the dataset's prompt templates
     resize: str = "auto"  # image encoders: "crop", "squash", or "auto" (squash when the set has masks)
@@ -106,8 +106,9 @@ def _text_mode(cfg: ExtractConfig, dataset) -> str:
 
 def check_config(cfg: ExtractConfig) -> None:
     """Option values that cannot work, refused before a dataset is read or an encoder loaded (one line each)."""
+    check_max_length(cfg.max_length)
     for flag, value in (("--batch-size", cfg.batch_size), ("--limit", cfg.limit), ("--shard-rows", cfg.shard_rows),
-                        ("--max-length", cfg.max_length), ("--threads", cfg.threads)):  # fmt: skip
+                        ("--threads", cfg.threads)):  # fmt: skip
         if value is not None and value < 1:
             raise PipeError(f"{flag} must be >= 1, got {value}")
     if cfg.image_size is not None:
@@ -129,6 +130,15 @@ def check_config(cfg: ExtractConfig) -> None:
         raise PipeError(f"--prompts {cfg.prompts} names class prompts; it does not apply to --text captions")
 
 
+def check_max_length(value: int | str) -> int | str:
+    """A positive number of text positions, or "longest" (the longest text of the store, up to the model's limit)."""
+    if value == "longest":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PipeError(f"--max-length must be a positive integer or 'longest', got {value!r}")
+    return value
+
+
 def _no_classes(cfg: ExtractConfig, dataset) -> PipeError:
     """--text prompts of a dataset without classes: say which datasets have them (what classification and
     segmentation need)."""
@@ -144,8 +154,9 @@ def plan(cfg: ExtractConfig) -> Job:
     check_config(cfg)
     device = resolve_device(cfg.device)
     dataset = get_dataset(cfg.dataset, cfg.root, cfg.split, **dict(cfg.options))
-    enc = cached_encoder(cfg.encoder, cfg.layer, cfg.image_size, cfg.max_length, device, cfg.compute_dtype, cfg.crop,
-                         cfg.special_tokens)  # fmt: skip
+    longest = cfg.max_length == "longest"  # the loaded encoder is fitted to the store's texts below
+    enc = cached_encoder(cfg.encoder, cfg.layer, cfg.image_size, 1 if longest else cfg.max_length, device,
+                         cfg.compute_dtype, cfg.crop, cfg.special_tokens)  # fmt: skip
     info = asdict(enc.info)
     images = dataset.images()
     limit = len(images) if cfg.limit is None else min(cfg.limit, len(images))
@@ -187,6 +198,9 @@ def plan(cfg: ExtractConfig) -> Job:
                                 "visible character)")
         if not text_rows:
             raise PipeError(f"dataset {cfg.dataset} split {cfg.split!r} has no captions")
+        if longest:
+            enc = enc.fitted_to([text for _, text, _ in text_rows])
+            info = asdict(enc.info)
         tokens, rows = enc.info.max_length, None
     count = len(rows) if rows is not None else len(text_rows)
     per_chunk, per_shard = default_rows(tokens, info["dim"], count, cfg.shard_rows)

@@ -42,8 +42,9 @@ def extract(
     limit: int | None = typer.Option(None, help="Only the first N images (and their captions)."),
     image_size: int | None = typer.Option(None, help="Input size in pixels (default: the encoder's, 224)."),
     layer: str = typer.Option("last", help="'last' (last_hidden_state, after the final norm) or a hidden-state index."),
-    max_length: int = typer.Option(64, help="Text: tokens kept per caption (with --special-tokens drop: word tokens, "
-                                   "the specials on top)."),
+    max_length: str = typer.Option("64", help="Text: tokens kept per caption (with --special-tokens drop: word "
+                                   "tokens, the specials on top), or 'longest' (the store's longest text, no "
+                                   "truncation below the model's limit)."),
     special_tokens: str = typer.Option("keep", help="Text: keep (every attention-mask position, [CLS]/[SEP] or "
                                        "<s></s> included, as the PAL authors) or drop (word tokens only)."),
     crop: str = typer.Option("processor", help="Images (--resize crop): processor (the model's: DINOv2 short side "
@@ -66,7 +67,8 @@ def extract(
     cfg = ExtractConfig(
         encoder=encoder, dataset=dataset, split=split, features=str(features), root=root, batch_size=batch_size,
         device=device, dtype=dtype, compute_dtype=compute_dtype, limit=limit, image_size=image_size, layer=layer,
-        max_length=max_length, text=text, templates=tuple(templates.split("|")) if templates else None,
+        max_length=max_length if max_length == "longest" else _int_option(max_length, "--max-length"), text=text,
+        templates=tuple(templates.split("|")) if templates else None,
         prompts=prompts, resize=resize, strict=strict, shard_rows=shard_rows, options=parse_options(option),
         crop=crop, special_tokens=special_tokens,
     )  # fmt: skip
@@ -80,6 +82,13 @@ def extract(
         typer.echo(f"skipped {len(summary.skipped)} unreadable images:")
         for rid, reason in summary.skipped:
             typer.echo(f"  {rid}: {reason}")
+
+
+def _int_option(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise PipeError(f"{flag} must be an integer or 'longest', got {text!r}") from None
 
 
 def _align_options() -> tuple[list, list]:

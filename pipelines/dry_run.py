@@ -103,12 +103,28 @@ def store_plan(cfg: ExtractConfig, shape: EncoderShape) -> StorePlan:
             ps = prompt_set(cfg.prompts, ds.name, tuple(ds.classes or ()), templates)
             rows, kind = len(ps.names) * len(ps.templates), "prompts"
             path = path.with_name(path.name.replace(".zarr", f"{prompt_store_suffix(cfg.prompts)}.zarr"))
-        tokens = seq = cfg.max_length
+        tokens = seq = cfg.max_length if cfg.max_length != "longest" else longest_text(cfg, ds, kind, n_img)
     state = "absent"
     if (path / "zarr.json").is_file():
         state = "complete" if read_json_attrs(path).get("complete") else "incomplete (resumed)"
     raw = rows * (tokens + 1) * shape.dim * 2
     return StorePlan(path, kind, rows, tokens, shape.dim, raw, rows * 2.0 * shape.params * seq / 1e9, state)
+
+
+def longest_text(cfg: ExtractConfig, ds: Any, kind: str, n_img: int) -> int:
+    """The stored length under `max_length = "longest"`: the longest text as the tokenizer cuts it (only the
+    tokenizer is loaded)."""
+    from transformers import AutoTokenizer
+
+    tok = load_pretrained(AutoTokenizer, resolve_source(cfg.encoder), "tokenizer")
+    if kind == "captions":
+        texts = [c.text for c in ds.captions() or [] if c.item < n_img]
+    else:
+        templates = tuple(cfg.templates) if cfg.templates else tuple(ds.templates())
+        ps = prompt_set(cfg.prompts, ds.name, tuple(ds.classes or ()), templates)
+        texts = [t.replace("{}", c) for c in ps.names for t in ps.templates]
+    specials = 0 if cfg.special_tokens == "keep" else tok.num_special_tokens_to_add(pair=False)
+    return max([1, *(len(ids) - specials for ids in tok(texts)["input_ids"])])
 
 
 def _size(n: float) -> str:

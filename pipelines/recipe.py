@@ -55,7 +55,7 @@ class Encoders:
     image: str
     text: str
     layer: str = "last"  # the hidden state stored for both encoders (docs/encoders.md)
-    max_length: int = 64
+    max_length: int | str = 64  # or "longest": each store's longest text, no truncation below the model's limit
     crop: str = "processor"  # how images are cropped (extract/encoders/base.py CROPS)
     special_tokens: str = "keep"  # which caption positions are tokens (SPECIAL_TOKENS)
 
@@ -283,8 +283,8 @@ class _Parser:
         if not isinstance(layer, str) or not (layer == "last" or layer.lstrip("-").isdigit()):
             raise self.fail("encoders.layer", f"{layer!r} is not a layer", "'last' or a hidden-state index")
         length = t.get("max_length", 64)
-        if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-            raise self.fail("encoders.max_length", f"{length!r} is not a positive integer")
+        if length != "longest" and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+            raise self.fail("encoders.max_length", f"{length!r} is not a positive integer or \"longest\"")
         crop = self.choice(self.string(t, "crop", "encoders", "processor"), "encoders.crop", CROPS)
         specials = self.choice(self.string(t, "special_tokens", "encoders", "keep"), "encoders.special_tokens",
                                SPECIAL_TOKENS)  # fmt: skip

@@ -146,7 +146,8 @@ def test_paper_caption_store_keeps_the_special_tokens(paper_run, tiny_bert) -> N
         states = AutoModel.from_pretrained(tiny_bert).eval()(**batch, output_hidden_states=True).hidden_states[-1]
     mask = batch["attention_mask"].bool()
     length = torch.from_numpy(store["length"][:].astype(np.int64))
-    assert length.tolist() == mask.sum(1).tolist()
+    assert length.tolist() == mask.sum(1).tolist()  # nothing truncated
+    assert store.layout.tokens == mask.shape[1]  # max_length "longest": the authors' padding="longest" width
     tokens = store.rows("tokens").float()
     for row in range(len(texts)):
         n = int(length[row])
@@ -359,7 +360,11 @@ def test_dry_run_prints_the_plan_and_does_nothing(tmp_path, tiny_dinov2, tiny_be
     image_bytes = TRAIN * (grid + 1) * 32 * 2  # float16 patches + CLS
     assert f"coco2014/train/{Path(tiny_dinov2).name}" not in printed  # store names are the encoder alias's
     assert f"image, {TRAIN} rows x {grid} tokens x 32, {image_bytes / 1000:.1f} KB raw" in printed
-    assert f"captions, {n_caps} rows x 64 tokens x 32" in printed
+    from transformers import AutoTokenizer
+
+    texts = [t.strip() for i in range(TRAIN) for t in captions_of("train", i)]
+    longest = AutoTokenizer.from_pretrained(tiny_bert)(texts, padding="longest", return_tensors="pt")["input_ids"]
+    assert f"captions, {n_caps} rows x {longest.shape[1]} tokens x 32" in printed  # max_length "longest"
     assert f"image, {VAL} rows x {grid} tokens x 32" in printed  # the val2014 stores of early stopping
     assert f"({TRAIN} images, {n_caps} captions, early stopping on coco/val)" in printed
     assert "epochs 1000, batch_size 4096, patience 200, captions first" in printed and "h at 50 TFLOP/s" in printed

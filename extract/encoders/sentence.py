@@ -11,6 +11,8 @@ normalisation) where the folder says so, else the CLS state. Pooling always read
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,21 @@ class TransformerTextEncoder(TextEncoder):
             raise PipeError(f"--max-length {info.max_length} is more than encoder {info.alias!r} accepts ({limit} "
                             "tokens)")
         self.seq_cap = min(int(info.max_length or 0) + specials, limit)  # dropped specials at the limit take 2 of it
+
+    def fitted_to(self, texts: list[str]) -> TransformerTextEncoder:
+        """This encoder with `max_length` set to the longest of `texts` as tokenized (its special tokens counted
+        under "keep"), at most the model's limit: `max_length="longest"`, the authors' `padding="longest"` without
+        truncation (shiwonkim/PAL_working src/datasets/coco_dataset.py:61-67). Shares the loaded model."""
+        limit = _position_limit(self.model.config, self.tokenizer)
+        specials = 0 if self.keep_specials else self.tokenizer.num_special_tokens_to_add(pair=False)
+        longest = 1
+        for i in range(0, len(texts), 4096):
+            ids = self.tokenizer(list(texts[i : i + 4096]), add_special_tokens=True)["input_ids"]
+            longest = max([longest, *(len(x) - specials for x in ids)])
+        fitted = copy.copy(self)
+        fitted.info = dataclasses.replace(self.info, max_length=max(1, min(longest, limit - specials)))
+        fitted.seq_cap = min(int(fitted.info.max_length) + specials, limit)
+        return fitted
 
     def encode(self, texts: list[str],
                out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
