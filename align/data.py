@@ -79,7 +79,8 @@ def heldout_stores(folder: str | Path, train: PairStores) -> PairStores:
             raise PipeError(f"--val-shards {folder}: holds the training stores themselves; name another split's folder")
         a = recorded_encoder(mine.layout.encoder, mine.layout.modality)
         b = recorded_encoder(theirs.layout.encoder, theirs.layout.modality)
-        keys = sorted(k for k in a.keys() | b.keys() if k not in ("model_id", "image_size") and a.get(k) != b.get(k))
+        same = ("model_id", "image_size", "max_length")  # where the files are, the input size, the padding length
+        keys = sorted(k for k in a.keys() | b.keys() if k not in same and a.get(k) != b.get(k))
         if mine.layout.dtype != theirs.layout.dtype:
             keys.append("dtype")
             a, b = a | {"dtype": mine.layout.dtype}, b | {"dtype": theirs.layout.dtype}

@@ -282,6 +282,12 @@ def test_heldout_store_set_must_match_and_not_double_count(paper_run, tmp_path, 
     run_extract(ExtractConfig(encoder=text.layout.encoder["alias"], **base), progress=False)
     with pytest.raises(PipeError, match="has encoder crop='processor' but the training store .* has crop='short-side'"):
         heldout_stores(other / "coco2014" / "val", stores)
+    padded = tmp_path / "padded"  # the same choices at another padding length: comparable
+    base |= {"features": str(padded), "crop": "short-side"}
+    run_extract(ExtractConfig(encoder=f"hf:{tiny_dinov2}", **base), progress=False)
+    run_extract(ExtractConfig(encoder=text.layout.encoder["alias"], max_length=40, **base), progress=False)
+    held = heldout_stores(padded / "coco2014" / "val", stores)
+    assert held.text.layout.tokens == 40 != stores.text.layout.tokens
 
 
 def test_recipe_runs_every_trained_method_as_the_authors(tmp_path) -> None:
