@@ -378,3 +378,30 @@ def test_dry_run_prints_the_plan_and_does_nothing(tmp_path, tiny_dinov2, tiny_be
     assert "give --tflops" in capsys.readouterr().out and not out.exists()
     assert main([*args[:-3], "--tflops", "5"]) == 2  # --tflops without --dry-run is a mistake
     assert "--tflops only applies with --dry-run" in capsys.readouterr().err
+
+
+def test_fixed_anchor_pal_is_the_authors_asif_row(paper_run) -> None:
+    """alignment_trainer.py:1421-1485: anchor_idx = torch.randperm(n_train, generator=seed)[:K]; image anchor = mean of
+    the pair's image tokens (N, T, D -> D), text anchor = mask-aware mean of its caption's tokens; L2-normalised."""
+    from pipe_align.align.base import ImageRows, TrainingData
+    from pipe_align.align.data import PairSource, PairStores, pair_split
+    from pipe_align.align.loop import RunConfig, fit
+    from pipe_align.align.pal_fixed import PALFixed, PALFixedConfig
+
+    _, out = paper_run
+    stores = PairStores(store_of(out, "train", "image"), store_of(out, "train", "text"))
+    cut = pair_split(stores, 0.0, 0)
+    src = PairSource(stores, cut.train, cut.captions, tokens=True, caption_rule="first")
+    result = fit(PALFixed, PALFixedConfig(anchors=6), RunConfig(seed=5, val_fraction=0.0), TrainingData(src))
+    rows = cut.train[torch.randperm(len(cut.train), generator=torch.Generator().manual_seed(5))[:6].numpy()]
+    cls, patches = stores.image.rows("cls").float(), stores.image.rows("patches").float()
+    tokens, length = stores.text.rows("tokens").float(), stores.text["length"][:]
+    image = torch.cat([cls[rows, None], patches[rows]], dim=1).mean(1)
+    text = torch.stack([tokens[c, : length[c]].mean(0) for c in (cut.captions[r][0] for r in rows)])
+    state = result.aligner.state_dict()
+    torch.testing.assert_close(state["image_anchors"], torch.nn.functional.normalize(image, dim=1))
+    torch.testing.assert_close(state["text_anchors"], torch.nn.functional.normalize(text, dim=1))
+    emb = result.aligner.image_global(ImageRows(cls=cls[:3], patches=patches[:3]))
+    assert emb.shape == (3, 6) and torch.allclose(emb.norm(dim=1), torch.ones(3))
+    with pytest.raises(PipeError, match="exceeds the 24 training pairs"):
+        fit(PALFixed, PALFixedConfig(anchors=25), RunConfig(val_fraction=0.0), TrainingData(src))
