@@ -160,6 +160,10 @@ class TrainedConfig(MethodConfig):
                 "--lr."})  # fmt: skip
     lr_finder_start: float = field(default=1e-7, metadata={"help": "Trained methods: LR finder's first rate."})
     lr_finder_end: float = field(default=10.0, metadata={"help": "Trained methods: LR finder's last rate."})
+    lr_finder_draw: str = field(default="epochs", metadata={
+        "help": "Trained methods: the LR finder's batches: subset (each iteration a random full batch of a random "
+                "5,000-pair subset of the training pairs, as the PAL authors) or epochs (the loop's own batches of "
+                "successive shuffled epochs)."})  # fmt: skip
 
     limits: ClassVar[dict[str, tuple[int | None, int]]] = {"lr_finder": (0, 10_000)}
 
@@ -169,7 +173,7 @@ class TrainedConfig(MethodConfig):
                "beta2": 0 <= self.beta2 < 1, "warmup_epochs": self.warmup_epochs >= 0,
                "grad_clip": self.grad_clip >= 0, "schedule": self.schedule in SCHEDULES,
                "cycle_epochs": self.cycle_epochs > 0, "grad_clip_mode": self.grad_clip_mode in CLIP_MODES,
-               "lr_finder": self.lr_finder >= 0,
+               "lr_finder": self.lr_finder >= 0, "lr_finder_draw": self.lr_finder_draw in FINDER_DRAWS,
                "lr_finder_start": 0 < self.lr_finder_start < self.lr_finder_end}  # fmt: skip
         for name, ok in bad.items():
             if not ok:
@@ -178,6 +182,7 @@ class TrainedConfig(MethodConfig):
 
 SCHEDULES = ("cosine", "constant", "cosine_cycle")
 CLIP_MODES = ("global", "per_group")
+FINDER_DRAWS = ("epochs", "subset")  # TrainedConfig.lr_finder_draw
 
 
 class Aligner(abc.ABC):
@@ -256,6 +261,7 @@ class StepContext:
     step: int
     steps_per_epoch: int
     gather: Callable[[Tensor, tuple[int, ...] | None], Tensor]
+    finder: bool = False  # the LR finder's trial step, before any training step (a schedule has not started yet)
 
 
 class TrainedAligner(Aligner):

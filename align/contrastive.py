@@ -74,6 +74,7 @@ class LinearConfig(TrainedConfig, BaselineConfig):
     grad_clip: float = 1.0
     grad_clip_mode: str = "per_group"
     lr_finder: int = 100
+    lr_finder_draw: str = "subset"
     pool: str = field(default="global", metadata={
         "help": "linear, mlp: global (project the global feature) or token (project every token, mean-pool)."})
     dim: int = field(default=512, metadata={"help": "linear, mlp: output dimension of the heads."})
@@ -340,11 +341,33 @@ class ContrastiveHeads(TrainedAligner):
         if config.structure_weight <= 0:
             return nce, {"info_nce": nce.item(), "structure": 0.0}
         zi, zt = ctx.gather(zi, batch.sizes), ctx.gather(zt, batch.sizes)  # frozen inputs: only STRUCTURE needs them
-        warmup = config.structure_warmup_steps
-        lam = config.structure_weight * (min(1.0, ctx.step / warmup) if warmup > 0 else 1.0)
-        t, lv, div = config.structure_temperature, config.structure_levels, config.structure_divergence
-        reg = 0.5 * (structure_loss(zi, hi, t, lv, div) + structure_loss(zt, ht, t, lv, div))
+        lam = self.structure_lambda(None if ctx.finder else ctx.step)
+        reg = self._structure(hi, ht, zi, zt)
         return nce + lam * reg, {"info_nce": nce.item(), "structure": reg.item()}
+
+    def _structure(self, hi: Tensor, ht: Tensor, zi: Tensor, zt: Tensor) -> Tensor:
+        c = self.config
+        t, lv, div = c.structure_temperature, c.structure_levels, c.structure_divergence
+        return 0.5 * (structure_loss(zi, hi, t, lv, div) + structure_loss(zt, ht, t, lv, div))
+
+    def structure_lambda(self, stepped: int | None) -> float:
+        """The regulariser weight the STRUCTURE code's CLIPLoss holds (clip_loss.py: it starts at the full weight,
+        and each training step's `step()` sets weight * min(1, k / warmup) for that step k, counted from 0):
+        `stepped` is the last training step k that ran, None before the first (the LR finder's trials)."""
+        weight, warmup = self.config.structure_weight, self.config.structure_warmup_steps
+        if stepped is None or warmup <= 0:
+            return weight
+        return weight * min(1.0, stepped / warmup)
+
+    def heldout_penalty(self, batch: Any, steps_done: int) -> float:
+        """lambda * STRUCTURE of a held-out batch, which the authors' validation adds to InfoNCE (it calls the same
+        loss), at the weight after `steps_done` training steps; 0 without the regulariser."""
+        if self.config.structure_weight <= 0:
+            return 0.0
+        with torch.no_grad():
+            hi, ht, zi, zt = self._encode(batch.image, batch.text, None)
+            lam = self.structure_lambda(steps_done - 1 if steps_done > 0 else None)
+            return lam * float(self._structure(hi, ht, zi, zt))
 
     @property
     def val_temperature(self) -> float:

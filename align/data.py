@@ -20,7 +20,7 @@ import torch
 from pipe_align.align.base import ImageRows, TextRows
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.shards import prefetch
-from pipe_align.extract.store import FeatureStore, open_store, origin_difference
+from pipe_align.extract.store import FeatureStore, open_store, origin_difference, recorded_encoder
 
 
 @dataclass
@@ -67,6 +67,28 @@ def find_pair_stores(
         raise PipeError(f"{image.path} and {text.path} were extracted from different data ({differs}): the caption "
                         "rows would not describe the image rows; extract both with the same --root, -o and --limit")
     return PairStores(image, text)
+
+
+def heldout_stores(folder: str | Path, train: PairStores) -> PairStores:
+    """The image and caption stores of another store set (`--val-shards`, e.g. COCO val2014 beside train2014) whose
+    pairs are held out: written by the same encoders with the same recorded choices (layer, crop, special tokens,
+    precision, ...) as the training stores, since the held-out loss compares the two."""
+    held = find_pair_stores(folder, train.image.layout.encoder.get("alias"), train.text.layout.encoder.get("alias"))
+    for mine, theirs in ((train.image, held.image), (train.text, held.text)):
+        if mine.path.resolve() == theirs.path.resolve():
+            raise PipeError(f"--val-shards {folder}: holds the training stores themselves; name another split's folder")
+        a = recorded_encoder(mine.layout.encoder, mine.layout.modality)
+        b = recorded_encoder(theirs.layout.encoder, theirs.layout.modality)
+        same = ("model_id", "image_size", "max_length")  # where the files are, the input size, the padding length
+        keys = sorted(k for k in a.keys() | b.keys() if k not in same and a.get(k) != b.get(k))
+        if mine.layout.dtype != theirs.layout.dtype:
+            keys.append("dtype")
+            a, b = a | {"dtype": mine.layout.dtype}, b | {"dtype": theirs.layout.dtype}
+        if keys:
+            k = keys[0]
+            raise PipeError(f"--val-shards {folder}: {theirs.path.name} has encoder {k}={b.get(k)!r} but the training "
+                            f"store {mine.path} has {k}={a.get(k)!r}; extract both with the same settings")
+    return held
 
 
 def store_fingerprint(st: FeatureStore) -> str:
@@ -136,14 +158,15 @@ class PairSource:
 
     def __init__(
         self, stores: PairStores, rows: np.ndarray, captions: list[np.ndarray], *, tokens: bool, device: str = "cpu",
-        memory_budget: int | None = None, block_rows: int | None = None,
+        memory_budget: int | None = None, block_rows: int | None = None, caption_rule: str = "draw",
     ) -> None:  # fmt: skip
         self.stores, self.rows, self.captions = stores, np.asarray(rows), captions
+        self.caption_rule = caption_rule  # "draw" or "first" (align.loop.CAPTION_RULES)
         self.tokens, self.device = tokens, device
         lay_i, lay_t = stores.image.layout, stores.text.layout
         img_bytes = ((lay_i.tokens if tokens else 0) + 1) * lay_i.dim * 2
         txt_bytes = ((lay_t.tokens if tokens else 0) + 1) * lay_t.dim * 2
-        n_caps = sum(len(captions[r]) for r in self.rows)  # in memory, every caption of every image is held
+        n_caps = sum(len(self.served(r)) for r in self.rows)  # in memory, every caption an epoch may pick is held
         self.bytes_needed = img_bytes * len(self.rows) + txt_bytes * n_caps
         if memory_budget is None:
             memory_budget = default_memory_budget(device)
@@ -154,6 +177,10 @@ class PairSource:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def served(self, row: int) -> np.ndarray:
+        """The caption rows of an image that an epoch may pick: all of them, or under "first" its first one."""
+        return self.captions[row][:1] if self.caption_rule == "first" else self.captions[row]
 
     # -- reading ----------------------------------------------------------------------------------------------------
     def _take(self, store: FeatureStore, name: str, rows: np.ndarray) -> torch.Tensor:
@@ -189,16 +216,36 @@ class PairSource:
         return txt
 
     def choose_captions(self, rows: np.ndarray, epoch: int, seed: int) -> np.ndarray:
-        """One caption per image, a different draw each epoch (deterministic in seed and epoch)."""
+        """One caption per image: a different draw each epoch (deterministic in seed and epoch), or under the rule
+        "first" the image's first caption row (the first of its captions in the dataset's file) in every epoch."""
+        if self.caption_rule == "first":
+            return np.array([self.captions[r][0] for r in rows], dtype=np.int64)
         rng = np.random.default_rng([seed, epoch, 7])
         picks = rng.integers(0, 1 << 30, size=len(rows))
         return np.array([self.captions[r][p % len(self.captions[r])] for r, p in zip(rows, picks)], dtype=np.int64)
+
+    def batch_of(self, positions: np.ndarray, epoch: int, seed: int, part: tuple[int, int] | None = None) -> Batch:
+        """The pairs at `positions` (indices into this source's rows, any order) as one batch, each image with the
+        caption its rule gives in `epoch`: the LR finder's random draws (align.loop.finder_draws)."""
+        positions = np.asarray(positions)
+        lo, hi, sizes = part_bounds(len(positions), part)
+        pos = positions[lo:hi]
+        rows = self.rows[pos]
+        caps = self.choose_captions(rows, epoch, seed)
+        if not self.in_memory:
+            return Batch(self._read_images(rows), self._read_texts(caps), rows, sizes)
+        img, txt, all_caps = self._memory()
+        if getattr(self, "_cap_pos", None) is None:
+            self._cap_pos = {int(c): i for i, c in enumerate(all_caps)}
+        ii = torch.as_tensor(pos, device=img.cls.device)
+        ti = torch.as_tensor([self._cap_pos[int(c)] for c in caps], device=img.cls.device)
+        return Batch(_index_img(img, ii), _index_txt(txt, ti), rows, sizes)
 
     # -- serving ----------------------------------------------------------------------------------------------------
     def _memory(self) -> tuple[ImageRows, TextRows, np.ndarray]:
         """Every row once, with all captions of each image (so any epoch's draw is an index, not a read)."""
         if self._cache is None:
-            all_caps = np.concatenate([self.captions[r] for r in self.rows])
+            all_caps = np.concatenate([self.served(r) for r in self.rows])
             self._cache = (self._read_images(self.rows), self._read_texts(all_caps), all_caps)
         return self._cache
 

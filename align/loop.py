@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,6 +48,8 @@ from pipe_align.align.lr_finder import find_lr
 from pipe_align.align.retrieval import retrieval_metrics
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_bytes
+
+CAPTION_RULES = ("draw", "first")  # RunConfig.captions: a caption drawn per epoch, or each image's first (the authors')
 
 
 class NonFinite(PipeError):
@@ -72,6 +75,13 @@ class RunConfig:
         "help": "Keep training tokens in memory up to this size (e.g. 8G); default half the free memory of the "
                 "device; above it, stream from Zarr.", "size": True})  # fmt: skip
     limit: int | None = field(default=None, metadata={"help": "Use only the first N pairs."})
+    captions: str = field(default="draw", metadata={
+        "help": "The caption of each image in an epoch: draw (a different one each epoch, seeded) or first (the "
+                "image's first caption in every epoch, as the PAL authors)."})  # fmt: skip
+    val_shards: str | None = field(default=None, metadata={
+        "help": "Held-out pairs from another store set (a FEATURES/DATASET/SPLIT folder, e.g. COCO val2014) "
+                "instead of a fraction of the training pairs: every training pair trains (needs --val-fraction 0)."
+    })  # fmt: skip
 
     # Inclusive bounds (docs/guarantees.md, "Security"): far above any real run (the PAL authors train up to 1000
     # epochs with patience 200 and batches of 4096 on 83k pairs), low enough that no value asks for a loop that
@@ -87,6 +97,15 @@ class RunConfig:
         if problem is not None:
             name, what = problem
             raise PipeError(f"--{name.replace('_', '-')} {getattr(self, name)!r} {what}")
+        self.check_heldout()
+
+    def check_heldout(self) -> None:
+        """The caption rule is a known one, and one source of held-out pairs is named, not two."""
+        if self.captions not in CAPTION_RULES:
+            raise PipeError(f"--captions must be one of {', '.join(CAPTION_RULES)}, got {self.captions!r}")
+        if self.val_shards is not None and self.val_fraction > 0:
+            raise PipeError(f"--val-shards {self.val_shards} holds the held-out pairs and --val-fraction "
+                            f"{self.val_fraction} would hold out training pairs too; give --val-fraction 0")
 
     def resolved(self, method: type[Aligner]) -> RunConfig:
         """Unset epochs / batch_size / patience filled with the method's defaults (trained methods only)."""
@@ -95,8 +114,16 @@ class RunConfig:
         return replace(self, **{k: v for k, v in method.run_defaults.items() if getattr(self, k) is None})
 
     def training_key(self) -> dict[str, Any]:
-        """The fields a trained result depends on (not where or how the data is held)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("device", "memory_budget")}
+        """The fields a trained result depends on (not where or how the data is held). The caption rule and the
+        held-out store set appear when they are not the defaults, so runs made before they existed keep their key."""
+        key = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("device", "memory_budget")}
+        if key["captions"] == "draw":
+            del key["captions"]
+        if key["val_shards"] is None:
+            del key["val_shards"]
+        else:
+            key["val_shards"] = str(Path(key["val_shards"]).resolve())
+        return key
 
 
 @dataclass
@@ -233,13 +260,16 @@ class Trainer:
         min_rows = max(2, self.dp.world if self.dp is not None else 1)
 
         def batches():
+            if getattr(cfg, "lr_finder_draw", "epochs") == "subset" and finder_draws_apply(self.method, self.data):
+                yield from finder_draws(self.data.train, run.batch_size, run.seed, part)
+                return
             for e in range(1 << 20):
                 for batch in self.method.batches(self.data, FINDER_EPOCHS + e, run.batch_size, run.seed, part):
                     if batch.total >= max(full, min_rows):
                         yield batch
 
         def loss_of(batch):
-            ctx = StepContext(self.epoch, self.step, self.steps_per_epoch, self._gather)
+            ctx = StepContext(self.epoch, self.step, self.steps_per_epoch, self._gather, finder=True)
             return self.method.loss(batch, ctx)[0]
 
         after = (lambda: sum_gradients(self.params)) if self.dp is not None else None
@@ -250,7 +280,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Held-out InfoNCE and R@1 both ways (empty without held-out pairs)."""
-        return heldout_loss(self.method, self.data.val, self.run_cfg.batch_size, self.run_cfg.seed)
+        return heldout_loss(self.method, self.data.val, self.run_cfg.batch_size, self.run_cfg.seed, self.step)
 
     # -- state ----------------------------------------------------------------------------------------------------
     def state(self, key: dict[str, Any] | None) -> dict[str, Any]:
@@ -329,6 +359,24 @@ class Trainer:
 
 
 FINDER_EPOCHS = 1 << 30  # the LR finder's batches are those of epochs numbered from here (never a training epoch's)
+FINDER_SUBSET = 5000  # the authors' finder draws its batches from this many random training pairs
+
+
+def finder_draws_apply(method: TrainedAligner, data: TrainingData) -> bool:
+    """The authors' draws need a source that serves any rows (align.data.PairSource) and a method that trains on the
+    plain paired batches (not SOTAlign's unpaired ones)."""
+    return hasattr(data.train, "batch_of") and type(method).batches is TrainedAligner.batches
+
+
+def finder_draws(train: Any, batch_size: int, seed: int, part: tuple[int, int] | None = None):
+    """The LR finder's batches as the PAL authors draw them (base_trainer.py find_optimal_learning_rate): a random
+    subset of min(N, 5000) training pairs once, then per iteration a random min(batch, subset) of that subset, each
+    image with its caption of the finder's epoch. Seeded by the run's seed, so a resumed run draws the same."""
+    gen = np.random.default_rng([seed, FINDER_EPOCHS])
+    subset = gen.permutation(len(train))[: min(len(train), FINDER_SUBSET)]
+    size = min(batch_size, len(subset))
+    while True:
+        yield train.batch_of(subset[gen.permutation(len(subset))[:size]], FINDER_EPOCHS, seed, part)
 
 
 def clip_gradients(groups: list[list[Tensor]], clip: float, mode: str = "global") -> float:
@@ -348,8 +396,12 @@ def clip_gradients(groups: list[list[Tensor]], clip: float, mode: str = "global"
 
 
 @torch.no_grad()
-def heldout_loss(aligner: Aligner, val: Any, batch_size: int, seed: int) -> dict[str, float]:
-    """InfoNCE at the method's `val_temperature` and R@1 both ways on the held-out pairs (fixed epoch-0 batches)."""
+def heldout_loss(aligner: Aligner, val: Any, batch_size: int, seed: int,
+                 steps_done: int | None = None) -> dict[str, float]:  # fmt: skip
+    """InfoNCE at the method's `val_temperature` and R@1 both ways on the held-out pairs (fixed epoch-0 batches).
+    Given the training steps done, a method's regulariser at its weight then (`heldout_penalty`: the contrastive
+    heads' lambda * STRUCTURE) is added, as the authors' validation loss is their training loss."""
+    penalty = getattr(aligner, "heldout_penalty", None) if steps_done is not None else None
     if val is None or len(val) < 2:
         return {}
     losses, n, h_i, h_t = 0.0, 0, [], []
@@ -357,7 +409,8 @@ def heldout_loss(aligner: Aligner, val: Any, batch_size: int, seed: int) -> dict
         if len(batch.rows) < 2:
             continue
         hi, ht = aligner.image_global(batch.image), aligner.text_global(batch.text)
-        losses += info_nce(hi, ht, aligner.val_temperature).item() * len(batch.rows)
+        extra = penalty(batch, steps_done) if penalty is not None else 0.0
+        losses += (info_nce(hi, ht, aligner.val_temperature).item() + extra) * len(batch.rows)
         n += len(batch.rows)
         h_i.append(hi.float().cpu())
         h_t.append(ht.float().cpu())

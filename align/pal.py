@@ -53,6 +53,7 @@ class PALConfig(TrainedConfig):
     grad_clip: float = 1.0
     grad_clip_mode: str = "per_group"
     lr_finder: int = 100
+    lr_finder_draw: str = "subset"
     limits: ClassVar[dict[str, tuple[int | None, int]]] = {"anchors": (1, 65_536)}
 
     def check(self) -> None:

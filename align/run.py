@@ -24,6 +24,7 @@ from pipe_align.align.data import (
     PairSource,
     PairStores,
     find_pair_stores,
+    heldout_stores,
     keep_freed_host_memory,
     pair_split,
     store_fingerprint,
@@ -88,8 +89,11 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
     given = dict(cfg.params)
     method_config(cfg.method, given)  # bad option names and values fail before anything runs
     stores = find_pair_stores(cfg.shards, cfg.image_encoder, cfg.text_encoder)
+    held = heldout_stores(cfg.run.val_shards, stores) if cfg.run.val_shards else None
     request = {"recipe": recipe, "params": given, "run": cfg.run.training_key(),
                "fingerprint": {"image": store_fingerprint(stores.image), "text": store_fingerprint(stores.text)}}
+    if held is not None:  # the held-out stores decide early stopping: other ones are another run
+        request["val_fingerprint"] = {"image": store_fingerprint(held.image), "text": store_fingerprint(held.text)}
     run_json = out / "run.json"
     prev = _read_json(run_json) if run_json.exists() else {}
     if prev.get("complete") and prev.get("request") != request:
@@ -116,11 +120,14 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
     main = dp is None or dp.main
     tokens = method.wants_tokens(method_config(cfg.method, chosen.params if chosen else given))
 
-    def source(rows):
-        return PairSource(stores, rows, split.captions, tokens=tokens, device=device,
-                          memory_budget=cfg.run.memory_budget)  # fmt: skip
+    def source(rows, pairs=stores, captions=split.captions):
+        return PairSource(pairs, rows, captions, tokens=tokens, device=device, memory_budget=cfg.run.memory_budget,
+                          caption_rule=cfg.run.captions)  # fmt: skip
 
     train, val = source(split.train), (source(split.val) if len(split.val) >= 2 else None)
+    if held is not None:
+        held_split = pair_split(held, 0.0, cfg.run.seed)  # every pair of the other store set is held out
+        val = source(held_split.train, held, held_split.captions)
     unpaired = _load_unpaired(cfg, stores) if cfg.unpaired_shards else None
     data = TrainingData(train, val, unpaired)
     t0 = time.perf_counter()
@@ -133,7 +140,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
             return _finished(out, prev, key)
     run = chosen.run
     out.mkdir(parents=True, exist_ok=True)
-    meta = _run_meta(cfg, mcfg, run, stores, train, split) | {
+    meta = _run_meta(cfg, mcfg, run, stores, train, split) | _heldout_meta(held, val) | {
         "key": key, "fingerprint": key["fingerprint"], "data_parallel": dp.world if dp else 1, "request": request,
         "recipe": chosen.record | {"params": chosen.params, "run": asdict(run)} if chosen.record else None}  # fmt: skip
 
@@ -225,6 +232,14 @@ def _run_meta(cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: Pair
         "tokens": {"image": "patches+cls" if getattr(mcfg, "use_cls", False) else "patches"},
         "data_mode": "memory" if train.in_memory else "stream", "complete": False,
     }  # fmt: skip
+
+
+def _heldout_meta(held: PairStores | None, val: PairSource | None) -> dict[str, Any]:
+    """Where the held-out pairs came from, when another store set holds them (`--val-shards`)."""
+    if held is None or val is None:
+        return {}
+    return {"heldout_stores": {"image": str(held.image.path), "text": str(held.text.path), "pairs": len(val),
+                               "dataset": held.image.layout.dataset, "split": held.image.layout.split}}  # fmt: skip
 
 
 def _encoder_record(store) -> dict[str, Any]:

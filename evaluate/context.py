@@ -17,12 +17,12 @@ from pipe_align.evaluate.loading import image_rows, text_rows
 from pipe_align.extract.datasets import dataset_class
 from pipe_align.extract.datasets.prompt_sets import has_pal_prompts, prompt_store_suffix
 from pipe_align.extract.errors import PipeError
-from pipe_align.extract.store import FeatureStore, open_store, read_json_attrs, store_path
+from pipe_align.extract.store import FeatureStore, open_store, read_json_attrs, recorded_encoder, store_path
 
 # Encoder attributes that must agree between the stores a run was trained on and the stores it is evaluated on.
 # image_size and max_length may differ (the same encoder at another input size or padding is still the same space).
 ENCODER_KEYS = ("model_id", "revision", "weights", "dim", "layer", "patch_size", "num_register_tokens", "pooling",
-                "compute_dtype")
+                "compute_dtype", "crop", "special_tokens")
 TEXT_KINDS = ("prompts", "captions")
 # Protocols that score with a named prompt set (extract/datasets/prompt_sets.py) where the dataset has one; no
 # fallback to other prompts there: a missing store is an error naming the `pipe extract` line that writes it.
@@ -124,7 +124,8 @@ def check_encoder(store: FeatureStore, meta: dict[str, Any], modality: str, run:
     enc = store.layout.encoder
     if enc.get("alias") != alias:
         raise PipeError(f"{store.path}: written by encoder {enc.get('alias')!r} but run {run} uses {alias!r}")
-    trained = _trained_encoder(meta, modality)
+    trained = recorded_encoder(_trained_encoder(meta, modality), modality)
+    enc = recorded_encoder(enc, modality)
     diff = [k for k in ENCODER_KEYS if trained.get(k) is not None and enc.get(k) is not None and trained[k] != enc[k]]
     if diff:
         k = diff[0]

@@ -13,7 +13,16 @@ import torch
 from pipe_align.extract.datasets import DATASETS, get_dataset
 from pipe_align.extract.datasets.base import is_blank
 from pipe_align.extract.datasets.prompt_sets import PROMPT_SETS, prompt_set, prompt_store_suffix
-from pipe_align.extract.encoders.base import COMPUTE_DTYPES, Options, Source, check_image_size, resolve_compute_dtype
+from pipe_align.extract.encoders.base import (
+    COMPUTE_DTYPES,
+    CROPS,
+    SPECIAL_TOKENS,
+    Options,
+    Source,
+    check_choice,
+    check_image_size,
+    resolve_compute_dtype,
+)
 from pipe_align.extract.encoders.registry import build_encoder, resolve_source
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import check_name
@@ -39,7 +48,7 @@ class ExtractConfig:
     limit: int | None = None
     image_size: int | None = None
     layer: str = "last"
-    max_length: int = 64
+    max_length: int | str = 64  # text positions stored per row, or "longest": the longest text's, no truncation
     text: str = "auto"  # "captions", "prompts" (class templates), "phrases" or "auto" (captions when the set has them)
     templates: tuple[str, ...] | None = None  # override the dataset's prompt templates
     resize: str = "auto"  # image encoders: "crop", "squash", or "auto" (squash when the set has masks)
@@ -48,16 +57,19 @@ class ExtractConfig:
     options: tuple[tuple[str, Any], ...] = ()  # dataset options (e.g. world size, seed)
     threads: int | None = None  # torch threads per process (dask workers)
     prompts: str = "standard"  # class-prompt set, "standard" or "pal" (datasets/prompt_sets.py); image stores ignore it
+    crop: str = "processor"  # image stores: the model's processor or "short-side" (encoders/base.py CROPS)
+    special_tokens: str = "keep"  # text stores: every attention-mask position, or "drop" the specials (SPECIAL_TOKENS)
 
 
 def cached_encoder(name: str, layer: str, image_size: int | None, max_length: int, device: str,
-                   compute_dtype: str = "float32"):  # fmt: skip
+                   compute_dtype: str = "float32", crop: str = "processor", special_tokens: str = "keep"):  # fmt: skip
     """One loaded encoder per process, weights identity and settings: every plan with the same encoder (image and
     text stores of a split, a resumed run, a test re-checking a store) reuses it, and new weights saved into the
     same folder are loaded anew (the source carries the folder's content hash)."""
     dtype = COMPUTE_DTYPES[resolve_compute_dtype(compute_dtype, device)]
     return _loaded(resolve_source(name), Options(layer=layer, image_size=image_size, max_length=max_length,
-                                                 device=device, dtype=dtype))  # fmt: skip
+                                                 device=device, dtype=dtype, crop=crop,
+                                                 special_tokens=special_tokens))  # fmt: skip
 
 
 @lru_cache(maxsize=4)
@@ -101,8 +113,9 @@ def _text_mode(cfg: ExtractConfig, dataset) -> str:
 def check_config(cfg: ExtractConfig) -> None:
     """Option values that cannot work, refused before a dataset is read or an encoder loaded (one line each)."""
     check_name(cfg.split, "--split")  # a folder of the store's path: never one outside --features
+    check_max_length(cfg.max_length)
     for flag, value in (("--batch-size", cfg.batch_size), ("--limit", cfg.limit), ("--shard-rows", cfg.shard_rows),
-                        ("--max-length", cfg.max_length), ("--threads", cfg.threads)):  # fmt: skip
+                        ("--threads", cfg.threads)):  # fmt: skip
         if value is not None and value < 1:
             raise PipeError(f"{flag} must be >= 1, got {value}")
     if cfg.image_size is not None:
@@ -110,6 +123,8 @@ def check_config(cfg: ExtractConfig) -> None:
     if cfg.dtype not in DTYPES:
         raise PipeError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     resolve_compute_dtype(cfg.compute_dtype, "cpu")  # the name only; "auto" is resolved for the device in `plan`
+    check_choice(cfg.crop, CROPS, "--crop")
+    check_choice(cfg.special_tokens, SPECIAL_TOKENS, "--special-tokens")
     if cfg.resize not in ("auto", "crop", "squash"):
         raise PipeError(f"--resize must be auto, crop or squash, got {cfg.resize!r}")
     if cfg.text not in TEXT_MODES:
@@ -120,6 +135,15 @@ def check_config(cfg: ExtractConfig) -> None:
         raise PipeError(f"--prompts {cfg.prompts} brings its own templates; --templates applies to the standard set")
     if cfg.prompts != "standard" and cfg.text == "captions":
         raise PipeError(f"--prompts {cfg.prompts} names class prompts; it does not apply to --text captions")
+
+
+def check_max_length(value: int | str) -> int | str:
+    """A positive number of text positions, or "longest" (the longest text of the store, up to the model's limit)."""
+    if value == "longest":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PipeError(f"--max-length must be a positive integer or 'longest', got {value!r}")
+    return value
 
 
 def _no_classes(cfg: ExtractConfig, dataset) -> PipeError:
@@ -137,7 +161,9 @@ def plan(cfg: ExtractConfig) -> Job:
     check_config(cfg)
     device = resolve_device(cfg.device)
     dataset = get_dataset(cfg.dataset, cfg.root, cfg.split, **dict(cfg.options))
-    enc = cached_encoder(cfg.encoder, cfg.layer, cfg.image_size, cfg.max_length, device, cfg.compute_dtype)
+    longest = cfg.max_length == "longest"  # the loaded encoder is fitted to the store's texts below
+    enc = cached_encoder(cfg.encoder, cfg.layer, cfg.image_size, 1 if longest else cfg.max_length, device,
+                         cfg.compute_dtype, cfg.crop, cfg.special_tokens)  # fmt: skip
     info = asdict(enc.info)
     images = dataset.images()
     limit = len(images) if cfg.limit is None else min(cfg.limit, len(images))
@@ -184,6 +210,9 @@ def plan(cfg: ExtractConfig) -> Job:
                                 "visible character)")
         if not text_rows:
             raise PipeError(f"dataset {cfg.dataset} split {cfg.split!r} has no captions")
+        if longest:
+            enc = enc.fitted_to([text for _, text, _ in text_rows])
+            info = asdict(enc.info)
         tokens, rows = enc.info.max_length, None
     count = len(rows) if rows is not None else len(text_rows)
     per_chunk, per_shard = default_rows(tokens, info["dim"], count, cfg.shard_rows)

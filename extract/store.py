@@ -495,8 +495,18 @@ def _resumable_attrs(layout: StoreLayout) -> dict[str, Any]:
     """Layout attributes as resume compares them: a store written before `compute_dtype` was recorded was computed
     in float32 (the only compute dtype then), so that is what its missing entry means."""
     d = layout.to_attrs()
-    d["encoder"] = {"compute_dtype": "float32", **d["encoder"]}
+    d["encoder"] = recorded_encoder(d["encoder"], layout.modality)
     return d
+
+
+def recorded_encoder(encoder: dict[str, Any], modality: str) -> dict[str, Any]:
+    """A store's encoder attributes with what a missing entry meant when the store was written: before they were
+    recorded, every forward ran in float32, images were cropped as the model's processor says and captions dropped
+    their special tokens. So an old store is never taken for one made with today's defaults."""
+    image = (encoder.get("modality") or modality) == "image"
+    legacy = {"compute_dtype": "float32", "crop": "processor" if image else None,
+              "special_tokens": None if image else "drop"}  # fmt: skip
+    return legacy | {k: v for k, v in encoder.items() if v is not None or k not in legacy}
 
 
 def open_store(

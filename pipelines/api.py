@@ -44,14 +44,14 @@ from pipe_align.extract.encoders import load_encoder
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import resolve_device
 from pipe_align.extract.shards import prefetch
-from pipe_align.extract.store import read_json_attrs
+from pipe_align.extract.store import read_json_attrs, recorded_encoder
 from pipe_align.pipelines import threads
 
 ImageInput = str | Path | Image.Image | Tensor
 # Loaded encoder attributes that must equal the recorded ones (model_id is left out: a prepared folder's path
 # differs between machines while its weights, named in `weights`, are the same).
 MUST_MATCH = ("weights", "revision", "dim", "layer", "patch_size", "num_register_tokens", "pooling", "image_size",
-              "max_length")  # fmt: skip
+              "max_length", "crop", "special_tokens")  # fmt: skip
 DEFAULT_BACKGROUND = "background"
 CLASSIFIERS_KEPT = 8  # label sets whose class weights are kept
 
@@ -106,10 +106,11 @@ def _recorded_encoder(run: Path, meta: dict[str, Any], modality: str) -> tuple[d
 
 def build_encoder(spec: EncoderSpec, run: Path, device: str):
     """The frozen encoder of `spec` through `load_encoder` (as `pipe extract` loads it), checked against the record."""
-    r = spec.recorded
+    r = recorded_encoder(spec.recorded, spec.modality)
     try:
         enc = load_encoder(spec.alias, layer=str(r["layer"]), image_size=r.get("image_size"),
-                           max_length=int(r.get("max_length") or 64), device=device)  # fmt: skip
+                           max_length=int(r.get("max_length") or 64), device=device,
+                           crop=r.get("crop") or "processor", special_tokens=r.get("special_tokens") or "keep")
     except PipeError as e:
         raise PipeError(f"run {run}: cannot load its {spec.modality} encoder {spec.alias!r} ({e})") from None
     got = asdict(enc.info)

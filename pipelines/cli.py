@@ -47,7 +47,14 @@ def extract(
     limit: int | None = typer.Option(None, help="Only the first N images (and their captions)."),
     image_size: int | None = typer.Option(None, help="Input size in pixels (default: the encoder's, 224)."),
     layer: str = typer.Option("last", help="'last' (last_hidden_state, after the final norm) or a hidden-state index."),
-    max_length: int = typer.Option(64, help="Text: word tokens kept per caption (special tokens come on top)."),
+    max_length: str = typer.Option("64", help="Text: tokens kept per caption (with --special-tokens drop: word "
+                                   "tokens, the specials on top), or 'longest' (the store's longest text, no "
+                                   "truncation below the model's limit)."),
+    special_tokens: str = typer.Option("keep", help="Text: keep (every attention-mask position, [CLS]/[SEP] or "
+                                       "<s></s> included, as the PAL authors) or drop (word tokens only)."),
+    crop: str = typer.Option("processor", help="Images (--resize crop): processor (the model's: DINOv2 short side "
+                             "256 then centre 224) or short-side (short side to the input size, then centre crop: "
+                             "timm's crop_pct 1.0, the PAL authors')."),
     text: str = typer.Option("auto", help="Text encoders: captions, prompts (class templates) or auto."),
     templates: str | None = typer.Option(None, help="Prompt templates, '|'-separated, each with {} for the class."),
     prompts: str = typer.Option("standard", help="Class-prompt set: standard, or pal (the PAL authors' names and "
@@ -65,8 +72,10 @@ def extract(
     cfg = ExtractConfig(
         encoder=encoder, dataset=dataset, split=split, features=str(features), root=root, batch_size=batch_size,
         device=device, dtype=dtype, compute_dtype=compute_dtype, limit=limit, image_size=image_size, layer=layer,
-        max_length=max_length, text=text, templates=tuple(templates.split("|")) if templates else None,
+        max_length=max_length if max_length == "longest" else _int_option(max_length, "--max-length"), text=text,
+        templates=tuple(templates.split("|")) if templates else None,
         prompts=prompts, resize=resize, strict=strict, shard_rows=shard_rows, options=parse_options(option),
+        crop=crop, special_tokens=special_tokens,
     )  # fmt: skip
     summary = run_extract(cfg, cluster=cluster, progress=progress)
     if summary.already_complete:
@@ -78,6 +87,13 @@ def extract(
         typer.echo(f"skipped {len(summary.skipped)} unreadable images:")
         for rid, reason in summary.skipped:
             typer.echo(f"  {rid}: {reason}")
+
+
+def _int_option(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise PipeError(f"{flag} must be an integer or 'longest', got {text!r}") from None
 
 
 def _align_options() -> tuple[list, list]:
@@ -178,6 +194,9 @@ def reproduce(
     batch_size: int = typer.Option(32, help="Rows per encoder forward (extraction)."),
     figures: bool = typer.Option(True, help="Write each evaluation's figures."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan per stage (settings, stores, rows, disk, "
+                                 "compute) and do nothing."),
+    tflops: float | None = typer.Option(None, help="--dry-run: the TFLOP/s your device achieves, for a time."),
 ) -> None:
     """Run a paper recipe end to end (extract -> align -> eval, resumable) and write the table beside the paper's
     published numbers (docs/reproduce.md)."""
@@ -186,9 +205,18 @@ def reproduce(
 
     r = load_recipe(recipe, data=data, roots=root, sets=set_)
     names = [tuple(n for n in (v or "").split(",") if n) for v in (only, skip)]
-    run_reproduce(ReproduceConfig(recipe=r, out=str(out or f"reproduce-{r.name}"), features=str(features) if features
-                                  else None, device=device, batch_size=batch_size, only=names[0], skip=names[1],
-                                  figures=figures, progress=progress))  # fmt: skip
+    cfg = ReproduceConfig(recipe=r, out=str(out or f"reproduce-{r.name}"), features=str(features) if features else None,
+                          device=device, batch_size=batch_size, only=names[0], skip=names[1], figures=figures,
+                          progress=progress)  # fmt: skip
+    if dry_run:
+        from pipe_align.pipelines.dry_run import check_tflops
+        from pipe_align.pipelines.dry_run import dry_run as plan
+
+        typer.echo(plan(cfg, check_tflops(tflops)))
+        return
+    if tflops is not None:
+        raise PipeError("--tflops only applies with --dry-run")
+    run_reproduce(cfg)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from pipe_align.align.loop import RunConfig
 from pipe_align.align.methods import get_method, method_names
 from pipe_align.evaluate.tasks import get_task
 from pipe_align.extract.datasets import DATASETS
+from pipe_align.extract.encoders.base import CROPS, SPECIAL_TOKENS
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import NAME_RULE, check_name
 from pipe_align.extract.job import ExtractConfig, check_config
@@ -41,12 +42,13 @@ METRICS = {
     "retrieval": tuple(f"{d}_retrieval_recall@{k}" for d in ("text", "image") for k in (1, 5, 10)),
     "segmentation": ("mIoU", "fg_mIoU", "mAcc", "aAcc", "bg_ignored/mIoU"),
 }
-RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "device")  # device: a command-line option
+# device: a command-line option; val_shards: a folder, which a recipe names as [train] val_split (reproduce finds it)
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("device", "val_shards"))
 # ExtractConfig fields a dataset entry may set (`extract = { templates = [...] }`); the others come from the recipe's
 # encoders, the dataset entry itself and the command line.
 EXTRACT_KEYS = tuple(f.name for f in dataclasses.fields(ExtractConfig) if f.name not in (
     "encoder", "dataset", "split", "features", "root", "options", "text", "batch_size", "device", "layer",
-    "max_length", "threads"))  # fmt: skip
+    "max_length", "threads", "crop", "special_tokens"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,9 @@ class Encoders:
     image: str
     text: str
     layer: str = "last"  # the hidden state stored for both encoders (docs/encoders.md)
-    max_length: int = 64
+    max_length: int | str = 64  # or "longest": each store's longest text, no truncation below the model's limit
+    crop: str = "processor"  # how images are cropped (extract/encoders/base.py CROPS)
+    special_tokens: str = "keep"  # which caption positions are tokens (SPECIAL_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class TrainSpec:
     dataset: str
     split: str
     run: RunConfig
+    val_split: str | None = None  # held-out pairs: this split of the training dataset (its own stores), not a fraction
 
 
 @dataclass(frozen=True)
@@ -278,16 +283,21 @@ class _Parser:
                       paper)  # fmt: skip
 
     def encoders(self, raw: Any) -> Encoders:
-        t = self.table(raw, "encoders", ("image", "text", "layer", "max_length"), ("image", "text"))
+        t = self.table(raw, "encoders", ("image", "text", "layer", "max_length", "crop", "special_tokens"),
+                       ("image", "text"))  # fmt: skip
         layer = t.get("layer", "last")
         if isinstance(layer, int) and not isinstance(layer, bool):
             layer = str(layer)
         if not isinstance(layer, str) or not (layer == "last" or layer.lstrip("-").isdigit()):
             raise self.fail("encoders.layer", f"{layer!r} is not a layer", "'last' or a hidden-state index")
         length = t.get("max_length", 64)
-        if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-            raise self.fail("encoders.max_length", f"{length!r} is not a positive integer")
-        return Encoders(self.string(t, "image", "encoders"), self.string(t, "text", "encoders"), layer, length)
+        if length != "longest" and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+            raise self.fail("encoders.max_length", f"{length!r} is not a positive integer or \"longest\"")
+        crop = self.choice(self.string(t, "crop", "encoders", "processor"), "encoders.crop", CROPS)
+        specials = self.choice(self.string(t, "special_tokens", "encoders", "keep"), "encoders.special_tokens",
+                               SPECIAL_TOKENS)  # fmt: skip
+        return Encoders(self.string(t, "image", "encoders"), self.string(t, "text", "encoders"), layer, length, crop,
+                        specials)  # fmt: skip
 
     def datasets(self, raw: Any, base: Path | None) -> tuple[DatasetSpec, ...]:
         if not isinstance(raw, dict) or not raw:
@@ -325,9 +335,19 @@ class _Parser:
             raise self.fail(key, str(e)) from None
 
     def train(self, raw: Any, names: list[str]) -> TrainSpec:
-        t = self.table(raw, "train", ("dataset", "split", *RUN_KEYS), ("dataset",))
+        t = self.table(raw, "train", ("dataset", "split", "val_split", *RUN_KEYS), ("dataset",))
         dataset = self.choice(self.string(t, "dataset", "train"), "train.dataset", names)
-        return TrainSpec(dataset, self.name(t.get("split", "train"), "train.split"), self.run_config(t, "train"))
+        split = self.name(t.get("split", "train"), "train.split")
+        val_split = t.get("val_split")
+        if val_split is not None:
+            val_split = self.name(val_split, "train.val_split")
+        if val_split is not None and val_split == split:
+            raise self.fail("train.val_split", f"{val_split!r} is the training split itself; name another split")
+        run = self.run_config(t, "train")
+        if val_split is not None and run.val_fraction > 0:
+            raise self.fail("train.val_fraction", f"{run.val_fraction} would hold out training pairs beside "
+                            f"val_split {val_split!r}; set it to 0")  # fmt: skip
+        return TrainSpec(dataset, split, run, val_split)
 
     def evals(self, raw: Any, names: list[str]) -> tuple[EvalSpec, ...]:
         if not isinstance(raw, list) or not raw:

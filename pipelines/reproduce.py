@@ -20,6 +20,7 @@ from typing import Any
 
 import typer
 
+from pipe_align.align.loop import RunConfig
 from pipe_align.align.run import AlignConfig, run_align
 from pipe_align.evaluate.config import EvalConfig, result_path
 from pipe_align.evaluate.context import PROTOCOL_PROMPTS
@@ -109,6 +110,8 @@ def extract_configs(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> list[Ext
     enc = r.encoders
     wanted = [(r.train.dataset, r.train.split, "captions", None)]
     wanted += [(e.dataset, e.split, TEXT_KIND[e.task], e) for e in evals]
+    if r.train.val_split is not None:  # the held-out pairs' stores, right after the training set's
+        wanted.insert(1, (r.train.dataset, r.train.val_split, "captions", None))
     out: list[ExtractConfig] = []
     owner: dict[tuple[str, str], DatasetSpec] = {}
     for name, split, kind, ev in wanted:
@@ -126,7 +129,8 @@ def extract_configs(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> list[Ext
             extra = settings | ({"prompts": prompts} if prompts is not None and text == "prompts" else {})
             ec = ExtractConfig(encoder=encoder, dataset=ds.reader, split=split, features=str(cfg.feature_dir),
                                root=ds.root, batch_size=cfg.batch_size, device=cfg.device, layer=enc.layer,
-                               max_length=enc.max_length, text=text, options=ds.options, **extra)  # fmt: skip
+                               max_length=enc.max_length, text=text, options=ds.options, crop=enc.crop,
+                               special_tokens=enc.special_tokens, **extra)  # fmt: skip
             if ec not in out:
                 out.append(ec)
     return out
@@ -157,8 +161,8 @@ def run_reproduce(cfg: ReproduceConfig) -> Summary:
     if excluded:
         typer.echo("left out: " + ", ".join(f"{n} ({why})" for n, why in excluded.items()))
     stages: dict[str, Work] = {}
-    stages["extract"], shards = _extract(cfg, evals)
-    stages["align"] = _align(cfg, methods, shards)
+    stages["extract"], folders = _extract(cfg, evals)
+    stages["align"] = _align(cfg, methods, folders)
     stages["eval"] = _eval(cfg, methods, evals, device)
     typer.echo("[4/4] table")
     cells = table_cells(cfg, excluded, device)
@@ -176,8 +180,9 @@ def run_reproduce(cfg: ReproduceConfig) -> Summary:
     return summary
 
 
-def _extract(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> tuple[Work, Path]:
-    """Every store; returns the folder of the training set's stores (where `run_extract` put them), for align."""
+def _extract(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> tuple[Work, dict[str, Path]]:
+    """Every store; returns where `run_extract` put the training set's stores ("train") and the held-out split's
+    ("val", when the recipe names one), for align."""
     r, w, t0 = cfg.recipe, Work(), time.perf_counter()
     paths = []
     stores = extract_configs(cfg, evals)
@@ -190,20 +195,38 @@ def _extract(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> tuple[Work, Pat
         state = "complete, kept" if s.already_complete else f"{s.written_rows} rows written"
         typer.echo(f"      {Path(s.path).relative_to(cfg.feature_dir)}: {s.rows} rows ({state})")
     w.seconds = time.perf_counter() - t0
-    return w, paths[0].parent  # extract_configs lists the training set's image store first
+    return w, pair_folders(r, stores, paths)
 
 
-def _align(cfg: ReproduceConfig, methods: Sequence[MethodSpec], shards: Path) -> Work:
+def pair_folders(r: Recipe, stores: Sequence[ExtractConfig], paths: Sequence[Path]) -> dict[str, Path]:
+    """The folders of the training split's stores and of the held-out split's (extract_configs lists them first)."""
+    reader = r.dataset(r.train.dataset).reader
+    out = {}
+    for ec, path in zip(stores, paths):
+        for role, split in (("train", r.train.split), ("val", r.train.val_split)):
+            if (ec.dataset, ec.split) == (reader, split) and role not in out:
+                out[role] = path.parent
+    return out
+
+
+def align_run(cfg: ReproduceConfig, m: MethodSpec, folders: dict[str, Path]) -> RunConfig:
+    """The method's run settings on this machine: the device, and the held-out split's folder when there is one."""
+    val = str(folders["val"]) if "val" in folders else None
+    return dataclasses.replace(m.run, device=cfg.device, val_shards=val)
+
+
+def _align(cfg: ReproduceConfig, methods: Sequence[MethodSpec], folders: dict[str, Path]) -> Work:
     """Every method on the training set; resume=True continues an interrupted run from its checkpoint."""
     r, w, t0 = cfg.recipe, Work(), time.perf_counter()
     train = r.dataset(r.train.dataset)
-    typer.echo(f"[2/4] align: {len(methods)} methods on {train.name}/{r.train.split}")
+    held = f", early stopping on {train.name}/{r.train.val_split}" if r.train.val_split else ""
+    typer.echo(f"[2/4] align: {len(methods)} methods on {train.name}/{r.train.split}{held}")
     for m in methods:
         path = run_dir(cfg, m)
         before = _finished_stamp(path)
-        acfg = AlignConfig(shards=str(shards), out=str(path), method=m.method, image_encoder=r.encoders.image,
-                           text_encoder=r.encoders.text, resume=True, run=dataclasses.replace(m.run, device=cfg.device),
-                           params=m.params)  # fmt: skip
+        acfg = AlignConfig(shards=str(folders["train"]), out=str(path), method=m.method,
+                           image_encoder=r.encoders.image, text_encoder=r.encoders.text, resume=True,
+                           run=align_run(cfg, m, folders), params=m.params)  # fmt: skip
         res = run_align(acfg, progress=cfg.progress)
         kept = before is not None and before == _finished_stamp(path)
         w.kept += kept

@@ -53,7 +53,8 @@ def runs(tmp_path_factory, world_features):
     out = tmp_path_factory.mktemp("runs")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    made = {m: train(world_features, out / m, m, **({"anchors": 16} if m == "pal" else {})) for m in method_names()}
+    small = {"anchors": 16}  # PAL and its fixed-anchor variant: the world has fewer training pairs than 512
+    made = {m: train(world_features, out / m, m, **(small if m.startswith("pal") else {})) for m in method_names()}
     torch.set_num_threads(threads)
     return made
 
@@ -113,6 +114,10 @@ def test_api_equals_eval_from_stores(runs, world_features, method, one_thread):
     for _, item, mask, pred in extras["examples"]:
         seg = model.segment(images[item], classes[1:], background="background")
         assert seg.names == classes and seg.background == 0 and seg.labels.shape == mask.shape
+        if method == "pal-fixed":  # untrained anchors: two classes tie within 1e-4 at a few upsampled pixels, where
+            # the two paths' summation orders may pick either (measured: 4 of 50,176 pixels in one image)
+            assert (seg.labels.numpy() != pred).mean() < 1e-3, f"{method}: image {item}"
+            continue
         assert np.array_equal(seg.labels.numpy(), pred), f"{method}: image {item}"
 
 

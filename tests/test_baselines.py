@@ -489,6 +489,48 @@ def test_linear_head_optimiser_and_structure_warmup_are_the_structure_codes():
         assert float(total.detach()) == pytest.approx(parts["info_nce"] + lam * parts["structure"], rel=1e-6, abs=1e-7)
 
 
+class AuthorsStructureWeight:
+    """The STRUCTURE weight as the PAL authors' CLIPLoss holds it (src/training/loss/clip_loss.py:161-218): it starts
+    at the full `structure_lambda`; `step()` sets lambda * min(1, train_step / warmup_steps) and then increments
+    train_step. Their trainer calls step() once before each training step's forward (alignment_trainer.py:1635), never
+    in the LR finder (base_trainer.py:147-232) nor in validation (alignment_trainer.py:1839-1895), which calls the same
+    loss, so its value includes the weight of the moment times the regulariser."""
+
+    def __init__(self, base: float, warmup: int) -> None:
+        self.base, self.warmup, self.train_step, self.value = base, warmup, 0, base
+
+    def step(self) -> None:
+        self.value = self.base * min(1.0, self.train_step / self.warmup)
+        self.train_step += 1
+
+
+def test_structure_weight_in_the_lr_finder_and_the_heldout_loss_are_the_authors():
+    from pipe_align.align.base import StepContext
+    from pipe_align.align.loop import heldout_loss
+    from pipe_align.align.losses import info_nce
+
+    train, val, _ = contrastive_data()
+    heads = LinearHeads(LinearConfig(dim=16, structure_weight=10.0, structure_warmup_steps=4))
+    heads.setup(TrainingData(train), 0)
+    same = lambda t, sizes: t  # noqa: E731
+    batch = next(iter(train.batches(0, 64, 0)))
+    total, parts = heads.loss(batch, StepContext(0, 0, 4, same, finder=True))  # before any step(): the full weight
+    assert float(total.detach()) == pytest.approx(parts["info_nce"] + 10.0 * parts["structure"], rel=1e-6)
+    for steps_done in (0, 1, 2, 3, 5, 40):
+        authors = AuthorsStructureWeight(10.0, 4)
+        for _ in range(steps_done):
+            authors.step()
+        want, n = 0.0, 0
+        for b in val.batches(0, 32, 0, shuffle=False):
+            reg = heads.loss(b, StepContext(0, 0, 4, same, finder=True))[1]["structure"]
+            nce = info_nce(heads.image_global(b.image), heads.text_global(b.text), heads.val_temperature).item()
+            want, n = want + (nce + authors.value * reg) * len(b.rows), n + len(b.rows)
+        got = heldout_loss(heads, val, 32, 0, steps_done)["val_loss"]
+        assert got == pytest.approx(want / n, rel=1e-5), steps_done
+    plain = heldout_loss(heads, val, 32, 0)["val_loss"]  # no step count given: InfoNCE alone (selection probes)
+    assert plain < heldout_loss(heads, val, 32, 0, 0)["val_loss"]
+
+
 # -- the demo's semi-supervised stores ---------------------------------------------------------------------------------
 def test_semi_unpaired_stores_are_the_other_rows_disjoint_and_shuffled(tmp_path):
     """pipelines/demo_semi.py: the unpaired stores hold every image after the first n pairs and exactly the captions

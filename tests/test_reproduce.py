@@ -60,7 +60,8 @@ def roots(tmp_path_factory) -> dict[str, Path]:
 
 def reproduce_args(out: Path, roots: dict[str, Path], dinov2: str, bert: str, *extra: str) -> list[str]:
     args = ["reproduce", "pal-paper", "--out", str(out), "--set", f"encoders.image=hf:{dinov2}", "--set",
-            f"encoders.text=hf:{bert}", "--set", "train.epochs=2", "--no-progress", "--no-figures"]  # fmt: skip
+            f"encoders.text=hf:{bert}", "--set", "train.epochs=2", "--no-progress", "--no-figures",
+            "--set", "methods.pal-fixed.anchors=8"]  # fmt: skip  (the replica has 24 training pairs, not 512)
     for name, path in roots.items():
         args += ["--root", f"{name}={path}"]
     if NOT_YET:
@@ -127,7 +128,8 @@ def test_pal_paper_end_to_end_and_resume(tmp_path, roots, tiny_dinov2, tiny_bert
     raw = paper_toml()
     methods, evals = list(raw["methods"]), raw["eval"]
     run_sets = {raw["train"]["dataset"]} | {ev["dataset"] for ev in evals if ev["dataset"] not in NOT_YET}
-    stores = 2 * len(run_sets)  # an image store and a caption/prompt store per dataset run
+    held_out = 1 if raw["train"].get("val_split") else 0  # the training set's held-out split has its own stores
+    stores = 2 * (len(run_sets) + held_out)  # an image store and a caption/prompt store per dataset split run
     assert table["stages"]["extract"]["done"] == stores and table["stages"]["extract"]["kept"] == 0
     assert table["stages"]["align"] == table["stages"]["align"] | {"done": len(methods), "kept": 0}
     assert table["stages"]["eval"]["done"] == len(methods) * (len(evals) - len(NOT_YET))
@@ -317,7 +319,7 @@ def bad_recipe(tmp_path: Path, old: str, new: str) -> Path:
     ('[datasets.stl10]', '[datasets.stl10]\nextract = { colour = 1 }',
      r"datasets\.stl10\.extract\.colour: unknown key; allowed: dtype, compute_dtype, limit, image_size, templates, "
      r"resize, strict, shard_rows, prompts"),
-    ("max_length = 64", "max_length = 0", r"encoders\.max_length: 0 is not a positive integer"),
+    ('max_length = "longest"', "max_length = 0", r'encoders\.max_length: 0 is not a positive integer or "longest"'),
     ("[train]", "[trian]\n[train]", r"trian: unknown key; allowed: recipe, encoders, datasets"),
 ])  # fmt: skip
 def test_bad_recipe_is_one_line_exit_2(tmp_path, capsys, old, new, expected):

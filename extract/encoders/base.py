@@ -24,6 +24,14 @@ from pipe_align.extract.errors import PipeError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_RATIO = 256 / 224  # shortest edge / crop: the DINOv2 (and ImageNet eval) convention
+# How a "crop" image becomes the input square (docs/encoders.md): "processor": the model's image processor (short side
+# to S * shortest_edge / crop_size, centre crop S, transformers' floor offsets; 256/224 for DINOv2); "short-side":
+# timm's eval transform with crop_pct 1.0 (short side to S, centre crop S, torchvision's rounded offsets), which the
+# PAL authors ran (src/models/backbones/vision_models.py: data_config["crop_pct"] = 1.0).
+CROPS = ("processor", "short-side")
+# Which positions of a caption are its tokens: "keep": every attention-mask position, special tokens ([CLS]/[SEP],
+# <s></s>) included, as the PAL authors pool them; "drop": the word tokens only (the specials removed).
+SPECIAL_TOKENS = ("keep", "drop")
 MARKER = "pipe_encoder.json"  # provenance file written into folders that `prepare_encoder` builds
 MAX_IMAGE_SIZE = 4096  # pixels; see `check_image_size`
 HUB_PROBE_SECONDS = 3.0
@@ -50,6 +58,8 @@ class EncoderInfo:
     pooling: str | None
     max_length: int | None
     compute_dtype: str = "float32"  # the forward's dtype: stores computed in another one are other features
+    crop: str | None = None  # image encoders: one of CROPS (None for text encoders)
+    special_tokens: str | None = None  # text encoders: one of SPECIAL_TOKENS (None for image encoders)
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,15 @@ class Options:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32  # compute dtype: the weights are loaded in it
     attention: str = "sdpa"  # transformers attn_implementation; models without SDPA keep their default
+    crop: str = "processor"  # image encoders: one of CROPS
+    special_tokens: str = "keep"  # text encoders: one of SPECIAL_TOKENS
+
+
+def check_choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
+    """A named choice, or a one-line PipeError listing the allowed values."""
+    if value not in allowed:
+        raise PipeError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 def resolve_compute_dtype(name: str, device: str | torch.device) -> str:
@@ -217,6 +236,7 @@ class ImageEncoder:
                  std: tuple[float, ...] = IMAGENET_STD, crop_ratio: float = EVAL_CROP_RATIO,
                  device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.info = info
+        self.crop = check_choice(info.crop or "processor", CROPS, "--crop")
         self.model = model
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -227,9 +247,10 @@ class ImageEncoder:
         self.grid = (size // patch, size // patch)
 
     def preprocess(self, images: list[Image.Image], resize: str = "crop") -> torch.Tensor:
-        """[B,3,S,S] float32. "crop": shortest edge S*ratio then center crop S (eval convention, the ratio is
-        the processor's shortest_edge/crop_size: 256/224 for DINOv2, 1 for CLIP); "squash": the whole image to
-        SxS, which keeps pixel alignment with segmentation masks. Bicubic, mean/std from the processor config."""
+        """[B,3,S,S] float32. "crop": shortest edge S*ratio then center crop S, where the encoder's `crop` rule
+        (CROPS) gives the ratio (the processor's shortest_edge/crop_size: 256/224 for DINOv2, 1 for CLIP; or 1) and
+        the crop offsets; "squash": the whole image to SxS, which keeps pixel alignment with segmentation masks.
+        Bicubic, mean/std from the processor config."""
         out = self.pixel_buffer(len(images))
         for row, image in enumerate(images):
             out[row] = self.preprocess_one(image, resize)
@@ -250,11 +271,10 @@ class ImageEncoder:
         image = image.convert("RGB")
         if resize == "squash":
             image = image.resize((size, size), Image.Resampling.BICUBIC)
+        elif self.crop == "short-side":
+            image = centre_crop(_resize_shortest_edge(image, size), size, rounded=True)
         else:
-            image = _resize_shortest_edge(image, round(size * self.crop_ratio))
-            width, height = image.size
-            top, left = (height - size) // 2, (width - size) // 2
-            image = image.crop((left, top, left + size, top + size))
+            image = centre_crop(_resize_shortest_edge(image, round(size * self.crop_ratio)), size, rounded=False)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / np.float32(255.0)).permute(2, 0, 1)
         return (pixels - self.mean) / self.std
 
@@ -279,6 +299,17 @@ class TextEncoder:
     def encode(self, texts: list[str],
                out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         raise NotImplementedError
+
+
+def centre_crop(image: Image.Image, size: int, rounded: bool) -> Image.Image:
+    """The centre SxS square. Offsets: transformers' image processors floor (h - S) / 2, torchvision's CenterCrop
+    (timm's transform) rounds it half to even; the two differ by a pixel where h - S is odd."""
+    width, height = image.size
+    if rounded:
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    else:
+        top, left = (height - size) // 2, (width - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def _resize_shortest_edge(image: Image.Image, short: int) -> Image.Image:

@@ -71,13 +71,15 @@ def hub_id(alias: str) -> str:
 
 
 def load_encoder(name: str, *, layer: str = "last", image_size: int | None = None, max_length: int = 64,
-                 device: str = "cpu", dtype: torch.dtype | str = torch.float32, attention: str = "sdpa") -> Encoder:
+                 device: str = "cpu", dtype: torch.dtype | str = torch.float32, attention: str = "sdpa",
+                 crop: str = "processor", special_tokens: str = "keep") -> Encoder:
     """Load a frozen encoder by alias or `hf:<model id or local path>[@revision]`, in eval mode on `device`; `dtype`
-    is the compute dtype (a torch dtype, or a name: float32, bfloat16, float16, auto)."""
+    is the compute dtype (a torch dtype, or a name: float32, bfloat16, float16, auto). `crop` applies to image
+    encoders, `special_tokens` to text encoders (base.CROPS, base.SPECIAL_TOKENS)."""
     if isinstance(dtype, str):
         dtype = COMPUTE_DTYPES[resolve_compute_dtype(dtype, device)]
     options = Options(layer=str(layer), image_size=image_size, max_length=max_length, device=device, dtype=dtype,
-                      attention=attention)  # fmt: skip
+                      attention=attention, crop=crop, special_tokens=special_tokens)  # fmt: skip
     return build_encoder(resolve_source(name), options)
 
 

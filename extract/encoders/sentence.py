@@ -1,7 +1,9 @@
 """Text encoders (BERT, MPNet, RoBERTa, ...), sentence-transformers checkpoints included.
 
-Word tokens exclude the tokenizer's special tokens ([CLS]/[SEP], <s></s>) and are shifted to positions 0..n-1;
-`max_length` counts word tokens, so the forward sees up to max_length + the specials. `pooled` is the model's own
+A caption's tokens are every attention-mask position, the tokenizer's special tokens ([CLS]/[SEP], <s></s>) included,
+as the PAL authors pool them (`special_tokens="keep"`; `max_length` counts every token, so the forward sees at most
+max_length). The recorded variant `special_tokens="drop"` keeps the word tokens only, shifted to positions 0..n-1,
+and `max_length` then counts word tokens (the forward sees up to max_length + the specials). `pooled` is the model's own
 sentence embedding: sentence-transformers mean pooling (over every non-pad token, specials included, no
 normalisation) where the folder says so, else the CLS state. Pooling always reads last_hidden_state, whatever
 `layer` the word tokens come from, because that is what the sentence embedding is defined on.
@@ -9,6 +11,8 @@ normalisation) where the folder says so, else the CLS state. Pooling always read
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,10 +20,12 @@ from typing import Any
 import torch
 
 from pipe_align.extract.encoders.base import (
+    SPECIAL_TOKENS,
     EncoderInfo,
     Options,
     Source,
     TextEncoder,
+    check_choice,
     dtype_name,
     hub_kwargs,
     load_model,
@@ -38,7 +44,8 @@ POOLINGS = ("mean", "cls", "max")
 
 
 class TransformerTextEncoder(TextEncoder):
-    """Tokenize, run, drop specials, left-align word tokens into a fixed [B, L, D] block."""
+    """Tokenize, run, keep the attention-mask positions (specials dropped in the "drop" variant), left-align them
+    into a fixed [B, L, D] block."""
 
     def __init__(self, info: EncoderInfo, model: torch.nn.Module, tokenizer: Any, *, layer_index: int | None,
                  device: str, dtype: torch.dtype) -> None:
@@ -48,12 +55,28 @@ class TransformerTextEncoder(TextEncoder):
         self.layer_index = layer_index
         self.device = torch.device(device)
         self.dtype = dtype
-        specials = tokenizer.num_special_tokens_to_add(pair=False)
+        self.keep_specials = check_choice(info.special_tokens or "keep", SPECIAL_TOKENS, "--special-tokens") == "keep"
+        specials = 0 if self.keep_specials else tokenizer.num_special_tokens_to_add(pair=False)
         limit = _position_limit(model.config, tokenizer)
         if int(info.max_length or 0) > limit:
             raise PipeError(f"--max-length {info.max_length} is more than encoder {info.alias!r} accepts ({limit} "
                             "tokens)")
-        self.seq_cap = min(int(info.max_length or 0) + specials, limit)  # at the limit the specials take 2 of it
+        self.seq_cap = min(int(info.max_length or 0) + specials, limit)  # dropped specials at the limit take 2 of it
+
+    def fitted_to(self, texts: list[str]) -> TransformerTextEncoder:
+        """This encoder with `max_length` set to the longest of `texts` as tokenized (its special tokens counted
+        under "keep"), at most the model's limit: `max_length="longest"`, the authors' `padding="longest"` without
+        truncation (shiwonkim/PAL_working src/datasets/coco_dataset.py:61-67). Shares the loaded model."""
+        limit = _position_limit(self.model.config, self.tokenizer)
+        specials = 0 if self.keep_specials else self.tokenizer.num_special_tokens_to_add(pair=False)
+        longest = 1
+        for i in range(0, len(texts), 4096):
+            ids = self.tokenizer(list(texts[i : i + 4096]), add_special_tokens=True)["input_ids"]
+            longest = max([longest, *(len(x) - specials for x in ids)])
+        fitted = copy.copy(self)
+        fitted.info = dataclasses.replace(self.info, max_length=max(1, min(longest, limit - specials)))
+        fitted.seq_cap = min(int(fitted.info.max_length) + specials, limit)
+        return fitted
 
     def encode(self, texts: list[str],
                out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -88,10 +111,11 @@ class TransformerTextEncoder(TextEncoder):
         last = out.last_hidden_state.float()
         states = out.hidden_states[self.layer_index].float() if hidden else last
 
-        valid = attention & ~special
+        valid = attention if self.keep_specials else attention & ~special
         order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # valid positions first, in order
         gathered = states.gather(1, order.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
-        length = valid.sum(dim=1).clamp(max=length_cap)
+        # a text whose tokenizer kept no word (only the specials) has nothing to say: length 0, refused by the runner
+        length = valid.sum(dim=1).clamp(max=length_cap) * (attention & ~special).any(dim=1)
         take = min(length_cap, gathered.shape[1])
         tokens = torch.zeros(len(length), length_cap, dim, device=self.device)
         keep = torch.arange(take, device=self.device).unsqueeze(0) < length.unsqueeze(1)
@@ -179,6 +203,7 @@ def build_text_encoder(source: Source, options: Options, pooling: str | None = N
         modality="text", dim=int(config.hidden_size), layer="last" if layer_index is None else str(layer_index),
         image_size=None, patch_size=None, num_register_tokens=0, pooling=pooling or detect_pooling(source),
         max_length=int(options.max_length), compute_dtype=dtype_name(options.dtype),
+        special_tokens=check_choice(options.special_tokens, SPECIAL_TOKENS, "--special-tokens"),
     )
     return TransformerTextEncoder(info, model, tokenizer, layer_index=layer_index, device=options.device,
                                   dtype=options.dtype)

@@ -8,10 +8,12 @@ from typing import Any
 import torch
 
 from pipe_align.extract.encoders.base import (
+    CROPS,
     EncoderInfo,
     ImageEncoder,
     Options,
     Source,
+    check_choice,
     check_image_size,
     dtype_name,
     load_model,
@@ -66,7 +68,7 @@ def build_image_encoder(source: Source, options: Options, model_class: Any, *, p
         modality="image", dim=int(config.hidden_size),
         layer=_layer_name(options.layer, int(config.num_hidden_layers)),
         image_size=size, patch_size=patch, num_register_tokens=registers, pooling=None, max_length=None,
-        compute_dtype=dtype_name(options.dtype),
+        compute_dtype=dtype_name(options.dtype), crop=check_choice(options.crop, CROPS, "--crop"),
     )
     encoder = TransformerImageEncoder(
         info, model, layer_index=parse_layer(options.layer, int(config.num_hidden_layers)), prefix=1 + registers,
