@@ -93,9 +93,14 @@ def test_segment_keeps_every_output_of_images_with_the_same_name(pal_run, model,
     assert segment(*inputs, "--run", pal_run, "--labels", ",".join(LABELS), "--out", out) == 0
     assert sorted(files(out)) == ["a-2.labels.png", "a-2.overlay.png", "a-3.labels.png", "a-3.overlay.png",
                                   "a.labels.png", "a.overlay.png", "labels.txt"]  # fmt: skip
-    for path, stem in zip(inputs, ["a", "a-3", "a-2"]):
+    expected = [model.segment(path, LABELS).labels.numpy() for path in inputs]
+    for i, stem in enumerate(["a", "a-3", "a-2"]):
         with Image.open(out / f"{stem}.labels.png") as png:
-            assert np.array_equal(np.asarray(png), model.segment(path, LABELS).labels.numpy()), stem
+            got = np.asarray(png)
+        # each output is its own input's segmentation (the batched and the single-image forward may split a near-tie
+        # at a few upsampled pixels differently), and further from every other input's
+        wrong = [(got != e).mean() for e in expected]
+        assert wrong[i] < 1e-3 and all(w > wrong[i] for j, w in enumerate(wrong) if j != i), (stem, wrong)
 
 
 # -- 2. a reused --out folder ---------------------------------------------------------------------------------------
