@@ -66,7 +66,8 @@ def test_registry_names_and_unknown_name_lists_choices():
 def test_label_space_facts_are_class_attributes():
     """What evaluation reads by dataset name, without opening a file: the background class, label 0 ignored, void.
     Each fact must agree with the reader's class list."""
-    background = {"voc": VOC_CLASSES, "world": WORLD_CLASSES, "pascal-context": PASCAL_CONTEXT_CLASSES}
+    background = {"voc": VOC_CLASSES, "world": WORLD_CLASSES, "pascal-context": PASCAL_CONTEXT_CLASSES,
+                  "pascal-context-mat": PASCAL_CONTEXT_CLASSES}
     for name, cls in DATASETS.items():
         assert dataset_class(name.upper()) is cls and cls.ignore_index == 255
         assert cls.background == (0 if name in background else None), name

@@ -77,6 +77,112 @@ def test_pascal_context_root_levels_and_wrong_layouts(tmp_path):
     raises("mask folder not found", get_dataset, "pascal-context", devkit, "val")
 
 
+# ------------------------------------------------------------------------------------- pascal-context-mat (PAL)
+
+# The PAL authors' class list, in their order (shiwonkim/PAL_working, src/evaluation/zero_shot_segmentation.py:134-144).
+AUTHORS_CONTEXT = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor", "bag", "bed", "bench",
+    "book", "building", "cabinet", "ceiling", "cloth", "computer", "cup", "door", "fence", "floor", "flower", "food",
+    "grass", "ground", "keyboard", "light", "mountain", "mouse", "curtain", "platform", "sign", "plate", "road",
+    "rock", "shelves", "sidewalk", "sky", "snow", "bedclothes", "track", "tree", "truck", "wall", "water", "window",
+    "wood",
+]  # fmt: skip
+
+
+def authors_names(raw: np.ndarray, labels_txt: Path) -> np.ndarray:
+    """The authors' mapping written out: a release label whose labels.txt name is one of their 59 names is that
+    class, every other label (0 included) is background; as class names, so that the class order does not matter."""
+    names = {int(k): v.strip() for k, v in (ln.split(":", 1) for ln in labels_txt.read_text().splitlines() if ln)}
+    out = np.full(raw.shape, "background", dtype=object)
+    for value in np.unique(raw):
+        name = names.get(int(value))
+        if name in AUTHORS_CONTEXT[1:]:
+            out[raw == value] = name
+    return out
+
+
+def test_pascal_context_mat_maps_the_459_labels_as_the_pal_authors(tmp_path):
+    from scipy.io import loadmat, savemat
+
+    from tests.replicas.pascal_context_mat import CLASS_INDEX, IDS
+
+    root = replica("pascal-context-mat", tmp_path)
+    ds = get_dataset("pascal-context-mat", root, "trainval")
+    assert [r.id for r in ds.images()] == sorted(IDS)  # every .mat of trainval/, not the image without one
+    assert sorted(ds.classes) == sorted(AUTHORS_CONTEXT) and ds.classes[0] == "background"
+    assert (type(ds).background, type(ds).reduce_zero_label) == (0, False)
+    seen = set()
+    for i, rec in enumerate(ds.images()):
+        raw = loadmat(str(root / "trainval" / f"{rec.id}.mat"))["LabelMap"]
+        mask = ds.load_mask(i)
+        assert mask.dtype == np.uint8 and mask.shape == raw.shape and 255 not in mask
+        assert ds.load_image(i).size == (raw.shape[1], raw.shape[0])
+        got = np.array(ds.classes, dtype=object)[mask]
+        assert (got == authors_names(raw, root / "labels.txt")).all(), rec.id
+        seen |= set(got.ravel())
+    assert "background" in seen and len(seen) > 3  # the replica exercises classes and other labels alike
+    # every release label at once: the 59 at the indices of the real labels.txt, the other 400 and 0 to background
+    every = np.arange(460, dtype=np.uint16).reshape(20, 23)
+    savemat(str(root / "trainval" / f"{IDS[0]}.mat"), {"LabelMap": every})
+    (root / "images" / f"{IDS[0]}.jpg").unlink()
+    Image.new("RGB", (23, 20)).save(root / "images" / f"{IDS[0]}.jpg")
+    got = np.array(ds.classes, dtype=object)[ds.load_mask(0)].ravel()
+    expected = {index: name for name, index in CLASS_INDEX.items()}
+    assert [got[v] for v in range(460)] == [expected.get(v, "background") for v in range(460)]
+
+
+def test_pascal_context_mat_refuses_damaged_releases(tmp_path):
+    from scipy.io import savemat
+
+    root = replica("pascal-context-mat", tmp_path / "a")
+    ds = get_dataset("pascal-context-mat", root, "trainval")
+    mat = root / "trainval" / f"{ds.images()[1].id}.mat"
+    h, w = ds.load_mask(1).shape
+    savemat(str(mat), {"LabelMap": np.full((h, w), 460, np.uint16)})  # labels.txt lists 1..459
+    raises(f"label map {mat} holds label 460, which {root / 'labels.txt'} does not list", ds.load_mask, 1)
+    savemat(str(mat), {"Labels": np.zeros((h, w), np.uint16)})
+    raises(f"label map {mat} has no LabelMap (variables: Labels)", ds.load_mask, 1)
+    savemat(str(mat), {"LabelMap": np.zeros((h + 1, w), np.uint16)})
+    raises(f"label map {mat} is {w}x{h + 1}, its image is {w}x{h}", ds.load_mask, 1)
+    mat.write_bytes(b"not a mat file")
+    raises(f"unreadable label map {mat}", ds.load_mask, 1)
+    raises("has no split 'val' (choose from: trainval)", get_dataset, "pascal-context-mat", root, "val")
+    labels = root / "labels.txt"
+    text = labels.read_text()
+    labels.write_text(text.replace("427: tvmonitor", "427: tv monitor"))
+    raises(f"{labels} has no label named 'tvmonitor'", get_dataset, "pascal-context-mat", root, "trainval")
+    labels.write_text(text.replace("2: aeroplane", "aeroplane"))
+    raises(f"{labels}:2: expected '<index>: <name>'", get_dataset, "pascal-context-mat", root, "trainval")
+    labels.write_text(text)
+    (root / "images").unlink()
+    raises("no images/ (or JPEGImages/) folder in", get_dataset, "pascal-context-mat", root, "trainval")
+    (root / "images").symlink_to(tmp_path / "a" / "VOCdevkit" / "VOC2010" / "JPEGImages")
+    (root / "images" / f"{ds.images()[0].id}.jpg").unlink()
+    raises(f"{root / 'trainval' / (ds.images()[0].id + '.mat')} has no image", get_dataset, "pascal-context-mat",
+           root, "trainval")  # fmt: skip
+    raises("no trainval/ folder of .mat label maps", get_dataset, "pascal-context-mat", root / "images", "trainval")
+
+
+def test_pascal_context_mat_under_the_pal_protocol(tmp_path, world_features, tiny_dinov2, tiny_bert):
+    """The PAL protocol on the .mat release: every pixel scored (no void), background competing, fg_mIoU."""
+    run = tmp_path / "run"
+    assert main(["align", "--method", "procrustes", "--shards", str(world_features / "world" / "train"), "--out",
+                 str(run), "--val-fraction", "0", "--no-progress"]) == 0  # fmt: skip
+    root = replica("pascal-context-mat", tmp_path / "data")
+    feats = tmp_path / "features"
+    common = ["--features", str(feats), "--root", str(root), "--split", "trainval", "--no-progress"]
+    assert main(["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "pascal-context-mat", *common]) == 0
+    assert main(["extract", "--encoder", f"hf:{tiny_bert}", "--dataset", "pascal-context-mat", "--text", "prompts",
+                 "--prompts", "pal", *common]) == 0  # fmt: skip
+    assert main(["eval", "segmentation", "--run", str(run), "--dataset", "pascal-context-mat", "--split", "trainval",
+                 "--features", str(feats), "--root", str(root), "--protocol", "pal", "--no-figures"]) == 0  # fmt: skip
+    res = json.loads((run / "eval" / "segmentation-pascal-context-mat-trainval-pal.json").read_text())
+    ds = get_dataset("pascal-context-mat", root, "trainval")
+    assert res["config"]["prompts"] == "pal" and res["num_classes"] == 60
+    assert res["pixels"] == sum(ds.load_mask(i).size for i in range(len(ds))) and "fg_mIoU" in res
+
+
 # ------------------------------------------------------------------------------------------------------------ voc
 
 

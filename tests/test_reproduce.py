@@ -363,7 +363,8 @@ def test_relative_roots_resolve_against_the_recipe_folder_or_data(tmp_path, monk
     path.write_text(SHIPPED.read_text())
     monkeypatch.chdir(tmp_path)
     r = load_recipe(str(path))
-    assert r.dataset("pascal-context").root == str(folder.resolve() / "VOCdevkit" / "VOC2010")
+    assert r.dataset("pascal-context").root == str(folder.resolve() / "pascal-context")
+    assert r.dataset("pascal-context").reader == "pascal-context-mat"
     r = load_recipe(str(path), data="elsewhere", roots=["coco=rel/coco"])
     assert r.dataset("flickr30k").root == str(tmp_path.resolve() / "elsewhere" / "flickr30k")
     assert r.dataset("coco").root == str(tmp_path.resolve() / "rel" / "coco")  # --root: relative to the cwd

@@ -14,6 +14,7 @@ from pipe_align.extract.datasets import (  # noqa: F401  (register)
     karpathy,
     parquet,
     pascal_context,
+    pascal_context_mat,
     stl10,
     tables,
     voc,

@@ -55,6 +55,7 @@ PAL_NAMES: dict[str, tuple[list[str], dict[str, str]]] = {
     "voc": (VOC_CLASSES, {"diningtable": "dining table", **_PAL_RENAMES}),
     "pascal-context": (PASCAL_CONTEXT_CLASSES, _PAL_RENAMES),
     "pascal-context-59": (PASCAL_CONTEXT_CLASSES, _PAL_RENAMES),
+    "pascal-context-mat": (PASCAL_CONTEXT_CLASSES, _PAL_RENAMES),
     "ade20k": (ADE20K_CLASSES, {"other": "background"}),
 }
 
