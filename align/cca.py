@@ -12,6 +12,13 @@ correlated directions count more (the authors' `weighted_corr_sim`, rho to the p
 "dot product of normalised outputs" we scale each normalised coordinate by sqrt(rho_i) on both sides (their dot
 product is exactly the CSA score) and L2-normalise once more; for a fixed query the extra normalisation rescales each
 candidate's score by its own weighted norm, which is the one departure from the published score.
+
+`variant = "pal-authors"` is CSA as the PAL authors ran it (shiwonkim/PAL_working, src/models/alignment/csa.py:131-203,
+NormalizedCCA with equal_weights False and use_reg False as configs/csa/vitl_roberta/csa_d512.yaml sets them): cca_zoo's
+linear CCA with no regularisation, on each side's principal components that hold 99.9% of its variance (their patch of
+cca_zoo's PCA step, src/training/trainers/csa_trainer.py:15-32), and plain cosine between the canonical coordinates
+(their retrieval and classification ignore the correlations: csa_trainer.py:381-387, 504-510). Unregularised CCA is
+exact whitening of the kept components followed by the SVD above; rank must not exceed the components kept.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from pipe_align.align.baseline import BaselineConfig, BaselineState, gather_pair
 from pipe_align.extract.errors import PipeError
 
 DEFAULT_RANK_CAP = 256
+VARIANTS = ("ridge", "pal-authors")
+PAL_AUTHORS_PCA_VARIANCE = 0.999  # their PCA(n_components=0.999) before cca_zoo's CCA
 
 
 @dataclass(frozen=True)
@@ -35,9 +44,14 @@ class CCAConfig(BaselineConfig):
         "help": "cca, csa: ridge on each covariance, relative to its mean eigenvalue."})  # fmt: skip
     rank: int | None = field(default=None, metadata={
         "help": "cca, csa: canonical directions kept (default min(Di, Dt, 256))."})  # fmt: skip
+    variant: str = field(default="ridge", metadata={
+        "help": "cca, csa: 'ridge' (reg on each covariance; csa weights by the correlations, as CSA's authors) or "
+                "'pal-authors' (the PAL authors' run: 99.9%-variance PCA, no ridge, plain cosine)."})  # fmt: skip
 
     def check(self) -> None:
         super().check()
+        if self.variant not in VARIANTS:
+            raise PipeError(f"variant={self.variant!r}: must be one of {', '.join(VARIANTS)}")
         if self.reg < 0:
             raise PipeError(f"reg={self.reg}: must be >= 0")
         if self.rank is not None and self.rank < 1:
@@ -51,8 +65,23 @@ def _inv_sqrt(c: Tensor) -> Tensor:
     return (evecs * evals.clamp(min=floor).rsqrt()) @ evecs.T
 
 
-def cca_fit(x: Tensor, y: Tensor, reg: float = 1e-3, rank: int | None = None) -> dict[str, Tensor]:
-    """Means, projections A [Di, r], B [Dt, r] and canonical correlations rho [r] (descending) of paired rows."""
+def _pca_whitener(c: Tensor, variance: float, side: str) -> Tensor:
+    """[D, k] map onto the top-k principal components, each scaled to unit variance, with k the fewest components
+    whose share of the variance exceeds `variance` (scikit-learn's PCA(n_components=variance) rule)."""
+    evals, evecs = torch.linalg.eigh(c)
+    evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
+    share = torch.cumsum(evals, 0) / evals.sum()
+    k = min(int(torch.searchsorted(share, torch.tensor([variance], dtype=share.dtype), right=True)) + 1, len(evals))
+    if not bool((evals[:k] > 0).all()):
+        raise PipeError(f"CCA ({side} side): the {side} features have no variance to whiten")
+    return evecs[:, :k] * evals[:k].rsqrt()
+
+
+def cca_fit(x: Tensor, y: Tensor, reg: float = 1e-3, rank: int | None = None,
+            pca_variance: float | None = None) -> dict[str, Tensor]:  # fmt: skip
+    """Means, projections A [Di, r], B [Dt, r] and canonical correlations rho [r] (descending) of paired rows. With
+    `pca_variance`, each side is whitened exactly on its principal components holding that share of its variance and
+    `reg` is not used (the PAL authors' unregularised CCA)."""
     x, y = x.double(), y.double()
     n = x.shape[0]
     if n < 2:
@@ -61,10 +90,17 @@ def cca_fit(x: Tensor, y: Tensor, reg: float = 1e-3, rank: int | None = None) ->
     xc, yc = x - mean_x, y - mean_y
     cxx, cyy, cxy = xc.T @ xc / (n - 1), yc.T @ yc / (n - 1), xc.T @ yc / (n - 1)
     dx, dy = cxx.shape[0], cyy.shape[0]
-    cxx = cxx + reg * torch.trace(cxx) / dx * torch.eye(dx, dtype=x.dtype, device=x.device)
-    cyy = cyy + reg * torch.trace(cyy) / dy * torch.eye(dy, dtype=y.dtype, device=y.device)
-    wx, wy = _inv_sqrt(cxx), _inv_sqrt(cyy)
-    u, s, vh = torch.linalg.svd(wx @ cxy @ wy, full_matrices=False)
+    if pca_variance is None:
+        cxx = cxx + reg * torch.trace(cxx) / dx * torch.eye(dx, dtype=x.dtype, device=x.device)
+        cyy = cyy + reg * torch.trace(cyy) / dy * torch.eye(dy, dtype=y.dtype, device=y.device)
+        wx, wy = _inv_sqrt(cxx), _inv_sqrt(cyy)
+    else:
+        wx, wy = _pca_whitener(cxx, pca_variance, "image"), _pca_whitener(cyy, pca_variance, "text")
+        dx, dy = wx.shape[1], wy.shape[1]
+        if rank is not None and rank > min(dx, dy):
+            raise PipeError(f"rank={rank}: the PCA keeping {pca_variance:.1%} of the variance leaves {dx} image and "
+                            f"{dy} text components; choose rank <= {min(dx, dy)}")  # fmt: skip
+    u, s, vh = torch.linalg.svd(wx.T @ cxy @ wy, full_matrices=False)
     r = min(rank or DEFAULT_RANK_CAP, dx, dy)
     out = {"mean_img": mean_x, "mean_txt": mean_y, "proj_img": wx @ u[:, :r], "proj_txt": wy @ vh[:r].T, "rho": s[:r]}
     return {k: v.float() for k, v in out.items()}
@@ -80,7 +116,8 @@ class CCA(BaselineState, ClosedFormAligner):
     def fit(cls, data: TrainingData, config: CCAConfig, seed: int) -> tuple[CCA, dict[str, Any]]:
         x, y = gather_pairs(data.train, config.image_feature, seed)
         self = cls(config)
-        self.state = cca_fit(x, y, config.reg, config.rank)
+        pca = PAL_AUTHORS_PCA_VARIANCE if config.variant == "pal-authors" else None
+        self.state = cca_fit(x, y, config.reg, config.rank, pca_variance=pca)
         rho = self.state["rho"]
         return self, {"pairs": len(x), "rank": len(rho), "rho_max": float(rho[0]), "rho_mean": float(rho.mean())}
 
@@ -99,8 +136,11 @@ class CCA(BaselineState, ClosedFormAligner):
 
 @register_method("csa")
 class CSA(CCA):
-    """CCA whose similarity weights canonical direction i by its correlation rho_i (sqrt(rho_i) on each side)."""
+    """CCA whose similarity weights canonical direction i by its correlation rho_i (sqrt(rho_i) on each side); under
+    variant pal-authors, plain cosine as the PAL authors score it."""
 
     def _project(self, z: Tensor, side: str) -> Tensor:
+        if self.config.variant == "pal-authors":
+            return super()._project(z, side)
         weight = self._get("rho", z).clamp(min=0).sqrt()
         return l2n(super()._project(z, side) * weight)

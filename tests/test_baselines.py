@@ -124,6 +124,64 @@ def test_csa_weights_canonical_coordinates_by_sqrt_rho():
         torch.testing.assert_close(b, l2n(a * rho.sqrt()))
 
 
+def pal_authors_csa_reference(x: np.ndarray, y: np.ndarray, r: int) -> tuple:
+    """The PAL authors' CSA written out as cca_zoo computes it: each centred view reduced by PCA to the fewest
+    components whose cumulative explained-variance ratio exceeds 0.999 (scikit-learn's rule), then unregularised CCA
+    as the generalized eigenproblem [[0, Cxy], [Cyx, 0]] w = rho blockdiag(Cxx, Cyy) w (scipy.linalg.eigh), top r."""
+    from scipy.linalg import eigh
+
+    def pca(z):
+        zc = z - z.mean(0)
+        _, sv, vt = np.linalg.svd(zc, full_matrices=False)
+        ratio = np.cumsum(sv**2) / np.sum(sv**2)
+        k = int(np.searchsorted(ratio, 0.999, side="right")) + 1
+        return vt[:k].T, z.mean(0)
+
+    (px, mx), (py, my) = pca(x), pca(y)
+    sx, sy = (x - mx) @ px, (y - my) @ py
+    kx, n = sx.shape[1], len(x)
+    a, b = np.zeros((kx + sy.shape[1],) * 2), np.zeros((kx + sy.shape[1],) * 2)
+    a[:kx, kx:] = sx.T @ sy / n
+    a[kx:, :kx] = a[:kx, kx:].T
+    b[:kx, :kx], b[kx:, kx:] = sx.T @ sx / n, sy.T @ sy / n
+    rho, w = eigh(a, b)
+    top = np.argsort(rho)[::-1][:r]
+    return rho[top], px @ w[:kx, top], py @ w[kx:, top], mx, my, (kx, sy.shape[1])
+
+
+def test_csa_pal_authors_variant_is_unregularised_cca_on_999_pca_with_plain_cosine():
+    rng = np.random.default_rng(4)
+    n = 300
+    shared = rng.normal(size=(n + 50, 4))
+    x = np.hstack([shared @ rng.normal(size=(4, 7)) + 0.5 * rng.normal(size=(n + 50, 7)),
+                   1e-4 * rng.normal(size=(n + 50, 3))])  # fmt: skip  (3 near-constant columns the PCA drops)
+    y = np.hstack([shared @ rng.normal(size=(4, 6)) + 0.5 * rng.normal(size=(n + 50, 6)),
+                   1e-4 * rng.normal(size=(n + 50, 2))])  # fmt: skip
+    r = 5
+    rho, wx, wy, mx, my, kept = pal_authors_csa_reference(x[:n], y[:n], r)
+    assert kept[0] < 10 and kept[1] < 8  # the PCA step did drop components
+    train = FakePairs(torch.tensor(x[:n]).double(), torch.tensor(y[:n]).double())
+    csa, _ = fit(CSA, CCAConfig(rank=r, variant="pal-authors"), train)
+    np.testing.assert_allclose(csa.state["rho"].numpy(), rho, atol=1e-4)
+    # plain cosine of the canonical coordinates of held-out rows, image-text and image-image
+    ref_img = (x[n:] - mx) @ wx
+    ref_txt = (y[n:] - my) @ wy
+    ref_img /= np.linalg.norm(ref_img, axis=1, keepdims=True)
+    ref_txt /= np.linalg.norm(ref_txt, axis=1, keepdims=True)
+    img = csa.image_global(ImageRows(cls=torch.tensor(x[n:]).float())).double().numpy()
+    txt = csa.text_global(TextRows(pooled=torch.tensor(y[n:]).float())).double().numpy()
+    np.testing.assert_allclose(img @ txt.T, ref_img @ ref_txt.T, atol=2e-4)
+    np.testing.assert_allclose(img @ img.T, ref_img @ ref_img.T, atol=2e-4)
+    # the default (CSA's authors' definition) weights by rho and keeps the ridge: different scores
+    default, _ = fit(CSA, CCAConfig(rank=r), train)
+    other = default.image_global(ImageRows(cls=torch.tensor(x[n:]).float())).double().numpy()
+    assert np.abs(other @ txt.T - img @ txt.T).max() > 1e-2
+    with pytest.raises(PipeError, match="rank=9: the PCA keeping 99.9% of the variance leaves"):
+        fit(CSA, CCAConfig(rank=9, variant="pal-authors"), train)
+    with pytest.raises(PipeError, match="variant='cca-zoo': must be one of ridge, pal-authors"):
+        CCAConfig(variant="cca-zoo").check()
+
+
 # -- planted correspondences -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["procrustes", "cca", "csa"])
 def test_planted_correspondence_is_recovered(method):
