@@ -19,6 +19,7 @@ import torch
 
 from pipe_align.align.base import ImageRows, TextRows
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.remote import Remote, location
 from pipe_align.extract.shards import prefetch
 from pipe_align.extract.store import FeatureStore, open_store, origin_difference
 
@@ -29,7 +30,8 @@ class PairStores:
     text: FeatureStore
 
 
-def stores_in(folder: Path) -> list[FeatureStore]:
+def stores_in(folder: str | Path | Remote) -> list[FeatureStore]:
+    folder = location(folder)
     if not folder.is_dir():
         raise PipeError(f"--shards {folder}: no such folder")
     paths = sorted(p for p in folder.glob("*.zarr") if not p.name.endswith((".prompts.zarr", ".phrases.zarr")))
@@ -40,7 +42,7 @@ def find_pair_stores(
     shards: str | Path, image_encoder: str | None = None, text_encoder: str | None = None
 ) -> PairStores:
     """The image store and caption store in `shards` (one dataset split); an encoder option picks among several."""
-    folder = Path(shards)
+    folder = location(shards)
     stores = stores_in(folder)
     picked = {}
     for modality, want, opt in (("image", image_encoder, "--image-encoder"), ("text", text_encoder, "--text-encoder")):
