@@ -111,7 +111,7 @@ _RUN_OPTIONS, _METHOD_OPTIONS = _align_options()
 @app.command()
 @with_options(_RUN_OPTIONS, _METHOD_OPTIONS)
 def align(
-    shards: str = typer.Option(..., help="Folder or URL with the stores of one dataset split (FEATURES/DATASET/SPLIT)."),
+    shards: str = typer.Option(..., help="Folder or URL of one dataset split's stores (FEATURES/DATASET/SPLIT)."),
     out: Path = typer.Option(..., help="Run dir to write (weights, method.json, run.json, loss.png)."),
     method: str = typer.Option("pal", help="Alignment method: pal or a baseline (procrustes, cca, csa, asif, linear, "
                                            "mlp, sotalign)."),
@@ -198,8 +198,9 @@ def reproduce(
 
     r = load_recipe(recipe, data=data, roots=root, sets=set_)
     names = [tuple(n for n in (v or "").split(",") if n) for v in (only, skip)]
-    run_reproduce(ReproduceConfig(recipe=r, out=str(out or f"reproduce-{r.name}"), features=features, device=device, batch_size=batch_size, only=names[0], skip=names[1],
-                                  figures=figures, progress=progress))  # fmt: skip
+    run_reproduce(ReproduceConfig(recipe=r, out=str(out or f"reproduce-{r.name}"), features=features, device=device,
+                                  batch_size=batch_size, only=names[0], skip=names[1], figures=figures,
+                                  progress=progress))  # fmt: skip
 
 
 @app.command()
