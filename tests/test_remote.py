@@ -209,3 +209,18 @@ def test_killed_extraction_to_s3_resumes_to_the_same_bytes(s3, tiny_dinov2, tmp_
         open_store(url)
     assert main([*args, "--features", "s3://feat/killed"]) == 0
     assert objects(s3, "killed/") == objects(s3, "ref/")
+
+
+def test_dask_workers_write_their_shards_to_s3(s3, tiny_dinov2, tmp_path):
+    """`--cluster local:2` with no shared disk for the store: the workers open the URL and write their own shards;
+    the result verifies and holds what one local process writes."""
+    args = ["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", *WORLD]
+    assert main([*args, "--features", "s3://feat/dask", "--cluster", "local:2"]) == 0
+    assert main([*args, "--features", str(tmp_path / "one")]) == 0
+    url = str(store_path("s3://feat/dask", "world", "train", f"hf:{tiny_dinov2}"))
+    two, one = open_store(url), open_store(store_path(tmp_path / "one", "world", "train", f"hf:{tiny_dinov2}"))
+    assert two.verify() == []
+    for name in ("ids", "labels", "done", "skipped"):
+        np.testing.assert_array_equal(two.read(name), one.read(name))
+    for name in ("patches", "cls"):  # thread counts differ between the runs: allow fp16 rounding of the GEMMs
+        np.testing.assert_allclose(two.read(name).astype(np.float32), one.read(name).astype(np.float32), atol=2e-3)
