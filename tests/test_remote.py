@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipe_align.extract.remote import Remote, location
 from pipe_align.extract.store import create_store, open_store, store_path
@@ -129,6 +130,12 @@ def test_extract_verify_align_eval_from_s3_equal_local(s3, tiny_dinov2, tiny_ber
                                                                                                       "run-local")]
     recalls = [{k: v for k, v in r.items() if "recall@" in k} for r in res]
     assert recalls[0] and recalls[0] == recalls[1]
+    # load() on a run whose stores are remote: its encoder records come from run.json / the stores at their URLs
+    from pipe_align.pipelines.api import load
+
+    texts = ["a red circle", "two blue squares"]
+    emb = [load(tmp_path / r, device="cpu").encode_text(texts) for r in ("run-s3", "run-local")]
+    assert emb[0].shape[0] == 2 and torch.equal(emb[0], emb[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "run-local", "run-s3"]
 
 
