@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import posixpath
 import re
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,21 @@ def check_backend(scheme: str, url: str) -> None:
         raise PipeError(f"{url}: no storage backend for {scheme}:// is installed; {how}") from None
     except ValueError:
         raise PipeError(f"{url}: {scheme}:// is not a storage scheme fsspec knows") from None
+
+
+BACKENDS = ("s3fs", "aiobotocore", "botocore", "aiohttp", "gcsfs", "adlfs", "fsspec")
+
+
+def storage_failure(e: BaseException) -> str | None:
+    """One line for an exception raised inside an object-store backend (no such bucket, no connection, access
+    denied), or None when it did not come from there (a bug keeps its traceback)."""
+    module = type(e).__module__.split(".")[0]
+    frames = traceback.extract_tb(e.__traceback__)
+    if module not in BACKENDS and not any(f"/{b}/" in f.filename for f in frames for b in BACKENDS[:-1]):
+        return None
+    text = (str(e).splitlines() or [""])[0][:300]
+    return (f"object storage: {type(e).__name__}: {text}; check the URL, the credentials and AWS_ENDPOINT_URL or "
+            "--storage-option endpoint_url=... (docs/store.md, Remote stores)")
 
 
 class Remote:

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.remote import storage_failure
 from pipe_align.pipelines import threads
 from pipe_align.pipelines.options import dataclass_options, parse_bytes, parse_options, with_options
 
@@ -276,8 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             where = f"{e.filename}: " if e.filename else ""
             typer.echo(f"error: {where}{e.strerror or e}; free space and re-run the same command", err=True)
             return 2
-        if e.filename is None:  # not about a path the user gave: a real fault, keep its traceback
-            raise
+        if e.filename is None:  # not about a path the user gave: a real fault (traceback), or object storage's
+            if storage_failure(e) is None:
+                raise
+            typer.echo(f"error: {storage_failure(e)}", err=True)
+            return 2
         typer.echo(f"error: {e.filename}: {e.strerror or e}", err=True)  # e.g. --out under a file, no permission
         return 2
     except typer.Exit as e:
@@ -295,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         typer.echo("aborted", err=True)
         return 130
+    except Exception as e:  # an object store's failure (no bucket, no connection, access denied) is one line
+        if storage_failure(e) is None:
+            raise
+        typer.echo(f"error: {storage_failure(e)}", err=True)
+        return 2
     return rv if isinstance(rv, int) else 0
 
 

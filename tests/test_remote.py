@@ -231,3 +231,12 @@ def test_dask_workers_write_their_shards_to_s3(s3, tiny_dinov2, tmp_path):
         np.testing.assert_array_equal(two.read(name), one.read(name))
     for name in ("patches", "cls"):  # thread counts differ between the runs: allow fp16 rounding of the GEMMs
         np.testing.assert_allclose(two.read(name).astype(np.float32), one.read(name).astype(np.float32), atol=2e-3)
+
+
+def test_missing_bucket_is_one_line(s3, tiny_dinov2, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "--features", "s3://nobucket/f",
+                 *WORLD]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: object storage: ") and "bucket does not exist" in err and "\n" not in err, err
+    assert list(tmp_path.iterdir()) == []
