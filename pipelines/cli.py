@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from pipe_align.extract.errors import PipeError
-from pipe_align.extract.remote import storage_failure
+from pipe_align.extract.remote import set_storage_options, storage_failure
 from pipe_align.pipelines import threads
 from pipe_align.pipelines.options import dataclass_options, parse_bytes, parse_options, with_options
 
@@ -33,13 +33,11 @@ for _command in APPLY_COMMANDS:
 
 @app.callback()
 def storage(
-    storage_option: list[str] = typer.Option([], "--storage-option", help="KEY=VALUE for the storage backend of store "
-                                             "URLs (s3://...), e.g. endpoint_url=http://host:9000; repeatable. Never "
-                                             "written into a store or a run."),
+    storage_option: list[str] = typer.Option(
+        [], "--storage-option", metavar="KEY=VALUE", help="An option of the storage backend of store URLs (s3://...), "
+        "e.g. endpoint_url=http://host:9000; repeatable. Never written into a store or a run."),
 ) -> None:  # fmt: skip
     """Post-hoc alignment of frozen vision and text encoders (PAL) from cached Zarr feature stores."""
-    from pipe_align.extract.remote import set_storage_options
-
     set_storage_options(dict(parse_options(storage_option, "--storage-option")))
 
 
