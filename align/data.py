@@ -19,8 +19,11 @@ import torch
 
 from pipe_align.align.base import ImageRows, TextRows
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.remote import Remote, location
 from pipe_align.extract.shards import prefetch
 from pipe_align.extract.store import FeatureStore, open_store, origin_difference, recorded_encoder
+
+REMOTE_AHEAD = 2  # streamed blocks read ahead of training from object storage (one from a local disk)
 
 
 @dataclass
@@ -29,7 +32,8 @@ class PairStores:
     text: FeatureStore
 
 
-def stores_in(folder: Path) -> list[FeatureStore]:
+def stores_in(folder: str | Path | Remote) -> list[FeatureStore]:
+    folder = location(folder)
     if not folder.is_dir():
         raise PipeError(f"--shards {folder}: no such folder")
     paths = sorted(p for p in folder.glob("*.zarr") if not p.name.endswith((".prompts.zarr", ".phrases.zarr")))
@@ -40,7 +44,7 @@ def find_pair_stores(
     shards: str | Path, image_encoder: str | None = None, text_encoder: str | None = None
 ) -> PairStores:
     """The image store and caption store in `shards` (one dataset split); an encoder option picks among several."""
-    folder = Path(shards)
+    folder = location(shards)
     stores = stores_in(folder)
     picked = {}
     for modality, want, opt in (("image", image_encoder, "--image-encoder"), ("text", text_encoder, "--text-encoder")):
@@ -185,10 +189,14 @@ class PairSource:
     # -- reading ----------------------------------------------------------------------------------------------------
     def _take(self, store: FeatureStore, name: str, rows: np.ndarray) -> torch.Tensor:
         """Rows of one array in the given order: one contiguous read when the rows are dense (a streamed block is a run
-        of whole shards, read without any extra copy), else a selection of the chunks that hold them."""
+        of whole shards, read without any extra copy), else a selection of the chunks that hold them; from object
+        storage, always the whole shards that hold them."""
         rows = np.asarray(rows)
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        if hi - lo == len(rows) and (np.diff(rows) == 1).all():  # sorted, unique, contiguous
+        if isinstance(store.path, Remote):  # object storage: whole shards, one GET each (never ranged inner chunks)
+            uniq, inv = np.unique(rows, return_inverse=True)
+            t, first = store.decode(_from_whole_shards(store, name, uniq))[torch.from_numpy(inv)], rows
+        elif hi - lo == len(rows) and (np.diff(rows) == 1).all():  # sorted, unique, contiguous
             t = store.decode(store.read(name, slice(lo, hi)))
             first = rows
         else:
@@ -272,7 +280,8 @@ class PairSource:
 
     def _stream(self, epoch, batch_size, seed, rng, shuffle, part=None) -> Iterator[Batch]:
         """Blocks of whole image shards in shuffled order, shuffled within the block; the next block is read while
-        the current one trains (a queue of one)."""
+        the current one trains (a queue of one; of REMOTE_AHEAD from object storage, where a read waits on the
+        network)."""
         shard_of = self.rows // self.stores.image.layout.rows_per_shard
         shards = np.unique(shard_of)
         if shuffle:
@@ -292,7 +301,8 @@ class PairSource:
                 caps = np.array([chosen_all[int(r)] for r in rows])
                 yield rows, (self._read_images(rows), self._read_texts(caps))
 
-        for rows, (img, txt) in prefetch(read_blocks(), depth=1):
+        remote = isinstance(self.stores.image.path, Remote) or isinstance(self.stores.text.path, Remote)
+        for rows, (img, txt) in prefetch(read_blocks(), depth=REMOTE_AHEAD if remote else 1):
             order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
             for b0 in range(0, len(order), batch_size):
                 whole = order[b0 : b0 + batch_size]
@@ -300,6 +310,16 @@ class PairSource:
                 sel = whole[lo:hi]
                 ii = torch.as_tensor(sel, device=img.cls.device)
                 yield Batch(_index_img(img, ii), _index_txt(txt, ii), rows[sel], sizes)
+
+
+def _from_whole_shards(store: FeatureStore, name: str, rows: np.ndarray) -> np.ndarray:
+    """Sorted unique `rows` of one array, read as the whole shards that hold them (each shard one object)."""
+    lay = store.layout
+    parts = []
+    for shard in np.unique(rows // lay.rows_per_shard):
+        a, b = lay.shard_range(int(shard))
+        parts.append(store.read(name, slice(a, b))[rows[(rows >= a) & (rows < b)] - a])
+    return np.concatenate(parts)
 
 
 def _index_img(img: ImageRows, idx: torch.Tensor) -> ImageRows:

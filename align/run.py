@@ -37,6 +37,7 @@ from pipe_align.align.recipes import Plan, check_recipe, plan, search_small
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_text
 from pipe_align.extract.job import resolve_device
+from pipe_align.extract.remote import location
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def _run_key(cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: PairS
         "method": cfg.method, "config": asdict(mcfg), "run": run.training_key(),
         "image_store": str(stores.image.path.resolve()), "text_store": str(stores.text.path.resolve()),
         "fingerprint": {"image": store_fingerprint(stores.image), "text": store_fingerprint(stores.text)},
-        "unpaired_shards": str(Path(cfg.unpaired_shards).resolve()) if cfg.unpaired_shards else None,
+        "unpaired_shards": str(location(cfg.unpaired_shards).resolve()) if cfg.unpaired_shards else None,
     }  # fmt: skip
 
 
@@ -259,7 +260,7 @@ def _ids_digest(store, rows: np.ndarray) -> str:
 def _load_unpaired(cfg: AlignConfig, paired: PairStores) -> tuple[ImageRows, TextRows]:
     """Image rows and caption rows of `--unpaired-shards` (their pairing, if any, unused), from stores of the same
     encoders (alias and layer) as the paired ones: complete, skipped images dropped, every value finite."""
-    folder = Path(cfg.unpaired_shards)
+    folder = location(cfg.unpaired_shards)
     stores = stores_in(folder)
     picked = []
     for st in (paired.image, paired.text):

@@ -3,7 +3,6 @@ accuracy. Images are embedded shard block by shard block; only the [N, C] logits
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ from pipe_align.evaluate.metrics import classification_metrics
 from pipe_align.evaluate.prompts import class_weights
 from pipe_align.extract.datasets import dataset_class
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.remote import location
 from pipe_align.extract.store import open_store
 
 
@@ -67,7 +67,7 @@ def trained_classes(ctx: EvalContext) -> set[str] | None:
     classes, e.g. world `-o unseen=...`, fashion-mnist `-o classes=...`; the reader's `seen_classes` says which):
     those classes. None otherwise, or when run.json does not say where that store is, or it is gone."""
     path = ctx.meta.get("image_store")
-    if not isinstance(path, str) or not (Path(path) / "zarr.json").is_file():
+    if not isinstance(path, str) or not (location(path) / "zarr.json").is_file():
         return None
     try:
         st = open_store(path, modality="image")

@@ -17,6 +17,7 @@ from pipe_align.evaluate.loading import image_rows, text_rows
 from pipe_align.extract.datasets import dataset_class
 from pipe_align.extract.datasets.prompt_sets import has_pal_prompts, prompt_store_suffix
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.remote import Remote, location
 from pipe_align.extract.store import FeatureStore, open_store, read_json_attrs, recorded_encoder, store_path
 
 # Encoder attributes that must agree between the stores a run was trained on and the stores it is evaluated on.
@@ -141,7 +142,7 @@ def store_dataset(cfg: EvalConfig) -> str:
         names = dataset_class(cfg.dataset).store_names
     except PipeError:
         return cfg.dataset
-    found = [n for n in names if (Path(cfg.features) / n / cfg.split).is_dir()]
+    found = [n for n in names if (location(cfg.features) / n / cfg.split).is_dir()]
     if len(found) > 1:
         raise PipeError(f"--dataset {cfg.dataset}: stores of {' and '.join(found)} exist for split {cfg.split} in "
                         f"{cfg.features}; say which with --dataset {found[0]} or --dataset {found[1]}")  # fmt: skip
@@ -155,7 +156,7 @@ def prompt_set_for(cfg: EvalConfig, image: FeatureStore) -> str:
     return name if name and has_pal_prompts(image.layout.dataset, image.layout.classes) else "standard"
 
 
-def _open(path: Path, command: str, modality: str, what: str) -> FeatureStore:
+def _open(path: Path | Remote, command: str, modality: str, what: str) -> FeatureStore:
     if not (path / "zarr.json").exists():
         raise PipeError(f"no {what} store at {path}; create it with: {command}")
     return open_store(path, modality=modality)
@@ -223,7 +224,7 @@ def check_fit(aligner: Aligner, run: str, image: FeatureStore, text: FeatureStor
 def load_context(cfg: EvalConfig, text: str | None, extract_options: tuple[str, ...] = ()) -> EvalContext:
     """Run metadata, aligner and stores for one task: the image store, and the text store of kind `text` ("prompts",
     "captions" or None); `extract_options` go into the `pipe extract` hint for a missing image store."""
-    if not Path(cfg.features).is_dir():
+    if not location(cfg.features).is_dir():
         raise PipeError(f"--features {cfg.features}: no such folder")
     meta = read_run(cfg.run)
     image = open_image_store(cfg, meta, extract_options)

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.remote import is_url
 
 SUFFIX = ".claim"
 OWNER_WAIT_S = 1.0  # how long a refused process waits for the winner to have written who it is (microseconds, usually)
@@ -45,7 +46,11 @@ def check_parent(path: Path) -> None:
 @contextmanager
 def claim(store: str | Path) -> Iterator[None]:
     """Hold the store's claim for the block; PipeError naming the holder when another process holds it. Nested use in
-    one process (the runner holds it, `create_store` takes it again) is allowed."""
+    one process (the runner holds it, `create_store` takes it again) is allowed. A store on object storage has no
+    claim (no flock there; docs/store.md "Remote stores")."""
+    if is_url(store):
+        yield
+        return
     store = Path(store)
     path = claim_path(store)
     key = str(path.absolute())

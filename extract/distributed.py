@@ -18,6 +18,7 @@ from functools import lru_cache
 
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import ExtractConfig, Job, plan
+from pipe_align.extract.remote import set_storage_options, storage_options
 from pipe_align.extract.shards import ShardResult, extract_shards
 from pipe_align.extract.store import FeatureStore, open_store
 
@@ -48,9 +49,11 @@ def _job(cfg: ExtractConfig):
     return plan(cfg)
 
 
-def shard_task(cfg: ExtractConfig, shard: int) -> ShardResult:
+def shard_task(cfg: ExtractConfig, shard: int, options: dict | None = None) -> ShardResult:
     """Runs on a worker: resolve the job (cached per process, like the encoder), write one shard. A worker whose plan
-    differs from the store (weights changed on disk since the coordinator planned) refuses to write into it."""
+    differs from the store (weights changed on disk since the coordinator planned) refuses to write into it.
+    `options`: the coordinator's storage options for a store URL (they travel with the task, never into the store)."""
+    set_storage_options(options or {})
     job = _job(cfg)
     store = open_store(job.path, require_complete=False)
     if store.layout.to_attrs() != job.layout.to_attrs():
@@ -112,7 +115,8 @@ def run_on_cluster(
         try:
             if cfg.threads is None and cluster.startswith("local:"):
                 cfg = replace(cfg, threads=default_threads(workers))
-            futures = client.map(shard_task, [cfg] * len(shards), shards, pure=False)
+            opts = storage_options()
+            futures = client.map(shard_task, [cfg] * len(shards), shards, [opts] * len(shards), pure=False)
             results = []
             for fut in as_completed(futures):
                 res = fut.result()

@@ -22,7 +22,7 @@ import numpy as np
 from zarr.abc.store import ByteRequest
 from zarr.codecs import Crc32cCodec, ShardingCodec
 from zarr.core.buffer import Buffer, BufferPrototype
-from zarr.storage import LocalStore, WrapperStore
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from pipe_align.extract.errors import PipeError
 
@@ -38,19 +38,21 @@ class DamagedStore(PipeError):
 
 
 class StrictStore(WrapperStore):
-    """A local store on which an absent chunk is an error once `strict` is set (complete stores with checksums)."""
+    """A store (local, or fsspec for a URL) on which an absent chunk is an error once `strict` is set (complete stores
+    with checksums)."""
 
-    def __init__(self, store: LocalStore, strict: bool = False) -> None:
+    def __init__(self, store: LocalStore | FsspecStore, strict: bool = False) -> None:
         super().__init__(store)
         self.strict = strict
 
-    def _with_store(self, store: LocalStore) -> StrictStore:
+    def _with_store(self, store: LocalStore | FsspecStore) -> StrictStore:
         return type(self)(store, self.strict)
 
     def _check(self, key: str, buf: Buffer | None) -> Buffer | None:
         if buf is None and self.strict and not key.endswith("zarr.json"):
             array, _, rest = key.partition("/")
-            raise DamagedStore(self._store.root, array, f"chunk file {array}/{rest} is missing")
+            where = getattr(self._store, "root", None) or _url(self._store)
+            raise DamagedStore(where, array, f"chunk file {array}/{rest} is missing")
         return buf
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
@@ -62,6 +64,11 @@ class StrictStore(WrapperStore):
         key_ranges = list(key_ranges)
         bufs = await self._store.get_partial_values(prototype, key_ranges)
         return [self._check(key, buf) for (key, _), buf in zip(key_ranges, bufs, strict=True)]
+
+
+def _url(store: FsspecStore) -> str:
+    protocol = store.fs.protocol
+    return f"{protocol[0] if isinstance(protocol, (tuple, list)) else protocol}://{store.path}"
 
 
 def damage_reason(e: BaseException) -> str:

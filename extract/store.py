@@ -32,6 +32,7 @@ from pipe_align.extract.integrity import (
     non_finite_rows,
     row_digests,
 )
+from pipe_align.extract.remote import Remote, location
 
 SCHEMA = "pipe.features/1"
 CHUNK_BYTES = 4 << 20  # one chunk (the unit of reading) holds about 4 MB of tokens
@@ -120,17 +121,18 @@ def default_rows(tokens: int, dim: int, count: int, shard_rows: int | None = Non
     return per_chunk, per_shard
 
 
-def store_path(features: str | Path, dataset: str, split: str, encoder_alias: str) -> Path:
-    """`<features>/<dataset>/<split>/<encoder>.zarr`; `hf:` aliases become a file-system-safe name."""
+def store_path(features: str | Path | Remote, dataset: str, split: str, encoder_alias: str) -> Path | Remote:
+    """`<features>/<dataset>/<split>/<encoder>.zarr` (a folder, or a URL: extract/remote.py); `hf:` aliases become a
+    file-system-safe name."""
     safe = encoder_alias.replace("hf:", "hf-").replace("/", "--").replace("\\", "--").strip(".")
-    return Path(features) / dataset / split / f"{safe}.zarr"
+    return location(features) / dataset / split / f"{safe}.zarr"
 
 
 @dataclass
 class FeatureStore:
     """An open store: the layout plus its Zarr group. Use `create_store` / `open_store`."""
 
-    path: Path
+    path: Path | Remote
     group: zarr.Group
     layout: StoreLayout
     attrs: dict[str, Any] = field(default_factory=dict)
@@ -357,7 +359,7 @@ class FeatureStore:
 
     def info(self) -> dict[str, Any]:
         """What `pipe info` prints; a damaged array is shown as such rather than failing the listing."""
-        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()) if self.path.exists() else 0
+        size = store_bytes(self.path)
         arrays: dict[str, Any] = {}
         for name in expected_shapes(self.layout):
             try:
@@ -453,7 +455,9 @@ def create_store(path: str | Path, layout: StoreLayout) -> FeatureStore:
     (encoder, dataset, rows, schema) is an error rather than something to overwrite silently. The store's claim
     (extract/claim.py) is held meanwhile: another process creating or writing it is refused, never interleaved.
     """
-    path = Path(path)
+    path = location(path)
+    if isinstance(path, Remote):
+        return create_remote(path, layout)
     check_parent(path)
     with claim(path):
         return _create_or_reopen(path, layout)
@@ -461,16 +465,7 @@ def create_store(path: str | Path, layout: StoreLayout) -> FeatureStore:
 
 def _create_or_reopen(path: Path, layout: StoreLayout) -> FeatureStore:
     if (path / "zarr.json").exists():
-        store = open_store(path, require_complete=False)
-        old, new = _resumable_attrs(store.layout), _resumable_attrs(layout)
-        if old != new:
-            diff = sorted(k for k in new if old.get(k) != new.get(k))
-            enc_a, enc_b = old.get("encoder") or {}, new.get("encoder") or {}
-            sub = [f"encoder {k} {enc_a.get(k)} vs {enc_b.get(k)}" for k in sorted(enc_b)
-                   if enc_a.get(k) != enc_b.get(k)]  # fmt: skip
-            what = ", ".join(sub + [k for k in diff if k != "encoder"])
-            raise PipeError(f"{path}: existing store differs in {what}; remove it or use another --features")
-        return store
+        return reopen_same(path, layout)
     if path.exists():
         if any(path.iterdir()):
             raise PipeError(f"{path}: exists and is not a feature store")
@@ -481,14 +476,55 @@ def _create_or_reopen(path: Path, layout: StoreLayout) -> FeatureStore:
     elif tmp.exists():  # left by a process that died while creating it (the claim is ours: nobody else writes it)
         shutil.rmtree(tmp)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    create_arrays(group, layout)
+    group.attrs.update(layout.to_attrs() | {"count": layout.count, "complete": False, "skipped": []})
+    tmp.rename(path)  # a store either exists with all its arrays or not at all
+    return open_store(path, require_complete=False)
+
+
+def create_remote(path: Remote, layout: StoreLayout) -> FeatureStore:
+    """Create a store on object storage in place, or reopen (resume) it: there is no rename to make creation atomic,
+    so the group's `zarr.json` is written first, with the full layout and `complete: false`, then each array's
+    metadata (one object each). A run killed in between leaves a store that is incomplete by its attributes; the
+    rerun reopens it and creates the arrays still missing. `complete: true` is written last (`finalize`), after
+    every shard with its digests and `done` rows. No claim: see docs/store.md "Remote stores"."""
+    if (path / "zarr.json").exists():
+        store = reopen_same(path, layout)
+        if not store.complete:
+            missing = [n for n in _array_specs(layout) if not (path / n / "zarr.json").exists()]
+            if missing:
+                create_arrays(store.group, layout, missing)
+        return store
+    if path.is_dir():
+        raise PipeError(f"{path}: exists and is not a feature store")
+    attrs = layout.to_attrs() | {"count": layout.count, "complete": False, "skipped": []}
+    group = zarr.create_group(store=path.zarr_store(), zarr_format=3, attributes=attrs)
+    create_arrays(group, layout)
+    return open_store(path, require_complete=False)
+
+
+def reopen_same(path: Path | Remote, layout: StoreLayout) -> FeatureStore:
+    """The existing store at `path`, unless it was written with another layout (then a one-line error)."""
+    store = open_store(path, require_complete=False)
+    old, new = _resumable_attrs(store.layout), _resumable_attrs(layout)
+    if old != new:
+        diff = sorted(k for k in new if old.get(k) != new.get(k))
+        enc_a, enc_b = old.get("encoder") or {}, new.get("encoder") or {}
+        sub = [f"encoder {k} {enc_a.get(k)} vs {enc_b.get(k)}" for k in sorted(enc_b)
+               if enc_a.get(k) != enc_b.get(k)]  # fmt: skip
+        what = ", ".join(sub + [k for k in diff if k != "encoder"])
+        raise PipeError(f"{path}: existing store differs in {what}; remove it or use another --features")
+    return store
+
+
+def create_arrays(group: zarr.Group, layout: StoreLayout, names: list[str] | None = None) -> None:
+    """The layout's arrays (or those of `names`) in `group`, empty."""
     # crc32c last: applied to each (inner) chunk's compressed bytes, checked first on reading; shard indexes carry
     # zarr's default crc32c index codec
     compressors = (ZstdCodec(level=3), Crc32cCodec()) if layout.checksums else (ZstdCodec(level=3),)
     for name, spec in _array_specs(layout).items():
-        group.create_array(name, compressors=compressors, **spec)
-    group.attrs.update(layout.to_attrs() | {"count": layout.count, "complete": False, "skipped": []})
-    tmp.rename(path)  # a store either exists with all its arrays or not at all
-    return open_store(path, require_complete=False)
+        if names is None or name in names:
+            group.create_array(name, compressors=compressors, **spec)
 
 
 def _resumable_attrs(layout: StoreLayout) -> dict[str, Any]:
@@ -516,10 +552,10 @@ def open_store(
 
     A complete store with checksums is read strictly: a chunk file that is absent is an error, not its fill value
     (extract/integrity.py). Stores written before checksums open as before (`pipe verify` says what they lack)."""
-    path = Path(path)
+    path = location(path)
     if not (path / "zarr.json").exists():
         raise PipeError(f"{path}: no feature store here")
-    backing = StrictStore(LocalStore(path))
+    backing = StrictStore(path.zarr_store() if isinstance(path, Remote) else LocalStore(path))
     try:
         group = zarr.open_group(store=backing, mode="r+", zarr_format=3)
     except Exception as e:  # noqa: BLE001 - any read failure is the same problem to the user
@@ -561,7 +597,14 @@ def origin_difference(a: dict | None, b: dict | None,
     return None
 
 
-def read_json_attrs(path: str | Path) -> dict[str, Any]:
+def read_json_attrs(path: str | Path | Remote) -> dict[str, Any]:
     """Group attributes straight from zarr.json (cheap, no zarr machinery): for listings."""
-    with open(Path(path) / "zarr.json") as f:
-        return json.load(f).get("attributes", {})
+    return json.loads((location(path) / "zarr.json").read_text()).get("attributes", {})
+
+
+def store_bytes(path: Path | Remote) -> int:
+    """Bytes the store's files (or objects) take."""
+    if isinstance(path, Remote):
+        return path.du()
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+

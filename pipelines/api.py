@@ -43,6 +43,7 @@ from pipe_align.extract.datasets.base import CLIP_TEMPLATES, UnreadableImage, is
 from pipe_align.extract.encoders import load_encoder
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import resolve_device
+from pipe_align.extract.remote import location
 from pipe_align.extract.shards import prefetch
 from pipe_align.extract.store import read_json_attrs, recorded_encoder
 from pipe_align.pipelines import threads
@@ -94,7 +95,7 @@ def _recorded_encoder(run: Path, meta: dict[str, Any], modality: str) -> tuple[d
         return dict(enc), f"{run}/run.json"
     store = meta.get(f"{modality}_store")
     if isinstance(store, str):
-        given = Path(store)
+        given = location(store)
         tries = [given] if given.is_absolute() else [given, *(p / given for p in run.resolve().parents)]
         for path in tries:
             if (path / "zarr.json").is_file():

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.remote import set_storage_options, storage_failure
 from pipe_align.pipelines import threads
 from pipe_align.pipelines.options import dataclass_options, parse_bytes, parse_options, with_options
 
@@ -30,13 +31,23 @@ for _command in APPLY_COMMANDS:
     app.command()(_command)
 
 
+@app.callback()
+def storage(
+    storage_option: list[str] = typer.Option(
+        [], "--storage-option", metavar="KEY=VALUE", help="An option of the storage backend of store URLs (s3://...), "
+        "e.g. endpoint_url=http://host:9000; repeatable. Never written into a store or a run."),
+) -> None:  # fmt: skip
+    """Post-hoc alignment of frozen vision and text encoders (PAL) from cached Zarr feature stores."""
+    set_storage_options(dict(parse_options(storage_option, "--storage-option")))
+
+
 @app.command()
 def extract(
     encoder: str = typer.Option(..., help="Encoder alias (pipe encoders list) or hf:<model id or folder>."),
     dataset: str = typer.Option(..., help="Dataset: voc, coco, flickr30k, imagefolder, ade20k, fashion-mnist, world; "
                                           "your own pairs: csv, imagefolder, webdataset, parquet."),
     split: str = typer.Option("train", help="Dataset split."),
-    features: Path = typer.Option(..., help="Root folder of the feature stores."),
+    features: str = typer.Option(..., help="Root folder of the feature stores, or a URL (s3://bucket/features)."),
     root: str | None = typer.Option(None, help="Dataset root folder (not needed for world); for csv the table, for "
                                                "webdataset / parquet a file, folder, glob or {000..009} range."),
     batch_size: int = typer.Option(32, help="Rows per encoder forward."),
@@ -70,7 +81,7 @@ def extract(
     from pipe_align.extract.runner import ExtractConfig, run_extract
 
     cfg = ExtractConfig(
-        encoder=encoder, dataset=dataset, split=split, features=str(features), root=root, batch_size=batch_size,
+        encoder=encoder, dataset=dataset, split=split, features=features, root=root, batch_size=batch_size,
         device=device, dtype=dtype, compute_dtype=compute_dtype, limit=limit, image_size=image_size, layer=layer,
         max_length=max_length if max_length == "longest" else _int_option(max_length, "--max-length"), text=text,
         templates=tuple(templates.split("|")) if templates else None,
@@ -115,14 +126,14 @@ _RUN_OPTIONS, _METHOD_OPTIONS = _align_options()
 @app.command()
 @with_options(_RUN_OPTIONS, _METHOD_OPTIONS)
 def align(
-    shards: Path = typer.Option(..., help="Folder with the stores of one dataset split (FEATURES/DATASET/SPLIT)."),
+    shards: str = typer.Option(..., help="Folder or URL of one dataset split's stores (FEATURES/DATASET/SPLIT)."),
     out: Path = typer.Option(..., help="Run dir to write (weights, method.json, run.json, loss.png)."),
     method: str = typer.Option("pal", help="Alignment method: pal or a baseline (procrustes, cca, csa, asif, linear, "
                                            "mlp, sotalign)."),
     image_encoder: str | None = typer.Option(None, help="Pick the image store when there are several."),
     text_encoder: str | None = typer.Option(None, help="Pick the caption store when there are several."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
-    unpaired_shards: Path | None = typer.Option(None, help="Stores of unpaired images and texts (sotalign)."),
+    unpaired_shards: str | None = typer.Option(None, help="Stores of unpaired images and texts (sotalign)."),
     recipe: str | None = typer.Option(None, help="pal: auto (default: small below 4096 training pairs, else paper), "
                                                  "paper (the authors' recipe) or small; given options win."),
     param: list[str] = typer.Option([], "--param", "-p", help="A method option as KEY=VALUE (same as its flag)."),
@@ -148,8 +159,8 @@ def align(
         raise PipeError(f"{flags}: not an option of --method {method}; its options: {', '.join(sorted(own))}")
     params = given | dict(parse_options(param, "--param"))
     cfg = AlignConfig(
-        shards=str(shards), out=str(out), method=method, image_encoder=image_encoder, text_encoder=text_encoder,
-        resume=resume, unpaired_shards=str(unpaired_shards) if unpaired_shards else None, recipe=recipe,
+        shards=shards, out=str(out), method=method, image_encoder=image_encoder, text_encoder=text_encoder,
+        resume=resume, unpaired_shards=unpaired_shards, recipe=recipe,
         run=RunConfig(**run_values), params=tuple(sorted(params.items())),
     )  # fmt: skip
     result = run_align(cfg, progress=progress)
@@ -184,7 +195,7 @@ def demo(
 def reproduce(
     recipe: str = typer.Argument(..., help="A recipe TOML file, or the name of a shipped one (pal-paper)."),
     out: Path | None = typer.Option(None, help="Output folder: runs, table.md, table.json [reproduce-<recipe>]."),
-    features: Path | None = typer.Option(None, help="Feature store folder [OUT/features]."),
+    features: str | None = typer.Option(None, help="Feature store folder or URL [OUT/features]."),
     data: Path | None = typer.Option(None, help="Folder that relative dataset roots resolve against [the recipe's]."),
     root: list[str] = typer.Option([], help="NAME=PATH: a dataset's root (repeatable)."),
     set_: list[str] = typer.Option([], "--set", help="KEY=VALUE: override any recipe key (train.epochs=2)."),
@@ -205,7 +216,7 @@ def reproduce(
 
     r = load_recipe(recipe, data=data, roots=root, sets=set_)
     names = [tuple(n for n in (v or "").split(",") if n) for v in (only, skip)]
-    cfg = ReproduceConfig(recipe=r, out=str(out or f"reproduce-{r.name}"), features=str(features) if features else None,
+    cfg = ReproduceConfig(recipe=r, out=str(out or f"reproduce-{r.name}"), features=features,
                           device=device, batch_size=batch_size, only=names[0], skip=names[1], figures=figures,
                           progress=progress)  # fmt: skip
     if dry_run:
@@ -220,7 +231,7 @@ def reproduce(
 
 
 @app.command()
-def info(store: Path = typer.Argument(..., help="A feature store folder (.zarr).")) -> None:
+def info(store: str = typer.Argument(..., help="A feature store folder (.zarr) or URL.")) -> None:
     """Shapes, encoder, dataset, size on disk and completeness of a store."""
     from pipe_align.extract.store import open_store
 
@@ -230,15 +241,16 @@ def info(store: Path = typer.Argument(..., help="A feature store folder (.zarr).
 
 
 @app.command()
-def verify(store: Path = typer.Argument(..., help="A feature store folder (.zarr).")) -> None:
+def verify(store: str = typer.Argument(..., help="A feature store folder (.zarr) or URL.")) -> None:
     """Check every array and chunk (checksums, row digests, shapes, done flags, finite values, value ranges) and the
     attributes; exit 1 with one line per problem when something is wrong (docs/store.md)."""
+    from pipe_align.extract.remote import location
     from pipe_align.extract.store import open_store
 
     try:
         st = open_store(store, require_complete=False)
     except PipeError as e:
-        if not (store / "zarr.json").is_file():
+        if not (location(store) / "zarr.json").is_file():
             raise  # not a store at all: a user error (exit 2)
         typer.echo(str(e), err=True)  # a store whose group metadata is damaged: a problem found (exit 1)
         raise typer.Exit(1) from None
@@ -291,8 +303,11 @@ def main(argv: list[str] | None = None) -> int:
             where = f"{e.filename}: " if e.filename else ""
             typer.echo(f"error: {where}{e.strerror or e}; free space and re-run the same command", err=True)
             return 2
-        if e.filename is None:  # not about a path the user gave: a real fault, keep its traceback
-            raise
+        if e.filename is None:  # not about a path the user gave: a real fault (traceback), or object storage's
+            if storage_failure(e) is None:
+                raise
+            typer.echo(f"error: {storage_failure(e)}", err=True)
+            return 2
         typer.echo(f"error: {e.filename}: {e.strerror or e}", err=True)  # e.g. --out under a file, no permission
         return 2
     except typer.Exit as e:
@@ -310,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         typer.echo("aborted", err=True)
         return 130
+    except Exception as e:  # an object store's failure (no bucket, no connection, access denied) is one line
+        if storage_failure(e) is None:
+            raise
+        typer.echo(f"error: {storage_failure(e)}", err=True)
+        return 2
     return rv if isinstance(rv, int) else 0
 
 

@@ -27,7 +27,7 @@ eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
 DATASET = typer.Option(..., help="Dataset name of the stores (voc, coco, flickr30k, world, ...).")
 ROOT = typer.Option(None, help="Dataset root folder (masks, images for figures; not needed for world).")
 SPLIT = typer.Option("val", help="Dataset split.")
-FEATURES = typer.Option(..., help="Root folder of the feature stores.")
+FEATURES = typer.Option(..., help="Root folder of the feature stores, or a URL (s3://bucket/features).")
 RUN = typer.Option(..., help="Run dir written by `pipe align` (run.json, method.json, weights).")
 SKIP = typer.Option(False, "--skip-existing", help="Do nothing when the result JSON already exists.")
 OPTION = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE, as given to pipe extract (e.g. size=100).")
@@ -37,11 +37,11 @@ EXAMPLES = typer.Option(4, help="Images shown in each figure.")
 SEED = typer.Option(0, help="Seed of any random draw the task makes (diagnostics: the mismatched captions).")
 
 
-def _run(task: str, dataset: str, root: str | None, split: str, features: Path, run: Path, skip_existing: bool,
+def _run(task: str, dataset: str, root: str | None, split: str, features: str, run: Path, skip_existing: bool,
          option: list[str], device: str, figures: bool, examples: int, protocol: str | None = None,
          seed: int = 0) -> None:  # fmt: skip
     cfg = EvalConfig(
-        task=task, dataset=dataset, split=split, features=str(features), run=str(run), root=root, protocol=protocol,
+        task=task, dataset=dataset, split=split, features=features, run=str(run), root=root, protocol=protocol,
         options=parse_options(option), device=resolve_device(device), figures=figures, examples=examples, seed=seed,
     )  # fmt: skip
     outcome = run_eval(cfg, skip_existing=skip_existing)
@@ -57,7 +57,7 @@ def _run(task: str, dataset: str, root: str | None, split: str, features: Path, 
 def _command(task: type[Task]) -> None:
     """Register `pipe eval <task.name>`: the common options, and --protocol where the task has protocols."""
     params = [("dataset", str, DATASET), ("root", str | None, ROOT), ("split", str, SPLIT),
-              ("features", Path, FEATURES), ("run", Path, RUN)]  # fmt: skip
+              ("features", str, FEATURES), ("run", Path, RUN)]  # fmt: skip
     if task.protocols:
         names = list(task.protocols)
         choices = ", ".join([f"{names[0]} (default)", *names[1:]])

@@ -30,6 +30,7 @@ from pipe_align.extract.datasets.prompt_sets import has_pal_prompts
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_text
 from pipe_align.extract.job import resolve_device
+from pipe_align.extract.remote import Remote, location
 from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.pipelines.recipe import DatasetSpec, EvalSpec, MethodSpec, Recipe, check_datasets
 
@@ -49,8 +50,8 @@ class ReproduceConfig:
     progress: bool = True
 
     @property
-    def feature_dir(self) -> Path:
-        return Path(self.features) if self.features else Path(self.out) / "features"
+    def feature_dir(self) -> Path | Remote:
+        return location(self.features) if self.features else Path(self.out) / "features"
 
 
 @dataclass
@@ -189,11 +190,11 @@ def _extract(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> tuple[Work, dic
     typer.echo(f"[1/4] extract: {len(stores)} stores under {cfg.feature_dir} ({r.encoders.image} + {r.encoders.text})")
     for ec in stores:
         s = run_extract(ec, progress=cfg.progress)
-        paths.append(Path(s.path))
+        paths.append(location(s.path))
         w.kept += s.already_complete
         w.done += not s.already_complete
         state = "complete, kept" if s.already_complete else f"{s.written_rows} rows written"
-        typer.echo(f"      {Path(s.path).relative_to(cfg.feature_dir)}: {s.rows} rows ({state})")
+        typer.echo(f"      {str(s.path)[len(str(cfg.feature_dir)) + 1 :]}: {s.rows} rows ({state})")
     w.seconds = time.perf_counter() - t0
     return w, pair_folders(r, stores, paths)
 

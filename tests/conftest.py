@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.s3_server import s3, s3_endpoint  # noqa: F401  (fixtures: a local S3 on 127.0.0.1)
 from tests.tiny_models import make_tiny_bert, make_tiny_dinov2
 
 
