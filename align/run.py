@@ -3,7 +3,8 @@
 Run dir: `method.json` + weights (`anchors.safetensors` for PAL, `weights.safetensors` otherwise) written when
 training ends; `run.json` (method config, run config, encoders, stores, data fingerprints, per-epoch metrics, best
 epoch, wall time, held-out retrieval), rewritten atomically after every epoch with `complete: false` until the end;
-`loss.png`; and while a trained method trains, `checkpoint.pt` (written atomically after every epoch) from which
+`loss.png`; `train.log` (one line per epoch and a summary; appended to by `--resume`); and while a trained method
+trains, `checkpoint.pt` (written atomically after every epoch) from which
 `--resume` continues to the same result as an unbroken run.
 """
 
@@ -76,7 +77,7 @@ def method_config(method: str, params: dict[str, Any]) -> MethodConfig:
         raise PipeError(f"method {method}: bad option value ({e})") from None
 
 
-def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
+def run_align(cfg: AlignConfig, progress: bool = True, verbose: bool = False) -> AlignResult:
     """Train (or resume, or return the finished run when nothing changed) and write the run dir. A PAL recipe
     (align.recipes) is resolved first; one that searches on the held-out pairs does so once, and its choice, kept in
     run.json, is what a resumed or repeated run uses."""
@@ -144,8 +145,11 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
     if main:
         write_json(run_json, meta)  # complete: false until the end
     trained = issubclass(method, TrainedAligner)
+    if main and not (out / "checkpoint.pt").exists():  # a fresh training: no epoch lines of an earlier one
+        (out / "train.log").unlink(missing_ok=True)
     result = fit(method, mcfg, run, data, checkpoint=out / "checkpoint.pt" if trained else None, resume=cfg.resume,
-                 key=key, dp=dp, on_epoch=on_epoch, progress=progress)  # fmt: skip
+                 key=key, dp=dp, on_epoch=on_epoch, progress=progress, log=out / "train.log",
+                 verbose=verbose)  # fmt: skip
     if not main:  # rank 0 writes the run
         barrier_and_close(dp)
         return AlignResult(out, meta)

@@ -123,6 +123,8 @@ def align(
                                                  "paper (the authors' recipe) or small; given options win."),
     param: list[str] = typer.Option([], "--param", "-p", help="A method option as KEY=VALUE (same as its flag)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print each epoch's line on the terminal (they "
+                                                                "always go to RUN/train.log)."),
     **options: object,
 ) -> None:
     """Train an alignment method from cached features (PAL trains only its anchors). Run-wide options apply to every
@@ -148,7 +150,7 @@ def align(
         resume=resume, unpaired_shards=str(unpaired_shards) if unpaired_shards else None, recipe=recipe,
         run=RunConfig(**run_values), params=tuple(sorted(params.items())),
     )  # fmt: skip
-    result = run_align(cfg, progress=progress)
+    result = run_align(cfg, progress=progress, verbose=verbose)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
     meta = result.meta
