@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import matplotlib
 import pytest
 
 from pipe_align.align.loop import RunConfig, summary_line
@@ -20,8 +21,21 @@ def align(feats, out, *extra: str) -> int:
                  *extra])  # fmt: skip
 
 
-def test_epochs_go_to_the_log_and_the_terminal_gets_a_summary(tmp_path, world_features, capsys, one_thread):
+@pytest.fixture
+def svg_backend():
+    """A backend that is not Agg, as a notebook's inline or a desktop backend would be."""
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    yield
+    matplotlib.use(before)
+
+
+def test_epochs_go_to_the_log_and_the_terminal_gets_a_summary(tmp_path, world_features, capsys, one_thread,
+                                                              svg_backend):  # fmt: skip
     assert align(world_features, tmp_path / "run") == 0
+    # loss.png is drawn on a bare Figure: the caller's matplotlib backend survives (matplotlib.use("Agg") switched it)
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == "svg"
     err = capsys.readouterr().err
     assert not EPOCH_LINE.search(err)  # no per-epoch lines on the terminal without --verbose
     summary = [line for line in err.splitlines() if "stopped at epoch" in line]
@@ -34,19 +48,16 @@ def test_epochs_go_to_the_log_and_the_terminal_gets_a_summary(tmp_path, world_fe
     assert log[-1] == summary[0]
 
 
-def test_verbose_prints_the_epoch_lines_too(tmp_path, world_features, capsys, one_thread):
-    assert align(world_features, tmp_path / "run", "--verbose") == 0
-    err = capsys.readouterr().err
-    log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8").splitlines()
-    assert EPOCH_LINE.findall(err) == [m.group(0) for m in map(EPOCH_LINE.match, log[:-1])]
-
-
-def test_a_fresh_training_starts_a_fresh_log(tmp_path, world_features, capsys, one_thread):
+def test_verbose_prints_the_epoch_lines_too_and_a_fresh_training_starts_a_fresh_log(tmp_path, world_features,
+                                                                                      capsys, one_thread):  # fmt: skip
     out = tmp_path / "run"
     out.mkdir()
     (out / "train.log").write_text("linear epoch 7 train_loss 9 (an earlier training)\n", encoding="utf-8")
-    assert align(world_features, out) == 0
-    assert "earlier" not in (out / "train.log").read_text(encoding="utf-8")
+    assert align(world_features, out, "--verbose") == 0
+    err = capsys.readouterr().err
+    log = (out / "train.log").read_text(encoding="utf-8").splitlines()
+    assert "earlier" not in "\n".join(log)
+    assert len(log) == 4 and EPOCH_LINE.findall(err) == [m.group(0) for m in map(EPOCH_LINE.match, log[:-1])]
 
 
 def test_summary_line_says_where_which_and_why():

@@ -1,5 +1,6 @@
-"""No global side effect from pipe's figures: training and the demo draw on bare `Figure`s, so a notebook's
-matplotlib backend survives (`matplotlib.use("Agg")` used to switch it); loss.png marks the epoch the run kept."""
+"""No global side effect from pipe's figures: the demo draws on bare `Figure`s, so a notebook's matplotlib backend
+survives (`matplotlib.use("Agg")` used to switch it; training's loss.png: tests/test_logs.py); loss.png marks the
+epoch the run kept."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import matplotlib
 import pytest
 
 from pipe_align.align.run import loss_figure
-from pipe_align.pipelines.cli import main
 
 
 @pytest.fixture
@@ -17,14 +17,6 @@ def svg_backend():
     matplotlib.use("svg")
     yield
     matplotlib.use(before)
-
-
-def test_align_leaves_the_matplotlib_backend_alone(tmp_path, world_features, svg_backend, one_thread):
-    out = tmp_path / "run"
-    assert main(["align", "--method", "linear", "--shards", str(world_features / "world" / "train"), "--out", str(out),
-                 "--epochs", "2", "--batch-size", "8", "--dim", "16", "--lr-finder", "0", "--no-progress"]) == 0
-    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert matplotlib.get_backend() == "svg"
 
 
 def test_demo_probe_figure_leaves_the_backend_alone(tmp_path, svg_backend):
