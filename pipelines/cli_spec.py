@@ -120,8 +120,10 @@ def build() -> dict[str, Any]:
         panel = "PAL options" if owners == ["pal"] else f"Shared by {', '.join(owners)}" if len(owners) > 1 \
             else f"{owners[0]} options"
         help_text = " ".join(o["help"]) + (f" [{shown}]" if shown else "")
-        method_options.append({"name": name, "type": o["type"], "size": o["size"], "help": help_text, "panel": panel})
-    method_options.sort(key=lambda o: (o["panel"] != "PAL options", o["panel"].startswith("Shared"), o["panel"]))
+        order = ("pal" not in owners, len(owners) > 1, panel)  # PAL's panels first, then one method's, then shared
+        method_options.append({"name": name, "type": o["type"], "size": o["size"], "help": help_text, "panel": panel,
+                               "order": order})  # fmt: skip
+    method_options.sort(key=lambda o: o.pop("order"))
     run_options = []
     run_defaults = {m.name: getattr(m, "run_defaults", None) for m in methods}
     for f in _fields(RunConfig):
