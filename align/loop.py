@@ -12,7 +12,9 @@ This loop owns the rest, the same for every method:
 - an atomic checkpoint after every epoch, from which `resume` continues bit-identically;
 - data parallelism under torchrun (`align.ddp`): every rank walks the same batches, computes its part's per-row
   tensors, the loss is the whole batch's (gathered rows), and the parameter gradients are summed over ranks;
-- progress (a rich bar) and per-epoch metrics (`on_epoch` receives the history so far after every epoch).
+- progress: one plain line per epoch in the run's log file, a rich bar on the terminal (and the per-epoch lines too
+  with `verbose`), one summary line at the end (where it stopped, the best epoch, why); `on_epoch` receives the
+  history so far after every epoch.
 
 The held-out loss is the same definition for every method: symmetric InfoNCE, at the method's `val_temperature`,
 of `image_global` / `text_global` on the held-out pairs in batches of the run's batch size (epoch 0's caption draw),
@@ -136,9 +138,9 @@ class FitResult:
 def fit(method: type[Aligner], config: MethodConfig, run: RunConfig, data: TrainingData, *,
         checkpoint: Path | None = None, resume: bool = False, key: dict[str, Any] | None = None,
         dp: DataParallel | None = None, on_epoch: Callable[[list[dict]], None] | None = None,
-        progress: bool = False) -> FitResult:  # fmt: skip
+        progress: bool = False, log: Path | None = None, verbose: bool = False) -> FitResult:  # fmt: skip
     """Fit any method. Closed form: one call. Trained: `Trainer`, with a checkpoint per epoch when `checkpoint` is
-    given (`key` identifies the run it belongs to; `resume` continues from it)."""
+    given (`key` identifies the run it belongs to; `resume` continues from it), per-epoch lines appended to `log`."""
     run = run.resolved(method)
     if issubclass(method, ClosedFormAligner):
         aligner, info = method.fit(data, config, run.seed)
@@ -150,7 +152,8 @@ def fit(method: type[Aligner], config: MethodConfig, run: RunConfig, data: Train
                 raise PipeError(f"{checkpoint.parent}: has an unfinished run (checkpoint.pt); pass --resume to "
                                 "continue it")  # fmt: skip
             trainer.load_checkpoint(checkpoint, key)
-        result = trainer.run(checkpoint=checkpoint, key=key, on_epoch=on_epoch, progress=progress)
+        result = trainer.run(checkpoint=checkpoint, key=key, on_epoch=on_epoch, progress=progress, log=log,
+                             verbose=verbose)  # fmt: skip
     for name, t in result.aligner.state_dict().items():  # nothing non-finite is ever saved as a result
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFinite(f"{method.name}: the fitted {name!r} is not finite ({len(data.train)} training pairs; too "
@@ -320,12 +323,14 @@ class Trainer:
         return self.epoch >= self.run_cfg.epochs or (patience > 0 and self.bad_epochs >= patience)
 
     def run(self, checkpoint: Path | None = None, key: dict[str, Any] | None = None,
-            on_epoch: Callable[[list[dict]], None] | None = None, progress: bool = False) -> FitResult:  # fmt: skip
+            on_epoch: Callable[[list[dict]], None] | None = None, progress: bool = False, log: Path | None = None,
+            verbose: bool = False) -> FitResult:  # fmt: skip
         main = self.dp is None or self.dp.main
         if self.method.config.lr_finder and self.lr_finder is None and self.step == 0:
             self.lr_finder = self.find_lr()
-        bar, on_step, new_epoch = _progress_bar(self.method.name, self.method.epoch_rows(self.data),
-                                                progress and main, self.epoch)  # fmt: skip
+        bar, on_step, new_epoch, say = _progress_bar(self.method.name, self.method.epoch_rows(self.data),
+                                                     progress and main, self.epoch, log if main else None,
+                                                     verbose)  # fmt: skip
         with bar:
             while not self.finished():
                 t0 = time.perf_counter()
@@ -352,6 +357,7 @@ class Trainer:
         if self.best["state"] is not None:
             self.method.load_state_dict(self.best["state"])
         stopped = "epochs" if self.epoch >= self.run_cfg.epochs else "patience"
+        say(summary_line(self.method.name, self.epoch, self.best, stopped, self.run_cfg))
         info: dict[str, Any] = {"best_epoch": self.best["epoch"], "stopped": stopped, "lr": self.base_lr}
         if self.lr_finder is not None:
             info["lr_finder"] = self.lr_finder
@@ -445,10 +451,29 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     write_bytes(path, buffer.getbuffer())
 
 
-def _progress_bar(name: str, rows: int, enabled: bool, first_epoch: int):
-    """On stderr, as extraction's progress (stdout keeps the summary): a rich bar per epoch (rows, loss, pairs/s) on a
-    terminal, and one plain, unwrapped line per epoch anywhere else (a log file or CI: a live bar there would be
-    redrawn into the file and rich would wrap the lines)."""
+def summary_line(name: str, epochs_run: int, best: dict[str, Any], stopped: str, run: RunConfig) -> str:
+    """The one line a person reads after training: where it stopped, which epoch is kept, and why it stopped."""
+    why = (f"reached --epochs {run.epochs}" if stopped == "epochs"
+           else f"no better held-out loss for {run.patience} epochs (--patience)")  # fmt: skip
+    kept = (f"best epoch {best['epoch']} (held-out loss {best['val_loss']:.4f}) kept" if math.isfinite(best["val_loss"])
+            else f"no held-out pairs, epoch {best['epoch']} kept")  # fmt: skip
+    return f"{name}: stopped at epoch {epochs_run - 1}, {why}; {kept}"
+
+
+def _append_line(path: Path, line: str) -> None:
+    """One line appended to the run's log; never through a planted link (O_NOFOLLOW)."""
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def _progress_bar(name: str, rows: int, enabled: bool, first_epoch: int, log: Path | None, verbose: bool):
+    """Where training reports. The run's log file gets one plain line per epoch and the summary (`say`); the terminal
+    (stderr, as extraction's progress; stdout keeps the result) gets a rich bar per epoch (rows, loss, pairs/s) when it
+    is a terminal (a live bar would be redrawn into a file), the summary, and the per-epoch lines only with `verbose`
+    (a demo's thousand epochs would bury its table)."""
     import contextlib
     import sys
 
@@ -466,13 +491,24 @@ def _progress_bar(name: str, rows: int, enabled: bool, first_epoch: int):
         rate = clock[1] / max(time.perf_counter() - clock[0], 1e-9)
         bar.update(task, advance=n, info=f"loss {loss:.3f} {rate:.0f} pairs/s")
 
+    def to_terminal(line: str) -> None:
+        if live:
+            bar.console.print(line, soft_wrap=True, markup=False, highlight=False)
+        elif enabled:
+            print(line, file=sys.stderr, flush=True)
+
     def new_epoch(m: dict) -> None:
         clock[0], clock[1] = time.perf_counter(), 0
         bar.reset(task, description=f"{name} epoch {m['epoch'] + 1}")
         line = f"{name} " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
-        if live:
-            bar.console.print(line, soft_wrap=True)
-        elif enabled:
-            print(line, file=sys.stderr, flush=True)
+        if log is not None:
+            _append_line(log, line)
+        if verbose:
+            to_terminal(line)
 
-    return (bar if live else contextlib.nullcontext()), on_step, new_epoch
+    def say(line: str) -> None:
+        if log is not None:
+            _append_line(log, line)
+        to_terminal(line)
+
+    return (bar if live else contextlib.nullcontext()), on_step, new_epoch, say

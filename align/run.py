@@ -3,7 +3,8 @@
 Run dir: `method.json` + weights (`anchors.safetensors` for PAL, `weights.safetensors` otherwise) written when
 training ends; `run.json` (method config, run config, encoders, stores, data fingerprints, per-epoch metrics, best
 epoch, wall time, held-out retrieval), rewritten atomically after every epoch with `complete: false` until the end;
-`loss.png`; and while a trained method trains, `checkpoint.pt` (written atomically after every epoch) from which
+`loss.png`; `train.log` (one line per epoch and a summary; appended to by `--resume`); and while a trained method
+trains, `checkpoint.pt` (written atomically after every epoch) from which
 `--resume` continues to the same result as an unbroken run.
 """
 
@@ -14,7 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_text
 from pipe_align.extract.job import resolve_device
 from pipe_align.extract.remote import location
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ def method_config(method: str, params: dict[str, Any]) -> MethodConfig:
         raise PipeError(f"method {method}: bad option value ({e})") from None
 
 
-def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
+def run_align(cfg: AlignConfig, progress: bool = True, verbose: bool = False) -> AlignResult:
     """Train (or resume, or return the finished run when nothing changed) and write the run dir. A PAL recipe
     (align.recipes) is resolved first; one that searches on the held-out pairs does so once, and its choice, kept in
     run.json, is what a resumed or repeated run uses."""
@@ -152,8 +156,11 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
     if main:
         write_json(run_json, meta)  # complete: false until the end
     trained = issubclass(method, TrainedAligner)
+    if main and not (out / "checkpoint.pt").exists():  # a fresh training: no epoch lines of an earlier one
+        (out / "train.log").unlink(missing_ok=True)
     result = fit(method, mcfg, run, data, checkpoint=out / "checkpoint.pt" if trained else None, resume=cfg.resume,
-                 key=key, dp=dp, on_epoch=on_epoch, progress=progress)  # fmt: skip
+                 key=key, dp=dp, on_epoch=on_epoch, progress=progress, log=out / "train.log",
+                 verbose=verbose)  # fmt: skip
     if not main:  # rank 0 writes the run
         barrier_and_close(dp)
         return AlignResult(out, meta)
@@ -162,7 +169,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
     meta["best_epoch"] = result.info.get("best_epoch") if trained else None
     meta["heldout"] = heldout_retrieval(aligner, val, run.seed) if val is not None else {}
     aligner.save(out)
-    _plot_loss(result.history, out / "loss.png", cfg.method)
+    _plot_loss(result.history, out / "loss.png", cfg.method, result.info.get("best_epoch") if trained else None)
     meta["complete"] = True
     write_json(run_json, meta)
     (out / "checkpoint.pt").unlink(missing_ok=True)
@@ -287,24 +294,29 @@ def _load_unpaired(cfg: AlignConfig, paired: PairStores) -> tuple[ImageRows, Tex
     return ImageRows(cls=cls), TextRows(pooled=pooled)
 
 
-def _plot_loss(history: list[dict], path: Path, method: str) -> None:
+def _plot_loss(history: list[dict], path: Path, method: str, best_epoch: int | None = None) -> None:
     if not history or not any(k in history[0] for k in ("train_loss", "val_loss")):
         return  # closed-form methods have no loss curve
-    import matplotlib
+    loss_figure(history, method, best_epoch).savefig(path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+def loss_figure(history: list[dict], method: str, best_epoch: int | None = None) -> Figure:
+    """Train and held-out loss per epoch, the kept (best) epoch marked. A bare `Figure`, never pyplot or
+    `matplotlib.use`: drawing it changes nothing in the caller's matplotlib (a notebook keeps its backend)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.2), dpi=100)
+    ax = fig.subplots()
     ep = [h["epoch"] for h in history]
     if "train_loss" in history[0]:
         ax.plot(ep, [h["train_loss"] for h in history], label="train")
     if "val_loss" in history[0]:
         ax.plot(ep, [h["val_loss"] for h in history], label="held-out")
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="0.4", linestyle="--", linewidth=1, label=f"best epoch {best_epoch} (kept)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (nats)")
     ax.set_title(f"{method}: loss per epoch")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig

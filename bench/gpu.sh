@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 14: one table (docs/gpu.md). Needs no network.
+# The GPU check: one table (docs/gpu.md). Needs no network.
 #   bash bench/gpu.sh            on a CUDA machine, under 8 minutes on one H200
 #   bash bench/gpu.sh --tiny     the same code on CPU with tiny sizes (CI checks that it runs), about a minute
 # PYTHON overrides the interpreter (default: .venv/bin/python of this checkout, else python3). On a bare machine whose
-# python cannot import pipe_align (the lent GPU machine), the wheels in .whl/ (bench/gpu_wheels.sh) are installed into
+# python cannot import pipe_align (torch only, no pip), the wheels in .whl/ (bench/gpu_wheels.sh) are installed into
 # /tmp/pipe-site and the package folders are linked there as pipe_align.*, without building anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."

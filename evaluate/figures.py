@@ -16,10 +16,41 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from pipe_align.extract.datasets.base import voc_palette
 from pipe_align.extract.files import write_bytes
 
-PALETTE = np.array(voc_palette(), dtype=np.float64).reshape(256, 3) / 255.0
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of sRGB colours in [0, 1], [..., 3]: the space where distances approximate perceived differences."""
+    c = np.asarray(rgb, dtype=np.float64)
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def categorical_palette() -> np.ndarray:
+    """[256, 3] RGB in [0, 1] for class colours in figures: 0 (background) black and 255 (void) cream as in the VOC
+    palette, and 1..254 picked greedily so that each next colour is the farthest in CIELAB from all chosen ones (the
+    method of Glasbey, Heijden, Toh and Gray, "Colour displays for categorical images", 2007), over an RGB grid kept
+    to lightness 30..90, so that no class is near-black on the black background. The VOC colour map puts classes
+    8.8 CIELAB units apart among its first 21 (dark red, dark blue, olive next to each other); here they are 39."""
+    levels = np.arange(0, 256, 15) / 255.0
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    lab = srgb_to_lab(grid)
+    keep = (lab[:, 0] >= 30) & (lab[:, 0] <= 90)
+    grid, lab = grid[keep], lab[keep]
+    fixed = np.array([[0.0, 0.0, 0.0], [224 / 255, 224 / 255, 192 / 255]])  # background, void
+    nearest = np.linalg.norm(lab[:, None] - srgb_to_lab(fixed)[None], axis=-1).min(axis=1)
+    picked = []
+    for _ in range(254):
+        i = int(nearest.argmax())
+        picked.append(grid[i])
+        nearest = np.minimum(nearest, np.linalg.norm(lab - lab[i], axis=-1))
+    return np.concatenate([fixed[:1], np.array(picked), fixed[1:]])
+
+
+PALETTE = categorical_palette()
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -38,7 +69,7 @@ def save_figure(fig: Figure, path: Path) -> Path:
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:
-    """Class-index mask -> RGB with the VOC palette (255 = void is cream, as in the VOC PNGs)."""
+    """Class-index mask -> RGB in the figures' palette (0 = background black and 255 = void cream, as in VOC)."""
     return PALETTE[np.asarray(mask, dtype=np.uint8)]
 
 
@@ -72,14 +103,15 @@ def class_iou_bars(path: Path, names: Sequence[str], ious: Sequence[float], titl
     fig = _figure(7, 0.3 * len(names) + 1.2)
     ax = fig.subplots()
     y = np.arange(len(names))
-    ax.barh(y, np.nan_to_num(values), color="tab:blue")
+    percent = 100 * np.nan_to_num(values)
+    ax.barh(y, percent, color="tab:blue")
     for i, v in enumerate(values):
         text = "n/a" if np.isnan(v) else f"{100 * v:.1f}"
-        ax.text((0 if np.isnan(v) else v) + 0.01, i, text, va="center", fontsize=8)
+        ax.text(percent[i] + 1, i, text, va="center", fontsize=8)
     ax.set_yticks(y, labels=list(names), fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlim(0, 1.1)
-    ax.set_xlabel("IoU")
+    ax.set_xlim(0, 110)
+    ax.set_xlabel("IoU (%)")
     ax.set_title(title)
     return save_figure(fig, path)
 
@@ -153,9 +185,12 @@ def anchor_maps(path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[
             ax = axes[r][c + 1]
             if image is not None:
                 ax.imshow(image)
-            ax.imshow(m, extent=(0, w, h, 0), alpha=0.6 if image is not None else 1.0, cmap="inferno",
-                      interpolation="bilinear")  # fmt: skip
+            shown = ax.imshow(m, extent=(0, w, h, 0), alpha=0.6 if image is not None else 1.0, cmap="inferno",
+                              interpolation="bilinear")  # fmt: skip
             ax.set_title(f"anchor {k} (profile {v:.2f})", fontsize=9)
+            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)  # each map has its own scale
+            bar.set_label("cos(patch, anchor)", fontsize=8)
+            bar.ax.tick_params(labelsize=7)
     fig.suptitle(title)
     return save_figure(fig, path)
 

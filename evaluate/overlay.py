@@ -1,5 +1,6 @@
-"""Colour overlays of a predicted label map on the user's own image (`pipe segment`), in the VOC palette that the
-eval's figures use. Plain arrays in, files out; drawn on a bare Agg `Figure`, never through pyplot."""
+"""Colour overlays of a predicted label map on the user's own image (`pipe segment`), in the palette that the eval's
+figures use; the label PNG keeps the VOC colour map of mask files. Plain arrays in, files out; drawn on a bare Agg
+`Figure`, never through pyplot."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
-from pipe_align.evaluate.figures import PALETTE, colorize
+from pipe_align.evaluate.figures import colorize
 from pipe_align.extract.datasets.base import voc_palette
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_bytes
@@ -31,23 +32,32 @@ def blend(image: np.ndarray, labels: np.ndarray, background: int | None, alpha: 
 def overlay_png(path: Path, image: np.ndarray, labels: np.ndarray, names: Sequence[str], background: int | None,
                 title: str) -> Path:  # fmt: skip
     """The image and its overlay side by side, with a legend of the labels that occur (and their pixel share)."""
+    data = io.BytesIO()
+    overlay_figure(image, labels, names, background, title).savefig(data, format="png", bbox_inches="tight")
+    return write_file(path, data.getvalue())
+
+
+def overlay_figure(image: np.ndarray, labels: np.ndarray, names: Sequence[str], background: int | None,
+                   title: str) -> Figure:  # fmt: skip
+    """Each legend swatch is the mean colour of its label's pixels in the overlay, the tint blended with the image
+    as the reader sees it (the background's: the image itself), not the pure palette colour."""
     h, w = labels.shape
     fig = Figure(figsize=(2 * 4.0 * w / max(h, w) + 0.4, 4.0 * h / max(h, w) + 1.1), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, squeeze=False)[0]
-    for ax, data, name in ((axes[0], image, "image"), (axes[1], blend(image, labels, background), "labels")):
+    blended = blend(image, labels, background)
+    for ax, data, name in ((axes[0], image, "image"), (axes[1], blended, "labels")):
         ax.imshow(data, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     counts = np.bincount(labels.ravel(), minlength=len(names))
     share = 100 * counts / labels.size
-    handles = [Patch(color=PALETTE[i], label=f"{names[i]} {share[i]:.0f}%" if share[i] >= 1 else f"{names[i]} <1%")
+    handles = [Patch(color=blended[labels == i].mean(axis=0) / 255.0,
+                     label=f"{names[i]} {share[i]:.0f}%" if share[i] >= 1 else f"{names[i]} <1%")
                for i in np.flatnonzero(counts)]  # fmt: skip
     fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
-    data = io.BytesIO()
-    fig.savefig(data, format="png", bbox_inches="tight")
-    return write_file(path, data.getvalue())
+    return fig
 
 
 def label_png(path: Path, labels: np.ndarray) -> Path:

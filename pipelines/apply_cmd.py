@@ -12,12 +12,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import typer
 
-from pipe_align.extract.datasets.base import is_blank, open_rgb
 from pipe_align.extract.errors import PipeError
-from pipe_align.extract.files import write_text
 
 RUN = typer.Option(..., help="Run dir written by `pipe align` (its run.json names the encoders to rebuild).")
 LABELS = typer.Option(..., help="Comma-separated labels, e.g. 'cat,dog,grass'.")
@@ -137,7 +134,10 @@ def segment(
     progress: bool = PROGRESS,
 ) -> None:
     """Segment images with your own labels: a colour overlay PNG and the label map (indexed PNG) per image."""
+    import numpy as np  # here, not at the top: `pipe --help` imports this module and should not pay for them
+
     from pipe_align.evaluate.overlay import label_png, overlay_png, write_file
+    from pipe_align.extract.datasets.base import open_rgb
     from pipe_align.pipelines.api import check_label, check_rule_value, segment_names
 
     bg = check_label(background, "--background") if background.strip() else None
@@ -186,6 +186,7 @@ def classify(
     progress: bool = PROGRESS,
 ) -> None:
     """Classify a folder of images against your labels: a CSV of the top-k labels with cosine scores."""
+    from pipe_align.extract.files import write_text
     from pipe_align.pipelines.image_index import list_images
 
     names = parse_labels(labels)
@@ -224,6 +225,7 @@ def search(
     progress: bool = PROGRESS,
 ) -> None:
     """Search a folder of images with sentences: the best-matching images, best first."""
+    from pipe_align.extract.datasets.base import is_blank
     from pipe_align.pipelines.image_index import cache_file, folder_embeddings, list_images
 
     if top_k < 1:

@@ -9,13 +9,32 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 vendors its own click; older releases use click itself
+    from typer._click import core as click
+except ImportError:
+    import click
 
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.remote import set_storage_options, storage_failure
-from pipe_align.pipelines import threads
-from pipe_align.pipelines.options import dataclass_options, parse_bytes, parse_options, with_options
+from pipe_align.pipelines import cli_spec, threads
+from pipe_align.pipelines.options import parse_bytes, parse_options, spec_options, with_options
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+# `pipe --help` lists the commands in the order a user runs them, each with its one-line summary.
+WORKFLOW = ("extract", "info", "verify", "encoders", "align", "eval", "report", "claims", "reproduce", "demo",
+            "segment", "classify", "search")  # fmt: skip
+RUN_PANEL = "Run options (every method)"
+
+
+class WorkflowGroup(TyperGroup):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: WORKFLOW.index(n) if n in WORKFLOW else len(WORKFLOW))
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=WorkflowGroup)
 encoders_app = typer.Typer(add_completion=False, no_args_is_help=True, help="List and prepare encoders.")
 app.add_typer(encoders_app, name="encoders")
 from pipe_align.pipelines.eval_cmd import eval_app, report  # noqa: E402
@@ -108,16 +127,9 @@ def _int_option(text: str, flag: str) -> int:
 
 
 def _align_options() -> tuple[list, list]:
-    from pipe_align.align.loop import RunConfig
-    from pipe_align.align.methods import METHODS
-
-    methods = [METHODS[m] for m in sorted(METHODS)]
-    configs = list({m.Config: m.name for m in methods}.items())  # linear and mlp share options, keep both names
-    names = {}
-    for m in methods:
-        names.setdefault(m.Config, []).append(m.name)
-    label = {cfg: "/".join(names[cfg]) for cfg, _ in configs}
-    return dataclass_options([RunConfig]), dataclass_options([cfg for cfg, _ in configs], label.get)
+    """Run-wide and per-method options, from the registries through `cli_spec` (no torch: --help stays fast)."""
+    spec = cli_spec.spec()
+    return spec_options(spec["run"]), spec_options(spec["methods"])
 
 
 _RUN_OPTIONS, _METHOD_OPTIONS = _align_options()
@@ -138,6 +150,8 @@ def align(
                                                  "paper (the authors' recipe) or small; given options win."),
     param: list[str] = typer.Option([], "--param", "-p", help="A method option as KEY=VALUE (same as its flag)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print each epoch's line on the terminal (they "
+                                                                "always go to RUN/train.log)."),
     **options: object,
 ) -> None:
     """Train an alignment method from cached features (PAL trains only its anchors). Run-wide options apply to every
@@ -163,7 +177,7 @@ def align(
         resume=resume, unpaired_shards=unpaired_shards, recipe=recipe,
         run=RunConfig(**run_values), params=tuple(sorted(params.items())),
     )  # fmt: skip
-    result = run_align(cfg, progress=progress)
+    result = run_align(cfg, progress=progress, verbose=verbose)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
     meta = result.meta
@@ -283,18 +297,55 @@ def encoders_prepare(
     typer.echo(f"{alias}: {path}")
 
 
+METAVARS = {"int": "INT", "float": "NUMBER", "str": "TEXT", "path": "PATH", "list[str]": "TEXT", "list[path]": "PATH"}
+PAIRS = {"option": "KEY=VALUE", "param": "KEY=VALUE", "set_": "KEY=VALUE"}
+
+
+def tidy(command: click.Command, ctx: click.Context | None = None) -> click.Command:
+    """What `--help` shows, fixed once on the built command tree (every option keeps its definition where it is):
+    placeholders without Python types (INT, PATH, KEY=VALUE, not <int> or <list[str]>), help text shown literally
+    (rich would read "[0.05]" as markup), and `pipe align`'s own options in the run panel beside the generated ones."""
+    ctx = ctx or click.Context(command, info_name="pipe")
+    for param in command.params:
+        if param.param_type_name == "argument":
+            param.metavar = param.metavar or param.name.upper()
+            param.display_type_rich = lambda ctx: None  # typer would print <path> beside the name
+        elif getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif param.metavar is None:
+            show = getattr(param, "display_type", None) or param.make_metavar  # typer >= 0.20, else click's
+            shown = show(ctx).strip("<>.").lower()
+            param.metavar = PAIRS.get(param.name, METAVARS.get(shown, shown.upper()))
+        if getattr(param, "help", None):
+            param.help = escape(param.help)
+        if command.name == "align" and getattr(param, "rich_help_panel", "") is None:
+            param.rich_help_panel = RUN_PANEL
+    help_option = command.get_help_option
+
+    def get_help_option(ctx: click.Context) -> click.Parameter | None:
+        option = help_option(ctx)
+        if option is not None:
+            option.metavar = ""  # typer shows <bool> beside --help
+        return option
+
+    command.get_help_option = get_help_option
+    if command.help:
+        command.help = escape(command.help)
+        command.short_help = " ".join(command.help.split("\n\n")[0].split())  # one line in the list of commands
+    for sub in getattr(command, "commands", {}).values():
+        tidy(sub, click.Context(sub, parent=ctx, info_name=sub.name))
+    return command
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:  # typer >= 0.20 vendors its own click; older releases use click itself
         from typer._click import exceptions as cx
     except ImportError:
         from click import exceptions as cx
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     try:
         threads.check()  # the policy itself was set when pipe_align.pipelines was imported, before torch
-        rv = app(args=argv, standalone_mode=False)
+        rv = tidy(typer.main.get_command(app))(args=argv, standalone_mode=False, prog_name="pipe")
     except PipeError as e:
         typer.echo(f"error: {e}", err=True)
         return 2

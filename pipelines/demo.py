@@ -180,13 +180,11 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 def _write_ablation(out: Path, ablation: list[dict], chosen: dict) -> None:
     """The recipe's probes: held-out mean R@1 (its selection criterion) per K, patches only and CLS pooled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a bare Figure: the caller's matplotlib backend stays as it is
 
     (out / "k_ablation.json").write_text(json.dumps({"chosen": chosen["K"], "grid": ablation}, indent=2))
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    fig = Figure(figsize=(5, 3.2), dpi=100)
+    ax = fig.subplots()
     ks = sorted({a["K"] for a in ablation}) or [chosen["K"]]
     for cls, mark in ((False, "o-"), (True, "s")):
         pts = sorted((a["K"], a["val_r1"]) for a in ablation if a["use_cls"] == cls)
@@ -196,12 +194,12 @@ def _write_ablation(out: Path, ablation: list[dict], chosen: dict) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("anchors K")
+    ax.set_ylabel("held-out mean R@1 (fraction)")
     ax.set_title(f"PAL recipe probes (chosen K = {chosen['K']})")
     if ablation:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "k_ablation.png")
-    plt.close(fig)
 
 
 def _background(stages: Stages, out: Path, run: Path, n_train: int, n_val: int) -> dict:

@@ -3,7 +3,8 @@ print what `evaluate.tasks.run_eval` / `evaluate.report.write_report` return.
 
 The commands are built from the task registry: a task file with a `@register_task` class is a new `pipe eval`
 command, with the task's docstring summary as its help and `--protocol` where the task takes one (its choices and
-default from the registry).
+default from the registry). The registry is read through `cli_spec` (no torch), and evaluate/ is imported only when a
+command runs, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -14,11 +15,7 @@ from typing import Any
 
 import typer
 
-from pipe_align.evaluate.base import Task
-from pipe_align.evaluate.config import EvalConfig
-from pipe_align.evaluate.report import format_headline, write_report
-from pipe_align.evaluate.tasks import all_tasks, run_eval
-from pipe_align.extract.job import resolve_device
+from pipe_align.pipelines import cli_spec
 from pipe_align.pipelines.options import parse_options
 
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -40,6 +37,11 @@ SEED = typer.Option(0, help="Seed of any random draw the task makes (diagnostics
 def _run(task: str, dataset: str, root: str | None, split: str, features: str, run: Path, skip_existing: bool,
          option: list[str], device: str, figures: bool, examples: int, protocol: str | None = None,
          seed: int = 0) -> None:  # fmt: skip
+    from pipe_align.evaluate.config import EvalConfig
+    from pipe_align.evaluate.report import format_headline
+    from pipe_align.evaluate.tasks import run_eval
+    from pipe_align.extract.job import resolve_device
+
     cfg = EvalConfig(
         task=task, dataset=dataset, split=split, features=features, run=str(run), root=root, protocol=protocol,
         options=parse_options(option), device=resolve_device(device), figures=figures, examples=examples, seed=seed,
@@ -54,28 +56,28 @@ def _run(task: str, dataset: str, root: str | None, split: str, features: str, r
     typer.echo(f"wrote {outcome.path}" + "".join(f"\nwrote {p}" for p in outcome.figures))
 
 
-def _command(task: type[Task]) -> None:
-    """Register `pipe eval <task.name>`: the common options, and --protocol where the task has protocols."""
+def _command(task: dict[str, Any]) -> None:
+    """Register `pipe eval <task name>`: the common options, and --protocol where the task has protocols."""
     params = [("dataset", str, DATASET), ("root", str | None, ROOT), ("split", str, SPLIT),
               ("features", str, FEATURES), ("run", Path, RUN)]  # fmt: skip
-    if task.protocols:
-        names = list(task.protocols)
+    if task["protocols"]:
+        names = task["protocols"]
         choices = ", ".join([f"{names[0]} (default)", *names[1:]])
         params.append(("protocol", str | None, typer.Option(None, help=f"{choices}: the protocol (docs/evaluate.md).")))
     params += [("skip_existing", bool, SKIP), ("option", list[str], OPTION), ("device", str, DEVICE),
                ("figures", bool, FIGURES), ("examples", int, EXAMPLES), ("seed", int, SEED)]  # fmt: skip
 
     def command(**kw: Any) -> None:
-        _run(task.name, **kw)
+        _run(task["name"], **kw)
 
     command.__signature__ = inspect.Signature(
         [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in params])
     command.__annotations__ = {n: t for n, t, _ in params}
-    command.__doc__ = inspect.getdoc(task).split("\n\n")[0]
-    eval_app.command(task.name)(command)
+    command.__doc__ = task["summary"]
+    eval_app.command(task["name"])(command)
 
 
-for _task in all_tasks():
+for _task in cli_spec.spec()["tasks"]:
     _command(_task)
 
 
@@ -85,6 +87,8 @@ def report(
                                                "RUN/../report.md for the first RUN."),
 ) -> None:  # fmt: skip
     """One comparison table of all evaluated runs, printed and written as Markdown and CSV."""
+    from pipe_align.evaluate.report import write_report
+
     md, csv_path, text = write_report(list(runs), out)
     typer.echo(text, nl=False)
     typer.echo(f"wrote {md}\nwrote {csv_path}")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import json
-import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -44,38 +42,26 @@ def parse_bytes(text: str | None, flag: str = "--memory-budget") -> int | None:
         raise PipeError(f"{flag} expects a size like 512M or 8G, got {text!r}") from None
 
 
-def _plain(tp: Any) -> type:
-    """int | None -> int (None is "not given" on the command line)."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
-
-
 def _flag(name: str, tp: type) -> tuple[str, ...]:
     opt = "--" + name.replace("_", "-")
     return (f"{opt}/--no-{name.replace('_', '-')}",) if tp is bool else (opt,)
 
 
-def dataclass_options(configs: list[type], label: Callable[[type], str] | None = None) -> list[inspect.Parameter]:
-    """One typer option per field of the given dataclasses (default None = "not given": the dataclass's default
-    applies); help is the field's `metadata["help"]` plus the default, per dataclass when `label` names them, so
-    defaults and help are written once, in the dataclass. A field with `metadata["size"]` takes sizes such as 8G."""
-    seen: dict[str, dict[str, Any]] = {}
-    for cls in configs:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            entry = seen.setdefault(f.name, {"type": _plain(hints[f.name]), "help": [], "defaults": [], "size": False})
-            if f.metadata.get("help") and f.metadata["help"] not in entry["help"]:
-                entry["help"].append(f.metadata["help"])
-            entry["size"] = entry["size"] or bool(f.metadata.get("size"))
-            default = f.default if f.default is not dataclasses.MISSING else None
-            entry["defaults"].append((label(cls) if label else None, default))
+PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+METAVARS = {"int": "INT", "float": "NUMBER", "str": "TEXT", "size": "SIZE"}
+
+
+def spec_options(entries: list[dict[str, Any]]) -> list[inspect.Parameter]:
+    """One typer option per entry of `cli_spec` (name, type, help, panel): the registries' options without importing
+    them. Default None = "not given": the config dataclass's default (or the recipe) applies."""
     params = []
-    for name, e in seen.items():
-        shown = [f"{who}: {d}" if who else f"{d}" for who, d in e["defaults"] if d is not None]
-        text = " ".join(e["help"]) + (f" [{', '.join(shown)}]" if shown else "")
-        tp = str if e["size"] else e["type"]
-        option = typer.Option(None, *_flag(name, tp), help=text, show_default=False)
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=tp | None))
+    for e in entries:
+        tp = str if e["size"] else PY_TYPES[e["type"]]
+        metavar = None if tp is bool else METAVARS["size" if e["size"] else e["type"]]
+        option = typer.Option(None, *_flag(e["name"], tp), help=e["help"], show_default=False, metavar=metavar,
+                              rich_help_panel=e["panel"])  # fmt: skip
+        kind = inspect.Parameter.KEYWORD_ONLY
+        params.append(inspect.Parameter(e["name"], kind, default=option, annotation=tp | None))
     return params
 
 

@@ -140,13 +140,15 @@ def test_run_json_is_written_atomically(tmp_path, world_features, monkeypatch):
 
 
 def test_progress_to_a_log_is_one_unwrapped_line_per_epoch(tmp_path, world_features, capsys):
-    """Not a terminal (a log file, CI): no live bar redrawn into the file, and no field wrapped onto another line."""
-    args = ["align", "--shards", str(world_features / "world" / "train"), "--out", str(tmp_path / "run"),
+    """Not a terminal (a log file, CI): no live bar redrawn into the file, and no field wrapped onto another line
+    (the per-epoch lines reach the terminal with --verbose; without it only the summary, tests/test_logs.py)."""
+    args = ["align", "--shards", str(world_features / "world" / "train"), "--out", str(tmp_path / "run"), "--verbose",
             *[a for a in FAST if a != "--no-progress"]]  # fmt: skip
     assert main(args) == 0
     out, err = capsys.readouterr()
-    lines = err.splitlines()  # progress on stderr, as extraction's; the summary alone on stdout
-    assert len(lines) == 3 and all(line.startswith("pal epoch ") and "pairs_per_s" in line for line in lines), lines
+    lines = err.splitlines()  # progress on stderr, as extraction's; the result alone on stdout
+    assert len(lines) == 4 and all(line.startswith("pal epoch ") and "pairs_per_s" in line for line in lines[:3]), lines
+    assert lines[3].startswith("pal: stopped at epoch 2, reached --epochs 3;"), lines
     assert out.splitlines() == [out.splitlines()[0]] and out.startswith(str(tmp_path / "run")), out
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -197,13 +199,29 @@ def hub_kwargs(source: Source) -> dict[str, Any]:
     return {"revision": source.revision} | ({"local_files_only": True} if hub_unusable() else {})
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No transformers "Loading weights" bar while pipe loads an encoder (`pipe` and `load()` show their own progress);
+    the caller's setting is restored afterwards, so importing or using pipe changes nothing in a notebook."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_pretrained(loader: Any, source: Source, what: str, **kwargs: Any) -> Any:
     """Call `loader.from_pretrained`, turning hub/path failures into a one-line PipeError naming the model. Never with
     custom code: trust_remote_code=False, so transformers neither asks on a terminal nor runs a model folder's
     Python; a model that needs it is refused (docs/guarantees.md, "Security")."""
     hub = hub_kwargs(source)
     try:
-        return loader.from_pretrained(source.model_id, **hub, **kwargs, trust_remote_code=False)
+        with quiet_loading():
+            return loader.from_pretrained(source.model_id, **hub, **kwargs, trust_remote_code=False)
     except (OSError, ValueError, KeyError, ImportError) as error:
         if "trust_remote_code" in str(error):
             raise PipeError(f"{source.model_id}: its {what} needs the model's own Python code (auto_map), which pipe "

