@@ -19,9 +19,15 @@ from pathlib import Path
 from typing import Any
 
 COLLAPSE_RATIO = 0.1  # below a tenth of the modality-level spread, the vectors are near-constant within a sample
-SHARED = (("grounding", "pointing_acc", "pointing acc"), ("segmentation", "fg_mIoU", "fg mIoU"),
-          ("segmentation", "mIoU", "mIoU"), ("retrieval", "text_retrieval_recall@1", "I2T R@1"),
-          ("retrieval", "image_retrieval_recall@1", "T2I R@1"))  # fmt: skip
+# (task, metric, label, the result's count of queries the metric is a fraction of; None: no sampling error known)
+SHARED = (("grounding", "pointing_acc", "pointing acc", "phrases"), ("segmentation", "fg_mIoU", "fg mIoU", None),
+          ("segmentation", "mIoU", "mIoU", None), ("retrieval", "text_retrieval_recall@1", "I2T R@1", "images"),
+          ("retrieval", "image_retrieval_recall@1", "T2I R@1", "captions"))  # fmt: skip
+
+
+def two_se(p: float, n: int) -> float:
+    """Twice the binomial standard error of a fraction p measured on n queries."""
+    return 2 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -76,9 +82,13 @@ def claim_lines(runs: list[Path]) -> list[str]:
                              f"{_verdict(min(ri, rt) >= COLLAPSE_RATIO)} (figure: {fig}).")  # fmt: skip
             elif r["task"] == "classification" and "unseen_acc" in r:
                 chance = 1 / max(int(r.get("classes", 1)), 1)
+                n = int(r.get("unseen_images", 0))
+                bar = chance + (two_se(chance, n) if n else 0.0)
+                bar_text = f" (+2 s.e. over {n} images = {_pct(bar)})" if n else ""
                 lines.append(f"- **Transfer to unseen classes** ({name[run]}, {r.get('method')}, {where}): unseen "
                              f"{_pct(r['unseen_acc'])} ({', '.join(r.get('unseen_names', []))}) vs chance "
-                             f"{_pct(chance)}; seen {_pct(r['seen_acc'])}: {_verdict(r['unseen_acc'] > chance)}.")
+                             f"{_pct(chance)}{bar_text}; seen {_pct(r['seen_acc'])}: "
+                             f"{_verdict(r['unseen_acc'] > bar)}.")  # fmt: skip
             elif r["task"] == "claims":
                 gf, gw = r.get("mean_gain_grounding_fails"), r.get("mean_gain_grounding_works")
                 lines.append(f"- **Gains come from correspondence** ({name[run]} vs {r.get('best_baseline')}, "
@@ -97,15 +107,20 @@ def _pooled_lines(by_run: dict[Path, list[dict[str, Any]]], name: dict[Path, str
     lines = []
     for f in full:
         for p in pooled:
-            for task, key, label in SHARED:
+            for task, key, label, count in SHARED:
                 a = {(r.get("dataset"), r.get("split"), r.get("protocol")): r for r in by_run[f] if r["task"] == task}
                 b = {(r.get("dataset"), r.get("split"), r.get("protocol")): r for r in by_run[p] if r["task"] == task}
                 for scope in sorted(set(a) & set(b), key=str):
                     if key in a[scope] and key in b[scope]:
                         x, y = a[scope][key], b[scope][key]
+                        n = int(a[scope].get(count, 0)) if count else 0
+                        # a difference of two fractions on the same n queries: 2 s.e. of the difference
+                        margin = math.hypot(two_se(x, n), two_se(y, n)) if n else 0.0
+                        what = f", difference {100 * (x - y):+.1f} points vs 2 s.e. {100 * margin:.1f}" if n else \
+                            " (no sampling error known: plain comparison)"
                         lines.append(f"- **Per-token profiles matter** ({name[f]} vs pooled {name[p]}, "
-                                     f"{scope[0]}/{scope[1]}, {label}): full {_pct(x)} vs pooled {_pct(y)}: "
-                                     f"{_verdict(x > y)}.")  # fmt: skip
+                                     f"{scope[0]}/{scope[1]}, {label}): full {_pct(x)} vs pooled {_pct(y)}{what}: "
+                                     f"{_verdict(x - y > margin)}.")  # fmt: skip
     return lines
 
 

@@ -85,8 +85,10 @@ def seen_unseen(pred: torch.Tensor, y: torch.Tensor, names: list[str], seen: set
     u = [v for k, v in recall.items() if k not in seen]
     if not s or not u:
         return {}
+    unseen_images = sum(int((y == j).sum()) for j in range(len(names)) if names[j] not in seen)
     return {"seen_acc": float(np.mean(s)), "unseen_acc": float(np.mean(u)), "seen_classes": len(s),
-            "unseen_classes": len(u), "unseen_names": sorted(k for k in recall if k not in seen)}  # fmt: skip
+            "unseen_classes": len(u), "unseen_images": unseen_images,
+            "unseen_names": sorted(k for k in recall if k not in seen)}  # fmt: skip
 
 
 @register_task("classification")

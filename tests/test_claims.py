@@ -199,3 +199,22 @@ def test_report_states_each_claim_with_its_numbers_and_verdict(tmp_path):
     assert any("No collapse" in x and "0.05 (image)" in x and "does not hold (figure: " in x for x in lines)
     assert any("unseen 5.0% (moon) vs chance 10.0%" in x and x.endswith("does not hold.") for x in lines)
     assert "## Claims of the PAL paper" in (tmp_path / "report.md").read_text()
+
+
+def test_a_difference_within_sampling_error_is_no_verdict_for_the_claim(tmp_path):
+    """Full 37.3% vs pooled 36.6% pointing accuracy on 644 phrases, or unseen accuracy 10.2% against a chance of
+    8.3% on 30 unseen images, are within two binomial standard errors (sqrt(p(1-p)/n)): "does not hold"."""
+    from pipe_align.evaluate.report import write_report
+
+    g = {"task": "grounding", "pointing_acc": 0.373, "chance": 0.118, "phrases": 644}
+    full = _fake_run(tmp_path / "pal", "pal", "tokens", [
+        g, {"task": "classification", "acc1": 0.5, "balanced_acc": 0.5, "classes": 12, "seen_acc": 0.7,
+            "unseen_acc": 0.102, "unseen_images": 30, "unseen_names": ["moon"]}])  # fmt: skip
+    pooled = _fake_run(tmp_path / "pooled", "pal", "pooled", [g | {"pointing_acc": 0.366}])
+    _, _, text = write_report([full, pooled], tmp_path / "report.md")
+    lines = [x for x in text.splitlines() if x.startswith("- **")]
+    se = 2 * (0.373 * 0.627 / 644 + 0.366 * 0.634 / 644) ** 0.5  # 5.4 points: 0.7 is inside it
+    assert any("Per-token profiles matter" in x and f"2 s.e. {100 * se:.1f}" in x and x.endswith("does not hold.")
+               for x in lines), lines  # fmt: skip
+    bar = 1 / 12 + 2 * ((1 / 12) * (11 / 12) / 30) ** 0.5  # 18.4%
+    assert any("unseen 10.2%" in x and f"= {100 * bar:.1f}%" in x and x.endswith("does not hold.") for x in lines)
