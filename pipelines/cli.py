@@ -53,8 +53,8 @@ for _command in APPLY_COMMANDS:
 @app.callback()
 def storage(
     storage_option: list[str] = typer.Option(
-        [], "--storage-option", metavar="KEY=VALUE", help="An option of the storage backend of store URLs (s3://...), "
-        "e.g. endpoint_url=http://host:9000; repeatable. Never written into a store or a run."),
+        [], "--storage-option", metavar="KEY=VALUE", help="An option of the storage backend of store URLs "
+        "(s3://bucket/path), e.g. endpoint_url=http://host:9000; repeatable. Never written into a store or a run."),
 ) -> None:  # fmt: skip
     """Post-hoc alignment of frozen vision and text encoders (PAL) from cached Zarr feature stores."""
     set_storage_options(dict(parse_options(storage_option, "--storage-option")))
