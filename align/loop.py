@@ -455,7 +455,8 @@ def summary_line(name: str, epochs_run: int, best: dict[str, Any], stopped: str,
     """The one line a person reads after training: where it stopped, which epoch is kept, and why it stopped."""
     why = (f"reached --epochs {run.epochs}" if stopped == "epochs"
            else f"no better held-out loss for {run.patience} epochs (--patience)")  # fmt: skip
-    kept = (f"best epoch {best['epoch']} (held-out loss {best['val_loss']:.4f}) kept" if math.isfinite(best["val_loss"])
+    which = "the state before the first epoch" if best["epoch"] < 0 else f"best epoch {best['epoch']}"
+    kept = (f"{which} (held-out loss {best['val_loss']:.4f}) kept" if math.isfinite(best["val_loss"])
             else f"no held-out pairs, epoch {best['epoch']} kept")  # fmt: skip
     return f"{name}: stopped at epoch {epochs_run - 1}, {why}; {kept}"
 

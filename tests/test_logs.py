@@ -88,3 +88,10 @@ def test_loading_an_encoder_shows_no_loading_bar_and_keeps_the_setting(tiny_dino
 @pytest.fixture(autouse=True)
 def _columns(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
+
+
+def test_summary_line_names_the_initial_state_when_it_is_kept():
+    """A method whose starting point is a candidate (SOTAlign's teacher) may keep it: no "epoch -1" in the line."""
+    run = RunConfig(epochs=50, patience=5)
+    line = summary_line("sotalign", 5, {"epoch": -1, "val_loss": 5.8032}, "patience", run)
+    assert line.endswith("the state before the first epoch (held-out loss 5.8032) kept") and "-1" not in line, line
