@@ -27,13 +27,17 @@ import typing
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_bytes, write_text
+
+if TYPE_CHECKING:
+    from pipe_align.align.ddp import DataParallel
+    from pipe_align.align.loop import RunConfig
 
 METHODS: dict[str, type[Aligner]] = {}
 
@@ -70,6 +74,17 @@ class TrainingData:
     train: Any
     val: Any | None = None
     unpaired: tuple[ImageRows, TextRows] | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run trains with, as a method's preset hook resolved it: the method's options (the user's, filled in by
+    the preset; `Config(**params)` is the config), the run config, and what run.json records under "preset" (empty:
+    no preset, nothing recorded)."""
+
+    params: dict[str, Any]
+    run: RunConfig
+    record: dict[str, Any]
 
 
 INT_LIMIT = 1 << 20  # the largest value of a method's integer option that declares no limit of its own
@@ -200,6 +215,43 @@ class Aligner(abc.ABC):
     def wants_tokens(cls, config: MethodConfig) -> bool:
         """Whether this configuration reads token arrays (the data loader asks before fitting)."""
         return cls.needs_tokens
+
+    # -- presets: the method's own automatic choice of settings (`pipe align --preset NAME`) ------------------------
+    # A method with presets names them in `presets` (the first is the default) and overrides `preset_plan`, and
+    # `preset_search` when a preset picks settings on the training data; its file owns that code, as a model file owns
+    # its default settings. `align.run` calls the hooks and records the plan; it never asks which method it runs.
+    presets: ClassVar[tuple[str, ...]] = ()
+    preset_help: ClassVar[dict[str, str]] = {}  # option -> what a non-default preset sets it to, for --help
+
+    @classmethod
+    def check_preset(cls, preset: str | None) -> str | None:
+        """The preset a run uses (None: the method has none). A method without presets refuses one (`none` is
+        accepted as "no preset"); an unknown name lists the method's presets."""
+        if not cls.presets:
+            if preset not in (None, "none"):
+                raise PipeError(f"--preset {preset}: method {cls.name} has no presets; it uses its own defaults")
+            return None
+        if preset is None:
+            return cls.presets[0]
+        if preset not in cls.presets:
+            raise PipeError(f"--preset {preset!r}: unknown for method {cls.name}; choose one of "
+                            f"{', '.join(cls.presets)}")  # fmt: skip
+        return preset
+
+    @classmethod
+    def preset_plan(cls, preset: str | None, params: dict[str, Any], run: RunConfig, n_train: int) -> Plan | None:
+        """The settings to train with, given the user's options `params` (validated; they win over any preset), the
+        run config and the number of training pairs; or None when the preset must look at the data first
+        (`preset_search`). Default, for a method without presets: its config's defaults and its `run_defaults`."""
+        return Plan(dict(params), run.resolved(cls), {})
+
+    @classmethod
+    def preset_search(cls, preset: str, params: dict[str, Any], run: RunConfig, data: TrainingData,
+                      dp: DataParallel | None = None, say: bool = False) -> Plan:  # fmt: skip
+        """The data-dependent part of a preset, called once when `preset_plan` returned None, with the training and
+        held-out pairs loaded (`say`: print progress to stderr). Its plan is recorded in run.json before training,
+        so a resumed or repeated run reuses it instead of searching again."""
+        raise NotImplementedError(f"method {cls.name}: preset {preset!r} needs a search, and the method has none")
 
     @abc.abstractmethod
     def image_global(self, rows: ImageRows) -> Tensor:

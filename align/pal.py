@@ -8,13 +8,15 @@ meet in a symmetric InfoNCE at temperature tau. The profile computation is `pipe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from pipe_align.align import pal_presets
 from pipe_align.align.base import (
     ImageRows,
+    Plan,
     StepContext,
     TextRows,
     TrainedAligner,
@@ -23,7 +25,9 @@ from pipe_align.align.base import (
     l2n,
     register_method,
 )
+from pipe_align.align.ddp import DataParallel
 from pipe_align.align.kernel import anchor_profiles
+from pipe_align.align.loop import RunConfig
 from pipe_align.align.losses import info_nce
 from pipe_align.extract.errors import PipeError
 
@@ -31,12 +35,12 @@ from pipe_align.extract.errors import PipeError
 @dataclass(frozen=True)
 class PALConfig(TrainedConfig):
     """Defaults: the PAL authors' recipe as their code runs it (shiwonkim/PAL_working: configs/default.yaml,
-    configs/pal/*/token_k512.yaml, alignment_trainer.py), which `pipe align --recipe paper` uses unchanged with
+    configs/pal/*/token_k512.yaml, alignment_trainer.py), which `pipe align --preset paper` uses unchanged with
     `PAL.run_defaults` (1000 epochs, batch 4096, patience 200): K=512, tau_p 0.03, tau 0.05, CLS + patch tokens
     pooled, AdamW lr 1e-3 (replaced by the pick of a 100-iteration LR finder from 1e-7 to 10), betas (0.9, 0.95),
     weight decay 1e-4, per-batch CosineAnnealingLR with T_max = 50 x max(1, pairs // batch) steps and no warm-up, each
-    anchor bank's gradient norm clipped to 1.0 on its own. They are tuned for about 83k pairs; the recipes in
-    `align.recipes` (docs/align.md) say what `pipe align` uses on a few hundred."""
+    anchor bank's gradient norm clipped to 1.0 on its own. They are tuned for about 83k pairs; the presets in
+    `align.pal_presets` (docs/align.md) say what `pipe align` uses on a few hundred."""
 
     anchors: int = field(default=512, metadata={"help": "pal: anchors per modality K."})
     tau_p: float = field(default=0.03, metadata={"help": "pal: pooling temperature over tokens."})
@@ -86,6 +90,18 @@ class PAL(TrainedAligner):
     needs_tokens = True
     weights_file = "anchors.safetensors"
     run_defaults = {"epochs": 1000, "batch_size": 4096, "patience": 200}
+    presets = pal_presets.PRESETS
+    preset_help = pal_presets.SMALL_HELP
+
+    # -- presets (align/pal_presets.py: auto, paper, small) ---------------------------------------------------------
+    @classmethod
+    def preset_plan(cls, preset: str | None, params: dict[str, Any], run: RunConfig, n_train: int) -> Plan | None:
+        return pal_presets.plan(cls, preset, params, run, n_train)
+
+    @classmethod
+    def preset_search(cls, preset: str, params: dict[str, Any], run: RunConfig, data: TrainingData,
+                      dp: DataParallel | None = None, say: bool = False) -> Plan:  # fmt: skip
+        return pal_presets.search_small(cls, params, run, data, preset, dp=dp, say=say)
 
     def __init__(self, config: PALConfig, image_dim: int | None = None, text_dim: int | None = None,
                  seed: int = 0) -> None:  # fmt: skip

@@ -13,17 +13,28 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from pipe_align.align.base import ImageRows, MethodConfig, TextRows, TrainedAligner, TrainingData
+from pipe_align.align.base import (
+    Aligner,
+    ImageRows,
+    MethodConfig,
+    Plan,
+    TextRows,
+    TrainedAligner,
+    TrainingData,
+)
 from pipe_align.align.data import (
     PairSource,
     PairStores,
+    Split,
     find_pair_stores,
     heldout_stores,
     keep_freed_host_memory,
@@ -31,10 +42,9 @@ from pipe_align.align.data import (
     store_fingerprint,
     stores_in,
 )
-from pipe_align.align.ddp import barrier_and_close, init_from_env, launched_world
-from pipe_align.align.loop import RunConfig, fit, heldout_retrieval
+from pipe_align.align.ddp import DataParallel, barrier_and_close, init_from_env, launched_world
+from pipe_align.align.loop import FitResult, RunConfig, fit, heldout_retrieval
 from pipe_align.align.methods import get_method
-from pipe_align.align.recipes import Plan, check_recipe, plan, search_small
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_text
 from pipe_align.extract.job import resolve_device
@@ -46,7 +56,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class AlignConfig:
-    """One `pipe align` invocation; persisted in run.json as "align"."""
+    """One `pipe align` invocation; persisted in run.json as "align". `params` are the options of the method the user
+    gave (fields of its Config; a mapping, or (name, value) pairs), checked once when the config is made: an unknown
+    name or a bad value is a PipeError before anything runs. `given` is them typed, the Config's defaults for the
+    rest; the method's preset (`preset`; PAL: auto, paper or small) fills in what the user left out."""
 
     shards: str
     out: str
@@ -55,9 +68,17 @@ class AlignConfig:
     text_encoder: str | None = None
     resume: bool = False
     unpaired_shards: str | None = None
-    recipe: str | None = None  # PAL: auto (default), paper or small (align.recipes); other methods: none
+    preset: str | None = None  # one of the method's `presets` (its first when None); a method without presets: none
     run: RunConfig = field(default_factory=RunConfig)
-    params: tuple[tuple[str, Any], ...] = ()  # the method's own options (fields of its Config)
+    params: Mapping[str, Any] = field(default_factory=dict)  # the method's own options the user gave
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", dict(sorted(dict(self.params).items())))
+        self.given  # noqa: B018 (validates the options once, here)
+
+    @cached_property
+    def given(self) -> MethodConfig:
+        return method_config(self.method, self.params)
 
 
 @dataclass
@@ -70,7 +91,7 @@ class AlignResult:
         return self.meta.get("heldout", {}).get("heldout_mean_r1")
 
 
-def method_config(method: str, params: dict[str, Any]) -> MethodConfig:
+def method_config(method: str, params: Mapping[str, Any]) -> MethodConfig:
     cls = get_method(method)
     names = {f.name: f for f in fields(cls.Config)}
     unknown = sorted(set(params) - set(names))
@@ -82,20 +103,78 @@ def method_config(method: str, params: dict[str, Any]) -> MethodConfig:
         raise PipeError(f"method {method}: bad option value ({e})") from None
 
 
+@dataclass(frozen=True)
+class Job:
+    """What `resolve_run` settled before any data is read: the stores, the split, what the user asked for (`request`:
+    what a finished run or a preset's earlier choice is reused by), the run dir's earlier run.json, and, once the
+    preset's plan is known, the typed method config and the run key."""
+
+    cfg: AlignConfig
+    method: type[Aligner]
+    out: Path
+    preset: str | None
+    stores: PairStores
+    held: PairStores | None  # --val-shards: the stores of the held-out pairs
+    split: Split
+    request: dict[str, Any]
+    prev: dict[str, Any]  # run.json already in the run dir ({} when none)
+    plan: Plan | None = None  # None until the preset's search has seen the data
+    config: MethodConfig | None = None  # the plan's, typed
+    key: dict[str, Any] | None = None  # what the result depends on (_run_key)
+
+    def planned(self, plan: Plan) -> Job:
+        """This job with its plan: the typed config and the run key follow from it (the one place they are built)."""
+        config = method_config(self.cfg.method, plan.params) if plan.params != self.cfg.params else self.cfg.given
+        return replace(self, plan=plan, config=config, key=_run_key(self.cfg, config, plan.run, self.stores))
+
+    def finished(self) -> AlignResult | None:
+        """The run dir's finished run when it is this one; another finished run there is refused."""
+        return _finished(self.out, self.prev, self.key) if self.prev.get("complete") else None
+
+
+@dataclass
+class Loaded:
+    """The data sources of a job, on its device, and this process's place in data parallelism."""
+
+    data: TrainingData
+    dp: DataParallel | None
+    started: float  # perf_counter when the data were ready (the run's wall time counts from here)
+
+    @property
+    def main(self) -> bool:
+        return self.dp is None or self.dp.main
+
+
 def run_align(cfg: AlignConfig, progress: bool = True, verbose: bool = False) -> AlignResult:
-    """Train (or resume, or return the finished run when nothing changed) and write the run dir. A PAL recipe
-    (align.recipes) is resolved first; one that searches on the held-out pairs does so once, and its choice, kept in
-    run.json, is what a resumed or repeated run uses."""
+    """Train (or resume, or return the finished run when nothing changed) and write the run dir, in this order:
+    resolve (options, stores, the method's preset plan, the run key) -> load (the data sources) -> search (only when
+    the preset chooses on the data; once: its choice, kept in run.json, is what a resumed or repeated run uses) ->
+    fit (the one training loop, checkpointed) -> write (the run dir; rank 0 under data parallelism)."""
+    job = resolve_run(cfg)
+    done = job.finished() if job.plan is not None else None
+    if done is not None:
+        return done
+    loaded = load_data(job)
+    if job.plan is None:
+        job = search_preset(job, loaded, say=progress and loaded.main)
+        done = job.finished()
+        if done is not None:
+            return done
+    result, meta = fit_run(job, loaded, progress, verbose)
+    return write_run(job, loaded, result, meta)
+
+
+def resolve_run(cfg: AlignConfig) -> Job:
+    """The options, the stores and the split, checked against what the run dir holds before any data is read; then
+    the method's preset plan (unless it needs the data) and the run key."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise PipeError(f"--out {out}: is a file")
     method = get_method(cfg.method)
-    recipe = check_recipe(method, cfg.recipe)
-    given = dict(cfg.params)
-    method_config(cfg.method, given)  # bad option names and values fail before anything runs
+    preset = method.check_preset(cfg.preset)
     stores = find_pair_stores(cfg.shards, cfg.image_encoder, cfg.text_encoder)
     held = heldout_stores(cfg.run.val_shards, stores) if cfg.run.val_shards else None
-    request = {"recipe": recipe, "params": given, "run": cfg.run.training_key(),
+    request = {"preset": preset, "params": dict(cfg.params), "run": cfg.run.training_key(),
                "fingerprint": {"image": store_fingerprint(stores.image), "text": store_fingerprint(stores.text)}}
     if held is not None:  # the held-out stores decide early stopping: other ones are another run
         request["val_fingerprint"] = {"image": store_fingerprint(held.image), "text": store_fingerprint(held.text)}
@@ -105,73 +184,92 @@ def run_align(cfg: AlignConfig, progress: bool = True, verbose: bool = False) ->
         raise PipeError(f"--out {out}: holds a finished run with other settings or data; choose another --out")
     if (out / "checkpoint.pt").exists() and not cfg.resume:
         raise PipeError(f"{out}: has an unfinished run (checkpoint.pt); pass --resume to continue it")
-    if (out / "checkpoint.pt").exists() and prev.get("request") not in (None, request):  # before any recipe search
+    if (out / "checkpoint.pt").exists() and prev.get("request") not in (None, request):  # before any preset search
         raise PipeError(f"{out / 'checkpoint.pt'}: was written with other options or data; resume with the same ones, "
                         "or use another --out")  # fmt: skip
     split = pair_split(stores, cfg.run.val_fraction, cfg.run.seed, cfg.run.limit)
-    chosen = _reuse_plan(prev, request) or (plan(recipe, given, cfg.run, len(split.train)) if recipe else
-                                             Plan(given, cfg.run.resolved(method), {}))  # fmt: skip
-    if chosen is not None:
-        mcfg = method_config(cfg.method, chosen.params)
-        key = _run_key(cfg, mcfg, chosen.run, stores)
-        if prev.get("complete"):
-            return _finished(out, prev, key)
-        _check_resumable(out, prev, key)
+    job = Job(cfg, method, out, preset, stores, held, split, request, prev)
+    plan = _reuse_plan(prev, request) or method.preset_plan(preset, dict(cfg.params), cfg.run, len(split.train))
+    if plan is None:
+        return job
+    job = job.planned(plan)
+    if not prev.get("complete"):
+        _check_resumable(out, prev, job.key)
+    return job
+
+
+def load_data(job: Job) -> Loaded:
+    """The training pairs, the held-out pairs (of the split, or of `--val-shards`) and any unpaired rows, as sources
+    on the run's device (in memory when they fit the budget, streamed otherwise); data parallelism joined first."""
+    cfg, stores = job.cfg, job.stores
     device = resolve_device(cfg.run.device)
     keep_freed_host_memory()
     dp = None
     if launched_world() > 1:
         dp, device = init_from_env(device)
-    main = dp is None or dp.main
-    tokens = method.wants_tokens(method_config(cfg.method, chosen.params if chosen else given))
+    tokens = job.method.wants_tokens(job.config or cfg.given)  # before a search: the user's options decide
 
-    def source(rows, pairs=stores, captions=split.captions):
+    def source(rows, pairs=stores, captions=job.split.captions):
         return PairSource(pairs, rows, captions, tokens=tokens, device=device, memory_budget=cfg.run.memory_budget,
                           caption_rule=cfg.run.captions)  # fmt: skip
 
-    train, val = source(split.train), (source(split.val) if len(split.val) >= 2 else None)
-    if held is not None:
-        held_split = pair_split(held, 0.0, cfg.run.seed)  # every pair of the other store set is held out
-        val = source(held_split.train, held, held_split.captions)
+    train, val = source(job.split.train), (source(job.split.val) if len(job.split.val) >= 2 else None)
+    if job.held is not None:
+        held_split = pair_split(job.held, 0.0, cfg.run.seed)  # every pair of the other store set is held out
+        val = source(held_split.train, job.held, held_split.captions)
     unpaired = _load_unpaired(cfg, stores) if cfg.unpaired_shards else None
-    data = TrainingData(train, val, unpaired)
-    t0 = time.perf_counter()
-    if chosen is None:  # the small-data search, on the held-out pairs of the training split
-        chosen = search_small(given, cfg.run, data, recipe, dp=dp, say=progress and main)
-        chosen.record["search_seconds"] = round(time.perf_counter() - t0, 2)
-        mcfg = method_config(cfg.method, chosen.params)
-        key = _run_key(cfg, mcfg, chosen.run, stores)
-        if prev.get("complete"):
-            return _finished(out, prev, key)
-    run = chosen.run
+    return Loaded(TrainingData(train, val, unpaired), dp, time.perf_counter())
+
+
+def search_preset(job: Job, loaded: Loaded, say: bool) -> Job:
+    """The preset's choice on the data (the held-out pairs of the training split), made once: its time is recorded."""
+    plan = job.method.preset_search(job.preset, dict(job.cfg.params), job.cfg.run, loaded.data, dp=loaded.dp, say=say)
+    plan.record["search_seconds"] = round(time.perf_counter() - loaded.started, 2)
+    return job.planned(plan)
+
+
+def fit_run(job: Job, loaded: Loaded, progress: bool, verbose: bool) -> tuple[FitResult, dict[str, Any]]:
+    """Fit through the one loop; run.json is written before the first epoch (`complete: false`, with the preset's
+    plan, so a resumed run reuses it) and after every epoch; a trained method checkpoints every epoch."""
+    cfg, out, plan, data = job.cfg, job.out, job.plan, loaded.data
     out.mkdir(parents=True, exist_ok=True)
-    meta = _run_meta(cfg, mcfg, run, stores, train, split) | _heldout_meta(held, val) | {
-        "key": key, "fingerprint": key["fingerprint"], "data_parallel": dp.world if dp else 1, "request": request,
-        "recipe": chosen.record | {"params": chosen.params, "run": asdict(run)} if chosen.record else None}  # fmt: skip
+    meta = _run_meta(cfg, job.config, plan.run, job.stores, data.train, job.split) | _heldout_meta(job.held, data.val)
+    meta |= {"key": job.key, "fingerprint": job.key["fingerprint"], "request": job.request,
+             "data_parallel": loaded.dp.world if loaded.dp else 1,
+             "preset": plan.record | {"params": plan.params, "run": asdict(plan.run)} if plan.record else None}
 
     def on_epoch(history: list[dict]) -> None:
-        if main:
-            write_json(run_json, meta | {"history": history})
+        if loaded.main:
+            write_json(out / "run.json", meta | {"history": history})
 
-    if main:
-        write_json(run_json, meta)  # complete: false until the end
-    trained = issubclass(method, TrainedAligner)
-    if main and not (out / "checkpoint.pt").exists():  # a fresh training: no epoch lines of an earlier one
+    if loaded.main:
+        write_json(out / "run.json", meta)  # complete: false until the end
+    trained = issubclass(job.method, TrainedAligner)
+    if loaded.main and not (out / "checkpoint.pt").exists():  # a fresh training: no epoch lines of an earlier one
         (out / "train.log").unlink(missing_ok=True)
-    result = fit(method, mcfg, run, data, checkpoint=out / "checkpoint.pt" if trained else None, resume=cfg.resume,
-                 key=key, dp=dp, on_epoch=on_epoch, progress=progress, log=out / "train.log",
-                 verbose=verbose)  # fmt: skip
-    if not main:  # rank 0 writes the run
+    result = fit(job.method, job.config, plan.run, data, checkpoint=out / "checkpoint.pt" if trained else None,
+                 resume=cfg.resume, key=job.key, dp=loaded.dp, on_epoch=on_epoch, progress=progress,
+                 log=out / "train.log", verbose=verbose)  # fmt: skip
+    return result, meta
+
+
+def write_run(job: Job, loaded: Loaded, result: FitResult, meta: dict[str, Any]) -> AlignResult:
+    """The run dir, by rank 0 only: weights and method.json, held-out retrieval, loss.png, then run.json marked
+    complete, and only then the checkpoint removed (a kill in between leaves a resumable run, never a half one)."""
+    out, dp = job.out, loaded.dp
+    if not loaded.main:  # rank 0 writes the run
         barrier_and_close(dp)
         return AlignResult(out, meta)
-    aligner = result.aligner
-    meta |= {"history": result.history, "fit": result.info, "wall_seconds": time.perf_counter() - t0}
-    meta["best_epoch"] = result.info.get("best_epoch") if trained else None
-    meta["heldout"] = heldout_retrieval(aligner, val, run.seed) if val is not None else {}
-    aligner.save(out)
-    _plot_loss(result.history, out / "loss.png", cfg.method, result.info.get("best_epoch") if trained else None)
+    trained = issubclass(job.method, TrainedAligner)
+    best = result.info.get("best_epoch") if trained else None
+    meta |= {"history": result.history, "fit": result.info, "wall_seconds": time.perf_counter() - loaded.started}
+    meta["best_epoch"] = best
+    val = loaded.data.val
+    meta["heldout"] = heldout_retrieval(result.aligner, val, job.plan.run.seed) if val is not None else {}
+    result.aligner.save(out)
+    _plot_loss(result.history, out / "loss.png", job.cfg.method, best)
     meta["complete"] = True
-    write_json(run_json, meta)
+    write_json(out / "run.json", meta)
     (out / "checkpoint.pt").unlink(missing_ok=True)
     barrier_and_close(dp)
     return AlignResult(out, meta)
@@ -193,12 +291,24 @@ def _finished(out: Path, prev: dict, key: dict) -> AlignResult:
 
 
 def _reuse_plan(prev: dict, request: dict) -> Plan | None:
-    """The recipe a previous run of this request resolved (its search is not repeated on resume or re-run)."""
-    rec = prev.get("recipe")
+    """The plan a previous run of this request resolved (a preset's search is not repeated on resume or re-run)."""
+    rec = prev.get("preset")
     if prev.get("request") != request or not rec or "params" not in rec:
         return None
     return Plan(dict(rec["params"]), RunConfig(**rec["run"]), {k: v for k, v in rec.items() if k not in ("params",
                                                                                                         "run")})
+
+
+def _legacy_names(prev: dict) -> dict:
+    """run.json of runs made before presets had their name: "recipe" read as "preset", so those runs are reused and
+    resumed as before."""
+    prev = dict(prev)
+    for part in ("request", "align"):
+        if isinstance(prev.get(part), dict) and "recipe" in prev[part] and "preset" not in prev[part]:
+            prev[part] = {("preset" if k == "recipe" else k): v for k, v in prev[part].items()}
+    if "recipe" in prev and "preset" not in prev:
+        prev = {("preset" if k == "recipe" else k): v for k, v in prev.items()}
+    return prev
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -208,9 +318,12 @@ def write_json(path: Path, obj: Any) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except ValueError:
         raise PipeError(f"{path}: is not valid JSON (a damaged run dir); remove it or choose another --out") from None
+    if not isinstance(obj, dict):
+        raise PipeError(f"{path}: is not a JSON object (a damaged run dir); remove it or choose another --out")
+    return _legacy_names(obj)
 
 
 def _run_key(cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: PairStores) -> dict[str, Any]:

@@ -146,8 +146,10 @@ def align(
     text_encoder: str | None = typer.Option(None, help="Pick the caption store when there are several."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     unpaired_shards: str | None = typer.Option(None, help="Stores of unpaired images and texts (sotalign)."),
-    recipe: str | None = typer.Option(None, help="pal: auto (default: small below 4096 training pairs, else paper), "
-                                                 "paper (the authors' recipe) or small; given options win."),
+    preset: str | None = typer.Option(None, help="The method's named settings. pal: auto (default: small below 4096 "
+                                                 "training pairs, else paper), paper (the authors' settings) or small; "
+                                                 "given options win. Other methods have none."),
+    recipe: str | None = typer.Option(None, hidden=True, help="Old name of --preset."),
     param: list[str] = typer.Option([], "--param", "-p", help="A method option as KEY=VALUE (same as its flag)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print each epoch's line on the terminal (they "
@@ -171,19 +173,21 @@ def align(
     if stray:
         flags = ", ".join("--" + k.replace("_", "-") for k in stray)
         raise PipeError(f"{flags}: not an option of --method {method}; its options: {', '.join(sorted(own))}")
+    if preset is not None and recipe is not None:
+        raise PipeError(f"--preset {preset} and --recipe {recipe}: --recipe is the old name of --preset; give one")
     params = given | dict(parse_options(param, "--param"))
     cfg = AlignConfig(
         shards=shards, out=str(out), method=method, image_encoder=image_encoder, text_encoder=text_encoder,
-        resume=resume, unpaired_shards=unpaired_shards, recipe=recipe,
-        run=RunConfig(**run_values), params=tuple(sorted(params.items())),
+        resume=resume, unpaired_shards=unpaired_shards, preset=preset if recipe is None else recipe,
+        run=RunConfig(**run_values), params=params,
     )  # fmt: skip
     result = run_align(cfg, progress=progress, verbose=verbose)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
     meta = result.meta
-    recipe = f"; recipe {meta['recipe']['summary']} ({meta['recipe']['why']})" if meta.get("recipe") else ""
+    chosen = f"; preset {meta['preset']['summary']} ({meta['preset']['why']})" if meta.get("preset") else ""
     typer.echo(f"{result.path}: {meta['method']} trained on {meta['pairs']['train']} pairs ({meta['data_mode']}), "
-               f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s{recipe}")
+               f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s{chosen}")
 
 
 @app.command()
@@ -192,7 +196,7 @@ def demo(
     size: str = typer.Option("full", help="small (48 + 16 world images) or full (400 + 100)."),
     image_encoder: str = typer.Option("dinov2-small", help="Image encoder alias."),
     text_encoder: str = typer.Option("minilm", help="Text encoder alias."),
-    pal_epochs: int | None = typer.Option(None, help="PAL epochs (default: the step budget of the recipe pipe align "
+    pal_epochs: int | None = typer.Option(None, help="PAL epochs (default: the step budget of the preset pipe align "
                                                      "picks)."),
     methods: str | None = typer.Option(None, help="Comma-separated baselines to run (default: all)."),
     progress: bool = typer.Option(True, help="Show progress bars."),

@@ -74,14 +74,12 @@ def _fields(cls: type) -> list[dict[str, Any]]:
     return out
 
 
-def _recipe_defaults() -> dict[str, str]:
-    """PAL options its --recipe sets when the user leaves them out: what the help shows instead of one default."""
-    from pipe_align.align.recipes import K_GRID, SMALL_BATCH, SMALL_PARAMS
+def _preset_defaults() -> dict[str, str]:
+    """PAL options its --preset sets when the user leaves them out (its `preset_help`): what the help shows instead of
+    one default."""
+    from pipe_align.align.methods import get_method
 
-    small = {k: str(v) for k, v in SMALL_PARAMS.items()} | {
-        "anchors": "picked from " + "/".join(map(str, K_GRID)), "use_cls": "picked", "batch_size": str(SMALL_BATCH),
-        "epochs": "a 300-step budget", "patience": "a fifth of the epochs"}  # fmt: skip
-    return small
+    return dict(get_method("pal").preset_help)
 
 
 def build() -> dict[str, Any]:
@@ -96,7 +94,7 @@ def build() -> dict[str, Any]:
     for m in methods:
         groups.setdefault(m.Config, []).append(m.name)
     label = {cfg: "/".join(names) for cfg, names in groups.items()}
-    small = _recipe_defaults()
+    small = _preset_defaults()
     options: dict[str, dict[str, Any]] = {}
     for cfg in groups:
         for f in _fields(cfg):
@@ -115,7 +113,7 @@ def build() -> dict[str, Any]:
             shown = ", ".join(f"{who}: {v}" for who, v in o["defaults"] if not (who == "pal" and name in small))
         if name in small and "pal" in o["owners"]:
             pal = dict(o["defaults"]).get("pal")
-            shown = f"pal: set by --recipe (paper {pal}, small {small[name]})" + (f"; {shown}" if shown else "")
+            shown = f"pal: set by --preset (paper {pal}, small {small[name]})" + (f"; {shown}" if shown else "")
         owners = o["owners"]
         panel = "PAL options" if owners == ["pal"] else f"Shared by {', '.join(owners)}" if len(owners) > 1 \
             else f"{owners[0]} options"
@@ -132,7 +130,7 @@ def build() -> dict[str, Any]:
             help_text += f" [{f['default']}]"
         elif f["name"] in ("epochs", "batch_size", "patience"):
             per = [f"{n}: {d[f['name']]}" for n, d in run_defaults.items() if d and n != "pal"]
-            help_text += f" [pal: set by --recipe (paper {run_defaults['pal'][f['name']]}, small {small[f['name']]}); "
+            help_text += f" [pal: set by --preset (paper {run_defaults['pal'][f['name']]}, small {small[f['name']]}); "
             help_text += ", ".join(per) + "]"
         run_options.append({"name": f["name"], "type": f["type"], "size": f["size"], "help": help_text,
                             "panel": "Run options (every method)"})  # fmt: skip

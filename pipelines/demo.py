@@ -1,8 +1,8 @@
 """`pipe demo`: the whole pipeline on the built-in world, through the stage functions the `pipe` commands call.
 
 extract (train captions, val captions + class prompts) -> align (PAL with `pipe align`'s automatic choice: on a few
-hundred pairs the `small` recipe picks K and the token set on the held-out pairs of the train split, align/recipes.py;
-then every baseline) -> eval (classification, retrieval, segmentation `pal` protocol on world val;
+hundred pairs the `small` preset picks K and the token set on the held-out pairs of the train split,
+align/pal_presets.py; then every baseline) -> eval (classification, retrieval, segmentation `pal` protocol on world val;
 the background rules' values picked on world train's masks and shown on val) -> report. World val is also written
 as JPEG files (`OUT/world/val2017`) to try `pipe segment|classify|search` on. Re-running reuses finished stores,
 runs and evaluations.
@@ -59,7 +59,7 @@ class DemoConfig:
     image_encoder: str = "dinov2-small"
     text_encoder: str = "minilm"
     batch_size: int = 16
-    pal_epochs: int | None = None  # given: wins over the recipe's step budget (a quick demo); None: the recipe's
+    pal_epochs: int | None = None  # given: wins over the preset's step budget (a quick demo); None: the preset's
     methods: tuple[str, ...] | None = None  # baselines to run (default: every registered one)
     progress: bool = True
 
@@ -79,8 +79,7 @@ class Stages:
         typer.echo(f"      {summary.path}: {summary.rows} rows ({done})")
 
     def align(self, method: str, shards: Path, out: Path, run: RunConfig, params: dict) -> AlignResult:
-        acfg = AlignConfig(shards=str(shards), out=str(out), method=method, run=run,
-                           params=tuple(sorted(params.items())))  # fmt: skip
+        acfg = AlignConfig(shards=str(shards), out=str(out), method=method, run=run, params=params)
         try:
             return run_align(acfg, progress=self.cfg.progress)
         except PipeError as e:
@@ -122,18 +121,18 @@ def run_demo(cfg: DemoConfig) -> Path:
     # One held-out split for every method (RunConfig's seed and val fraction); PAL: `pipe align`'s own choice.
     base_run = RunConfig(val_fraction=VAL_FRACTION)
     pal_run = RunConfig(val_fraction=VAL_FRACTION, epochs=cfg.pal_epochs)
-    say(f"[{next(step)}/{steps}] align: PAL (recipe auto: settings picked on held-out train pairs), then the baselines")
+    say(f"[{next(step)}/{steps}] align: PAL (preset auto: settings picked on held-out train pairs), then the baselines")
     pal = stages.align("pal", shards, runs / "pal", pal_run, {})
-    recipe = pal.meta["recipe"]
-    say(f"      pal recipe {recipe['summary']}")
+    preset = pal.meta["preset"]
+    say(f"      pal preset {preset['summary']}")
     ablation = [{"K": t["anchors"], "use_cls": t["use_cls"], "val_r1": t["heldout_mean_r1"]}
-                for t in recipe.get("tried", [])]  # fmt: skip
+                for t in preset.get("tried", [])]  # fmt: skip
     chosen = {"K": pal.meta["config"]["anchors"], "run": str(pal.path)}
     # the baselines: every method but PAL and its fixed-anchor variant (a PAL ablation for the paper's 83k pairs)
     baselines = cfg.methods if cfg.methods is not None else tuple(m for m in method_names() if m not in PAL_VARIANTS)
     method_runs = {"pal": pal.path}
     selection = {"pal": {"params": {k: pal.meta["config"][k] for k in ("anchors", "use_cls")},
-                         "heldout_mean_r1": pal.heldout_mean_r1, "recipe": recipe["name"]}}  # fmt: skip
+                         "heldout_mean_r1": pal.heldout_mean_r1, "preset": preset["name"]}}  # fmt: skip
     for m in baselines:
         tried = []
         for params in BASELINE_GRID.get(m, ({},)):
@@ -179,7 +178,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 
 def _write_ablation(out: Path, ablation: list[dict], chosen: dict) -> None:
-    """The recipe's probes: held-out mean R@1 (its selection criterion) per K, patches only and CLS pooled."""
+    """The preset's probes: held-out mean R@1 (its selection criterion) per K, patches only and CLS pooled."""
     from matplotlib.figure import Figure  # a bare Figure: the caller's matplotlib backend stays as it is
 
     (out / "k_ablation.json").write_text(json.dumps({"chosen": chosen["K"], "grid": ablation}, indent=2))
@@ -195,7 +194,7 @@ def _write_ablation(out: Path, ablation: list[dict], chosen: dict) -> None:
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("anchors K")
     ax.set_ylabel("held-out mean R@1 (fraction)")
-    ax.set_title(f"PAL recipe probes (chosen K = {chosen['K']})")
+    ax.set_title(f"PAL preset probes (chosen K = {chosen['K']})")
     if ablation:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -262,7 +261,7 @@ def _fashion_transfer(cfg: DemoConfig, stages: Stages, out: Path, base_run: RunC
     stages.extract(cfg.image_encoder, "fashion-mnist", "test", test)
     stages.extract(cfg.text_encoder, "fashion-mnist", "test", test, text="prompts")
     shards = stages.feats / "fashion-mnist" / "train"
-    method_runs = {"pal": stages.align("pal", shards, runs / "pal", pal_run, {}).path}  # recipe auto, as on the world
+    method_runs = {"pal": stages.align("pal", shards, runs / "pal", pal_run, {}).path}  # preset auto, as on the world
     for m, params in baselines.items():  # each with the settings picked on the world's held-out pairs
         method_runs[m] = stages.align(m, shards, runs / _run_name(m, params), base_run, params).path
     rows = []
@@ -277,7 +276,7 @@ def _fashion_transfer(cfg: DemoConfig, stages: Stages, out: Path, base_run: RunC
     (out / "fashion_mnist.json").write_text(json.dumps(rows, indent=2))
     unseen = ", ".join(c for i, c in enumerate(FASHION_CLASSES) if i not in SEEN)
     lines = [f"Fashion-MNIST test, {n_test} images per class; trained on captions of 7 classes ({n_train} images each);"
-             f" unseen: {unseen}. PAL: recipe auto. Percent.", "",
+             f" unseen: {unseen}. PAL: preset auto. Percent.", "",
              "| method | acc1 (10 classes) | balanced acc | seen classes (7) | unseen classes (3) |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:

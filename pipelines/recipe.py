@@ -76,6 +76,7 @@ class TrainSpec:
     split: str
     run: RunConfig
     val_split: str | None = None  # held-out pairs: this split of the training dataset (its own stores), not a fraction
+    preset: str | None = None  # `pipe align --preset` of every method that has presets (PAL: auto, paper, small)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class MethodSpec:
     method: str  # the registered alignment method
     params: tuple[tuple[str, Any], ...]
     run: RunConfig
+    preset: str | None = None  # [train] preset, for a method that has presets
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,7 @@ class _Parser:
         names = [d.name for d in datasets]
         train = self.train(top["train"], names)
         evals = self.evals(top["eval"], names)
-        methods = self.methods(top["methods"], train.run)
+        methods = self.methods(top["methods"], train.run, train.preset)
         paper = self.paper(top.get("paper", {}), methods, evals)
         name = self.name(meta["name"], "recipe.name") if "name" in meta else self.path.stem
         return Recipe(str(self.path), name, self.string(meta, "title", "recipe") or name,
@@ -335,7 +337,7 @@ class _Parser:
             raise self.fail(key, str(e)) from None
 
     def train(self, raw: Any, names: list[str]) -> TrainSpec:
-        t = self.table(raw, "train", ("dataset", "split", "val_split", *RUN_KEYS), ("dataset",))
+        t = self.table(raw, "train", ("dataset", "split", "val_split", "preset", "recipe", *RUN_KEYS), ("dataset",))
         dataset = self.choice(self.string(t, "dataset", "train"), "train.dataset", names)
         split = self.name(t.get("split", "train"), "train.split")
         val_split = t.get("val_split")
@@ -347,7 +349,10 @@ class _Parser:
         if val_split is not None and run.val_fraction > 0:
             raise self.fail("train.val_fraction", f"{run.val_fraction} would hold out training pairs beside "
                             f"val_split {val_split!r}; set it to 0")  # fmt: skip
-        return TrainSpec(dataset, split, run, val_split)
+        if "preset" in t and "recipe" in t:
+            raise self.fail("train.recipe", "is the old name of train.preset; give one")
+        preset = self.string(t, "preset" if "preset" in t else "recipe", "train")
+        return TrainSpec(dataset, split, run, val_split, preset)
 
     def evals(self, raw: Any, names: list[str]) -> tuple[EvalSpec, ...]:
         if not isinstance(raw, list) or not raw:
@@ -379,7 +384,9 @@ class _Parser:
             out.append(ev)
         return tuple(out)
 
-    def methods(self, raw: Any, train_run: RunConfig) -> tuple[MethodSpec, ...]:
+    def methods(self, raw: Any, train_run: RunConfig, preset: str | None = None) -> tuple[MethodSpec, ...]:
+        """[methods.NAME] entries; `preset` ([train] preset) goes to each method that has presets, and must be one of
+        each such method's presets (a preset no method of the recipe has is refused)."""
         if not isinstance(raw, dict) or not raw:
             raise self.fail("methods", "must be a table of named methods ([methods.NAME])")
         out = []
@@ -397,8 +404,16 @@ class _Parser:
                 raise self.fail(key, f"bad option value for method {method} ({e})") from None
             run = t.get("run", {})
             self.table(run, f"{key}.run", RUN_KEYS)
+            own = preset if get_method(method).presets else None
+            if own is not None:
+                try:
+                    get_method(method).check_preset(own)
+                except PipeError as e:
+                    raise self.fail("train.preset", str(e).removeprefix(f"--preset {own!r}: ")) from None
             out.append(MethodSpec(name, method, tuple(sorted(params.items())),
-                                  self.run_config(run, f"{key}.run", train_run)))  # fmt: skip
+                                  self.run_config(run, f"{key}.run", train_run), own))  # fmt: skip
+        if preset is not None and all(m.preset is None for m in out):
+            raise self.fail("train.preset", f"{preset!r}: no method of this recipe has presets")
         return tuple(out)
 
     def paper(self, raw: Any, methods: tuple[MethodSpec, ...], evals: tuple[EvalSpec, ...]) -> tuple[PaperNumber, ...]:

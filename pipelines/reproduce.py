@@ -227,7 +227,7 @@ def _align(cfg: ReproduceConfig, methods: Sequence[MethodSpec], folders: dict[st
         before = _finished_stamp(path)
         acfg = AlignConfig(shards=str(folders["train"]), out=str(path), method=m.method,
                            image_encoder=r.encoders.image, text_encoder=r.encoders.text, resume=True,
-                           run=align_run(cfg, m, folders), params=m.params)  # fmt: skip
+                           run=align_run(cfg, m, folders), params=m.params, preset=m.preset)  # fmt: skip
         res = run_align(acfg, progress=cfg.progress)
         kept = before is not None and before == _finished_stamp(path)
         w.kept += kept

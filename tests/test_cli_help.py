@@ -91,10 +91,10 @@ def test_align_help_panels_defaults_and_placeholders(capsys, monkeypatch):
     assert panels[:3] == ["Options", "Run options (every method)", "PAL options"]
     for baseline in ("asif", "cca/csa", "mlp", "sotalign"):
         assert f"{baseline} options" in panels
-    # PAL's recipe decides these when they are not given: the help says so instead of the paper recipe's value.
+    # PAL's preset decides these when they are not given: the help says so instead of the paper preset's value.
     lines = {m.group(1): m.group(0) for m in re.finditer(r"^│ +(--[\w-]+) .*$", out, flags=re.M)}
-    assert "set by --recipe (paper 100, small 0)" in lines["--lr-finder"]
-    assert "set by --recipe (paper 512" in lines["--anchors"]
+    assert "set by --preset (paper 100, small 0)" in lines["--lr-finder"]
+    assert "set by --preset (paper 512" in lines["--anchors"]
     for line in lines.values():
         assert not re.search(r"<\w|list\[", line), line  # no <int>, <str>, <path>, <list[str]>
 

@@ -4,7 +4,7 @@ import csv
 import json
 from pathlib import Path
 
-from pipe_align.align.recipes import K_GRID
+from pipe_align.align.pal_presets import K_GRID
 from pipe_align.pipelines.cli import main
 
 
@@ -18,7 +18,7 @@ def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):
         stores = sorted(p.name for p in (feats / split).glob("*.zarr"))
         # image, captions, class prompts (train: for the background threshold); val: the phrases for grounding too
         assert len(stores) == n, stores
-    ablation = json.loads((out / "k_ablation.json").read_text())  # the probes of pipe align's small-data recipe
+    ablation = json.loads((out / "k_ablation.json").read_text())  # the probes of pipe align's small-data preset
     assert [a["K"] for a in ablation["grid"]][: len(K_GRID)] == list(K_GRID) and (out / "k_ablation.png").exists()
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert "pal" in runs

@@ -1,5 +1,5 @@
-"""PAL's recipes (issue 15): per-bank clipping, the LR finder, the authors' schedule, the recipe in run.json, and the
-user's options winning over any recipe. Each definition is checked against a few lines written here independently
+"""PAL's presets (issue 15): per-bank clipping, the LR finder, the authors' schedule, the preset in run.json, and the
+user's options winning over any preset. Each definition is checked against a few lines written here independently
 (from the PAL authors' code as described in align/lr_finder.py and align/loop.py), or against torch's own scheduler."""
 
 import json
@@ -12,7 +12,7 @@ from pipe_align.align import loop
 from pipe_align.align.loop import RunConfig, clip_gradients, lr_at
 from pipe_align.align.lr_finder import find_lr, pick_lr
 from pipe_align.align.pal import PAL
-from pipe_align.align.recipes import K_GRID, plan
+from pipe_align.align.pal_presets import K_GRID
 from pipe_align.pipelines.cli import main
 
 
@@ -62,7 +62,7 @@ def test_pal_clips_each_anchor_bank(tmp_path, world_features, monkeypatch):
         return real(groups, clip, mode)
 
     monkeypatch.setattr(loop, "clip_gradients", spy)
-    assert main(["align", "--shards", shards(world_features), "--out", str(tmp_path / "r"), "--recipe", "paper",
+    assert main(["align", "--shards", shards(world_features), "--out", str(tmp_path / "r"), "--preset", "paper",
                  "--anchors", "8", "--lr", "0.01", "--epochs", "1", "--batch-size", "8", "--no-progress"]) == 0
     assert seen and all(s == ([[(8, 32)], [(8, 32)]], 1.0, "per_group") for s in seen), seen[:2]
 
@@ -146,7 +146,7 @@ def test_cosine_cycle_is_torchs_cosine_annealing_stepped_per_batch():
 def test_paper_schedule_period_is_50_epochs_of_floor_pairs_over_batch(tmp_path, world_features):
     # 18 training pairs, batch 8: T_max = cycle_epochs x max(1, 18 // 8) = 2 steps here; 3 steps per epoch (8, 8, 2)
     out = tmp_path / "r"
-    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--recipe", "paper", "--anchors", "8",
+    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--preset", "paper", "--anchors", "8",
                  "--lr", "0.1", "--cycle-epochs", "1", "--epochs", "3", "--batch-size", "8", "--val-fraction", "0.25",
                  "--no-progress"]) == 0  # fmt: skip
     meta = json.loads((out / "run.json").read_text())
@@ -161,15 +161,15 @@ def test_paper_schedule_period_is_50_epochs_of_floor_pairs_over_batch(tmp_path, 
     assert [h["lr"] for h in meta["history"]] == pytest.approx([rates[2], rates[5], rates[8]], abs=1e-12)
 
 
-# -- recipes in run.json; the user's options win ---------------------------------------------------------------------
-def test_paper_recipe_is_the_authors_and_is_recorded(tmp_path, world_features, capsys):
+# -- presets in run.json; the user's options win ---------------------------------------------------------------------
+def test_paper_preset_is_the_authors_and_is_recorded(tmp_path, world_features, capsys):
     out = tmp_path / "paper"
-    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--recipe", "paper", "--anchors", "8",
+    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--preset", "paper", "--anchors", "8",
                  "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     meta = json.loads((out / "run.json").read_text())
-    cfg, rec = meta["config"], meta["recipe"]
-    assert rec["name"] == "paper" and rec["requested"] == "paper" and "recipe paper" in printed
+    cfg, rec = meta["config"], meta["preset"]
+    assert rec["name"] == "paper" and rec["requested"] == "paper" and "preset paper" in printed
     authors = {"tau": 0.05, "tau_p": 0.03, "use_cls": True, "beta1": 0.9, "beta2": 0.95, "weight_decay": 1e-4,
                "warmup_epochs": 0.0, "schedule": "cosine_cycle", "cycle_epochs": 50.0, "grad_clip": 1.0,
                "grad_clip_mode": "per_group", "lr_finder": 100, "lr_finder_start": 1e-7, "lr_finder_end": 10.0}
@@ -181,7 +181,7 @@ def test_paper_recipe_is_the_authors_and_is_recorded(tmp_path, world_features, c
     assert meta["history"][0]["lr"] == pytest.approx(finder["lr"] * (1 + math.cos(math.pi * 2 / 100)) / 2)
     assert meta["tokens"]["image"] == "patches+cls"
     # without --epochs / --batch-size the authors' 1000 epochs and batch 4096 (checked without training them)
-    full = plan("paper", {}, RunConfig(), 10)
+    full = PAL.preset_plan("paper", {}, RunConfig(), 10)
     assert (full.run.epochs, full.run.batch_size, full.run.patience) == (1000, 4096, 200) and full.params == {}
     assert PAL.run_defaults == {"epochs": 1000, "batch_size": 4096, "patience": 200}
 
@@ -192,9 +192,9 @@ def test_auto_on_small_data_picks_on_heldout_pairs_and_says_so(tmp_path, world_f
                  "--no-progress"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     meta = json.loads((out / "run.json").read_text())
-    rec = meta["recipe"]
+    rec = meta["preset"]
     assert rec["requested"] == "auto" and rec["name"] == "small" and "18 training pairs" in rec["why"]
-    assert "recipe small" in printed and rec["summary"] in printed
+    assert "preset small" in printed and rec["summary"] in printed
     tried = rec["tried"]
     assert [t["anchors"] for t in tried[: len(K_GRID)]] == list(K_GRID) and all("heldout_mean_r1" in t for t in tried)
     assert {t["use_cls"] for t in tried} == {False, True}
@@ -208,21 +208,21 @@ def test_auto_on_small_data_picks_on_heldout_pairs_and_says_so(tmp_path, world_f
     assert json.loads((out / "run.json").read_text()) == meta
 
 
-@pytest.mark.parametrize("recipe", ["paper", "small", "auto"])
-def test_given_anchors_epochs_and_lr_win_over_every_recipe(tmp_path, world_features, recipe):
-    out = tmp_path / recipe
-    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--recipe", recipe, "--anchors", "8",
+@pytest.mark.parametrize("preset", ["paper", "small", "auto"])
+def test_given_anchors_epochs_and_lr_win_over_every_preset(tmp_path, world_features, preset):
+    out = tmp_path / preset
+    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--preset", preset, "--anchors", "8",
                  "--epochs", "2", "--lr", "0.05", "--batch-size", "8", "--val-fraction", "0.25",
                  "--no-progress"]) == 0  # fmt: skip
     meta = json.loads((out / "run.json").read_text())
     assert meta["config"]["anchors"] == 8 and meta["config"]["lr"] == 0.05 and meta["config"]["lr_finder"] == 0
     assert meta["run"]["epochs"] == 2 and len(meta["history"]) <= 2 and meta["fit"]["lr"] == 0.05
-    assert all(t["anchors"] == 8 for t in meta["recipe"].get("tried", []))
+    assert all(t["anchors"] == 8 for t in meta["preset"].get("tried", []))
 
 
-def test_recipe_of_another_method_or_unknown_is_refused(tmp_path, world_features, capsys):
-    for extra in (["--method", "linear", "--recipe", "paper"], ["--recipe", "fast"]):
+def test_preset_of_another_method_or_unknown_is_refused(tmp_path, world_features, capsys):
+    for extra in (["--method", "linear", "--preset", "paper"], ["--preset", "fast"]):
         code = main(["align", "--shards", shards(world_features), "--out", str(tmp_path / "x"), *extra,
                      "--no-progress"])  # fmt: skip
         err = capsys.readouterr().err
-        assert code == 2 and err.startswith("error:") and "recipe" in err and err.count("\n") == 1, err
+        assert code == 2 and err.startswith("error:") and "--preset" in err and err.count("\n") == 1, err

@@ -1,8 +1,9 @@
-"""Recipes: named, explicit sets of PAL settings that `pipe align --recipe NAME` resolves before training, recorded in
-run.json ("recipe") and printed. What the user gives on the command line (`--anchors`, `--epochs`, `--lr`, any option)
-always wins over a recipe; the recipe fills in the rest.
+"""PAL's presets: named, explicit sets of PAL settings that `pipe align --preset NAME` resolves before training,
+recorded in run.json ("preset") and printed. Only `align/pal.py` imports this file: its hook methods
+(`PAL.preset_plan`, `PAL.preset_search`) call the functions here. What the user gives on the command line
+(`--anchors`, `--epochs`, `--lr`, any option) always wins over a preset; the preset fills in the rest.
 
-- `paper`: the PAL authors' recipe exactly (`PALConfig`'s defaults and `PAL.run_defaults`: CLS + patches pooled,
+- `paper`: the PAL authors' settings exactly (`PALConfig`'s defaults and `PAL.run_defaults`: CLS + patches pooled,
   per-bank clipping at 1.0, a 100-iteration LR finder, per-batch CosineAnnealingLR with a 50-epoch half period and no
   warm-up, up to 1000 epochs with patience 200, batch 4096, AdamW (0.9, 0.95), weight decay 1e-4, tau 0.05, tau_p
   0.03, K = 512).
@@ -15,7 +16,7 @@ always wins over a recipe; the recipe fills in the rest.
   training of `FINAL_STEPS` steps (patience: a fifth of its epochs, at least 10). Without held-out pairs nothing
   can be picked and the first candidate's settings are used.
 - `auto` (the default): `small` when the training split has fewer than `SMALL_PAIRS` pairs (fewer than one of the
-  authors' batches, so their recipe would take one optimiser step per epoch), else `paper`.
+  authors' batches, so their settings would take one optimiser step per epoch), else `paper`.
 """
 
 from __future__ import annotations
@@ -23,44 +24,25 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from pipe_align.align.base import TrainingData
+from pipe_align.align.base import Plan, TrainedAligner, TrainingData
 from pipe_align.align.ddp import DataParallel
 from pipe_align.align.loop import NonFinite, RunConfig, fit, heldout_loss, heldout_retrieval
-from pipe_align.align.pal import PAL
-from pipe_align.extract.errors import PipeError
 
-RECIPES = ("auto", "paper", "small")
+PRESETS = ("auto", "paper", "small")  # the first is the default
 SMALL_PAIRS = 4096
 K_GRID = (64, 128, 256, 512)
 SMALL_BATCH = 64
 PROBE_STEPS = 50
 FINAL_STEPS = 300
-# The small recipe's fixed settings (the rest are PALConfig's, the authors').
+# The small preset's fixed settings (the rest are PALConfig's, the authors').
 SMALL_PARAMS = {"lr": 1e-3, "schedule": "cosine", "warmup_epochs": 0.0, "lr_finder": 0}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A resolved recipe: the method's options and the run config to train with, and the record for run.json."""
-
-    params: dict[str, Any]
-    run: RunConfig
-    record: dict[str, Any]
-
-
-def check_recipe(method: type, recipe: str | None) -> str | None:
-    """The recipe a run uses: PAL's default is `auto`; other methods have none (their config defaults apply)."""
-    if method is not PAL:
-        if recipe not in (None, "none"):
-            raise PipeError(f"--recipe {recipe}: recipes are PAL's; method {method.name} uses its own defaults")
-        return None
-    recipe = recipe or "auto"
-    if recipe not in RECIPES:
-        raise PipeError(f"--recipe {recipe!r}: unknown; choose one of {', '.join(RECIPES)}")
-    return recipe
+# What `pipe align --help` shows for an option the small preset decides when it is not given.
+SMALL_HELP = {k: str(v) for k, v in SMALL_PARAMS.items()} | {
+    "anchors": "picked from " + "/".join(map(str, K_GRID)), "use_cls": "picked", "batch_size": str(SMALL_BATCH),
+    "epochs": f"a {FINAL_STEPS}-step budget", "patience": "a fifth of the epochs"}  # fmt: skip
 
 
 def user_wins(params: dict[str, Any]) -> dict[str, Any]:
@@ -70,18 +52,20 @@ def user_wins(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def plan_paper(params: dict[str, Any], run: RunConfig, why: str, requested: str) -> Plan:
+def plan_paper(method: type[TrainedAligner], params: dict[str, Any], run: RunConfig, why: str,
+               requested: str) -> Plan:  # fmt: skip
     record = {"requested": requested, "name": "paper", "why": why, "user": dict(params),
-              "summary": "paper: the PAL authors' recipe" + _given(params, run)}  # fmt: skip
-    return Plan(user_wins(dict(params)), run.resolved(PAL), record)
+              "summary": "paper: the PAL authors' settings" + _given(params, run)}  # fmt: skip
+    return Plan(user_wins(dict(params)), run.resolved(method), record)
 
 
-def plan(recipe: str, params: dict[str, Any], run: RunConfig, n_train: int) -> Plan | None:
-    """The plan of a recipe that needs no search, or None when the small-data search must run."""
-    if recipe == "paper":
-        return plan_paper(params, run, "asked for (--recipe paper)", recipe)
-    if recipe == "auto" and n_train >= SMALL_PAIRS:
-        return plan_paper(params, run, f"{n_train} training pairs >= {SMALL_PAIRS}: not small", recipe)
+def plan(method: type[TrainedAligner], preset: str, params: dict[str, Any], run: RunConfig,
+         n_train: int) -> Plan | None:  # fmt: skip
+    """The plan of a preset that needs no search, or None when the small-data search must run."""
+    if preset == "paper":
+        return plan_paper(method, params, run, "asked for (--preset paper)", preset)
+    if preset == "auto" and n_train >= SMALL_PAIRS:
+        return plan_paper(method, params, run, f"{n_train} training pairs >= {SMALL_PAIRS}: not small", preset)
     return None
 
 
@@ -93,25 +77,25 @@ def steps_to_epochs(steps: int, n_train: int, batch: int) -> int:
     return max(1, math.ceil(steps / max(1, math.ceil(n_train / batch))))
 
 
-def search_small(params: dict[str, Any], run: RunConfig, data: TrainingData, requested: str,
-                 dp: DataParallel | None = None, say: bool = False) -> Plan:  # fmt: skip
-    """The `small` recipe: probe the candidates on the held-out pairs, then plan the final training."""
+def search_small(method: type[TrainedAligner], params: dict[str, Any], run: RunConfig, data: TrainingData,
+                 requested: str, dp: DataParallel | None = None, say: bool = False) -> Plan:  # fmt: skip
+    """The `small` preset: probe the candidates on the held-out pairs, then plan the final training."""
     n = len(data.train)
     batch = small_batch(n, run)
     base = SMALL_PARAMS | user_wins(dict(params))
-    why = "asked for (--recipe small)" if requested == "small" else f"{n} training pairs < {SMALL_PAIRS}: small"
+    why = "asked for (--preset small)" if requested == "small" else f"{n} training pairs < {SMALL_PAIRS}: small"
     ks = [params["anchors"]] if "anchors" in params else list(K_GRID)
     tried: list[dict[str, Any]] = []
     epochs = run.epochs or steps_to_epochs(FINAL_STEPS, n, batch)
     probe_epochs = min(epochs, steps_to_epochs(PROBE_STEPS, n, batch))  # never longer than the final training
 
     def probe(extra: dict[str, Any]) -> dict[str, Any]:
-        cfg = PAL.Config(**(base | extra))
+        cfg = method.Config(**(base | extra))
         probe_run = replace(run, epochs=probe_epochs, batch_size=batch, patience=0)
         t0 = time.perf_counter()
         entry: dict[str, Any] = dict(extra)
         try:
-            res = fit(PAL, cfg, probe_run, data, dp=dp)
+            res = fit(method, cfg, probe_run, data, dp=dp)
             entry |= {"heldout_mean_r1": heldout_retrieval(res.aligner, data.val, run.seed)["heldout_mean_r1"],
                       "val_loss": heldout_loss(res.aligner, data.val, batch, run.seed).get("val_loss")}  # fmt: skip
         except NonFinite as e:
@@ -119,7 +103,7 @@ def search_small(params: dict[str, Any], run: RunConfig, data: TrainingData, req
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         tried.append(entry)
         if say:
-            print(f"pal recipe small: probe {extra} -> held-out mean R@1 {entry['heldout_mean_r1']:.3f}, loss "
+            print(f"pal preset small: probe {extra} -> held-out mean R@1 {entry['heldout_mean_r1']:.3f}, loss "
                   f"{entry['val_loss']:.3f} ({entry['seconds']:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
         return entry
 
