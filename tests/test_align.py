@@ -1,5 +1,6 @@
 """`pipe align` with PAL on tiny stores: learning, outputs, resume, streaming vs memory, bad input."""
 
+import dataclasses
 import json
 import shutil
 
@@ -56,7 +57,7 @@ def test_resume_after_interruption_equals_unbroken_run(tmp_path, world_features,
     interrupt_at(None)
     with pytest.raises(Exception, match="--resume"):
         run_align(cfg, progress=False)
-    resumed = run_align(AlignConfig(**{**cfg.__dict__, "resume": True}), progress=False).path
+    resumed = run_align(dataclasses.replace(cfg, resume=True), progress=False).path
     a, b = load_aligner(full), load_aligner(resumed)
     torch.testing.assert_close(a.image_anchors, b.image_anchors, rtol=0, atol=0)
     torch.testing.assert_close(a.text_anchors, b.text_anchors, rtol=0, atol=0)
@@ -159,7 +160,7 @@ def test_resume_with_other_dims_is_refused(tmp_path, world_features, interrupt_a
     state["params"][0] = torch.zeros(16, 7)
     torch.save(state, tmp_path / "r" / "checkpoint.pt")
     with pytest.raises(Exception, match="do not match"):
-        run_align(AlignConfig(**{**cfg.__dict__, "resume": True}), progress=False)
+        run_align(dataclasses.replace(cfg, resume=True), progress=False)
 
 
 def test_sotalign_reads_unpaired_stores(tmp_path, world_features, monkeypatch):
