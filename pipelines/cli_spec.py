@@ -31,13 +31,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PIPE_CACHE") or Path.home() / ".cache" / "pipe") / "cli"
 
 
-def source_key() -> str:
-    """sha256 over the names and bytes of the files the spec is computed from."""
+def sources() -> list[Path]:
+    """The files the spec is computed from: every .py of the SOURCES folders, and this file."""
     here = Path(__file__).resolve()
     folders = [here.parent.parent / name for name in SOURCES]  # pipelines/ sits beside align/, evaluate/, extract/
+    return sorted({p for folder in folders for p in folder.glob("*.py")} | {here})
+
+
+def source_key() -> str:
+    """sha256 over the names and bytes of the files the spec is computed from."""
     h = hashlib.sha256()
-    for path in sorted({p for folder in folders for p in folder.glob("*.py")} | {here}):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sources():
+        h.update(path.relative_to(Path(__file__).resolve().parent.parent).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
     return h.hexdigest()[:32]
 
 
