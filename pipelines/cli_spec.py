@@ -14,6 +14,7 @@ seconds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -38,8 +39,10 @@ def sources() -> list[Path]:
     return sorted({p for folder in folders for p in folder.glob("*.py")} | {here})
 
 
+@functools.cache
 def source_key() -> str:
-    """sha256 over the names and bytes of the files the spec is computed from."""
+    """sha256 over the paths and bytes of the files the spec is computed from (once per process: the CLI module and
+    the eval commands both ask, and the sources do not change under a running command)."""
     h = hashlib.sha256()
     for path in sources():
         h.update(path.relative_to(Path(__file__).resolve().parent.parent).as_posix().encode() + b"\0")
