@@ -250,3 +250,16 @@ def test_help_texts_list_exactly_the_registered_names(tmp_path, monkeypatch):
     assert tasks and all(listed(help_of[c, "dataset"], "stores: ", ".") == datasets for c in tasks)
     assert listed(help_of["extract", "encoder"], "alias (", ")") == ENCODERS.names(aliases=True)
     assert listed(help_of["encoders prepare", "alias"], "prepare: ", ".") == ENCODERS.names(aliases=True)
+
+
+def test_a_recipe_naming_an_unknown_reader_lists_every_registered_one():
+    from types import SimpleNamespace
+
+    from pipe_align.extract.datasets import DATASETS
+    from pipe_align.pipelines.recipe import check_datasets
+
+    recipe = SimpleNamespace(path="r.toml", dataset=lambda name: SimpleNamespace(reader="nope", root=None))
+    with pytest.raises(PipeError) as e:
+        check_datasets(recipe, ["mine"])
+    assert str(e.value).endswith(f"no dataset reader 'nope' in this pipe (leave it out with --skip mine); allowed: "
+                                 f"{', '.join(DATASETS.names())}")  # fmt: skip
