@@ -24,7 +24,7 @@ import functools
 import json
 import math
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,12 +34,13 @@ from torch import Tensor
 
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_bytes, write_text
+from pipe_align.extract.registry import Registry
 
 if TYPE_CHECKING:
     from pipe_align.align.ddp import DataParallel
     from pipe_align.align.loop import RunConfig
 
-METHODS: dict[str, type[Aligner]] = {}
+METHODS: Registry[type[Aligner]] = Registry("method", name_attr="name")
 
 
 @dataclass
@@ -362,17 +363,10 @@ class TrainedAligner(Aligner):
         return len(data.train)
 
 
-def register_method(name: str) -> Callable[[type[Aligner]], type[Aligner]]:
-    """Class decorator: the method is found by `name` (`pipe align --method NAME`). A name is registered once."""
-
-    def deco(cls: type[Aligner]) -> type[Aligner]:
-        if name in METHODS and METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered (by {METHODS[name].__module__})")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return deco
+def register_method(name: str, *, aliases: Iterable[str] = ()) -> Callable[[type[Aligner]], type[Aligner]]:
+    """Class decorator: the method is found by `name` (`pipe align --method NAME`); `register_method("x")(Cls)` works
+    the same. A name is registered once (extract/registry.py); the module must be listed in align/methods.py."""
+    return METHODS.register(name, aliases=aliases)
 
 
 def l2n(x: Tensor) -> Tensor:

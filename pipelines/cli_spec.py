@@ -1,9 +1,11 @@
-"""What the registries add to the command line (every method's options, every eval task), readable without torch.
+"""What the registries add to the command line (every method's options, every eval task, the names of methods,
+datasets and encoders that help texts list), readable without torch.
 
-`pipe --help` and every `--help` must answer at once, but the options of `pipe align` and the commands of `pipe
-eval` come from the method and task registries, and importing those loads torch, zarr and matplotlib (seconds).
+`pipe --help` and every `--help` must answer at once, but the options of `pipe align`, the commands of `pipe eval` and
+the choices help texts list come from the registries, and importing those loads torch, zarr and matplotlib (seconds).
 `spec()` therefore reads them from a cache file keyed by the sha256 of the sources they are computed from (every .py
-of align/ and evaluate/, and this file): an edited method config changes the key, so the cache is never stale.
+of align/, evaluate/, extract/, extract/datasets/ and extract/encoders/, and this file): an edited method config or
+a new dataset reader changes the key, so the cache is never stale.
 On a miss `build()` computes the spec from the registries (the reference; tests compare the two) and writes the
 cache under `$PIPE_CACHE/cli/` (default `~/.cache/pipe/cli/`); an unwritable cache only costs the next call the same
 seconds.
@@ -12,6 +14,7 @@ seconds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -21,7 +24,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-SOURCES = ("align", "evaluate")
+SOURCES = ("align", "evaluate", "extract", "extract/datasets", "extract/encoders")  # folders of the package
 TYPES = {int: "int", float: "float", str: "str", bool: "bool"}
 
 
@@ -29,13 +32,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PIPE_CACHE") or Path.home() / ".cache" / "pipe") / "cli"
 
 
-def source_key() -> str:
-    """sha256 over the names and bytes of the files the spec is computed from."""
+def sources() -> list[Path]:
+    """The files the spec is computed from: every .py of the SOURCES folders, and this file."""
     here = Path(__file__).resolve()
-    folders = [here.parent.parent / name for name in SOURCES]  # pipelines/ sits beside align/ and evaluate/
+    folders = [here.parent.parent / name for name in SOURCES]  # pipelines/ sits beside align/, evaluate/, extract/
+    return sorted({p for folder in folders for p in folder.glob("*.py")} | {here})
+
+
+@functools.cache
+def source_key() -> str:
+    """sha256 over the paths and bytes of the files the spec is computed from (once per process: the CLI module and
+    the eval commands both ask, and the sources do not change under a running command)."""
     h = hashlib.sha256()
-    for path in sorted({p for folder in folders for p in folder.glob("*.py")} | {here}):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sources():
+        h.update(path.relative_to(Path(__file__).resolve().parent.parent).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
     return h.hexdigest()[:32]
 
 
@@ -87,8 +98,10 @@ def build() -> dict[str, Any]:
     from pipe_align.align.loop import RunConfig
     from pipe_align.align.methods import METHODS
     from pipe_align.evaluate.tasks import all_tasks
+    from pipe_align.extract.datasets import DATASETS
+    from pipe_align.extract.encoders.registry import ENCODERS
 
-    methods = [METHODS[m] for m in sorted(METHODS)]
+    methods = METHODS.values()
     methods.sort(key=lambda m: m.name != "pal")  # PAL's panel first, then the baselines by name
     groups: dict[type, list[str]] = {}
     for m in methods:
@@ -137,4 +150,6 @@ def build() -> dict[str, Any]:
     tasks = [{"name": t.name, "summary": (inspect.getdoc(t) or "").split("\n\n")[0].replace("\n", " "),
               "protocols": list(t.protocols)} for t in all_tasks()]  # fmt: skip
     return {"run": run_options, "methods": method_options, "tasks": tasks,
-            "method_names": [m.name for m in methods]}  # fmt: skip
+            "method_names": [m.name for m in methods],  # PAL first
+            "choices": {"method": sorted(METHODS.names(aliases=True), key=lambda n: n != "pal"),
+                        "dataset": DATASETS.names(aliases=True), "encoder": ENCODERS.names(aliases=True)}}  # fmt: skip

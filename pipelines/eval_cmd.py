@@ -21,7 +21,8 @@ from pipe_align.pipelines.options import parse_options
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="Evaluate a run on the feature stores of a dataset split.")  # fmt: skip
 
-DATASET = typer.Option(..., help="Dataset name of the stores (voc, coco, flickr30k, world, ...).")
+SPEC = cli_spec.spec()  # the task registry and the dataset names, without importing them (no torch)
+DATASET = typer.Option(..., help=f"Dataset name of the stores: {', '.join(SPEC['choices']['dataset'])}.")
 ROOT = typer.Option(None, help="Dataset root folder (masks, images for figures; not needed for world).")
 SPLIT = typer.Option("val", help="Dataset split.")
 FEATURES = typer.Option(..., help="Root folder of the feature stores, or a URL (s3://bucket/features).")
@@ -77,7 +78,7 @@ def _command(task: dict[str, Any]) -> None:
     eval_app.command(task["name"])(command)
 
 
-for _task in cli_spec.spec()["tasks"]:
+for _task in SPEC["tasks"]:
     _command(_task)
 
 

@@ -164,7 +164,7 @@ def check_datasets(recipe: Recipe, used: Sequence[str]) -> None:
         ds = recipe.dataset(name)
         if ds.reader not in DATASETS:
             raise PipeError(f"{recipe.path}: datasets.{name}.reader: no dataset reader {ds.reader!r} in this pipe "
-                            f"(leave it out with --skip {name}); allowed: {', '.join(sorted(DATASETS))}")
+                            f"(leave it out with --skip {name}); allowed: {', '.join(DATASETS.names())}")
         if ds.root is not None and not Path(ds.root).is_absolute():
             raise PipeError(f"{recipe.path}: datasets.{name}.root: {ds.root!r} is relative and "
                             f"{Path(recipe.path).name} is a shipped recipe; allowed: --data DIR (the folder holding "

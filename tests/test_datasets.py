@@ -58,7 +58,7 @@ def rand_mask(seed: int, w: int = 20, h: int = 16) -> np.ndarray:
 
 def test_registry_names_and_unknown_name_lists_choices():
     for name in ("voc", "coco", "coco-karpathy", "flickr30k", "imagefolder", "ade20k", "fashion-mnist", "world"):
-        assert DATASETS[name].name == name
+        assert DATASETS.get(name).name == name
     msg = raises("unknown dataset 'nope'", get_dataset, "nope", None, "val")
     assert "voc" in msg and "world" in msg and "fashion-mnist" in msg
 
@@ -73,7 +73,7 @@ def test_label_space_facts_are_class_attributes():
         assert cls.background == (0 if name in background else None), name
         assert cls.reduce_zero_label == (name in ("ade20k", "pascal-context-59")), name
     assert all(classes[0] == "background" for classes in background.values()) and ADE20K_CLASSES[0] == "other"
-    assert "coco, " in raises("unknown dataset 'nope' (choose from: ade20k, ", dataset_class, "nope")  # sorted
+    assert "coco, " in raises("unknown dataset 'nope'; valid: ade20k, ", dataset_class, "nope")  # sorted
 
 
 def test_bad_option_split_and_missing_root(tmp_path):

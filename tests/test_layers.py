@@ -83,18 +83,7 @@ def edges() -> list[Edge]:
             targets = [f"{base}.{n}" if f"{base}.{n}" in MODULES else base for n in names] or [base]
             for target in {resolve(t) for t in targets} - {None, module}:
                 found.append(Edge(module, target, line))
-    for registry, marker in DISCOVERY.items():  # imports made by pkgutil discovery are edges too
-        if registry not in MODULES:
-            continue
-        folder = MODULES[registry].parent
-        for module, path in MODULES.items():
-            if path.parent == folder and module != registry and marker in path.read_text():
-                found.append(Edge(registry, module, 0))
     return found
-
-
-# Registries that import every module of their folder holding a marker (a new method or task is one file).
-DISCOVERY = {f"{NAMESPACE}.align.methods": "@register_method(", f"{NAMESPACE}.evaluate.tasks": "@register_task("}
 
 
 def layer(module: str) -> int:

@@ -82,11 +82,11 @@ class Toy(TrainedAligner):
 
 
 @pytest.fixture
-def toy(monkeypatch):
+def toy():
     """Registered for one test only: the global registry never keeps it."""
-    monkeypatch.setitem(base.METHODS, "toy", Toy)
-    monkeypatch.setattr(Toy, "name", "toy", raising=False)
+    base.METHODS.register("toy", Toy)
     yield Toy
+    base.METHODS.unregister("toy")
 
 
 def test_a_method_defined_in_a_test_trains_resumes_and_loads(tmp_path, world_features, toy):
@@ -109,10 +109,10 @@ def test_a_name_is_registered_once():
 
 @pytest.fixture
 def restored_registry():
-    before = dict(base.METHODS)
+    before = set(base.METHODS.names())
     yield
-    base.METHODS.clear()
-    base.METHODS.update(before)
+    for name in set(base.METHODS.names()) - before:
+        base.METHODS.unregister(name)
 
 
 def test_the_docs_example_is_a_working_method(tmp_path, world_features, monkeypatch, restored_registry):
@@ -246,4 +246,4 @@ def test_sigkill_then_resume_gives_the_unbroken_weights(tmp_path, world_features
 
 
 def test_the_test_methods_did_not_leak():
-    assert not {"toy", "scaled", "identity-test"} & set(base.METHODS)  # runs last in this file
+    assert not {"toy", "scaled", "identity-test"} & set(base.METHODS.names())  # runs last in this file

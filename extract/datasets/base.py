@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.registry import Registry
 
 # A handful of the CLIP ImageNet templates (Radford et al. 2021), "{}" = class name. Used by every labelled set
 # unless a reader knows better, so that prompts for one class name are the same across datasets.
@@ -151,29 +152,19 @@ class Dataset(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)})"
 
 
-DATASETS: dict[str, type[Dataset]] = {}
+DATASETS: Registry[type[Dataset]] = Registry("dataset", name_attr="name")
 
 
-def register_dataset(name: str) -> Callable[[type[Dataset]], type[Dataset]]:
-    """Class decorator: make a reader reachable by name from the CLI and the config."""
-
-    def wrap(cls: type[Dataset]) -> type[Dataset]:
-        if name in DATASETS and DATASETS[name] is not cls:
-            raise ValueError(f"dataset name '{name}' registered twice")
-        cls.name = name
-        DATASETS[name] = cls
-        return cls
-
-    return wrap
+def register_dataset(name: str, *, aliases: Iterable[str] = ()) -> Callable[[type[Dataset]], type[Dataset]]:
+    """Class decorator: make a reader reachable by name from the CLI and the config (its module must be listed in
+    extract/datasets/__init__.py). A name is registered once (extract/registry.py)."""
+    return DATASETS.register(name, aliases=aliases)
 
 
 def dataset_class(name: str) -> type[Dataset]:
     """The reader registered under `name` (its class attributes hold the label-space facts); unknown names fail
-    with the valid choices."""
-    cls = DATASETS.get(name.strip().lower())
-    if cls is None:
-        raise PipeError(f"unknown dataset '{name}' (choose from: {', '.join(sorted(DATASETS))})")
-    return cls
+    with the valid choices. Case and surrounding spaces do not matter (VOC, coco )."""
+    return DATASETS.get(name.strip().lower())
 
 
 def get_dataset(name: str, root: str | Path | None, split: str, **options: object) -> Dataset:

@@ -1,10 +1,13 @@
 """Alias -> (hub id, builder) registry. Each family module registers its aliases with `@register`, and the model
-types it can build with `@register_types`, so `hf:<id or path>` reaches the same builder as the named aliases."""
+types it can build with `@register_types`, so `hf:<id or path>` reaches the same builder as the named aliases. Both are
+`extract.registry.Registry`s (an alias or model type is registered once; an unknown alias lists the valid ones); the
+family modules are imported by name in extract/encoders/__init__.py."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -22,13 +25,21 @@ from pipe_align.extract.encoders.base import (
 )
 from pipe_align.extract.encoders.local import folder_sha256, local_source, offline_hint
 from pipe_align.extract.errors import PipeError
+from pipe_align.extract.registry import Registry
 
 Encoder = ImageEncoder | TextEncoder
 Builder = Callable[[Source, Options], Encoder]
 
-_ALIASES: dict[str, tuple[str, Builder]] = {}
-_TYPES: dict[str, Builder] = {}
-_TEXT_FALLBACK: list[Builder] = []
+
+
+class Alias(NamedTuple):
+    model_id: str  # the hub id the alias stands for
+    builder: Builder
+
+
+ENCODERS: Registry[Alias] = Registry("encoder", hint="or hf:<model id or path>")
+MODEL_TYPES: Registry[Builder] = Registry("model type")  # transformers `config.model_type` -> builder (hf: names)
+TEXT_FALLBACK: Registry[Builder] = Registry("text fallback")  # "text": the builder of every non-vision model type
 
 
 def register(models: dict[str, str]) -> Callable[[Builder], Builder]:
@@ -36,9 +47,7 @@ def register(models: dict[str, str]) -> Callable[[Builder], Builder]:
 
     def decorate(builder: Builder) -> Builder:
         for alias, model_id in models.items():
-            if alias in _ALIASES:
-                raise ValueError(f"encoder alias {alias!r} registered twice")
-            _ALIASES[alias] = (model_id, builder)
+            ENCODERS.register(alias, Alias(model_id, builder))
         return builder
 
     return decorate
@@ -46,13 +55,13 @@ def register(models: dict[str, str]) -> Callable[[Builder], Builder]:
 
 def register_types(*model_types: str, text_fallback: bool = False) -> Callable[[Builder], Builder]:
     """Register a builder for transformers `config.model_type`s reached through `hf:`; `text_fallback` marks the
-    builder used for every non-vision model type."""
+    builder used for every non-vision model type (there is one)."""
 
     def decorate(builder: Builder) -> Builder:
         for model_type in model_types:
-            _TYPES[model_type] = builder
+            MODEL_TYPES.register(model_type, builder)
         if text_fallback:
-            _TEXT_FALLBACK.append(builder)
+            TEXT_FALLBACK.register("text", builder)
         return builder
 
     return decorate
@@ -60,14 +69,12 @@ def register_types(*model_types: str, text_fallback: bool = False) -> Callable[[
 
 def encoder_names() -> list[str]:
     """Registered aliases (sorted); anything else goes through `hf:<model id or local path>`."""
-    return sorted(_ALIASES)
+    return ENCODERS.names()
 
 
 def hub_id(alias: str) -> str:
     """The hub id a registered alias stands for."""
-    if alias not in _ALIASES:
-        raise PipeError(f"unknown encoder {alias!r}; valid: {', '.join(encoder_names())}, or hf:<model id or path>")
-    return _ALIASES[alias][0]
+    return ENCODERS.get(alias).model_id
 
 
 def load_encoder(name: str, *, layer: str = "last", image_size: int | None = None, max_length: int = 64,
@@ -89,9 +96,7 @@ def resolve_source(name: str) -> Source:
     name = name.strip()
     if name.startswith("hf:"):
         return _hf_source(name)
-    if name not in _ALIASES:
-        raise PipeError(f"unknown encoder {name!r}; valid: {', '.join(encoder_names())}, or hf:<model id or path>")
-    model_id = _ALIASES[name][0]
+    model_id = ENCODERS.get(name).model_id
     return local_source(name) or Source(name, model_id, None, model_id)
 
 
@@ -104,7 +109,7 @@ def build_encoder(source: Source, options: Options) -> Encoder:
     try:
         if source.alias.startswith("hf:"):
             return _builder_for_config(source)(source, options)
-        return _ALIASES[source.alias][1](source, options)
+        return ENCODERS.get(source.alias).builder(source, options)
     except HubUnreachable as e:
         raise PipeError(f"{e}; {offline_hint(source.alias)}") from None
 
@@ -134,12 +139,12 @@ def _builder_for_config(source: Source) -> Builder:
 
     config = load_pretrained(AutoConfig, source, "config")
     model_type = getattr(config, "model_type", "")
-    if model_type in _TYPES:
-        return _TYPES[model_type]
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES.get(model_type)
     if getattr(config, "vision_config", None) is not None or hasattr(config, "patch_size"):
-        vision = sorted(t for t, b in _TYPES.items() if b not in _TEXT_FALLBACK)
+        vision = [t for t, b in MODEL_TYPES.items() if b not in TEXT_FALLBACK.values()]
         raise PipeError(f"vision model type {model_type!r} of {source.model_id!r} is not supported; "
                         f"supported: {', '.join(vision)}")
-    if not _TEXT_FALLBACK:
+    if "text" not in TEXT_FALLBACK:
         raise PipeError("no text encoder family registered")
-    return _TEXT_FALLBACK[0]
+    return TEXT_FALLBACK.get("text")
