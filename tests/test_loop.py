@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from pipe_align.align import base
 from pipe_align.align.base import ImageRows, StepContext, TextRows, TrainedAligner, TrainedConfig, l2n
@@ -47,14 +48,19 @@ class Toy(TrainedAligner):
     Config = ToyConfig
     run_defaults = {"epochs": 5, "batch_size": 8, "patience": 0}
 
-    def setup(self, data, seed):
+    def build(self, di: int, dt: int, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        di, dt = data.train.stores.image.layout.dim, data.train.stores.text.layout.dim
-        self.w_img = (torch.randn(di, self.config.dim, generator=g) / di**0.5).requires_grad_()
-        self.w_txt = (torch.randn(dt, self.config.dim, generator=g) / dt**0.5).requires_grad_()
+        self.w_img = nn.Parameter(torch.randn(di, self.config.dim, generator=g) / di**0.5)
+        self.w_txt = nn.Parameter(torch.randn(dt, self.config.dim, generator=g) / dt**0.5)
 
-    def parameters(self):
-        return [self.w_img, self.w_txt]
+    def setup(self, data, seed):
+        self.build(data.train.stores.image.layout.dim, data.train.stores.text.layout.dim, seed)
+
+    @classmethod
+    def blank(cls, config, shapes):
+        out = cls(config)
+        out.build(base.saved_size(shapes, "w_img", 0), base.saved_size(shapes, "w_txt", 0))
+        return out
 
     def loss(self, batch, ctx: StepContext):
         hi = ctx.gather(l2n(batch.image.cls.float() @ self.w_img), batch.sizes)
@@ -74,11 +80,6 @@ class Toy(TrainedAligner):
     def image_dense(self, patches):
         return l2n(patches.float() @ self.w_img.detach())
 
-    def state_dict(self):
-        return {"w_img": self.w_img, "w_txt": self.w_txt}
-
-    def load_state_dict(self, state):
-        self.w_img, self.w_txt = state["w_img"], state["w_txt"]
 
 
 @pytest.fixture
