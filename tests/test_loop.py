@@ -125,8 +125,12 @@ def test_the_docs_example_is_a_working_method(tmp_path, world_features, monkeypa
     monkeypatch.setitem(sys.modules, "docs_example", module)
     exec(compile(code, "docs/align.md", "exec"), module.__dict__)
     assert main(["align", "--method", "scaled", "--shards", shards(world_features), "--out", str(tmp_path / "s"),
-                 "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress"]) == 0  # fmt: skip
+                 "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress", "-p", "dim=8"]) == 0
     assert json.loads((tmp_path / "s" / "run.json").read_text())["complete"]
+    back = load_aligner(tmp_path / "s")  # built by its `blank`, loaded strictly
+    assert type(back).__name__ == "Scaled" and [n for n, _ in back.named_parameters()] == ["img", "txt", "log_t"]
+    assert back.img.shape == (32, 8) and set(load_file(str(tmp_path / "s" / "weights.safetensors"))) == {
+        "img", "txt", "log_t"}
 
 
 # -- one held-out split, one meaning of patience ------------------------------------------------------------------
