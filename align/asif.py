@@ -23,7 +23,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import ClosedFormAligner, ImageRows, TextRows, TrainingData, l2n, register_method
+from pipe_align.align.base import (
+    INT_LIMIT,
+    ClosedFormAligner,
+    ImageRows,
+    TextRows,
+    TrainingData,
+    l2n,
+    register_method,
+    saved_size,
+)
 from pipe_align.align.baseline import BaselineConfig, BaselineState, gather_pairs, image_input, text_input
 from pipe_align.extract.errors import PipeError
 
@@ -76,8 +85,15 @@ class ASIF(BaselineState, ClosedFormAligner):
             keep = np.sort(np.random.default_rng([seed, 11]).permutation(len(x))[: config.n_anchors])
             x, y = x[torch.as_tensor(keep, device=x.device)], y[torch.as_tensor(keep, device=y.device)]
         self = cls(config)
-        self.state = {"anchors_img": l2n(x), "anchors_txt": l2n(y)}
+        self.set_buffers({"anchors_img": l2n(x), "anchors_txt": l2n(y)})
         return self, {"pairs": len(x), "anchors": len(x), "k": min(config.k, len(x))}
+
+    @classmethod
+    def blank(cls, config: ASIFConfig, shapes: dict[str, tuple[int, ...]]) -> ASIF:
+        """The anchor count is the fit's (the training pairs, at most `n_anchors`)."""
+        a = min(saved_size(shapes, "anchors_img", 0), config.n_anchors or INT_LIMIT)
+        di, dt = saved_size(shapes, "anchors_img", 1), saved_size(shapes, "anchors_txt", 1)
+        return cls.with_shapes(config, {"anchors_img": (a, di), "anchors_txt": (a, dt)})
 
     def _rel(self, z: Tensor, side: str) -> Tensor:
         cfg = self.config

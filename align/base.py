@@ -6,8 +6,13 @@ shared space:
     image_global(ImageRows) -> [N, E]      text_global(TextRows) -> [M, E]      image_dense(patches) -> [N, P, E]
 
 Similarity is always the dot product of L2-normalised outputs (methods return normalised embeddings), and dense
-class scores are `image_dense(patches) @ text_global(prompts).T`. `save(dir)` writes `weights.safetensors` (PAL:
-`anchors.safetensors`) plus `method.json`; `align.methods.load_aligner(dir)` reads any method back.
+class scores are `image_dense(patches) @ text_global(prompts).T`.
+
+An aligner is a `torch.nn.Module`: its trained tensors are `nn.Parameter`s, its fitted fixed tensors (a rotation,
+projections, anchors, means) buffers, so `state_dict`, `load_state_dict`, `.to(device)` and `parameters()` are
+torch's. `save(dir)` writes the state dict as `weights.safetensors` (PAL: `anchors.safetensors`) plus `method.json`;
+`align.methods.load_aligner(dir)` reads any method back: `blank(config, shapes)` builds the method with the shapes
+its config fixes, and `load_state_dict(strict=True)` fills it.
 
 Methods come in two kinds, and `align.loop.fit` is the one way to fit either:
 - `ClosedFormAligner`: `fit(data, config, seed)` computes the method from the gathered training pairs (procrustes,
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_bytes, write_text
@@ -201,8 +206,9 @@ CLIP_MODES = ("global", "per_group")
 FINDER_DRAWS = ("epochs", "subset")  # TrainedConfig.lr_finder_draw
 
 
-class Aligner(abc.ABC):
-    """A fitted alignment. Subclasses set `Config`, `needs_tokens` and implement the abstract methods."""
+class Aligner(nn.Module, abc.ABC):
+    """A fitted alignment, as a torch module of its tensors. Subclasses set `Config`, `needs_tokens`, implement the
+    abstract methods, and override `blank` where a tensor's shape depends on the data (input dims, a fitted rank)."""
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -210,6 +216,7 @@ class Aligner(abc.ABC):
     weights_file: ClassVar[str] = "weights.safetensors"
 
     def __init__(self, config: MethodConfig) -> None:
+        super().__init__()
         self.config = config
 
     @classmethod
@@ -254,6 +261,14 @@ class Aligner(abc.ABC):
         so a resumed or repeated run reuses it instead of searching again."""
         raise NotImplementedError(f"method {cls.name}: preset {preset!r} needs a search, and the method has none")
 
+    @classmethod
+    def blank(cls, config: MethodConfig, shapes: dict[str, tuple[int, ...]]) -> Aligner:
+        """An unfitted aligner to load a saved state into (`load_state_dict(strict=True)`): every tensor of the shape
+        `config` gives it; a size the config leaves to the data (an input dim, a fitted rank) is read from `shapes`,
+        the saved tensors' (`saved_size`), so that a file that disagrees with its config is refused, not adopted.
+        Default: the method as `cls(config)` builds it (tensors whose shapes the config alone fixes)."""
+        return cls(config)
+
     @abc.abstractmethod
     def image_global(self, rows: ImageRows) -> Tensor:
         """[N, E] L2-normalised embeddings of whole images."""
@@ -272,13 +287,6 @@ class Aligner(abc.ABC):
         text (`text_global` against `image_dense`)."""
         return None
 
-    @abc.abstractmethod
-    def state_dict(self) -> dict[str, Tensor]:
-        """Tensors that define the fitted method (saved as safetensors)."""
-
-    @abc.abstractmethod
-    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
-
     def save(self, out: str | Path, extra: dict[str, Any] | None = None) -> None:
         from safetensors.torch import save
 
@@ -290,9 +298,30 @@ class Aligner(abc.ABC):
         write_text(out / "method.json", json.dumps(meta, indent=2))
 
     @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> Aligner:
+    def config_from_dict(cls, config: dict[str, Any]) -> MethodConfig:
+        """The method's config from method.json's "config" (fields it does not know are dropped)."""
         names = {f.name for f in fields(cls.Config)}
-        return cls(cls.Config(**{k: v for k, v in config.items() if k in names}))
+        return cls.Config(**{k: v for k, v in config.items() if k in names})
+
+
+def saved_size(shapes: dict[str, tuple[int, ...]], key: str, axis: int) -> int:
+    """Size `axis` of the saved tensor `key` (for `Aligner.blank`); a missing tensor or one with too few dims is a
+    PipeError (load_aligner adds the file)."""
+    if key not in shapes:
+        raise PipeError(f"tensor {key!r} is missing")
+    if len(shapes[key]) <= axis:
+        raise PipeError(f"tensor {key!r} has shape {list(shapes[key])}, too few dims")
+    return int(shapes[key][axis])
+
+
+def state_mismatch(expected: dict[str, Tensor], saved: dict[str, Tensor]) -> str | None:
+    """What keeps `saved` from loading strictly into a module whose state dict is `expected` (missing, unexpected and
+    wrongly shaped tensors, in one line), or None. torch's own message for the same spans several lines."""
+    parts = [f"missing {k!r}" for k in sorted(expected.keys() - saved.keys())]
+    parts += [f"unexpected {k!r}" for k in sorted(saved.keys() - expected.keys())]
+    parts += [f"{k!r} has shape {list(saved[k].shape)}, expected {list(v.shape)}"
+              for k, v in expected.items() if k in saved and saved[k].shape != v.shape]  # fmt: skip
+    return "; ".join(parts) or None
 
 
 class ClosedFormAligner(Aligner):
@@ -331,12 +360,9 @@ class TrainedAligner(Aligner):
 
     @abc.abstractmethod
     def setup(self, data: TrainingData, seed: int) -> None:
-        """Create the parameters (seeded: every rank and every resumed run builds the same ones) and any fixed
-        statistics of the training data."""
-
-    @abc.abstractmethod
-    def parameters(self) -> list[Tensor]:
-        """The trained tensors (leaf tensors with requires_grad), in a fixed order."""
+        """Create the parameters (`nn.Parameter`s, seeded: every rank and every resumed run builds the same ones, in
+        the same registration order, which `parameters()` and the checkpoint follow) and any fixed statistics of the
+        training data (buffers)."""
 
     @abc.abstractmethod
     def loss(self, batch: Any, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
@@ -350,7 +376,7 @@ class TrainedAligner(Aligner):
     def param_groups(self) -> list[list[Tensor]]:
         """The groups whose gradient norms `grad_clip_mode=per_group` clips one by one (default: one group, which is
         the same as global clipping). PAL: the image anchor bank and the text anchor bank."""
-        return [self.parameters()]
+        return [list(self.parameters())]
 
     def batches(self, data: TrainingData, epoch: int, batch_size: int, seed: int,
                 part: tuple[int, int] | None) -> Iterator[Any]:  # fmt: skip

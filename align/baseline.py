@@ -29,26 +29,30 @@ class BaselineConfig(MethodConfig):
 
 
 class BaselineState:
-    """Mixin: a flat tensor state (what is saved) and `needs_tokens` decided by the config."""
+    """Mixin: the fitted tensors as buffers (what is saved) and `needs_tokens` decided by the config."""
 
     def __init__(self, config: BaselineConfig) -> None:
         super().__init__(config)
         # Shadows the class attribute: whether *this* configuration reads token arrays (evaluation asks the instance).
         self.needs_tokens = self.wants_tokens(config)
-        self.state: dict[str, Tensor] = {}
 
     @classmethod
     def wants_tokens(cls, config: BaselineConfig) -> bool:
         return config.image_feature == "mean"
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return dict(self.state)
+    def set_buffers(self, tensors: dict[str, Tensor]) -> None:
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.state = dict(state)
+    @classmethod
+    def with_shapes(cls, config: BaselineConfig, shapes: dict[str, tuple[int, ...]]) -> BaselineState:
+        """The method with uninitialised buffers of these shapes (what `blank` returns, to be loaded into)."""
+        out = cls(config)
+        out.set_buffers({k: torch.empty(shape) for k, shape in shapes.items()})
+        return out
 
     def _get(self, name: str, like: Tensor) -> Tensor:
-        return self.state[name].to(like.device)
+        return getattr(self, name).to(like.device)
 
 
 def image_input(rows: ImageRows, image_feature: str) -> Tensor:

@@ -29,7 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import ClosedFormAligner, ImageRows, TextRows, TrainingData, l2n, register_method
+from pipe_align.align.base import (
+    ClosedFormAligner,
+    ImageRows,
+    TextRows,
+    TrainingData,
+    l2n,
+    register_method,
+    saved_size,
+)
 from pipe_align.align.baseline import BaselineConfig, BaselineState, gather_pairs, image_input, linear_embed, text_input
 from pipe_align.extract.errors import PipeError
 
@@ -117,9 +125,16 @@ class CCA(BaselineState, ClosedFormAligner):
         x, y = gather_pairs(data.train, config.image_feature, seed)
         self = cls(config)
         pca = PAL_AUTHORS_PCA_VARIANCE if config.variant == "pal-authors" else None
-        self.state = cca_fit(x, y, config.reg, config.rank, pca_variance=pca)
-        rho = self.state["rho"]
+        self.set_buffers(cca_fit(x, y, config.reg, config.rank, pca_variance=pca))
+        rho = self.rho
         return self, {"pairs": len(x), "rank": len(rho), "rho_max": float(rho[0]), "rho_mean": float(rho.mean())}
+
+    @classmethod
+    def blank(cls, config: CCAConfig, shapes: dict[str, tuple[int, ...]]) -> CCA:
+        """The rank is the fit's (under variant pal-authors it depends on the data's principal components)."""
+        di, dt, r = saved_size(shapes, "mean_img", 0), saved_size(shapes, "mean_txt", 0), saved_size(shapes, "rho", 0)
+        return cls.with_shapes(config, {"mean_img": (di,), "mean_txt": (dt,), "proj_img": (di, r),
+                                        "proj_txt": (dt, r), "rho": (r,)})  # fmt: skip
 
     def _project(self, z: Tensor, side: str) -> Tensor:
         return linear_embed(z, self._get(f"mean_{side}", z), self._get(f"proj_{side}", z), l2_input=False)

@@ -36,9 +36,10 @@ dropout masks of a trainable residual come from a generator seeded by the run's 
 
 from __future__ import annotations
 
+import abc
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ from pipe_align.align.base import (
     TrainingData,
     l2n,
     register_method,
+    saved_size,
 )
 from pipe_align.align.baseline import BaselineConfig, image_input, text_input
 from pipe_align.align.losses import info_nce
@@ -190,40 +192,50 @@ class ResLowRankHead(nn.Module):
         return self.P(z) + self.alpha * self.W2(h)
 
 
-def _head(kind: str, din: int, config: LinearConfig) -> nn.Module:
-    if kind == "linear":
-        return nn.Linear(din, config.dim)
-    if config.head == "gelu":
-        return nn.Sequential(nn.Linear(din, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.dim))
-    return ResLowRankHead(din, config.dim, config.rank, config.dropout, config.gate_init)
-
-
 class ContrastiveHeads(TrainedAligner):
-    """Two heads trained with InfoNCE (+ STRUCTURE); subclasses pick the head kind."""
+    """Two heads trained with InfoNCE (+ STRUCTURE); a subclass builds the head (`make_head`), everything else is
+    shared. The module holds the heads as `img` and `txt` and the input centres as buffers `center_img`,
+    `center_txt` (zeros when config.center is False)."""
 
     Config = LinearConfig
-    kind: ClassVar[str] = "linear"
     run_defaults = {"epochs": 50, "batch_size": 1024, "patience": 5}
 
     def __init__(self, config: LinearConfig) -> None:
         super().__init__(config)
         self.needs_tokens = self.wants_tokens(config)
-        self.img_head: nn.Module | None = None
-        self.txt_head: nn.Module | None = None
-        self.center_img: Tensor | None = None  # [D] input centre (zeros when config.center is False)
-        self.center_txt: Tensor | None = None
+
+    @abc.abstractmethod
+    def make_head(self, din: int) -> nn.Module:
+        """A head from `din` input features to `config.dim`, initialised from torch's global RNG (seeded by
+        `build`)."""
+
+    def build(self, image_dim: int, text_dim: int, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        """Both heads, drawn from `seed` (image head first), and zero input centres."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.img = self.make_head(image_dim).to(device)
+            self.txt = self.make_head(text_dim).to(device)
+        self.register_buffer("center_img", torch.zeros(image_dim, device=device))
+        self.register_buffer("center_txt", torch.zeros(text_dim, device=device))
+
+    @classmethod
+    def blank(cls, config: LinearConfig, shapes: dict[str, tuple[int, ...]]) -> ContrastiveHeads:
+        """Head widths from the config, input dims from the saved centres (the config does not know them)."""
+        out = cls(config)
+        out.build(saved_size(shapes, "center_img", 0), saved_size(shapes, "center_txt", 0))
+        return out
 
     @classmethod
     def wants_tokens(cls, config: LinearConfig) -> bool:
         return config.image_feature == "mean" or config.pool == "token"
 
     @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> ContrastiveHeads:
+    def config_from_dict(cls, config: dict[str, Any]) -> LinearConfig:
         """A method.json written before 2026-11-30 has no `normalize_inputs`: its weights were trained with the
         definitions of then (normalised, centred inputs; the GELU head), so those are what it loads with."""
         if "normalize_inputs" not in config:
             config = {"normalize_inputs": True, "center": True, "head": "gelu"} | config
-        return super().from_config_dict(config)
+        return super().config_from_dict(config)
 
     # -- inputs and encoders ------------------------------------------------------------------------------------------
     def _prep(self, z: Tensor) -> Tensor:
@@ -255,10 +267,10 @@ class ContrastiveHeads(TrainedAligner):
         m = mask.to(h.dtype).unsqueeze(-1)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
-    def _apply(self, side: str, z: Tensor, gen: torch.Generator | None = None) -> Tensor:
+    def _head_out(self, side: str, z: Tensor, gen: torch.Generator | None = None) -> Tensor:
         """The head of `side` on centred inputs (token-wise: the last dim is the feature dim); `gen` draws the
         dropout masks of a residual head in training."""
-        head = (self.img_head if side == "img" else self.txt_head).to(z.device)
+        head = (self.img if side == "img" else self.txt).to(z.device)
         z = z - (self.center_img if side == "img" else self.center_txt).to(z.device)
         return head(z, gen) if isinstance(head, ResLowRankHead) else head(z)
 
@@ -267,22 +279,22 @@ class ContrastiveHeads(TrainedAligner):
         """(image out, text out, image frozen input, text frozen input), outputs L2-normalised, inputs pooled."""
         zi = self._image_tokens(image)
         zt, mask = self._text_tokens(text)
-        hi = l2n(self._pool(self._apply("img", zi, gen), None))
-        ht = l2n(self._pool(self._apply("txt", zt, gen), mask))
+        hi = l2n(self._pool(self._head_out("img", zi, gen), None))
+        ht = l2n(self._pool(self._head_out("txt", zt, gen), mask))
         return hi, ht, self._pool(zi, None), self._pool(zt, mask)
 
     def image_global(self, rows: ImageRows) -> Tensor:
         with torch.no_grad():
-            return l2n(self._pool(self._apply("img", self._image_tokens(rows)), None))
+            return l2n(self._pool(self._head_out("img", self._image_tokens(rows)), None))
 
     def text_global(self, rows: TextRows) -> Tensor:
         with torch.no_grad():
             zt, mask = self._text_tokens(rows)
-            return l2n(self._pool(self._apply("txt", zt), mask))
+            return l2n(self._pool(self._head_out("txt", zt), mask))
 
     def image_dense(self, patches: Tensor) -> Tensor:
         with torch.no_grad():
-            return l2n(self._apply("img", self._prep(patches)))
+            return l2n(self._head_out("img", self._prep(patches)))
 
     def _centres(self, train: Any, seed: int) -> tuple[Tensor, Tensor]:
         """Mean input token (or global feature) of each side over the training pairs (epoch-0 captions), for
@@ -302,23 +314,13 @@ class ContrastiveHeads(TrainedAligner):
 
     # -- training (align.loop drives it) ------------------------------------------------------------------------------
     def setup(self, data: TrainingData, seed: int) -> None:
-        config = self.config
         first = next(iter(data.train.batches(epoch=0, batch_size=2, seed=seed, shuffle=False)))
-        device = first.image.cls.device
         di = self._image_tokens(first.image).shape[-1]
         dt = self._text_tokens(first.text)[0].shape[-1]
-        if config.center:
+        self.build(di, dt, seed, first.image.cls.device)
+        if self.config.center:
             self.center_img, self.center_txt = self._centres(data.train, seed)
-        else:
-            self.center_img, self.center_txt = torch.zeros(di, device=device), torch.zeros(dt, device=device)
         self._seed = seed
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.img_head = _head(self.kind, di, config).to(device)
-            self.txt_head = _head(self.kind, dt, config).to(device)
-
-    def parameters(self) -> list[Tensor]:
-        return [*self.img_head.parameters(), *self.txt_head.parameters()]
 
     def param_groups(self) -> list[list[Tensor]]:
         """Every parameter tensor on its own: the STRUCTURE code's `clip_gradients` clips each one's norm."""
@@ -327,7 +329,7 @@ class ContrastiveHeads(TrainedAligner):
     def _dropout_generator(self, step: int, device: torch.device) -> torch.Generator | None:
         """Seeded by (run seed, step), so a run and its resumed continuation draw the same masks; None when no
         dropout can change anything (no residual head, dropout 0, or a gate fixed at 0)."""
-        head = self.img_head
+        head = self.img
         if not isinstance(head, ResLowRankHead) or head.p == 0 or not hasattr(head, "gate_logit"):
             return None
         return torch.Generator(device=device).manual_seed(self._seed * 1_000_003 + step)
@@ -373,38 +375,14 @@ class ContrastiveHeads(TrainedAligner):
     def val_temperature(self) -> float:
         return self.config.temperature
 
-    # -- persistence --------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Tensor]:
-        out = {f"img.{k}": v for k, v in self.img_head.state_dict().items()}
-        out |= {f"txt.{k}": v for k, v in self.txt_head.state_dict().items()}
-        return out | {"center_img": self.center_img, "center_txt": self.center_txt}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Rebuild the heads from the saved shapes (the input dims are not in the config) and load the weights."""
-        heads = []
-        for side in ("img", "txt"):
-            sub = {k[len(side) + 1 :]: v for k, v in state.items() if k.startswith(side + ".")}
-            if self.kind == "linear":
-                (dim, din), shape = sub["weight"].shape, {}
-            elif self.config.head == "gelu":
-                (hidden, din), dim = sub["0.weight"].shape, sub["2.weight"].shape[0]
-                shape = {"hidden": hidden}
-            else:
-                (dim, din), rank = sub["P.weight"].shape, sub["W1.weight"].shape[0]
-                shape = {"rank": rank, "gate_init": 0.5 if "gate_logit" in sub else 0.0}  # the gate is loaded below
-            head = _head(self.kind, din, replace(self.config, dim=dim, **shape)).to(next(iter(sub.values())).device)
-            head.load_state_dict(sub)
-            heads.append(head)
-        self.img_head, self.txt_head = heads
-        self.center_img, self.center_txt = state["center_img"], state["center_txt"]
-
-
 @register_method("linear")
 class LinearHeads(ContrastiveHeads):
     """One Linear layer per modality."""
 
     Config = LinearConfig
-    kind = "linear"
+
+    def make_head(self, din: int) -> nn.Module:
+        return nn.Linear(din, self.config.dim)
 
 
 @register_method("mlp")
@@ -412,4 +390,9 @@ class MLPHeads(ContrastiveHeads):
     """The STRUCTURE code's residual low-rank head per modality (or Linear-GELU-Linear with head="gelu")."""
 
     Config = MLPConfig
-    kind = "mlp"
+
+    def make_head(self, din: int) -> nn.Module:
+        c = self.config
+        if c.head == "gelu":
+            return nn.Sequential(nn.Linear(din, c.hidden), nn.GELU(), nn.Linear(c.hidden, c.dim))
+        return ResLowRankHead(din, c.dim, c.rank, c.dropout, c.gate_init)

@@ -181,7 +181,7 @@ class Trainer:
         self.run_cfg, self.data, self.dp = run, data, dp
         self.method = method(config)
         self.method.setup(data, run.seed)
-        self.params = self.method.parameters()
+        self.params = list(self.method.parameters())  # registration order: the checkpoint's "params" list
         cfg = self.method.config
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                      weight_decay=cfg.weight_decay)  # fmt: skip

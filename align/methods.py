@@ -34,11 +34,15 @@ def get_method(name: str) -> type[Aligner]:
 
 
 def load_aligner(run: str | Path, device: str = "cpu") -> Aligner:
-    """Read any method's run dir back (method.json names the class and its config, the weights file its tensors).
-    A damaged or mixed run dir (malformed or mistyped method.json, an unreadable, empty or non-finite weights file,
-    tensors that are not the method's) is a one-line PipeError naming the file."""
+    """Read any method's run dir back (method.json names the class and its config, the weights file its tensors):
+    the method is built from its config (`Aligner.blank`) and the file loaded into it with torch's
+    `load_state_dict(strict=True)`, then frozen (no gradients, eval mode) on `device`. A damaged or mixed run dir
+    (malformed or mistyped method.json, an unreadable, empty or non-finite weights file, a tensor missing, extra or of
+    another shape than the config gives it) is a one-line PipeError naming the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from pipe_align.align.base import state_mismatch
 
     run = Path(run)
     meta_path = run / "method.json"
@@ -56,7 +60,7 @@ def load_aligner(run: str | Path, device: str = "cpu") -> Aligner:
     try:
         cls = get_method(meta["method"])
         _check_config_types(cls, config)
-        aligner = cls.from_config_dict(config)
+        method_config = cls.config_from_dict(config)
     except PipeError as e:
         raise PipeError(f"{meta_path}: {e}") from None
     weights = run / cls.weights_file
@@ -71,11 +75,18 @@ def load_aligner(run: str | Path, device: str = "cpu") -> Aligner:
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise PipeError(f"{weights}: tensor {key!r} holds non-finite values")
+    not_theirs = f"{weights}: does not hold the tensors of a {cls.name} run as {meta_path.name} configures it"
     try:
-        aligner.load_state_dict({k: v.to(device) for k, v in state.items()})
+        aligner = cls.blank(method_config, {k: tuple(v.shape) for k, v in state.items()})
+        problem = state_mismatch(aligner.state_dict(), state)
+        if problem:
+            raise PipeError(problem)
+        aligner.load_state_dict(state, strict=True)
+    except PipeError as e:
+        raise PipeError(f"{not_theirs} ({e})") from None
     except (KeyError, RuntimeError, ValueError, IndexError) as e:
-        raise PipeError(f"{weights}: does not hold the tensors of a {cls.name} run ({type(e).__name__}: {e})") from None
-    return aligner
+        raise PipeError(f"{not_theirs} ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    return aligner.requires_grad_(False).eval().to(device)
 
 
 def _check_config_types(cls: type[Aligner], config: dict) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipe_align.align import pal_presets
 from pipe_align.align.base import (
@@ -24,6 +24,7 @@ from pipe_align.align.base import (
     TrainingData,
     l2n,
     register_method,
+    saved_size,
 )
 from pipe_align.align.ddp import DataParallel
 from pipe_align.align.kernel import anchor_profiles
@@ -84,8 +85,51 @@ def image_token_view(rows: ImageRows, use_cls: bool) -> tuple[Tensor, Tensor]:
     return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
 
+class AnchorProfiles:
+    """PAL's model over two anchor banks `image_anchors`, `text_anchors` [K, D] (a trained PAL's parameters, or
+    pal-fixed's buffers) and the config's `tau_p`, `use_cls` and (where it has one) `profile`."""
+
+    image_anchors: Tensor
+    text_anchors: Tensor
+
+    def image_profiles(self, rows: ImageRows, anchors: Tensor | None = None) -> Tensor:
+        tokens, mask = image_token_view(rows, self.config.use_cls)
+        if getattr(self.config, "profile", "tokens") == "pooled":
+            tokens, mask = pooled_view(tokens, mask)
+        a = self.image_anchors if anchors is None else anchors
+        return anchor_profiles(tokens, mask, a, self.config.tau_p)
+
+    def text_profiles(self, rows: TextRows, anchors: Tensor | None = None) -> Tensor:
+        a = self.text_anchors if anchors is None else anchors
+        tokens, mask = rows.tokens, rows.mask()
+        if getattr(self.config, "profile", "tokens") == "pooled":
+            tokens, mask = pooled_view(tokens, mask)
+        return anchor_profiles(tokens, mask, a, self.config.tau_p)
+
+    @torch.no_grad()
+    def image_global(self, rows: ImageRows) -> Tensor:
+        return l2n(self.image_profiles(rows))
+
+    @torch.no_grad()
+    def text_global(self, rows: TextRows) -> Tensor:
+        return l2n(self.text_profiles(rows))
+
+    @torch.no_grad()
+    def image_dense(self, patches: Tensor) -> Tensor:
+        """S[n, p, k] = cos(patch, a_k): decoding through the anchors, class scores = S . h(prompt)."""
+        return l2n(patches) @ l2n(self.image_anchors).T.to(patches.device)
+
+    @classmethod
+    def blank(cls, config: PALConfig, shapes: dict[str, tuple[int, ...]]) -> AnchorProfiles:
+        """K from the config, each bank's input dim from the saved tensors."""
+        image_dim, text_dim = saved_size(shapes, "image_anchors", 1), saved_size(shapes, "text_anchors", 1)
+        out = cls(config)
+        out.set_anchors(torch.empty(config.anchors, image_dim), torch.empty(config.anchors, text_dim))
+        return out
+
+
 @register_method("pal")
-class PAL(TrainedAligner):
+class PAL(AnchorProfiles, TrainedAligner):
     Config = PALConfig
     needs_tokens = True
     weights_file = "anchors.safetensors"
@@ -105,46 +149,24 @@ class PAL(TrainedAligner):
 
     def __init__(self, config: PALConfig, image_dim: int | None = None, text_dim: int | None = None,
                  seed: int = 0) -> None:  # fmt: skip
-        """With both dims: anchors at their initial draw for `seed` (an untrained PAL); without: empty until loaded."""
+        """With both dims: anchors at their initial draw for `seed` (an untrained PAL); without: none until `setup`
+        or a load (`load_aligner`) creates them."""
         super().__init__(config)
-        self.image_anchors = torch.empty(0)
-        self.text_anchors = torch.empty(0)
+        self.register_parameter("image_anchors", None)
+        self.register_parameter("text_anchors", None)
         if image_dim and text_dim:
             self.init_anchors(image_dim, text_dim, seed)
+
+    def set_anchors(self, image: Tensor, text: Tensor) -> None:
+        """Both banks as the trained parameters (image first: the order of `parameters()` and the checkpoint)."""
+        self.image_anchors, self.text_anchors = nn.Parameter(image), nn.Parameter(text)
 
     def init_anchors(self, image_dim: int, text_dim: int, seed: int, device: str | torch.device = "cpu") -> None:
         """N(0, 1) anchors, L2-normalised, drawn from `seed` (image bank first)."""
         g = torch.Generator().manual_seed(seed)
-        self.image_anchors = l2n(torch.randn(self.config.anchors, image_dim, generator=g)).to(device)
-        self.text_anchors = l2n(torch.randn(self.config.anchors, text_dim, generator=g)).to(device)
-
-    # -- the model --------------------------------------------------------------------------------------------------
-    def image_profiles(self, rows: ImageRows, anchors: Tensor | None = None) -> Tensor:
-        tokens, mask = image_token_view(rows, self.config.use_cls)
-        if self.config.profile == "pooled":
-            tokens, mask = pooled_view(tokens, mask)
-        a = self.image_anchors if anchors is None else anchors
-        return anchor_profiles(tokens, mask, a, self.config.tau_p)
-
-    def text_profiles(self, rows: TextRows, anchors: Tensor | None = None) -> Tensor:
-        a = self.text_anchors if anchors is None else anchors
-        tokens, mask = rows.tokens, rows.mask()
-        if self.config.profile == "pooled":
-            tokens, mask = pooled_view(tokens, mask)
-        return anchor_profiles(tokens, mask, a, self.config.tau_p)
-
-    @torch.no_grad()
-    def image_global(self, rows: ImageRows) -> Tensor:
-        return l2n(self.image_profiles(rows))
-
-    @torch.no_grad()
-    def text_global(self, rows: TextRows) -> Tensor:
-        return l2n(self.text_profiles(rows))
-
-    @torch.no_grad()
-    def image_dense(self, patches: Tensor) -> Tensor:
-        """S[n, p, k] = cos(patch, a_k): decoding through the anchors, class scores = S . h(prompt)."""
-        return l2n(patches) @ l2n(self.image_anchors).T.to(patches.device)
+        image = l2n(torch.randn(self.config.anchors, image_dim, generator=g))
+        text = l2n(torch.randn(self.config.anchors, text_dim, generator=g))
+        self.set_anchors(image.to(device), text.to(device))
 
     @torch.no_grad()
     def word_patch_scores(self, patches: Tensor, tokens: Tensor) -> Tensor:
@@ -154,21 +176,10 @@ class PAL(TrainedAligner):
         r_txt = l2n(l2n(tokens) @ l2n(self.text_anchors).T.to(tokens.device))
         return r_txt @ r_img.transpose(1, 2)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"image_anchors": self.image_anchors, "text_anchors": self.text_anchors}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.image_anchors, self.text_anchors = state["image_anchors"], state["text_anchors"]
-
     # -- training (align.loop drives it) ----------------------------------------------------------------------------
     def setup(self, data: TrainingData, seed: int) -> None:
         lay_i, lay_t = data.train.stores.image.layout, data.train.stores.text.layout
         self.init_anchors(lay_i.dim, lay_t.dim, seed, data.train.device)
-        self.image_anchors.requires_grad_(True)
-        self.text_anchors.requires_grad_(True)
-
-    def parameters(self) -> list[Tensor]:
-        return [self.image_anchors, self.text_anchors]
 
     def param_groups(self) -> list[list[Tensor]]:
         return [[self.image_anchors], [self.text_anchors]]  # clipped one by one, as the authors clip each bank
@@ -181,4 +192,3 @@ class PAL(TrainedAligner):
     @property
     def val_temperature(self) -> float:
         return self.config.tau
-

@@ -27,7 +27,7 @@ from pipe_align.align.base import (
     l2n,
     register_method,
 )
-from pipe_align.align.pal import PAL, PALConfig, image_token_view
+from pipe_align.align.pal import AnchorProfiles, image_token_view
 from pipe_align.extract.errors import PipeError
 
 
@@ -44,14 +44,16 @@ class PALFixedConfig(MethodConfig):
 
 
 @register_method("pal-fixed")
-class PALFixed(ClosedFormAligner):
+class PALFixed(AnchorProfiles, ClosedFormAligner):
+    """PAL's model (`AnchorProfiles`) over anchors fixed to K training pairs: buffers, nothing is trained."""
+
     Config = PALFixedConfig
     needs_tokens = True
     weights_file = "anchors.safetensors"
 
-    def __init__(self, config: PALFixedConfig) -> None:
-        super().__init__(config)
-        self.pal = PAL(PALConfig(anchors=config.anchors, tau_p=config.tau_p, tau=config.tau, use_cls=config.use_cls))
+    def set_anchors(self, image: Tensor, text: Tensor) -> None:
+        self.register_buffer("image_anchors", image)
+        self.register_buffer("text_anchors", text)
 
     @classmethod
     def fit(cls, data: TrainingData, config: PALFixedConfig, seed: int) -> tuple[PALFixed, dict[str, Any]]:
@@ -64,23 +66,8 @@ class PALFixed(ClosedFormAligner):
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: config.anchors].numpy()
         batch = train.batch_of(pick, 0, seed)
         out = cls(config)
-        out.pal.image_anchors, out.pal.text_anchors = anchor_vectors(batch.image, batch.text, config.use_cls)
+        out.set_anchors(*anchor_vectors(batch.image, batch.text, config.use_cls))
         return out, {"anchor_pairs": int(config.anchors), "training_pairs": int(n)}
-
-    def image_global(self, rows: ImageRows) -> Tensor:
-        return self.pal.image_global(rows)
-
-    def text_global(self, rows: TextRows) -> Tensor:
-        return self.pal.text_global(rows)
-
-    def image_dense(self, patches: Tensor) -> Tensor:
-        return self.pal.image_dense(patches)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.pal.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.pal.load_state_dict(state)
 
     @property
     def val_temperature(self) -> float:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipe_align.align.base import ClosedFormAligner, ImageRows, TextRows, TrainingData, register_method
+from pipe_align.align.base import ClosedFormAligner, ImageRows, TextRows, TrainingData, register_method, saved_size
 from pipe_align.align.baseline import (
     BaselineConfig,
     BaselineState,
@@ -39,12 +39,17 @@ class ProcrustesConfig(BaselineConfig):
             raise PipeError(f"dim={self.dim}: must be >= 1")
 
 
+def shared_dim(image_dim: int, text_dim: int, dim: int | None) -> int:
+    """The rotation's size: `dim` (default: the smaller input dim), at most either input dim."""
+    return min(image_dim, text_dim) if dim is None else min(dim, image_dim, text_dim)
+
+
 def procrustes_fit(x: Tensor, y: Tensor, dim: int | None = None) -> dict[str, Tensor]:
     """Means, PCA bases and rotation (float64 maths, float32 results) for paired rows x [N, Di], y [N, Dt]."""
     x, y = x.double(), y.double()
     mean_x, mean_y = x.mean(0), y.mean(0)
     xn, yn = F.normalize(x - mean_x, dim=-1), F.normalize(y - mean_y, dim=-1)
-    d = min(x.shape[1], y.shape[1]) if dim is None else min(dim, x.shape[1], y.shape[1])
+    d = shared_dim(x.shape[1], y.shape[1], dim)
     basis_x, basis_y = pca_basis(xn, d), pca_basis(yn, d)
     u, _, vh = torch.linalg.svd((xn @ basis_x).T @ (yn @ basis_y))
     rotation = u @ vh
@@ -62,8 +67,15 @@ class Procrustes(BaselineState, ClosedFormAligner):
     def fit(cls, data: TrainingData, config: ProcrustesConfig, seed: int) -> tuple[Procrustes, dict[str, Any]]:
         x, y = gather_pairs(data.train, config.image_feature, seed)
         self = cls(config)
-        self.state = procrustes_fit(x, y, config.dim)
-        return self, {"pairs": len(x), "dim": int(self.state["rotation"].shape[0])}
+        self.set_buffers(procrustes_fit(x, y, config.dim))
+        return self, {"pairs": len(x), "dim": int(self.rotation.shape[0])}
+
+    @classmethod
+    def blank(cls, config: ProcrustesConfig, shapes: dict[str, tuple[int, ...]]) -> Procrustes:
+        di, dt = saved_size(shapes, "mean_img", 0), saved_size(shapes, "mean_txt", 0)
+        d = shared_dim(di, dt, config.dim)
+        return cls.with_shapes(config, {"mean_img": (di,), "mean_txt": (dt,), "basis_img": (di, d),
+                                        "basis_txt": (dt, d), "rotation": (d, d)})  # fmt: skip
 
     def _image(self, z: Tensor) -> Tensor:
         w = self._get("basis_img", z) @ self._get("rotation", z)

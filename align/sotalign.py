@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipe_align.align.base import (
     ImageRows,
@@ -43,6 +43,7 @@ from pipe_align.align.base import (
     TrainingData,
     l2n,
     register_method,
+    saved_size,
 )
 from pipe_align.align.baseline import BaselineConfig, BaselineState, gather_pairs, image_input, text_input
 from pipe_align.align.cca import cca_fit
@@ -168,13 +169,28 @@ class SOTAlign(BaselineState, TrainedAligner):
         s = cca_fit(x, y, cfg.teacher_reg, cfg.teacher_dim)
         return {"mean_img": s["mean_img"], "mean_txt": s["mean_txt"], "w_img": s["proj_img"], "w_txt": s["proj_txt"]}
 
+    def set_maps(self, tensors: dict[str, Tensor]) -> None:
+        """The input means as buffers, the maps (w_img, b_img, w_txt, b_txt, in this order) as the trained
+        parameters."""
+        self.set_buffers({k: tensors[k] for k in ("mean_img", "mean_txt")})
+        for k in ("w_img", "b_img", "w_txt", "b_txt"):
+            setattr(self, k, nn.Parameter(tensors[k]))
+
+    @classmethod
+    def blank(cls, config: SOTAlignConfig, shapes: dict[str, tuple[int, ...]]) -> SOTAlign:
+        """The input dims and the teacher's output dim (its fitted rank) from the saved tensors."""
+        di, dt, e = saved_size(shapes, "mean_img", 0), saved_size(shapes, "mean_txt", 0), saved_size(shapes, "b_img", 0)
+        out = cls(config)
+        out.set_maps({"mean_img": torch.empty(di), "mean_txt": torch.empty(dt), "w_img": torch.empty(di, e),
+                      "b_img": torch.empty(e), "w_txt": torch.empty(dt, e), "b_txt": torch.empty(e)})  # fmt: skip
+        return out
+
     def _pre(self, z: Tensor, side: str) -> Tensor:
         z = z.float() - self._get(f"mean_{side}", z)
         return l2n(z) if self.l2_input else z
 
     def _map(self, pre: Tensor, side: str) -> Tensor:
-        p = self.state
-        return l2n(pre @ p[f"w_{side}"].to(pre.device) + p[f"b_{side}"].to(pre.device))
+        return l2n(pre @ self._get(f"w_{side}", pre) + self._get(f"b_{side}", pre))
 
     # -- training (align.loop drives it) ----------------------------------------------------------------------------
     def setup(self, data: TrainingData, seed: int) -> None:
@@ -182,19 +198,15 @@ class SOTAlign(BaselineState, TrainedAligner):
         x, y = gather_pairs(data.train, config.image_feature, seed)
         teacher = self._teacher(x, y, config)
         e = teacher["w_img"].shape[1]
-        self.state = teacher | {"b_img": x.new_zeros(e), "b_txt": x.new_zeros(e)}
+        self.set_maps(teacher | {"b_img": x.new_zeros(e), "b_txt": x.new_zeros(e)})
         if data.unpaired is not None:
             ux, uy = image_input(data.unpaired[0], config.image_feature), text_input(data.unpaired[1])
         else:
             ux, uy = x, y  # pairing ignored: images and captions are shuffled independently in `batches`
         ux, uy = ux.to(x.device), uy.to(x.device)
-        self._px, self._py = self._pre(ux, "img"), self._pre(uy, "txt")
-        self._tx, self._ty = self._map(self._px, "img"), self._map(self._py, "txt")  # the teacher's embeddings
-        for k in ("w_img", "b_img", "w_txt", "b_txt"):
-            self.state[k] = self.state[k].clone().requires_grad_(True)
-
-    def parameters(self) -> list[Tensor]:
-        return [self.state[k] for k in ("w_img", "b_img", "w_txt", "b_txt")]
+        with torch.no_grad():  # the unpaired rows' inputs and the teacher's embeddings: fixed for the whole run
+            self._px, self._py = self._pre(ux, "img"), self._pre(uy, "txt")
+            self._tx, self._ty = self._map(self._px, "img"), self._map(self._py, "txt")
 
     def epoch_rows(self, data: TrainingData) -> int:
         return max(len(self._px), len(self._py))

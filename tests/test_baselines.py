@@ -93,8 +93,8 @@ def test_procrustes_rotation_is_uv_of_svd():
     yn = y - y.mean(0)
     yn /= np.linalg.norm(yn, axis=1, keepdims=True)
     u, _, vt = np.linalg.svd(xn.T @ yn)
-    np.testing.assert_allclose(al.state["rotation"].numpy(), u @ vt, atol=1e-5)
-    np.testing.assert_allclose(al.state["basis_img"].numpy(), np.eye(8), atol=0)
+    np.testing.assert_allclose(al.rotation.numpy(), u @ vt, atol=1e-5)
+    np.testing.assert_allclose(al.basis_img.numpy(), np.eye(8), atol=0)
 
 
 def test_cca_correlations_match_numpy():
@@ -106,9 +106,9 @@ def test_cca_correlations_match_numpy():
     cxx, cyy, cxy = xc.T @ xc, yc.T @ yc, xc.T @ yc
     evals = np.linalg.eigvals(np.linalg.solve(cxx, cxy) @ np.linalg.solve(cyy, cxy.T)).real
     rho_np = np.sqrt(np.sort(np.clip(evals, 0, None))[::-1][:5])
-    np.testing.assert_allclose(al.state["rho"].numpy(), rho_np, atol=1e-4)
+    np.testing.assert_allclose(al.rho.numpy(), rho_np, atol=1e-4)
     # the canonical coordinates are correlated by rho and uncorrelated within a side
-    u, v = xc @ al.state["proj_img"].double().numpy(), yc @ al.state["proj_txt"].double().numpy()
+    u, v = xc @ al.proj_img.double().numpy(), yc @ al.proj_txt.double().numpy()
     corr = np.corrcoef(u.T, v.T)
     np.testing.assert_allclose(np.diag(corr[:5, 5:]), rho_np, atol=1e-4)
     np.testing.assert_allclose(corr[:5, :5], np.eye(5), atol=1e-4)
@@ -118,7 +118,7 @@ def test_csa_weights_canonical_coordinates_by_sqrt_rho():
     (x, y), (xt, yt) = planted(noise=0.3)
     train = FakePairs(x, y)
     (cca, _), (csa, _) = fit(CCA, CCAConfig(rank=8), train), fit(CSA, CCAConfig(rank=8), train)
-    rho = cca.state["rho"]
+    rho = cca.rho
     for a, b in ((cca.image_global(ImageRows(cls=xt)), csa.image_global(ImageRows(cls=xt))),
                  (cca.text_global(TextRows(pooled=yt)), csa.text_global(TextRows(pooled=yt)))):  # fmt: skip
         torch.testing.assert_close(b, l2n(a * rho.sqrt()))
@@ -162,7 +162,7 @@ def test_csa_pal_authors_variant_is_unregularised_cca_on_999_pca_with_plain_cosi
     assert kept[0] < 10 and kept[1] < 8  # the PCA step did drop components
     train = FakePairs(torch.tensor(x[:n]).double(), torch.tensor(y[:n]).double())
     csa, _ = fit(CSA, CCAConfig(rank=r, variant="pal-authors"), train)
-    np.testing.assert_allclose(csa.state["rho"].numpy(), rho, atol=1e-4)
+    np.testing.assert_allclose(csa.rho.numpy(), rho, atol=1e-4)
     # plain cosine of the canonical coordinates of held-out rows, image-text and image-image
     ref_img = (x[n:] - mx) @ wx
     ref_txt = (y[n:] - my) @ wy
@@ -191,7 +191,8 @@ def test_planted_correspondence_is_recovered(method):
     img, txt = al.image_global(ImageRows(cls=xt)), al.text_global(TextRows(pooled=yt))
     assert top1(img, txt) > 0.95
     key = "rotation" if method == "procrustes" else "proj_img"
-    al.state[key] = torch.linalg.qr(torch.randn(*al.state[key].shape, generator=torch.Generator().manual_seed(3)))[0]
+    random = torch.randn(*getattr(al, key).shape, generator=torch.Generator().manual_seed(3))
+    setattr(al, key, torch.linalg.qr(random)[0])
     assert top1(al.image_global(ImageRows(cls=xt)), txt) < 0.2
 
 
@@ -208,7 +209,7 @@ def test_asif_identical_modalities_retrieve_perfectly():
 def test_asif_planted_correspondence_beats_chance():
     (x, y), (xt, yt) = planted(n=1200, noise=0.05)
     al, _ = fit(ASIF, ASIFConfig(k=100, n_anchors=600), FakePairs(x, y))
-    assert al.state["anchors_img"].shape[0] == 600
+    assert al.anchors_img.shape[0] == 600
     assert top1(al.image_global(ImageRows(cls=xt)), al.text_global(TextRows(pooled=yt))) > 0.5
 
 

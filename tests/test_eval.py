@@ -68,11 +68,9 @@ class IdentityAligner(Aligner):
     def image_dense(self, patches):
         return torch.roll(l2n(patches), self.config.shift, dims=1)
 
-    def state_dict(self):
-        return {"scale": torch.ones(1)}
-
-    def load_state_dict(self, state):
-        pass
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("scale", torch.ones(1))  # a tensor to save: a run dir holds a non-empty weights file
 
 
 @pytest.fixture
@@ -171,7 +169,8 @@ def env(tmp_path_factory):
     png.save(first)
     facts = build_stores(base / "features", root)
     pal = PAL(PALConfig(anchors=16, use_cls=False), image_dim=D, text_dim=D)  # patches vs words: no CLS
-    pal.text_anchors = pal.image_anchors.clone()  # same anchors both sides: identical tokens give equal profiles
+    pal.set_anchors(pal.image_anchors.detach(), pal.image_anchors.detach().clone())  # same anchors both sides
+    # (identical tokens give equal profiles)
     runs = {
         "a": make_run(base / "runs" / "ident", IdentityAligner(IdentityConfig())),
         "shifted": make_run(base / "runs" / "shifted", IdentityAligner(IdentityConfig(shift=GRID[1]))),

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from pipe_align.align import base
 from pipe_align.align.base import ImageRows, StepContext, TextRows, TrainedAligner, TrainedConfig, l2n
@@ -47,14 +48,19 @@ class Toy(TrainedAligner):
     Config = ToyConfig
     run_defaults = {"epochs": 5, "batch_size": 8, "patience": 0}
 
-    def setup(self, data, seed):
+    def build(self, di: int, dt: int, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        di, dt = data.train.stores.image.layout.dim, data.train.stores.text.layout.dim
-        self.w_img = (torch.randn(di, self.config.dim, generator=g) / di**0.5).requires_grad_()
-        self.w_txt = (torch.randn(dt, self.config.dim, generator=g) / dt**0.5).requires_grad_()
+        self.w_img = nn.Parameter(torch.randn(di, self.config.dim, generator=g) / di**0.5)
+        self.w_txt = nn.Parameter(torch.randn(dt, self.config.dim, generator=g) / dt**0.5)
 
-    def parameters(self):
-        return [self.w_img, self.w_txt]
+    def setup(self, data, seed):
+        self.build(data.train.stores.image.layout.dim, data.train.stores.text.layout.dim, seed)
+
+    @classmethod
+    def blank(cls, config, shapes):
+        out = cls(config)
+        out.build(base.saved_size(shapes, "w_img", 0), base.saved_size(shapes, "w_txt", 0))
+        return out
 
     def loss(self, batch, ctx: StepContext):
         hi = ctx.gather(l2n(batch.image.cls.float() @ self.w_img), batch.sizes)
@@ -74,11 +80,6 @@ class Toy(TrainedAligner):
     def image_dense(self, patches):
         return l2n(patches.float() @ self.w_img.detach())
 
-    def state_dict(self):
-        return {"w_img": self.w_img, "w_txt": self.w_txt}
-
-    def load_state_dict(self, state):
-        self.w_img, self.w_txt = state["w_img"], state["w_txt"]
 
 
 @pytest.fixture
@@ -124,8 +125,12 @@ def test_the_docs_example_is_a_working_method(tmp_path, world_features, monkeypa
     monkeypatch.setitem(sys.modules, "docs_example", module)
     exec(compile(code, "docs/align.md", "exec"), module.__dict__)
     assert main(["align", "--method", "scaled", "--shards", shards(world_features), "--out", str(tmp_path / "s"),
-                 "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress"]) == 0  # fmt: skip
+                 "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress", "-p", "dim=8"]) == 0
     assert json.loads((tmp_path / "s" / "run.json").read_text())["complete"]
+    back = load_aligner(tmp_path / "s")  # built by its `blank`, loaded strictly
+    assert type(back).__name__ == "Scaled" and [n for n, _ in back.named_parameters()] == ["img", "txt", "log_t"]
+    assert back.img.shape == (32, 8) and set(load_file(str(tmp_path / "s" / "weights.safetensors"))) == {
+        "img", "txt", "log_t"}
 
 
 # -- one held-out split, one meaning of patience ------------------------------------------------------------------
