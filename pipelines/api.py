@@ -2,8 +2,10 @@
 
 `load` rebuilds the two frozen encoders a run was trained on, exactly as they were extracted (alias, layer, image
 size, resize rule, text length; the same `load_encoder` and the same `ImageEncoder.preprocess` as `pipe extract`),
-checks that they are the same weights, and loads the fitted method. Features are rounded to the precision of the
-training stores (float16) before the method sees them, so the API computes what `pipe eval` computes from stores.
+checks that they are the same weights, and loads the fitted method. The encoders compute in the dtype the training
+stores record (`encoder.compute_dtype`: bfloat16 for a store extracted on a GPU with `--compute-dtype auto`), and
+features are rounded to the stores' precision (float16) before the method sees them, so the API computes what
+`pipe eval` computes from stores.
 
     model = load("demo-out/runs/pal-k512")
     img = model.encode_image(["cat.jpg", pil_image])        # [N, E], L2-normalised, on model.device
@@ -41,6 +43,7 @@ from pipe_align.evaluate.metrics import zero_shot_classifier
 from pipe_align.evaluate.segmentation import patch_scores
 from pipe_align.extract.datasets.base import CLIP_TEMPLATES, UnreadableImage, is_blank, open_rgb
 from pipe_align.extract.encoders import load_encoder
+from pipe_align.extract.encoders.base import COMPUTE_DTYPES, resolve_compute_dtype
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import resolve_device
 from pipe_align.extract.remote import location
@@ -53,6 +56,9 @@ ImageInput = str | Path | Image.Image | Tensor
 # differs between machines while its weights, named in `weights`, are the same).
 MUST_MATCH = ("weights", "revision", "dim", "layer", "patch_size", "num_register_tokens", "pooling", "image_size",
               "max_length", "crop", "special_tokens")  # fmt: skip
+# `load(compute_dtype=...)`: "store" (the training stores' recorded compute dtype), or what `pipe extract
+# --compute-dtype` takes ("auto": extraction's device rule; a dtype name).
+COMPUTE_CHOICES = ("store", "auto", *COMPUTE_DTYPES)
 DEFAULT_BACKGROUND = "background"
 CLASSIFIERS_KEPT = 8  # label sets whose class weights are kept
 
@@ -105,12 +111,38 @@ def _recorded_encoder(run: Path, meta: dict[str, Any], modality: str) -> tuple[d
     return {"layer": meta.get(f"{modality}_layer"), "weights": meta.get(f"{modality}_weights")}, f"{run}/run.json"
 
 
-def build_encoder(spec: EncoderSpec, run: Path, device: str):
-    """The frozen encoder of `spec` through `load_encoder` (as `pipe extract` loads it), checked against the record."""
+def check_compute_choice(choice: str, flag: str = "compute_dtype") -> str:
+    """One of COMPUTE_CHOICES, or a one-line PipeError naming the option."""
+    if choice not in COMPUTE_CHOICES:
+        raise PipeError(f"{flag} must be one of {', '.join(COMPUTE_CHOICES)}, got {choice!r}")
+    return choice
+
+
+def apply_compute_dtype(spec: EncoderSpec, choice: str, device: str, run: Path | None = None) -> str:
+    """The dtype a rebuilt encoder computes in. "store": the one `pipe extract` computed the training store in, as
+    the store records it (`encoder.compute_dtype`; a store from before that record was computed in float32, the only
+    compute dtype then: `store.recorded_encoder`), so the method sees the features it was fitted on. Any other
+    choice goes through extraction's own rule (`resolve_compute_dtype`: "auto" is bfloat16 on a CUDA device that
+    has it, else float32), the one function that decides it for both."""
+    check_compute_choice(choice)
+    if choice != "store":
+        return resolve_compute_dtype(choice, device)
+    recorded = recorded_encoder(spec.recorded, spec.modality)["compute_dtype"]
+    if recorded not in COMPUTE_DTYPES:
+        where = f"run {run}: " if run is not None else ""
+        raise PipeError(f"{where}its {spec.modality} encoder record ({spec.source}) has compute_dtype {recorded!r}, "
+                        f"expected one of {', '.join(COMPUTE_DTYPES)}")  # fmt: skip
+    return str(recorded)
+
+
+def build_encoder(spec: EncoderSpec, run: Path, device: str, compute_dtype: str = "store"):
+    """The frozen encoder of `spec` through `load_encoder` (as `pipe extract` loads it: the weights loaded in the
+    compute dtype, no autocast), checked against the record."""
     r = recorded_encoder(spec.recorded, spec.modality)
+    dtype = apply_compute_dtype(spec, compute_dtype, device, run)
     try:
         enc = load_encoder(spec.alias, layer=str(r["layer"]), image_size=r.get("image_size"),
-                           max_length=int(r.get("max_length") or 64), device=device,
+                           max_length=int(r.get("max_length") or 64), device=device, dtype=dtype,
                            crop=r.get("crop") or "processor", special_tokens=r.get("special_tokens") or "keep")
     except PipeError as e:
         raise PipeError(f"run {run}: cannot load its {spec.modality} encoder {spec.alias!r} ({e})") from None
@@ -124,10 +156,13 @@ def build_encoder(spec: EncoderSpec, run: Path, device: str):
     return enc
 
 
-def load(run: str | Path, device: str = "auto", batch_size: int = 32) -> AlignedModel:
-    """The trained alignment of a run dir with its two frozen encoders, ready to apply (see the module docstring)."""
+def load(run: str | Path, device: str = "auto", batch_size: int = 32, compute_dtype: str = "store") -> AlignedModel:
+    """The trained alignment of a run dir with its two frozen encoders, ready to apply (see the module docstring).
+    `compute_dtype`: "store" (default) runs each encoder in the dtype its training store was computed in; "auto",
+    "float32", "bfloat16" or "float16" as `pipe extract --compute-dtype` (faster or more precise, other features)."""
     threads.check()  # the thread policy was applied when pipe_align.pipelines was imported (docs/kernel.md)
     run = Path(run)
+    check_compute_choice(compute_dtype)
     meta = read_run(run)
     if meta.get("complete") is False:
         raise PipeError(f"run {run}: training has not finished (run.json says complete: false)")
@@ -135,9 +170,11 @@ def load(run: str | Path, device: str = "auto", batch_size: int = 32) -> Aligned
         raise PipeError(f"batch_size must be >= 1, got {batch_size}")
     image_spec, text_spec = encoder_specs(run, meta)
     device = resolve_device(device)
+    for spec in (image_spec, text_spec):  # a bad record is refused before any weights load
+        apply_compute_dtype(spec, compute_dtype, device, run)
     aligner = load_aligner(run, device=device)
-    image_encoder = build_encoder(image_spec, run, device)
-    text_encoder = build_encoder(text_spec, run, device)
+    image_encoder = build_encoder(image_spec, run, device, compute_dtype)
+    text_encoder = build_encoder(text_spec, run, device, compute_dtype)
     return AlignedModel(run, meta, aligner, image_encoder, text_encoder, image_spec, text_spec, device, batch_size)
 
 
@@ -194,6 +231,11 @@ class AlignedModel:
     @property
     def method(self) -> str:
         return self.aligner.name
+
+    @property
+    def compute_dtypes(self) -> dict[str, str]:
+        """The dtype each encoder computes in, {"image": ..., "text": ...} (`load`'s `compute_dtype`)."""
+        return {"image": self.image_encoder.info.compute_dtype, "text": self.text_encoder.info.compute_dtype}
 
     # -- features ---------------------------------------------------------------------------------------------------
     def _batches(self, images: list, resize: str, skip: bool) -> Iterator[tuple[Tensor | None, list[int], list]]:

@@ -21,6 +21,8 @@ LABELS = typer.Option(..., help="Comma-separated labels, e.g. 'cat,dog,grass'.")
 TEMPLATES = typer.Option(None, help="Prompt templates, '|'-separated, each with {} for the label "
                                     "(default: the CLIP templates the eval's class prompts use).")  # fmt: skip
 DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
+COMPUTE = typer.Option("store", help="Encoder forward dtype: store (the one the run's training stores were computed "
+                                     "in), or as `pipe extract --compute-dtype`: auto, float32, bfloat16, float16.")
 BATCH = typer.Option(32, help="Images per encoder forward.")
 PROGRESS = typer.Option(True, help="Show a progress bar.")
 STRICT = typer.Option(False, help="Fail on an unreadable image instead of skipping it.")
@@ -62,10 +64,16 @@ def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[in
         yield advance
 
 
-def _load(run: Path, device: str, batch_size: int):
+def _load(run: Path, device: str, batch_size: int, compute_dtype: str):
     from pipe_align.pipelines.api import load
 
-    return load(run, device=device, batch_size=batch_size)
+    return load(run, device=device, batch_size=batch_size, compute_dtype=compute_dtype)
+
+
+def _check_compute(compute_dtype: str) -> str:
+    from pipe_align.pipelines.api import check_compute_choice
+
+    return check_compute_choice(compute_dtype, "--compute-dtype")
 
 
 def out_names(images: list[Path]) -> list[str]:
@@ -131,6 +139,7 @@ def segment(
                                                             "is below the background's + this (docs/apply.md)."),
     templates: str | None = TEMPLATES,
     device: str = DEVICE,
+    compute_dtype: str = COMPUTE,
     progress: bool = PROGRESS,
 ) -> None:
     """Segment images with your own labels: a colour overlay PNG and the label map (indexed PNG) per image."""
@@ -140,6 +149,7 @@ def segment(
     from pipe_align.extract.datasets.base import open_rgb
     from pipe_align.pipelines.api import check_label, check_rule_value, segment_names
 
+    _check_compute(compute_dtype)
     bg = check_label(background, "--background") if background.strip() else None
     labels_given = parse_labels(labels)
     names, _ = segment_names(labels_given, bg, "--labels")
@@ -151,7 +161,7 @@ def segment(
         raise PipeError("--background-threshold/--background-bias need a background label (--background)")
     stems = out_names(images)
     check_out_folder(out, names, images, stems)
-    model = _load(run, device, 1)
+    model = _load(run, device, 1, compute_dtype)
     written = []
     with progress_bar(progress, "segment", len(images)) as advance:
         for path, stem in zip(images, stems):
@@ -181,6 +191,7 @@ def classify(
     top_k: int = typer.Option(5, help="Labels per image in the CSV."),
     templates: str | None = TEMPLATES,
     device: str = DEVICE,
+    compute_dtype: str = COMPUTE,
     batch_size: int = BATCH,
     strict: bool = STRICT,
     progress: bool = PROGRESS,
@@ -189,11 +200,12 @@ def classify(
     from pipe_align.extract.files import write_text
     from pipe_align.pipelines.image_index import list_images
 
+    _check_compute(compute_dtype)
     names = parse_labels(labels)
     if top_k < 1:
         raise PipeError(f"--top-k must be >= 1, got {top_k}")
     paths = list_images(folder)
-    model = _load(run, device, batch_size)
+    model = _load(run, device, batch_size, compute_dtype)
     weights = model.classifier(names, _templates(templates))
     with progress_bar(progress, "classify", len(paths)) as advance:
         emb, kept, skipped = model.encode_files(paths, skip_unreadable=not strict, on_images=advance)
@@ -220,6 +232,7 @@ def search(
     cache: bool = typer.Option(True, help="Keep the folder's image embeddings in RUN/cache and reuse them while the "
                                           "images are unchanged."),  # fmt: skip
     device: str = DEVICE,
+    compute_dtype: str = COMPUTE,
     batch_size: int = BATCH,
     strict: bool = STRICT,
     progress: bool = PROGRESS,
@@ -228,13 +241,14 @@ def search(
     from pipe_align.extract.datasets.base import is_blank
     from pipe_align.pipelines.image_index import cache_file, folder_embeddings, list_images
 
+    _check_compute(compute_dtype)
     if top_k < 1:
         raise PipeError(f"--top-k must be >= 1, got {top_k}")
     for q in query:  # as `pipe extract` refuses such a caption: it would score every image alike
         if is_blank(q):
             raise PipeError(f"--query {q!r}: no visible character (only blanks, zero-width or control characters)")
     total = len(list_images(folder))  # a missing or empty folder fails before the encoders load
-    model = _load(run, device, batch_size)
+    model = _load(run, device, batch_size, compute_dtype)
     text = model.encode_text(query)
     with progress_bar(progress, "search: images", total) as advance:
         index = folder_embeddings(model, folder, strict=strict, use_cache=cache, on_images=advance)

@@ -3,12 +3,13 @@ unchanged.
 
 `RUN/cache/search-<digest of the folder's path>.safetensors` holds the embeddings [n, E] and, in its metadata, the
 files they belong to (path relative to the folder, size, mtime in ns), the files that were unreadable, and a key of
-what the embeddings depend on (the run's training key and weights file, the image encoder record, the method). On the
-next search only new or changed files are encoded; removed files drop out; a different key discards the cache. The
-file is replaced atomically, so an interrupted search leaves the previous cache intact. The index also holds a sha256
-of itself and the rows; a cache whose checksum, structure, finiteness or unit norms fail is damaged: it is not used,
-the folder is encoded again and the cache rewritten, and the command says so in one line. What is not caught: an image
-replaced by another of the same size and mtime (the stamp is all that is compared, as `make` compares).
+what the embeddings depend on (the run's training key and weights file, the image encoder record and the dtype it
+computes in, the method). On the next search only new or changed files are encoded; removed files drop out; a
+different key discards the cache. The file is replaced atomically, so an interrupted search leaves the previous cache
+intact. The index also holds a sha256 of itself and the rows; a cache whose checksum, structure, finiteness or unit
+norms fail is damaged: it is not used, the folder is encoded again and the cache rewritten, and the command says so in
+one line. What is not caught: an image replaced by another of the same size and mtime (the stamp is all that is
+compared, as `make` compares).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def model_key(model: AlignedModel) -> str:
     weights = model.run / model.aligner.weights_file
     st = weights.stat() if weights.exists() else None
     what = {"key": model.meta.get("key"), "weights": [st.st_size, st.st_mtime_ns] if st else None,
-            "method": model.method, "image": model.image_spec.recorded, "resize": model.resize}  # fmt: skip
+            "method": model.method, "image": model.image_spec.recorded, "resize": model.resize,
+            "compute_dtype": model.compute_dtypes["image"]}  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
