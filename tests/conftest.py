@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random transformers models written with save_pretrained, once per test session."""
 
+import os
+
 import pytest
 
 from tests.s3_server import s3, s3_endpoint  # noqa: F401  (fixtures: a local S3 on 127.0.0.1)
@@ -62,3 +64,26 @@ def interrupt_at(monkeypatch):
         monkeypatch.setattr(Trainer, "train_epoch", original if epoch is None else dying)
 
     return set_epoch
+
+
+@pytest.fixture(autouse=True)
+def state_left_as_found():
+    """Order independence: no test may leave behind state that another test would see. After every test the method
+    registry, the working directory, torch's thread count and the environment are what they were before it
+    (monkeypatch and the fixtures above restore theirs first). In the environment, a variable changed or removed
+    counts, and one added if it is pipe's own (PIPE_*): libraries add their own on first use (torch's compiler its
+    cache dir). `pytest --reverse` runs the suite the other way round."""
+    import torch
+
+    from pipe_align.align.methods import method_names
+
+    def state() -> dict:
+        return {"methods": method_names(), "cwd": os.getcwd(), "threads": torch.get_num_threads()}
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    before = state()
+    yield
+    changed = {k: (before[k], v) for k, v in state().items() if before[k] != v}
+    changed |= {k: (v, os.environ.get(k)) for k, v in env.items() if os.environ.get(k) != v}
+    changed |= {k: (None, v) for k, v in os.environ.items() if k.startswith("PIPE_") and k not in env}
+    assert not changed, f"the test left changed global state behind: {changed}"

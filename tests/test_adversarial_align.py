@@ -11,14 +11,9 @@ import pytest
 from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.extract.store import open_store
 from pipe_align.pipelines.cli import main
+from tests.helpers import one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def one_error(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error:") and err.count("\n") == 1, (code, err)
-    return err
 
 
 def copy_train(world_features, dest):
@@ -47,7 +42,7 @@ def test_closed_forms_on_two_pairs_save_nothing_non_finite(tmp_path, world_featu
     out = tmp_path / method
     code = main(["align", "--method", method, "--shards", str(shards), "--out", str(out),
                  "--limit", "2", "--val-fraction", "0", "--no-progress"])  # fmt: skip
-    assert "not finite" in one_error(capsys, code)
+    assert "not finite" in one_line_error(capsys, code)
     assert not (out / "weights.safetensors").exists() and not json.loads((out / "run.json").read_text())["complete"]
 
 
@@ -59,7 +54,7 @@ def test_image_and_caption_stores_of_different_data_are_refused(tmp_path, world_
     shutil.rmtree(caption_store)
     shutil.copytree(other / "world" / "train" / caption_store.name, caption_store)
     code = main(["align", "--shards", str(mixed), "--out", str(tmp_path / "run"), *FAST])
-    err = one_error(capsys, code)
+    err = one_line_error(capsys, code)
     assert "different data" in err and "seed=5" in err
     assert not (tmp_path / "run").exists()
 
@@ -75,7 +70,7 @@ def test_a_finished_run_is_not_returned_for_re_extracted_stores(tmp_path, world_
     extract_world(fresh, f"hf:{tiny_dinov2}", "auto", size=16)  # the same command with other -o: other data
     extract_world(fresh, f"hf:{tiny_bert}", "captions", size=16)
     shutil.copytree(fresh / "world" / "train", shards)
-    assert "other settings or data" in one_error(capsys, main(args))
+    assert "other settings or data" in one_line_error(capsys, main(args))
 
 
 def test_resume_refuses_re_extracted_stores_and_accepts_a_relative_path(tmp_path, world_features, tiny_dinov2,
@@ -99,8 +94,8 @@ def test_resume_refuses_re_extracted_stores_and_accepts_a_relative_path(tmp_path
     extract_world(fresh, f"hf:{tiny_bert}", "captions", size=24, seed=3)
     shutil.copytree(fresh / "world" / "train", shards)
     capsys.readouterr()
-    assert "other options or data" in one_error(capsys, main(["align", "--shards", "stores", "--out", "run2", *FAST,
-                                                             "--resume"]))  # fmt: skip
+    code = main(["align", "--shards", "stores", "--out", "run2", *FAST, "--resume"])
+    assert "other options or data" in one_line_error(capsys, code)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "random"])
@@ -113,7 +108,7 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path, world_features, capsys, inte
     data = ckpt.read_bytes()
     ckpt.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "random": bytes(range(256)) * 64}[damage])
     capsys.readouterr()
-    err = one_error(capsys, main([*args, "--resume"]))
+    err = one_line_error(capsys, main([*args, "--resume"]))
     assert "checkpoint.pt" in err and "cannot be read" in err
 
 
@@ -123,7 +118,7 @@ def test_a_damaged_run_json_is_one_line(tmp_path, world_features, capsys):
     run_json = tmp_path / "run" / "run.json"
     run_json.write_text(run_json.read_text()[:100])
     capsys.readouterr()
-    assert "run.json" in one_error(capsys, main(args))
+    assert "run.json" in one_line_error(capsys, main(args))
 
 
 def test_run_json_is_written_atomically(tmp_path, world_features, monkeypatch):

@@ -24,18 +24,10 @@ from pipe_align.extract.datasets import write_world
 from pipe_align.extract.datasets.base import open_rgb
 from pipe_align.extract.store import FeatureStore, open_store
 from pipe_align.pipelines.cli import main
+from tests.helpers import one_line_error
 from tests.tiny_models import make_tiny_dinov2
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def one_line_error(capsys, *needles: str) -> str:
-    """The captured stderr is exactly one `error:` line containing every needle."""
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and err.count("\n") == 1, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def stores_complete(features: Path) -> list[bool]:
@@ -139,10 +131,8 @@ def test_local_weights_are_identified_by_content(tmp_path, capsys, monkeypatch):
             p.add_(torch.randn_like(p))
     model.save_pretrained(folder)
     capsys.readouterr()
-    assert main([*base, "--features", str(done)]) == 2
-    one_line_error(capsys, "differs in encoder")
-    assert main([*base, "--features", str(part)]) == 2
-    one_line_error(capsys, "differs in encoder")
+    one_line_error(capsys, main([*base, "--features", str(done)]), "differs in encoder")
+    one_line_error(capsys, main([*base, "--features", str(part)]), "differs in encoder")
     assert stores_complete(part) == [False]
     fresh = tmp_path / "fresh"
     assert main([*base, "--features", str(fresh)]) == 0  # the new weights get their own identity
@@ -192,8 +182,7 @@ def test_damaged_fashion_mnist_images_file_is_a_dataset_error(tmp_path, tiny_din
     feats = tmp_path / "f"
     code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "fashion-mnist", "--root", str(root), "--split",
                              "test", "--features", str(feats)))  # fmt: skip
-    assert code == 2
-    one_line_error(capsys, name)
+    one_line_error(capsys, code, name)
     assert True not in stores_complete(feats)
 
 
@@ -204,8 +193,7 @@ def test_truncated_fashion_mnist_labels_file_is_one_line(tmp_path, tiny_dinov2, 
     path.write_bytes(path.read_bytes()[:-12])
     code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "fashion-mnist", "--root", str(root), "--split",
                              "test", "--features", str(tmp_path / "f")))  # fmt: skip
-    assert code == 2
-    one_line_error(capsys, path.name)
+    one_line_error(capsys, code, path.name)
 
 
 @pytest.mark.parametrize("which", ["split", "classes"])
@@ -216,8 +204,7 @@ def test_binary_garbage_in_a_list_file_is_one_line(tmp_path, tiny_dinov2, capsys
     path.write_bytes(b"\xff\xfe\x00garbage\x80\x81")
     code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "voc", "--root", str(tmp_path / "data"), "--split",
                              "train", "--features", str(tmp_path / "f")))  # fmt: skip
-    assert code == 2
-    one_line_error(capsys, path.name)
+    one_line_error(capsys, code, path.name)
 
 
 # ------------------------------------------------------------------------------------------ 4. and 5. COCO json
@@ -244,7 +231,7 @@ def test_invisible_caption_is_an_empty_caption(tmp_path, tiny_bert, capsys, capt
                              "--features", str(feats)))  # fmt: skip
     assert code == 2
     cid = json.loads((root / "annotations" / "captions_train2017.json").read_text())["annotations"][1]["id"]
-    one_line_error(capsys, "captions_train2017.json", str(cid), "empty")
+    one_line_error(capsys, 2, "captions_train2017.json", str(cid), "empty")
     assert True not in stores_complete(feats)
 
 
@@ -263,8 +250,7 @@ def test_caption_that_tokenizes_to_nothing_fails_the_run(tmp_path, tiny_bert, ca
     monkeypatch.setattr(World, "captions", mojibake)
     feats = tmp_path / "f"
     code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "world", "-o", "size=3", "--features", str(feats)))
-    assert code == 2
-    one_line_error(capsys, "train_00000#0", "no tokens")
+    one_line_error(capsys, code, "train_00000#0", "no tokens")
     assert stores_complete(feats) == [False]
 
 
@@ -275,8 +261,7 @@ def test_caption_that_is_a_number_is_named_as_such(tmp_path, tiny_bert, capsys):
     root = coco(tmp_path, edit)
     code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "coco", "--root", str(root), "--split", "train",
                              "--features", str(tmp_path / "f")))  # fmt: skip
-    assert code == 2
-    one_line_error(capsys, "caption must be a string, got 42", "captions_train2017.json")
+    one_line_error(capsys, code, "caption must be a string, got 42", "captions_train2017.json")
 
 
 @pytest.mark.parametrize("where", ["images", "annotations"])
@@ -290,8 +275,7 @@ def test_coco_id_that_is_a_list_is_one_line(tmp_path, tiny_bert, capsys, where):
     root = coco(tmp_path, edit)
     code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "coco", "--root", str(root), "--split", "train",
                              "--features", str(tmp_path / "f")))  # fmt: skip
-    assert code == 2
-    one_line_error(capsys, "captions_train2017.json", f"{where}[{1 if where == 'images' else 2}]")
+    one_line_error(capsys, code, "captions_train2017.json", f"{where}[{1 if where == 'images' else 2}]")
 
 
 def test_karpathy_split_that_is_a_list_is_one_line(tmp_path, tiny_bert, capsys):
@@ -302,8 +286,7 @@ def test_karpathy_split_that_is_a_list_is_one_line(tmp_path, tiny_bert, capsys):
     (root / "dataset_flickr30k.json").write_text(json.dumps(doc))
     code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "flickr30k", "--root", str(root), "--split", "test",
                              "--features", str(tmp_path / "f")))  # fmt: skip
-    assert code == 2
-    one_line_error(capsys, "dataset_flickr30k.json", "images[0]")
+    one_line_error(capsys, code, "dataset_flickr30k.json", "images[0]")
 
 
 # ------------------------------------------------------------------------------------------ 6. absurd options
@@ -333,16 +316,14 @@ def test_absurd_option_values_are_refused_up_front(tmp_path, tiny_dinov2, capsys
         monkeypatch.setattr("pipe_align.extract.job.cached_encoder", no_encoder)
     code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=1", "--features", str(tmp_path),
                              *extra))  # fmt: skip
-    assert code == 2
-    one_line_error(capsys, needle)
+    one_line_error(capsys, code, needle)
     assert not list(tmp_path.rglob("*.zarr"))
 
 
 def test_max_length_beyond_the_tokenizer_is_refused(tmp_path, tiny_bert, capsys):
     code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "world", "-o", "size=1", "--features", str(tmp_path),
                              "--max-length", "100000"))  # fmt: skip
-    assert code == 2
-    one_line_error(capsys, "--max-length", "64")
+    one_line_error(capsys, code, "--max-length", "64")
 
 
 @pytest.mark.parametrize("option", ["per_class=abc", "captions=maybe", "classes=a,b"])
@@ -350,8 +331,7 @@ def test_bad_fashion_mnist_option_names_the_option(tmp_path, tiny_dinov2, capsys
     write_idx(tmp_path / "fm")
     code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "fashion-mnist", "--root", str(tmp_path / "fm"),
                              "--split", "test", "--features", str(tmp_path / "f"), "-o", option))  # fmt: skip
-    assert code == 2
-    one_line_error(capsys, option.split("=")[0])
+    one_line_error(capsys, code, option.split("=")[0])
 
 
 # ---------------------------------------------------------------------------------------------- 7. --cluster
@@ -369,8 +349,7 @@ def test_bad_cluster_is_one_line(tmp_path, tiny_dinov2, capsys, monkeypatch, clu
     monkeypatch.setattr(dask.distributed, "LocalCluster", no_cluster)
     code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=2", "--features", str(tmp_path),
                              "--cluster", cluster))  # fmt: skip
-    assert code == 2
-    one_line_error(capsys, "--cluster")
+    one_line_error(capsys, code, "--cluster")
     assert not list(tmp_path.rglob("*.zarr"))  # refused before anything is created
 
 
@@ -394,7 +373,7 @@ def test_disk_full_is_one_line_and_resumes_byte_identical(tmp_path, tiny_dinov2,
     capsys.readouterr()
     assert main([*args, "--features", str(full)]) == 2
     store = next(full.rglob("*.zarr"))
-    one_line_error(capsys, str(store), "space" if code_ == errno.ENOSPC else "quota")
+    one_line_error(capsys, 2, str(store), "space" if code_ == errno.ENOSPC else "quota")
     assert stores_complete(full) == [False]
     monkeypatch.setattr(FeatureStore, "write_shard", write)  # space freed
     assert main([*args, "--features", str(full)]) == 0
@@ -410,7 +389,7 @@ def test_disk_full_outside_the_shard_writer_is_one_line(tmp_path, tiny_dinov2, c
     monkeypatch.setattr(FeatureStore, "finalize", no_space)
     assert main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=2", "--features",
                              str(tmp_path))) == 2  # fmt: skip
-    one_line_error(capsys, "No space left on device")
+    one_line_error(capsys, 2, "No space left on device")
     assert stores_complete(tmp_path) == [False]
 
 
@@ -520,6 +499,5 @@ def test_prompts_on_a_dataset_without_classes(tmp_path, tiny_bert, capsys):
     root = coco(tmp_path, lambda doc: None)
     code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "coco", "--root", str(root), "--split", "train",
                              "--text", "prompts", "--features", str(tmp_path / "f")))  # fmt: skip
-    assert code == 2
-    one_line_error(capsys, "coco captions have no masks or classes",
+    one_line_error(capsys, code, "coco captions have no masks or classes",
                    "segmentation and classification need a dataset with classes", "voc", "ade20k")

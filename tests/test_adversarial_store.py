@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.store import StoreLayout, create_store, open_store
 from pipe_align.pipelines.cli import main
+from tests.helpers import one_line_error
 
 IMAGE_ARRAYS = ("ids", "cls", "patches", "labels", "done", "skipped", "digest")
 TEXT_ARRAYS = ("ids", "text", "item", "tokens", "length", "pooled", "done", "skipped", "digest")
@@ -71,14 +72,6 @@ def verify(path: Path, capsys) -> tuple[int, list[str]]:
     code = main(["verify", str(path)])
     captured = capsys.readouterr()
     return code, captured.err.strip().splitlines()
-
-
-def one_line_error(code: int, capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: ") and "\n" not in err, (code, err)
-    for f in fragments:
-        assert f in err, err
-    return err
 
 
 def evaluate(feats: Path, run: Path, task: str = "classification", *extra: str) -> int:
@@ -183,7 +176,7 @@ def test_lost_labels_stop_classification(feats, run_dir, capsys):
     """Before: the labels chunk read back as -1 ("unlabelled"), and classification scored the other images."""
     for f in chunk_files(store(feats, "val", "image") / "labels"):
         f.unlink()
-    one_line_error(evaluate(feats, run_dir), capsys, "'labels'", "missing", "pipe verify")
+    one_line_error(capsys, evaluate(feats, run_dir), "'labels'", "missing", "pipe verify")
 
 
 def test_lost_lengths_stop_align(feats, tmp_path, capsys):
@@ -192,7 +185,7 @@ def test_lost_lengths_stop_align(feats, tmp_path, capsys):
         f.unlink()
     code = main(["align", "--shards", str(feats / "world" / "train"), "--out", str(tmp_path / "r"), "--anchors", "8",
                  "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-progress"])  # fmt: skip
-    one_line_error(code, capsys, "'length'", "missing")
+    one_line_error(capsys, code, "'length'", "missing")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zeroed"])
@@ -203,7 +196,7 @@ def test_truncated_or_zeroed_shard_file_is_one_line(feats, run_dir, capsys, dama
     f.write_bytes(data[: len(data) // 2] if damage == "truncated" else bytes(len(data)))
     code, lines = verify(path, capsys)
     assert code == 1 and any("'patches'" in line and "checksum" in line for line in lines), lines
-    one_line_error(evaluate(feats, run_dir), capsys, str(path), "'patches'", "checksum")
+    one_line_error(capsys, evaluate(feats, run_dir), str(path), "'patches'", "checksum")
     with pytest.raises(PipeError, match="'patches' is damaged"):
         open_store(path).read("patches", np.array([0, 1]))
 
@@ -212,7 +205,7 @@ def test_missing_array_is_one_line(feats, run_dir, capsys):
     """Before: a KeyError traceback."""
     path = store(feats, "val", "image")
     shutil.rmtree(path / "patches")
-    one_line_error(evaluate(feats, run_dir), capsys, str(path), "'patches'", "is damaged", "zarr.json is missing")
+    one_line_error(capsys, evaluate(feats, run_dir), str(path), "'patches'", "is damaged", "zarr.json is missing")
 
 
 # -- 2. non-finite features ----------------------------------------------------------------------------------------
@@ -224,7 +217,7 @@ def test_eval_refuses_non_finite_patches(feats, run_dir, capsys, task):
     bad = st["patches"][5:6].copy()
     bad[0, 1, 2] = np.nan
     st["patches"][5:6] = bad
-    one_line_error(evaluate(feats, run_dir, task), capsys, str(path), "'patches'", "non-finite", "row 5")
+    one_line_error(capsys, evaluate(feats, run_dir, task), str(path), "'patches'", "non-finite", "row 5")
 
 
 # -- 4. run dirs -------------------------------------------------------------------------------------------------------
@@ -268,13 +261,13 @@ RUN_DAMAGE = {
 def test_damaged_run_dir_is_one_line_naming_the_file(feats, run_dir, capsys, case):
     name, damage = RUN_DAMAGE[case]
     damage(run_dir)
-    one_line_error(evaluate(feats, run_dir), capsys, name)
+    one_line_error(capsys, evaluate(feats, run_dir), name)
 
 
 # -- 5. absurd options -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("option,value", [("--examples", "-3"), ("--seed", "-1")])
 def test_absurd_eval_options_are_refused(feats, trained, capsys, option, value):
-    one_line_error(evaluate(feats, trained, "diagnostics", option, value), capsys, option)
+    one_line_error(capsys, evaluate(feats, trained, "diagnostics", option, value), option)
     assert not (trained / "eval").exists() or not list((trained / "eval").glob("diagnostics-*.json"))
 
 
@@ -292,7 +285,7 @@ def test_class_tasks_on_a_caption_only_dataset_say_so(feats, trained, capsys, ta
         st.group.attrs.update({"dataset": "coco", "classes": None, "origin": None})
     code = main(["eval", task, "--dataset", "coco", "--split", "val", "--features", str(feats), "--run", str(trained),
                  "--device", "cpu", "--no-figures"])  # fmt: skip
-    err = one_line_error(code, capsys, "coco", "no classes")
+    err = one_line_error(capsys, code, "coco", "no classes")
     assert "--text prompts" not in err
 
 
@@ -311,7 +304,7 @@ def test_verify_of_a_store_whose_group_metadata_is_damaged(feats, tmp_path, caps
     (path / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"schema": 1')
     code, lines = verify(path, capsys)
     assert code == 1 and len(lines) == 1 and lines[0].startswith(str(path)), lines
-    one_line_error(main(["verify", str(tmp_path / "nothing.zarr")]), capsys, "no feature store")
+    one_line_error(capsys, main(["verify", str(tmp_path / "nothing.zarr")]), "no feature store")
 
 
 def test_info_shows_damage_instead_of_failing(feats, capsys):
@@ -346,7 +339,7 @@ def test_report_refuses_results_it_cannot_vouch_for(tmp_path, capsys, content, f
     (run / "eval").mkdir(parents=True)
     (run / "run.json").write_text("[1]")  # unreadable method: the table says "?", no traceback
     (run / "eval" / "classification-world-val.json").write_text(content)
-    one_line_error(main(["report", str(run)]), capsys, "classification-world-val.json", fragment)
+    one_line_error(capsys, main(["report", str(run)]), "classification-world-val.json", fragment)
     (run / "eval" / "classification-world-val.json").write_text('{"task": "classification", "acc1": 0.5}')
     assert main(["report", str(run)]) == 0
     assert "| run | ? | 50.0 |" in capsys.readouterr().out
@@ -357,7 +350,7 @@ def test_unfinished_run_is_not_evaluated(feats, run_dir, capsys):
     run's result)."""
     meta = json.loads((run_dir / "run.json").read_text())
     (run_dir / "run.json").write_text(json.dumps(meta | {"complete": False}))
-    one_line_error(evaluate(feats, run_dir), capsys, "run.json", "not finished", "--resume")
+    one_line_error(capsys, evaluate(feats, run_dir), "run.json", "not finished", "--resume")
 
 
 def test_skip_existing_does_not_keep_a_broken_result(feats, run_dir, capsys):
@@ -380,4 +373,4 @@ def test_truncated_shard_stops_align_with_one_line(feats, tmp_path, capsys):
     f.write_bytes(f.read_bytes()[:-100])
     code = main(["align", "--shards", str(feats / "world" / "train"), "--out", str(tmp_path / "r"), "--anchors", "8",
                  "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-progress"])  # fmt: skip
-    one_line_error(code, capsys, str(path), "'patches'", "checksum")
+    one_line_error(capsys, code, str(path), "'patches'", "checksum")

@@ -35,6 +35,7 @@ from pipe_align.extract.errors import PipeError
 from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.pipelines import api
 from pipe_align.pipelines.cli import main
+from tests.helpers import one_line_error
 
 VAL = 8  # world val images in the world_features fixture
 EMB_TOL = 1e-3  # fp16 storage error of features of norm ~1, after the methods' normalisation
@@ -67,12 +68,6 @@ def val_images() -> list[Image.Image]:
 def eval_cfg(features: Path, run: Path, task: str = "segmentation") -> EvalConfig:
     return EvalConfig(task=task, dataset="world", split="val", features=str(features), run=str(run), device="cpu",
                       protocol="pal" if task == "segmentation" else None, options=(("size", VAL),), examples=VAL)
-
-
-def one_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
 
 
 # -- consistency with `pipe eval` -----------------------------------------------------------------------------------
@@ -291,14 +286,13 @@ def test_bad_input_is_one_line(runs, image_dir, tmp_path, capsys):
     run = str(runs["pal"])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 truncated")
-    assert main(["segment", str(bad), "--run", run, "--labels", "ball", "--no-progress"]) == 2
-    assert "unreadable image" in one_error(capsys)
-    assert main(["segment", str(image_dir / "img0.png"), "--run", run, "--labels", " , ", "--no-progress"]) == 2
-    assert "no labels" in one_error(capsys)
-    assert main(["classify", str(tmp_path / "nowhere"), "--run", run, "--labels", "a"]) == 2
-    assert "no such folder" in one_error(capsys)
-    assert main(["search", str(image_dir), "--run", str(tmp_path), "--query", "x"]) == 2
-    assert "run.json" in one_error(capsys)
+    code = main(["segment", str(bad), "--run", run, "--labels", "ball", "--no-progress"])
+    one_line_error(capsys, code, "unreadable image")
+    code = main(["segment", str(image_dir / "img0.png"), "--run", run, "--labels", " , ", "--no-progress"])
+    one_line_error(capsys, code, "no labels")
+    code = main(["classify", str(tmp_path / "nowhere"), "--run", run, "--labels", "a"])
+    one_line_error(capsys, code, "no such folder")
+    one_line_error(capsys, main(["search", str(image_dir), "--run", str(tmp_path), "--query", "x"]), "run.json")
 
 
 def test_runs_that_cannot_be_rebuilt(runs, world_features, tmp_path, tiny_dinov2, tiny_bert, capsys):
@@ -334,7 +328,7 @@ def test_runs_that_cannot_be_rebuilt(runs, world_features, tmp_path, tiny_dinov2
     image = tmp_path / "x.png"
     val_images()[0].save(image)
     assert main(["segment", str(image), "--run", str(run), "--labels", "ball", "--no-progress"]) == 2
-    err = one_error(capsys)
+    err = one_line_error(capsys, 2)
     assert "cannot load its image encoder" in err and "does not exist" in err
 
 

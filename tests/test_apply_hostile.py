@@ -27,7 +27,8 @@ from pipe_align.pipelines import api
 from pipe_align.pipelines.apply_cmd import out_names
 from pipe_align.pipelines.cli import main
 from pipe_align.pipelines.image_index import folder_embeddings
-from tests.test_apply import one_error, train, val_images
+from tests.helpers import one_line_error
+from tests.test_apply import train, val_images
 
 LABELS = ["ball", "star"]
 
@@ -111,7 +112,7 @@ def test_out_folder_with_other_labels_is_refused(pal_run, tmp_path, capsys, one_
     run = ["--run", pal_run, "--out", out]
     (tmp_path / "bad.png").write_bytes(b"\x89PNG truncated")
     assert segment(tmp_path / "bad.png", *run, "--labels", "ball,star") == 2
-    assert "unreadable image" in one_error(capsys) and not out.exists()  # no labels.txt before an image is read
+    assert "unreadable image" in one_line_error(capsys, 2) and not out.exists()  # no labels.txt before an image is read
     assert segment(image, *run, "--labels", "ball,star") == 0
     assert (out / "labels.txt").read_text() == "0\tbackground\n1\tball\n2\tstar\n"
     before = files(out)
@@ -119,14 +120,14 @@ def test_out_folder_with_other_labels_is_refused(pal_run, tmp_path, capsys, one_
     for other in (["--labels", "star,ball"], ["--labels", "ball,star,tree"], ["--labels", "ball,star", "--background",
                                                                                 "", ]):  # fmt: skip
         assert segment(image, *run, *other) == 2, other
-        err = one_error(capsys)
+        err = one_line_error(capsys, 2)
         assert f"--out {out}" in err and "background, ball, star" in err and "ball, star" in err, err
         assert files(out) == before  # labels.txt and the label maps it names are left as they were
     assert segment(image, *run, "--labels", " ball, star") == 0  # the same labels: the folder is reused
 
     (out / "labels.txt").write_text("this is not an index\n")
     assert segment(image, *run, "--labels", "ball,star") == 2
-    assert "labels.txt is not one written by `pipe segment`" in one_error(capsys)
+    assert "labels.txt is not one written by `pipe segment`" in one_line_error(capsys, 2)
 
 
 def test_an_output_never_replaces_an_input_image(pal_run, tmp_path, capsys, one_thread):
@@ -138,7 +139,7 @@ def test_an_output_never_replaces_an_input_image(pal_run, tmp_path, capsys, one_
     before = (out / "c.overlay.png").read_bytes()
     assert segment(tmp_path / "in" / "c.png", out / "c.overlay.png", "--run", pal_run, "--labels", "ball", "--out",
                    out) == 2  # fmt: skip
-    assert "would replace that input image" in one_error(capsys)
+    assert "would replace that input image" in one_line_error(capsys, 2)
     assert (out / "c.overlay.png").read_bytes() == before
 
 
@@ -147,7 +148,7 @@ def test_an_output_never_replaces_an_input_image(pal_run, tmp_path, capsys, one_
 def test_a_query_without_a_visible_character_is_refused(pal_run, model, folder, capsys, query):
     assert main(["search", str(folder), "--run", str(pal_run), "--query", "a red ball", "--query", query,
                  "--no-progress"]) == 2  # fmt: skip
-    err = one_error(capsys)
+    err = one_line_error(capsys, 2)
     assert err.startswith(f"error: --query {query!r}") and "no visible character" in err
     with pytest.raises(PipeError, match="text 1 is empty"):
         model.encode_text(["a red ball", query])
@@ -330,7 +331,7 @@ def test_disk_full_while_writing_outputs_is_one_line(pal_run, tmp_path, capsys, 
     monkeypatch.setattr(os, "write", full_disk)
     assert segment(*args, "--out", out) == 2
     monkeypatch.undo()
-    err = one_error(capsys)
+    err = one_line_error(capsys, 2)
     assert err.startswith(f"error: {out / 'a.labels.png'}: cannot be written: No space left on device"), err
     assert "free space" in err, err
     now = files(out)
@@ -368,6 +369,6 @@ def test_bad_segment_option_values_are_one_line(pal_run, tmp_path, capsys, optio
     labels = value if option == "--labels" else "ball"
     extra = [] if option == "--labels" else [option, value]
     assert segment(image, "--run", pal_run, "--labels", labels, "--out", out, *extra) == 2
-    err = one_error(capsys)
+    err = one_line_error(capsys, 2)
     assert err.startswith(f"error: {option}"), err
     assert not out.exists()

@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from pipe_align.align.asif import ASIF, ASIFConfig
-from pipe_align.align.base import Aligner, ImageRows, TextRows, TrainingData, l2n
+from pipe_align.align.base import Aligner, ImageRows, TextRows, TrainedAligner, TrainingData, l2n
 from pipe_align.align.cca import CCA, CSA, CCAConfig
 from pipe_align.align.contrastive import LinearConfig, LinearHeads, MLPConfig, MLPHeads, structure_loss
 from pipe_align.align.data import Batch, part_bounds
 from pipe_align.align.loop import RunConfig
 from pipe_align.align.loop import fit as loop_fit
-from pipe_align.align.methods import get_method, load_aligner
+from pipe_align.align.methods import get_method, load_aligner, method_names
 from pipe_align.align.procrustes import Procrustes, ProcrustesConfig
 from pipe_align.align.sotalign import SOTAlign, SOTAlignConfig, klot, ot_plan, sinkhorn_log
 from pipe_align.extract.errors import PipeError
+from tests.contract import SMALL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -312,12 +313,12 @@ def test_sotalign_starts_at_teacher_and_klot_trains_on_unpaired_rows():
 # -- interface ---------------------------------------------------------------------------------------------------------
 def fitted(method: str, train: FakePairs, val: FakePairs) -> Aligner:
     cls = get_method(method)
-    small = {"linear": {"dim": 16}, "mlp": {"dim": 16, "hidden": 32}, "asif": {"k": 20}}.get(method, {})
-    run = {"linear": {"epochs": 2, "batch_size": 64}, "mlp": {"epochs": 2}, "sotalign": {"epochs": 2, "batch_size": 64}}
-    return fit(cls, cls.Config(**small), train, val, **run.get(method, {}))[0]
+    run = {"epochs": 2, "batch_size": 64} if issubclass(cls, TrainedAligner) else {}
+    return fit(cls, cls.Config(**SMALL[method]), train, val, **run)[0]
 
 
-@pytest.mark.parametrize("method", ["procrustes", "cca", "csa", "asif", "linear", "mlp", "sotalign"])
+# every method that maps global features (the token-level ones, PAL and pal-fixed, need stores: test_contract.py)
+@pytest.mark.parametrize("method", [m for m in method_names() if not get_method(m).needs_tokens])
 def test_save_load_roundtrip_and_dense_shapes(method, tmp_path):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(120, 12, generator=gen), torch.randn(120, 10, generator=gen)

@@ -17,17 +17,10 @@ from pipe_align.extract.datasets import dataset_class, get_dataset
 from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.extract.store import open_store
 from pipe_align.pipelines.cli import main
+from tests.helpers import one_line_error
 from tests.replicas import replica
 from tests.replicas.voc import write_jpg
 from tests.test_datasets import raises
-
-
-def one_line_error(capsys, code: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error:") and err.count("\n") == 1, (code, err)
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def file_mask(path: Path) -> np.ndarray:

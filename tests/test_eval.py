@@ -41,6 +41,7 @@ from pipe_align.extract.errors import PipeError
 from pipe_align.extract.store import StoreLayout, create_store, store_path
 from pipe_align.pipelines.cli import main
 from pipe_align.pipelines.eval_cmd import eval_app
+from tests.helpers import one_line_error
 
 D, GRID, CELL, TEMPLATES = 16, (8, 8), 28, ("a photo of a {}.", "a {}.")
 CAPTION_ARRAYS = ("ids", "text", "item", "tokens", "length", "pooled")
@@ -189,13 +190,6 @@ def result(run: Path, name: str) -> dict:
     return json.loads((run / "eval" / f"{name}.json").read_text())
 
 
-def one_line_error(capsys, *fragments: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for f in fragments:
-        assert f in err, err
-
-
 @pytest.mark.usefixtures("identity_method")
 def test_classification_recovers_labels(env, capsys):
     run = env["runs"]["a"]
@@ -325,38 +319,29 @@ def test_skip_existing(env, capsys):
 @pytest.mark.usefixtures("identity_method")
 def test_bad_inputs_are_one_line_errors(env, capsys, tmp_path):
     runs = env["runs"]
-    assert cli(env, "diagnostics", runs["a"]) == 2
-    one_line_error(capsys, "no anchors")
+    one_line_error(capsys, cli(env, "diagnostics", runs["a"]), "no anchors")
     no_prompts = make_run(tmp_path / "np", IdentityAligner(IdentityConfig()), text_encoder="txt-other")
-    assert cli(env, "classification", no_prompts) == 2
-    one_line_error(capsys, "pipe extract --encoder txt-other --dataset voc --split val", "--text prompts")
+    one_line_error(capsys, cli(env, "classification", no_prompts),
+                   "pipe extract --encoder txt-other --dataset voc --split val", "--text prompts")
     other = make_run(tmp_path / "other", IdentityAligner(IdentityConfig()),
                      image_store={"encoder": encoder("img-test", "image") | {"model_id": "other/model"}})  # fmt: skip
-    assert cli(env, "classification", other) == 2
-    one_line_error(capsys, "model_id", "other/model")
+    one_line_error(capsys, cli(env, "classification", other), "model_id", "other/model")
     layer = make_run(tmp_path / "layer", IdentityAligner(IdentityConfig()), text_layer="-2")  # as pipe align writes it
-    assert cli(env, "retrieval", layer) == 2
-    one_line_error(capsys, "layer='last'", "layer='-2'")
+    one_line_error(capsys, cli(env, "retrieval", layer), "layer='last'", "layer='-2'")
     no_masks = tmp_path / "nomasks"
     shutil.copytree(env["root"], no_masks)
     shutil.rmtree(no_masks / "VOCdevkit" / "VOC2012" / "SegmentationClass")
-    assert cli(env, "segmentation", runs["a"], root=no_masks) == 2
-    one_line_error(capsys, "no segmentation masks")
+    one_line_error(capsys, cli(env, "segmentation", runs["a"], root=no_masks), "no segmentation masks")
     crop = tmp_path / "crop"
     build_stores(crop, env["root"], resize="crop")
-    assert cli(env, "segmentation", runs["a"], features=crop) == 2
-    one_line_error(capsys, "--resize squash")
+    one_line_error(capsys, cli(env, "segmentation", runs["a"], features=crop), "--resize squash")
     empty = tmp_path / "empty"
     build_stores(empty, env["root"], all_skipped=True)
-    assert cli(env, "classification", runs["a"], features=empty) == 2
-    one_line_error(capsys, "no labelled images")
-    assert cli(env, "segmentation", runs["a"], features=empty) == 2
-    one_line_error(capsys, "skipped")
+    one_line_error(capsys, cli(env, "classification", runs["a"], features=empty), "no labelled images")
+    one_line_error(capsys, cli(env, "segmentation", runs["a"], features=empty), "skipped")
     (tmp_path / "notarun").mkdir()
-    assert cli(env, "retrieval", tmp_path / "notarun") == 2
-    one_line_error(capsys, "run.json")
-    assert cli(env, "segmentation", runs["a"], "--protocol", "mmseg") == 2
-    one_line_error(capsys, "--protocol")
+    one_line_error(capsys, cli(env, "retrieval", tmp_path / "notarun"), "run.json")
+    one_line_error(capsys, cli(env, "segmentation", runs["a"], "--protocol", "mmseg"), "--protocol")
 
 
 @pytest.mark.usefixtures("identity_method")

@@ -1,15 +1,11 @@
-"""The one training loop: every trained method gets the same held-out rows, one meaning of patience, a stop on
-anything non-finite, resume after SIGKILL to the same weights, and a method defined in one file (here: in a test)."""
+"""The one training loop: one meaning of patience, a stop on anything non-finite, and a method defined in one file
+(here: in a test). The same held-out rows and resume after SIGKILL, for every method: tests/test_contract.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
-import textwrap
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +20,7 @@ from pipe_align.align.base import ImageRows, StepContext, TextRows, TrainedAlign
 from pipe_align.align.losses import info_nce
 from pipe_align.align.methods import get_method, load_aligner
 from pipe_align.pipelines.cli import main
+from tests.contract import method_flags, trained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,23 +131,10 @@ def test_the_docs_example_is_a_working_method(tmp_path, world_features, monkeypa
 
 
 # -- one held-out split, one meaning of patience ------------------------------------------------------------------
-def test_every_method_holds_out_the_same_rows(tmp_path, world_features):
-    seen = {}
-    for method in ("pal", "linear", "procrustes", "sotalign"):
-        out = tmp_path / method
-        assert main(["align", "--method", method, "--shards", shards(world_features), "--out", str(out),
-                     "--val-fraction", "0.3", "--epochs", "1", "--batch-size", "8", "--no-progress"]) == 0  # fmt: skip
-        meta = json.loads((out / "run.json").read_text())
-        seen[method] = meta["pairs"]
-    assert seen["pal"]["val"] == round(24 * 0.3) and seen["pal"]["val_ids"]
-    assert all(p == seen["pal"] for p in seen.values()), seen
-
-
-@pytest.mark.parametrize("method,extra", [("linear", ["--dim", "8"]), ("pal", ["--anchors", "8"]),
-                                          ("sotalign", [])])
-def test_patience_zero_never_stops_early(tmp_path, world_features, method, extra):
+@pytest.mark.parametrize("method", trained())
+def test_patience_zero_never_stops_early(tmp_path, world_features, method):
     out = tmp_path / method
-    assert main(["align", "--method", method, *extra, "--shards", shards(world_features), "--out", str(out),
+    assert main(["align", *method_flags(method), "--shards", shards(world_features), "--out", str(out),
                  "--patience", "0", "--epochs", "6", "--val-fraction", "0.25", "--batch-size", "8",
                  "--no-progress"]) == 0  # fmt: skip
     meta = json.loads((out / "run.json").read_text())
@@ -201,54 +185,3 @@ def test_an_option_of_another_method_is_refused(tmp_path, world_features, capsys
                  str(tmp_path / "x"), "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "--anchors" in err and "linear" in err and err.count("\n") == 1, err
-
-
-# -- resume after SIGKILL ---------------------------------------------------------------------------------------------
-_KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from pipe_align.align import loop
-    saved = loop.atomic_torch_save
-    count = [0]
-    def save_then_die(obj, path):  # killed right after the checkpoint of epoch KILL_AT
-        saved(obj, path)
-        count[0] += 1
-        if count[0] == int(os.environ["KILL_AT"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-    loop.atomic_torch_save = save_then_die
-    from pipe_align.pipelines.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-RESUMABLE = {
-    "pal": ["--anchors", "8", "--lr", "0.05"],
-    "linear": ["--dim", "8", "--structure-weight", "10", "--structure-warmup-steps", "4"],
-    "mlp": ["--dim", "8", "--rank", "4", "--gate-init", "0.5", "--lr", "0.01"],  # an open gate: seeded dropout
-    "sotalign": ["--lr", "0.01"],
-}
-
-
-@pytest.mark.parametrize("method", sorted(RESUMABLE))
-def test_sigkill_then_resume_gives_the_unbroken_weights(tmp_path, world_features, method):
-    args = ["align", "--method", method, *RESUMABLE[method], "--shards", shards(world_features), "--epochs", "4",
-            "--patience", "0", "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu", "--no-progress"]
-    assert main([*args, "--out", str(tmp_path / "full")]) == 0
-    cut = tmp_path / "cut"
-    env = {**os.environ, "KILL_AT": "2", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _KILLER, *args, "--out", str(cut)], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert torch.load(cut / "checkpoint.pt", weights_only=False)["epoch"] == 2
-    assert not json.loads((cut / "run.json").read_text())["complete"]
-    assert main([*args, "--out", str(cut)]) == 2  # an unfinished run is not silently restarted or reused
-    assert main([*args, "--out", str(cut), "--resume"]) == 0
-    weights = "anchors.safetensors" if method == "pal" else "weights.safetensors"
-    a, b = load_file(tmp_path / "full" / weights), load_file(cut / weights)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    full, resumed = (json.loads((p / "run.json").read_text()) for p in (tmp_path / "full", cut))
-    timing = ("seconds", "pairs_per_s")
-    strip = [{k: v for k, v in h.items() if k not in timing} for h in full["history"]]
-    assert strip == [{k: v for k, v in h.items() if k not in timing} for h in resumed["history"]]
-
-
-def test_the_test_methods_did_not_leak():
-    assert not {"toy", "scaled", "identity-test"} & set(base.METHODS.names())  # runs last in this file

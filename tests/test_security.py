@@ -19,8 +19,8 @@ import torch
 
 from pipe_align.extract.errors import PipeError
 from pipe_align.pipelines.cli import main
+from tests.helpers import one_line_error
 from tests.replicas import replica
-from tests.test_eval import one_line_error
 from tests.tiny_models import make_tiny_dinov2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,7 +58,7 @@ def test_hostile_checkpoint_is_refused_without_running_it(tmp_path, world_featur
     torch.save({"params": [_CreatesMarker(marker)], "key": key}, out / "checkpoint.pt")
     capsys.readouterr()
     assert main([*align_args(world_features, out), "--resume"]) == 2
-    one_line_error(capsys, "checkpoint.pt", "cannot be read as a checkpoint")
+    one_line_error(capsys, 2, "checkpoint.pt", "cannot be read as a checkpoint")
     assert not marker.exists()
 
 
@@ -86,7 +86,7 @@ def test_recipe_names_are_one_path_component(tmp_path, capsys, old, new, key):
     path = recipe_with(tmp_path, old, new)
     out = tmp_path / "work" / "out"
     assert main(["reproduce", str(path), "--out", str(out), "--data", str(tmp_path / "data")]) == 2
-    one_line_error(capsys, f"{path}: {key}: ", "is not a name", "allowed: letters, digits")
+    one_line_error(capsys, 2, f"{path}: {key}: ", "is not a name", "allowed: letters, digits")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]  # nothing written anywhere
 
 
@@ -94,11 +94,11 @@ def test_split_options_are_names(tmp_path, tiny_dinov2, world_features, capsys):
     feats = tmp_path / "a" / "features"
     assert main(["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "--split", "../../x",
                  "--features", str(feats), "-o", "size=4", "--no-progress"]) == 2  # fmt: skip
-    one_line_error(capsys, "--split: '../../x' is not a name")
+    one_line_error(capsys, 2, "--split: '../../x' is not a name")
     assert not (tmp_path / "a").exists() and not (tmp_path / "x").exists()
     assert main(["eval", "classification", "--dataset", "world", "--split", "../val", "--features",
                  str(world_features), "--run", str(tmp_path / "run")]) == 2  # fmt: skip
-    one_line_error(capsys, "--split: '../val' is not a name")
+    one_line_error(capsys, 2, "--split: '../val' is not a name")
 
 
 # ------------------------------------------------------------------------------- 3. values of their type and range
@@ -120,7 +120,7 @@ def test_split_options_are_names(tmp_path, tiny_dinov2, world_features, capsys):
 def test_recipe_values_have_their_type_and_range(tmp_path, capsys, setting, expected):
     out = tmp_path / "out"
     assert main(["reproduce", "pal-paper", "--out", str(out), "--data", str(tmp_path), "--set", setting]) == 2
-    one_line_error(capsys, "pal-paper.toml: ", expected)
+    one_line_error(capsys, 2, "pal-paper.toml: ", expected)
     assert not out.exists()
 
 
@@ -138,7 +138,7 @@ def test_recipe_values_have_their_type_and_range(tmp_path, capsys, setting, expe
 def test_align_options_are_bounded(tmp_path, capsys, flags, expected):
     """Checked before the stores are even looked for (--shards does not exist)."""
     assert main(["align", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "run"), *flags]) == 2
-    one_line_error(capsys, expected)
+    one_line_error(capsys, 2, expected)
     assert not (tmp_path / "run").exists()
 
 
@@ -191,7 +191,7 @@ def test_a_prompt_setting_the_eval_cannot_use_is_refused_up_front(tmp_path, tiny
                             extract=', extract = { prompts = "pal" }')  # fmt: skip
     out = tmp_path / "out"
     assert main(["reproduce", str(recipe), "--out", str(out), "--no-progress", "--no-figures"]) == 2
-    one_line_error(capsys, f"{recipe}: datasets.voc.extract.prompts: 'pal', but segmentation voc/val [standard] "
+    one_line_error(capsys, 2, f"{recipe}: datasets.voc.extract.prompts: 'pal', but segmentation voc/val [standard] "
                            "scores with the standard prompts")  # fmt: skip
     assert not (out / "features").exists() and not (out / "runs").exists()
 
@@ -261,7 +261,7 @@ def test_a_model_folder_that_needs_custom_code_is_refused(tmp_path, capsys, monk
     feats = tmp_path / "features"
     assert main(["extract", "--encoder", f"hf:{folder}", "--dataset", "world", "--split", "train", "--features",
                  str(feats), "-o", "size=4", "--no-progress"]) == 2  # fmt: skip
-    one_line_error(capsys, str(folder.resolve()), "needs the model's own Python code", "never runs")
+    one_line_error(capsys, 2, str(folder.resolve()), "needs the model's own Python code", "never runs")
     assert not marker.exists() and asked == []
 
 
@@ -295,7 +295,7 @@ def test_swapped_single_file_beside_a_stale_index_changes_the_identity(tmp_path,
     assert folder_sha256(folder) != before
     capsys.readouterr()
     assert main(args) == 2
-    one_line_error(capsys, "differs in encoder")
+    one_line_error(capsys, 2, "differs in encoder")
 
 
 # -------------------------------------------------------------------------- 8. a full disk while checkpointing
