@@ -32,7 +32,7 @@ import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -40,10 +40,6 @@ from torch import Tensor, nn
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_bytes, write_text
 from pipe_align.extract.registry import Registry
-
-if TYPE_CHECKING:
-    from pipe_align.align.ddp import DataParallel
-    from pipe_align.align.loop import RunConfig
 
 METHODS: Registry[type[Aligner]] = Registry("method", name_attr="name")
 
@@ -86,10 +82,11 @@ class TrainingData:
 class Plan:
     """What a run trains with, as a method's preset hook resolved it: the method's options (the user's, filled in by
     the preset; `Config(**params)` is the config), the run config, and what run.json records under "preset" (empty:
-    no preset, nothing recorded)."""
+    no preset, nothing recorded). `run` is an `align.loop.RunConfig` (the loop sits above this module, so it is not
+    named here)."""
 
     params: dict[str, Any]
-    run: RunConfig
+    run: Any
     record: dict[str, Any]
 
 
@@ -247,17 +244,19 @@ class Aligner(nn.Module, abc.ABC):
         return preset
 
     @classmethod
-    def preset_plan(cls, preset: str | None, params: dict[str, Any], run: RunConfig, n_train: int) -> Plan | None:
+    def preset_plan(cls, preset: str | None, params: dict[str, Any], run: Any, n_train: int) -> Plan | None:
         """The settings to train with, given the user's options `params` (validated; they win over any preset), the
-        run config and the number of training pairs; or None when the preset must look at the data first
-        (`preset_search`). Default, for a method without presets: its config's defaults and its `run_defaults`."""
+        run config (`align.loop.RunConfig`) and the number of training pairs; or None when the preset must look at the
+        data first (`preset_search`). Default, for a method without presets: its config's defaults and its
+        `run_defaults`."""
         return Plan(dict(params), run.resolved(cls), {})
 
     @classmethod
-    def preset_search(cls, preset: str, params: dict[str, Any], run: RunConfig, data: TrainingData,
-                      dp: DataParallel | None = None, say: bool = False) -> Plan:  # fmt: skip
+    def preset_search(cls, preset: str, params: dict[str, Any], run: Any, data: TrainingData, dp: Any = None,
+                      say: bool = False) -> Plan:  # fmt: skip
         """The data-dependent part of a preset, called once when `preset_plan` returned None, with the training and
-        held-out pairs loaded (`say`: print progress to stderr). Its plan is recorded in run.json before training,
+        held-out pairs loaded (`dp`: the `align.ddp.DataParallel` of this process or None; `say`: print progress to
+        stderr). Its plan is recorded in run.json before training,
         so a resumed or repeated run reuses it instead of searching again."""
         raise NotImplementedError(f"method {cls.name}: preset {preset!r} needs a search, and the method has none")
 
