@@ -14,7 +14,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pipe_align.align.base import Aligner, ClosedFormAligner, ImageRows, TextRows, TrainedAligner, TrainingData
+from pipe_align.align.base import (
+    METHODS,
+    Aligner,
+    ClosedFormAligner,
+    ImageRows,
+    TextRows,
+    TrainedAligner,
+    TrainingData,
+)
+from pipe_align.align.contrastive import ContrastiveHeads, LinearConfig
 from pipe_align.align.data import PairSource, find_pair_stores, pair_split
 from pipe_align.align.loop import RunConfig, fit
 from pipe_align.align.methods import get_method, load_aligner, method_names
@@ -57,11 +66,17 @@ def _method(case: str) -> tuple[type[Aligner], dict]:
     return cls, {k: v for k, v in SMALL.items() if k in known} | extra
 
 
+def world_pairs(features: Path, tokens: bool) -> TrainingData:
+    """The world stores' training pairs with RUN's held-out split."""
+    stores = find_pair_stores(features / "world" / "train")
+    split = pair_split(stores, RUN.val_fraction, RUN.seed)
+    train, val = (PairSource(stores, rows, split.captions, tokens=tokens) for rows in (split.train, split.val))
+    return TrainingData(train, val)
+
+
 @pytest.fixture(scope="module")
 def runs(world_features, tmp_path_factory):
     """case -> (fitted aligner, its saved run dir), each fitted once on the world stores."""
-    stores = find_pair_stores(world_features / "world" / "train")
-    split = pair_split(stores, RUN.val_fraction, RUN.seed)
     base = tmp_path_factory.mktemp("module_runs")
     done: dict[str, tuple[Aligner, Path]] = {}
 
@@ -69,10 +84,8 @@ def runs(world_features, tmp_path_factory):
         if case not in done:
             cls, params = _method(case)
             config = cls.Config(**params)
-            tokens = cls.wants_tokens(config)
-            train, val = (PairSource(stores, rows, split.captions, tokens=tokens) for rows in (split.train, split.val))
             with torch.random.fork_rng(devices=[]):
-                aligner = fit(cls, config, RUN, TrainingData(train, val)).aligner
+                aligner = fit(cls, config, RUN, world_pairs(world_features, cls.wants_tokens(config))).aligner
             aligner.save(base / case)
             done[case] = aligner, base / case
         return done[case]
@@ -210,6 +223,30 @@ def test_a_weights_file_with_the_former_tensor_names_loads(runs, case, tmp_path)
     save_file(written, str(out / weights.name))
     state = load_aligner(out).state_dict()
     assert set(state) == set(written) and all(torch.equal(state[k], written[k]) for k in written)
+
+
+class NoBiasHeads(ContrastiveHeads):
+    """A contrastive method in a few lines: its head, and everything else (InfoNCE, STRUCTURE, centring) shared."""
+
+    Config = LinearConfig
+
+    def make_head(self, din: int) -> nn.Module:
+        return nn.Linear(din, self.config.dim, bias=False)
+
+
+def test_a_contrastive_method_is_its_head_on_the_shared_base(world_features, monkeypatch, tmp_path):
+    monkeypatch.setitem(METHODS, "nobias-test", NoBiasHeads)
+    monkeypatch.setattr(NoBiasHeads, "name", "nobias-test", raising=False)
+    config = LinearConfig(dim=8, lr_finder=0, structure_weight=1.0, structure_warmup_steps=2, center=True)
+    result = fit(NoBiasHeads, config, RUN, world_pairs(world_features, False))
+    heads = result.aligner
+    assert type(heads.img) is nn.Linear and heads.img.bias is None and heads.txt.weight.shape == (8, 32)
+    assert set(heads.state_dict()) == {"img.weight", "txt.weight", "center_img", "center_txt"}
+    assert heads.center_img.abs().sum() > 0  # the shared centring ran
+    assert all(h["structure"] > 0 for h in result.history)  # the shared regulariser ran
+    heads.save(tmp_path / "run")
+    back, saved = load_aligner(tmp_path / "run"), heads.state_dict()
+    assert type(back) is NoBiasHeads and all(torch.equal(v, saved[k]) for k, v in back.state_dict().items())
 
 
 @pytest.mark.gpu
