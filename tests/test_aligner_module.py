@@ -234,9 +234,14 @@ class NoBiasHeads(ContrastiveHeads):
         return nn.Linear(din, self.config.dim, bias=False)
 
 
-def test_a_contrastive_method_is_its_head_on_the_shared_base(world_features, monkeypatch, tmp_path):
-    monkeypatch.setitem(METHODS, "nobias-test", NoBiasHeads)
-    monkeypatch.setattr(NoBiasHeads, "name", "nobias-test", raising=False)
+@pytest.fixture
+def nobias_registered():
+    METHODS.register("nobias-test", NoBiasHeads)
+    yield
+    METHODS.unregister("nobias-test")
+
+
+def test_a_contrastive_method_is_its_head_on_the_shared_base(world_features, nobias_registered, tmp_path):
     config = LinearConfig(dim=8, lr_finder=0, structure_weight=1.0, structure_warmup_steps=2, center=True)
     result = fit(NoBiasHeads, config, RUN, world_pairs(world_features, False))
     heads = result.aligner

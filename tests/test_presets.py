@@ -148,7 +148,7 @@ def toy_method():
     try:
         yield ToyPresets
     finally:
-        METHODS.pop(name, None)
+        METHODS.unregister(name)
 
 
 def test_run_align_calls_the_methods_own_preset_hooks(tmp_path, world_features, toy_method):
