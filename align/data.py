@@ -20,7 +20,7 @@ import torch
 from pipe_align.align.base import ImageRows, TextRows
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.remote import Remote, location
-from pipe_align.extract.shards import prefetch
+from pipe_align.extract.runtime import prefetch
 from pipe_align.extract.store import FeatureStore, open_store, origin_difference, recorded_encoder
 
 REMOTE_AHEAD = 2  # streamed blocks read ahead of training from object storage (one from a local disk)

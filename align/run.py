@@ -47,8 +47,8 @@ from pipe_align.align.loop import FitResult, RunConfig, fit, heldout_retrieval
 from pipe_align.align.methods import get_method
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_text
-from pipe_align.extract.job import resolve_device
 from pipe_align.extract.remote import location
+from pipe_align.extract.runtime import resolve_device
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -8,8 +8,6 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
-import torch
-
 from pipe_align.extract.datasets import DATASETS, get_dataset
 from pipe_align.extract.datasets.base import is_blank
 from pipe_align.extract.datasets.prompt_sets import PROMPT_SETS, prompt_set, prompt_store_suffix
@@ -26,6 +24,7 @@ from pipe_align.extract.encoders.base import (
 from pipe_align.extract.encoders.registry import build_encoder, resolve_source
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import check_name
+from pipe_align.extract.runtime import resolve_device
 from pipe_align.extract.store import DTYPES, StoreLayout, default_rows, store_path
 
 TEXT_MODES = ("auto", "captions", "prompts", "phrases")
@@ -75,16 +74,6 @@ def cached_encoder(name: str, layer: str, image_size: int | None, max_length: in
 @lru_cache(maxsize=4)
 def _loaded(source: Source, options: Options):
     return build_encoder(source, options)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise PipeError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipeError(f"--device {device}: CUDA is not available on this machine")
-    return device
 
 
 @dataclass

@@ -24,6 +24,7 @@ from PIL import Image
 from pipe_align.extract.datasets.base import UnreadableImage, to_rgb
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import Job
+from pipe_align.extract.runtime import prefetch
 from pipe_align.extract.store import FeatureStore, StoreLayout
 
 # What an unreadable or corrupt file raises, and nothing else: readers raise UnreadableImage; PIL raises OSError for a
@@ -109,43 +110,6 @@ def _image_batches(job: Job, shards: list[int]) -> Iterator[tuple[int, int, torc
                     for row, offset in enumerate(keep):
                         pixels[row] = loaded[offset]
                 yield shard, b0 - start, pixels, keep, skipped
-
-
-def prefetch(it: Iterator, depth: int) -> Iterator:
-    """Run an iterator in a thread, `depth` items ahead; exceptions re-raise in the consumer. When the consumer stops
-    early (an error, a break) the producer is stopped and joined, so no thread is left decoding while the process
-    reports the error and exits (a daemon thread busy at interpreter shutdown can abort it)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    end, stop = object(), threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in it:
-                if not put(item):
-                    return
-        except BaseException as e:  # noqa: BLE001
-            put(e)
-        put(end)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 class _Writer:

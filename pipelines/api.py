@@ -45,9 +45,8 @@ from pipe_align.extract.datasets.base import CLIP_TEMPLATES, UnreadableImage, is
 from pipe_align.extract.encoders import load_encoder
 from pipe_align.extract.encoders.base import COMPUTE_DTYPES, resolve_compute_dtype
 from pipe_align.extract.errors import PipeError
-from pipe_align.extract.job import resolve_device
 from pipe_align.extract.remote import location
-from pipe_align.extract.shards import prefetch
+from pipe_align.extract.runtime import prefetch, resolve_device
 from pipe_align.extract.store import read_json_attrs, recorded_encoder
 from pipe_align.pipelines import threads
 

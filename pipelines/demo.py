@@ -26,8 +26,8 @@ from pipe_align.evaluate.tasks import run_eval
 from pipe_align.extract.datasets import get_dataset, write_world
 from pipe_align.extract.datasets.fashion_mnist import FASHION_CLASSES
 from pipe_align.extract.errors import PipeError
-from pipe_align.extract.job import resolve_device
 from pipe_align.extract.runner import ExtractConfig, run_extract
+from pipe_align.extract.runtime import resolve_device
 from pipe_align.pipelines.demo_claims import run_claims
 from pipe_align.pipelines.demo_semi import run_semi
 

@@ -41,7 +41,7 @@ def _run(task: str, dataset: str, root: str | None, split: str, features: str, r
     from pipe_align.evaluate.config import EvalConfig
     from pipe_align.evaluate.report import format_headline
     from pipe_align.evaluate.tasks import run_eval
-    from pipe_align.extract.job import resolve_device
+    from pipe_align.extract.runtime import resolve_device
 
     cfg = EvalConfig(
         task=task, dataset=dataset, split=split, features=features, run=str(run), root=root, protocol=protocol,

@@ -29,9 +29,9 @@ from pipe_align.extract.datasets import get_dataset
 from pipe_align.extract.datasets.prompt_sets import has_pal_prompts
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_text
-from pipe_align.extract.job import resolve_device
 from pipe_align.extract.remote import Remote, location
 from pipe_align.extract.runner import ExtractConfig, run_extract
+from pipe_align.extract.runtime import resolve_device
 from pipe_align.pipelines.recipe import DatasetSpec, EvalSpec, MethodSpec, Recipe, check_datasets
 
 TEXT_KIND = {"classification": "prompts", "segmentation": "prompts", "retrieval": "captions"}

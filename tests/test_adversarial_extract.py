@@ -399,7 +399,7 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops():
     abort the process (exit 134) instead of the one-line error."""
     import threading
 
-    from pipe_align.extract.shards import prefetch
+    from pipe_align.extract.runtime import prefetch
 
     produced: list[int] = []
 

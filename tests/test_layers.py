@@ -182,6 +182,36 @@ def test_imports_point_down_the_layers() -> None:
     assert not up, "imports must point down extract < align < evaluate < pipelines:\n" + "\n".join(sorted(up))
 
 
+FLOOR_ZERO = {f"{NAMESPACE}.extract.{m}" for m in ("errors", "files", "registry", "runtime")}
+
+
+def test_floor_zero_imports_only_floor_zero_and_no_torch_at_module_level() -> None:
+    """The bottom modules every stage may use (PipeError, atomic writes, the Registry, device and prefetch) import
+    none of ours above them, and nothing heavy when imported: torch only inside a function."""
+    assert FLOOR_ZERO <= set(MODULES), sorted(FLOOR_ZERO - set(MODULES))
+    up = [f"{rel(e.source)}:{e.line} imports {rel(e.target)}" for e in edges()
+          if e.source in FLOOR_ZERO and e.target not in FLOOR_ZERO]
+    assert not up, "floor 0 imports only floor 0:\n" + "\n".join(up)
+    for module in sorted(FLOOR_ZERO):
+        tree = ast.parse(MODULES[module].read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+        assert not [n for n in names if n.split(".")[0] in ("torch", "zarr", "numpy", "transformers")], (module, names)
+
+
+def test_stages_take_device_and_prefetch_from_floor_zero() -> None:
+    """No stage reaches into the extraction planner (job) or the shard writer (shards) for the device rule or the
+    prefetcher; they live in extract/runtime.py."""
+    bad = []
+    for path in source_files(LAYERS):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and any(a.name in ("resolve_device", "prefetch") for a in node.names):
+                if not (node.module or "").endswith("runtime"):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} from {node.module}")
+    assert not bad, bad
+
+
 def test_no_import_cycles() -> None:
     graph: dict[str, set[str]] = {m: set() for m in MODULES}
     lines: dict[tuple[str, str], int] = {}
