@@ -31,7 +31,8 @@ $(OFFLINE_STAMP): $(STAMP)
 
 offline: $(OFFLINE_STAMP)
 
-test: $(OFFLINE_STAMP)
+# The style check runs first (under a second): CI calls only `make test`.
+test: $(OFFLINE_STAMP) lint
 	$(PY) -m pytest -q
 
 test-all: $(OFFLINE_STAMP)
@@ -60,6 +61,7 @@ demo: $(DEMO_DEPS) fashion-mnist
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache
