@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import (
+from pipe_align.extract.errors import PipeError
+
+from .base import (
     INT_LIMIT,
     ClosedFormAligner,
     ImageRows,
@@ -33,31 +35,36 @@ from pipe_align.align.base import (
     register_method,
     saved_size,
 )
-from pipe_align.align.baseline import BaselineConfig, BaselineState, gather_pairs, image_input, text_input
-from pipe_align.extract.errors import PipeError
+from .baseline import BaselineConfig, BaselineState, gather_pairs, image_input, text_input
 
 
 @dataclass(frozen=True)
 class ASIFConfig(BaselineConfig):
     k: int = field(default=800, metadata={"help": "asif: non-zero entries per relative representation."})
     p: float = field(default=8.0, metadata={"help": "asif: exponent on the kept similarities."})
-    n_anchors: int | None = field(default=None, metadata={
-        "help": "asif: a seeded random subset of the training pairs as anchors (default all)."})  # fmt: skip
+    n_anchors: int | None = field(
+        default=None, metadata={"help": "asif: a seeded random subset of the training pairs as anchors (default all)."}
+    )
     block: int = field(default=1024, metadata={"help": "asif: rows computed at once (memory bound)."})
-    clamp_negative: bool = field(default=False, metadata={
-        "help": "asif: set negative similarities to 0 before the power (ours; the authors keep them)."})
+    clamp_negative: bool = field(
+        default=False,
+        metadata={"help": "asif: set negative similarities to 0 before the power (ours; the authors keep them)."},
+    )
 
     def check(self) -> None:
         super().check()
         if self.k < 1 or self.block < 1 or (self.n_anchors is not None and self.n_anchors < 1):
             raise PipeError(f"k={self.k}, block={self.block}, n_anchors={self.n_anchors}: must be >= 1")
         if not self.clamp_negative and not float(self.p).is_integer():
-            raise PipeError(f"p={self.p}: a fractional power of negative similarities is undefined; use an integer p "
-                            "or clamp_negative=true")  # fmt: skip
+            raise PipeError(
+                f"p={self.p}: a fractional power of negative similarities is undefined; use an integer p "
+                "or clamp_negative=true"
+            )
 
 
-def relative_representation(z: Tensor, anchors: Tensor, k: int, p: float, block: int = 1024,
-                            clamp_negative: bool = False) -> Tensor:  # fmt: skip
+def relative_representation(
+    z: Tensor, anchors: Tensor, k: int, p: float, block: int = 1024, clamp_negative: bool = False
+) -> Tensor:
     """[..., D] -> [..., A]: top-k cosine similarities to the anchors (negatives set to 0 with `clamp_negative`), to
     the power p, L2-normalised."""
     shape = z.shape[:-1]

@@ -161,38 +161,66 @@ class TrainedConfig(MethodConfig):
     beta1: float = field(default=0.9, metadata={"help": "Trained methods: AdamW beta1."})
     beta2: float = field(default=0.999, metadata={"help": "Trained methods: AdamW beta2."})
     warmup_epochs: float = field(default=0.0, metadata={"help": "Trained methods: epochs of linear LR warm-up."})
-    schedule: str = field(default="constant", metadata={
-        "help": "Trained methods: learning-rate schedule after warm-up: cosine (to zero at the last epoch), constant, "
-                "or cosine_cycle (periodic cosine with a half period of --cycle-epochs, as torch's "
-                "CosineAnnealingLR stepped per batch)."})  # fmt: skip
-    cycle_epochs: float = field(default=50.0, metadata={
-        "help": "Trained methods: schedule cosine_cycle: epochs per half period (torch's CosineAnnealingLR T_max, "
-                "counted as epochs x max(1, pairs // batch) steps)."})  # fmt: skip
+    schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "Trained methods: learning-rate schedule after warm-up: cosine (to zero at the last epoch), "
+            "constant, or cosine_cycle (periodic cosine with a half period of --cycle-epochs, as torch's "
+            "CosineAnnealingLR stepped per batch)."
+        },
+    )
+    cycle_epochs: float = field(
+        default=50.0,
+        metadata={
+            "help": "Trained methods: schedule cosine_cycle: epochs per half period (torch's CosineAnnealingLR T_max, "
+            "counted as epochs x max(1, pairs // batch) steps)."
+        },
+    )
     grad_clip: float = field(default=0.0, metadata={"help": "Trained methods: gradient norm clip; 0 = off."})
-    grad_clip_mode: str = field(default="global", metadata={
-        "help": "Trained methods: clip the norm of all gradients together (global) or of each parameter group on "
-                "its own (per_group; PAL: each anchor bank; linear, mlp: each parameter tensor, as the STRUCTURE "
-                "code)."})  # fmt: skip
-    lr_finder: int = field(default=0, metadata={
-        "help": "Trained methods: iterations of the LR finder run before training (0 = off); its pick replaces "
-                "--lr."})  # fmt: skip
+    grad_clip_mode: str = field(
+        default="global",
+        metadata={
+            "help": "Trained methods: clip the norm of all gradients together (global) or of each parameter group on "
+            "its own (per_group; PAL: each anchor bank; linear, mlp: each parameter tensor, as the STRUCTURE "
+            "code)."
+        },
+    )
+    lr_finder: int = field(
+        default=0,
+        metadata={
+            "help": "Trained methods: iterations of the LR finder run before training (0 = off); its pick replaces "
+            "--lr."
+        },
+    )
     lr_finder_start: float = field(default=1e-7, metadata={"help": "Trained methods: LR finder's first rate."})
     lr_finder_end: float = field(default=10.0, metadata={"help": "Trained methods: LR finder's last rate."})
-    lr_finder_draw: str = field(default="epochs", metadata={
-        "help": "Trained methods: the LR finder's batches: subset (each iteration a random full batch of a random "
-                "5,000-pair subset of the training pairs, as the PAL authors) or epochs (the loop's own batches of "
-                "successive shuffled epochs)."})  # fmt: skip
+    lr_finder_draw: str = field(
+        default="epochs",
+        metadata={
+            "help": "Trained methods: the LR finder's batches: subset (each iteration a random full batch of a random "
+            "5,000-pair subset of the training pairs, as the PAL authors) or epochs (the loop's own batches of "
+            "successive shuffled epochs)."
+        },
+    )
 
     limits: ClassVar[dict[str, tuple[int | None, int]]] = {"lr_finder": (0, 10_000)}
 
     def __post_init__(self) -> None:
         super().__post_init__()  # types first: the comparisons below need numbers
-        bad = {"lr": self.lr >= 0, "weight_decay": self.weight_decay >= 0, "beta1": 0 <= self.beta1 < 1,
-               "beta2": 0 <= self.beta2 < 1, "warmup_epochs": self.warmup_epochs >= 0,
-               "grad_clip": self.grad_clip >= 0, "schedule": self.schedule in SCHEDULES,
-               "cycle_epochs": self.cycle_epochs > 0, "grad_clip_mode": self.grad_clip_mode in CLIP_MODES,
-               "lr_finder": self.lr_finder >= 0, "lr_finder_draw": self.lr_finder_draw in FINDER_DRAWS,
-               "lr_finder_start": 0 < self.lr_finder_start < self.lr_finder_end}  # fmt: skip
+        bad = {
+            "lr": self.lr >= 0,
+            "weight_decay": self.weight_decay >= 0,
+            "beta1": 0 <= self.beta1 < 1,
+            "beta2": 0 <= self.beta2 < 1,
+            "warmup_epochs": self.warmup_epochs >= 0,
+            "grad_clip": self.grad_clip >= 0,
+            "schedule": self.schedule in SCHEDULES,
+            "cycle_epochs": self.cycle_epochs > 0,
+            "grad_clip_mode": self.grad_clip_mode in CLIP_MODES,
+            "lr_finder": self.lr_finder >= 0,
+            "lr_finder_draw": self.lr_finder_draw in FINDER_DRAWS,
+            "lr_finder_start": 0 < self.lr_finder_start < self.lr_finder_end,
+        }
         for name, ok in bad.items():
             if not ok:
                 raise PipeError(f"{name}={getattr(self, name)!r} is out of range")
@@ -239,8 +267,9 @@ class Aligner(nn.Module, abc.ABC):
         if preset is None:
             return cls.presets[0]
         if preset not in cls.presets:
-            raise PipeError(f"--preset {preset!r}: unknown for method {cls.name}; choose one of "
-                            f"{', '.join(cls.presets)}")  # fmt: skip
+            raise PipeError(
+                f"--preset {preset!r}: unknown for method {cls.name}; choose one of {', '.join(cls.presets)}"
+            )
         return preset
 
     @classmethod
@@ -252,8 +281,9 @@ class Aligner(nn.Module, abc.ABC):
         return Plan(dict(params), run.resolved(cls), {})
 
     @classmethod
-    def preset_search(cls, preset: str, params: dict[str, Any], run: Any, data: TrainingData, dp: Any = None,
-                      say: bool = False) -> Plan:  # fmt: skip
+    def preset_search(
+        cls, preset: str, params: dict[str, Any], run: Any, data: TrainingData, dp: Any = None, say: bool = False
+    ) -> Plan:
         """The data-dependent part of a preset, called once when `preset_plan` returned None, with the training and
         held-out pairs loaded (`dp`: the `align.ddp.DataParallel` of this process or None; `say`: print progress to
         stderr). Its plan is recorded in run.json before training,
@@ -318,8 +348,11 @@ def state_mismatch(expected: dict[str, Tensor], saved: dict[str, Tensor]) -> str
     wrongly shaped tensors, in one line), or None. torch's own message for the same spans several lines."""
     parts = [f"missing {k!r}" for k in sorted(expected.keys() - saved.keys())]
     parts += [f"unexpected {k!r}" for k in sorted(saved.keys() - expected.keys())]
-    parts += [f"{k!r} has shape {list(saved[k].shape)}, expected {list(v.shape)}"
-              for k, v in expected.items() if k in saved and saved[k].shape != v.shape]  # fmt: skip
+    parts += [
+        f"{k!r} has shape {list(saved[k].shape)}, expected {list(v.shape)}"
+        for k, v in expected.items()
+        if k in saved and saved[k].shape != v.shape
+    ]
     return "; ".join(parts) or None
 
 
@@ -377,8 +410,9 @@ class TrainedAligner(Aligner):
         the same as global clipping). PAL: the image anchor bank and the text anchor bank."""
         return [list(self.parameters())]
 
-    def batches(self, data: TrainingData, epoch: int, batch_size: int, seed: int,
-                part: tuple[int, int] | None) -> Iterator[Any]:  # fmt: skip
+    def batches(
+        self, data: TrainingData, epoch: int, batch_size: int, seed: int, part: tuple[int, int] | None
+    ) -> Iterator[Any]:
         """An epoch's batches; each has `.total` (pairs in the whole batch) and, under data parallelism, only this
         rank's part of the rows. Default: the training pairs, shuffled per epoch, one caption per image."""
         return data.train.batches(epoch, batch_size, seed, part=part)

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import ImageRows, MethodConfig, TextRows, l2n
 from pipe_align.extract.errors import PipeError
+
+from .base import ImageRows, MethodConfig, TextRows, l2n
 
 IMAGE_FEATURES = ("cls", "mean")
 
@@ -19,9 +20,13 @@ IMAGE_FEATURES = ("cls", "mean")
 class BaselineConfig(MethodConfig):
     """Options every baseline has."""
 
-    image_feature: str = field(default="cls", metadata={
-        "help": "Baselines: the image's global feature, the stored CLS token (cls) or the mean of its patch tokens "
-                "(mean)."})  # fmt: skip
+    image_feature: str = field(
+        default="cls",
+        metadata={
+            "help": "Baselines: the image's global feature, the stored CLS token (cls) or the mean of its patch tokens "
+            "(mean)."
+        },
+    )
 
     def check(self) -> None:
         if self.image_feature not in IMAGE_FEATURES:
@@ -102,4 +107,3 @@ def pca_basis(z: Tensor, dim: int) -> Tensor:
     zc = z - z.mean(0, keepdim=True)
     evals, evecs = torch.linalg.eigh(zc.T @ zc)
     return evecs[:, torch.argsort(evals, descending=True)[:dim]]
-

@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import (
+from pipe_align.extract.errors import PipeError
+
+from .base import (
     ClosedFormAligner,
     ImageRows,
     TextRows,
@@ -38,8 +40,7 @@ from pipe_align.align.base import (
     register_method,
     saved_size,
 )
-from pipe_align.align.baseline import BaselineConfig, BaselineState, gather_pairs, image_input, linear_embed, text_input
-from pipe_align.extract.errors import PipeError
+from .baseline import BaselineConfig, BaselineState, gather_pairs, image_input, linear_embed, text_input
 
 DEFAULT_RANK_CAP = 256
 VARIANTS = ("ridge", "pal-authors")
@@ -48,13 +49,19 @@ PAL_AUTHORS_PCA_VARIANCE = 0.999  # their PCA(n_components=0.999) before cca_zoo
 
 @dataclass(frozen=True)
 class CCAConfig(BaselineConfig):
-    reg: float = field(default=1e-3, metadata={
-        "help": "cca, csa: ridge on each covariance, relative to its mean eigenvalue."})  # fmt: skip
-    rank: int | None = field(default=None, metadata={
-        "help": "cca, csa: canonical directions kept (default min(Di, Dt, 256))."})  # fmt: skip
-    variant: str = field(default="ridge", metadata={
-        "help": "cca, csa: 'ridge' (reg on each covariance; csa weights by the correlations, as CSA's authors) or "
-                "'pal-authors' (the PAL authors' run: 99.9%-variance PCA, no ridge, plain cosine)."})  # fmt: skip
+    reg: float = field(
+        default=1e-3, metadata={"help": "cca, csa: ridge on each covariance, relative to its mean eigenvalue."}
+    )
+    rank: int | None = field(
+        default=None, metadata={"help": "cca, csa: canonical directions kept (default min(Di, Dt, 256))."}
+    )
+    variant: str = field(
+        default="ridge",
+        metadata={
+            "help": "cca, csa: 'ridge' (reg on each covariance; csa weights by the correlations, as CSA's authors) or "
+            "'pal-authors' (the PAL authors' run: 99.9%-variance PCA, no ridge, plain cosine)."
+        },
+    )
 
     def check(self) -> None:
         super().check()
@@ -85,8 +92,9 @@ def _pca_whitener(c: Tensor, variance: float, side: str) -> Tensor:
     return evecs[:, :k] * evals[:k].rsqrt()
 
 
-def cca_fit(x: Tensor, y: Tensor, reg: float = 1e-3, rank: int | None = None,
-            pca_variance: float | None = None) -> dict[str, Tensor]:  # fmt: skip
+def cca_fit(
+    x: Tensor, y: Tensor, reg: float = 1e-3, rank: int | None = None, pca_variance: float | None = None
+) -> dict[str, Tensor]:
     """Means, projections A [Di, r], B [Dt, r] and canonical correlations rho [r] (descending) of paired rows. With
     `pca_variance`, each side is whitened exactly on its principal components holding that share of its variance and
     `reg` is not used (the PAL authors' unregularised CCA)."""
@@ -106,8 +114,10 @@ def cca_fit(x: Tensor, y: Tensor, reg: float = 1e-3, rank: int | None = None,
         wx, wy = _pca_whitener(cxx, pca_variance, "image"), _pca_whitener(cyy, pca_variance, "text")
         dx, dy = wx.shape[1], wy.shape[1]
         if rank is not None and rank > min(dx, dy):
-            raise PipeError(f"rank={rank}: the PCA keeping {pca_variance:.1%} of the variance leaves {dx} image and "
-                            f"{dy} text components; choose rank <= {min(dx, dy)}")  # fmt: skip
+            raise PipeError(
+                f"rank={rank}: the PCA keeping {pca_variance:.1%} of the variance leaves {dx} image and "
+                f"{dy} text components; choose rank <= {min(dx, dy)}"
+            )
     u, s, vh = torch.linalg.svd(wx.T @ cxy @ wy, full_matrices=False)
     r = min(rank or DEFAULT_RANK_CAP, dx, dy)
     out = {"mean_img": mean_x, "mean_txt": mean_y, "proj_img": wx @ u[:, :r], "proj_txt": wy @ vh[:r].T, "rho": s[:r]}
@@ -133,8 +143,9 @@ class CCA(BaselineState, ClosedFormAligner):
     def blank(cls, config: CCAConfig, shapes: dict[str, tuple[int, ...]]) -> CCA:
         """The rank is the fit's (under variant pal-authors it depends on the data's principal components)."""
         di, dt, r = saved_size(shapes, "mean_img", 0), saved_size(shapes, "mean_txt", 0), saved_size(shapes, "rho", 0)
-        return cls.with_shapes(config, {"mean_img": (di,), "mean_txt": (dt,), "proj_img": (di, r),
-                                        "proj_txt": (dt, r), "rho": (r,)})  # fmt: skip
+        return cls.with_shapes(
+            config, {"mean_img": (di,), "mean_txt": (dt,), "proj_img": (di, r), "proj_txt": (dt, r), "rho": (r,)}
+        )
 
     def _project(self, z: Tensor, side: str) -> Tensor:
         return linear_embed(z, self._get(f"mean_{side}", z), self._get(f"proj_{side}", z), l2_input=False)

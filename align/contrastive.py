@@ -45,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipe_align.align.base import (
+from pipe_align.extract.errors import PipeError
+
+from .base import (
     ImageRows,
     StepContext,
     TextRows,
@@ -56,9 +58,8 @@ from pipe_align.align.base import (
     register_method,
     saved_size,
 )
-from pipe_align.align.baseline import BaselineConfig, image_input, text_input
-from pipe_align.align.losses import info_nce
-from pipe_align.extract.errors import PipeError
+from .baseline import BaselineConfig, image_input, text_input
+from .losses import info_nce
 
 POOLS = ("global", "token")
 DIVERGENCES = ("reference", "js")
@@ -77,23 +78,39 @@ class LinearConfig(TrainedConfig, BaselineConfig):
     grad_clip_mode: str = "per_group"
     lr_finder: int = 100
     lr_finder_draw: str = "subset"
-    pool: str = field(default="global", metadata={
-        "help": "linear, mlp: global (project the global feature) or token (project every token, mean-pool)."})
+    pool: str = field(
+        default="global",
+        metadata={
+            "help": "linear, mlp: global (project the global feature) or token (project every token, mean-pool)."
+        },
+    )
     dim: int = field(default=512, metadata={"help": "linear, mlp: output dimension of the heads."})
     temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (baselines)."})
-    structure_weight: float = field(default=0.0, metadata={
-        "help": "linear, mlp: STRUCTURE regulariser weight lambda; 0 = off (the STRUCTURE paper uses 10)."})
-    structure_warmup_steps: int = field(default=1000, metadata={
-        "help": "linear, mlp: optimiser steps of linear warm-up of lambda (the STRUCTURE code: 1000)."})
+    structure_weight: float = field(
+        default=0.0,
+        metadata={"help": "linear, mlp: STRUCTURE regulariser weight lambda; 0 = off (the STRUCTURE paper uses 10)."},
+    )
+    structure_warmup_steps: int = field(
+        default=1000,
+        metadata={"help": "linear, mlp: optimiser steps of linear warm-up of lambda (the STRUCTURE code: 1000)."},
+    )
     structure_temperature: float = field(default=0.05, metadata={"help": "linear, mlp: STRUCTURE temperature."})
     structure_levels: int = field(default=1, metadata={"help": "linear, mlp: STRUCTURE neighbourhood levels."})
-    structure_divergence: str = field(default="reference", metadata={
-        "help": "linear, mlp: reference (the STRUCTURE code's 1/2[KL(M||A)+KL(M||O)]) or js (textbook JS)."})
-    normalize_inputs: bool = field(default=False, metadata={
-        "help": "linear, mlp: L2-normalise the frozen features before the head (ours; the STRUCTURE code feeds them "
-                "as stored)."})  # fmt: skip
-    center: bool = field(default=False, metadata={
-        "help": "linear, mlp: subtract the training mean of the (normalised) inputs before the head (ours)."})
+    structure_divergence: str = field(
+        default="reference",
+        metadata={"help": "linear, mlp: reference (the STRUCTURE code's 1/2[KL(M||A)+KL(M||O)]) or js (textbook JS)."},
+    )
+    normalize_inputs: bool = field(
+        default=False,
+        metadata={
+            "help": "linear, mlp: L2-normalise the frozen features before the head (ours; the STRUCTURE code feeds "
+            "them as stored)."
+        },
+    )
+    center: bool = field(
+        default=False,
+        metadata={"help": "linear, mlp: subtract the training mean of the (normalised) inputs before the head (ours)."},
+    )
 
     def check(self) -> None:
         super().check()
@@ -111,12 +128,20 @@ class LinearConfig(TrainedConfig, BaselineConfig):
 
 @dataclass(frozen=True)
 class MLPConfig(LinearConfig):
-    head: str = field(default="reslowrank", metadata={
-        "help": "mlp: reslowrank (the STRUCTURE code's residual low-rank head) or gelu (Linear-GELU-Linear, ours)."})
+    head: str = field(
+        default="reslowrank",
+        metadata={
+            "help": "mlp: reslowrank (the STRUCTURE code's residual low-rank head) or gelu (Linear-GELU-Linear, ours)."
+        },
+    )
     rank: int = field(default=64, metadata={"help": "mlp: bottleneck width of the reslowrank residual."})
     dropout: float = field(default=0.1, metadata={"help": "mlp: dropout on the reslowrank residual (training only)."})
-    gate_init: float = field(default=0.0, metadata={
-        "help": "mlp: initial residual gate alpha of reslowrank in [0, 1); 0 = residual off for good (theirs)."})
+    gate_init: float = field(
+        default=0.0,
+        metadata={
+            "help": "mlp: initial residual gate alpha of reslowrank in [0, 1); 0 = residual off for good (theirs)."
+        },
+    )
     hidden: int = field(default=1024, metadata={"help": "mlp: hidden width of the gelu head."})
 
     def check(self) -> None:
@@ -148,8 +173,9 @@ def neighbourhood_divergence(p: Tensor, q: Tensor, kind: str = "reference", eps:
     return rows.mean()
 
 
-def structure_loss(original: Tensor, aligned: Tensor, temperature: float, levels: int = 1,
-                   divergence: str = "reference") -> Tensor:  # fmt: skip
+def structure_loss(
+    original: Tensor, aligned: Tensor, temperature: float, levels: int = 1, divergence: str = "reference"
+) -> Tensor:
     """STRUCTURE divergence between the batch neighbourhoods of frozen features and of aligned outputs."""
     po, pa = _neighbourhoods(original.detach(), temperature), _neighbourhoods(aligned, temperature)
     total = original.new_zeros(())
@@ -274,8 +300,9 @@ class ContrastiveHeads(TrainedAligner):
         z = z - (self.center_img if side == "img" else self.center_txt).to(z.device)
         return head(z, gen) if isinstance(head, ResLowRankHead) else head(z)
 
-    def _encode(self, image: ImageRows, text: TextRows,
-                gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    def _encode(
+        self, image: ImageRows, text: TextRows, gen: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(image out, text out, image frozen input, text frozen input), outputs L2-normalised, inputs pooled."""
         zi = self._image_tokens(image)
         zt, mask = self._text_tokens(text)
@@ -374,6 +401,7 @@ class ContrastiveHeads(TrainedAligner):
     @property
     def val_temperature(self) -> float:
         return self.config.temperature
+
 
 @register_method("linear")
 class LinearHeads(ContrastiveHeads):

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipe_align.align.base import ImageRows, TextRows
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.remote import Remote, location
 from pipe_align.extract.runtime import prefetch
 from pipe_align.extract.store import FeatureStore, open_store, origin_difference, recorded_encoder
+
+from .base import ImageRows, TextRows
 
 REMOTE_AHEAD = 2  # streamed blocks read ahead of training from object storage (one from a local disk)
 
@@ -53,8 +54,11 @@ def find_pair_stores(
             cands = [s for s in cands if s.layout.encoder.get("alias") == want or s.path.stem == want]
         names = ", ".join(s.layout.encoder.get("alias") for s in stores if s.layout.modality == modality) or "none"
         if not cands:
-            raise PipeError(f"--shards {folder}: no {modality} store" + (f" for {opt} {want}" if want else "")
-                            + f" (found: {names})")
+            raise PipeError(
+                f"--shards {folder}: no {modality} store"
+                + (f" for {opt} {want}" if want else "")
+                + f" (found: {names})"
+            )
         if len(cands) > 1:
             raise PipeError(f"--shards {folder}: several {modality} stores ({names}); choose one with {opt}")
         picked[modality] = cands[0]
@@ -62,14 +66,18 @@ def find_pair_stores(
     image.require_complete()
     text.require_complete()
     if (image.layout.dataset, image.layout.split) != (text.layout.dataset, text.layout.split):
-        raise PipeError(f"{image.path} is {image.layout.dataset}/{image.layout.split} but {text.path} is "
-                        f"{text.layout.dataset}/{text.layout.split}: stores of one dataset split are needed")
+        raise PipeError(
+            f"{image.path} is {image.layout.dataset}/{image.layout.split} but {text.path} is "
+            f"{text.layout.dataset}/{text.layout.split}: stores of one dataset split are needed"
+        )
     if text.layout.templates is not None:
         raise PipeError(f"{text.path}: holds class prompts, not captions; pairs need a caption store")
     differs = origin_difference(image.layout.origin, text.layout.origin)
     if differs:
-        raise PipeError(f"{image.path} and {text.path} were extracted from different data ({differs}): the caption "
-                        "rows would not describe the image rows; extract both with the same --root, -o and --limit")
+        raise PipeError(
+            f"{image.path} and {text.path} were extracted from different data ({differs}): the caption "
+            "rows would not describe the image rows; extract both with the same --root, -o and --limit"
+        )
     return PairStores(image, text)
 
 
@@ -90,8 +98,10 @@ def heldout_stores(folder: str | Path, train: PairStores) -> PairStores:
             a, b = a | {"dtype": mine.layout.dtype}, b | {"dtype": theirs.layout.dtype}
         if keys:
             k = keys[0]
-            raise PipeError(f"--val-shards {folder}: {theirs.path.name} has encoder {k}={b.get(k)!r} but the training "
-                            f"store {mine.path} has {k}={a.get(k)!r}; extract both with the same settings")
+            raise PipeError(
+                f"--val-shards {folder}: {theirs.path.name} has encoder {k}={b.get(k)!r} but the training "
+                f"store {mine.path} has {k}={a.get(k)!r}; extract both with the same settings"
+            )
     return held
 
 
@@ -161,9 +171,17 @@ class PairSource:
     """Serves batches of (image, one caption) for the given image rows, from memory or streamed from the stores."""
 
     def __init__(
-        self, stores: PairStores, rows: np.ndarray, captions: list[np.ndarray], *, tokens: bool, device: str = "cpu",
-        memory_budget: int | None = None, block_rows: int | None = None, caption_rule: str = "draw",
-    ) -> None:  # fmt: skip
+        self,
+        stores: PairStores,
+        rows: np.ndarray,
+        captions: list[np.ndarray],
+        *,
+        tokens: bool,
+        device: str = "cpu",
+        memory_budget: int | None = None,
+        block_rows: int | None = None,
+        caption_rule: str = "draw",
+    ) -> None:
         self.stores, self.rows, self.captions = stores, np.asarray(rows), captions
         self.caption_rule = caption_rule  # "draw" or "first" (align.loop.CAPTION_RULES)
         self.tokens, self.device = tokens, device

@@ -46,8 +46,10 @@ def compute_dtype(tokens: Tensor, anchors: Tensor) -> torch.dtype:
 
 def _check(tokens: Tensor, mask: Tensor, anchors: Tensor, tau_p: float) -> None:
     if tokens.dim() != 3 or anchors.dim() != 2 or mask.dim() != 2:
-        raise ValueError(f"want tokens [B,T,D], mask [B,T], anchors [K,D]; got {tuple(tokens.shape)}, "
-                         f"{tuple(mask.shape)}, {tuple(anchors.shape)}")
+        raise ValueError(
+            f"want tokens [B,T,D], mask [B,T], anchors [K,D]; got {tuple(tokens.shape)}, "
+            f"{tuple(mask.shape)}, {tuple(anchors.shape)}"
+        )
     if tuple(mask.shape) != tuple(tokens.shape[:2]):
         raise ValueError(f"mask {tuple(mask.shape)} does not match tokens {tuple(tokens.shape[:2])}")
     if anchors.shape[1] != tokens.shape[2]:
@@ -111,8 +113,9 @@ def _fwd_block_fixed(r: Tensor, bias: Tensor, lsum: Tensor, s: Tensor, inv_tau: 
     s += e.mul_(r).sum(dim=1)
 
 
-def _fwd_block(r: Tensor, bias: Tensor, m: Tensor, lsum: Tensor, s: Tensor, inv_tau: float
-               ) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd_block(
+    r: Tensor, bias: Tensor, m: Tensor, lsum: Tensor, s: Tensor, inv_tau: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Online update of (running max m, sum_t e, sum_t e R) with e = exp(R / tau - m) over one block of tokens."""
     u = torch.add(bias, r, alpha=inv_tau)  # R / tau, -inf at padding
     m_new = torch.maximum(m, u.amax(dim=1))
@@ -149,8 +152,9 @@ class _BlockedProfiles(torch.autograd.Function):
     """Streams over token blocks; saves the inputs plus O(B*T + B*K) statistics, recomputes R in the backward."""
 
     @staticmethod
-    def forward(ctx, tokens: Tensor, mask: Tensor, anchors: Tensor, tau_p: float, block_t: int,
-                compiled: bool) -> Tensor:
+    def forward(
+        ctx, tokens: Tensor, mask: Tensor, anchors: Tensor, tau_p: float, block_t: int, compiled: bool
+    ) -> Tensor:
         cd = compute_dtype(tokens, anchors)
         bsz, n_tok, dim = tokens.shape
         n_anc = anchors.shape[0]
@@ -186,8 +190,11 @@ class _BlockedProfiles(torch.autograd.Function):
         lsum_safe = torch.where(row, lsum, torch.ones_like(lsum))
         p = torch.where(row, s / lsum_safe, torch.zeros_like(s))
         # alpha = exp(u - lse); the fixed path keeps 1 / sum_t e instead (0 for empty rows) and folds it into c0, c1
-        stat = torch.where(row, 1.0 / lsum_safe, torch.zeros_like(s)) if fixed else \
-            torch.where(row, m + torch.log(lsum_safe), torch.zeros_like(m))
+        stat = (
+            torch.where(row, 1.0 / lsum_safe, torch.zeros_like(s))
+            if fixed
+            else torch.where(row, m + torch.log(lsum_safe), torch.zeros_like(m))
+        )
         ctx.save_for_backward(tokens, valid, tok_inv, an, a_inv, a_norm, stat, p)
         ctx.cfg = (tau_p, block_t, t_end, anchors.dtype, compiled, fixed)
         return p
@@ -294,14 +301,26 @@ def triton_self_test(device: torch.device | str, dtype: torch.dtype) -> bool:
     if not ok:
         import warnings
 
-        warnings.warn(f"Triton profile kernel unusable for {dtype} on {device} ({why}); using the blocked PyTorch "
-                      "path there (correct, slower)", RuntimeWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"Triton profile kernel unusable for {dtype} on {device} ({why}); using the blocked PyTorch "
+            "path there (correct, slower)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     _SELF_TESTS[key] = ok
     return ok
 
 
-def anchor_profiles(tokens: Tensor, mask: Tensor, anchors: Tensor, tau_p: float, *, block_t: int | None = None,
-                    backend: Backend = "auto", compiled: bool | None = None) -> Tensor:
+def anchor_profiles(
+    tokens: Tensor,
+    mask: Tensor,
+    anchors: Tensor,
+    tau_p: float,
+    *,
+    block_t: int | None = None,
+    backend: Backend = "auto",
+    compiled: bool | None = None,
+) -> Tensor:
     """Fused profiles p [B, K], equal to `anchor_profiles_reference` without its [B, T, K] memory.
 
     backend "auto": Triton on CUDA tensors when `triton_usable`, else the blocked PyTorch function. "triton" forces

@@ -51,17 +51,38 @@ PINNED: int | None = int(os.environ["PIPE_TRITON_TILE"]) if os.environ.get("PIPE
 if AVAILABLE:
 
     def _configs() -> list:
-        return [triton.Config({"BLOCK_T": t, "BLOCK_K": k, "BLOCK_D": d}, num_warps=w, num_stages=st)
-                for t, k, d, w, st in TILES]  # fmt: skip
+        return [
+            triton.Config({"BLOCK_T": t, "BLOCK_K": k, "BLOCK_D": d}, num_warps=w, num_stages=st)
+            for t, k, d, w, st in TILES
+        ]
 
     @triton.autotune(configs=_configs(), key=["n_anc", "dim", "t_bucket"])
     @triton.jit
-    def _profiles_fwd(z_ptr, a_ptr, valid_ptr, inv_ptr, p_ptr, lse_ptr,
-                      t_end, n_anc, dim, t_bucket,
-                      s_zb, s_zt, s_zd, s_vb, s_vt,
-                      inv_tau, m_init, eps,
-                      BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def _profiles_fwd(
+        z_ptr,
+        a_ptr,
+        valid_ptr,
+        inv_ptr,
+        p_ptr,
+        lse_ptr,
+        t_end,
+        n_anc,
+        dim,
+        t_bucket,
+        s_zb,
+        s_zt,
+        s_zd,
+        s_vb,
+        s_vt,
+        inv_tau,
+        m_init,
+        eps,
+        BLOCK_T: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         b = tl.program_id(0).to(tl.int64)  # row offsets b * s_zb can pass 2^31 elements
         kb = tl.program_id(1)
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -77,10 +98,14 @@ if AVAILABLE:
             for d0 in range(0, dim, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 d_in = offs_d < dim
-                zt = tl.load(z_ptr + b * s_zb + offs_t[:, None] * s_zt + offs_d[None, :] * s_zd,
-                             mask=t_in[:, None] & d_in[None, :], other=0.0)
-                at = tl.load(a_ptr + offs_k[None, :] * dim + offs_d[:, None],
-                             mask=d_in[:, None] & k_in[None, :], other=0.0)
+                zt = tl.load(
+                    z_ptr + b * s_zb + offs_t[:, None] * s_zt + offs_d[None, :] * s_zd,
+                    mask=t_in[:, None] & d_in[None, :],
+                    other=0.0,
+                )
+                at = tl.load(
+                    a_ptr + offs_k[None, :] * dim + offs_d[:, None], mask=d_in[:, None] & k_in[None, :], other=0.0
+                )
                 if UPCAST:
                     acc = tl.dot(zt.to(tl.float32), at.to(tl.float32), acc, input_precision=PRECISION)
                 else:
@@ -106,12 +131,34 @@ if AVAILABLE:
 
     @triton.autotune(configs=_configs(), key=["n_anc", "dim", "t_bucket"])
     @triton.jit
-    def _profiles_bwd_dr(z_ptr, a_ptr, valid_ptr, inv_ptr, lse_ptr, p_ptr, g_ptr, dr_ptr,
-                         b0, t_end, n_anc, dim, t_bucket,
-                         s_zb, s_zt, s_zd, s_vb, s_vt, s_gb, s_gk,
-                         inv_tau,
-                         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def _profiles_bwd_dr(
+        z_ptr,
+        a_ptr,
+        valid_ptr,
+        inv_ptr,
+        lse_ptr,
+        p_ptr,
+        g_ptr,
+        dr_ptr,
+        b0,
+        t_end,
+        n_anc,
+        dim,
+        t_bucket,
+        s_zb,
+        s_zt,
+        s_zd,
+        s_vb,
+        s_vt,
+        s_gb,
+        s_gk,
+        inv_tau,
+        BLOCK_T: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         bl = tl.program_id(0).to(tl.int64)
         b = b0 + bl
         offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -122,10 +169,12 @@ if AVAILABLE:
         for d0 in range(0, dim, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_in = offs_d < dim
-            zt = tl.load(z_ptr + b * s_zb + offs_t[:, None] * s_zt + offs_d[None, :] * s_zd,
-                         mask=t_in[:, None] & d_in[None, :], other=0.0)
-            at = tl.load(a_ptr + offs_k[None, :] * dim + offs_d[:, None],
-                         mask=d_in[:, None] & k_in[None, :], other=0.0)
+            zt = tl.load(
+                z_ptr + b * s_zb + offs_t[:, None] * s_zt + offs_d[None, :] * s_zd,
+                mask=t_in[:, None] & d_in[None, :],
+                other=0.0,
+            )
+            at = tl.load(a_ptr + offs_k[None, :] * dim + offs_d[:, None], mask=d_in[:, None] & k_in[None, :], other=0.0)
             if UPCAST:
                 acc = tl.dot(zt.to(tl.float32), at.to(tl.float32), acc, input_precision=PRECISION)
             else:
@@ -139,8 +188,11 @@ if AVAILABLE:
         alpha = tl.exp(tl.where(ok[:, None], r * inv_tau - lse[None, :], float("-inf")))
         # dp/dR = alpha (1 + (R - p) / tau); times upstream g; times 1/||z|| so the GEMMs can take raw tokens
         dr = g[None, :] * alpha * (1.0 + (r - p[None, :]) * inv_tau) * inv[:, None]
-        tl.store(dr_ptr + bl * t_end * n_anc + offs_t[:, None] * n_anc + offs_k[None, :],
-                 dr.to(dr_ptr.dtype.element_ty), mask=t_in[:, None] & k_in[None, :])
+        tl.store(
+            dr_ptr + bl * t_end * n_anc + offs_t[:, None] * n_anc + offs_k[None, :],
+            dr.to(dr_ptr.dtype.element_ty),
+            mask=t_in[:, None] & k_in[None, :],
+        )
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -213,10 +265,29 @@ class _TritonProfiles(torch.autograd.Function):
         inv_tau = 1.0 / tau_p
         kernel, fixed = _launcher(_profiles_fwd)
         grid = lambda meta: (bsz, triton.cdiv(n_anc, meta["BLOCK_K"]))  # noqa: E731
-        kernel[grid](z, an_op, valid_u8, tok_inv, p, lse, t_end, n_anc, dim, _t_bucket(t_end),
-                     z.stride(0), z.stride(1), z.stride(2), valid_u8.stride(0), valid_u8.stride(1),
-                     inv_tau, -2.0 * inv_tau - 1.0, EPS, PRECISION=_precision(z.dtype), UPCAST=_upcast(z.dtype),
-                     **fixed)
+        kernel[grid](
+            z,
+            an_op,
+            valid_u8,
+            tok_inv,
+            p,
+            lse,
+            t_end,
+            n_anc,
+            dim,
+            _t_bucket(t_end),
+            z.stride(0),
+            z.stride(1),
+            z.stride(2),
+            valid_u8.stride(0),
+            valid_u8.stride(1),
+            inv_tau,
+            -2.0 * inv_tau - 1.0,
+            EPS,
+            PRECISION=_precision(z.dtype),
+            UPCAST=_upcast(z.dtype),
+            **fixed,
+        )
         ctx.save_for_backward(tokens, valid_u8, tok_inv, an, an_op, a_inv, a_norm, lse, p)
         ctx.cfg = (tau_p, t_end, anchors.dtype)
         return p
@@ -240,22 +311,46 @@ class _TritonProfiles(torch.autograd.Function):
             kernel, fixed = _launcher(_profiles_bwd_dr)
             for b0 in range(0, bsz, chunk):
                 nb = min(chunk, bsz - b0)
-                grid = lambda meta, nb=nb: (nb, triton.cdiv(t_end, meta["BLOCK_T"]),  # noqa: E731
-                                            triton.cdiv(n_anc, meta["BLOCK_K"]))  # fmt: skip
-                kernel[grid](z, an_op, valid_u8, tok_inv, lse, p, g, dr, b0, t_end, n_anc, dim, _t_bucket(t_end),
-                             z.stride(0), z.stride(1), z.stride(2), valid_u8.stride(0), valid_u8.stride(1),
-                             g.stride(0), g.stride(1), 1.0 / tau_p, PRECISION=_precision(z.dtype),
-                             UPCAST=_upcast(z.dtype), **fixed)
+
+                def grid(meta, nb=nb):
+                    return nb, triton.cdiv(t_end, meta["BLOCK_T"]), triton.cdiv(n_anc, meta["BLOCK_K"])
+
+                kernel[grid](
+                    z,
+                    an_op,
+                    valid_u8,
+                    tok_inv,
+                    lse,
+                    p,
+                    g,
+                    dr,
+                    b0,
+                    t_end,
+                    n_anc,
+                    dim,
+                    _t_bucket(t_end),
+                    z.stride(0),
+                    z.stride(1),
+                    z.stride(2),
+                    valid_u8.stride(0),
+                    valid_u8.stride(1),
+                    g.stride(0),
+                    g.stride(1),
+                    1.0 / tau_p,
+                    PRECISION=_precision(z.dtype),
+                    UPCAST=_upcast(z.dtype),
+                    **fixed,
+                )
                 drc = dr[:nb].view(-1, n_anc)
-                zc = z[b0:b0 + nb, :t_end]
+                zc = z[b0 : b0 + nb, :t_end]
                 if dan is not None:
                     dan += _mm_f32(drc.T, zc.reshape(-1, dim).to(dr_dtype))
                 if dz is not None:
                     gz = (drc @ an_op.to(dr_dtype)).view(nb, t_end, dim).float()
                     zf = zc.float()
-                    inv = tok_inv[b0:b0 + nb]
+                    inv = tok_inv[b0 : b0 + nb]
                     coef = inv * inv * (zf * gz).sum(dim=-1) * (inv < 1.0 / EPS)
-                    dz[b0:b0 + nb, :t_end] = gz.sub_(zf * coef[:, :, None])
+                    dz[b0 : b0 + nb, :t_end] = gz.sub_(zf * coef[:, :, None])
         da = None
         if dan is not None:
             dot = (an * dan).sum(dim=-1, keepdim=True) * (a_norm > EPS)[:, None]

@@ -35,7 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import (
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import write_bytes
+
+from .base import (
     Aligner,
     ClosedFormAligner,
     MethodConfig,
@@ -44,12 +47,10 @@ from pipe_align.align.base import (
     TrainingData,
     value_problem,
 )
-from pipe_align.align.ddp import DataParallel, gather_rows, sum_gradients
-from pipe_align.align.losses import info_nce
-from pipe_align.align.lr_finder import find_lr
-from pipe_align.align.retrieval import retrieval_metrics
-from pipe_align.extract.errors import PipeError
-from pipe_align.extract.files import write_bytes
+from .ddp import DataParallel, gather_rows, sum_gradients
+from .losses import info_nce
+from .lr_finder import find_lr
+from .retrieval import retrieval_metrics
 
 CAPTION_RULES = ("draw", "first")  # RunConfig.captions: a caption drawn per epoch, or each image's first (the authors')
 
@@ -64,33 +65,58 @@ class RunConfig:
     `batch_size` and `patience` left at None take the method's own defaults (`TrainedAligner.run_defaults`)."""
 
     seed: int = field(default=0, metadata={"help": "Random seed: held-out split, initialisation, batch order."})
-    val_fraction: float = field(default=0.05, metadata={
-        "help": "Held-out fraction of the training pairs, the same rows for every method (early stopping and "
-                "held-out retrieval)."})  # fmt: skip
+    val_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "Held-out fraction of the training pairs, the same rows for every method (early stopping and "
+            "held-out retrieval)."
+        },
+    )
     epochs: int | None = field(default=None, metadata={"help": "Maximum epochs (default: the method's)."})
     batch_size: int | None = field(default=None, metadata={"help": "Pairs per batch (default: the method's)."})
-    patience: int | None = field(default=None, metadata={
-        "help": "Early stopping: epochs without a better held-out loss before stopping; 0 = off (default: the "
-                "method's)."})  # fmt: skip
+    patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Early stopping: epochs without a better held-out loss before stopping; 0 = off (default: the "
+            "method's)."
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
-    memory_budget: int | None = field(default=None, metadata={
-        "help": "Keep training tokens in memory up to this size (e.g. 8G); default half the free memory of the "
-                "device; above it, stream from Zarr.", "size": True})  # fmt: skip
+    memory_budget: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep training tokens in memory up to this size (e.g. 8G); default half the free memory of the "
+            "device; above it, stream from Zarr.",
+            "size": True,
+        },
+    )
     limit: int | None = field(default=None, metadata={"help": "Use only the first N pairs."})
-    captions: str = field(default="draw", metadata={
-        "help": "The caption of each image in an epoch: draw (a different one each epoch, seeded) or first (the "
-                "image's first caption in every epoch, as the PAL authors)."})  # fmt: skip
-    val_shards: str | None = field(default=None, metadata={
-        "help": "Held-out pairs from another store set (a FEATURES/DATASET/SPLIT folder, e.g. COCO val2014) "
-                "instead of a fraction of the training pairs: every training pair trains (needs --val-fraction 0)."
-    })  # fmt: skip
+    captions: str = field(
+        default="draw",
+        metadata={
+            "help": "The caption of each image in an epoch: draw (a different one each epoch, seeded) or first (the "
+            "image's first caption in every epoch, as the PAL authors)."
+        },
+    )
+    val_shards: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out pairs from another store set (a FEATURES/DATASET/SPLIT folder, e.g. COCO val2014) "
+            "instead of a fraction of the training pairs: every training pair trains (needs --val-fraction 0)."
+        },
+    )
 
     # Inclusive bounds (docs/guarantees.md, "Security"): far above any real run (the PAL authors train up to 1000
     # epochs with patience 200 and batches of 4096 on 83k pairs), low enough that no value asks for a loop that
     # never ends or an allocation that cannot succeed.
     limits: ClassVar[dict[str, tuple[int | None, int]]] = {
-        "seed": (0, 2**63 - 1), "epochs": (1, 100_000), "batch_size": (2, 1 << 24), "patience": (0, 100_000),
-        "memory_budget": (0, 2**62 - 1), "limit": (2, 1 << 40)}  # fmt: skip
+        "seed": (0, 2**63 - 1),
+        "epochs": (1, 100_000),
+        "batch_size": (2, 1 << 24),
+        "patience": (0, 100_000),
+        "memory_budget": (0, 2**62 - 1),
+        "limit": (2, 1 << 40),
+    }
 
     def __post_init__(self) -> None:
         problem = value_problem(self)
@@ -106,8 +132,10 @@ class RunConfig:
         if self.captions not in CAPTION_RULES:
             raise PipeError(f"--captions must be one of {', '.join(CAPTION_RULES)}, got {self.captions!r}")
         if self.val_shards is not None and self.val_fraction > 0:
-            raise PipeError(f"--val-shards {self.val_shards} holds the held-out pairs and --val-fraction "
-                            f"{self.val_fraction} would hold out training pairs too; give --val-fraction 0")
+            raise PipeError(
+                f"--val-shards {self.val_shards} holds the held-out pairs and --val-fraction "
+                f"{self.val_fraction} would hold out training pairs too; give --val-fraction 0"
+            )
 
     def resolved(self, method: type[Aligner]) -> RunConfig:
         """Unset epochs / batch_size / patience filled with the method's defaults (trained methods only)."""
@@ -135,10 +163,21 @@ class FitResult:
     info: dict[str, Any]  # closed form: facts of the fit; trained: best epoch, why it stopped
 
 
-def fit(method: type[Aligner], config: MethodConfig, run: RunConfig, data: TrainingData, *,
-        checkpoint: Path | None = None, resume: bool = False, key: dict[str, Any] | None = None,
-        dp: DataParallel | None = None, on_epoch: Callable[[list[dict]], None] | None = None,
-        progress: bool = False, log: Path | None = None, verbose: bool = False) -> FitResult:  # fmt: skip
+def fit(
+    method: type[Aligner],
+    config: MethodConfig,
+    run: RunConfig,
+    data: TrainingData,
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    key: dict[str, Any] | None = None,
+    dp: DataParallel | None = None,
+    on_epoch: Callable[[list[dict]], None] | None = None,
+    progress: bool = False,
+    log: Path | None = None,
+    verbose: bool = False,
+) -> FitResult:
     """Fit any method. Closed form: one call. Trained: `Trainer`, with a checkpoint per epoch when `checkpoint` is
     given (`key` identifies the run it belongs to; `resume` continues from it), per-epoch lines appended to `log`."""
     run = run.resolved(method)
@@ -149,15 +188,19 @@ def fit(method: type[Aligner], config: MethodConfig, run: RunConfig, data: Train
         trainer = Trainer(method, config, run, data, dp)
         if checkpoint is not None and checkpoint.exists():
             if not resume:
-                raise PipeError(f"{checkpoint.parent}: has an unfinished run (checkpoint.pt); pass --resume to "
-                                "continue it")  # fmt: skip
+                raise PipeError(
+                    f"{checkpoint.parent}: has an unfinished run (checkpoint.pt); pass --resume to continue it"
+                )
             trainer.load_checkpoint(checkpoint, key)
-        result = trainer.run(checkpoint=checkpoint, key=key, on_epoch=on_epoch, progress=progress, log=log,
-                             verbose=verbose)  # fmt: skip
+        result = trainer.run(
+            checkpoint=checkpoint, key=key, on_epoch=on_epoch, progress=progress, log=log, verbose=verbose
+        )
     for name, t in result.aligner.state_dict().items():  # nothing non-finite is ever saved as a result
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NonFinite(f"{method.name}: the fitted {name!r} is not finite ({len(data.train)} training pairs; too "
-                            "few for this method or its settings?); nothing was saved")  # fmt: skip
+            raise NonFinite(
+                f"{method.name}: the fitted {name!r} is not finite ({len(data.train)} training pairs; too "
+                "few for this method or its settings?); nothing was saved"
+            )
     return result
 
 
@@ -176,15 +219,22 @@ def lr_at(step: int, total: int, warmup: int, base: float, schedule: str, period
 
 
 class Trainer:
-    def __init__(self, method: type[TrainedAligner], config: MethodConfig, run: RunConfig, data: TrainingData,
-                 dp: DataParallel | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        method: type[TrainedAligner],
+        config: MethodConfig,
+        run: RunConfig,
+        data: TrainingData,
+        dp: DataParallel | None = None,
+    ) -> None:
         self.run_cfg, self.data, self.dp = run, data, dp
         self.method = method(config)
         self.method.setup(data, run.seed)
         self.params = list(self.method.parameters())  # registration order: the checkpoint's "params" list
         cfg = self.method.config
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                     weight_decay=cfg.weight_decay)  # fmt: skip
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+        )
         self.steps_per_epoch = max(1, math.ceil(self.method.epoch_rows(data) / run.batch_size))
         self.total_steps = self.steps_per_epoch * run.epochs
         self.warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
@@ -224,20 +274,25 @@ class Trainer:
             loss, extras = self.method.loss(batch, ctx)
             where = f"at epoch {self.epoch} step {self.step}"
             if not torch.isfinite(loss):
-                raise NonFinite(f"loss is {loss.item()} {where}; training stopped, the last good checkpoint is kept "
-                                "(lower --lr or check the stores with `pipe verify`)")  # fmt: skip
+                raise NonFinite(
+                    f"loss is {loss.item()} {where}; training stopped, the last good checkpoint is kept "
+                    "(lower --lr or check the stores with `pipe verify`)"
+                )
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.dp is not None:
                 sum_gradients(self.params)  # each rank's backward covers only its own rows
             norm = clip_gradients(self.groups, cfg.grad_clip, cfg.grad_clip_mode)
             if not math.isfinite(norm):
-                raise NonFinite(f"gradient norm is {norm} {where}; training stopped, the last good checkpoint is kept "
-                                "(lower --lr)")  # fmt: skip
+                raise NonFinite(
+                    f"gradient norm is {norm} {where}; training stopped, the last good checkpoint is kept (lower --lr)"
+                )
             self.opt.step()
             if not all(bool(torch.isfinite(p).all()) for p in self.params):
-                raise NonFinite(f"parameters became non-finite {where}; training stopped, the last good checkpoint "
-                                "is kept (lower --lr)")  # fmt: skip
+                raise NonFinite(
+                    f"parameters became non-finite {where}; training stopped, the last good checkpoint "
+                    "is kept (lower --lr)"
+                )
             self.step += 1
             n += batch.total
             for k, v in {"train_loss": loss.item(), **extras}.items():
@@ -276,9 +331,17 @@ class Trainer:
             return self.method.loss(batch, ctx)[0]
 
         after = (lambda: sum_gradients(self.params)) if self.dp is not None else None
-        return find_lr(self.params, loss_of, batches(), iters=cfg.lr_finder, start=cfg.lr_finder_start,
-                       end=cfg.lr_finder_end, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                       after_backward=after)  # fmt: skip
+        return find_lr(
+            self.params,
+            loss_of,
+            batches(),
+            iters=cfg.lr_finder,
+            start=cfg.lr_finder_start,
+            end=cfg.lr_finder_end,
+            betas=(cfg.beta1, cfg.beta2),
+            weight_decay=cfg.weight_decay,
+            after_backward=after,
+        )
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -288,10 +351,17 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------------------------
     def state(self, key: dict[str, Any] | None) -> dict[str, Any]:
         return {
-            "params": [p.detach().clone() for p in self.params], "opt": self.opt.state_dict(), "epoch": self.epoch,
-            "step": self.step, "bad_epochs": self.bad_epochs, "best": self.best, "history": self.history,
-            "init_metrics": self.init_metrics, "lr_finder": self.lr_finder, "key": key,
-        }  # fmt: skip
+            "params": [p.detach().clone() for p in self.params],
+            "opt": self.opt.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "bad_epochs": self.bad_epochs,
+            "best": self.best,
+            "history": self.history,
+            "init_metrics": self.init_metrics,
+            "lr_finder": self.lr_finder,
+            "key": key,
+        }
 
     def load_checkpoint(self, path: Path, key: dict[str, Any] | None) -> None:
         """weights_only: a checkpoint holds tensors, numbers, strings, lists and dicts, so torch's restricted unpickler
@@ -305,11 +375,14 @@ class Trainer:
             what = type(e).__name__
             raise PipeError(f"{path}: cannot be read as a checkpoint ({what}); remove it to start over") from None
         if state.get("key") != key:
-            raise PipeError(f"{path}: was written with other options or data; resume with the same ones, or use "
-                            "another --out")  # fmt: skip
+            raise PipeError(
+                f"{path}: was written with other options or data; resume with the same ones, or use another --out"
+            )
         if len(params) != len(self.params) or any(a.shape != b.shape for a, b in zip(params, self.params)):
-            raise PipeError(f"{path}: parameter shapes {[tuple(p.shape) for p in params]} do not match this run's "
-                            f"{[tuple(p.shape) for p in self.params]}")  # fmt: skip
+            raise PipeError(
+                f"{path}: parameter shapes {[tuple(p.shape) for p in params]} do not match this run's "
+                f"{[tuple(p.shape) for p in self.params]}"
+            )
         with torch.no_grad():
             for p, saved in zip(self.params, params):
                 p.copy_(saved)
@@ -322,15 +395,26 @@ class Trainer:
         patience = self.run_cfg.patience
         return self.epoch >= self.run_cfg.epochs or (patience > 0 and self.bad_epochs >= patience)
 
-    def run(self, checkpoint: Path | None = None, key: dict[str, Any] | None = None,
-            on_epoch: Callable[[list[dict]], None] | None = None, progress: bool = False, log: Path | None = None,
-            verbose: bool = False) -> FitResult:  # fmt: skip
+    def run(
+        self,
+        checkpoint: Path | None = None,
+        key: dict[str, Any] | None = None,
+        on_epoch: Callable[[list[dict]], None] | None = None,
+        progress: bool = False,
+        log: Path | None = None,
+        verbose: bool = False,
+    ) -> FitResult:
         main = self.dp is None or self.dp.main
         if self.method.config.lr_finder and self.lr_finder is None and self.step == 0:
             self.lr_finder = self.find_lr()
-        bar, on_step, new_epoch, say = _progress_bar(self.method.name, self.method.epoch_rows(self.data),
-                                                     progress and main, self.epoch, log if main else None,
-                                                     verbose)  # fmt: skip
+        bar, on_step, new_epoch, say = _progress_bar(
+            self.method.name,
+            self.method.epoch_rows(self.data),
+            progress and main,
+            self.epoch,
+            log if main else None,
+            verbose,
+        )
         with bar:
             while not self.finished():
                 t0 = time.perf_counter()
@@ -342,8 +426,11 @@ class Trainer:
                 metrics["pairs_per_s"] = self.method.epoch_rows(self.data) / metrics["seconds"]
                 vl = metrics.get("val_loss")
                 if vl is None or vl < self.best["val_loss"] - 1e-6:
-                    self.best = {"val_loss": math.inf if vl is None else vl, "epoch": self.epoch,
-                                 "state": self._snapshot()}  # fmt: skip
+                    self.best = {
+                        "val_loss": math.inf if vl is None else vl,
+                        "epoch": self.epoch,
+                        "state": self._snapshot(),
+                    }
                     self.bad_epochs = 0
                 else:
                     self.bad_epochs += 1
@@ -402,8 +489,9 @@ def clip_gradients(groups: list[list[Tensor]], clip: float, mode: str = "global"
 
 
 @torch.no_grad()
-def heldout_loss(aligner: Aligner, val: Any, batch_size: int, seed: int,
-                 steps_done: int | None = None) -> dict[str, float]:  # fmt: skip
+def heldout_loss(
+    aligner: Aligner, val: Any, batch_size: int, seed: int, steps_done: int | None = None
+) -> dict[str, float]:
     """InfoNCE at the method's `val_temperature` and R@1 both ways on the held-out pairs (fixed epoch-0 batches).
     Given the training steps done, a method's regulariser at its weight then (`heldout_penalty`: the contrastive
     heads' lambda * STRUCTURE) is added, as the authors' validation loss is their training loss."""
@@ -453,11 +541,17 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def summary_line(name: str, epochs_run: int, best: dict[str, Any], stopped: str, run: RunConfig) -> str:
     """The one line a person reads after training: where it stopped, which epoch is kept, and why it stopped."""
-    why = (f"reached --epochs {run.epochs}" if stopped == "epochs"
-           else f"no better held-out loss for {run.patience} epochs (--patience)")  # fmt: skip
+    why = (
+        f"reached --epochs {run.epochs}"
+        if stopped == "epochs"
+        else f"no better held-out loss for {run.patience} epochs (--patience)"
+    )
     which = "the state before the first epoch" if best["epoch"] < 0 else f"best epoch {best['epoch']}"
-    kept = (f"{which} (held-out loss {best['val_loss']:.4f}) kept" if math.isfinite(best["val_loss"])
-            else f"no held-out pairs, epoch {best['epoch']} kept")  # fmt: skip
+    kept = (
+        f"{which} (held-out loss {best['val_loss']:.4f}) kept"
+        if math.isfinite(best["val_loss"])
+        else f"no held-out pairs, epoch {best['epoch']} kept"
+    )
     return f"{name}: stopped at epoch {epochs_run - 1}, {why}; {kept}"
 
 

@@ -50,9 +50,18 @@ def pick_lr(lrs: list[float], losses: list[float], start: float) -> tuple[float 
     return max(float(lr_arr[steep]) / DIVISOR, start * 10), steep
 
 
-def find_lr(params: list[Tensor], loss_of: Callable[[Any], Tensor], batches: Iterable[Any], *, iters: int,
-            start: float, end: float, betas: tuple[float, float], weight_decay: float,
-            after_backward: Callable[[], None] | None = None) -> dict[str, Any]:  # fmt: skip
+def find_lr(
+    params: list[Tensor],
+    loss_of: Callable[[Any], Tensor],
+    batches: Iterable[Any],
+    *,
+    iters: int,
+    start: float,
+    end: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    after_backward: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Run the finder on `batches` (at least `iters` of them) and put `params` back as they were. Returns the
     curve, the pick (`lr`: None when it could not pick) and why it stopped."""
     saved = [p.detach().clone() for p in params]
@@ -83,5 +92,13 @@ def find_lr(params: list[Tensor], loss_of: Callable[[Any], Tensor], batches: Ite
             for p, s in zip(params, saved):
                 p.copy_(s)
     lr, steep = pick_lr(lrs, losses, start)
-    return {"lr": lr, "steep_index": steep, "stopped": stopped, "iters": len(lrs), "start": start, "end": end,
-            "lrs": lrs, "losses": losses}  # fmt: skip
+    return {
+        "lr": lr,
+        "steep_index": steep,
+        "stopped": stopped,
+        "iters": len(lrs),
+        "start": start,
+        "end": end,
+        "lrs": lrs,
+        "losses": losses,
+    }

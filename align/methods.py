@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from pipe_align.align import (  # noqa: F401  (each import registers its methods; keep sorted)
+from pipe_align.extract.errors import PipeError
+
+from . import (  # noqa: F401  (each import registers its methods; keep sorted)
     asif,
     cca,
     contrastive,
@@ -20,8 +22,7 @@ from pipe_align.align import (  # noqa: F401  (each import registers its methods
     procrustes,
     sotalign,
 )
-from pipe_align.align.base import METHODS, Aligner
-from pipe_align.extract.errors import PipeError
+from .base import METHODS, Aligner
 
 
 def method_names() -> list[str]:
@@ -42,7 +43,7 @@ def load_aligner(run: str | Path, device: str = "cpu") -> Aligner:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from pipe_align.align.base import state_mismatch
+    from .base import state_mismatch
 
     run = Path(run)
     meta_path = run / "method.json"

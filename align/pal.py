@@ -13,8 +13,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from pipe_align.align import pal_presets
-from pipe_align.align.base import (
+from pipe_align.extract.errors import PipeError
+
+from . import pal_presets
+from .base import (
     ImageRows,
     Plan,
     StepContext,
@@ -26,11 +28,10 @@ from pipe_align.align.base import (
     register_method,
     saved_size,
 )
-from pipe_align.align.ddp import DataParallel
-from pipe_align.align.kernel import anchor_profiles
-from pipe_align.align.loop import RunConfig
-from pipe_align.align.losses import info_nce
-from pipe_align.extract.errors import PipeError
+from .ddp import DataParallel
+from .kernel import anchor_profiles
+from .loop import RunConfig
+from .losses import info_nce
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,21 @@ class PALConfig(TrainedConfig):
     anchors: int = field(default=512, metadata={"help": "pal: anchors per modality K."})
     tau_p: float = field(default=0.03, metadata={"help": "pal: pooling temperature over tokens."})
     tau: float = field(default=0.05, metadata={"help": "pal: InfoNCE temperature."})
-    use_cls: bool = field(default=True, metadata={
-        "help": "pal: pool the image CLS token with the patches (training and global embeddings; dense decoding "
-                "always uses patches)."})  # fmt: skip
-    profile: str = field(default="tokens", metadata={
-        "help": "pal: tokens (each token's similarity vector, pooled over tokens per anchor: the method) or pooled "
-                "(the pooled control: one mean token per image and per caption, its anchor similarities as the "
-                "profile; docs/claims.md)."})  # fmt: skip
+    use_cls: bool = field(
+        default=True,
+        metadata={
+            "help": "pal: pool the image CLS token with the patches (training and global embeddings; dense decoding "
+            "always uses patches)."
+        },
+    )
+    profile: str = field(
+        default="tokens",
+        metadata={
+            "help": "pal: tokens (each token's similarity vector, pooled over tokens per anchor: the method) or pooled "
+            "(the pooled control: one mean token per image and per caption, its anchor similarities as the "
+            "profile; docs/claims.md)."
+        },
+    )
     beta2: float = 0.95
     schedule: str = "cosine_cycle"
     grad_clip: float = 1.0
@@ -62,8 +71,12 @@ class PALConfig(TrainedConfig):
     limits: ClassVar[dict[str, tuple[int | None, int]]] = {"anchors": (1, 65_536)}
 
     def check(self) -> None:
-        checks = {"anchors": self.anchors >= 1, "tau_p": self.tau_p > 0, "tau": self.tau > 0,
-                  "profile": self.profile in PROFILES}  # fmt: skip
+        checks = {
+            "anchors": self.anchors >= 1,
+            "tau_p": self.tau_p > 0,
+            "tau": self.tau > 0,
+            "profile": self.profile in PROFILES,
+        }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise PipeError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))
@@ -143,12 +156,20 @@ class PAL(AnchorProfiles, TrainedAligner):
         return pal_presets.plan(cls, preset, params, run, n_train)
 
     @classmethod
-    def preset_search(cls, preset: str, params: dict[str, Any], run: RunConfig, data: TrainingData,
-                      dp: DataParallel | None = None, say: bool = False) -> Plan:  # fmt: skip
+    def preset_search(
+        cls,
+        preset: str,
+        params: dict[str, Any],
+        run: RunConfig,
+        data: TrainingData,
+        dp: DataParallel | None = None,
+        say: bool = False,
+    ) -> Plan:
         return pal_presets.search_small(cls, params, run, data, preset, dp=dp, say=say)
 
-    def __init__(self, config: PALConfig, image_dim: int | None = None, text_dim: int | None = None,
-                 seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, config: PALConfig, image_dim: int | None = None, text_dim: int | None = None, seed: int = 0
+    ) -> None:
         """With both dims: anchors at their initial draw for `seed` (an untrained PAL); without: none until `setup`
         or a load (`load_aligner`) creates them."""
         super().__init__(config)

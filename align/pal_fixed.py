@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipe_align.align.base import (
+from pipe_align.extract.errors import PipeError
+
+from .base import (
     ClosedFormAligner,
     ImageRows,
     MethodConfig,
@@ -27,8 +29,7 @@ from pipe_align.align.base import (
     l2n,
     register_method,
 )
-from pipe_align.align.pal import AnchorProfiles, image_token_view
-from pipe_align.extract.errors import PipeError
+from .pal import AnchorProfiles, image_token_view
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from pipe_align.align.base import Plan, TrainedAligner, TrainingData
-from pipe_align.align.ddp import DataParallel
-from pipe_align.align.loop import NonFinite, RunConfig, fit, heldout_loss, heldout_retrieval
+from .base import Plan, TrainedAligner, TrainingData
+from .ddp import DataParallel
+from .loop import NonFinite, RunConfig, fit, heldout_loss, heldout_retrieval
 
 PRESETS = ("auto", "paper", "small")  # the first is the default
 SMALL_PAIRS = 4096
@@ -41,8 +41,12 @@ FINAL_STEPS = 300
 SMALL_PARAMS = {"lr": 1e-3, "schedule": "cosine", "warmup_epochs": 0.0, "lr_finder": 0}
 # What `pipe align --help` shows for an option the small preset decides when it is not given.
 SMALL_HELP = {k: str(v) for k, v in SMALL_PARAMS.items()} | {
-    "anchors": "picked from " + "/".join(map(str, K_GRID)), "use_cls": "picked", "batch_size": str(SMALL_BATCH),
-    "epochs": f"a {FINAL_STEPS}-step budget", "patience": "a fifth of the epochs"}  # fmt: skip
+    "anchors": "picked from " + "/".join(map(str, K_GRID)),
+    "use_cls": "picked",
+    "batch_size": str(SMALL_BATCH),
+    "epochs": f"a {FINAL_STEPS}-step budget",
+    "patience": "a fifth of the epochs",
+}
 
 
 def user_wins(params: dict[str, Any]) -> dict[str, Any]:
@@ -52,15 +56,20 @@ def user_wins(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def plan_paper(method: type[TrainedAligner], params: dict[str, Any], run: RunConfig, why: str,
-               requested: str) -> Plan:  # fmt: skip
-    record = {"requested": requested, "name": "paper", "why": why, "user": dict(params),
-              "summary": "paper: the PAL authors' settings" + _given(params, run)}  # fmt: skip
+def plan_paper(method: type[TrainedAligner], params: dict[str, Any], run: RunConfig, why: str, requested: str) -> Plan:
+    record = {
+        "requested": requested,
+        "name": "paper",
+        "why": why,
+        "user": dict(params),
+        "summary": "paper: the PAL authors' settings" + _given(params, run),
+    }
     return Plan(user_wins(dict(params)), run.resolved(method), record)
 
 
-def plan(method: type[TrainedAligner], preset: str, params: dict[str, Any], run: RunConfig,
-         n_train: int) -> Plan | None:  # fmt: skip
+def plan(
+    method: type[TrainedAligner], preset: str, params: dict[str, Any], run: RunConfig, n_train: int
+) -> Plan | None:
     """The plan of a preset that needs no search, or None when the small-data search must run."""
     if preset == "paper":
         return plan_paper(method, params, run, "asked for (--preset paper)", preset)
@@ -77,8 +86,15 @@ def steps_to_epochs(steps: int, n_train: int, batch: int) -> int:
     return max(1, math.ceil(steps / max(1, math.ceil(n_train / batch))))
 
 
-def search_small(method: type[TrainedAligner], params: dict[str, Any], run: RunConfig, data: TrainingData,
-                 requested: str, dp: DataParallel | None = None, say: bool = False) -> Plan:  # fmt: skip
+def search_small(
+    method: type[TrainedAligner],
+    params: dict[str, Any],
+    run: RunConfig,
+    data: TrainingData,
+    requested: str,
+    dp: DataParallel | None = None,
+    say: bool = False,
+) -> Plan:
     """The `small` preset: probe the candidates on the held-out pairs, then plan the final training."""
     n = len(data.train)
     batch = small_batch(n, run)
@@ -96,15 +112,21 @@ def search_small(method: type[TrainedAligner], params: dict[str, Any], run: RunC
         entry: dict[str, Any] = dict(extra)
         try:
             res = fit(method, cfg, probe_run, data, dp=dp)
-            entry |= {"heldout_mean_r1": heldout_retrieval(res.aligner, data.val, run.seed)["heldout_mean_r1"],
-                      "val_loss": heldout_loss(res.aligner, data.val, batch, run.seed).get("val_loss")}  # fmt: skip
+            entry |= {
+                "heldout_mean_r1": heldout_retrieval(res.aligner, data.val, run.seed)["heldout_mean_r1"],
+                "val_loss": heldout_loss(res.aligner, data.val, batch, run.seed).get("val_loss"),
+            }
         except NonFinite as e:
             entry |= {"heldout_mean_r1": -1.0, "val_loss": math.inf, "failed": str(e)}
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         tried.append(entry)
         if say:
-            print(f"pal preset small: probe {extra} -> held-out mean R@1 {entry['heldout_mean_r1']:.3f}, loss "
-                  f"{entry['val_loss']:.3f} ({entry['seconds']:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"pal preset small: probe {extra} -> held-out mean R@1 {entry['heldout_mean_r1']:.3f}, loss "
+                f"{entry['val_loss']:.3f} ({entry['seconds']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         return entry
 
     def best(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -125,22 +147,40 @@ def search_small(method: type[TrainedAligner], params: dict[str, Any], run: RunC
             with_cls = probe({"anchors": k, "use_cls": True})
             chosen = {key: best([plain, with_cls])[key] for key in ("anchors", "use_cls")}
         how = f"probes of {probe_epochs} epochs (about {PROBE_STEPS} steps at most), best held-out mean R@1"
-    final_run = replace(run, batch_size=batch, epochs=epochs,
-                        patience=run.patience if run.patience is not None else max(10, epochs // 5))  # fmt: skip
+    final_run = replace(
+        run,
+        batch_size=batch,
+        epochs=epochs,
+        patience=run.patience if run.patience is not None else max(10, epochs // 5),
+    )
     final = base | chosen
     budget = f"{FINAL_STEPS} steps" if run.epochs is None else f"{epochs} epochs (given)"
-    summary = (f"small: K={final['anchors']} ({'given' if 'anchors' in params else 'picked'}), "
-               f"{'CLS + patches' if final.get('use_cls', True) else 'patches only'} "
-               f"({'given' if 'use_cls' in params else 'picked'}), batch {batch}, {budget} = {epochs} epochs, "
-               f"lr {final['lr']:g}" + _given(params, run))  # fmt: skip
-    record = {"requested": requested, "name": "small", "why": why, "user": dict(params), "how": how,
-              "probe_epochs": probe_epochs, "final_steps": FINAL_STEPS if run.epochs is None else None,
-              "tried": tried, "chosen": chosen, "summary": summary}  # fmt: skip
+    summary = (
+        f"small: K={final['anchors']} ({'given' if 'anchors' in params else 'picked'}), "
+        f"{'CLS + patches' if final.get('use_cls', True) else 'patches only'} "
+        f"({'given' if 'use_cls' in params else 'picked'}), batch {batch}, {budget} = {epochs} epochs, "
+        f"lr {final['lr']:g}" + _given(params, run)
+    )
+    record = {
+        "requested": requested,
+        "name": "small",
+        "why": why,
+        "user": dict(params),
+        "how": how,
+        "probe_epochs": probe_epochs,
+        "final_steps": FINAL_STEPS if run.epochs is None else None,
+        "tried": tried,
+        "chosen": chosen,
+        "summary": summary,
+    }
     return Plan(final, final_run, record)
 
 
 def _given(params: dict[str, Any], run: RunConfig) -> str:
     given = [f"--{k.replace('_', '-')} {v}" for k, v in sorted(params.items())]
-    given += [f"--{k.replace('_', '-')} {getattr(run, k)}" for k in ("epochs", "batch_size", "patience")
-              if getattr(run, k) is not None]  # fmt: skip
+    given += [
+        f"--{k.replace('_', '-')} {getattr(run, k)}"
+        for k in ("epochs", "batch_size", "patience")
+        if getattr(run, k) is not None
+    ]
     return f"; given: {', '.join(given)}" if given else ""

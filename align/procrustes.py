@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipe_align.align.base import ClosedFormAligner, ImageRows, TextRows, TrainingData, register_method, saved_size
-from pipe_align.align.baseline import (
+from pipe_align.extract.errors import PipeError
+
+from .base import ClosedFormAligner, ImageRows, TextRows, TrainingData, register_method, saved_size
+from .baseline import (
     BaselineConfig,
     BaselineState,
     gather_pairs,
@@ -25,13 +27,13 @@ from pipe_align.align.baseline import (
     pca_basis,
     text_input,
 )
-from pipe_align.extract.errors import PipeError
 
 
 @dataclass(frozen=True)
 class ProcrustesConfig(BaselineConfig):
-    dim: int | None = field(default=None, metadata={
-        "help": "procrustes: shared dimension after PCA (default min(Di, Dt))."})  # fmt: skip
+    dim: int | None = field(
+        default=None, metadata={"help": "procrustes: shared dimension after PCA (default min(Di, Dt))."}
+    )
 
     def check(self) -> None:
         super().check()
@@ -74,8 +76,10 @@ class Procrustes(BaselineState, ClosedFormAligner):
     def blank(cls, config: ProcrustesConfig, shapes: dict[str, tuple[int, ...]]) -> Procrustes:
         di, dt = saved_size(shapes, "mean_img", 0), saved_size(shapes, "mean_txt", 0)
         d = shared_dim(di, dt, config.dim)
-        return cls.with_shapes(config, {"mean_img": (di,), "mean_txt": (dt,), "basis_img": (di, d),
-                                        "basis_txt": (dt, d), "rotation": (d, d)})  # fmt: skip
+        return cls.with_shapes(
+            config,
+            {"mean_img": (di,), "mean_txt": (dt,), "basis_img": (di, d), "basis_txt": (dt, d), "rotation": (d, d)},
+        )
 
     def _image(self, z: Tensor) -> Tensor:
         w = self._get("basis_img", z) @ self._get("rotation", z)

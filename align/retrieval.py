@@ -154,8 +154,9 @@ def retrieval_metrics(
             candidate buffer: about 36 MB in all at N = 5000, block 1024, float32).
     """
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(f"expected image_emb [N, E] and text_emb [M, E], got {tuple(image_emb.shape)} and "
-                         f"{tuple(text_emb.shape)}")
+        raise ValueError(
+            f"expected image_emb [N, E] and text_emb [M, E], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
     n, m = image_emb.shape[0], text_emb.shape[0]
     t2i = as_long(text_to_image, "text_to_image").to(text_emb.device)
     if t2i.shape != (m,):

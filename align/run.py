@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipe_align.align.base import (
+from pipe_align.extract.errors import PipeError
+from pipe_align.extract.files import write_text
+from pipe_align.extract.remote import location
+from pipe_align.extract.runtime import resolve_device
+
+from .base import (
     Aligner,
     ImageRows,
     MethodConfig,
@@ -31,7 +36,7 @@ from pipe_align.align.base import (
     TrainedAligner,
     TrainingData,
 )
-from pipe_align.align.data import (
+from .data import (
     PairSource,
     PairStores,
     Split,
@@ -42,13 +47,9 @@ from pipe_align.align.data import (
     store_fingerprint,
     stores_in,
 )
-from pipe_align.align.ddp import DataParallel, barrier_and_close, init_from_env, launched_world
-from pipe_align.align.loop import FitResult, RunConfig, fit, heldout_retrieval
-from pipe_align.align.methods import get_method
-from pipe_align.extract.errors import PipeError
-from pipe_align.extract.files import write_text
-from pipe_align.extract.remote import location
-from pipe_align.extract.runtime import resolve_device
+from .ddp import DataParallel, barrier_and_close, init_from_env, launched_world
+from .loop import FitResult, RunConfig, fit, heldout_retrieval
+from .methods import get_method
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -174,8 +175,12 @@ def resolve_run(cfg: AlignConfig) -> Job:
     preset = method.check_preset(cfg.preset)
     stores = find_pair_stores(cfg.shards, cfg.image_encoder, cfg.text_encoder)
     held = heldout_stores(cfg.run.val_shards, stores) if cfg.run.val_shards else None
-    request = {"preset": preset, "params": dict(cfg.params), "run": cfg.run.training_key(),
-               "fingerprint": {"image": store_fingerprint(stores.image), "text": store_fingerprint(stores.text)}}
+    request = {
+        "preset": preset,
+        "params": dict(cfg.params),
+        "run": cfg.run.training_key(),
+        "fingerprint": {"image": store_fingerprint(stores.image), "text": store_fingerprint(stores.text)},
+    }
     if held is not None:  # the held-out stores decide early stopping: other ones are another run
         request["val_fingerprint"] = {"image": store_fingerprint(held.image), "text": store_fingerprint(held.text)}
     run_json = out / "run.json"
@@ -185,8 +190,10 @@ def resolve_run(cfg: AlignConfig) -> Job:
     if (out / "checkpoint.pt").exists() and not cfg.resume:
         raise PipeError(f"{out}: has an unfinished run (checkpoint.pt); pass --resume to continue it")
     if (out / "checkpoint.pt").exists() and prev.get("request") not in (None, request):  # before any preset search
-        raise PipeError(f"{out / 'checkpoint.pt'}: was written with other options or data; resume with the same ones, "
-                        "or use another --out")  # fmt: skip
+        raise PipeError(
+            f"{out / 'checkpoint.pt'}: was written with other options or data; resume with the same ones, "
+            "or use another --out"
+        )
     split = pair_split(stores, cfg.run.val_fraction, cfg.run.seed, cfg.run.limit)
     job = Job(cfg, method, out, preset, stores, held, split, request, prev)
     plan = _reuse_plan(prev, request) or method.preset_plan(preset, dict(cfg.params), cfg.run, len(split.train))
@@ -210,8 +217,15 @@ def load_data(job: Job) -> Loaded:
     tokens = job.method.wants_tokens(job.config or cfg.given)  # before a search: the user's options decide
 
     def source(rows, pairs=stores, captions=job.split.captions):
-        return PairSource(pairs, rows, captions, tokens=tokens, device=device, memory_budget=cfg.run.memory_budget,
-                          caption_rule=cfg.run.captions)  # fmt: skip
+        return PairSource(
+            pairs,
+            rows,
+            captions,
+            tokens=tokens,
+            device=device,
+            memory_budget=cfg.run.memory_budget,
+            caption_rule=cfg.run.captions,
+        )
 
     train, val = source(job.split.train), (source(job.split.val) if len(job.split.val) >= 2 else None)
     if job.held is not None:
@@ -234,9 +248,13 @@ def fit_run(job: Job, loaded: Loaded, progress: bool, verbose: bool) -> tuple[Fi
     cfg, out, plan, data = job.cfg, job.out, job.plan, loaded.data
     out.mkdir(parents=True, exist_ok=True)
     meta = _run_meta(cfg, job.config, plan.run, job.stores, data.train, job.split) | _heldout_meta(job.held, data.val)
-    meta |= {"key": job.key, "fingerprint": job.key["fingerprint"], "request": job.request,
-             "data_parallel": loaded.dp.world if loaded.dp else 1,
-             "preset": plan.record | {"params": plan.params, "run": asdict(plan.run)} if plan.record else None}
+    meta |= {
+        "key": job.key,
+        "fingerprint": job.key["fingerprint"],
+        "request": job.request,
+        "data_parallel": loaded.dp.world if loaded.dp else 1,
+        "preset": plan.record | {"params": plan.params, "run": asdict(plan.run)} if plan.record else None,
+    }
 
     def on_epoch(history: list[dict]) -> None:
         if loaded.main:
@@ -247,9 +265,20 @@ def fit_run(job: Job, loaded: Loaded, progress: bool, verbose: bool) -> tuple[Fi
     trained = issubclass(job.method, TrainedAligner)
     if loaded.main and not (out / "checkpoint.pt").exists():  # a fresh training: no epoch lines of an earlier one
         (out / "train.log").unlink(missing_ok=True)
-    result = fit(job.method, job.config, plan.run, data, checkpoint=out / "checkpoint.pt" if trained else None,
-                 resume=cfg.resume, key=job.key, dp=loaded.dp, on_epoch=on_epoch, progress=progress,
-                 log=out / "train.log", verbose=verbose)  # fmt: skip
+    result = fit(
+        job.method,
+        job.config,
+        plan.run,
+        data,
+        checkpoint=out / "checkpoint.pt" if trained else None,
+        resume=cfg.resume,
+        key=job.key,
+        dp=loaded.dp,
+        on_epoch=on_epoch,
+        progress=progress,
+        log=out / "train.log",
+        verbose=verbose,
+    )
     return result, meta
 
 
@@ -280,8 +309,9 @@ def _check_resumable(out: Path, prev: dict, key: dict) -> None:
     loaded (the checkpoint's own key is checked again when it is read)."""
     ckpt = out / "checkpoint.pt"
     if ckpt.exists() and prev.get("key") not in (None, key):
-        raise PipeError(f"{ckpt}: was written with other options or data; resume with the same ones, or use another "
-                        "--out")  # fmt: skip
+        raise PipeError(
+            f"{ckpt}: was written with other options or data; resume with the same ones, or use another --out"
+        )
 
 
 def _finished(out: Path, prev: dict, key: dict) -> AlignResult:
@@ -295,8 +325,9 @@ def _reuse_plan(prev: dict, request: dict) -> Plan | None:
     rec = prev.get("preset")
     if prev.get("request") != request or not rec or "params" not in rec:
         return None
-    return Plan(dict(rec["params"]), RunConfig(**rec["run"]), {k: v for k, v in rec.items() if k not in ("params",
-                                                                                                        "run")})
+    return Plan(
+        dict(rec["params"]), RunConfig(**rec["run"]), {k: v for k, v in rec.items() if k not in ("params", "run")}
+    )
 
 
 def _legacy_names(prev: dict) -> dict:
@@ -330,37 +361,56 @@ def _run_key(cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: PairS
     """What a run's result depends on: a finished run is reused, and a checkpoint resumed, only when this matches
     (the stores' paths resolved, and their content fingerprints, so re-extracted stores are never mistaken)."""
     return {
-        "method": cfg.method, "config": asdict(mcfg), "run": run.training_key(),
-        "image_store": str(stores.image.path.resolve()), "text_store": str(stores.text.path.resolve()),
+        "method": cfg.method,
+        "config": asdict(mcfg),
+        "run": run.training_key(),
+        "image_store": str(stores.image.path.resolve()),
+        "text_store": str(stores.text.path.resolve()),
         "fingerprint": {"image": store_fingerprint(stores.image), "text": store_fingerprint(stores.text)},
         "unpaired_shards": str(location(cfg.unpaired_shards).resolve()) if cfg.unpaired_shards else None,
-    }  # fmt: skip
+    }
 
 
-def _run_meta(cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: PairStores, train: PairSource,
-              split) -> dict[str, Any]:  # fmt: skip
+def _run_meta(
+    cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: PairStores, train: PairSource, split
+) -> dict[str, Any]:
     si, st = stores.image, stores.text
     return {
-        "method": cfg.method, "config": asdict(mcfg), "run": asdict(run),
+        "method": cfg.method,
+        "config": asdict(mcfg),
+        "run": asdict(run),
         "align": {k: v for k, v in asdict(cfg).items() if k not in ("run", "params")} | {"params": dict(cfg.params)},
-        "image_encoder": si.layout.encoder.get("alias"), "text_encoder": st.layout.encoder.get("alias"),
-        "image_weights": si.layout.encoder.get("weights"), "text_weights": st.layout.encoder.get("weights"),
-        "image_layer": si.layout.encoder.get("layer"), "text_layer": st.layout.encoder.get("layer"),
-        "dataset": si.layout.dataset, "split": si.layout.split,
-        "image_store": str(si.path), "text_store": str(st.path),
+        "image_encoder": si.layout.encoder.get("alias"),
+        "text_encoder": st.layout.encoder.get("alias"),
+        "image_weights": si.layout.encoder.get("weights"),
+        "text_weights": st.layout.encoder.get("weights"),
+        "image_layer": si.layout.encoder.get("layer"),
+        "text_layer": st.layout.encoder.get("layer"),
+        "dataset": si.layout.dataset,
+        "split": si.layout.split,
+        "image_store": str(si.path),
+        "text_store": str(st.path),
         "encoders": {"image": _encoder_record(si), "text": _encoder_record(st)},
         "pairs": {"train": int(len(split.train)), "val": int(len(split.val)), "val_ids": _ids_digest(si, split.val)},
         "tokens": {"image": "patches+cls" if getattr(mcfg, "use_cls", False) else "patches"},
-        "data_mode": "memory" if train.in_memory else "stream", "complete": False,
-    }  # fmt: skip
+        "data_mode": "memory" if train.in_memory else "stream",
+        "complete": False,
+    }
 
 
 def _heldout_meta(held: PairStores | None, val: PairSource | None) -> dict[str, Any]:
     """Where the held-out pairs came from, when another store set holds them (`--val-shards`)."""
     if held is None or val is None:
         return {}
-    return {"heldout_stores": {"image": str(held.image.path), "text": str(held.text.path), "pairs": len(val),
-                               "dataset": held.image.layout.dataset, "split": held.image.layout.split}}  # fmt: skip
+    return {
+        "heldout_stores": {
+            "image": str(held.image.path),
+            "text": str(held.text.path),
+            "pairs": len(val),
+            "dataset": held.image.layout.dataset,
+            "split": held.image.layout.split,
+        }
+    }
 
 
 def _encoder_record(store) -> dict[str, Any]:
@@ -385,15 +435,23 @@ def _load_unpaired(cfg: AlignConfig, paired: PairStores) -> tuple[ImageRows, Tex
     picked = []
     for st in (paired.image, paired.text):
         enc = st.layout.encoder
-        same = [s for s in stores if s.layout.modality == st.layout.modality and s.layout.encoder.get("alias")
-                == enc.get("alias") and s.layout.encoder.get("layer") == enc.get("layer")]  # fmt: skip
+        same = [
+            s
+            for s in stores
+            if s.layout.modality == st.layout.modality
+            and s.layout.encoder.get("alias") == enc.get("alias")
+            and s.layout.encoder.get("layer") == enc.get("layer")
+        ]
         what = f"{st.layout.modality} store of {enc.get('alias')} (layer {enc.get('layer')})"
         if not same:
             found = ", ".join(s.path.name for s in stores) or "no stores"
             raise PipeError(f"--unpaired-shards {folder}: no {what}, the encoder of the paired stores (found: {found})")
         if len(same) > 1:
-            raise PipeError(f"--unpaired-shards {folder}: several {what}: "
-                            + ", ".join(s.path.name for s in same) + "; keep one per folder")  # fmt: skip
+            raise PipeError(
+                f"--unpaired-shards {folder}: several {what}: "
+                + ", ".join(s.path.name for s in same)
+                + "; keep one per folder"
+            )
         same[0].require_complete()
         picked.append(same[0])
     img_st, txt_st = picked
@@ -402,8 +460,10 @@ def _load_unpaired(cfg: AlignConfig, paired: PairStores) -> tuple[ImageRows, Tex
     for st, name, t, row_ids in ((img_st, "cls", cls, kept), (txt_st, "pooled", pooled, np.arange(len(pooled)))):
         bad = torch.nonzero(~torch.isfinite(t).all(1))
         if len(bad):
-            raise PipeError(f"{st.path}: array {name!r} has non-finite values in row {int(row_ids[int(bad[0])])} "
-                            "(see `pipe verify`)")  # fmt: skip
+            raise PipeError(
+                f"{st.path}: array {name!r} has non-finite values in row {int(row_ids[int(bad[0])])} "
+                "(see `pipe verify`)"
+            )
     return ImageRows(cls=cls), TextRows(pooled=pooled)
 
 

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipe_align.align.base import (
+from pipe_align.extract.errors import PipeError
+
+from .base import (
     ImageRows,
     StepContext,
     TextRows,
@@ -45,11 +47,10 @@ from pipe_align.align.base import (
     register_method,
     saved_size,
 )
-from pipe_align.align.baseline import BaselineConfig, BaselineState, gather_pairs, image_input, text_input
-from pipe_align.align.cca import cca_fit
-from pipe_align.align.data import part_bounds
-from pipe_align.align.procrustes import procrustes_fit
-from pipe_align.extract.errors import PipeError
+from .baseline import BaselineConfig, BaselineState, gather_pairs, image_input, text_input
+from .cca import cca_fit
+from .data import part_bounds
+from .procrustes import procrustes_fit
 
 TEACHERS = ("procrustes", "cca")
 
@@ -57,16 +58,23 @@ TEACHERS = ("procrustes", "cca")
 @dataclass(frozen=True)
 class SOTAlignConfig(TrainedConfig, BaselineConfig):
     teacher: str = field(default="procrustes", metadata={"help": "sotalign: the stage-1 map, procrustes or cca."})
-    teacher_dim: int | None = field(default=None, metadata={
-        "help": "sotalign: the teacher's output dim (procrustes dim / cca rank; default theirs)."})
+    teacher_dim: int | None = field(
+        default=None,
+        metadata={"help": "sotalign: the teacher's output dim (procrustes dim / cca rank; default theirs)."},
+    )
     teacher_reg: float = field(default=1e-3, metadata={"help": "sotalign: ridge of a cca teacher."})
     eps: float = field(default=0.05, metadata={"help": "sotalign: entropic regularisation of the student's plans."})
-    eps_teacher: float = field(default=0.005, metadata={
-        "help": "sotalign: entropic regularisation of the teacher's plans."})
+    eps_teacher: float = field(
+        default=0.005, metadata={"help": "sotalign: entropic regularisation of the teacher's plans."}
+    )
     n_iter: int = field(default=100, metadata={"help": "sotalign: Sinkhorn iterations."})
-    sinkhorn_symmetric: bool = field(default=True, metadata={
-        "help": "sotalign: end Sinkhorn with the authors' averaged half-update (klot.py symmetric=True); false ends "
-                "on the column update."})  # fmt: skip
+    sinkhorn_symmetric: bool = field(
+        default=True,
+        metadata={
+            "help": "sotalign: end Sinkhorn with the authors' averaged half-update (klot.py symmetric=True); false "
+            "ends on the column update."
+        },
+    )
     temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (baselines)."})
 
     def check(self) -> None:
@@ -108,8 +116,9 @@ class KLOT(torch.autograd.Function):
     """KL(P* || P(K)) with the closed-form gradient (P - P*) / eps w.r.t. the affinity K."""
 
     @staticmethod
-    def forward(ctx: Any, affinity: Tensor, plan_target: Tensor, eps: float, n_iter: int,
-                symmetric: bool = True) -> Tensor:  # fmt: skip
+    def forward(
+        ctx: Any, affinity: Tensor, plan_target: Tensor, eps: float, n_iter: int, symmetric: bool = True
+    ) -> Tensor:
         log_p = sinkhorn_log(affinity.detach() / eps, n_iter, symmetric)
         kl = (torch.xlogy(plan_target, plan_target) - plan_target * log_p).sum()
         ctx.save_for_backward(log_p.exp(), plan_target)
@@ -181,8 +190,16 @@ class SOTAlign(BaselineState, TrainedAligner):
         """The input dims and the teacher's output dim (its fitted rank) from the saved tensors."""
         di, dt, e = saved_size(shapes, "mean_img", 0), saved_size(shapes, "mean_txt", 0), saved_size(shapes, "b_img", 0)
         out = cls(config)
-        out.set_maps({"mean_img": torch.empty(di), "mean_txt": torch.empty(dt), "w_img": torch.empty(di, e),
-                      "b_img": torch.empty(e), "w_txt": torch.empty(dt, e), "b_txt": torch.empty(e)})  # fmt: skip
+        out.set_maps(
+            {
+                "mean_img": torch.empty(di),
+                "mean_txt": torch.empty(dt),
+                "w_img": torch.empty(di, e),
+                "b_img": torch.empty(e),
+                "w_txt": torch.empty(dt, e),
+                "b_txt": torch.empty(e),
+            }
+        )
         return out
 
     def _pre(self, z: Tensor, side: str) -> Tensor:
@@ -211,8 +228,9 @@ class SOTAlign(BaselineState, TrainedAligner):
     def epoch_rows(self, data: TrainingData) -> int:
         return max(len(self._px), len(self._py))
 
-    def batches(self, data: TrainingData, epoch: int, batch_size: int, seed: int,
-                part: tuple[int, int] | None) -> Iterator[UnpairedBatch]:  # fmt: skip
+    def batches(
+        self, data: TrainingData, epoch: int, batch_size: int, seed: int, part: tuple[int, int] | None
+    ) -> Iterator[UnpairedBatch]:
         nx, ny = len(self._px), len(self._py)
         bi, bt = min(batch_size, nx), min(batch_size, ny)
         rng = np.random.default_rng([seed, epoch, 3])
@@ -222,13 +240,23 @@ class SOTAlign(BaselineState, TrainedAligner):
             lo_i, hi_i, sizes_i = part_bounds(len(ii), part)
             lo_t, hi_t, sizes_t = part_bounds(len(tt), part)
             dev = self._px.device
-            yield UnpairedBatch(torch.as_tensor(ii[lo_i:hi_i], device=dev), torch.as_tensor(tt[lo_t:hi_t], device=dev),
-                                torch.as_tensor(ii, device=dev), torch.as_tensor(tt, device=dev), sizes_i, sizes_t)
+            yield UnpairedBatch(
+                torch.as_tensor(ii[lo_i:hi_i], device=dev),
+                torch.as_tensor(tt[lo_t:hi_t], device=dev),
+                torch.as_tensor(ii, device=dev),
+                torch.as_tensor(tt, device=dev),
+                sizes_i,
+                sizes_t,
+            )
 
     def loss(self, batch: UnpairedBatch, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         config = self.config
-        plan_t = ot_plan(self._tx[batch.all_images] @ self._ty[batch.all_texts].T, config.eps_teacher, config.n_iter,
-                         config.sinkhorn_symmetric)
+        plan_t = ot_plan(
+            self._tx[batch.all_images] @ self._ty[batch.all_texts].T,
+            config.eps_teacher,
+            config.n_iter,
+            config.sinkhorn_symmetric,
+        )
         f = ctx.gather(self._map(self._px[batch.images], "img"), batch.image_sizes)
         g = ctx.gather(self._map(self._py[batch.texts], "txt"), batch.text_sizes)
         loss = klot(f @ g.T, plan_t, config.eps, config.n_iter, config.sinkhorn_symmetric)

@@ -39,15 +39,28 @@ def write_stores(root: Path | Remote, n: int, p: int, l_text: int, d: int, shard
     for modality, tokens in (("image", p), ("text", l_text)):
         chunk, shard = default_rows(tokens, d, n, shard_rows)
         enc = {"alias": f"rand-{modality}", "modality": modality, "dim": d, "layer": "last"}
-        lay = StoreLayout(modality=modality, encoder=enc, dataset="rand", split="train", count=n, tokens=tokens, dim=d,
-                          rows_per_chunk=chunk, rows_per_shard=shard, grid=(16, 16) if modality == "image" else None)
+        lay = StoreLayout(
+            modality=modality,
+            encoder=enc,
+            dataset="rand",
+            split="train",
+            count=n,
+            tokens=tokens,
+            dim=d,
+            rows_per_chunk=chunk,
+            rows_per_shard=shard,
+            grid=(16, 16) if modality == "image" else None,
+        )
         st = create_store(root / f"rand-{modality}.zarr", lay)
         for s in range(lay.num_shards):
             a, b = lay.shard_range(s)
-            rows = {"ids": np.array([str(i) for i in range(a, b)]),
-                    "cls" if modality == "image" else "pooled": rng.standard_normal((b - a, d)).astype(np.float16)}
+            rows = {
+                "ids": np.array([str(i) for i in range(a, b)]),
+                "cls" if modality == "image" else "pooled": rng.standard_normal((b - a, d)).astype(np.float16),
+            }
             rows["patches" if modality == "image" else "tokens"] = rng.standard_normal((b - a, tokens, d)).astype(
-                np.float16)
+                np.float16
+            )
             if modality == "text":
                 rows |= {"text": rows["ids"], "item": np.arange(a, b), "length": rng.integers(8, l_text, b - a)}
             st.write_shard(s, rows, np.zeros(b - a, bool))
@@ -81,8 +94,14 @@ def main() -> None:
         times: dict[str, list[float]] = {mode: [] for mode in stores}
         trainers = {}
         for mode in stores:
-            src = PairSource(stores[mode], split.train, split.captions, tokens=True, device=args.device,
-                             memory_budget=None if mode == "memory" else 0)
+            src = PairSource(
+                stores[mode],
+                split.train,
+                split.captions,
+                tokens=True,
+                device=args.device,
+                memory_budget=None if mode == "memory" else 0,
+            )
             assert src.in_memory == (mode == "memory")
             trainers[mode] = Trainer(PAL, cfg, run, TrainingData(src))
             trainers[mode].train_epoch()  # warm-up: the one-time load (memory) and first-read checks (stream)
@@ -99,20 +118,26 @@ def main() -> None:
         if url is not None and url.exists():
             url.fs.rm(url.key, recursive=True)
     m, s = statistics.median(times["memory"]), statistics.median(times["stream"])
-    print(f"PAL epoch | {args.pairs} pairs | K={args.anchors} | batch {args.batch_size} | image 256x384, text 64x384"
-          f" fp16 | {args.device} | torch threads {torch.get_num_threads()} | reps {args.reps}"
-          f" | freed memory kept: {'yes' if kept else 'no'}")
+    print(
+        f"PAL epoch | {args.pairs} pairs | K={args.anchors} | batch {args.batch_size} | image 256x384, text 64x384"
+        f" fp16 | {args.device} | torch threads {torch.get_num_threads()} | reps {args.reps}"
+        f" | freed memory kept: {'yes' if kept else 'no'}"
+    )
     for name, v in (("memory", m), ("streaming", s)):
         runs = ", ".join(f"{x:.2f}" for x in times["memory" if name == "memory" else "stream"])
         print(f"{name:10s} {v:7.2f} s/epoch  {args.pairs / v:8.1f} pairs/s  (runs: {runs})")
     paired = statistics.median(b / a for a, b in zip(times["memory"], times["stream"]))
-    print(f"ratio streaming / memory  {s / m:.3f}  (goal <= 1.15); median of the per-rep ratios {paired:.3f}"
-          " (each rep times the two modes back to back, on the same caption draw and order)")
+    print(
+        f"ratio streaming / memory  {s / m:.3f}  (goal <= 1.15); median of the per-rep ratios {paired:.3f}"
+        " (each rep times the two modes back to back, on the same caption draw and order)"
+    )
     if url is not None:
         r = statistics.median(times["stream-url"])
         paired = statistics.median(b / a for a, b in zip(times["stream"], times["stream-url"]))
-        print(f"{'from URL':10s} {r:7.2f} s/epoch  {args.pairs / r:8.1f} pairs/s  (runs: "
-              f"{', '.join(f'{x:.2f}' for x in times['stream-url'])})  {url}")
+        print(
+            f"{'from URL':10s} {r:7.2f} s/epoch  {args.pairs / r:8.1f} pairs/s  (runs: "
+            f"{', '.join(f'{x:.2f}' for x in times['stream-url'])})  {url}"
+        )
         print(f"ratio URL / local streaming  {r / s:.3f}  (goal <= 1.3); median of the per-rep ratios {paired:.3f}")
 
 

@@ -47,23 +47,54 @@ def main() -> None:
     cores = os.cpu_count() or 1
     root = Path(__file__).resolve().parents[1]
     tmp = Path(tempfile.mkdtemp(prefix="pipe-bench-ddp-"))
-    opts = ["--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--patience", "0", "--val-fraction",
-            "0", "--device", args.device, "--no-progress"]  # fmt: skip
+    opts = [
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--patience",
+        "0",
+        "--val-fraction",
+        "0",
+        "--device",
+        args.device,
+        "--no-progress",
+    ]
     try:
         _write_stores(tmp / "stores", args.pairs)
         common = ["align", "--shards", str(tmp / "stores"), *opts]
         one_env = {**os.environ, "OMP_NUM_THREADS": str(cores)}
-        subprocess.run([sys.executable, "-m", "pipe_align.pipelines.cli", *common, "--out", str(tmp / "one")], cwd=root,
-                       env=one_env, check=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "pipe_align.pipelines.cli", *common, "--out", str(tmp / "one")],
+            cwd=root,
+            env=one_env,
+            check=True,
+        )
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         per_rank = str(max(1, cores // args.ranks)) if args.device == "cpu" else os.environ.get("OMP_NUM_THREADS", "1")
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks),
-                        "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "pipe_align.pipelines.cli",
-                        *common,
-                        "--out", str(tmp / "ddp")], cwd=root, env={**os.environ, "OMP_NUM_THREADS": per_rank},
-                       check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(args.ranks),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "pipe_align.pipelines.cli",
+                *common,
+                "--out",
+                str(tmp / "ddp"),
+            ],
+            cwd=root,
+            env={**os.environ, "OMP_NUM_THREADS": per_rank},
+            check=True,
+        )
         from safetensors.torch import load_file
 
         a, b = load_file(tmp / "one" / "anchors.safetensors"), load_file(tmp / "ddp" / "anchors.safetensors")
@@ -72,12 +103,18 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     m1, m2 = statistics.median(one), statistics.median(ddp)
-    print(f"PAL K=512 | {args.pairs} pairs | batch {args.batch_size} | {args.device} | {cores} cores | "
-          f"epochs after the first: {len(one)}")
-    print(f"one process ({cores} threads)      {m1:7.2f} s/epoch  {args.pairs / m1:8.1f} pairs/s  "
-          f"(epochs: {', '.join(f'{x:.2f}' for x in one)})")
-    print(f"torchrun {args.ranks} ranks ({per_rank} thread(s) each) {m2:7.2f} s/epoch  {args.pairs / m2:8.1f} pairs/s  "
-          f"(epochs: {', '.join(f'{x:.2f}' for x in ddp)})")
+    print(
+        f"PAL K=512 | {args.pairs} pairs | batch {args.batch_size} | {args.device} | {cores} cores | "
+        f"epochs after the first: {len(one)}"
+    )
+    print(
+        f"one process ({cores} threads)      {m1:7.2f} s/epoch  {args.pairs / m1:8.1f} pairs/s  "
+        f"(epochs: {', '.join(f'{x:.2f}' for x in one)})"
+    )
+    print(
+        f"torchrun {args.ranks} ranks ({per_rank} thread(s) each) {m2:7.2f} s/epoch  {args.pairs / m2:8.1f} pairs/s  "
+        f"(epochs: {', '.join(f'{x:.2f}' for x in ddp)})"
+    )
     print(f"speed-up one / ranks  {m1 / m2:.2f}x;  max |anchor difference| {diff:.2e}")
 
 

@@ -43,8 +43,10 @@ def main() -> None:
         write_world(tmp, "val", size=args.images, layouts=("coco",))
         paths = sorted((tmp / "val2017").glob("*.jpg"))
         decoded = [open_rgb(p) for p in paths]
-        batches = [enc.preprocess(decoded[i : i + args.batch_size], resize=model.resize)
-                   for i in range(0, len(decoded), args.batch_size)]  # fmt: skip
+        batches = [
+            enc.preprocess(decoded[i : i + args.batch_size], resize=model.resize)
+            for i in range(0, len(decoded), args.batch_size)
+        ]
         enc.encode(batches[0])  # warm-up
         model.encode_image(paths[: args.batch_size])
         bare, api = [], []
@@ -71,15 +73,19 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     b, a = statistics.median(bare), statistics.median(api)
-    print(f"run {args.run} ({model.method}) | encoder {enc.info.weights} | {len(paths)} world val JPEGs, "
-          f"{enc.info.image_size}px {model.resize} | batch {args.batch_size} | device {args.device} | "
-          f"torch threads {torch.get_num_threads()} | reps {args.reps}")
+    print(
+        f"run {args.run} ({model.method}) | encoder {enc.info.weights} | {len(paths)} world val JPEGs, "
+        f"{enc.info.image_size}px {model.resize} | batch {args.batch_size} | device {args.device} | "
+        f"torch threads {torch.get_num_threads()} | reps {args.reps}"
+    )
     print(f"bare forward loop         {b:7.2f} images/s   (runs: {', '.join(f'{x:.2f}' for x in bare)})")
     print(f"encode_image(paths)       {a:7.2f} images/s   (runs: {', '.join(f'{x:.2f}' for x in api)})")
     print(f"ratio encode_image / bare {a / b:7.3f}   (goal >= 0.9)")
-    print(f"segment, one {image.width}x{image.height} image, {len(labels)} labels + background: first call "
-          f"{1000 * first:.0f} ms (prompts encoded), then median {1000 * statistics.median(warm):.0f} ms "
-          f"(min {1000 * min(warm):.0f}, max {1000 * max(warm):.0f}, {args.segments} calls)")
+    print(
+        f"segment, one {image.width}x{image.height} image, {len(labels)} labels + background: first call "
+        f"{1000 * first:.0f} ms (prompts encoded), then median {1000 * statistics.median(warm):.0f} ms "
+        f"(min {1000 * min(warm):.0f}, max {1000 * max(warm):.0f}, {args.segments} calls)"
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ def main() -> None:
     stages = Stages(DemoConfig(out=args.out, size=args.size, progress=False), out / "features")
     shards, runs = out / "features" / "world" / "train", out / f"runs-val{args.val_fraction}"
     world_val = {"size": SIZES[args.size][1]}
-    print("| method (picked) | acc1 | bal. acc | I2T R@1 | I2T R@5 | T2I R@1 | T2I R@5 | seg mIoU | seg fg mIoU "
-          "| train s |")
+    print(
+        "| method (picked) | acc1 | bal. acc | I2T R@1 | I2T R@5 | T2I R@1 | T2I R@5 | seg mIoU | seg fg mIoU "
+        "| train s |"
+    )
     for m in args.methods:
         tried = []
         for params in BASELINE_GRID.get(m, ({},)):
@@ -42,8 +44,16 @@ def main() -> None:
         c = stages.eval("classification", best.path, "world", "val", world_val, figures=False)
         r = stages.eval("retrieval", best.path, "world", "val", world_val, figures=False)
         s = stages.eval("segmentation", best.path, "world", "val", world_val, protocol="pal", figures=False)
-        vals = [c["acc1"], c["balanced_acc"], r["text_retrieval_recall@1"], r["text_retrieval_recall@5"],
-                r["image_retrieval_recall@1"], r["image_retrieval_recall@5"], s["mIoU"], s["fg_mIoU"]]  # fmt: skip
+        vals = [
+            c["acc1"],
+            c["balanced_acc"],
+            r["text_retrieval_recall@1"],
+            r["text_retrieval_recall@5"],
+            r["image_retrieval_recall@1"],
+            r["image_retrieval_recall@5"],
+            s["mIoU"],
+            s["fg_mIoU"],
+        ]
         cells = " | ".join(f"{100 * v:.1f}" for v in vals)
         print(f"| {m} {params or ''} | {cells} | {best.meta['wall_seconds']:.1f} |")
 

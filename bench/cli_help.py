@@ -19,8 +19,10 @@ from pathlib import Path
 
 HELPS = (["--help"], ["align", "--help"], ["eval", "segmentation", "--help"], ["extract", "--help"])
 HEAVY = ("torch", "zarr", "matplotlib", "transformers")
-PROBE = ("import json, sys\nfrom pipe_align.pipelines.cli import main\nmain({argv!r})\n"
-         "print(json.dumps([m for m in {heavy!r} if m in sys.modules]), file=sys.stderr)")  # fmt: skip
+PROBE = (
+    "import json, sys\nfrom pipe_align.pipelines.cli import main\nmain({argv!r})\n"
+    "print(json.dumps([m for m in {heavy!r} if m in sys.modules]), file=sys.stderr)"
+)
 
 
 def site_for(checkout: Path) -> str:

@@ -51,12 +51,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 ROOT = Path(HERE).parent
 D, GRID, TEXT_LEN, ANCHORS, TEMPLATES = 384, (16, 16), 64, 512, 4
-IMAGE_ENC = {"alias": "dinov2-small", "model_id": "facebook/dinov2-small", "revision": None,
-             "weights": "random (bench)", "modality": "image", "dim": D, "layer": "last", "image_size": 224,
-             "patch_size": 14, "num_register_tokens": 0, "pooling": None, "max_length": None}  # fmt: skip
-TEXT_ENC = {"alias": "minilm", "model_id": "sentence-transformers/all-MiniLM-L6-v2", "revision": None,
-            "weights": "random (bench)", "modality": "text", "dim": D, "layer": "last", "image_size": None,
-            "patch_size": None, "num_register_tokens": 0, "pooling": "mean", "max_length": TEXT_LEN}  # fmt: skip
+IMAGE_ENC = {
+    "alias": "dinov2-small",
+    "model_id": "facebook/dinov2-small",
+    "revision": None,
+    "weights": "random (bench)",
+    "modality": "image",
+    "dim": D,
+    "layer": "last",
+    "image_size": 224,
+    "patch_size": 14,
+    "num_register_tokens": 0,
+    "pooling": None,
+    "max_length": None,
+}
+TEXT_ENC = {
+    "alias": "minilm",
+    "model_id": "sentence-transformers/all-MiniLM-L6-v2",
+    "revision": None,
+    "weights": "random (bench)",
+    "modality": "text",
+    "dim": D,
+    "layer": "last",
+    "image_size": None,
+    "patch_size": None,
+    "num_register_tokens": 0,
+    "pooling": "mean",
+    "max_length": TEXT_LEN,
+}
 MiB = 1 << 20
 
 
@@ -107,16 +129,32 @@ def build(base: Path, images: int, mask_size: int) -> dict:
 
     n, p = len(ids), GRID[0] * GRID[1]
     chunk, shard = default_rows(p, D, n)
-    lay = StoreLayout(modality="image", encoder=IMAGE_ENC, dataset="world", split="val", count=n, tokens=p, dim=D,
-                      rows_per_chunk=chunk, rows_per_shard=shard, dtype="float16", grid=GRID, resize="squash",
-                      classes=classes)  # fmt: skip
+    lay = StoreLayout(
+        modality="image",
+        encoder=IMAGE_ENC,
+        dataset="world",
+        split="val",
+        count=n,
+        tokens=p,
+        dim=D,
+        rows_per_chunk=chunk,
+        rows_per_shard=shard,
+        dtype="float16",
+        grid=GRID,
+        resize="squash",
+        classes=classes,
+    )
 
     def image_shard(a: int, b: int, rng) -> dict:
         patches = np.empty((b - a, p, D), np.float16)
         for r in range(0, b - a, 32):  # float32 normals a few rows at a time, stored as float16
             patches[r : r + 32] = rng.standard_normal((min(32, b - a - r), p, D), np.float32)
-        return {"ids": ids[a:b], "cls": rng.standard_normal((b - a, D), np.float32).astype(np.float16),
-                "patches": patches, "labels": labels[a:b]}  # fmt: skip
+        return {
+            "ids": ids[a:b],
+            "cls": rng.standard_normal((b - a, D), np.float32).astype(np.float16),
+            "patches": patches,
+            "labels": labels[a:b],
+        }
 
     image_path = store_path(features, "world", "val", IMAGE_ENC["alias"])
     write_store(image_path, lay, image_shard, rng)
@@ -125,33 +163,61 @@ def build(base: Path, images: int, mask_size: int) -> dict:
     item = np.repeat(np.arange(len(classes)), len(templates))
     m = len(item)
     tchunk, tshard = default_rows(TEXT_LEN, D, m)
-    tlay = StoreLayout(modality="text", encoder=TEXT_ENC, dataset="world", split="val", count=m, tokens=TEXT_LEN,
-                       dim=D, rows_per_chunk=tchunk, rows_per_shard=tshard, dtype="float16", classes=classes,
-                       templates=templates)  # fmt: skip
+    tlay = StoreLayout(
+        modality="text",
+        encoder=TEXT_ENC,
+        dataset="world",
+        split="val",
+        count=m,
+        tokens=TEXT_LEN,
+        dim=D,
+        rows_per_chunk=tchunk,
+        rows_per_shard=tshard,
+        dtype="float16",
+        classes=classes,
+        templates=templates,
+    )
 
     def prompt_shard(a: int, b: int, rng) -> dict:
         sl = slice(a, b)
-        return {"ids": np.array([f"{c}:{j % len(templates)}" for j, c in enumerate(item)])[sl],
-                "text": np.array([templates[j % len(templates)].format(classes[c]) for j, c in enumerate(item)])[sl],
-                "item": item[sl], "tokens": rng.standard_normal((b - a, TEXT_LEN, D), np.float32).astype(np.float16),
-                "length": rng.integers(6, 14, b - a).astype(np.int16),
-                "pooled": rng.standard_normal((b - a, D), np.float32).astype(np.float16)}  # fmt: skip
+        return {
+            "ids": np.array([f"{c}:{j % len(templates)}" for j, c in enumerate(item)])[sl],
+            "text": np.array([templates[j % len(templates)].format(classes[c]) for j, c in enumerate(item)])[sl],
+            "item": item[sl],
+            "tokens": rng.standard_normal((b - a, TEXT_LEN, D), np.float32).astype(np.float16),
+            "length": rng.integers(6, 14, b - a).astype(np.int16),
+            "pooled": rng.standard_normal((b - a, D), np.float32).astype(np.float16),
+        }
 
     text_path = store_path(features, "world", "val", TEXT_ENC["alias"])
     write_store(text_path.with_name(text_path.name.replace(".zarr", ".prompts.zarr")), tlay, prompt_shard, rng)
 
     PAL(PALConfig(anchors=ANCHORS), D, D).save(run)
-    meta = {"method": "pal", "image_encoder": IMAGE_ENC["alias"], "text_encoder": TEXT_ENC["alias"],
-            "dataset": "world", "split": "train", "tokens": {"image": "patches"}}  # fmt: skip
+    meta = {
+        "method": "pal",
+        "image_encoder": IMAGE_ENC["alias"],
+        "text_encoder": TEXT_ENC["alias"],
+        "dataset": "world",
+        "split": "train",
+        "tokens": {"image": "patches"},
+    }
     (run / "run.json").write_text(json.dumps(meta))
     disk = sum(f.stat().st_size for f in image_path.rglob("*") if f.is_file())
     from pipe_align.evaluate.loading import row_blocks
     from pipe_align.extract.store import open_store
 
     blocks = list(row_blocks(open_store(image_path)))
-    return {"features": str(features), "run": str(run), "rows": n, "disk": disk, "raw16": n * p * D * 2,
-            "chunk": chunk, "shard": shard, "blocks": len(blocks),
-            "block_rows": max(e - s for s, e in blocks)}  # fmt: skip
+    return {
+        "features": str(features),
+        "run": str(run),
+        "rows": n,
+        "disk": disk,
+        "raw16": n * p * D * 2,
+        "chunk": chunk,
+        "shard": shard,
+        "blocks": len(blocks),
+        "block_rows": max(e - s for s, e in blocks),
+    }
 
 
 # -- workers (each in a fresh process) --------------------------------------------------------------------------------
@@ -166,8 +232,24 @@ def seg_worker(args: argparse.Namespace) -> dict:
     from pipe_align.pipelines.cli import main
 
     opts = [x for k, v in world_options(args.images, args.mask_size).items() for x in ("-o", f"{k}={v}")]
-    argv = ["eval", "segmentation", "--dataset", "world", "--split", "val", "--features", args.features,
-            "--run", args.run, "--protocol", "pal", "--device", "cpu", "--no-figures", *opts]  # fmt: skip
+    argv = [
+        "eval",
+        "segmentation",
+        "--dataset",
+        "world",
+        "--split",
+        "val",
+        "--features",
+        args.features,
+        "--run",
+        args.run,
+        "--protocol",
+        "pal",
+        "--device",
+        "cpu",
+        "--no-figures",
+        *opts,
+    ]
     rss0 = maxrss_bytes()
     t0 = time.perf_counter()
     rc = main(argv)
@@ -175,8 +257,14 @@ def seg_worker(args: argparse.Namespace) -> dict:
     if rc != 0:
         raise SystemExit(f"pipe {' '.join(argv)} exited with {rc}")
     res = json.loads((Path(args.run) / "eval" / "segmentation-world-val-pal.json").read_text())
-    return {"seconds": seconds, "rss0": rss0, "rss": maxrss_bytes(), "images": res["images"],
-            "pixels": res["pixels"], "threads": torch.get_num_threads()}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "rss0": rss0,
+        "rss": maxrss_bytes(),
+        "images": res["images"],
+        "pixels": res["pixels"],
+        "threads": torch.get_num_threads(),
+    }
 
 
 def masks_worker(args: argparse.Namespace) -> dict:
@@ -199,8 +287,17 @@ def thread_env(threads: int) -> dict[str, str]:
 
 
 def in_subprocess(kind: str, args: argparse.Namespace, extra: list[str], images: int, threads: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--images", str(images), "--mask-size",
-           str(args.mask_size), *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        kind,
+        "--images",
+        str(images),
+        "--mask-size",
+        str(args.mask_size),
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=thread_env(threads))
     if proc.returncode != 0:
         raise SystemExit(f"{kind} worker failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -221,15 +318,21 @@ def bench_segmentation(args: argparse.Namespace) -> None:
         b = build_in_subprocess(args, base, args.images)
         built = time.perf_counter() - t0
         block_rows = b["block_rows"]
-        print(f"segmentation: world/val, {b['rows']} images, masks {args.mask_size}x{args.mask_size}; image store "
-              f"DINOv2-S shapes (grid {GRID[0]}x{GRID[1]} = {GRID[0] * GRID[1]} patches x {D}, float16, squash), "
-              f"prompts 13 classes x {TEMPLATES} templates x {TEXT_LEN} tokens, PAL K={ANCHORS}")
-        print(f"  features are RANDOM (the eval's cost does not depend on their values; its metrics mean nothing). "
-              f"Inputs written in {built:.1f} s")
-        print(f"  image store: {b['raw16'] / MiB:.0f} MiB of float16 patches ({2 * b['raw16'] / MiB:.0f} MiB as "
-              f"float32), {b['disk'] / MiB:.0f} MiB on disk (zstd); chunk {b['chunk']} rows, shard {b['shard']} rows, "
-              f"eval read block {block_rows} rows ({block_rows * GRID[0] * GRID[1] * D * 4 / MiB:.0f} MiB float32), "
-              f"{b['blocks']} blocks")
+        print(
+            f"segmentation: world/val, {b['rows']} images, masks {args.mask_size}x{args.mask_size}; image store "
+            f"DINOv2-S shapes (grid {GRID[0]}x{GRID[1]} = {GRID[0] * GRID[1]} patches x {D}, float16, squash), "
+            f"prompts 13 classes x {TEMPLATES} templates x {TEXT_LEN} tokens, PAL K={ANCHORS}"
+        )
+        print(
+            f"  features are RANDOM (the eval's cost does not depend on their values; its metrics mean nothing). "
+            f"Inputs written in {built:.1f} s"
+        )
+        print(
+            f"  image store: {b['raw16'] / MiB:.0f} MiB of float16 patches ({2 * b['raw16'] / MiB:.0f} MiB as "
+            f"float32), {b['disk'] / MiB:.0f} MiB on disk (zstd); chunk {b['chunk']} rows, shard {b['shard']} rows, "
+            f"eval read block {block_rows} rows ({block_rows * GRID[0] * GRID[1] * D * 4 / MiB:.0f} MiB float32), "
+            f"{b['blocks']} blocks"
+        )
         extra = ["--features", str(b["features"]), "--run", str(b["run"])]
         seg, masks = [], []
         for _ in range(args.reps):  # interleaved, so that a load spike hits both alike
@@ -242,22 +345,30 @@ def bench_segmentation(args: argparse.Namespace) -> None:
         rss = statistics.median(r["rss"] for r in seg)
         rss0 = statistics.median(r["rss0"] for r in seg)
         m_rss = statistics.median(r["rss"] - r["rss0"] for r in masks)
-        print(f"  pipe eval segmentation --protocol pal --no-figures (torch {seg[0]['threads']} threads), "
-              f"median of {args.reps}: {t_seg:.2f} s (runs {', '.join(f'{t:.2f}' for t in ts)}) "
-              f"-> {n / t_seg:.1f} images/s, {seg[0]['pixels'] / 1e6:.1f} M pixels scored")
-        print(f"  drawing the {n} world scenes + masks alone: {t_mask:.2f} s (runs "
-              f"{', '.join(f'{t:.2f}' for t in tm)}; scenes {statistics.median(r['scenes_seconds'] for r in masks):.2f}"
-              f" s of it), peak +{m_rss / MiB:.0f} MiB = {t_mask / t_seg:.0%} of the eval's time")
+        print(
+            f"  pipe eval segmentation --protocol pal --no-figures (torch {seg[0]['threads']} threads), "
+            f"median of {args.reps}: {t_seg:.2f} s (runs {', '.join(f'{t:.2f}' for t in ts)}) "
+            f"-> {n / t_seg:.1f} images/s, {seg[0]['pixels'] / 1e6:.1f} M pixels scored"
+        )
+        print(
+            f"  drawing the {n} world scenes + masks alone: {t_mask:.2f} s (runs "
+            f"{', '.join(f'{t:.2f}' for t in tm)}; scenes {statistics.median(r['scenes_seconds'] for r in masks):.2f}"
+            f" s of it), peak +{m_rss / MiB:.0f} MiB = {t_mask / t_seg:.0%} of the eval's time"
+        )
         rest = t_seg - t_mask
         if rest > 0:
-            print(f"  eval without data generation (difference of medians, an estimate): {rest:.2f} s -> "
-                  f"{n / rest:.1f} images/s")
+            print(
+                f"  eval without data generation (difference of medians, an estimate): {rest:.2f} s -> "
+                f"{n / rest:.1f} images/s"
+            )
         above = rss - rss0
         runs = ", ".join(f"{r['rss'] / MiB:.0f}" for r in seg)
-        print(f"  peak RSS {rss / MiB:.0f} MiB (median; runs {runs}); "
-              f"after imports {rss0 / MiB:.0f} MiB, so the eval itself adds {above / MiB:.0f} MiB = "
-              f"{above / b['raw16']:.2f}x the store's float16 patches ({above / (2 * b['raw16']):.2f}x as float32), "
-              f"{above / b['disk']:.2f}x its size on disk")
+        print(
+            f"  peak RSS {rss / MiB:.0f} MiB (median; runs {runs}); "
+            f"after imports {rss0 / MiB:.0f} MiB, so the eval itself adds {above / MiB:.0f} MiB = "
+            f"{above / b['raw16']:.2f}x the store's float16 patches ({above / (2 * b['raw16']):.2f}x as float32), "
+            f"{above / b['disk']:.2f}x its size on disk"
+        )
         if args.scale > 1:
             shutil.rmtree(base / "features", ignore_errors=True)  # disk: the larger store replaces this one
             scale_check(args, base / "scale", above, b["raw16"])
@@ -274,9 +385,11 @@ def scale_check(args: argparse.Namespace, base: Path, above: float, raw16: int) 
     r = in_subprocess("seg", args, ["--features", b["features"], "--run", b["run"]], n, args.threads)
     big = r["rss"] - r["rss0"]
     verdict = "flat: bounded by a read block, not the store" if big < 1.25 * above else "GREW with the store"
-    print(f"  scale check, {r['images']} images ({b['raw16'] / MiB:.0f} MiB float16 patches, "
-          f"x{b['raw16'] / raw16:.1f}), one run: {r['seconds']:.2f} s ({r['images'] / r['seconds']:.1f} images/s); "
-          f"the eval adds {big / MiB:.0f} MiB, x{big / above:.2f} of the {args.images}-image figure ({verdict})")
+    print(
+        f"  scale check, {r['images']} images ({b['raw16'] / MiB:.0f} MiB float16 patches, "
+        f"x{b['raw16'] / raw16:.1f}), one run: {r['seconds']:.2f} s ({r['images'] / r['seconds']:.1f} images/s); "
+        f"the eval adds {big / MiB:.0f} MiB, x{big / above:.2f} of the {args.images}-image figure ({verdict})"
+    )
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -287,22 +400,40 @@ def probe_default_threads(args: argparse.Namespace, base: Path) -> None:
     default = in_subprocess("seg", args, extra, args.probe, 0)
     fixed = in_subprocess("seg", args, extra, args.probe, args.threads)
     n = default["images"]
-    print(f"  probe, {n} images, one run each: torch default {default['threads']} threads {default['seconds']:.2f} s "
-          f"({n / default['seconds']:.1f} images/s) vs {fixed['threads']} thread(s) {fixed['seconds']:.2f} s "
-          f"({n / fixed['seconds']:.1f} images/s): x{default['seconds'] / fixed['seconds']:.1f} time with the default; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"  probe, {n} images, one run each: torch default {default['threads']} threads {default['seconds']:.2f} s "
+        f"({n / default['seconds']:.1f} images/s) vs {fixed['threads']} thread(s) {fixed['seconds']:.2f} s "
+        f"({n / fixed['seconds']:.1f} images/s): x{default['seconds'] / fixed['seconds']:.1f} time with the default; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
 
 
 def bench_retrieval(args: argparse.Namespace) -> None:
     """Reuses bench/eval_metrics.py: its worker runs one method --repeats times in a fresh process."""
     script = os.path.join(HERE, "eval_metrics.py")  # run, not imported: this process stays small (see main)
     images, per, dim = 5000, 5, 512
-    print(f"retrieval: {images} images x {images * per} captions, random {dim}-d (captions = image + noise, "
-          f"bench/eval_metrics.py make_data), ks 1, 5, 10, median of {args.reps}, each method in a fresh process")
+    print(
+        f"retrieval: {images} images x {images * per} captions, random {dim}-d (captions = image + noise, "
+        f"bench/eval_metrics.py make_data), ks 1, 5, 10, median of {args.reps}, each method in a fresh process"
+    )
     res = {}
     for method in ("blocked", "dense64"):
-        cmd = [sys.executable, script, "--worker", method, "--images", str(images), "--per-image", str(per),
-               "--dim", str(dim), "--repeats", str(args.reps), "--block", "1024"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            script,
+            "--worker",
+            method,
+            "--images",
+            str(images),
+            "--per-image",
+            str(per),
+            "--dim",
+            str(dim),
+            "--repeats",
+            str(args.reps),
+            "--block",
+            "1024",
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=thread_env(args.threads))
         if proc.returncode != 0:
             raise SystemExit(f"{method} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -311,13 +442,17 @@ def bench_retrieval(args: argparse.Namespace) -> None:
         r["above"] = (r["rss_peak_kib"] - r["rss_setup_kib"]) * 1024
         res[method] = r
         name = {"blocked": "retrieval_metrics (blocked float32)", "dense64": "naive dense float64 + topk"}[method]
-        print(f"  {name:>36}: {r['median']:7.3f} s (runs {', '.join(f'{t:.3f}' for t in r['times'])}), peak RSS "
-              f"{r['rss_peak_kib'] / 1024:6.0f} MiB, {r['above'] / MiB:6.0f} MiB above the data")
+        print(
+            f"  {name:>36}: {r['median']:7.3f} s (runs {', '.join(f'{t:.3f}' for t in r['times'])}), peak RSS "
+            f"{r['rss_peak_kib'] / 1024:6.0f} MiB, {r['above'] / MiB:6.0f} MiB above the data"
+        )
     bl, de = res["blocked"], res["dense64"]
     diff = max(abs(de["metrics"][k] - v) for k, v in bl["metrics"].items())
-    print(f"  naive / blocked: time x{de['median'] / bl['median']:.2f}, peak RSS "
-          f"x{de['rss_peak_kib'] / bl['rss_peak_kib']:.2f}, above the data x{de['above'] / max(bl['above'], 1):.1f}; "
-          f"max |recall difference| {diff:.1e}")
+    print(
+        f"  naive / blocked: time x{de['median'] / bl['median']:.2f}, peak RSS "
+        f"x{de['rss_peak_kib'] / bl['rss_peak_kib']:.2f}, above the data x{de['above'] / max(bl['above'], 1):.1f}; "
+        f"max |recall difference| {diff:.1e}"
+    )
 
 
 def main() -> None:
@@ -326,10 +461,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mask-size", type=int, default=224, help="world image and mask side in px (VOC: ~500x375)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every worker; 0 = torch's default")
-    ap.add_argument("--probe", type=int, default=100,
-                    help="also time one eval of this many images at torch's default threads (0 = off)")  # fmt: skip
-    ap.add_argument("--scale", type=int, default=2,  # fmt: skip
-                    help="also run one eval on a store this many times larger: does memory stay flat? (<2 = off)")
+    ap.add_argument(
+        "--probe",
+        type=int,
+        default=100,
+        help="also time one eval of this many images at torch's default threads (0 = off)",
+    )
+    ap.add_argument(
+        "--scale",
+        type=int,
+        default=2,
+        help="also run one eval on a store this many times larger: does memory stay flat? (<2 = off)",
+    )
     ap.add_argument("--skip-seg", action="store_true")
     ap.add_argument("--skip-retrieval", action="store_true")
     ap.add_argument("--worker", choices=("build", "seg", "masks"), help=argparse.SUPPRESS)
@@ -347,8 +490,10 @@ def main() -> None:
     # This process imports nothing heavy and holds no data: a child's ru_maxrss starts from its parent's peak.
     t0 = time.perf_counter()
     threads = args.threads or "torch's default"
-    print(f"bench/eval.py: {os.cpu_count()} CPUs, torch {importlib.metadata.version('torch')}, workers run with "
-          f"{threads} thread(s); load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"bench/eval.py: {os.cpu_count()} CPUs, torch {importlib.metadata.version('torch')}, workers run with "
+        f"{threads} thread(s); load average {os.getloadavg()[0]:.2f}"
+    )
     if not args.skip_seg:
         bench_segmentation(args)
     if not args.skip_retrieval:

@@ -117,13 +117,29 @@ def main() -> None:
 
     root = Path(__file__).resolve().parents[1]
     m = args.images * args.per_image
-    print(f"retrieval: {args.images} images x {m} captions, dim {args.dim}, ks {KS}, block {args.block}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"retrieval: {args.images} images x {m} captions, dim {args.dim}, ks {KS}, block {args.block}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     results = {}
     for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--worker", method, "--images", str(args.images), "--per-image",
-               str(args.per_image), "--dim", str(args.dim), "--repeats", str(args.repeats), "--block", str(args.block)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            method,
+            "--images",
+            str(args.images),
+            "--per-image",
+            str(args.per_image),
+            "--dim",
+            str(args.dim),
+            "--repeats",
+            str(args.repeats),
+            "--block",
+            str(args.block),
+        ]
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=None)
         if proc.returncode != 0:
             print(f"{method}: failed (rc {proc.returncode})\n{proc.stderr[-2000:]}")
@@ -132,10 +148,12 @@ def main() -> None:
         r["median_s"] = statistics.median(r["times"])
         r["median_cpu_s"] = statistics.median(r["cpu"])
         results[method] = r
-        print(f"{method:>12}: {r['median_s']:8.3f} s wall (runs {', '.join(f'{t:.3f}' for t in r['times'])}), "
-              f"{r['median_cpu_s']:8.3f} s CPU;  "
-              f"peak RSS {r['rss_peak_kib'] / 1024:8.1f} MiB, above data setup "
-              f"{(r['rss_peak_kib'] - r['rss_setup_kib']) / 1024:8.1f} MiB")
+        print(
+            f"{method:>12}: {r['median_s']:8.3f} s wall (runs {', '.join(f'{t:.3f}' for t in r['times'])}), "
+            f"{r['median_cpu_s']:8.3f} s CPU;  "
+            f"peak RSS {r['rss_peak_kib'] / 1024:8.1f} MiB, above data setup "
+            f"{(r['rss_peak_kib'] - r['rss_setup_kib']) / 1024:8.1f} MiB"
+        )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if "blocked" in results:
         base = results["blocked"]
@@ -145,10 +163,12 @@ def main() -> None:
                 continue
             diff = max(abs(r["metrics"][k] - v) for k, v in base["metrics"].items())
             extra_b = max(base["rss_peak_kib"] - base["rss_setup_kib"], 1)
-            print(f"{name} / blocked: wall x{r['median_s'] / base['median_s']:.2f}, CPU "
-                  f"x{r['median_cpu_s'] / base['median_cpu_s']:.2f}, peak RSS "
-                  f"x{r['rss_peak_kib'] / base['rss_peak_kib']:.2f} (above setup "
-                  f"x{(r['rss_peak_kib'] - r['rss_setup_kib']) / extra_b:.2f}); max |recall diff| {diff:.2e}")
+            print(
+                f"{name} / blocked: wall x{r['median_s'] / base['median_s']:.2f}, CPU "
+                f"x{r['median_cpu_s'] / base['median_cpu_s']:.2f}, peak RSS "
+                f"x{r['rss_peak_kib'] / base['rss_peak_kib']:.2f} (above setup "
+                f"x{(r['rss_peak_kib'] - r['rss_setup_kib']) / extra_b:.2f}); max |recall diff| {diff:.2e}"
+            )
 
 
 if __name__ == "__main__":

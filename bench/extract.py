@@ -75,9 +75,15 @@ def main() -> None:
 
             out = tmp / f"rep{rep}"
             cfg = ExtractConfig(
-                encoder=args.encoder, dataset="world", split="train", features=str(out), batch_size=args.batch_size,
-                device=args.device, options=opts, resize="crop",
-            )  # fmt: skip
+                encoder=args.encoder,
+                dataset="world",
+                split="train",
+                features=str(out),
+                batch_size=args.batch_size,
+                device=args.device,
+                options=opts,
+                resize="crop",
+            )
             t0 = time.perf_counter()
             summary = run_extract(cfg, progress=False)
             piped.append(args.images / (time.perf_counter() - t0))
@@ -88,14 +94,18 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     b, p = statistics.median(bare), statistics.median(piped)
-    print(f"encoder {enc.info.weights} | {args.images} world images {enc.info.image_size}px | batch {args.batch_size}"
-          f" | device {args.device} | torch threads {torch.get_num_threads()} | reps {args.reps}")
+    print(
+        f"encoder {enc.info.weights} | {args.images} world images {enc.info.image_size}px | batch {args.batch_size}"
+        f" | device {args.device} | torch threads {torch.get_num_threads()} | reps {args.reps}"
+    )
     print(f"bare forward loop      {b:7.2f} rows/s   (runs: {', '.join(f'{x:.2f}' for x in bare)})")
     print(f"pipe extract (to zarr) {p:7.2f} rows/s   (runs: {', '.join(f'{x:.2f}' for x in piped)})")
     print(f"ratio extract / bare   {p / b:7.3f}   (goal >= 0.85)")
     per_row = info["bytes_on_disk"] / info["rows"]
-    print(f"bytes on disk per row  {per_row:9.0f} vs raw fp16 {raw} (cls + {store.layout.tokens} patches x"
-          f" {store.layout.dim}): {per_row / raw:.3f}x")
+    print(
+        f"bytes on disk per row  {per_row:9.0f} vs raw fp16 {raw} (cls + {store.layout.tokens} patches x"
+        f" {store.layout.dim}): {per_row / raw:.3f}x"
+    )
 
 
 def _read_all(ds, enc) -> None:
@@ -121,9 +131,12 @@ def formats(args: argparse.Namespace) -> None:
         "folder": ("imagefolder", str(write_imagefolder(tmp / "folder", pairs)), ()),
         "csv": ("csv", str(write_csv(tmp / "csv", pairs)), ()),
         "webdataset": ("webdataset", str(write_webdataset(tmp / "wds", pairs, shards=2)[0].parent), ()),
-        "parquet": ("parquet", str(write_parquet(tmp / "pq", pairs, files=2, row_group_size=100)[0].parent),
-                    (("id_key", "key"),)),
-    }  # fmt: skip
+        "parquet": (
+            "parquet",
+            str(write_parquet(tmp / "pq", pairs, files=2, row_group_size=100)[0].parent),
+            (("id_key", "key"),),
+        ),
+    }
     enc = cached_encoder(encoder, "last", None, 64, args.device)
     others = [n for n in sources if n != "folder"]
     whats = ("pipe extract", "reader + preprocess")
@@ -136,9 +149,17 @@ def formats(args: argparse.Namespace) -> None:
         nonlocal runs
         name, root, opts = sources[n]
         runs += 1
-        cfg = ExtractConfig(encoder=encoder, dataset=name, split="train", root=root, options=opts, resize="crop",
-                            features=str(tmp / "features" / str(runs)), batch_size=args.batch_size,
-                            device=args.device)  # fmt: skip
+        cfg = ExtractConfig(
+            encoder=encoder,
+            dataset=name,
+            split="train",
+            root=root,
+            options=opts,
+            resize="crop",
+            features=str(tmp / "features" / str(runs)),
+            batch_size=args.batch_size,
+            device=args.device,
+        )
         t0, c0 = time.perf_counter(), time.process_time()
         run_extract(cfg, progress=False)
         return time.perf_counter() - t0, time.process_time() - c0
@@ -161,17 +182,23 @@ def formats(args: argparse.Namespace) -> None:
                         rates[what][m].append(args.images / t[m][0])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"encoder {enc.info.weights} | {args.images} world images as JPEG q95 | batch {args.batch_size} | device "
-          f"{args.device} | torch threads {torch.get_num_threads()} | decode threads {DECODE_THREADS} | reps "
-          f"{args.reps}")  # fmt: skip
+    print(
+        f"encoder {enc.info.weights} | {args.images} world images as JPEG q95 | batch {args.batch_size} | device "
+        f"{args.device} | torch threads {torch.get_num_threads()} | decode threads {DECODE_THREADS} | reps "
+        f"{args.reps}"
+    )
     for what in whats:
-        print(f"{what} (opening the reader included): median images/s; medians of the paired ratios folder / "
-              "container, wall-clock and CPU time (goal >= 0.95)")  # fmt: skip
+        print(
+            f"{what} (opening the reader included): median images/s; medians of the paired ratios folder / "
+            "container, wall-clock and CPU time (goal >= 0.95)"
+        )
         print(f"  {'folder':<11} {statistics.median(rates[what]['folder']):8.1f} images/s")
         for n in others:
             r, c = ratios[what][n], cpu_ratios[what][n]
-            print(f"  {n:<11} {statistics.median(rates[what][n]):8.1f} images/s   wall {statistics.median(r):6.3f}"
-                  f"   cpu {statistics.median(c):6.3f}   (wall runs: {', '.join(f'{x:.2f}' for x in r)})")  # fmt: skip
+            print(
+                f"  {n:<11} {statistics.median(rates[what][n]):8.1f} images/s   wall {statistics.median(r):6.3f}"
+                f"   cpu {statistics.median(c):6.3f}   (wall runs: {', '.join(f'{x:.2f}' for x in r)})"
+            )
 
 
 if __name__ == "__main__":

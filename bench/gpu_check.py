@@ -63,21 +63,35 @@ def main() -> None:
     results: dict = {}
     try:
         table.section(["pytest-gpu"], lambda: run_pytest(table, args.tiny, 180), "pytest -m gpu", 30)
-        table.section(["triton-err-fp32", "triton-err-bf16", "triton-err-fp16", "triton-vs-matmul"],
-                      lambda: gpu_kernel.run(table, device, args.tiny, results), "triton", 40)  # fmt: skip
-        table.section(["extract-image", "mfu-image", "extract-text", "mfu-text"],
-                      lambda: gpu_extract.run(table, device, args.tiny, tmp / "extract", peak), "extract", 90)
+        table.section(
+            ["triton-err-fp32", "triton-err-bf16", "triton-err-fp16", "triton-vs-matmul"],
+            lambda: gpu_kernel.run(table, device, args.tiny, results),
+            "triton",
+            40,
+        )
+        table.section(
+            ["extract-image", "mfu-image", "extract-text", "mfu-text"],
+            lambda: gpu_extract.run(table, device, args.tiny, tmp / "extract", peak),
+            "extract",
+            90,
+        )
         shutil.rmtree(tmp / "extract", ignore_errors=True)
-        table.section(["epoch-resident", "epoch-streamed"],
-                      lambda: gpu_epoch.run(table, device, args.tiny, tmp / "epoch", results), "epoch", 150)
+        table.section(
+            ["epoch-resident", "epoch-streamed"],
+            lambda: gpu_epoch.run(table, device, args.tiny, tmp / "epoch", results),
+            "epoch",
+            150,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     import torch
 
     print()
-    print(f"device: {name}; torch {torch.__version__}; assumed dense bf16 peak: "
-          f"{f'{peak:.0f} TFLOP/s (table in bench/gpu_table.py)' if peak else 'unknown'}"
-          f"{'; --tiny: CPU, tiny sizes, speed rows carry no verdict' if args.tiny else ''}")  # fmt: skip
+    print(
+        f"device: {name}; torch {torch.__version__}; assumed dense bf16 peak: "
+        f"{f'{peak:.0f} TFLOP/s (table in bench/gpu_table.py)' if peak else 'unknown'}"
+        f"{'; --tiny: CPU, tiny sizes, speed rows carry no verdict' if args.tiny else ''}"
+    )
     table.print()
 
 

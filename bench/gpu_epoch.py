@@ -34,9 +34,18 @@ def write_stores(root: Path, pairs: int, grid: int, length: int, dim: int) -> No
         chunk, shard = default_rows(tokens, dim, pairs)
         block = rng.standard_normal((shard + 97, tokens, dim), dtype=np.float32).astype(np.float16)
         enc = {"alias": f"rand-{modality}", "modality": modality, "dim": dim, "layer": "last"}
-        lay = StoreLayout(modality=modality, encoder=enc, dataset="coco-like", split="train", count=pairs,
-                          tokens=tokens, dim=dim, rows_per_chunk=chunk, rows_per_shard=shard,
-                          grid=(grid, grid) if modality == "image" else None)  # fmt: skip
+        lay = StoreLayout(
+            modality=modality,
+            encoder=enc,
+            dataset="coco-like",
+            split="train",
+            count=pairs,
+            tokens=tokens,
+            dim=dim,
+            rows_per_chunk=chunk,
+            rows_per_shard=shard,
+            grid=(grid, grid) if modality == "image" else None,
+        )
         st = create_store(root / f"rand-{modality}.zarr", lay)
 
         def write(s: int, st=st, lay=lay, block=block, modality=modality) -> None:
@@ -90,7 +99,11 @@ def run(table: Table, device: str, tiny: bool, tmp: Path, results: dict) -> None
         rate = matmul_tflops(s["batch"] * (s["grid"] ** 2 + 1), s["dim"], s["anchors"], device, 5)
     tokens = s["grid"] ** 2 + 1 + s["length"]
     floor = 3 * 2.0 * s["anchors"] * s["dim"] * tokens * len(split.train) / (rate * 1e12)
-    table.set("epoch-resident", f"{resident:.3f} s = {resident / floor:.1f}x floor {floor:.3f} s "
-              f"({len(split.train) / resident:.0f} pairs/s, matmul {rate:.3g} TFLOP/s)", resident <= 3 * floor)
+    table.set(
+        "epoch-resident",
+        f"{resident:.3f} s = {resident / floor:.1f}x floor {floor:.3f} s "
+        f"({len(split.train) / resident:.0f} pairs/s, matmul {rate:.3g} TFLOP/s)",
+        resident <= 3 * floor,
+    )
     streamed = epoch_seconds(stores, split, cfg, s["batch"], device, 0, reps=1)
     table.set("epoch-streamed", f"{streamed:.3f} s = {streamed / resident:.2f}x resident", streamed <= 1.15 * resident)

@@ -22,12 +22,16 @@ from PIL import Image
 from pipe_align.extract.job import cached_encoder
 from pipe_align.extract.runner import ExtractConfig, run_extract
 
-WORDS = ("a an the two three some man woman child people dog cat horse bird bus car train boat plane bike table chair "
-         "plate pizza cake tree street road field beach water sky snow room kitchen window grass is are sits stands "
-         "runs rides holds eats looks near on in at with under next to of red blue green white black small large "
-         "old young open wooden city park").split()  # fmt: skip
-REAL = {"image": dict(hidden=1024, layers=24, heads=16, ffn=4096), "text": dict(hidden=1024, layers=24, heads=16,
-                                                                                  ffn=4096)}  # fmt: skip
+WORDS = (
+    "a an the two three some man woman child people dog cat horse bird bus car train boat plane bike table chair "
+    "plate pizza cake tree street road field beach water sky snow room kitchen window grass is are sits stands "
+    "runs rides holds eats looks near on in at with under next to of red blue green white black small large "
+    "old young open wooden city park"
+).split()
+REAL = {
+    "image": dict(hidden=1024, layers=24, heads=16, ffn=4096),
+    "text": dict(hidden=1024, layers=24, heads=16, ffn=4096),
+}
 TINY = {"image": dict(hidden=32, layers=2, heads=2, ffn=64), "text": dict(hidden=32, layers=2, heads=2, ffn=64)}
 
 
@@ -41,19 +45,37 @@ def make_vision(folder: Path, tiny: bool, device: str) -> Path:
     from transformers import Dinov2Config, Dinov2Model
 
     s = TINY["image"] if tiny else REAL["image"]
-    cfg = Dinov2Config(hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                       mlp_ratio=s["ffn"] // s["hidden"], patch_size=14, image_size=56 if tiny else 518)  # fmt: skip
+    cfg = Dinov2Config(
+        hidden_size=s["hidden"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        mlp_ratio=s["ffn"] // s["hidden"],
+        patch_size=14,
+        image_size=56 if tiny else 518,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = Dinov2Model(cfg)
     model.eval().save_pretrained(folder)
     crop = 56 if tiny else 224
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "BitImageProcessor", "do_resize": True,
-        "size": {"shortest_edge": round(crop * 256 / 224)}, "resample": 3, "do_center_crop": True,
-        "crop_size": {"height": crop, "width": crop}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True}))  # fmt: skip
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "BitImageProcessor",
+                "do_resize": True,
+                "size": {"shortest_edge": round(crop * 256 / 224)},
+                "resample": 3,
+                "do_center_crop": True,
+                "crop_size": {"height": crop, "width": crop},
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225],
+                "do_convert_rgb": True,
+            }
+        )
+    )
     return folder
 
 
@@ -65,24 +87,42 @@ def make_text(folder: Path, tiny: bool, device: str) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(captions(4000, seed=1), vocab_size=2000, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # fmt: skip
+    bpe.train_from_iterator(
+        captions(4000, seed=1),
+        vocab_size=2000,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
     bpe.save_model(str(folder))
     RobertaTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt")).save_pretrained(folder)
     s = TINY["text"] if tiny else REAL["text"]
-    cfg = RobertaConfig(vocab_size=50265, hidden_size=s["hidden"], num_hidden_layers=s["layers"],
-                        num_attention_heads=s["heads"], intermediate_size=s["ffn"], max_position_embeddings=514,
-                        pad_token_id=1, bos_token_id=0, eos_token_id=2)  # fmt: skip
+    cfg = RobertaConfig(
+        vocab_size=50265,
+        hidden_size=s["hidden"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        intermediate_size=s["ffn"],
+        max_position_embeddings=514,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = RobertaModel(cfg)
     model.eval().save_pretrained(folder)
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))  # fmt: skip
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": s["hidden"],
-                                                                  "pooling_mode_mean_tokens": True}))  # fmt: skip
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": s["hidden"], "pooling_mode_mean_tokens": True})
+    )
     return folder
 
 
@@ -133,8 +173,10 @@ def bare_image_loop(enc, batch: int, n: int, device: str) -> float:
 
 def bare_text_loop(enc, texts: list[str], batch: int, device: str) -> tuple[float, float]:
     """(rows/s, mean padded sequence length) of the forward alone on batches tokenized beforehand, on the device."""
-    batches = [enc.tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=enc.seq_cap,
-                             return_tensors="pt") for i in range(0, len(texts), batch)]  # fmt: skip
+    batches = [
+        enc.tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=enc.seq_cap, return_tensors="pt")
+        for i in range(0, len(texts), batch)
+    ]
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     seq = float(np.mean([b["input_ids"].shape[1] for b in batches]))
     with torch.no_grad():
@@ -157,8 +199,17 @@ def run(table: Table, device: str, tiny: bool, tmp: Path, peak: float | None) ->
     table.notes.append(f"extract setup (models, {n_images} JPEGs): {time.perf_counter() - t0:.1f} s")
     for modality, folder, batch in (("image", vision, img_batch), ("text", text, txt_batch)):
         enc_name = f"hf:{folder}"
-        base = dict(encoder=enc_name, dataset="coco", split="train", root=str(coco), batch_size=batch, device=device,
-                    compute_dtype="auto", max_length=max_length, text="captions")  # fmt: skip
+        base = dict(
+            encoder=enc_name,
+            dataset="coco",
+            split="train",
+            root=str(coco),
+            batch_size=batch,
+            device=device,
+            compute_dtype="auto",
+            max_length=max_length,
+            text="captions",
+        )
         run_extract(ExtractConfig(features=str(tmp / f"warm-{modality}"), limit=2 * img_batch, **base), progress=False)
         summary = run_extract(ExtractConfig(features=str(tmp / f"feat-{modality}"), **base), progress=False)
         rate = summary.written_rows / summary.seconds
@@ -172,16 +223,29 @@ def run(table: Table, device: str, tiny: bool, tmp: Path, peak: float | None) ->
             flops = cfg.num_hidden_layers * layer_flops(seq, cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio))
             flops += 2.0 * grid * grid * 3 * 14 * 14 * cfg.hidden_size  # patch embedding
         else:
-            caps = [c["caption"] for c in json.loads((coco / "annotations" / "captions_train2017.json").read_text())[
-                "annotations"]]  # fmt: skip
+            caps = [
+                c["caption"]
+                for c in json.loads((coco / "annotations" / "captions_train2017.json").read_text())["annotations"]
+            ]
             bare, seq = bare_text_loop(enc, caps, batch, device)
             flops = cfg.num_hidden_layers * layer_flops(round(seq), cfg.hidden_size, cfg.intermediate_size)
-        table.set(f"extract-{modality}", f"{rate:.0f} vs bare {bare:.0f} rows/s = {rate / bare:.2f}x ({dtype}, "
-                  f"batch {batch}, {summary.written_rows} rows)", rate >= 0.85 * bare)  # fmt: skip
+        table.set(
+            f"extract-{modality}",
+            f"{rate:.0f} vs bare {bare:.0f} rows/s = {rate / bare:.2f}x ({dtype}, "
+            f"batch {batch}, {summary.written_rows} rows)",
+            rate >= 0.85 * bare,
+        )
         tflops = bare * flops / 1e12
         if peak is None:
-            table.set(f"mfu-{modality}", f"{tflops:.1f} TFLOP/s ({flops / 1e9:.1f} GFLOP/row, seq {seq:.0f}); "
-                      "peak unknown for this device", None)  # fmt: skip
+            table.set(
+                f"mfu-{modality}",
+                f"{tflops:.1f} TFLOP/s ({flops / 1e9:.1f} GFLOP/row, seq {seq:.0f}); peak unknown for this device",
+                None,
+            )
         else:
-            table.set(f"mfu-{modality}", f"{tflops:.1f} TFLOP/s = {tflops / peak:.0%} of {peak:.0f} "
-                      f"({flops / 1e9:.1f} GFLOP/row, seq {seq:.0f})", tflops >= 0.35 * peak)  # fmt: skip
+            table.set(
+                f"mfu-{modality}",
+                f"{tflops:.1f} TFLOP/s = {tflops / peak:.0%} of {peak:.0f} "
+                f"({flops / 1e9:.1f} GFLOP/row, seq {seq:.0f})",
+                tflops >= 0.35 * peak,
+            )

@@ -36,8 +36,10 @@ def max_errors(b: int, t: int, k: int, d: int, device: str) -> dict[str, tuple[f
         a64 = anchors.detach().double().requires_grad_(True)
         p_ref = anchor_profiles_reference(tokens.double(), mask, a64, TAU_P)
         (ga_ref,) = torch.autograd.grad(p_ref.sum(), a64)
-        out[name] = (float((p.detach().double() - p_ref.detach()).abs().max()),
-                     float((ga.double() - ga_ref).abs().max() / ga_ref.abs().max()))  # fmt: skip
+        out[name] = (
+            float((p.detach().double() - p_ref.detach()).abs().max()),
+            float((ga.double() - ga_ref).abs().max() / ga_ref.abs().max()),
+        )
     return out
 
 
@@ -85,8 +87,11 @@ def run(table: Table, device: str, tiny: bool, results: dict) -> None:
     tf_step = 6.0 * b * t * k * d / step_s / 1e12
     mm = matmul_tflops(b * t, d, k, device, reps)
     results["matmul_tflops"] = mm
-    table.set("triton-vs-matmul", f"{tf_step:.1f} TFLOP/s fwd+bwd ({tf_fwd:.1f} fwd) vs matmul {mm:.1f} = "
-              f"{tf_step / mm:.0%}", tf_step >= 0.5 * mm)  # fmt: skip
+    table.set(
+        "triton-vs-matmul",
+        f"{tf_step:.1f} TFLOP/s fwd+bwd ({tf_fwd:.1f} fwd) vs matmul {mm:.1f} = {tf_step / mm:.0%}",
+        tf_step >= 0.5 * mm,
+    )
     if device == "cuda" and kernel_triton.PINNED is None:
         best = {str(key): str(cfg) for key, cfg in kernel_triton._profiles_fwd.cache.items()}
         table.notes.append(f"triton forward tiles picked by autotune: {best}")

@@ -14,10 +14,22 @@ from dataclasses import dataclass
 import torch
 
 PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peak from the vendors' data sheets (SXM parts), by name substring
-    "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
-    "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
-    "RTX 4090": 165.0, "RTX 6000 Ada": 364.0,
-}  # fmt: skip
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 6000 Ada": 364.0,
+}
 
 
 def peak_bf16_tflops(name: str) -> float | None:

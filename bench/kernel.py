@@ -119,8 +119,17 @@ def worker(args: argparse.Namespace) -> None:
         if i:  # the first call is a warm-up
             times.append(time.perf_counter() - t0)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps(out | {"times": times, "base_mb": base_kb / 1024, "peak_mb": peak_kb / 1024,
-                            "work_mb": (peak_kb - base_kb) / 1024}))  # fmt: skip
+    print(
+        json.dumps(
+            out
+            | {
+                "times": times,
+                "base_mb": base_kb / 1024,
+                "peak_mb": peak_kb / 1024,
+                "work_mb": (peak_kb - base_kb) / 1024,
+            }
+        )
+    )
 
 
 def start_burner() -> subprocess.Popen:
@@ -158,9 +167,30 @@ def _omp_settings(stderr: str) -> dict[str, str]:
 
 
 def _run_worker(args: argparse.Namespace, variant: str, t: int, env: dict[str, str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--B", str(args.B), "--T", str(t), "--K", str(args.K),
-           "--D", str(args.D), "--reps", str(args.reps), "--tau", str(args.tau), "--dtype", args.dtype, "--grad",
-           args.grad, "--threads", str(args.threads)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--B",
+        str(args.B),
+        "--T",
+        str(t),
+        "--K",
+        str(args.K),
+        "--D",
+        str(args.D),
+        "--reps",
+        str(args.reps),
+        "--tau",
+        str(args.tau),
+        "--dtype",
+        args.dtype,
+        "--grad",
+        args.grad,
+        "--threads",
+        str(args.threads),
+    ]
     if args.block_t:
         cmd += ["--block-t", str(args.block_t)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -181,8 +211,11 @@ def measure(args: argparse.Namespace, t: int, env: dict[str, str]) -> dict:
         if v == "gemm":
             continue
         times = [x for r in runs[v] for x in r["times"]]
-        res[v] = {"median_s": statistics.median(times), "min_s": min(times),
-                  "work_mb": statistics.median(r["work_mb"] for r in runs[v])}  # fmt: skip
+        res[v] = {
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "work_mb": statistics.median(r["work_mb"] for r in runs[v]),
+        }
     shapes = runs["gemm"][0]["times"]
     res["gemm"] = {name: statistics.median(x for r in runs["gemm"] for x in r["times"][name]) for name in shapes}
     flops = 2 * args.B * t * args.K * args.D
@@ -193,12 +226,13 @@ def measure(args: argparse.Namespace, t: int, env: dict[str, str]) -> dict:
 
 def cpu_section(args: argparse.Namespace) -> dict:
     env = worker_env(args.policy)
-    print(f"CPU: B={args.B} K={args.K} D={args.D} {args.dtype} tau={args.tau} grad={args.grad} runs={args.runs} "
-          f"x reps={args.reps} block_t={args.block_t or 'default'} policy={args.policy} "
-          f"threads={args.threads or 'default'}, {os.cpu_count()} CPUs")
+    print(
+        f"CPU: B={args.B} K={args.K} D={args.D} {args.dtype} tau={args.tau} grad={args.grad} runs={args.runs} "
+        f"x reps={args.reps} block_t={args.block_t or 'default'} policy={args.policy} "
+        f"threads={args.threads or 'default'}, {os.cpu_count()} CPUs"
+    )
     print(f"GEMM floor = {floor_gemms(args.grad)} GEMMs of 2*B*T*K*D flops at the fastest measured GEMM rate")
-    head = (f"{'load':>5} {'T':>4} {'variant':>9} {'median s':>9} {'min s':>7} {'work MB':>8} {'/ref':>6} "
-            f"{'/floor':>7}")  # fmt: skip
+    head = f"{'load':>5} {'T':>4} {'variant':>9} {'median s':>9} {'min s':>7} {'work MB':>8} {'/ref':>6} {'/floor':>7}"
     results = {}
     for load in args.load:
         burner = start_burner() if load == "burn" else None
@@ -207,21 +241,29 @@ def cpu_section(args: argparse.Namespace) -> dict:
             for t in args.T:
                 results[(load, t)] = r = measure(args, t, env)
                 if t == args.T[0]:
-                    print(f"-- load={load}: torch threads {r['threads']}; libgomp GOMP_SPINCOUNT "
-                          f"{r['omp'].get('GOMP_SPINCOUNT', '?')} (0: PASSIVE); load average before {la0:.2f}")
+                    print(
+                        f"-- load={load}: torch threads {r['threads']}; libgomp GOMP_SPINCOUNT "
+                        f"{r['omp'].get('GOMP_SPINCOUNT', '?')} (0: PASSIVE); load average before {la0:.2f}"
+                    )
                     print(head)
                 ref, fus = r["reference"], r["fused"]
                 for v in [x for x in ("reference", "fused", "compiled") if x in r]:
                     x = r[v]
-                    print(f"{load:>5} {t:>4} {v:>9} {x['median_s']:>9.3f} {x['min_s']:>7.3f} {x['work_mb']:>8.0f} "
-                          f"{x['median_s'] / ref['median_s']:>6.2f} {x['median_s'] / r['floor_s']:>7.2f}")
+                    print(
+                        f"{load:>5} {t:>4} {v:>9} {x['median_s']:>9.3f} {x['min_s']:>7.3f} {x['work_mb']:>8.0f} "
+                        f"{x['median_s'] / ref['median_s']:>6.2f} {x['median_s'] / r['floor_s']:>7.2f}"
+                    )
                 rates = ", ".join(f"{k} {v:.0f}" for k, v in r["gemm_gflops"].items())
                 whole = floor_gemms(args.grad) * r["gemm"]["whole"]
-                print(f"{load:>5} {t:>4} GEMM GFLOP/s: {rates}; floor {r['floor_s']:.3f} s (at the whole GEMM's rate "
-                      f"{whole:.3f} s: fused/that {fus['median_s'] / whole:.2f}x)")
-                print(f"{load:>5} {t:>4} fused/reference: time {fus['median_s'] / ref['median_s']:.2f}x, working "
-                      f"memory {fus['work_mb'] / ref['work_mb']:.3f}x; fused/floor "
-                      f"{fus['median_s'] / r['floor_s']:.2f}x")
+                print(
+                    f"{load:>5} {t:>4} GEMM GFLOP/s: {rates}; floor {r['floor_s']:.3f} s (at the whole GEMM's rate "
+                    f"{whole:.3f} s: fused/that {fus['median_s'] / whole:.2f}x)"
+                )
+                print(
+                    f"{load:>5} {t:>4} fused/reference: time {fus['median_s'] / ref['median_s']:.2f}x, working "
+                    f"memory {fus['work_mb'] / ref['work_mb']:.3f}x; fused/floor "
+                    f"{fus['median_s'] / r['floor_s']:.2f}x"
+                )
             print(f"-- load={load}: load average after {os.getloadavg()[0]:.2f}")
         finally:
             if burner is not None:
@@ -266,8 +308,10 @@ def gpu_section(args: argparse.Namespace) -> None:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         model = gemms * 2 * b * t * k * d / sec / 1e12
         hw = (gemms + (variant == "fused")) * 2 * b * t * k * d / sec / 1e12
-        print(f"{variant:>9}: {sec * 1e3:8.1f} ms  working memory {peak:8.0f} MB  {model:6.1f} TFLOP/s model "
-              f"({model / mm_tflops:.0%} of matmul), {hw:6.1f} TFLOP/s executed")
+        print(
+            f"{variant:>9}: {sec * 1e3:8.1f} ms  working memory {peak:8.0f} MB  {model:6.1f} TFLOP/s model "
+            f"({model / mm_tflops:.0%} of matmul), {hw:6.1f} TFLOP/s executed"
+        )
 
 
 def main() -> None:
@@ -278,14 +322,27 @@ def main() -> None:
     ap.add_argument("--D", type=int, default=384)
     ap.add_argument("--reps", type=int, default=3, help="timed calls per process (after one warm-up)")
     ap.add_argument("--runs", type=int, default=3, help="fresh processes per variant and load condition")
-    ap.add_argument("--load", nargs="+", choices=["idle", "burn"], default=["idle", "burn"],
-                    help="idle: as the machine is; burn: beside a child process spinning on one core")
-    ap.add_argument("--policy", choices=["pipe", "torch"], default="pipe",
-                    help="workers under pipe's thread policy (pipelines/threads.py) or torch's own defaults")
+    ap.add_argument(
+        "--load",
+        nargs="+",
+        choices=["idle", "burn"],
+        default=["idle", "burn"],
+        help="idle: as the machine is; burn: beside a child process spinning on one core",
+    )
+    ap.add_argument(
+        "--policy",
+        choices=["pipe", "torch"],
+        default="pipe",
+        help="workers under pipe's thread policy (pipelines/threads.py) or torch's own defaults",
+    )
     ap.add_argument("--tau", type=float, default=0.03)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    ap.add_argument("--grad", choices=["both", "anchors"], default="anchors",
-                    help="gradients w.r.t. tokens and anchors, or anchors only (PAL training: frozen tokens)")
+    ap.add_argument(
+        "--grad",
+        choices=["both", "anchors"],
+        default="anchors",
+        help="gradients w.r.t. tokens and anchors, or anchors only (PAL training: frozen tokens)",
+    )
     ap.add_argument("--block-t", dest="block_t", type=int, default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--gpu-B", dest="gpu_B", type=int, default=4096)

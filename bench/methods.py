@@ -31,8 +31,15 @@ def main() -> None:
     ap.add_argument("--image-encoder", default="dinov2-small")
     ap.add_argument("--text-encoder", default="minilm")
     args = ap.parse_args()
-    out = run_demo(DemoConfig(out=args.out, size=args.size, image_encoder=args.image_encoder,
-                              text_encoder=args.text_encoder, progress=False))  # fmt: skip
+    out = run_demo(
+        DemoConfig(
+            out=args.out,
+            size=args.size,
+            image_encoder=args.image_encoder,
+            text_encoder=args.text_encoder,
+            progress=False,
+        )
+    )
     chosen = json.loads((out / "k_ablation.json").read_text())["chosen"]
     rows = []
     for run in sorted((out / "runs").iterdir()):
@@ -45,8 +52,10 @@ def main() -> None:
             vals.append(json.loads(f.read_text()).get(key) if f.exists() else None)
         rows.append((run.name, meta["method"], vals, meta["wall_seconds"]))
     first = json.loads((out / "runs" / f"pal-k{chosen}" / "run.json").read_text())
-    print(f"world val | image {first['image_weights']} | text {first['text_weights']} | "
-          f"{first['pairs']['train']} train pairs | PAL K={chosen}")
+    print(
+        f"world val | image {first['image_weights']} | text {first['text_weights']} | "
+        f"{first['pairs']['train']} train pairs | PAL K={chosen}"
+    )
     head = f"| method | {' | '.join(c[0] for c in COLUMNS)} | train s |"
     print(head)
     print("|" + "---|" * (len(COLUMNS) + 2))

@@ -25,14 +25,16 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch import Tensor
 
-from pipe_align.evaluate.config import EvalConfig
-from pipe_align.evaluate.context import load_context
-from pipe_align.evaluate.dataset import check_origin, dataset_rows, image_or_none, open_dataset
-from pipe_align.evaluate.figures import PALETTE, colorize, save_figure
-from pipe_align.evaluate.loading import row_blocks
-from pipe_align.evaluate.metrics import ConfusionMatrix
-from pipe_align.evaluate.prompts import class_weights
-from pipe_align.evaluate.segmentation import (
+from pipe_align.extract.errors import PipeError
+
+from .config import EvalConfig
+from .context import load_context
+from .dataset import check_origin, dataset_rows, image_or_none, open_dataset
+from .figures import PALETTE, colorize, save_figure
+from .loading import row_blocks
+from .metrics import ConfusionMatrix
+from .prompts import class_weights
+from .segmentation import (
     CLASS_CHUNK,
     EXTRACT_OPTIONS,
     check_inputs,
@@ -40,7 +42,6 @@ from pipe_align.evaluate.segmentation import (
     patch_scores,
     upsample_argmax,
 )
-from pipe_align.extract.errors import PipeError
 
 RULES = ("threshold", "bias")
 QUANTILES = tuple(round(0.05 * i, 2) for i in range(1, 20))  # default grid: quantiles of the rule's patch statistic
@@ -94,8 +95,13 @@ def apply_rule(m: Maps, background: int | None, threshold: float | None = None, 
     return pred
 
 
-def decode(scores: Tensor, size: tuple[int, int], background: int | None = None, threshold: float | None = None,
-           bias: float | None = None) -> Tensor:  # fmt: skip
+def decode(
+    scores: Tensor,
+    size: tuple[int, int],
+    background: int | None = None,
+    threshold: float | None = None,
+    bias: float | None = None,
+) -> Tensor:
     """[C, h, w] class scores -> [H, W] class indices: the eval's argmax (background competing), then the rules."""
     need = threshold is not None or bool(bias)
     return apply_rule(maps(scores, size, background, need), background, threshold, bias)
@@ -122,8 +128,12 @@ class BackgroundScan:
 
     def to_dict(self) -> dict:
         rows = zip(self.values, self.fg_miou, self.miou, self.bg_errors)
-        return {"rule": self.rule, "best": self.best, "images": self.images, "grid": [
-            {self.rule: v, "fg_mIoU": f, "mIoU": m, "errors_on_background": e} for v, f, m, e in rows]}
+        return {
+            "rule": self.rule,
+            "best": self.best,
+            "images": self.images,
+            "grid": [{self.rule: v, "fg_mIoU": f, "mIoU": m, "errors_on_background": e} for v, f, m, e in rows],
+        }
 
 
 @torch.no_grad()
@@ -191,8 +201,14 @@ def scan(cfg: EvalConfig, rule: str = "bias", values: Sequence[float | None] | N
     return BackgroundScan(rule, values, fg_miou, miou, bg_errors, n, classes, bg, examples)
 
 
-def before_after_figure(path: Path, cfg: EvalConfig, classes: Sequence[str], columns: Sequence[str],
-                        examples: Sequence[tuple[int, np.ndarray, Sequence[np.ndarray]]], title: str) -> Path:
+def before_after_figure(
+    path: Path,
+    cfg: EvalConfig,
+    classes: Sequence[str],
+    columns: Sequence[str],
+    examples: Sequence[tuple[int, np.ndarray, Sequence[np.ndarray]]],
+    title: str,
+) -> Path:
     """Per example image (item, mask, one prediction per column): the image, ground truth and the predictions under
     the named rules, in the VOC palette."""
     dataset = open_dataset(cfg)

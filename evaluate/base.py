@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipe_align.evaluate.context import EvalContext
 from pipe_align.extract.registry import Registry
+
+from .context import EvalContext
 
 
 class Task(abc.ABC):

@@ -8,16 +8,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipe_align.evaluate.base import Task, register_task
-from pipe_align.evaluate.context import EvalContext
-from pipe_align.evaluate.dataset import reader_class
-from pipe_align.evaluate.loading import image_rows, row_blocks
-from pipe_align.evaluate.metrics import classification_metrics
-from pipe_align.evaluate.prompts import class_weights
 from pipe_align.extract.datasets import dataset_class
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.remote import location
 from pipe_align.extract.store import open_store
+
+from .base import Task, register_task
+from .context import EvalContext
+from .dataset import reader_class
+from .loading import image_rows, row_blocks
+from .metrics import classification_metrics
+from .prompts import class_weights
 
 
 @torch.no_grad()
@@ -29,8 +30,10 @@ def run_classification(ctx: EvalContext) -> dict[str, Any]:
     labels = img.read("labels").astype(np.int64)
     keep = (labels >= 0) & ~img.read("skipped").astype(bool)
     if not keep.any():
-        raise PipeError(f"{img.path}: no labelled images in {ctx.cfg.dataset}/{ctx.cfg.split} (labels are all -1 "
-                        "or every row was skipped); classification needs a labelled set")
+        raise PipeError(
+            f"{img.path}: no labelled images in {ctx.cfg.dataset}/{ctx.cfg.split} (labels are all -1 "
+            "or every row was skipped); classification needs a labelled set"
+        )
     if labels[keep].max() >= len(classes):
         raise PipeError(f"{img.path}: label {labels[keep].max()} outside the {len(classes)} prompt classes")
     # a background class (the reader says which) is no answer to "what is this image of" unless images carry it
@@ -86,9 +89,14 @@ def seen_unseen(pred: torch.Tensor, y: torch.Tensor, names: list[str], seen: set
     if not s or not u:
         return {}
     unseen_images = sum(int((y == j).sum()) for j in range(len(names)) if names[j] not in seen)
-    return {"seen_acc": float(np.mean(s)), "unseen_acc": float(np.mean(u)), "seen_classes": len(s),
-            "unseen_classes": len(u), "unseen_images": unseen_images,
-            "unseen_names": sorted(k for k in recall if k not in seen)}  # fmt: skip
+    return {
+        "seen_acc": float(np.mean(s)),
+        "unseen_acc": float(np.mean(u)),
+        "seen_classes": len(s),
+        "unseen_classes": len(u),
+        "unseen_images": unseen_images,
+        "unseen_names": sorted(k for k in recall if k not in seen),
+    }
 
 
 @register_task("classification")

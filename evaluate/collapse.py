@@ -21,13 +21,14 @@ from torch import Tensor
 
 from pipe_align.align.base import l2n
 from pipe_align.align.pal import PAL
-from pipe_align.evaluate import figures
-from pipe_align.evaluate.base import Task, register_task
-from pipe_align.evaluate.config import figure_path
-from pipe_align.evaluate.context import EvalContext
-from pipe_align.evaluate.diagnostics import anchors_of
-from pipe_align.evaluate.loading import row_blocks, text_rows
 from pipe_align.extract.errors import PipeError
+
+from . import figures
+from .base import Task, register_task
+from .config import figure_path
+from .context import EvalContext
+from .diagnostics import anchors_of
+from .loading import row_blocks, text_rows
 
 MAX_SAMPLES = 2000  # samples per side: the statistic is a mean; more adds time, not information
 
@@ -61,8 +62,7 @@ def side_stats(batches: list[tuple[Tensor, Tensor]], trained: Tensor, untrained:
     out: dict[str, list[Tensor]] = {"within": [], "shuffled": [], "untrained": []}
     for tokens, mask in batches:
         out["within"].append(within_variance(_sims(tokens, trained), mask).cpu())
-        out["shuffled"].append(within_variance(_sims(shuffled(tokens.cpu(), mask.cpu(), g), trained.cpu()),
-                                               mask.cpu()))  # fmt: skip
+        out["shuffled"].append(within_variance(_sims(shuffled(tokens.cpu(), mask.cpu(), g), trained.cpu()), mask.cpu()))
         out["untrained"].append(within_variance(_sims(tokens, untrained), mask).cpu())
     return {k: torch.cat(v).double().numpy() for k, v in out.items()}
 
@@ -99,10 +99,14 @@ def run_collapse(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     out: dict[str, Any] = {}
     for side, s in sides.items():
         w, sh, un = (float(s[k].mean()) for k in ("within", "shuffled", "untrained"))
-        out |= {f"{side}_within_var": w, f"{side}_shuffled_var": sh, f"{side}_untrained_var": un,
-                f"{side}_within_over_shuffled": w / sh if sh > 0 else float("nan"),
-                f"{side}_within_over_untrained": w / un if un > 0 else float("nan"),
-                f"{side}_samples": len(s["within"])}  # fmt: skip
+        out |= {
+            f"{side}_within_var": w,
+            f"{side}_shuffled_var": sh,
+            f"{side}_untrained_var": un,
+            f"{side}_within_over_shuffled": w / sh if sh > 0 else float("nan"),
+            f"{side}_within_over_untrained": w / un if un > 0 else float("nan"),
+            f"{side}_samples": len(s["within"]),
+        }
     out["anchors"] = int(a_img.shape[0])
     return out, sides
 
@@ -123,6 +127,3 @@ class CollapseTask(Task):
         """`variance`: per side, histograms of the per-sample variance (trained, shuffled, untrained)."""
         title = f"within-sample variance of token similarity vectors, {self.figure_title(ctx, result)}"
         return [figures.collapse_histograms(figure_path(ctx.cfg, "variance"), extras, title)]
-
-
-

@@ -12,18 +12,30 @@ from typing import Any
 
 from pipe_align.align.base import Aligner
 from pipe_align.align.methods import load_aligner
-from pipe_align.evaluate.config import EvalConfig
-from pipe_align.evaluate.loading import image_rows, text_rows
 from pipe_align.extract.datasets import dataset_class
 from pipe_align.extract.datasets.prompt_sets import has_pal_prompts, prompt_store_suffix
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.remote import Remote, location
 from pipe_align.extract.store import FeatureStore, open_store, read_json_attrs, recorded_encoder, store_path
 
+from .config import EvalConfig
+from .loading import image_rows, text_rows
+
 # Encoder attributes that must agree between the stores a run was trained on and the stores it is evaluated on.
 # image_size and max_length may differ (the same encoder at another input size or padding is still the same space).
-ENCODER_KEYS = ("model_id", "revision", "weights", "dim", "layer", "patch_size", "num_register_tokens", "pooling",
-                "compute_dtype", "crop", "special_tokens")
+ENCODER_KEYS = (
+    "model_id",
+    "revision",
+    "weights",
+    "dim",
+    "layer",
+    "patch_size",
+    "num_register_tokens",
+    "pooling",
+    "compute_dtype",
+    "crop",
+    "special_tokens",
+)
 TEXT_KINDS = ("prompts", "captions")
 # Protocols that score with a named prompt set (extract/datasets/prompt_sets.py) where the dataset has one; no
 # fallback to other prompts there: a missing store is an error naming the `pipe extract` line that writes it.
@@ -69,16 +81,28 @@ def read_run(run: str | Path) -> dict[str, Any]:
     if wrong:
         raise PipeError(f"{path}: {wrong[0]} must be a string, got {meta[wrong[0]]!r}")
     if meta.get("complete") is False:
-        raise PipeError(f"{path}: the run is not finished (complete: false; `pipe align` was interrupted): finish it "
-                        "with the same `pipe align` command and --resume")  # fmt: skip
+        raise PipeError(
+            f"{path}: the run is not finished (complete: false; `pipe align` was interrupted): finish it "
+            "with the same `pipe align` command and --resume"
+        )
     return meta
 
 
 def extract_command(cfg: EvalConfig, encoder: str, text: str | None = None, extra: tuple[str, ...] = ()) -> str:
     """The exact `pipe extract` line that would produce a missing store (`extra`: flags the task needs, such as
     segmentation's `--resize squash`)."""
-    parts = ["pipe", "extract", "--encoder", encoder, "--dataset", cfg.dataset, "--split", cfg.split,
-             "--features", cfg.features]  # fmt: skip
+    parts = [
+        "pipe",
+        "extract",
+        "--encoder",
+        encoder,
+        "--dataset",
+        cfg.dataset,
+        "--split",
+        cfg.split,
+        "--features",
+        cfg.features,
+    ]
     if cfg.root:
         parts += ["--root", cfg.root]
     if text:
@@ -130,8 +154,10 @@ def check_encoder(store: FeatureStore, meta: dict[str, Any], modality: str, run:
     diff = [k for k in ENCODER_KEYS if trained.get(k) is not None and enc.get(k) is not None and trained[k] != enc[k]]
     if diff:
         k = diff[0]
-        raise PipeError(f"{store.path}: encoder {k}={enc[k]!r} but run {run} was trained on {k}={trained[k]!r}; "
-                        f"re-extract {store.layout.dataset}/{store.layout.split} with the run's encoder")
+        raise PipeError(
+            f"{store.path}: encoder {k}={enc[k]!r} but run {run} was trained on {k}={trained[k]!r}; "
+            f"re-extract {store.layout.dataset}/{store.layout.split} with the run's encoder"
+        )
 
 
 def store_dataset(cfg: EvalConfig) -> str:
@@ -144,8 +170,10 @@ def store_dataset(cfg: EvalConfig) -> str:
         return cfg.dataset
     found = [n for n in names if (location(cfg.features) / n / cfg.split).is_dir()]
     if len(found) > 1:
-        raise PipeError(f"--dataset {cfg.dataset}: stores of {' and '.join(found)} exist for split {cfg.split} in "
-                        f"{cfg.features}; say which with --dataset {found[0]} or --dataset {found[1]}")  # fmt: skip
+        raise PipeError(
+            f"--dataset {cfg.dataset}: stores of {' and '.join(found)} exist for split {cfg.split} in "
+            f"{cfg.features}; say which with --dataset {found[0]} or --dataset {found[1]}"
+        )
     return found[0] if found else cfg.dataset
 
 
@@ -183,9 +211,11 @@ def open_text_store(cfg: EvalConfig, meta: dict[str, Any], kind: str, image: Fea
     if kind == "prompts":
         path = path.with_name(path.name.replace(".zarr", f"{prompt_store_suffix(prompts)}.zarr"))
         if not (path / "zarr.json").exists() and not image.layout.classes:
-            raise PipeError(f"{cfg.dataset}/{cfg.split} has no classes ({image.path} records none: its images come "
-                            f"with captions only, no labels or masks); `pipe eval {cfg.task}` needs a dataset with "
-                            "classes (and masks, for segmentation), such as voc, ade20k or world")  # fmt: skip
+            raise PipeError(
+                f"{cfg.dataset}/{cfg.split} has no classes ({image.path} records none: its images come "
+                f"with captions only, no labels or masks); `pipe eval {cfg.task}` needs a dataset with "
+                "classes (and masks, for segmentation), such as voc, ade20k or world"
+            )
     what = "caption" if kind == "captions" else "class-prompt" if prompts == "standard" else f"{prompts} class-prompt"
     extra = ("--prompts", prompts) if prompts != "standard" else ()
     st = _open(path, extract_command(cfg, alias, kind, extra), "text", what)
@@ -193,8 +223,10 @@ def open_text_store(cfg: EvalConfig, meta: dict[str, Any], kind: str, image: Fea
     if kind == "prompts" and not st.layout.classes:
         raise PipeError(f"{st.path}: holds no class prompts (no 'classes' attribute)")
     if kind == "prompts" and (st.layout.prompts or "standard") != prompts:
-        raise PipeError(f"{st.path}: holds the {st.layout.prompts or 'standard'} prompt set, not {prompts}; "
-                        f"re-extract it: {extract_command(cfg, alias, kind, extra)}")  # fmt: skip
+        raise PipeError(
+            f"{st.path}: holds the {st.layout.prompts or 'standard'} prompt set, not {prompts}; "
+            f"re-extract it: {extract_command(cfg, alias, kind, extra)}"
+        )
     if kind == "captions" and st.layout.templates is not None:
         raise PipeError(f"{st.path}: holds class prompts, not captions")
     if st.layout.count == 0:
@@ -231,21 +263,33 @@ def load_context(cfg: EvalConfig, text: str | None, extract_options: tuple[str, 
     txt = open_text_store(cfg, meta, text, image) if text else None
     aligner = load_aligner(cfg.run, device=cfg.device)
     if aligner.name != meta["method"]:
-        raise PipeError(f"{Path(cfg.run) / 'run.json'} names method {meta['method']!r} but method.json "
-                        f"{aligner.name!r}: a run dir mixed from two runs")  # fmt: skip
+        raise PipeError(
+            f"{Path(cfg.run) / 'run.json'} names method {meta['method']!r} but method.json "
+            f"{aligner.name!r}: a run dir mixed from two runs"
+        )
     check_fit(aligner, cfg.run, image, txt, cfg.device)
-    notes = [f"{st.path} has no checksums (written before crc32c/1): damage to it cannot be detected; re-extract it"
-             for st in (image, txt) if st is not None and st.layout.checksums is None]  # fmt: skip
+    notes = [
+        f"{st.path} has no checksums (written before crc32c/1): damage to it cannot be detected; re-extract it"
+        for st in (image, txt)
+        if st is not None and st.layout.checksums is None
+    ]
     info = {
-        "method": meta.get("method"), "image_store": str(image.path), "text_store": str(txt.path) if txt else None,
-        "image_encoder": meta["image_encoder"], "text_encoder": meta["text_encoder"],
-        "layer": image.layout.encoder.get("layer"), "image_size": image.layout.encoder.get("image_size"),
-        "grid": list(image.layout.grid) if image.layout.grid else None, "resize": image.layout.resize,
+        "method": meta.get("method"),
+        "image_store": str(image.path),
+        "text_store": str(txt.path) if txt else None,
+        "image_encoder": meta["image_encoder"],
+        "text_encoder": meta["text_encoder"],
+        "layer": image.layout.encoder.get("layer"),
+        "image_size": image.layout.encoder.get("image_size"),
+        "grid": list(image.layout.grid) if image.layout.grid else None,
+        "resize": image.layout.resize,
         "tokens": meta.get("tokens"),
-    }  # fmt: skip
+    }
     if txt is not None and text == "prompts":
         info["prompts"] = txt.layout.prompts or "standard"
         if cfg.protocol in PROTOCOL_PROMPTS and info["prompts"] != PROTOCOL_PROMPTS[cfg.protocol]:
-            notes.append(f"--protocol {cfg.protocol}: the PAL authors wrote no prompts for {cfg.dataset} "
-                         f"({image.layout.dataset}); scored with its standard prompts")  # fmt: skip
+            notes.append(
+                f"--protocol {cfg.protocol}: the PAL authors wrote no prompts for {cfg.dataset} "
+                f"({image.layout.dataset}); scored with its standard prompts"
+            )
     return EvalContext(cfg, meta, aligner, image, txt, info, notes)

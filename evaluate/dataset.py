@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipe_align.evaluate.config import EvalConfig
-from pipe_align.evaluate.context import EvalContext
 from pipe_align.extract.datasets import Dataset, dataset_class, get_dataset
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.store import FeatureStore, origin_difference
+
+from .config import EvalConfig
+from .context import EvalContext
 
 
 def reader_class(store: FeatureStore) -> type[Dataset]:
@@ -39,8 +40,9 @@ def check_origin(store: FeatureStore, cfg: EvalConfig) -> None:
     if origin_difference(origin, {"root": cfg.root, "options": dict(cfg.options)}, keys=("root", "options")):
         want = {k: str(v) for k, v in (origin.get("options") or {}).items()}
         opts = " ".join(f"-o {k}={v}" for k, v in sorted(want.items())) or "no -o options"
-        raise PipeError(f"{store.path}: was extracted from --root {origin.get('root')} with {opts}; evaluate with "
-                        "the same")  # fmt: skip
+        raise PipeError(
+            f"{store.path}: was extracted from --root {origin.get('root')} with {opts}; evaluate with the same"
+        )
 
 
 def dataset_rows(dataset: Dataset, ids: np.ndarray, where: Path) -> np.ndarray:
@@ -50,8 +52,10 @@ def dataset_rows(dataset: Dataset, ids: np.ndarray, where: Path) -> np.ndarray:
     for row, rid in enumerate(ids):
         i = index.get(str(rid))
         if i is None:
-            raise PipeError(f"{where}: row {row} has id {rid!r}, which dataset {dataset.name}/{dataset.split} lacks "
-                            "(--root or -o options differ from the extraction?)")
+            raise PipeError(
+                f"{where}: row {row} has id {rid!r}, which dataset {dataset.name}/{dataset.split} lacks "
+                "(--root or -o options differ from the extraction?)"
+            )
         out[row] = i
     return out
 

@@ -21,13 +21,14 @@ import torch
 from torch import Tensor
 
 from pipe_align.align.base import l2n
-from pipe_align.evaluate import figures
-from pipe_align.evaluate.base import Task, register_task
-from pipe_align.evaluate.config import figure_path
-from pipe_align.evaluate.context import EvalContext
-from pipe_align.evaluate.dataset import figure_images
-from pipe_align.evaluate.loading import embed_texts, image_rows, row_blocks, text_rows
 from pipe_align.extract.errors import PipeError
+
+from . import figures
+from .base import Task, register_task
+from .config import figure_path
+from .context import EvalContext
+from .dataset import figure_images
+from .loading import embed_texts, image_rows, row_blocks, text_rows
 
 TOP = 5
 MAPS_PER_IMAGE = 3
@@ -142,9 +143,11 @@ def run_diagnostics(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
     d_match = topk_dice(hi, h_txt[torch.from_numpy(matched)], top)
     d_mis = topk_dice(hi, h_txt[torch.from_numpy(mismatched)], top)
     out |= {
-        f"dice_top{top}_matched": d_match.mean().item(), f"dice_top{top}_mismatched": d_mis.mean().item(),
-        f"dice_top{top}_gap": (d_match - d_mis).mean().item(), "pairs": len(images),
-    }  # fmt: skip
+        f"dice_top{top}_matched": d_match.mean().item(),
+        f"dice_top{top}_mismatched": d_mis.mean().item(),
+        f"dice_top{top}_gap": (d_match - d_mis).mean().item(),
+        "pairs": len(images),
+    }
 
     rows = images[: ctx.cfg.examples]
     samples = []
@@ -153,8 +156,13 @@ def run_diagnostics(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
         dense = ctx.aligner.image_dense(ctx.image.rows("patches", int(row), int(row) + 1).float().to(ctx.cfg.device))
         vals, idx = torch.topk(h_img[row], min(MAPS_PER_IMAGE, k))
         samples.append((int(row), idx.tolist(), vals.tolist(), dense[0].cpu()[:, idx].T.reshape(-1, h, w).numpy()))
-    extras = {"image_counts": img_counts, "text_counts": txt_counts, "dice_matched": d_match.numpy(),
-              "dice_mismatched": d_mis.numpy(), "maps": samples}  # fmt: skip
+    extras = {
+        "image_counts": img_counts,
+        "text_counts": txt_counts,
+        "dice_matched": d_match.numpy(),
+        "dice_mismatched": d_mis.numpy(),
+        "maps": samples,
+    }
     return out, extras
 
 
@@ -173,11 +181,24 @@ class DiagnosticsTask(Task):
     def figures(self, ctx: EvalContext, result: dict[str, Any], extras: dict[str, Any], notes: list[str]) -> list[Path]:
         """`anchor-usage`, `dice` (matched vs mismatched histogram) and `anchor-maps`."""
         cfg, label = ctx.cfg, self.figure_title(ctx, result)
-        out = [figures.anchor_usage(figure_path(cfg, "anchor-usage"), extras["image_counts"], extras["text_counts"],
-                                    f"anchor usage, {label}")]  # fmt: skip
+        out = [
+            figures.anchor_usage(
+                figure_path(cfg, "anchor-usage"),
+                extras["image_counts"],
+                extras["text_counts"],
+                f"anchor usage, {label}",
+            )
+        ]
         top = max(1, min(TOP, result["anchors"]))
-        out.append(figures.dice_histogram(figure_path(cfg, "dice"), extras["dice_matched"], extras["dice_mismatched"],
-                                          top, f"top-{top} anchor Dice, {label}"))  # fmt: skip
+        out.append(
+            figures.dice_histogram(
+                figure_path(cfg, "dice"),
+                extras["dice_matched"],
+                extras["dice_mismatched"],
+                top,
+                f"top-{top} anchor Dice, {label}",
+            )
+        )
         maps = extras["maps"]
         if maps:
             images = figure_images(ctx, [row for row, _, _, _ in maps], notes)

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipe_align.evaluate.config import EvalConfig
-from pipe_align.evaluate.context import load_context
-from pipe_align.evaluate.grounding import run_grounding
-from pipe_align.evaluate.metrics import retrieval_metrics
-from pipe_align.evaluate.retrieval import retrieval_inputs
 from pipe_align.extract.errors import PipeError
+
+from .config import EvalConfig
+from .context import load_context
+from .grounding import run_grounding
+from .metrics import retrieval_metrics
+from .retrieval import retrieval_inputs
 
 PERMUTATIONS = 2000
 FAILS_BELOW = 0.5
@@ -96,14 +97,23 @@ def falsification(cfg: EvalConfig, pal_run: str, baseline_runs: list[str]) -> di
     rho = spearman(gain, acc)
     p = permutation_p(gain, acc, rho, cfg.seed)
     fails, works = gain[acc < FAILS_BELOW], gain[acc >= FAILS_BELOW]
-    out = {"best_baseline": best, "best_baseline_r1": best_r1, "images": len(use), "spearman": rho,
-           "spearman_p": p, "pointing_acc": metrics["pointing_acc"], "chance": metrics["chance"],
-           "mean_gain": float(gain.mean()), "images_grounding_fails": len(fails),
-           "images_grounding_works": len(works),
-           "mean_gain_grounding_fails": float(fails.mean()) if len(fails) else None,
-           "mean_gain_grounding_works": float(works.mean()) if len(works) else None}  # fmt: skip
-    holds = bool(np.isfinite(rho) and rho > 0 and p < 0.05 and len(fails) and len(works)
-                 and fails.mean() < works.mean())  # fmt: skip
+    out = {
+        "best_baseline": best,
+        "best_baseline_r1": best_r1,
+        "images": len(use),
+        "spearman": rho,
+        "spearman_p": p,
+        "pointing_acc": metrics["pointing_acc"],
+        "chance": metrics["chance"],
+        "mean_gain": float(gain.mean()),
+        "images_grounding_fails": len(fails),
+        "images_grounding_works": len(works),
+        "mean_gain_grounding_fails": float(fails.mean()) if len(fails) else None,
+        "mean_gain_grounding_works": float(works.mean()) if len(works) else None,
+    }
+    holds = bool(
+        np.isfinite(rho) and rho > 0 and p < 0.05 and len(fails) and len(works) and fails.mean() < works.mean()
+    )
     out["holds"] = holds
     out["gains_persist_where_grounding_fails"] = bool(len(fails) and fails.mean() > 0)
     return out

@@ -73,8 +73,13 @@ def colorize(mask: np.ndarray) -> np.ndarray:
     return PALETTE[np.asarray(mask, dtype=np.uint8)]
 
 
-def seg_overlays(path: Path, samples: Sequence[tuple[np.ndarray | None, np.ndarray, np.ndarray]],
-                 classes: Sequence[str], title: str, void: int = 255) -> Path:  # fmt: skip
+def seg_overlays(
+    path: Path,
+    samples: Sequence[tuple[np.ndarray | None, np.ndarray, np.ndarray]],
+    classes: Sequence[str],
+    title: str,
+    void: int = 255,
+) -> Path:
     """One row per image: image, ground truth, prediction, with a legend of the classes that appear (`void`: the
     mask value of ignored pixels)."""
     fig = _figure(9, 3 * len(samples) + 0.6)
@@ -116,8 +121,9 @@ def class_iou_bars(path: Path, names: Sequence[str], ious: Sequence[float], titl
     return save_figure(fig, path)
 
 
-def retrieval_examples(path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[str], Sequence[bool],
-                                                           Sequence[float]]], title: str) -> Path:  # fmt: skip
+def retrieval_examples(
+    path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[str], Sequence[bool], Sequence[float]]], title: str
+) -> Path:
     """Image queries with their top captions as text; captions of the query image are green and marked [+]."""
     fig = _figure(11, 2.6 * len(samples) + 0.5)
     axes = fig.subplots(len(samples), 2, squeeze=False, gridspec_kw={"width_ratios": [1, 3]})
@@ -129,8 +135,16 @@ def retrieval_examples(path: Path, samples: Sequence[tuple[np.ndarray | None, Se
         ax.axis("off")
         for j, (cap, hit, score) in enumerate(zip(captions, hits, scores, strict=True)):
             line = textwrap.shorten(f"{j + 1}. [{'+' if hit else ' '}] {score:.3f}  {cap}", 110)
-            ax.text(0, 1 - 0.18 * j, line, transform=ax.transAxes, va="top", fontsize=9,
-                    color="tab:green" if hit else "black", family="monospace")  # fmt: skip
+            ax.text(
+                0,
+                1 - 0.18 * j,
+                line,
+                transform=ax.transAxes,
+                va="top",
+                fontsize=9,
+                color="tab:green" if hit else "black",
+                family="monospace",
+            )
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -168,8 +182,9 @@ def dice_histogram(path: Path, matched: np.ndarray, mismatched: np.ndarray, k: i
     return save_figure(fig, path)
 
 
-def anchor_maps(path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[int], Sequence[float], np.ndarray]],
-                title: str) -> Path:  # fmt: skip
+def anchor_maps(
+    path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[int], Sequence[float], np.ndarray]], title: str
+) -> Path:
     """Per image: the image, then the cos maps of its most active anchors laid over it (each map on its own colour
     scale: where an anchor fires, not how strongly compared with other anchors; the profile value says that)."""
     cols = 1 + max(len(s[1]) for s in samples)
@@ -185,8 +200,13 @@ def anchor_maps(path: Path, samples: Sequence[tuple[np.ndarray | None, Sequence[
             ax = axes[r][c + 1]
             if image is not None:
                 ax.imshow(image)
-            shown = ax.imshow(m, extent=(0, w, h, 0), alpha=0.6 if image is not None else 1.0, cmap="inferno",
-                              interpolation="bilinear")  # fmt: skip
+            shown = ax.imshow(
+                m,
+                extent=(0, w, h, 0),
+                alpha=0.6 if image is not None else 1.0,
+                cmap="inferno",
+                interpolation="bilinear",
+            )
             ax.set_title(f"anchor {k} (profile {v:.2f})", fontsize=9)
             bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)  # each map has its own scale
             bar.set_label("cos(patch, anchor)", fontsize=8)
@@ -220,8 +240,9 @@ def grounding_maps(path: Path, examples: Sequence[dict], images: Sequence[np.nda
             ax.set_xlim(0, width)
             ax.set_ylim(height, 0)
             ax.set_title(name if c else textwrap.shorten(f'"{ex["phrase"]}"', 40), fontsize=9)
-        axes[r][0].text(0, -0.08, textwrap.fill(ex["caption"], 45), transform=axes[r][0].transAxes, fontsize=7,
-                        va="top")
+        axes[r][0].text(
+            0, -0.08, textwrap.fill(ex["caption"], 45), transform=axes[r][0].transAxes, fontsize=7, va="top"
+        )
     fig.suptitle(title)
     return save_figure(fig, path)
 

@@ -24,17 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipe_align.evaluate import figures
-from pipe_align.evaluate.base import Task, register_task
-from pipe_align.evaluate.config import figure_path
-from pipe_align.evaluate.context import EvalContext, extract_command, store_dataset
-from pipe_align.evaluate.dataset import check_origin, dataset_rows, image_or_none, open_dataset
-from pipe_align.evaluate.loading import row_blocks, text_rows
 from pipe_align.extract.datasets.base import Grounding
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import PHRASE_SUFFIX
 from pipe_align.extract.phrases import read_phrases
 from pipe_align.extract.store import FeatureStore, open_store, store_path
+
+from . import figures
+from .base import Task, register_task
+from .config import figure_path
+from .context import EvalContext, extract_command, store_dataset
+from .dataset import check_origin, dataset_rows, image_or_none, open_dataset
+from .loading import row_blocks, text_rows
 
 MODES = ("tokens", "phrase")
 
@@ -61,8 +62,7 @@ def phrase_store(ctx: EvalContext) -> FeatureStore:
     path = store_path(cfg.features, store_dataset(cfg), cfg.split, alias)
     path = path.with_name(path.name.replace(".zarr", f"{PHRASE_SUFFIX}.zarr"))
     if not (path / "zarr.json").exists():
-        raise PipeError(f"no phrase store at {path}; create it with: "
-                        f"{extract_command(cfg, alias, 'phrases')}")  # fmt: skip
+        raise PipeError(f"no phrase store at {path}; create it with: {extract_command(cfg, alias, 'phrases')}")
     return open_store(path, modality="text", encoder=alias)
 
 
@@ -96,12 +96,16 @@ def run_grounding(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
         raise PipeError(f"{img.path}: holds no patch grid; grounding needs patch tokens")
     if img.layout.resize != "squash":
         hint = extract_command(cfg, ctx.meta["image_encoder"], None, ("--resize", "squash"))
-        raise PipeError(f"{img.path}: was extracted with --resize {img.layout.resize}; grounding needs the whole image "
-                        f"in the patch grid (remove the store, then: {hint})")
+        raise PipeError(
+            f"{img.path}: was extracted with --resize {img.layout.resize}; grounding needs the whole image "
+            f"in the patch grid (remove the store, then: {hint})"
+        )
     table = read_phrases(caps)
     if table is None:
-        raise PipeError(f"{caps.path}: holds no phrase spans (dataset {cfg.dataset} has no phrase markup, or the store "
-                        f"was written before phrase spans existed: re-extract it)")  # fmt: skip
+        raise PipeError(
+            f"{caps.path}: holds no phrase spans (dataset {cfg.dataset} has no phrase markup, or the store "
+            f"was written before phrase spans existed: re-extract it)"
+        )
     ds = open_dataset(cfg)
     if not ds.has_boxes():
         raise PipeError(f"dataset {cfg.dataset} has no phrase boxes (flickr30k-entities and world do)")
@@ -162,8 +166,15 @@ def run_grounding(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
                         per_image.setdefault(image_row, []).append(bool(inside[y, x]))
                     shown[mode] = (heat[n].reshape(h, w).numpy(), (x, y), bool(inside[y, x]))
                 if len(examples) < cfg.examples and n == 0:
-                    examples.append({"image_row": image_row, "caption_row": row, "key": keys[row][n],
-                                     "boxes": ent.boxes, "maps": shown})  # fmt: skip
+                    examples.append(
+                        {
+                            "image_row": image_row,
+                            "caption_row": row,
+                            "key": keys[row][n],
+                            "boxes": ent.boxes,
+                            "maps": shown,
+                        }
+                    )
     if not chance:
         raise PipeError(f"{caps.path}: no phrase with a box to ground in {cfg.dataset}/{cfg.split}")
     out = grounding_metrics(hits, chance, types)
@@ -178,8 +189,12 @@ def grounding_metrics(hits: dict[str, list[bool]], chance: list[float], types: l
     """Flat metrics: pointing_acc (tokens where the method has them, else phrase), each mode's, per entity type, the
     chance level overall and per type, and counts."""
     primary = "tokens" if hits["tokens"] else "phrase"
-    out: dict[str, Any] = {"pointing_acc": float(np.mean(hits[primary])), "pointing_mode": primary,
-                           "chance": float(np.mean(chance)), "phrases": len(chance)}  # fmt: skip
+    out: dict[str, Any] = {
+        "pointing_acc": float(np.mean(hits[primary])),
+        "pointing_mode": primary,
+        "chance": float(np.mean(chance)),
+        "phrases": len(chance),
+    }
     for mode in MODES:
         if hits[mode]:
             out[f"pointing_acc/{mode}"] = float(np.mean(hits[mode]))
@@ -217,4 +232,3 @@ class GroundingTask(Task):
             images = [None] * len(extras["examples"])
         title = f"pointing game, {self.figure_title(ctx, result)}"
         return [figures.grounding_maps(figure_path(ctx.cfg, "heatmaps"), extras["examples"], images, title)]
-

@@ -49,8 +49,10 @@ def zero_shot_classifier(prompt_emb: Tensor, prompt_class: Tensor, num_classes: 
         num_classes: C; every class must have at least one prompt.
     """
     if prompt_emb.ndim != 2 or prompt_class.ndim != 1 or prompt_emb.shape[0] != prompt_class.shape[0]:
-        raise ValueError(f"expected prompt_emb [P, E] and prompt_class [P], got {tuple(prompt_emb.shape)} and "
-                         f"{tuple(prompt_class.shape)}")
+        raise ValueError(
+            f"expected prompt_emb [P, E] and prompt_class [P], got {tuple(prompt_emb.shape)} and "
+            f"{tuple(prompt_class.shape)}"
+        )
     cls = as_long(prompt_class, "prompt_class").to(prompt_emb.device)
     if cls.numel() and (cls.min() < 0 or cls.max() >= num_classes):
         raise ValueError(f"prompt_class values must lie in [0, {num_classes})")

@@ -14,10 +14,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
-from pipe_align.evaluate.figures import colorize
 from pipe_align.extract.datasets.base import voc_palette
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_bytes
+
+from .figures import colorize
 
 
 def blend(image: np.ndarray, labels: np.ndarray, background: int | None, alpha: float = 0.65) -> np.ndarray:
@@ -29,16 +30,18 @@ def blend(image: np.ndarray, labels: np.ndarray, background: int | None, alpha: 
     return (np.clip(tinted, 0, 1) * 255).round().astype(np.uint8)
 
 
-def overlay_png(path: Path, image: np.ndarray, labels: np.ndarray, names: Sequence[str], background: int | None,
-                title: str) -> Path:  # fmt: skip
+def overlay_png(
+    path: Path, image: np.ndarray, labels: np.ndarray, names: Sequence[str], background: int | None, title: str
+) -> Path:
     """The image and its overlay side by side, with a legend of the labels that occur (and their pixel share)."""
     data = io.BytesIO()
     overlay_figure(image, labels, names, background, title).savefig(data, format="png", bbox_inches="tight")
     return write_file(path, data.getvalue())
 
 
-def overlay_figure(image: np.ndarray, labels: np.ndarray, names: Sequence[str], background: int | None,
-                   title: str) -> Figure:  # fmt: skip
+def overlay_figure(
+    image: np.ndarray, labels: np.ndarray, names: Sequence[str], background: int | None, title: str
+) -> Figure:
     """Each legend swatch is the mean colour of its label's pixels in the overlay, the tint blended with the image
     as the reader sees it (the background's: the image itself), not the pure palette colour."""
     h, w = labels.shape
@@ -52,9 +55,13 @@ def overlay_figure(image: np.ndarray, labels: np.ndarray, names: Sequence[str], 
         ax.axis("off")
     counts = np.bincount(labels.ravel(), minlength=len(names))
     share = 100 * counts / labels.size
-    handles = [Patch(color=blended[labels == i].mean(axis=0) / 255.0,
-                     label=f"{names[i]} {share[i]:.0f}%" if share[i] >= 1 else f"{names[i]} <1%")
-               for i in np.flatnonzero(counts)]  # fmt: skip
+    handles = [
+        Patch(
+            color=blended[labels == i].mean(axis=0) / 255.0,
+            label=f"{names[i]} {share[i]:.0f}%" if share[i] >= 1 else f"{names[i]} <1%",
+        )
+        for i in np.flatnonzero(counts)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
     return fig

@@ -6,10 +6,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipe_align.evaluate.context import EvalContext
-from pipe_align.evaluate.loading import embed_texts
-from pipe_align.evaluate.metrics import zero_shot_classifier
 from pipe_align.extract.errors import PipeError
+
+from .context import EvalContext
+from .loading import embed_texts
+from .metrics import zero_shot_classifier
 
 
 def class_weights(ctx: EvalContext) -> tuple[Tensor, list[str]]:

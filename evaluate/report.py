@@ -14,10 +14,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipe_align.evaluate.claims import claims_markdown
-from pipe_align.evaluate.tasks import all_tasks
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_text
+
+from .claims import claims_markdown
+from .tasks import all_tasks
 
 
 def headline(result: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -126,8 +127,9 @@ def to_csv(header: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-def write_report(runs: list[Path], out: Path | None = None,
-                 claim_runs: tuple[Path, ...] = ()) -> tuple[Path, Path, str]:  # fmt: skip
+def write_report(
+    runs: list[Path], out: Path | None = None, claim_runs: tuple[Path, ...] = ()
+) -> tuple[Path, Path, str]:
     """Write the Markdown and CSV tables (default: next to the first run, report.md / report.csv); the claims section
     reads `runs` and `claim_runs` (runs that measure a claim only, such as a pooled control, not table rows)."""
     header, rows = build_table(runs)

@@ -13,14 +13,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipe_align.evaluate import figures
-from pipe_align.evaluate.base import Task, register_task
-from pipe_align.evaluate.config import figure_path
-from pipe_align.evaluate.context import EvalContext
-from pipe_align.evaluate.dataset import figure_images
-from pipe_align.evaluate.loading import embed_images, embed_texts
-from pipe_align.evaluate.metrics import blocked_topk, retrieval_metrics
 from pipe_align.extract.errors import PipeError
+
+from . import figures
+from .base import Task, register_task
+from .config import figure_path
+from .context import EvalContext
+from .dataset import figure_images
+from .loading import embed_images, embed_texts
+from .metrics import blocked_topk, retrieval_metrics
 
 
 def retrieval_inputs(ctx: EvalContext) -> tuple[Tensor, Tensor, Tensor, np.ndarray, np.ndarray]:
@@ -67,9 +68,11 @@ class RetrievalTask(Task):
 
     text = "captions"
     columns = (
-        ("text_retrieval_recall@1", "I2T R@1"), ("text_retrieval_recall@5", "I2T R@5"),
-        ("image_retrieval_recall@1", "T2I R@1"), ("image_retrieval_recall@5", "T2I R@5"),
-    )  # fmt: skip
+        ("text_retrieval_recall@1", "I2T R@1"),
+        ("text_retrieval_recall@5", "I2T R@5"),
+        ("image_retrieval_recall@1", "T2I R@1"),
+        ("image_retrieval_recall@5", "T2I R@5"),
+    )
     report_rank = 20
 
     def run(self, ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:

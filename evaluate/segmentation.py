@@ -30,26 +30,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipe_align.evaluate import figures
-from pipe_align.evaluate.base import Task, register_task
-from pipe_align.evaluate.config import figure_path
-from pipe_align.evaluate.context import EvalContext, extract_command
-from pipe_align.evaluate.dataset import check_origin, dataset_rows, image_or_none, open_dataset
-from pipe_align.evaluate.loading import row_blocks
-from pipe_align.evaluate.metrics import ConfusionMatrix
-from pipe_align.evaluate.prompts import class_weights
 from pipe_align.extract.datasets import Dataset
 from pipe_align.extract.errors import PipeError
+
+from . import figures
+from .base import Task, register_task
+from .config import figure_path
+from .context import EvalContext, extract_command
+from .dataset import check_origin, dataset_rows, image_or_none, open_dataset
+from .loading import row_blocks
+from .metrics import ConfusionMatrix
+from .prompts import class_weights
 
 CLASS_CHUNK = 32  # classes upsampled at once (ADE20K: 150 maps of a 512x683 mask would be 210 MB at once)
 PROTOCOLS = {
     "pal": "PAL protocol: one 224 px pass (squash resize, whole image), patch scores bilinearly upsampled to the "
-           "mask, background prompt competes in the argmax; fg_mIoU excludes background from the mean; ADE20K: "
-           "151-way, label 0 never a target but its prompt competes (the authors' rule)",
+    "mask, background prompt competes in the argmax; fg_mIoU excludes background from the mean; ADE20K: "
+    "151-way, label 0 never a target but its prompt competes (the authors' rule)",
     "standard": "standard label spaces (VOC21 with background, VOC20 background ignored as bg_ignored/*, ADE20K "
-                "label 0 ignored) on the store's single fixed-size pass; mmseg's sliding window (short side 448, "
-                "window 448, stride 224) is NOT run because the store holds one pass per image",
-}  # fmt: skip
+    "label 0 ignored) on the store's single fixed-size pass; mmseg's sliding window (short side 448, "
+    "window 448, stride 224) is NOT run because the store holds one pass per image",
+}
 EXTRACT_OPTIONS = ("--resize", "squash")
 
 
@@ -135,9 +136,11 @@ def check_inputs(ctx: EvalContext, dataset: Dataset, classes: list[str]) -> None
     if not dataset.has_masks():
         raise PipeError(f"dataset {cfg.dataset} split {cfg.split} has no segmentation masks (under {cfg.root})")
     if img.layout.resize != "squash":
-        raise PipeError(f"{img.path}: images were resized with {img.layout.resize!r}, so the patch grid does not cover "
-                        f"the whole image; re-extract with --resize squash: "
-                        f"{extract_command(cfg, ctx.meta['image_encoder'], None, EXTRACT_OPTIONS)}")
+        raise PipeError(
+            f"{img.path}: images were resized with {img.layout.resize!r}, so the patch grid does not cover "
+            f"the whole image; re-extract with --resize squash: "
+            f"{extract_command(cfg, ctx.meta['image_encoder'], None, EXTRACT_OPTIONS)}"
+        )
     if not img.layout.grid:
         raise PipeError(f"{img.path}: no patch grid attribute")
     if dataset.classes is not None and list(dataset.classes) != classes:
@@ -183,8 +186,12 @@ def run_segmentation(ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any]]:
             n_images += 1
     if n_images == 0:
         raise PipeError(f"{img.path}: every image of {cfg.dataset}/{cfg.split} was skipped; nothing to evaluate")
-    out: dict[str, Any] = {"images": n_images, "pixels": int(cms[0].matrix.sum()), "label_space": spaces[0].name,
-                           "num_classes": len(spaces[0].candidates)}  # fmt: skip
+    out: dict[str, Any] = {
+        "images": n_images,
+        "pixels": int(cms[0].matrix.sum()),
+        "label_space": spaces[0].name,
+        "num_classes": len(spaces[0].candidates),
+    }
     for sp, cm in zip(spaces, cms, strict=True):
         names = [classes[c] for c in sp.candidates]
         metrics = cm.compute(names)
@@ -218,9 +225,15 @@ class SegmentationTask(Task):
         out = []
         samples = [(image_or_none(ds, i), gt, pred) for _, i, gt, pred in extras["examples"]]
         if samples:
-            out.append(figures.seg_overlays(figure_path(cfg, "overlays"), samples, extras["classes"], title,
-                                            void=ds.ignore_index))  # fmt: skip
+            out.append(
+                figures.seg_overlays(
+                    figure_path(cfg, "overlays"), samples, extras["classes"], title, void=ds.ignore_index
+                )
+            )
         names = [k[len("iou/") :] for k in result if k.startswith("iou/")]
-        out.append(figures.class_iou_bars(figure_path(cfg, "class-iou"), names, [result[f"iou/{n}"] for n in names],
-                                          f"per-class IoU, {title}"))  # fmt: skip
+        out.append(
+            figures.class_iou_bars(
+                figure_path(cfg, "class-iou"), names, [result[f"iou/{n}"] for n in names], f"per-class IoU, {title}"
+            )
+        )
         return out

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipe_align.evaluate import (  # noqa: F401  (each import registers its task; keep sorted)
+from pipe_align.extract.errors import PipeError
+
+from . import (  # noqa: F401  (each import registers its task; keep sorted)
     classification,
     collapse,
     diagnostics,
@@ -22,10 +24,9 @@ from pipe_align.evaluate import (  # noqa: F401  (each import registers its task
     retrieval,
     segmentation,
 )
-from pipe_align.evaluate.base import TASKS, Task
-from pipe_align.evaluate.config import EvalConfig, result_path, write_result
-from pipe_align.evaluate.context import load_context
-from pipe_align.extract.errors import PipeError
+from .base import TASKS, Task
+from .config import EvalConfig, result_path, write_result
+from .context import load_context
 
 
 def get_task(name: str) -> type[Task]:

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipe_align.extract.errors import PipeError
-from pipe_align.extract.remote import is_url
+from .errors import PipeError
+from .remote import is_url
 
 SUFFIX = ".claim"
 OWNER_WAIT_S = 1.0  # how long a refused process waits for the winner to have written who it is (microseconds, usually)
@@ -87,8 +87,10 @@ def _acquire(path: Path, store: Path) -> int:
         except BlockingIOError:
             owner = _owner(fd)
             os.close(fd)
-            raise PipeError(f"{store}: being created by {owner}; a store is written by one process at a time: wait "
-                            "for it to finish, then re-run (the store is reused or resumed)") from None  # fmt: skip
+            raise PipeError(
+                f"{store}: being created by {owner}; a store is written by one process at a time: wait "
+                "for it to finish, then re-run (the store is reused or resumed)"
+            ) from None
         # Locked, but the holder before us may have released (and unlinked) the file between our open and our lock:
         # then this lock is on a file nobody else sees. Only a lock on the file at `path` counts.
         try:

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
 
-from pipe_align.extract.errors import PipeError
-from pipe_align.extract.job import ExtractConfig, Job, plan
-from pipe_align.extract.remote import set_storage_options, storage_options
-from pipe_align.extract.shards import ShardResult, extract_shards
-from pipe_align.extract.store import FeatureStore, open_store
+from .errors import PipeError
+from .job import ExtractConfig, Job, plan
+from .remote import set_storage_options, storage_options
+from .shards import ShardResult, extract_shards
+from .store import FeatureStore, open_store
 
 _ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
 _QUIET = logging.CRITICAL  # dask's own log level on local workers and in this process while a cluster runs
@@ -57,8 +57,10 @@ def shard_task(cfg: ExtractConfig, shard: int, options: dict | None = None) -> S
     job = _job(cfg)
     store = open_store(job.path, require_complete=False)
     if store.layout.to_attrs() != job.layout.to_attrs():
-        raise PipeError(f"{job.path}: a worker resolved another layout than the store's (encoder weights or dataset "
-                        "changed during the run?); re-run when the inputs are stable")
+        raise PipeError(
+            f"{job.path}: a worker resolved another layout than the store's (encoder weights or dataset "
+            "changed during the run?); re-run when the inputs are stable"
+        )
     return extract_shards(job, store, [shard])[0]
 
 
@@ -67,8 +69,9 @@ def _client(cluster: str, n_shards: int):
 
     n = check_cluster(cluster)
     if n is not None:
-        lc = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                          silence_logs=_QUIET)  # fmt: skip
+        lc = LocalCluster(
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=_QUIET
+        )
         return Client(lc), n
     try:
         client = Client(cluster, timeout="10s")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from pipe_align.extract.errors import PipeError
+from .errors import PipeError
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 NAME_RULE = "letters, digits, '-', '_' and '.', not '.' or '..'"

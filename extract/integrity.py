@@ -24,7 +24,7 @@ from zarr.codecs import Crc32cCodec, ShardingCodec
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from pipe_align.extract.errors import PipeError
+from .errors import PipeError
 
 CHECKSUMS = "crc32c/1"
 

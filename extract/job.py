@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
-from pipe_align.extract.datasets import DATASETS, get_dataset
-from pipe_align.extract.datasets.base import is_blank
-from pipe_align.extract.datasets.prompt_sets import PROMPT_SETS, prompt_set, prompt_store_suffix
-from pipe_align.extract.encoders.base import (
+from .datasets import DATASETS, get_dataset
+from .datasets.base import is_blank
+from .datasets.prompt_sets import PROMPT_SETS, prompt_set, prompt_store_suffix
+from .encoders.base import (
     COMPUTE_DTYPES,
     CROPS,
     SPECIAL_TOKENS,
@@ -21,11 +21,11 @@ from pipe_align.extract.encoders.base import (
     check_image_size,
     resolve_compute_dtype,
 )
-from pipe_align.extract.encoders.registry import build_encoder, resolve_source
-from pipe_align.extract.errors import PipeError
-from pipe_align.extract.files import check_name
-from pipe_align.extract.runtime import resolve_device
-from pipe_align.extract.store import DTYPES, StoreLayout, default_rows, store_path
+from .encoders.registry import build_encoder, resolve_source
+from .errors import PipeError
+from .files import check_name
+from .runtime import resolve_device
+from .store import DTYPES, StoreLayout, default_rows, store_path
 
 TEXT_MODES = ("auto", "captions", "prompts", "phrases")
 PHRASE_SUFFIX = ".phrases"  # <encoder>.phrases.zarr: the marked phrases of a caption set, each as its own text
@@ -60,15 +60,32 @@ class ExtractConfig:
     special_tokens: str = "keep"  # text stores: every attention-mask position, or "drop" the specials (SPECIAL_TOKENS)
 
 
-def cached_encoder(name: str, layer: str, image_size: int | None, max_length: int, device: str,
-                   compute_dtype: str = "float32", crop: str = "processor", special_tokens: str = "keep"):  # fmt: skip
+def cached_encoder(
+    name: str,
+    layer: str,
+    image_size: int | None,
+    max_length: int,
+    device: str,
+    compute_dtype: str = "float32",
+    crop: str = "processor",
+    special_tokens: str = "keep",
+):
     """One loaded encoder per process, weights identity and settings: every plan with the same encoder (image and
     text stores of a split, a resumed run, a test re-checking a store) reuses it, and new weights saved into the
     same folder are loaded anew (the source carries the folder's content hash)."""
     dtype = COMPUTE_DTYPES[resolve_compute_dtype(compute_dtype, device)]
-    return _loaded(resolve_source(name), Options(layer=layer, image_size=image_size, max_length=max_length,
-                                                 device=device, dtype=dtype, crop=crop,
-                                                 special_tokens=special_tokens))  # fmt: skip
+    return _loaded(
+        resolve_source(name),
+        Options(
+            layer=layer,
+            image_size=image_size,
+            max_length=max_length,
+            device=device,
+            dtype=dtype,
+            crop=crop,
+            special_tokens=special_tokens,
+        ),
+    )
 
 
 @lru_cache(maxsize=4)
@@ -103,8 +120,12 @@ def check_config(cfg: ExtractConfig) -> None:
     """Option values that cannot work, refused before a dataset is read or an encoder loaded (one line each)."""
     check_name(cfg.split, "--split")  # a folder of the store's path: never one outside --features
     check_max_length(cfg.max_length)
-    for flag, value in (("--batch-size", cfg.batch_size), ("--limit", cfg.limit), ("--shard-rows", cfg.shard_rows),
-                        ("--threads", cfg.threads)):  # fmt: skip
+    for flag, value in (
+        ("--batch-size", cfg.batch_size),
+        ("--limit", cfg.limit),
+        ("--shard-rows", cfg.shard_rows),
+        ("--threads", cfg.threads),
+    ):
         if value is not None and value < 1:
             raise PipeError(f"{flag} must be >= 1, got {value}")
     if cfg.image_size is not None:
@@ -141,8 +162,10 @@ def _no_classes(cfg: ExtractConfig, dataset) -> PipeError:
     labelled = ", ".join(sorted(n for n, c in DATASETS.items() if c.labelled))
     what = f"{cfg.dataset} captions have" if dataset.captions() is not None else f"dataset {cfg.dataset} has"
     masks = "masks or classes" if not dataset.has_masks() else "classes"
-    return PipeError(f"--text prompts: {what} no {masks}; segmentation and classification need a dataset with classes "
-                     f"({labelled}); use --text captions for this one")
+    return PipeError(
+        f"--text prompts: {what} no {masks}; segmentation and classification need a dataset with classes "
+        f"({labelled}); use --text captions for this one"
+    )
 
 
 def plan(cfg: ExtractConfig) -> Job:
@@ -151,8 +174,16 @@ def plan(cfg: ExtractConfig) -> Job:
     device = resolve_device(cfg.device)
     dataset = get_dataset(cfg.dataset, cfg.root, cfg.split, **dict(cfg.options))
     longest = cfg.max_length == "longest"  # the loaded encoder is fitted to the store's texts below
-    enc = cached_encoder(cfg.encoder, cfg.layer, cfg.image_size, 1 if longest else cfg.max_length, device,
-                         cfg.compute_dtype, cfg.crop, cfg.special_tokens)  # fmt: skip
+    enc = cached_encoder(
+        cfg.encoder,
+        cfg.layer,
+        cfg.image_size,
+        1 if longest else cfg.max_length,
+        device,
+        cfg.compute_dtype,
+        cfg.crop,
+        cfg.special_tokens,
+    )
     info = asdict(enc.info)
     images = dataset.images()
     limit = len(images) if cfg.limit is None else min(cfg.limit, len(images))
@@ -173,8 +204,9 @@ def plan(cfg: ExtractConfig) -> Job:
             text_rows, extra = _phrase_rows(cfg, dataset, limit), {}
         elif mode == "captions":
             if cfg.prompts != "standard":
-                raise PipeError(f"--prompts {cfg.prompts} names class prompts, but {cfg.dataset} gives captions; add "
-                                "--text prompts")  # fmt: skip
+                raise PipeError(
+                    f"--prompts {cfg.prompts} names class prompts, but {cfg.dataset} gives captions; add --text prompts"
+                )
             caps = dataset.captions()
             if caps is None:
                 raise PipeError(f"dataset {cfg.dataset} has no captions; use --text prompts")
@@ -188,15 +220,20 @@ def plan(cfg: ExtractConfig) -> Job:
             if not templates or any("{}" not in t for t in templates):
                 raise PipeError(f"--templates: every template needs a '{{}}' for the class name, got {templates}")
             ps = prompt_set(cfg.prompts, dataset.name, classes, templates)
-            text_rows = [(f"{ci}:{ti}", t.replace("{}", c), ci)
-                         for ci, c in enumerate(ps.names) for ti, t in enumerate(ps.templates)]  # fmt: skip
+            text_rows = [
+                (f"{ci}:{ti}", t.replace("{}", c), ci)
+                for ci, c in enumerate(ps.names)
+                for ti, t in enumerate(ps.templates)
+            ]
             extra = {"classes": classes, "templates": ps.templates}
             if ps.name != "standard":  # standard stores keep the attributes they always had
                 extra |= {"prompts": ps.name, "prompt_names": ps.names}
         for rid, text, _ in text_rows:
             if is_blank(text):
-                raise PipeError(f"dataset {cfg.dataset} split {cfg.split}: caption {rid} is empty ({text!r} has no "
-                                "visible character)")
+                raise PipeError(
+                    f"dataset {cfg.dataset} split {cfg.split}: caption {rid} is empty ({text!r} has no "
+                    "visible character)"
+                )
         if not text_rows:
             raise PipeError(f"dataset {cfg.dataset} split {cfg.split!r} has no captions")
         if longest:
@@ -208,17 +245,36 @@ def plan(cfg: ExtractConfig) -> Job:
     origin = {"root": None if cfg.root is None else str(cfg.root), "options": dict(cfg.options), "limit": cfg.limit}
     name = dataset.store_name or cfg.dataset  # `coco` -> coco2017: a store path tells the two years apart
     layout = StoreLayout(
-        modality=info["modality"], encoder=info, dataset=name, split=cfg.split, count=count, tokens=tokens,
-        dim=info["dim"], rows_per_chunk=per_chunk, rows_per_shard=per_shard, dtype=cfg.dtype, origin=origin, **extra,
-    )  # fmt: skip
+        modality=info["modality"],
+        encoder=info,
+        dataset=name,
+        split=cfg.split,
+        count=count,
+        tokens=tokens,
+        dim=info["dim"],
+        rows_per_chunk=per_chunk,
+        rows_per_shard=per_shard,
+        dtype=cfg.dtype,
+        origin=origin,
+        **extra,
+    )
     suffix = prompt_store_suffix(cfg.prompts) if info["modality"] == "text" and "templates" in extra else ""
     path = store_path(cfg.features, name, cfg.split, cfg.encoder)
     if info["modality"] == "text" and mode == "phrases":
         suffix = PHRASE_SUFFIX
     path = path.with_name(path.name.replace(".zarr", f"{suffix}.zarr"))
     text = info["modality"] == "text"
-    return Job(cfg, dataset, enc, layout, str(path), image_rows=rows, text_rows=text_rows,
-               text_mode=mode if text else None, captions=caps_kept if text else None)
+    return Job(
+        cfg,
+        dataset,
+        enc,
+        layout,
+        str(path),
+        image_rows=rows,
+        text_rows=text_rows,
+        text_mode=mode if text else None,
+        captions=caps_kept if text else None,
+    )
 
 
 def _phrase_rows(cfg: ExtractConfig, dataset, limit: int) -> list[tuple[str, str, int]]:
@@ -227,5 +283,9 @@ def _phrase_rows(cfg: ExtractConfig, dataset, limit: int) -> list[tuple[str, str
     caps = dataset.captions() if dataset.has_boxes() else None
     if not caps:
         raise PipeError(f"--text phrases: dataset {cfg.dataset} has no phrase markup (flickr30k-entities and world do)")
-    return [(f"{c.id}/{k}", c.text[p.start : p.stop], c.item) for c in caps if c.item < limit
-            for k, p in enumerate(c.phrases)]  # fmt: skip
+    return [
+        (f"{c.id}/{k}", c.text[p.start : p.stop], c.item)
+        for c in caps
+        if c.item < limit
+        for k, p in enumerate(c.phrases)
+    ]

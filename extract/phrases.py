@@ -20,16 +20,17 @@ from typing import Any
 import numpy as np
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from pipe_align.extract.datasets.base import Caption
-from pipe_align.extract.errors import PipeError
-from pipe_align.extract.store import FeatureStore
+from .datasets.base import Caption
+from .errors import PipeError
+from .store import FeatureStore
 
 PHRASES_FORMAT = "pipe.phrases/1"
 COLUMNS = ("row", "start", "stop", "entity", "phrase")
 
 
-def kept_positions(offsets: list[tuple[int, int]], special: list[int], length: int,
-                   keeps_special: bool | None) -> list[int]:  # fmt: skip
+def kept_positions(
+    offsets: list[tuple[int, int]], special: list[int], length: int, keeps_special: bool | None
+) -> list[int]:
     """Tokenizer positions of the stored tokens 0..length-1 of one caption. keeps_special None: decided by the
     stored length (all tokens, or the non-special ones)."""
     everything = list(range(len(offsets)))
@@ -41,8 +42,11 @@ def kept_positions(offsets: list[tuple[int, int]], special: list[int], length: i
 
 def token_span(offsets: list[tuple[int, int]], positions: list[int], start: int, stop: int) -> tuple[int, int] | None:
     """[first, stop) over stored positions whose characters overlap text[start:stop]; None when none does."""
-    hit = [t for t, p in enumerate(positions) if offsets[p][1] > offsets[p][0] and offsets[p][0] < stop
-           and offsets[p][1] > start]  # fmt: skip
+    hit = [
+        t
+        for t, p in enumerate(positions)
+        if offsets[p][1] > offsets[p][0] and offsets[p][0] < stop and offsets[p][1] > start
+    ]
     return (hit[0], hit[-1] + 1) if hit else None
 
 
@@ -90,8 +94,13 @@ def write_phrases(store: FeatureStore, tokenizer: Any, captions: list[Caption]) 
     table, dropped = phrase_table(tokenizer, captions, store.read("length").astype(np.int64))
     if "phrases" in store.group:
         del store.group["phrases"]
-    arr = store.group.create_array("phrases", shape=table.shape, dtype="int32", chunks=(max(len(table), 1), 5),
-                                   compressors=(ZstdCodec(level=3), Crc32cCodec()))
+    arr = store.group.create_array(
+        "phrases",
+        shape=table.shape,
+        dtype="int32",
+        chunks=(max(len(table), 1), 5),
+        compressors=(ZstdCodec(level=3), Crc32cCodec()),
+    )
     arr[:] = table
     store.group.attrs.update({"phrases": PHRASES_FORMAT, "phrases_dropped": dropped})
 

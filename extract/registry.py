@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
-from pipe_align.extract.errors import PipeError
+from .errors import PipeError
 
 T = TypeVar("T")
 

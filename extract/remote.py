@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from pipe_align.extract.errors import PipeError
+from .errors import PipeError
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 # scheme -> the extra of pipe-align that installs its fsspec backend (docs/store.md "Remote stores")
@@ -84,8 +84,10 @@ def storage_failure(e: BaseException) -> str | None:
     if module not in BACKENDS and not any(f"/{b}/" in f.filename for f in frames for b in BACKENDS[:-1]):
         return None
     text = (str(e).splitlines() or [""])[0][:300]
-    return (f"object storage: {type(e).__name__}: {text}; check the URL, the credentials and AWS_ENDPOINT_URL or "
-            "--storage-option endpoint_url=... (docs/store.md, Remote stores)")
+    return (
+        f"object storage: {type(e).__name__}: {text}; check the URL, the credentials and AWS_ENDPOINT_URL or "
+        "--storage-option endpoint_url=... (docs/store.md, Remote stores)"
+    )
 
 
 class Remote:

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, TextIO
 
-from pipe_align.extract.claim import claim
-from pipe_align.extract.distributed import check_cluster, run_on_cluster
-from pipe_align.extract.job import ExtractConfig, Job, check_config, plan
-from pipe_align.extract.phrases import write_phrases
-from pipe_align.extract.shards import ShardResult, disk_full, extract_shards
-from pipe_align.extract.store import FeatureStore, create_store
+from .claim import claim
+from .distributed import check_cluster, run_on_cluster
+from .job import ExtractConfig, Job, check_config, plan
+from .phrases import write_phrases
+from .shards import ShardResult, disk_full, extract_shards
+from .store import FeatureStore, create_store
 
 __all__ = ["ExtractConfig", "ExtractSummary", "executor", "run_extract", "run_local"]
 
@@ -120,11 +120,15 @@ class _progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
             TextColumn("[progress.percentage]{task.percentage:>3.0f}%"),
-            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False,
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            transient=False,
             console=Console(file=self.stream),
-        )  # fmt: skip
+        )
         self.bar.start()
         self.task = self.bar.add_task(self.label, total=self.total, rate="")
 
@@ -148,8 +152,11 @@ class _progress:
                 rate = self.done / max(now - self.t0, 1e-9)
                 eta = (self.total - self.done) / rate if rate > 0 else 0.0
                 pct = 100.0 * self.done / max(self.total, 1)
-                print(f"{self.label}: {self.done}/{self.total} rows ({pct:.0f}%), {rate:.1f} rows/s, "
-                      f"ETA {_clock(eta)}", file=self.stream, flush=True)  # fmt: skip
+                print(
+                    f"{self.label}: {self.done}/{self.total} rows ({pct:.0f}%), {rate:.1f} rows/s, ETA {_clock(eta)}",
+                    file=self.stream,
+                    flush=True,
+                )
 
         return advance
 

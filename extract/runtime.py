@@ -8,7 +8,7 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from pipe_align.extract.errors import PipeError
+from .errors import PipeError
 
 
 def resolve_device(device: str) -> str:

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipe_align.extract.datasets.base import UnreadableImage, to_rgb
-from pipe_align.extract.errors import PipeError
-from pipe_align.extract.job import Job
-from pipe_align.extract.runtime import prefetch
-from pipe_align.extract.store import FeatureStore, StoreLayout
+from .datasets.base import UnreadableImage, to_rgb
+from .errors import PipeError
+from .job import Job
+from .runtime import prefetch
+from .store import FeatureStore, StoreLayout
 
 # What an unreadable or corrupt file raises, and nothing else: readers raise UnreadableImage; PIL raises OSError for a
 # file it cannot identify (UnidentifiedImageError) or that is truncated, SyntaxError for a malformed one (a broken
@@ -63,8 +63,9 @@ class _Pending:
     def __init__(self, tensors: tuple[torch.Tensor, ...], dtype: str) -> None:
         self.dtype = dtype
         if tensors and tensors[0].is_cuda:
-            self.host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                              for t in tensors)  # fmt: skip
+            self.host = tuple(
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors
+            )
             self.event = torch.cuda.Event()
             self.event.record()
         else:
@@ -147,8 +148,10 @@ def disk_full(error: OSError, path, doing: str) -> PipeError | None:
     """A full disk or quota as a one-line error naming the store (None for any other OSError)."""
     if error.errno not in DISK_FULL:
         return None
-    return PipeError(f"{path}: {error.strerror or 'no space left'} while {doing}; free space and re-run the same "
-                     "command (finished shards are kept, the store is not marked complete)")
+    return PipeError(
+        f"{path}: {error.strerror or 'no space left'} while {doing}; free space and re-run the same "
+        "command (finished shards are kept, the store is not marked complete)"
+    )
 
 
 def _new_image_buffers(lay: StoreLayout, n: int) -> dict[str, np.ndarray]:
@@ -241,8 +244,10 @@ def _text_shards(job, shards, writer, on_rows) -> list[ShardResult]:
             rows = job.text_rows[lay.shard_range(cur.shard)[0] :]
             if not bool(length.min() > 0):
                 rid, text = rows[sl.start + int(length.argmin())][:2]
-                raise PipeError(f"dataset {job.cfg.dataset} split {job.cfg.split}: caption {rid} ({text!r}) has no "
-                                f"tokens for encoder {job.cfg.encoder} (its tokenizer drops every character)")
+                raise PipeError(
+                    f"dataset {job.cfg.dataset} split {job.cfg.split}: caption {rid} ({text!r}) has no "
+                    f"tokens for encoder {job.cfg.encoder} (its tokenizer drops every character)"
+                )
             bufs["tokens"][sl], bufs["pooled"][sl] = tokens, pooled
             bufs["length"][sl] = length.astype(np.int16)
             if on_rows:

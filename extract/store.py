@@ -20,9 +20,9 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from pipe_align.extract.claim import check_parent, claim
-from pipe_align.extract.errors import PipeError
-from pipe_align.extract.integrity import (
+from .claim import check_parent, claim
+from .errors import PipeError
+from .integrity import (
     CHECKSUMS,
     READ_ERRORS,
     DamagedStore,
@@ -32,7 +32,7 @@ from pipe_align.extract.integrity import (
     non_finite_rows,
     row_digests,
 )
-from pipe_align.extract.remote import Remote, location
+from .remote import Remote, location
 
 SCHEMA = "pipe.features/1"
 CHUNK_BYTES = 4 << 20  # one chunk (the unit of reading) holds about 4 MB of tokens
@@ -170,7 +170,6 @@ class FeatureStore:
                 return arr[rows]
             return arr.get_orthogonal_selection((np.asarray(rows),))
         except READ_ERRORS as e:  # a missing chunk is already a DamagedStore (StrictStore), not one of these
-
             raise DamagedStore(self.path, name, damage_reason(e)) from None
 
     def rows(self, name: str, start: int = 0, stop: int | None = None, *, finite: bool = True):
@@ -206,8 +205,9 @@ class FeatureStore:
     def require_complete(self) -> None:
         """One-line error unless every shard was written and the store was finalized."""
         if not self.complete:
-            raise PipeError(f"{self.path}: store is incomplete (extraction was interrupted?); re-run the same "
-                            "`pipe extract`")  # fmt: skip
+            raise PipeError(
+                f"{self.path}: store is incomplete (extraction was interrupted?); re-run the same `pipe extract`"
+            )
 
     def to_dask(self, name: str):
         """Lazy dask view with one block per shard (dask would otherwise default to the small inner chunks)."""
@@ -273,8 +273,10 @@ class FeatureStore:
         if self.attrs.get("schema") != SCHEMA:
             problems.append(f"schema is {self.attrs.get('schema')!r}, expected {SCHEMA!r}")
         if lay.checksums is None:
-            problems.append("written without checksums (before format crc32c/1): damage to its files cannot be "
-                            "detected; re-extract it to protect it")  # fmt: skip
+            problems.append(
+                "written without checksums (before format crc32c/1): damage to its files cannot be "
+                "detected; re-extract it to protect it"
+            )
         elif lay.checksums != CHECKSUMS:
             problems.append(f"checksum format {lay.checksums!r} is unknown (expected {CHECKSUMS!r})")
         names = []
@@ -313,12 +315,16 @@ class FeatureStore:
                 skipped_ids += [str(i) for i in blocks["ids"][blocks["skipped"].astype(bool)]]
         if not_done:
             problems.append(f"{len(not_done)} rows not done (first: row {not_done[0]})")
-        problems += [f"array {n!r}: {c - LINES_PER_ARRAY} more problems not listed" for n, c in counts.items()
-                     if c > LINES_PER_ARRAY]  # fmt: skip
+        problems += [
+            f"array {n!r}: {c - LINES_PER_ARRAY} more problems not listed"
+            for n, c in counts.items()
+            if c > LINES_PER_ARRAY
+        ]
         recorded = self.attrs.get("skipped", [])
         if self.complete and not not_done and "skipped" in names and "ids" in names and recorded != skipped_ids:
-            problems.append(f"attribute 'skipped' lists {len(recorded)} ids but array 'skipped' marks "
-                            f"{len(skipped_ids)} rows")  # fmt: skip
+            problems.append(
+                f"attribute 'skipped' lists {len(recorded)} ids but array 'skipped' marks {len(skipped_ids)} rows"
+            )
         return problems
 
     def _shard_problems(self, start: int, blocks: dict[str, np.ndarray]) -> list[tuple[str, str]]:
@@ -337,11 +343,19 @@ class FeatureStore:
                 if name in blocks:
                     wrong = np.flatnonzero(row_digests(start, blocks[name]) != blocks["digest"][:, col])
                     if len(wrong):
-                        out.append((name, f"array {name!r} {where}: {len(wrong)} rows do not match their recorded "
-                                          f"digest (first: row {start + wrong[0]}): a shard file moved, swapped or "
-                                          "replaced?"))  # fmt: skip
-        limits = {"length": (0, lay.tokens), "item": (0, len(lay.classes) - 1 if lay.templates else None),
-                  "labels": (-1, len(lay.classes) - 1 if lay.classes else None)}  # fmt: skip
+                        out.append(
+                            (
+                                name,
+                                f"array {name!r} {where}: {len(wrong)} rows do not match their recorded "
+                                f"digest (first: row {start + wrong[0]}): a shard file moved, swapped or "
+                                "replaced?",
+                            )
+                        )
+        limits = {
+            "length": (0, lay.tokens),
+            "item": (0, len(lay.classes) - 1 if lay.templates else None),
+            "labels": (-1, len(lay.classes) - 1 if lay.classes else None),
+        }
         for name, (low, high) in limits.items():
             if name in blocks:
                 v = blocks[name].astype(np.int64)
@@ -443,8 +457,13 @@ def _array_specs(lay: StoreLayout) -> dict[str, dict[str, Any]]:
             "pooled": vec,
         }
     if lay.checksums:
-        specs["digest"] = {"shape": (n, len(digest_arrays(lay))), "dtype": "uint32", "fill_value": 0,
-                           "chunks": (rs, len(digest_arrays(lay))), "shards": None}  # fmt: skip
+        specs["digest"] = {
+            "shape": (n, len(digest_arrays(lay))),
+            "dtype": "uint32",
+            "fill_value": 0,
+            "chunks": (rs, len(digest_arrays(lay))),
+            "shards": None,
+        }
     return specs
 
 
@@ -510,8 +529,7 @@ def reopen_same(path: Path | Remote, layout: StoreLayout) -> FeatureStore:
     if old != new:
         diff = sorted(k for k in new if old.get(k) != new.get(k))
         enc_a, enc_b = old.get("encoder") or {}, new.get("encoder") or {}
-        sub = [f"encoder {k} {enc_a.get(k)} vs {enc_b.get(k)}" for k in sorted(enc_b)
-               if enc_a.get(k) != enc_b.get(k)]  # fmt: skip
+        sub = [f"encoder {k} {enc_a.get(k)} vs {enc_b.get(k)}" for k in sorted(enc_b) if enc_a.get(k) != enc_b.get(k)]
         what = ", ".join(sub + [k for k in diff if k != "encoder"])
         raise PipeError(f"{path}: existing store differs in {what}; remove it or use another --features")
     return store
@@ -540,8 +558,11 @@ def recorded_encoder(encoder: dict[str, Any], modality: str) -> dict[str, Any]:
     recorded, every forward ran in float32, images were cropped as the model's processor says and captions dropped
     their special tokens. So an old store is never taken for one made with today's defaults."""
     image = (encoder.get("modality") or modality) == "image"
-    legacy = {"compute_dtype": "float32", "crop": "processor" if image else None,
-              "special_tokens": None if image else "drop"}  # fmt: skip
+    legacy = {
+        "compute_dtype": "float32",
+        "crop": "processor" if image else None,
+        "special_tokens": None if image else "drop",
+    }
     return legacy | {k: v for k, v in encoder.items() if v is not None or k not in legacy}
 
 
@@ -578,8 +599,9 @@ def open_store(
     return store
 
 
-def origin_difference(a: dict | None, b: dict | None,
-                      keys: tuple[str, ...] = ("root", "options", "limit")) -> str | None:  # fmt: skip
+def origin_difference(
+    a: dict | None, b: dict | None, keys: tuple[str, ...] = ("root", "options", "limit")
+) -> str | None:
     """How two origins (dataset root, -o options, --limit, as a store records them) differ in `keys`, or None when
     they are the same data. Roots compare as resolved paths; option values as text (`-o k=3` and `-o k="3"` agree)."""
     if a is None or b is None:  # stores written before origins were recorded
@@ -607,4 +629,3 @@ def store_bytes(path: Path | Remote) -> int:
     if isinstance(path, Remote):
         return path.du()
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-

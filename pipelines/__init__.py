@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipe_align.pipelines import threads as _threads
+from . import threads as _threads
 
 _threads.configure()
 
@@ -16,7 +16,7 @@ __all__ = ["AlignedModel", "load"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from pipe_align.pipelines import api
+        from . import api
 
         return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 import sys
 
-from pipe_align.pipelines.cli import main
+from .cli import main
 
 sys.exit(main())

@@ -48,13 +48,25 @@ from pipe_align.extract.errors import PipeError
 from pipe_align.extract.remote import location
 from pipe_align.extract.runtime import prefetch, resolve_device
 from pipe_align.extract.store import read_json_attrs, recorded_encoder
-from pipe_align.pipelines import threads
+
+from . import threads
 
 ImageInput = str | Path | Image.Image | Tensor
 # Loaded encoder attributes that must equal the recorded ones (model_id is left out: a prepared folder's path
 # differs between machines while its weights, named in `weights`, are the same).
-MUST_MATCH = ("weights", "revision", "dim", "layer", "patch_size", "num_register_tokens", "pooling", "image_size",
-              "max_length", "crop", "special_tokens")  # fmt: skip
+MUST_MATCH = (
+    "weights",
+    "revision",
+    "dim",
+    "layer",
+    "patch_size",
+    "num_register_tokens",
+    "pooling",
+    "image_size",
+    "max_length",
+    "crop",
+    "special_tokens",
+)
 # `load(compute_dtype=...)`: "store" (the training stores' recorded compute dtype), or what `pipe extract
 # --compute-dtype` takes ("auto": extraction's device rule; a dtype name).
 COMPUTE_CHOICES = ("store", "auto", *COMPUTE_DTYPES)
@@ -85,8 +97,10 @@ def encoder_specs(run: Path, meta: dict[str, Any]) -> tuple[EncoderSpec, Encoder
         missing = [k for k in need[modality] if recorded.get(k) is None]
         if missing:
             store = meta.get(f"{modality}_store")
-            raise PipeError(f"run {run}: cannot rebuild its {modality} encoder: {', '.join(missing)} not recorded "
-                            f"(run.json has no 'encoders' entry and its {modality} store {store} is not found)")
+            raise PipeError(
+                f"run {run}: cannot rebuild its {modality} encoder: {', '.join(missing)} not recorded "
+                f"(run.json has no 'encoders' entry and its {modality} store {store} is not found)"
+            )
         specs.append(EncoderSpec(modality, str(meta[f"{modality}_encoder"]), recorded, source))
     return specs[0], specs[1]
 
@@ -129,8 +143,10 @@ def apply_compute_dtype(spec: EncoderSpec, choice: str, device: str, run: Path |
     recorded = recorded_encoder(spec.recorded, spec.modality)["compute_dtype"]
     if recorded not in COMPUTE_DTYPES:
         where = f"run {run}: " if run is not None else ""
-        raise PipeError(f"{where}its {spec.modality} encoder record ({spec.source}) has compute_dtype {recorded!r}, "
-                        f"expected one of {', '.join(COMPUTE_DTYPES)}")  # fmt: skip
+        raise PipeError(
+            f"{where}its {spec.modality} encoder record ({spec.source}) has compute_dtype {recorded!r}, "
+            f"expected one of {', '.join(COMPUTE_DTYPES)}"
+        )
     return str(recorded)
 
 
@@ -140,9 +156,16 @@ def build_encoder(spec: EncoderSpec, run: Path, device: str, compute_dtype: str 
     r = recorded_encoder(spec.recorded, spec.modality)
     dtype = apply_compute_dtype(spec, compute_dtype, device, run)
     try:
-        enc = load_encoder(spec.alias, layer=str(r["layer"]), image_size=r.get("image_size"),
-                           max_length=int(r.get("max_length") or 64), device=device, dtype=dtype,
-                           crop=r.get("crop") or "processor", special_tokens=r.get("special_tokens") or "keep")
+        enc = load_encoder(
+            spec.alias,
+            layer=str(r["layer"]),
+            image_size=r.get("image_size"),
+            max_length=int(r.get("max_length") or 64),
+            device=device,
+            dtype=dtype,
+            crop=r.get("crop") or "processor",
+            special_tokens=r.get("special_tokens") or "keep",
+        )
     except PipeError as e:
         raise PipeError(f"run {run}: cannot load its {spec.modality} encoder {spec.alias!r} ({e})") from None
     got = asdict(enc.info)
@@ -150,8 +173,10 @@ def build_encoder(spec: EncoderSpec, run: Path, device: str, compute_dtype: str 
         raise PipeError(f"run {run}: {spec.alias!r} loads a {got['modality']} encoder, expected {spec.modality}")
     for key in MUST_MATCH:
         if r.get(key) is not None and str(got.get(key)) != str(r[key]):
-            raise PipeError(f"run {run}: its {spec.modality} encoder {spec.alias!r} had {key}={r[key]!r} "
-                            f"({spec.source}) but loads with {key}={got.get(key)!r} here")  # fmt: skip
+            raise PipeError(
+                f"run {run}: its {spec.modality} encoder {spec.alias!r} had {key}={r[key]!r} "
+                f"({spec.source}) but loads with {key}={got.get(key)!r} here"
+            )
     return enc
 
 
@@ -201,8 +226,10 @@ class Segmentation:
         elif isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= label < len(self.names):
             c = int(label)
         else:  # a negative index would slice an empty map, an unknown name would raise a bare ValueError
-            raise PipeError(f"score_map: label {label!r} is not one of this segmentation's labels "
-                            f"({', '.join(self.names)}) or their indices 0..{len(self.names) - 1}")
+            raise PipeError(
+                f"score_map: label {label!r} is not one of this segmentation's labels "
+                f"({', '.join(self.names)}) or their indices 0..{len(self.names) - 1}"
+            )
         return F.interpolate(self.scores[None, c : c + 1], size=self.size, mode="bilinear", align_corners=False)[0, 0]
 
 
@@ -218,8 +245,18 @@ class AnchorMaps:
 class AlignedModel:
     """Two frozen encoders and a fitted alignment method. Built by `load`; every output is on `self.device`."""
 
-    def __init__(self, run: Path, meta: dict[str, Any], aligner: Aligner, image_encoder, text_encoder,
-                 image_spec: EncoderSpec, text_spec: EncoderSpec, device: str, batch_size: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run: Path,
+        meta: dict[str, Any],
+        aligner: Aligner,
+        image_encoder,
+        text_encoder,
+        image_spec: EncoderSpec,
+        text_spec: EncoderSpec,
+        device: str,
+        batch_size: int,
+    ) -> None:
         self.run, self.meta, self.aligner = run, meta, aligner
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.image_spec, self.text_spec = image_spec, text_spec
@@ -276,20 +313,25 @@ class AlignedModel:
         for b0 in range(0, len(texts), self.batch_size):
             tokens, length, pooled = self.text_encoder.encode(texts[b0 : b0 + self.batch_size])
             parts.append((like_store(tokens, self.text_spec.dtype), length, like_store(pooled, self.text_spec.dtype)))
-        return TextRows(pooled=torch.cat([p[2] for p in parts]), tokens=torch.cat([p[0] for p in parts]),
-                        length=torch.cat([p[1] for p in parts]))  # fmt: skip
+        return TextRows(
+            pooled=torch.cat([p[2] for p in parts]),
+            tokens=torch.cat([p[0] for p in parts]),
+            length=torch.cat([p[1] for p in parts]),
+        )
 
     # -- embeddings -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_image(self, images: ImageInput | Sequence[ImageInput],
-                     on_images: Callable[[int], None] | None = None) -> Tensor:  # fmt: skip
+    def encode_image(
+        self, images: ImageInput | Sequence[ImageInput], on_images: Callable[[int], None] | None = None
+    ) -> Tensor:
         """[N, E] aligned, L2-normalised image embeddings; an unreadable image is a PipeError naming it."""
         emb, _, _ = self.encode_files(as_list(images), skip_unreadable=False, on_images=on_images)
         return emb
 
     @torch.no_grad()
-    def encode_files(self, images: Sequence[ImageInput], skip_unreadable: bool = True,
-                     on_images: Callable[[int], None] | None = None) -> tuple[Tensor, list[int], list[tuple[int, str]]]:
+    def encode_files(
+        self, images: Sequence[ImageInput], skip_unreadable: bool = True, on_images: Callable[[int], None] | None = None
+    ) -> tuple[Tensor, list[int], list[tuple[int, str]]]:
         """(embeddings of the readable images, their positions in `images`, skipped (position, reason)): for
         folders, where one bad file should not stop the rest (as `pipe extract` skips it)."""
         out, kept, skipped = [], [], []
@@ -338,15 +380,22 @@ class AlignedModel:
         return self._classifiers[key]
 
     @torch.no_grad()
-    def classify(self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str],
-                 templates: Sequence[str] | None = None) -> Tensor:  # fmt: skip
+    def classify(
+        self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str], templates: Sequence[str] | None = None
+    ) -> Tensor:
         """[N, C] cosine scores of each image against each label (argmax = the prediction)."""
         return self.encode_image(images) @ self.classifier(labels, templates).T
 
     @torch.no_grad()
-    def segment(self, image: ImageInput, labels: Sequence[str], background: str | None = DEFAULT_BACKGROUND,
-                templates: Sequence[str] | None = None, threshold: float | None = None,
-                bias: float | None = None) -> Segmentation:  # fmt: skip
+    def segment(
+        self,
+        image: ImageInput,
+        labels: Sequence[str],
+        background: str | None = DEFAULT_BACKGROUND,
+        templates: Sequence[str] | None = None,
+        threshold: float | None = None,
+        bias: float | None = None,
+    ) -> Segmentation:
         """Per-pixel labels at the image's size, decoded as `pipe eval segmentation` does: the image squashed to the
         encoder's size (the patch grid covers all of it), patch scores `image_dense(patches) @ classifier.T`,
         bilinear upsampling, argmax. `background` is a prompt that competes like a class (None: none). Optional
@@ -399,8 +448,10 @@ def as_list(images: ImageInput | Sequence[ImageInput]) -> list:
         return [images]
     items = list(images)
     if not items:
-        raise PipeError("no images given" + (f" (a batch tensor of shape {tuple(images.shape)})"
-                                             if isinstance(images, Tensor) else ""))  # fmt: skip
+        raise PipeError(
+            "no images given"
+            + (f" (a batch tensor of shape {tuple(images.shape)})" if isinstance(images, Tensor) else "")
+        )
     return items
 
 
@@ -437,8 +488,9 @@ def tensor_pixels(image: Tensor) -> np.ndarray:
             raise UnreadableImage("float image tensor: values must lie in [0, 1]")
         x = (x * 255).round()
     elif x.dtype != torch.uint8 and (x.min() < 0 or x.max() > 255):
-        raise UnreadableImage(f"{x.dtype} image tensor: values must lie in 0..255, got {x.min().item()}.."
-                              f"{x.max().item()}")  # fmt: skip
+        raise UnreadableImage(
+            f"{x.dtype} image tensor: values must lie in 0..255, got {x.min().item()}..{x.max().item()}"
+        )
     arr = x.to(torch.uint8).numpy()
     return np.ascontiguousarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
 
@@ -477,8 +529,9 @@ def check_labels(labels: Sequence[str], what: str = "labels") -> list[str]:
     return labels
 
 
-def segment_names(labels: Sequence[str], background: str | None = DEFAULT_BACKGROUND,
-                  what: str = "labels") -> tuple[list[str], int | None]:  # fmt: skip
+def segment_names(
+    labels: Sequence[str], background: str | None = DEFAULT_BACKGROUND, what: str = "labels"
+) -> tuple[list[str], int | None]:
     """(names, index of the background): the labels with the background prompt in front unless listed."""
     names = check_labels(labels, what)
     if background is None:
@@ -499,15 +552,17 @@ def check_rule_value(what: str, value: float | None, minimum: float | None = Non
     if not math.isfinite(value):
         raise PipeError(f"{what} must be a finite number, got {value}")
     if minimum is not None and value < minimum:
-        raise PipeError(f"{what} must be >= {minimum:g} (a negative margin never makes a pixel background), "
-                        f"got {value}")
+        raise PipeError(
+            f"{what} must be >= {minimum:g} (a negative margin never makes a pixel background), got {value}"
+        )
     return float(value)
 
 
 def check_templates(templates: Sequence[str] | None) -> list[str]:
     """The CLIP templates every labelled dataset uses unless given; each needs a '{}' for the label."""
-    templates = list(CLIP_TEMPLATES) if templates is None else [templates] if isinstance(templates, str) else list(
-        templates)  # fmt: skip
+    templates = (
+        list(CLIP_TEMPLATES) if templates is None else [templates] if isinstance(templates, str) else list(templates)
+    )
     if not templates or any("{}" not in t for t in templates):
         raise PipeError(f"templates: every template needs a '{{}}' for the label, got {templates}")
     return templates

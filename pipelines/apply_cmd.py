@@ -18,11 +18,17 @@ from pipe_align.extract.errors import PipeError
 
 RUN = typer.Option(..., help="Run dir written by `pipe align` (its run.json names the encoders to rebuild).")
 LABELS = typer.Option(..., help="Comma-separated labels, e.g. 'cat,dog,grass'.")
-TEMPLATES = typer.Option(None, help="Prompt templates, '|'-separated, each with {} for the label "
-                                    "(default: the CLIP templates the eval's class prompts use).")  # fmt: skip
+TEMPLATES = typer.Option(
+    None,
+    help="Prompt templates, '|'-separated, each with {} for the label "
+    "(default: the CLIP templates the eval's class prompts use).",
+)
 DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
-COMPUTE = typer.Option("store", help="Encoder forward dtype: store (the one the run's training stores were computed "
-                                     "in), or as `pipe extract --compute-dtype`: auto, float32, bfloat16, float16.")
+COMPUTE = typer.Option(
+    "store",
+    help="Encoder forward dtype: store (the one the run's training stores were computed "
+    "in), or as `pipe extract --compute-dtype`: auto, float32, bfloat16, float16.",
+)
 BATCH = typer.Option(32, help="Images per encoder forward.")
 PROGRESS = typer.Option(True, help="Show a progress bar.")
 STRICT = typer.Option(False, help="Fail on an unreadable image instead of skipping it.")
@@ -30,7 +36,7 @@ STRICT = typer.Option(False, help="Fail on an unreadable image instead of skippi
 
 def parse_labels(text: str) -> list[str]:
     """Comma-separated labels, each checked as the API checks it (visible, no line break or control character)."""
-    from pipe_align.pipelines.api import check_labels
+    from .api import check_labels
 
     labels = [x.strip() for x in text.split(",")]
     if not any(labels):
@@ -52,8 +58,14 @@ def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[in
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=True)  # fmt: skip
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        transient=True,
+    )
     task, t0, done = bar.add_task(label, total=total, rate=""), time.perf_counter(), [0]
 
     def advance(n: int) -> None:
@@ -65,13 +77,13 @@ def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[in
 
 
 def _load(run: Path, device: str, batch_size: int, compute_dtype: str):
-    from pipe_align.pipelines.api import load
+    from .api import load
 
     return load(run, device=device, batch_size=batch_size, compute_dtype=compute_dtype)
 
 
 def _check_compute(compute_dtype: str) -> str:
-    from pipe_align.pipelines.api import check_compute_choice
+    from .api import check_compute_choice
 
     return check_compute_choice(compute_dtype, "--compute-dtype")
 
@@ -114,9 +126,11 @@ def check_out_folder(out: Path, names: list[str], images: list[Path], stems: lis
             raise PipeError(f"--out {out}: its labels.txt is not one written by `pipe segment`; use another --out")
         had = [x[1] for x in old]
         if had != names:
-            raise PipeError(f"--out {out}: holds label maps for other labels ({', '.join(had)}; now "
-                            f"{', '.join(names)}) and their labels.txt would no longer name them; use another --out "
-                            "or the same --labels and --background")  # fmt: skip
+            raise PipeError(
+                f"--out {out}: holds label maps for other labels ({', '.join(had)}; now "
+                f"{', '.join(names)}) and their labels.txt would no longer name them; use another --out "
+                "or the same --labels and --background"
+            )
     inputs = {p.resolve() for p in images}
     for stem in stems:
         for kind in ("overlay", "labels"):
@@ -129,14 +143,20 @@ def segment(
     images: list[Path] = typer.Argument(..., help="Image files to segment."),
     run: Path = RUN,
     labels: str = LABELS,
-    out: Path = typer.Option(Path("segment-out"), help="Folder for <image>.overlay.png, <image>.labels.png and "
-                                                       "labels.txt."),  # fmt: skip
-    background: str = typer.Option("background", help="A background prompt that competes with the labels, as in "
-                                                      "`pipe eval segmentation`; '' for none."),  # fmt: skip
-    background_threshold: float | None = typer.Option(None, help="Also mark a pixel background when its best label "
-                                                                 "score is below this (docs/apply.md: picking it)."),
-    background_bias: float | None = typer.Option(None, help="Also mark a pixel background when its best label score "
-                                                            "is below the background's + this (docs/apply.md)."),
+    out: Path = typer.Option(
+        Path("segment-out"), help="Folder for <image>.overlay.png, <image>.labels.png and labels.txt."
+    ),
+    background: str = typer.Option(
+        "background",
+        help="A background prompt that competes with the labels, as in `pipe eval segmentation`; '' for none.",
+    ),
+    background_threshold: float | None = typer.Option(
+        None, help="Also mark a pixel background when its best label score is below this (docs/apply.md: picking it)."
+    ),
+    background_bias: float | None = typer.Option(
+        None,
+        help="Also mark a pixel background when its best label score is below the background's + this (docs/apply.md).",
+    ),
     templates: str | None = TEMPLATES,
     device: str = DEVICE,
     compute_dtype: str = COMPUTE,
@@ -147,7 +167,8 @@ def segment(
 
     from pipe_align.evaluate.overlay import label_png, overlay_png, write_file
     from pipe_align.extract.datasets.base import open_rgb
-    from pipe_align.pipelines.api import check_label, check_rule_value, segment_names
+
+    from .api import check_label, check_rule_value, segment_names
 
     _check_compute(compute_dtype)
     bg = check_label(background, "--background") if background.strip() else None
@@ -166,16 +187,17 @@ def segment(
     with progress_bar(progress, "segment", len(images)) as advance:
         for path, stem in zip(images, stems):
             image = open_rgb(path)
-            seg = model.segment(image, labels_given, background=bg, templates=_templates(templates),
-                                threshold=threshold, bias=bias)  # fmt: skip
+            seg = model.segment(
+                image, labels_given, background=bg, templates=_templates(templates), threshold=threshold, bias=bias
+            )
             label_map = seg.labels.cpu().numpy()
             if not written:  # before the first label PNG, which it names; after the first image is read
                 written.append(write_file(out / "labels.txt", label_index(names)))
-            rules = [f"background {k} {v:g}" for k, v in (("threshold", threshold),
-                                                           ("bias", bias)) if v is not None]  # fmt: skip
+            rules = [f"background {k} {v:g}" for k, v in (("threshold", threshold), ("bias", bias)) if v is not None]
             title = ", ".join([f"{path.name}: {run.name} ({model.method})", *rules])
-            written.append(overlay_png(out / f"{stem}.overlay.png", np.asarray(image), label_map, seg.names,
-                                       seg.background, title))  # fmt: skip
+            written.append(
+                overlay_png(out / f"{stem}.overlay.png", np.asarray(image), label_map, seg.names, seg.background, title)
+            )
             written.append(label_png(out / f"{stem}.labels.png", label_map))
             advance(1)
     for p in written[1:]:
@@ -198,7 +220,8 @@ def classify(
 ) -> None:
     """Classify a folder of images against your labels: a CSV of the top-k labels with cosine scores."""
     from pipe_align.extract.files import write_text
-    from pipe_align.pipelines.image_index import list_images
+
+    from .image_index import list_images
 
     _check_compute(compute_dtype)
     names = parse_labels(labels)
@@ -229,8 +252,9 @@ def search(
     run: Path = RUN,
     query: list[str] = typer.Option(..., help="A sentence to search for (repeat for several)."),
     top_k: int = typer.Option(10, help="Images shown per query."),
-    cache: bool = typer.Option(True, help="Keep the folder's image embeddings in RUN/cache and reuse them while the "
-                                          "images are unchanged."),  # fmt: skip
+    cache: bool = typer.Option(
+        True, help="Keep the folder's image embeddings in RUN/cache and reuse them while the images are unchanged."
+    ),
     device: str = DEVICE,
     compute_dtype: str = COMPUTE,
     batch_size: int = BATCH,
@@ -239,7 +263,8 @@ def search(
 ) -> None:
     """Search a folder of images with sentences: the best-matching images, best first."""
     from pipe_align.extract.datasets.base import is_blank
-    from pipe_align.pipelines.image_index import cache_file, folder_embeddings, list_images
+
+    from .image_index import cache_file, folder_embeddings, list_images
 
     _check_compute(compute_dtype)
     if top_k < 1:
@@ -253,8 +278,10 @@ def search(
     with progress_bar(progress, "search: images", total) as advance:
         index = folder_embeddings(model, folder, strict=strict, use_cache=cache, on_images=advance)
     if index.cache_problem:
-        typer.echo(f"search cache {cache_file(model, folder)} was damaged ({index.cache_problem}); encoded the "
-                   "folder again", err=True)  # fmt: skip
+        typer.echo(
+            f"search cache {cache_file(model, folder)} was damaged ({index.cache_problem}); encoded the folder again",
+            err=True,
+        )
     scores, idx = (text @ index.embeddings.T).topk(min(top_k, len(index.paths)), dim=1)
     for q, s, i in zip(query, scores.tolist(), idx.tolist()):
         typer.echo(f"{q}")

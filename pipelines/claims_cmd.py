@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipe_align.pipelines.options import parse_options
+from .options import parse_options
 
 
 def claims(
@@ -26,8 +26,17 @@ def claims(
     from pipe_align.evaluate.config import EvalConfig, write_result
     from pipe_align.evaluate.falsify import falsification
 
-    cfg = EvalConfig(task="claims", dataset=dataset, split=split, features=str(features), run=str(pal), root=root,
-                     options=parse_options(option), device=device, seed=seed)  # fmt: skip
+    cfg = EvalConfig(
+        task="claims",
+        dataset=dataset,
+        split=split,
+        features=str(features),
+        run=str(pal),
+        root=root,
+        options=parse_options(option),
+        device=device,
+        seed=seed,
+    )
     found = falsification(cfg, str(pal), [str(b) for b in baseline])
     res = {"task": "claims", "dataset": dataset, "split": split} | found
     path = Path(pal) / "eval" / f"claims-{dataset}-{split}.json"

@@ -19,12 +19,26 @@ except ImportError:
 
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.remote import set_storage_options, storage_failure
-from pipe_align.pipelines import cli_spec, threads
-from pipe_align.pipelines.options import parse_bytes, parse_options, spec_options, with_options
+
+from . import cli_spec, threads
+from .options import parse_bytes, parse_options, spec_options, with_options
 
 # `pipe --help` lists the commands in the order a user runs them, each with its one-line summary.
-WORKFLOW = ("extract", "info", "verify", "encoders", "align", "eval", "report", "claims", "reproduce", "demo",
-            "segment", "classify", "search")  # fmt: skip
+WORKFLOW = (
+    "extract",
+    "info",
+    "verify",
+    "encoders",
+    "align",
+    "eval",
+    "report",
+    "claims",
+    "reproduce",
+    "demo",
+    "segment",
+    "classify",
+    "search",
+)
 RUN_PANEL = "Run options (every method)"
 SPEC = cli_spec.spec()  # the registries' options and names, without importing them (no torch: --help stays fast)
 CHOICES = {kind: ", ".join(names) for kind, names in SPEC["choices"].items()}
@@ -39,14 +53,14 @@ class WorkflowGroup(TyperGroup):
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=WorkflowGroup)
 encoders_app = typer.Typer(add_completion=False, no_args_is_help=True, help="List and prepare encoders.")
 app.add_typer(encoders_app, name="encoders")
-from pipe_align.pipelines.eval_cmd import eval_app, report  # noqa: E402
+from .eval_cmd import eval_app, report  # noqa: E402
 
 app.add_typer(eval_app, name="eval")
 app.command()(report)
-from pipe_align.pipelines.claims_cmd import claims  # noqa: E402
+from .claims_cmd import claims  # noqa: E402
 
 app.command()(claims)
-from pipe_align.pipelines.apply_cmd import COMMANDS as APPLY_COMMANDS  # noqa: E402  (pipe segment|classify|search)
+from .apply_cmd import COMMANDS as APPLY_COMMANDS  # noqa: E402  (pipe segment|classify|search)
 
 for _command in APPLY_COMMANDS:
     app.command()(_command)
@@ -55,9 +69,13 @@ for _command in APPLY_COMMANDS:
 @app.callback()
 def storage(
     storage_option: list[str] = typer.Option(
-        [], "--storage-option", metavar="KEY=VALUE", help="An option of the storage backend of store URLs "
-        "(s3://bucket/path), e.g. endpoint_url=http://host:9000; repeatable. Never written into a store or a run."),
-) -> None:  # fmt: skip
+        [],
+        "--storage-option",
+        metavar="KEY=VALUE",
+        help="An option of the storage backend of store URLs "
+        "(s3://bucket/path), e.g. endpoint_url=http://host:9000; repeatable. Never written into a store or a run.",
+    ),
+) -> None:
     """Post-hoc alignment of frozen vision and text encoders (PAL) from cached Zarr feature stores."""
     set_storage_options(dict(parse_options(storage_option, "--storage-option")))
 
@@ -68,28 +86,46 @@ def extract(
     dataset: str = typer.Option(..., help=f"Dataset reader (docs/datasets.md): {CHOICES['dataset']}."),
     split: str = typer.Option("train", help="Dataset split."),
     features: str = typer.Option(..., help="Root folder of the feature stores, or a URL (s3://bucket/features)."),
-    root: str | None = typer.Option(None, help="Dataset root folder (not needed for world); for csv the table, for "
-                                               "webdataset / parquet a file, folder, glob or {000..009} range."),
+    root: str | None = typer.Option(
+        None,
+        help="Dataset root folder (not needed for world); for csv the table, for "
+        "webdataset / parquet a file, folder, glob or {000..009} range.",
+    ),
     batch_size: int = typer.Option(32, help="Rows per encoder forward."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or bfloat16."),
-    compute_dtype: str = typer.Option("auto", help="Encoder forward dtype: auto (bfloat16 on a CUDA GPU with it, "
-                                      "else float32), float32, bfloat16, float16; recorded in the store."),
+    compute_dtype: str = typer.Option(
+        "auto",
+        help="Encoder forward dtype: auto (bfloat16 on a CUDA GPU with it, "
+        "else float32), float32, bfloat16, float16; recorded in the store.",
+    ),
     limit: int | None = typer.Option(None, help="Only the first N images (and their captions)."),
     image_size: int | None = typer.Option(None, help="Input size in pixels (default: the encoder's, 224)."),
     layer: str = typer.Option("last", help="'last' (last_hidden_state, after the final norm) or a hidden-state index."),
-    max_length: str = typer.Option("64", help="Text: tokens kept per caption (with --special-tokens drop: word "
-                                   "tokens, the specials on top), or 'longest' (the store's longest text, no "
-                                   "truncation below the model's limit)."),
-    special_tokens: str = typer.Option("keep", help="Text: keep (every attention-mask position, [CLS]/[SEP] or "
-                                       "<s></s> included, as the PAL authors) or drop (word tokens only)."),
-    crop: str = typer.Option("processor", help="Images (--resize crop): processor (the model's: DINOv2 short side "
-                             "256 then centre 224) or short-side (short side to the input size, then centre crop: "
-                             "timm's crop_pct 1.0, the PAL authors')."),
+    max_length: str = typer.Option(
+        "64",
+        help="Text: tokens kept per caption (with --special-tokens drop: word "
+        "tokens, the specials on top), or 'longest' (the store's longest text, no "
+        "truncation below the model's limit).",
+    ),
+    special_tokens: str = typer.Option(
+        "keep",
+        help="Text: keep (every attention-mask position, [CLS]/[SEP] or "
+        "<s></s> included, as the PAL authors) or drop (word tokens only).",
+    ),
+    crop: str = typer.Option(
+        "processor",
+        help="Images (--resize crop): processor (the model's: DINOv2 short side "
+        "256 then centre 224) or short-side (short side to the input size, then centre crop: "
+        "timm's crop_pct 1.0, the PAL authors').",
+    ),
     text: str = typer.Option("auto", help="Text encoders: captions, prompts (class templates) or auto."),
     templates: str | None = typer.Option(None, help="Prompt templates, '|'-separated, each with {} for the class."),
-    prompts: str = typer.Option("standard", help="Class-prompt set: standard, or pal (the PAL authors' names and "
-                                                 "templates, for `pipe eval segmentation --protocol pal`)."),
+    prompts: str = typer.Option(
+        "standard",
+        help="Class-prompt set: standard, or pal (the PAL authors' names and "
+        "templates, for `pipe eval segmentation --protocol pal`).",
+    ),
     resize: str = typer.Option("auto", help="Images: crop (short side then centre crop), squash, or auto."),
     strict: bool = typer.Option(False, help="Fail on an unreadable image instead of skipping it."),
     shard_rows: int | None = typer.Option(None, help="Rows per shard (default: about 256 MB of tokens)."),
@@ -101,13 +137,29 @@ def extract(
     from pipe_align.extract.runner import ExtractConfig, run_extract
 
     cfg = ExtractConfig(
-        encoder=encoder, dataset=dataset, split=split, features=features, root=root, batch_size=batch_size,
-        device=device, dtype=dtype, compute_dtype=compute_dtype, limit=limit, image_size=image_size, layer=layer,
-        max_length=max_length if max_length == "longest" else _int_option(max_length, "--max-length"), text=text,
+        encoder=encoder,
+        dataset=dataset,
+        split=split,
+        features=features,
+        root=root,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        limit=limit,
+        image_size=image_size,
+        layer=layer,
+        max_length=max_length if max_length == "longest" else _int_option(max_length, "--max-length"),
+        text=text,
         templates=tuple(templates.split("|")) if templates else None,
-        prompts=prompts, resize=resize, strict=strict, shard_rows=shard_rows, options=parse_options(option),
-        crop=crop, special_tokens=special_tokens,
-    )  # fmt: skip
+        prompts=prompts,
+        resize=resize,
+        strict=strict,
+        shard_rows=shard_rows,
+        options=parse_options(option),
+        crop=crop,
+        special_tokens=special_tokens,
+    )
     summary = run_extract(cfg, cluster=cluster, progress=progress)
     if summary.already_complete:
         typer.echo(f"{summary.path}: already complete ({summary.rows} rows), nothing to do")
@@ -140,14 +192,18 @@ def align(
     text_encoder: str | None = typer.Option(None, help="Pick the caption store when there are several."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     unpaired_shards: str | None = typer.Option(None, help="Stores of unpaired images and texts (sotalign)."),
-    preset: str | None = typer.Option(None, help="The method's named settings. pal: auto (default: small below 4096 "
-                                                 "training pairs, else paper), paper (the authors' settings) or small; "
-                                                 "given options win. Other methods have none."),
+    preset: str | None = typer.Option(
+        None,
+        help="The method's named settings. pal: auto (default: small below 4096 "
+        "training pairs, else paper), paper (the authors' settings) or small; "
+        "given options win. Other methods have none.",
+    ),
     recipe: str | None = typer.Option(None, hidden=True, help="Old name of --preset."),
     param: list[str] = typer.Option([], "--param", "-p", help="A method option as KEY=VALUE (same as its flag)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print each epoch's line on the terminal (they "
-                                                                "always go to RUN/train.log)."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also print each epoch's line on the terminal (they always go to RUN/train.log)."
+    ),
     **options: object,
 ) -> None:
     """Train an alignment method from cached features (PAL trains only its anchors). Run-wide options apply to every
@@ -171,17 +227,26 @@ def align(
         raise PipeError(f"--preset {preset} and --recipe {recipe}: --recipe is the old name of --preset; give one")
     params = given | dict(parse_options(param, "--param"))
     cfg = AlignConfig(
-        shards=shards, out=str(out), method=method, image_encoder=image_encoder, text_encoder=text_encoder,
-        resume=resume, unpaired_shards=unpaired_shards, preset=preset if recipe is None else recipe,
-        run=RunConfig(**run_values), params=params,
-    )  # fmt: skip
+        shards=shards,
+        out=str(out),
+        method=method,
+        image_encoder=image_encoder,
+        text_encoder=text_encoder,
+        resume=resume,
+        unpaired_shards=unpaired_shards,
+        preset=preset if recipe is None else recipe,
+        run=RunConfig(**run_values),
+        params=params,
+    )
     result = run_align(cfg, progress=progress, verbose=verbose)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
     meta = result.meta
     chosen = f"; preset {meta['preset']['summary']} ({meta['preset']['why']})" if meta.get("preset") else ""
-    typer.echo(f"{result.path}: {meta['method']} trained on {meta['pairs']['train']} pairs ({meta['data_mode']}), "
-               f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s{chosen}")
+    typer.echo(
+        f"{result.path}: {meta['method']} trained on {meta['pairs']['train']} pairs ({meta['data_mode']}), "
+        f"best epoch {meta.get('best_epoch')}, {meta['wall_seconds']:.1f} s{chosen}"
+    )
 
 
 @app.command()
@@ -190,17 +255,27 @@ def demo(
     size: str = typer.Option("full", help="small (48 + 16 world images) or full (400 + 100)."),
     image_encoder: str = typer.Option("dinov2-small", help="Image encoder alias."),
     text_encoder: str = typer.Option("minilm", help="Text encoder alias."),
-    pal_epochs: int | None = typer.Option(None, help="PAL epochs (default: the step budget of the preset pipe align "
-                                                     "picks)."),
+    pal_epochs: int | None = typer.Option(
+        None, help="PAL epochs (default: the step budget of the preset pipe align picks)."
+    ),
     methods: str | None = typer.Option(None, help="Comma-separated baselines to run (default: all)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Run extract -> align -> eval -> report on the built-in world (offline, real encoders once prepared)."""
-    from pipe_align.pipelines.demo import DemoConfig, run_demo
+    from .demo import DemoConfig, run_demo
 
     chosen = tuple(m for m in methods.split(",") if m) if methods is not None else None
-    run_demo(DemoConfig(out=str(out), size=size, image_encoder=image_encoder, text_encoder=text_encoder,
-                        pal_epochs=pal_epochs, methods=chosen, progress=progress))  # fmt: skip
+    run_demo(
+        DemoConfig(
+            out=str(out),
+            size=size,
+            image_encoder=image_encoder,
+            text_encoder=text_encoder,
+            pal_epochs=pal_epochs,
+            methods=chosen,
+            progress=progress,
+        )
+    )
 
 
 @app.command()
@@ -217,23 +292,32 @@ def reproduce(
     batch_size: int = typer.Option(32, help="Rows per encoder forward (extraction)."),
     figures: bool = typer.Option(True, help="Write each evaluation's figures."),
     progress: bool = typer.Option(True, help="Show progress bars."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan per stage (settings, stores, rows, disk, "
-                                 "compute) and do nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan per stage (settings, stores, rows, disk, compute) and do nothing."
+    ),
     tflops: float | None = typer.Option(None, help="--dry-run: the TFLOP/s your device achieves, for a time."),
 ) -> None:
     """Run a paper recipe end to end (extract -> align -> eval, resumable) and write the table beside the paper's
     published numbers (docs/reproduce.md)."""
-    from pipe_align.pipelines.recipe import load_recipe
-    from pipe_align.pipelines.reproduce import ReproduceConfig, run_reproduce
+    from .recipe import load_recipe
+    from .reproduce import ReproduceConfig, run_reproduce
 
     r = load_recipe(recipe, data=data, roots=root, sets=set_)
     names = [tuple(n for n in (v or "").split(",") if n) for v in (only, skip)]
-    cfg = ReproduceConfig(recipe=r, out=str(out or f"reproduce-{r.name}"), features=features,
-                          device=device, batch_size=batch_size, only=names[0], skip=names[1], figures=figures,
-                          progress=progress)  # fmt: skip
+    cfg = ReproduceConfig(
+        recipe=r,
+        out=str(out or f"reproduce-{r.name}"),
+        features=features,
+        device=device,
+        batch_size=batch_size,
+        only=names[0],
+        skip=names[1],
+        figures=figures,
+        progress=progress,
+    )
     if dry_run:
-        from pipe_align.pipelines.dry_run import check_tflops
-        from pipe_align.pipelines.dry_run import dry_run as plan
+        from .dry_run import check_tflops
+        from .dry_run import dry_run as plan
 
         typer.echo(plan(cfg, check_tflops(tflops)))
         return

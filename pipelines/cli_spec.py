@@ -80,8 +80,15 @@ def _fields(cls: type) -> list[dict[str, Any]]:
     for f in dataclasses.fields(cls):
         tp = _plain(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        out.append({"name": f.name, "type": TYPES.get(tp, "str"), "help": f.metadata.get("help", ""),
-                    "default": default, "size": bool(f.metadata.get("size"))})  # fmt: skip
+        out.append(
+            {
+                "name": f.name,
+                "type": TYPES.get(tp, "str"),
+                "help": f.metadata.get("help", ""),
+                "default": default,
+                "size": bool(f.metadata.get("size")),
+            }
+        )
     return out
 
 
@@ -128,12 +135,18 @@ def build() -> dict[str, Any]:
             pal = dict(o["defaults"]).get("pal")
             shown = f"pal: set by --preset (paper {pal}, small {small[name]})" + (f"; {shown}" if shown else "")
         owners = o["owners"]
-        panel = "PAL options" if owners == ["pal"] else f"Shared by {', '.join(owners)}" if len(owners) > 1 \
+        panel = (
+            "PAL options"
+            if owners == ["pal"]
+            else f"Shared by {', '.join(owners)}"
+            if len(owners) > 1
             else f"{owners[0]} options"
+        )
         help_text = " ".join(o["help"]) + (f" [{shown}]" if shown else "")
         order = ("pal" not in owners, len(owners) > 1, panel)  # PAL's panels first, then one method's, then shared
-        method_options.append({"name": name, "type": o["type"], "size": o["size"], "help": help_text, "panel": panel,
-                               "order": order})  # fmt: skip
+        method_options.append(
+            {"name": name, "type": o["type"], "size": o["size"], "help": help_text, "panel": panel, "order": order}
+        )
     method_options.sort(key=lambda o: o.pop("order"))
     run_options = []
     run_defaults = {m.name: getattr(m, "run_defaults", None) for m in methods}
@@ -145,11 +158,31 @@ def build() -> dict[str, Any]:
             per = [f"{n}: {d[f['name']]}" for n, d in run_defaults.items() if d and n != "pal"]
             help_text += f" [pal: set by --preset (paper {run_defaults['pal'][f['name']]}, small {small[f['name']]}); "
             help_text += ", ".join(per) + "]"
-        run_options.append({"name": f["name"], "type": f["type"], "size": f["size"], "help": help_text,
-                            "panel": "Run options (every method)"})  # fmt: skip
-    tasks = [{"name": t.name, "summary": (inspect.getdoc(t) or "").split("\n\n")[0].replace("\n", " "),
-              "protocols": list(t.protocols)} for t in all_tasks()]  # fmt: skip
-    return {"run": run_options, "methods": method_options, "tasks": tasks,
-            "method_names": [m.name for m in methods],  # PAL first
-            "choices": {"method": sorted(METHODS.names(aliases=True), key=lambda n: n != "pal"),
-                        "dataset": DATASETS.names(aliases=True), "encoder": ENCODERS.names(aliases=True)}}  # fmt: skip
+        run_options.append(
+            {
+                "name": f["name"],
+                "type": f["type"],
+                "size": f["size"],
+                "help": help_text,
+                "panel": "Run options (every method)",
+            }
+        )
+    tasks = [
+        {
+            "name": t.name,
+            "summary": (inspect.getdoc(t) or "").split("\n\n")[0].replace("\n", " "),
+            "protocols": list(t.protocols),
+        }
+        for t in all_tasks()
+    ]
+    return {
+        "run": run_options,
+        "methods": method_options,
+        "tasks": tasks,
+        "method_names": [m.name for m in methods],  # PAL first
+        "choices": {
+            "method": sorted(METHODS.names(aliases=True), key=lambda n: n != "pal"),
+            "dataset": DATASETS.names(aliases=True),
+            "encoder": ENCODERS.names(aliases=True),
+        },
+    }

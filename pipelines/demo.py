@@ -28,8 +28,9 @@ from pipe_align.extract.datasets.fashion_mnist import FASHION_CLASSES
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.extract.runtime import resolve_device
-from pipe_align.pipelines.demo_claims import run_claims
-from pipe_align.pipelines.demo_semi import run_semi
+
+from .demo_claims import run_claims
+from .demo_semi import run_semi
 
 SIZES = {"small": (48, 16), "full": (400, 100)}  # world images: train, val
 FASHION = {"small": (3, 2), "full": (40, 30)}  # Fashion-MNIST images per class: train (7 seen classes), test (all 10)
@@ -72,8 +73,15 @@ class Stages:
         self.device = resolve_device("auto")
 
     def extract(self, encoder: str, dataset: str, split: str, options: dict, text: str = "auto") -> None:
-        ecfg = ExtractConfig(encoder=encoder, dataset=dataset, split=split, features=str(self.feats), text=text,
-                             batch_size=self.cfg.batch_size, options=tuple(sorted(options.items())))  # fmt: skip
+        ecfg = ExtractConfig(
+            encoder=encoder,
+            dataset=dataset,
+            split=split,
+            features=str(self.feats),
+            text=text,
+            batch_size=self.cfg.batch_size,
+            options=tuple(sorted(options.items())),
+        )
         summary = run_extract(ecfg, progress=self.cfg.progress)
         done = "already complete" if summary.already_complete else f"{summary.written_rows} rows written"
         typer.echo(f"      {summary.path}: {summary.rows} rows ({done})")
@@ -85,14 +93,32 @@ class Stages:
         except PipeError as e:
             if "finished run with other settings or data" not in str(e):
                 raise
-            raise PipeError(f"{out}: a run of another version of the demo or of other data (its settings differ); "
-                            f"remove {self.cfg.out} (or that run dir) and run the demo again") from None
+            raise PipeError(
+                f"{out}: a run of another version of the demo or of other data (its settings differ); "
+                f"remove {self.cfg.out} (or that run dir) and run the demo again"
+            ) from None
 
-    def eval(self, task: str, run: Path, dataset: str, split: str, options: dict, protocol: str | None = None,
-             figures: bool = True) -> dict:  # fmt: skip
-        ecfg = EvalConfig(task=task, dataset=dataset, split=split, features=str(self.feats), run=str(run),
-                          protocol=protocol, options=tuple(sorted(options.items())), device=self.device,
-                          figures=figures)  # fmt: skip
+    def eval(
+        self,
+        task: str,
+        run: Path,
+        dataset: str,
+        split: str,
+        options: dict,
+        protocol: str | None = None,
+        figures: bool = True,
+    ) -> dict:
+        ecfg = EvalConfig(
+            task=task,
+            dataset=dataset,
+            split=split,
+            features=str(self.feats),
+            run=str(run),
+            protocol=protocol,
+            options=tuple(sorted(options.items())),
+            device=self.device,
+            figures=figures,
+        )
         outcome = run_eval(ecfg, skip_existing=True)
         return outcome.result if outcome.result is not None else json.loads(outcome.path.read_text())
 
@@ -125,14 +151,20 @@ def run_demo(cfg: DemoConfig) -> Path:
     pal = stages.align("pal", shards, runs / "pal", pal_run, {})
     preset = pal.meta["preset"]
     say(f"      pal preset {preset['summary']}")
-    ablation = [{"K": t["anchors"], "use_cls": t["use_cls"], "val_r1": t["heldout_mean_r1"]}
-                for t in preset.get("tried", [])]  # fmt: skip
+    ablation = [
+        {"K": t["anchors"], "use_cls": t["use_cls"], "val_r1": t["heldout_mean_r1"]} for t in preset.get("tried", [])
+    ]
     chosen = {"K": pal.meta["config"]["anchors"], "run": str(pal.path)}
     # the baselines: every method but PAL and its fixed-anchor variant (a PAL ablation for the paper's 83k pairs)
     baselines = cfg.methods if cfg.methods is not None else tuple(m for m in method_names() if m not in PAL_VARIANTS)
     method_runs = {"pal": pal.path}
-    selection = {"pal": {"params": {k: pal.meta["config"][k] for k in ("anchors", "use_cls")},
-                         "heldout_mean_r1": pal.heldout_mean_r1, "preset": preset["name"]}}  # fmt: skip
+    selection = {
+        "pal": {
+            "params": {k: pal.meta["config"][k] for k in ("anchors", "use_cls")},
+            "heldout_mean_r1": pal.heldout_mean_r1,
+            "preset": preset["name"],
+        }
+    }
     for m in baselines:
         tried = []
         for params in BASELINE_GRID.get(m, ({},)):
@@ -156,10 +188,13 @@ def run_demo(cfg: DemoConfig) -> Path:
     _world_files(out, n_val)
 
     if fashion_ok:
-        say(f"[{next(step)}/{steps}] fashion-mnist: zero-shot transfer, trained on captions of 7 classes, tested on "
-            "all 10")
-        _fashion_transfer(cfg, stages, out, base_run, pal_run, {m: v["params"] for m, v in selection.items()
-                                                                if m != "pal"})  # fmt: skip
+        say(
+            f"[{next(step)}/{steps}] fashion-mnist: zero-shot transfer, trained on captions of 7 classes, tested on "
+            "all 10"
+        )
+        _fashion_transfer(
+            cfg, stages, out, base_run, pal_run, {m: v["params"] for m, v in selection.items() if m != "pal"}
+        )
     else:
         say("      fashion-mnist transfer skipped: dataset-fashion-mnist is not installed (`make fashion-mnist`)")
 
@@ -207,8 +242,17 @@ def _background(stages: Stages, out: Path, run: Path, n_train: int, n_val: int) 
     recorded only as a reference for how far the train picks are from them."""
     cfg = stages.cfg
     stages.extract(cfg.text_encoder, "world", "train", {"size": n_train}, text="prompts")
-    train = EvalConfig(task="segmentation", dataset="world", split="train", features=str(stages.feats), run=str(run),
-                       protocol="pal", options=(("size", n_train),), device=stages.device, examples=0)  # fmt: skip
+    train = EvalConfig(
+        task="segmentation",
+        dataset="world",
+        split="train",
+        features=str(stages.feats),
+        run=str(run),
+        protocol="pal",
+        options=(("size", n_train),),
+        device=stages.device,
+        examples=0,
+    )
     val_cfg = replace(train, split="val", options=(("size", n_val),), examples=4)
     result: dict = {"run": str(run), "picked_on": f"world train ({n_train} images)", "rules": {}}
     columns, examples = ["background competes (eval's rule)"], None
@@ -216,20 +260,33 @@ def _background(stages: Stages, out: Path, run: Path, n_train: int, n_val: int) 
         picked = scan(train, rule)
         val = scan(val_cfg, rule, [None] if picked.best is None else [None, picked.best])
         own = scan(replace(val_cfg, examples=0), rule)
-        result["rules"][rule] = {"picked": picked.best, "val": val.to_dict(), "train_scan": picked.to_dict(),
-                                 "val_own_best": {rule: own.best, "fg_mIoU": max(own.fg_miou)}}  # fmt: skip
+        result["rules"][rule] = {
+            "picked": picked.best,
+            "val": val.to_dict(),
+            "train_scan": picked.to_dict(),
+            "val_own_best": {rule: own.best, "fg_mIoU": max(own.fg_miou)},
+        }
         result["val_fg_mIoU"] = val.fg_miou[0]  # the eval's rule: the same under every scan
         examples = examples or [(item, mask, [preds[0]]) for item, mask, preds in val.examples]
         if picked.best is not None:
             columns.append(f"+ {rule} {picked.best:.3f}")
             for ex, (_, _, preds) in zip(examples, val.examples):
                 ex[2].append(preds[1])
-        after = f"{100 * val.fg_miou[-1]:.1f} with {rule} {picked.best:.3f}" if picked.best is not None else \
-            f"no {rule} helps on train"  # fmt: skip
+        after = (
+            f"{100 * val.fg_miou[-1]:.1f} with {rule} {picked.best:.3f}"
+            if picked.best is not None
+            else f"no {rule} helps on train"
+        )
         typer.echo(f"      world val fg mIoU {100 * val.fg_miou[0]:.1f} (background prompt competes); {after}")
     (out / "background.json").write_text(json.dumps(result, indent=2))
-    before_after_figure(out / "background.png", val_cfg, val.classes, columns, examples,
-                        f"{run.name} on world val: background rules picked on world train")  # fmt: skip
+    before_after_figure(
+        out / "background.png",
+        val_cfg,
+        val.classes,
+        columns,
+        examples,
+        f"{run.name} on world val: background rules picked on world train",
+    )
     return result
 
 
@@ -248,8 +305,9 @@ def _fashion_available() -> bool:
     return True
 
 
-def _fashion_transfer(cfg: DemoConfig, stages: Stages, out: Path, base_run: RunConfig, pal_run: RunConfig,
-                      baselines: dict[str, dict]) -> None:  # fmt: skip
+def _fashion_transfer(
+    cfg: DemoConfig, stages: Stages, out: Path, base_run: RunConfig, pal_run: RunConfig, baselines: dict[str, dict]
+) -> None:
     """Fashion-MNIST (Debian's dataset-fashion-mnist): align on templated captions of the 7 seen classes, then
     zero-shot classify the test images of all 10 classes; the 3 unseen classes measure transfer."""
     runs = out / "runs-fashion"
@@ -270,16 +328,29 @@ def _fashion_transfer(cfg: DemoConfig, stages: Stages, out: Path, base_run: RunC
         per = [res.get(f"acc/{c}") for c in FASHION_CLASSES]
         seen_acc = [per[i] for i in SEEN if per[i] is not None]
         unseen_acc = [p for i, p in enumerate(per) if i not in SEEN and p is not None]
-        rows.append({"method": run.name, "run": str(run), "acc1": res["acc1"], "balanced_acc": res["balanced_acc"],
-                     "seen_acc": sum(seen_acc) / len(seen_acc), "unseen_acc": sum(unseen_acc) / len(unseen_acc),
-                     "per_class": dict(zip(FASHION_CLASSES, per))})  # fmt: skip
+        rows.append(
+            {
+                "method": run.name,
+                "run": str(run),
+                "acc1": res["acc1"],
+                "balanced_acc": res["balanced_acc"],
+                "seen_acc": sum(seen_acc) / len(seen_acc),
+                "unseen_acc": sum(unseen_acc) / len(unseen_acc),
+                "per_class": dict(zip(FASHION_CLASSES, per)),
+            }
+        )
     (out / "fashion_mnist.json").write_text(json.dumps(rows, indent=2))
     unseen = ", ".join(c for i, c in enumerate(FASHION_CLASSES) if i not in SEEN)
-    lines = [f"Fashion-MNIST test, {n_test} images per class; trained on captions of 7 classes ({n_train} images each);"
-             f" unseen: {unseen}. PAL: preset auto. Percent.", "",
-             "| method | acc1 (10 classes) | balanced acc | seen classes (7) | unseen classes (3) |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"Fashion-MNIST test, {n_test} images per class; trained on captions of 7 classes ({n_train} images each);"
+        f" unseen: {unseen}. PAL: preset auto. Percent.",
+        "",
+        "| method | acc1 (10 classes) | balanced acc | seen classes (7) | unseen classes (3) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['method']} | {100 * r['acc1']:.1f} | {100 * r['balanced_acc']:.1f} | "
-                     f"{100 * r['seen_acc']:.1f} | {100 * r['unseen_acc']:.1f} |")
+        lines.append(
+            f"| {r['method']} | {100 * r['acc1']:.1f} | {100 * r['balanced_acc']:.1f} | "
+            f"{100 * r['seen_acc']:.1f} | {100 * r['unseen_acc']:.1f} |"
+        )
     (out / "fashion_mnist.md").write_text("\n".join(lines) + "\n")

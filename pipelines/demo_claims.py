@@ -17,8 +17,16 @@ from pipe_align.evaluate.falsify import falsification
 UNSEEN = "moon,cup,key"  # world classes left out of the unseen-classes protocol's training split
 
 
-def run_claims(stages: Any, out: Path, method_runs: dict[str, Path], params: dict[str, dict], pal_run: RunConfig,
-               base_run: RunConfig, n_train: int, n_val: int) -> list[Path]:  # fmt: skip
+def run_claims(
+    stages: Any,
+    out: Path,
+    method_runs: dict[str, Path],
+    params: dict[str, dict],
+    pal_run: RunConfig,
+    base_run: RunConfig,
+    n_train: int,
+    n_val: int,
+) -> list[Path]:
     """Every claims measurement on world val; returns the extra runs (pooled control, unseen-classes runs) for the
     report."""
     say, cfg, feats = typer.echo, stages.cfg, stages.feats
@@ -29,8 +37,9 @@ def run_claims(stages: Any, out: Path, method_runs: dict[str, Path], params: dic
     pal_cfg = json.loads((pal / "run.json").read_text())["config"]
     chosen = {k: pal_cfg[k] for k in ("anchors", "use_cls")}
     say("      claims: full PAL vs the pooled control (same settings, same loop)")
-    pooled = stages.align("pal", feats / "world" / "train", runs / "pal-pooled", pal_run,
-                          chosen | {"profile": "pooled"}).path  # fmt: skip
+    pooled = stages.align(
+        "pal", feats / "world" / "train", runs / "pal-pooled", pal_run, chosen | {"profile": "pooled"}
+    ).path
     for task in ("classification", "retrieval", "segmentation"):
         stages.eval(task, pooled, "world", "val", val, protocol="pal" if task == "segmentation" else None)
     say("      claims: pointing game on world val for every method; collapse of PAL's similarity vectors")
@@ -47,18 +56,33 @@ def run_claims(stages: Any, out: Path, method_runs: dict[str, Path], params: dic
     unseen_runs = []
     for method, p in params.items():
         run_cfg = pal_run if method == "pal" else base_run
-        res = stages.align(method, out / "features-unseen" / "world" / "train", runs / f"unseen-{method}", run_cfg,
-                           chosen if method == "pal" else p)  # fmt: skip
+        res = stages.align(
+            method,
+            out / "features-unseen" / "world" / "train",
+            runs / f"unseen-{method}",
+            run_cfg,
+            chosen if method == "pal" else p,
+        )
         stages.eval("classification", res.path, "world", "val", val)
         unseen_runs.append(res.path)
     say("      claims: falsification test (per-image gain over the best global baseline vs grounding accuracy)")
-    ecfg = EvalConfig(task="claims", dataset="world", split="val", features=str(feats), run=str(pal),
-                      options=tuple(sorted(val.items())), device=stages.device)  # fmt: skip
+    ecfg = EvalConfig(
+        task="claims",
+        dataset="world",
+        split="val",
+        features=str(feats),
+        run=str(pal),
+        options=tuple(sorted(val.items())),
+        device=stages.device,
+    )
     baselines = [str(r) for m, r in method_runs.items() if m != "pal"]
     path = pal / "eval" / "claims-world-val.json"
     if baselines and not path.is_file():
         found = falsification(ecfg, str(pal), baselines)
-        write_result(path, {"task": "claims", "dataset": "world", "split": "val"} | found
-                     | {"config": ecfg.to_dict() | {"baselines": baselines}})  # fmt: skip
+        write_result(
+            path,
+            {"task": "claims", "dataset": "world", "split": "val"}
+            | found
+            | {"config": ecfg.to_dict() | {"baselines": baselines}},
+        )
     return [pooled, *unseen_runs]
-

@@ -27,8 +27,10 @@ from pipe_align.extract.store import FeatureStore, create_store, default_rows, e
 
 SEED = 0
 # per demo size: pairs, PAL epochs (full batch), SOTAlign epochs and batch (unpaired rows per step)
-BUDGETS = {"small": {"pairs": 12, "pal_epochs": 2, "sot_epochs": 2, "sot_batch": 16},
-           "full": {"pairs": 40, "pal_epochs": 400, "sot_epochs": 100, "sot_batch": 128}}  # fmt: skip
+BUDGETS = {
+    "small": {"pairs": 12, "pal_epochs": 2, "sot_epochs": 2, "sot_batch": 16},
+    "full": {"pairs": 40, "pal_epochs": 400, "sot_epochs": 100, "sot_batch": 128},
+}
 PAL_PARAMS = {"anchors": 128, "lr": 1e-2}  # the small-data setting (K 128, lr 1e-2, full batch)
 
 
@@ -56,37 +58,69 @@ def run_semi(stages: Any, out: Path, size: str, n_val: int) -> Path:
     rows = []
     for label, method, run, params, extra in plan:
         name = f"{method}-{'unpaired' if extra else 'pairs'}"
-        acfg = AlignConfig(shards=str(shards), out=str(runs / name), method=method, run=run,
-                           params=tuple(sorted(params.items())), unpaired_shards=str(extra) if extra else None)
+        acfg = AlignConfig(
+            shards=str(shards),
+            out=str(runs / name),
+            method=method,
+            run=run,
+            params=tuple(sorted(params.items())),
+            unpaired_shards=str(extra) if extra else None,
+        )
         res = run_align(acfg, progress=stages.cfg.progress)
-        row: dict[str, Any] = {"setting": label, "run": str(res.path), "wall_s": round(res.meta.get("wall_seconds",
-                                                                                                    0.0), 1)}
+        row: dict[str, Any] = {
+            "setting": label,
+            "run": str(res.path),
+            "wall_s": round(res.meta.get("wall_seconds", 0.0), 1),
+        }
         for task in ("retrieval", "classification", "segmentation"):
-            r = stages.eval(task, res.path, "world", "val", world_val, protocol="pal" if task == "segmentation"
-                            else None, figures=False)  # fmt: skip
+            r = stages.eval(
+                task,
+                res.path,
+                "world",
+                "val",
+                world_val,
+                protocol="pal" if task == "segmentation" else None,
+                figures=False,
+            )
             row |= {k: r.get(k) for k in KEYS[task]}
         rows.append(row)
     n_img, n_txt = (open_store(unpaired / f"{m}.zarr").layout.count for m in ("image", "text"))
-    head = (f"World, {n_pairs} pairs (the first train images, one caption each per epoch) + {n_img} unpaired images "
-            f"and {n_txt} unpaired captions (the other train rows, shuffled apart); world val ({n_val} images). No "
-            f"held-out rows: fixed budgets, last epoch kept. SOTAlign {budget['sot_epochs']} epochs, batch "
-            f"{budget['sot_batch']}; PAL {budget['pal_epochs']} epochs full batch. Percent.")  # fmt: skip
-    cols = [("i2t R@1", "text_retrieval_recall@1"), ("t2i R@1", "image_retrieval_recall@1"),
-            ("cls acc1", "acc1"), ("seg mIoU", "mIoU"), ("seg fg mIoU", "fg_mIoU")]  # fmt: skip
-    lines = [head, "", "| setting | " + " | ".join(c for c, _ in cols) + " | train s |",
-             "|---|" + "---:|" * (len(cols) + 1)]  # fmt: skip
+    head = (
+        f"World, {n_pairs} pairs (the first train images, one caption each per epoch) + {n_img} unpaired images "
+        f"and {n_txt} unpaired captions (the other train rows, shuffled apart); world val ({n_val} images). No "
+        f"held-out rows: fixed budgets, last epoch kept. SOTAlign {budget['sot_epochs']} epochs, batch "
+        f"{budget['sot_batch']}; PAL {budget['pal_epochs']} epochs full batch. Percent."
+    )
+    cols = [
+        ("i2t R@1", "text_retrieval_recall@1"),
+        ("t2i R@1", "image_retrieval_recall@1"),
+        ("cls acc1", "acc1"),
+        ("seg mIoU", "mIoU"),
+        ("seg fg mIoU", "fg_mIoU"),
+    ]
+    lines = [
+        head,
+        "",
+        "| setting | " + " | ".join(c for c, _ in cols) + " | train s |",
+        "|---|" + "---:|" * (len(cols) + 1),
+    ]
     for r in rows:
         vals = " | ".join("-" if r[k] is None else f"{100 * r[k]:.1f}" for _, k in cols)
         lines.append(f"| {r['setting']} | {vals} | {r['wall_s']} |")
     _write_if_changed(out / "semi.md", "\n".join(lines) + "\n")
-    _write_if_changed(out / "semi.json", json.dumps({"pairs": n_pairs, "unpaired_images": n_img,
-                                                     "unpaired_texts": n_txt, "rows": rows}, indent=2))  # fmt: skip
+    _write_if_changed(
+        out / "semi.json",
+        json.dumps({"pairs": n_pairs, "unpaired_images": n_img, "unpaired_texts": n_txt, "rows": rows}, indent=2),
+    )
     typer.echo("\n".join(lines))
     return out / "semi.md"
 
 
-KEYS = {"retrieval": ("text_retrieval_recall@1", "image_retrieval_recall@1"), "classification": ("acc1",),
-        "segmentation": ("mIoU", "fg_mIoU")}  # fmt: skip
+KEYS = {
+    "retrieval": ("text_retrieval_recall@1", "image_retrieval_recall@1"),
+    "classification": ("acc1",),
+    "segmentation": ("mIoU", "fg_mIoU"),
+}
 
 
 def _open_pair(shards: Path) -> tuple[FeatureStore, FeatureStore]:
@@ -114,8 +148,9 @@ def _copy_rows(src: FeatureStore, rows: np.ndarray, path: Path) -> None:
     lay = src.layout
     per_chunk, per_shard = default_rows(lay.tokens, lay.dim, len(rows))
     origin = dict(lay.origin or {}) | {"subset_of": str(src.path), "rows": f"{len(rows)} shuffled, seed {SEED}"}
-    dst = create_store(path, replace(lay, count=len(rows), rows_per_chunk=per_chunk, rows_per_shard=per_shard,
-                                     origin=origin))  # fmt: skip
+    dst = create_store(
+        path, replace(lay, count=len(rows), rows_per_chunk=per_chunk, rows_per_shard=per_shard, origin=origin)
+    )
     if dst.attrs.get("complete"):
         return
     names = [n for n in expected_shapes(lay) if n not in ("done", "digest", "skipped")]

@@ -25,8 +25,9 @@ from pipe_align.extract.encoders.registry import resolve_source
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.job import ExtractConfig
 from pipe_align.extract.store import read_json_attrs, store_path
-from pipe_align.pipelines.recipe import check_datasets
-from pipe_align.pipelines.reproduce import ReproduceConfig, eval_config, extract_configs, run_dir, selection
+
+from .recipe import check_datasets
+from .reproduce import ReproduceConfig, eval_config, extract_configs, run_dir, selection
 
 
 @dataclass(frozen=True)
@@ -148,26 +149,38 @@ def dry_run(cfg: ReproduceConfig, tflops: float | None = None) -> str:
     lines = [f"plan of recipe {r.name} ({r.path}); nothing is run (--dry-run)"]
     if excluded:
         lines.append("left out: " + ", ".join(f"{n} ({why})" for n, why in excluded.items()))
-    lines.append(f"encoders: image {enc.image} (layer {enc.layer}, crop {enc.crop}, {shapes[enc.image].dim}-d, "
-                 f"~{shapes[enc.image].params / 1e6:.1f}M parameters), text {enc.text} (layer {enc.layer}, special "
-                 f"tokens {enc.special_tokens}, max_length {enc.max_length}, {shapes[enc.text].dim}-d, "
-                 f"~{shapes[enc.text].params / 1e6:.1f}M parameters)")  # fmt: skip
+    lines.append(
+        f"encoders: image {enc.image} (layer {enc.layer}, crop {enc.crop}, {shapes[enc.image].dim}-d, "
+        f"~{shapes[enc.image].params / 1e6:.1f}M parameters), text {enc.text} (layer {enc.layer}, special "
+        f"tokens {enc.special_tokens}, max_length {enc.max_length}, {shapes[enc.text].dim}-d, "
+        f"~{shapes[enc.text].params / 1e6:.1f}M parameters)"
+    )
     todo = [s for s in stores if s.state != "complete"]
     lines.append(f"[1/4] extract: {len(stores)} stores under {cfg.feature_dir} ({len(stores) - len(todo)} complete)")
     for s in stores:
-        lines.append(f"      {s.path.relative_to(cfg.feature_dir)}: {s.kind}, {s.rows:,} rows x {s.tokens} tokens x "
-                     f"{s.dim}, {_size(s.raw_bytes)} raw, {s.gflop / 1e3:,.1f} TFLOP ({s.state})")  # fmt: skip
+        lines.append(
+            f"      {s.path.relative_to(cfg.feature_dir)}: {s.kind}, {s.rows:,} rows x {s.tokens} tokens x "
+            f"{s.dim}, {_size(s.raw_bytes)} raw, {s.gflop / 1e3:,.1f} TFLOP ({s.state})"
+        )
     disk = sum(s.raw_bytes for s in todo)
     compute = sum(s.gflop for s in todo) / 1e3
-    when = f" = {compute / tflops / 3600:.2f} h at {tflops:g} TFLOP/s achieved" if tflops else \
-        " (give --tflops, your device's achieved rate, for a time)"
+    when = (
+        f" = {compute / tflops / 3600:.2f} h at {tflops:g} TFLOP/s achieved"
+        if tflops
+        else " (give --tflops, your device's achieved rate, for a time)"
+    )
     lines.append(f"      to do: {_size(disk)} raw float16 (zstd removes the text padding), {compute:,.1f} TFLOP{when}")
     train = next(s for s in stores if s.kind == "image")
     caps = next(s for s in stores if s.kind == "captions")
-    held = f", early stopping on {r.train.dataset}/{r.train.val_split}" if r.train.val_split else \
-        f", {r.train.run.val_fraction:g} of them held out"
-    lines.append(f"[2/4] align: {len(methods)} methods on {r.train.dataset}/{r.train.split} ({train.rows:,} images, "
-                 f"{caps.rows:,} captions{held})")  # fmt: skip
+    held = (
+        f", early stopping on {r.train.dataset}/{r.train.val_split}"
+        if r.train.val_split
+        else f", {r.train.run.val_fraction:g} of them held out"
+    )
+    lines.append(
+        f"[2/4] align: {len(methods)} methods on {r.train.dataset}/{r.train.split} ({train.rows:,} images, "
+        f"{caps.rows:,} captions{held})"
+    )
     for m in methods:
         method = get_method(m.method)
         run = m.run.resolved(method)
@@ -179,9 +192,11 @@ def dry_run(cfg: ReproduceConfig, tflops: float | None = None) -> str:
         per_image = train.tokens + 2 if tokens else 1  # patches + CLS (+ the global vector)
         served = train.rows if run.captions == "first" else caps.rows
         need = (train.rows * per_image * train.dim + served * per_caption * caps.dim) * 2
-        lines.append(f"      {m.name} ({m.method}: {params}): {_fmt(settings)}; training data {_size(need)} "
-                     f"({'tokens' if tokens else 'global vectors'}; streamed from the stores above the memory "
-                     f"budget) -> {run_dir(cfg, m)}")  # fmt: skip
+        lines.append(
+            f"      {m.name} ({m.method}: {params}): {_fmt(settings)}; training data {_size(need)} "
+            f"({'tokens' if tokens else 'global vectors'}; streamed from the stores above the memory "
+            f"budget) -> {run_dir(cfg, m)}"
+        )
     lines.append(f"[3/4] eval: {len(evals)} evaluations x {len(methods)} methods")
     for ev in evals:
         path = Path(eval_config(cfg, ev, Path("RUN"), "cpu").features)
@@ -198,4 +213,3 @@ def check_tflops(value: float | None) -> float | None:
     if value is not None and not value > 0:
         raise PipeError(f"--tflops must be a positive rate (TFLOP/s your device achieves), got {value}")
     return value
-

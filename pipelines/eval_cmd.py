@@ -15,11 +15,12 @@ from typing import Any
 
 import typer
 
-from pipe_align.pipelines import cli_spec
-from pipe_align.pipelines.options import parse_options
+from . import cli_spec
+from .options import parse_options
 
-eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                       help="Evaluate a run on the feature stores of a dataset split.")  # fmt: skip
+eval_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Evaluate a run on the feature stores of a dataset split."
+)
 
 SPEC = cli_spec.spec()  # the task registry and the dataset names, without importing them (no torch)
 DATASET = typer.Option(..., help=f"Dataset name of the stores: {', '.join(SPEC['choices']['dataset'])}.")
@@ -35,18 +36,40 @@ EXAMPLES = typer.Option(4, help="Images shown in each figure.")
 SEED = typer.Option(0, help="Seed of any random draw the task makes (diagnostics: the mismatched captions).")
 
 
-def _run(task: str, dataset: str, root: str | None, split: str, features: str, run: Path, skip_existing: bool,
-         option: list[str], device: str, figures: bool, examples: int, protocol: str | None = None,
-         seed: int = 0) -> None:  # fmt: skip
+def _run(
+    task: str,
+    dataset: str,
+    root: str | None,
+    split: str,
+    features: str,
+    run: Path,
+    skip_existing: bool,
+    option: list[str],
+    device: str,
+    figures: bool,
+    examples: int,
+    protocol: str | None = None,
+    seed: int = 0,
+) -> None:
     from pipe_align.evaluate.config import EvalConfig
     from pipe_align.evaluate.report import format_headline
     from pipe_align.evaluate.tasks import run_eval
     from pipe_align.extract.runtime import resolve_device
 
     cfg = EvalConfig(
-        task=task, dataset=dataset, split=split, features=features, run=str(run), root=root, protocol=protocol,
-        options=parse_options(option), device=resolve_device(device), figures=figures, examples=examples, seed=seed,
-    )  # fmt: skip
+        task=task,
+        dataset=dataset,
+        split=split,
+        features=features,
+        run=str(run),
+        root=root,
+        protocol=protocol,
+        options=parse_options(option),
+        device=resolve_device(device),
+        figures=figures,
+        examples=examples,
+        seed=seed,
+    )
     outcome = run_eval(cfg, skip_existing=skip_existing)
     if outcome.skipped:
         typer.echo(f"{outcome.path}: exists, skipped (--skip-existing)")
@@ -59,20 +82,32 @@ def _run(task: str, dataset: str, root: str | None, split: str, features: str, r
 
 def _command(task: dict[str, Any]) -> None:
     """Register `pipe eval <task name>`: the common options, and --protocol where the task has protocols."""
-    params = [("dataset", str, DATASET), ("root", str | None, ROOT), ("split", str, SPLIT),
-              ("features", str, FEATURES), ("run", Path, RUN)]  # fmt: skip
+    params = [
+        ("dataset", str, DATASET),
+        ("root", str | None, ROOT),
+        ("split", str, SPLIT),
+        ("features", str, FEATURES),
+        ("run", Path, RUN),
+    ]
     if task["protocols"]:
         names = task["protocols"]
         choices = ", ".join([f"{names[0]} (default)", *names[1:]])
         params.append(("protocol", str | None, typer.Option(None, help=f"{choices}: the protocol (docs/evaluate.md).")))
-    params += [("skip_existing", bool, SKIP), ("option", list[str], OPTION), ("device", str, DEVICE),
-               ("figures", bool, FIGURES), ("examples", int, EXAMPLES), ("seed", int, SEED)]  # fmt: skip
+    params += [
+        ("skip_existing", bool, SKIP),
+        ("option", list[str], OPTION),
+        ("device", str, DEVICE),
+        ("figures", bool, FIGURES),
+        ("examples", int, EXAMPLES),
+        ("seed", int, SEED),
+    ]
 
     def command(**kw: Any) -> None:
         _run(task["name"], **kw)
 
     command.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in params])
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t) for n, t, d in params]
+    )
     command.__annotations__ = {n: t for n, t, _ in params}
     command.__doc__ = task["summary"]
     eval_app.command(task["name"])(command)
@@ -84,9 +119,10 @@ for _task in SPEC["tasks"]:
 
 def report(
     runs: list[Path] = typer.Argument(..., help="Run dirs with evaluations (RUN/eval/*.json)."),
-    out: Path | None = typer.Option(None, help="Markdown file to write (the CSV goes beside it); default "
-                                               "RUN/../report.md for the first RUN."),
-) -> None:  # fmt: skip
+    out: Path | None = typer.Option(
+        None, help="Markdown file to write (the CSV goes beside it); default RUN/../report.md for the first RUN."
+    ),
+) -> None:
     """One comparison table of all evaluated runs, printed and written as Markdown and CSV."""
     from pipe_align.evaluate.report import write_report
 

@@ -26,7 +26,8 @@ from torch import Tensor
 from pipe_align.extract.datasets.base import IMAGE_SUFFIXES
 from pipe_align.extract.errors import PipeError
 from pipe_align.extract.files import write_bytes
-from pipe_align.pipelines.api import AlignedModel
+
+from .api import AlignedModel
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -57,9 +58,14 @@ def model_key(model: AlignedModel) -> str:
     """What the embeddings depend on besides the images."""
     weights = model.run / model.aligner.weights_file
     st = weights.stat() if weights.exists() else None
-    what = {"key": model.meta.get("key"), "weights": [st.st_size, st.st_mtime_ns] if st else None,
-            "method": model.method, "image": model.image_spec.recorded, "resize": model.resize,
-            "compute_dtype": model.compute_dtypes["image"]}  # fmt: skip
+    what = {
+        "key": model.meta.get("key"),
+        "weights": [st.st_size, st.st_mtime_ns] if st else None,
+        "method": model.method,
+        "image": model.image_spec.recorded,
+        "resize": model.resize,
+        "compute_dtype": model.compute_dtypes["image"],
+    }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -141,13 +147,22 @@ def _check(meta: dict, emb: Tensor | None) -> str | None:
 
 def _is(entry: object, types: tuple[type, ...]) -> bool:
     """`entry` is a JSON list of exactly these types (bools are not ints here)."""
-    return (isinstance(entry, list) and len(entry) == len(types)
-            and all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(entry, types)))  # fmt: skip
+    return (
+        isinstance(entry, list)
+        and len(entry) == len(types)
+        and all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(entry, types))
+    )
 
 
-def folder_embeddings(model: AlignedModel, folder: Path, strict: bool = False, use_cache: bool = True,
-                      on_images: Callable[[int], None] | None = None, *,
-                      discard: str | None = None) -> FolderEmbeddings:  # fmt: skip
+def folder_embeddings(
+    model: AlignedModel,
+    folder: Path,
+    strict: bool = False,
+    use_cache: bool = True,
+    on_images: Callable[[int], None] | None = None,
+    *,
+    discard: str | None = None,
+) -> FolderEmbeddings:
     """Embeddings of every readable image under `folder`, from the cache where a file is unchanged. A damaged cache
     is not used (`cache_problem` says why) and is rewritten; `discard` is that reason when the caller found it."""
     paths = list_images(folder)
@@ -168,12 +183,19 @@ def folder_embeddings(model: AlignedModel, folder: Path, strict: bool = False, u
     if not readable:
         raise PipeError(f"{folder}: none of its {len(paths)} images is readable")
     out = torch.stack([new[p] if p in new else cached[rows[stamp[p]]].to(model.device) for p in readable])
-    result = FolderEmbeddings(readable, out, [(p, reasons[p]) for p in paths if p in reasons], len(todo),
-                              cache_problem=cache.problem)  # fmt: skip
+    result = FolderEmbeddings(
+        readable, out, [(p, reasons[p]) for p in paths if p in reasons], len(todo), cache_problem=cache.problem
+    )
     changed = todo or len(rows) + len(bad) != len(paths) or cache.problem
     if use_cache and changed:
-        result.cache = _write(path, key, folder, out, [stamp[p] for p in readable],
-                              [[*stamp[p], reasons[p]] for p in paths if p in reasons])  # fmt: skip
+        result.cache = _write(
+            path,
+            key,
+            folder,
+            out,
+            [stamp[p] for p in readable],
+            [[*stamp[p], reasons[p]] for p in paths if p in reasons],
+        )
     elif use_cache:
         result.cache = path
     return result

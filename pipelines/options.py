@@ -58,8 +58,9 @@ def spec_options(entries: list[dict[str, Any]]) -> list[inspect.Parameter]:
     for e in entries:
         tp = str if e["size"] else PY_TYPES[e["type"]]
         metavar = None if tp is bool else METAVARS["size" if e["size"] else e["type"]]
-        option = typer.Option(None, *_flag(e["name"], tp), help=e["help"], show_default=False, metavar=metavar,
-                              rich_help_panel=e["panel"])  # fmt: skip
+        option = typer.Option(
+            None, *_flag(e["name"], tp), help=e["help"], show_default=False, metavar=metavar, rich_help_panel=e["panel"]
+        )
         kind = inspect.Parameter.KEYWORD_ONLY
         params.append(inspect.Parameter(e["name"], kind, default=option, annotation=tp | None))
     return params

@@ -46,9 +46,27 @@ METRICS = {
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("device", "val_shards"))
 # ExtractConfig fields a dataset entry may set (`extract = { templates = [...] }`); the others come from the recipe's
 # encoders, the dataset entry itself and the command line.
-EXTRACT_KEYS = tuple(f.name for f in dataclasses.fields(ExtractConfig) if f.name not in (
-    "encoder", "dataset", "split", "features", "root", "options", "text", "batch_size", "device", "layer",
-    "max_length", "threads", "crop", "special_tokens"))  # fmt: skip
+EXTRACT_KEYS = tuple(
+    f.name
+    for f in dataclasses.fields(ExtractConfig)
+    if f.name
+    not in (
+        "encoder",
+        "dataset",
+        "split",
+        "features",
+        "root",
+        "options",
+        "text",
+        "batch_size",
+        "device",
+        "layer",
+        "max_length",
+        "threads",
+        "crop",
+        "special_tokens",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -127,8 +145,10 @@ class Recipe:
         return next(d for d in self.datasets if d.name == name)
 
     def published(self, method: str, task: str, dataset: str, metric: str) -> float | None:
-        return next((p.value for p in self.paper if (p.method, p.task, p.dataset, p.metric) ==
-                     (method, task, dataset, metric)), None)  # fmt: skip
+        return next(
+            (p.value for p in self.paper if (p.method, p.task, p.dataset, p.metric) == (method, task, dataset, metric)),
+            None,
+        )
 
     def metrics(self, ev: EvalSpec) -> tuple[str, ...]:
         """The eval's metrics (its own list, else the task's defaults) plus any the paper names for it."""
@@ -153,8 +173,10 @@ def find_recipe(arg: str) -> tuple[Path, bool]:
     shipped = shipped_recipes()
     if arg in shipped:
         return shipped[arg], True
-    raise PipeError(f"recipe {arg!r}: no such file and no shipped recipe of that name (shipped: "
-                    f"{', '.join(sorted(shipped)) or 'none'})")  # fmt: skip
+    raise PipeError(
+        f"recipe {arg!r}: no such file and no shipped recipe of that name (shipped: "
+        f"{', '.join(sorted(shipped)) or 'none'})"
+    )
 
 
 def check_datasets(recipe: Recipe, used: Sequence[str]) -> None:
@@ -163,12 +185,16 @@ def check_datasets(recipe: Recipe, used: Sequence[str]) -> None:
     for name in used:
         ds = recipe.dataset(name)
         if ds.reader not in DATASETS:
-            raise PipeError(f"{recipe.path}: datasets.{name}.reader: no dataset reader {ds.reader!r} in this pipe "
-                            f"(leave it out with --skip {name}); allowed: {', '.join(DATASETS.names())}")
+            raise PipeError(
+                f"{recipe.path}: datasets.{name}.reader: no dataset reader {ds.reader!r} in this pipe "
+                f"(leave it out with --skip {name}); allowed: {', '.join(DATASETS.names())}"
+            )
         if ds.root is not None and not Path(ds.root).is_absolute():
-            raise PipeError(f"{recipe.path}: datasets.{name}.root: {ds.root!r} is relative and "
-                            f"{Path(recipe.path).name} is a shipped recipe; allowed: --data DIR (the folder holding "
-                            f"the datasets) or --root {name}=PATH")  # fmt: skip
+            raise PipeError(
+                f"{recipe.path}: datasets.{name}.root: {ds.root!r} is relative and "
+                f"{Path(recipe.path).name} is a shipped recipe; allowed: --data DIR (the folder holding "
+                f"the datasets) or --root {name}=PATH"
+            )
 
 
 def parse_value(text: str) -> Any:
@@ -179,8 +205,9 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def load_recipe(arg: str, data: str | Path | None = None, roots: Sequence[str] = (),
-                sets: Sequence[str] = ()) -> Recipe:  # fmt: skip
+def load_recipe(
+    arg: str, data: str | Path | None = None, roots: Sequence[str] = (), sets: Sequence[str] = ()
+) -> Recipe:
     """Parse a recipe file (or shipped name). `sets`: KEY.PATH=VALUE overrides of any recipe key, applied before
     validation; `roots`: NAME=PATH overrides of dataset roots, relative to the current directory."""
     path, shipped = find_recipe(arg)
@@ -269,8 +296,12 @@ class _Parser:
         return value
 
     def recipe(self, raw: dict, base: Path | None) -> Recipe:
-        top = self.table(raw, "", ("recipe", "encoders", "datasets", "train", "eval", "methods", "paper"),
-                         ("encoders", "datasets", "train", "eval", "methods"))  # fmt: skip
+        top = self.table(
+            raw,
+            "",
+            ("recipe", "encoders", "datasets", "train", "eval", "methods", "paper"),
+            ("encoders", "datasets", "train", "eval", "methods"),
+        )
         meta = self.table(top.get("recipe", {}), "recipe", ("name", "title", "source"))
         encoders = self.encoders(top["encoders"])
         datasets = self.datasets(top["datasets"], base)
@@ -280,13 +311,23 @@ class _Parser:
         methods = self.methods(top["methods"], train.run, train.preset)
         paper = self.paper(top.get("paper", {}), methods, evals)
         name = self.name(meta["name"], "recipe.name") if "name" in meta else self.path.stem
-        return Recipe(str(self.path), name, self.string(meta, "title", "recipe") or name,
-                      self.string(meta, "source", "recipe") or "", encoders, datasets, train, evals, methods,
-                      paper)  # fmt: skip
+        return Recipe(
+            str(self.path),
+            name,
+            self.string(meta, "title", "recipe") or name,
+            self.string(meta, "source", "recipe") or "",
+            encoders,
+            datasets,
+            train,
+            evals,
+            methods,
+            paper,
+        )
 
     def encoders(self, raw: Any) -> Encoders:
-        t = self.table(raw, "encoders", ("image", "text", "layer", "max_length", "crop", "special_tokens"),
-                       ("image", "text"))  # fmt: skip
+        t = self.table(
+            raw, "encoders", ("image", "text", "layer", "max_length", "crop", "special_tokens"), ("image", "text")
+        )
         layer = t.get("layer", "last")
         if isinstance(layer, int) and not isinstance(layer, bool):
             layer = str(layer)
@@ -294,12 +335,14 @@ class _Parser:
             raise self.fail("encoders.layer", f"{layer!r} is not a layer", "'last' or a hidden-state index")
         length = t.get("max_length", 64)
         if length != "longest" and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
-            raise self.fail("encoders.max_length", f"{length!r} is not a positive integer or \"longest\"")
+            raise self.fail("encoders.max_length", f'{length!r} is not a positive integer or "longest"')
         crop = self.choice(self.string(t, "crop", "encoders", "processor"), "encoders.crop", CROPS)
-        specials = self.choice(self.string(t, "special_tokens", "encoders", "keep"), "encoders.special_tokens",
-                               SPECIAL_TOKENS)  # fmt: skip
-        return Encoders(self.string(t, "image", "encoders"), self.string(t, "text", "encoders"), layer, length, crop,
-                        specials)  # fmt: skip
+        specials = self.choice(
+            self.string(t, "special_tokens", "encoders", "keep"), "encoders.special_tokens", SPECIAL_TOKENS
+        )
+        return Encoders(
+            self.string(t, "image", "encoders"), self.string(t, "text", "encoders"), layer, length, crop, specials
+        )
 
     def datasets(self, raw: Any, base: Path | None) -> tuple[DatasetSpec, ...]:
         if not isinstance(raw, dict) or not raw:
@@ -307,8 +350,9 @@ class _Parser:
         out = []
         for name, entry in raw.items():
             key = f"datasets.{self.name(name, f'datasets.{name!r}')}"
-            t = self.table({"root": entry} if isinstance(entry, str) else entry, key,
-                           ("reader", "root", "options", "extract"))  # fmt: skip
+            t = self.table(
+                {"root": entry} if isinstance(entry, str) else entry, key, ("reader", "root", "options", "extract")
+            )
             reader = self.name(t.get("reader", name), f"{key}.reader")  # checked when used: check_datasets
             options = t.get("options", {})
             if not isinstance(options, dict):
@@ -347,8 +391,10 @@ class _Parser:
             raise self.fail("train.val_split", f"{val_split!r} is the training split itself; name another split")
         run = self.run_config(t, "train")
         if val_split is not None and run.val_fraction > 0:
-            raise self.fail("train.val_fraction", f"{run.val_fraction} would hold out training pairs beside "
-                            f"val_split {val_split!r}; set it to 0")  # fmt: skip
+            raise self.fail(
+                "train.val_fraction",
+                f"{run.val_fraction} would hold out training pairs beside val_split {val_split!r}; set it to 0",
+            )
         if "preset" in t and "recipe" in t:
             raise self.fail("train.recipe", "is the old name of train.preset; give one")
         preset = self.string(t, "preset" if "preset" in t else "recipe", "train")
@@ -376,11 +422,19 @@ class _Parser:
                 raise self.fail(f"{key}.metrics", f"must be a list, got {metrics!r}", METRICS[task])
             for m in metrics:
                 self.choice(m, f"{key}.metrics", METRICS[task])
-            ev = EvalSpec(task, self.choice(self.string(t, "dataset", key), f"{key}.dataset", names),
-                          self.name(t["split"], f"{key}.split"), protocol, tuple(metrics))  # fmt: skip
+            ev = EvalSpec(
+                task,
+                self.choice(self.string(t, "dataset", key), f"{key}.dataset", names),
+                self.name(t["split"], f"{key}.split"),
+                protocol,
+                tuple(metrics),
+            )
             if any((e.task, e.dataset) == (ev.task, ev.dataset) for e in out):
-                raise self.fail(key, f"a second {task} eval of dataset {ev.dataset} (the table keys cells by task and "
-                                "dataset: add a second [datasets] entry for another split)")  # fmt: skip
+                raise self.fail(
+                    key,
+                    f"a second {task} eval of dataset {ev.dataset} (the table keys cells by task and "
+                    "dataset: add a second [datasets] entry for another split)",
+                )
             out.append(ev)
         return tuple(out)
 
@@ -410,8 +464,11 @@ class _Parser:
                     get_method(method).check_preset(own)
                 except PipeError as e:
                     raise self.fail("train.preset", str(e).removeprefix(f"--preset {own!r}: ")) from None
-            out.append(MethodSpec(name, method, tuple(sorted(params.items())),
-                                  self.run_config(run, f"{key}.run", train_run), own))  # fmt: skip
+            out.append(
+                MethodSpec(
+                    name, method, tuple(sorted(params.items())), self.run_config(run, f"{key}.run", train_run), own
+                )
+            )
         if preset is not None and all(m.preset is None for m in out):
             raise self.fail("train.preset", f"{preset!r}: no method of this recipe has presets")
         return tuple(out)

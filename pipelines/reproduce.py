@@ -32,7 +32,8 @@ from pipe_align.extract.files import write_text
 from pipe_align.extract.remote import Remote, location
 from pipe_align.extract.runner import ExtractConfig, run_extract
 from pipe_align.extract.runtime import resolve_device
-from pipe_align.pipelines.recipe import DatasetSpec, EvalSpec, MethodSpec, Recipe, check_datasets
+
+from .recipe import DatasetSpec, EvalSpec, MethodSpec, Recipe, check_datasets
 
 TEXT_KIND = {"classification": "prompts", "segmentation": "prompts", "retrieval": "captions"}
 
@@ -78,15 +79,17 @@ def selection(recipe: Recipe, only: Sequence[str], skip: Sequence[str]) -> dict[
     for flag, names in (("--only", only), ("--skip", skip)):
         for n in names:
             if n not in datasets and n not in methods:
-                raise PipeError(f"{flag} {n}: not a dataset or method of recipe {recipe.name} (datasets: "
-                                f"{', '.join(datasets)}; methods: {', '.join(methods)})")  # fmt: skip
+                raise PipeError(
+                    f"{flag} {n}: not a dataset or method of recipe {recipe.name} (datasets: "
+                    f"{', '.join(datasets)}; methods: {', '.join(methods)})"
+                )
     out = {n: "--skip" for n in skip}
     for group in (datasets, methods):
         if any(n in only for n in group):
             out |= {n: "not in --only" for n in group if n not in only}
     if recipe.train.dataset in out:
         train = recipe.train.dataset
-        raise PipeError(f"{out[train]} leaves out {train}, the training set; every method needs it")  # fmt: skip
+        raise PipeError(f"{out[train]} leaves out {train}, the training set; every method needs it")
     return out
 
 
@@ -119,19 +122,35 @@ def extract_configs(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> list[Ext
         ds = r.dataset(name)
         other = owner.setdefault((ds.reader, split), ds)
         if (other.root, other.options, other.extract) != (ds.root, ds.options, ds.extract):
-            raise PipeError(f"datasets {other.name} and {ds.name} of {r.path} both store {ds.reader}/{split} under "
-                            f"{cfg.feature_dir} from other data; give one of them its own --features folder")
+            raise PipeError(
+                f"datasets {other.name} and {ds.name} of {r.path} both store {ds.reader}/{split} under "
+                f"{cfg.feature_dir} from other data; give one of them its own --features folder"
+            )
         settings = dict(ds.extract)
         prompts = eval_prompts(r, ev) if ev is not None else None
         if prompts is not None and settings.get("prompts", prompts) != prompts:
-            raise PipeError(f"{r.path}: datasets.{name}.extract.prompts: {settings['prompts']!r}, but {ev.label} "
-                            f"scores with the {prompts} prompts; allowed: {prompts!r} (or leave it out)")
+            raise PipeError(
+                f"{r.path}: datasets.{name}.extract.prompts: {settings['prompts']!r}, but {ev.label} "
+                f"scores with the {prompts} prompts; allowed: {prompts!r} (or leave it out)"
+            )
         for encoder, text in ((enc.image, "auto"), (enc.text, kind)):
             extra = settings | ({"prompts": prompts} if prompts is not None and text == "prompts" else {})
-            ec = ExtractConfig(encoder=encoder, dataset=ds.reader, split=split, features=str(cfg.feature_dir),
-                               root=ds.root, batch_size=cfg.batch_size, device=cfg.device, layer=enc.layer,
-                               max_length=enc.max_length, text=text, options=ds.options, crop=enc.crop,
-                               special_tokens=enc.special_tokens, **extra)  # fmt: skip
+            ec = ExtractConfig(
+                encoder=encoder,
+                dataset=ds.reader,
+                split=split,
+                features=str(cfg.feature_dir),
+                root=ds.root,
+                batch_size=cfg.batch_size,
+                device=cfg.device,
+                layer=enc.layer,
+                max_length=enc.max_length,
+                text=text,
+                options=ds.options,
+                crop=enc.crop,
+                special_tokens=enc.special_tokens,
+                **extra,
+            )
             if ec not in out:
                 out.append(ec)
     return out
@@ -139,9 +158,18 @@ def extract_configs(cfg: ReproduceConfig, evals: Sequence[EvalSpec]) -> list[Ext
 
 def eval_config(cfg: ReproduceConfig, ev: EvalSpec, run: Path, device: str) -> EvalConfig:
     ds = cfg.recipe.dataset(ev.dataset)
-    return EvalConfig(task=ev.task, dataset=ds.reader, split=ev.split, features=str(cfg.feature_dir), run=str(run),
-                      root=ds.root, protocol=ev.protocol, options=ds.options, device=device,
-                      figures=cfg.figures)  # fmt: skip
+    return EvalConfig(
+        task=ev.task,
+        dataset=ds.reader,
+        split=ev.split,
+        features=str(cfg.feature_dir),
+        run=str(run),
+        root=ds.root,
+        protocol=ev.protocol,
+        options=ds.options,
+        device=device,
+        figures=cfg.figures,
+    )
 
 
 def run_dir(cfg: ReproduceConfig, method: MethodSpec) -> Path:
@@ -170,11 +198,24 @@ def run_reproduce(cfg: ReproduceConfig) -> Summary:
     md, js = out / "table.md", out / "table.json"
     write_text(md, to_markdown(r, cells, excluded))
     summary = Summary(md, js, excluded, stages, time.perf_counter() - t_all)
-    write_text(js, json.dumps({
-        "recipe": r.name, "title": r.title, "source": r.source, "recipe_file": r.path, "unit": "percent",
-        "encoders": dataclasses.asdict(r.encoders), "features": str(cfg.feature_dir), "excluded": excluded,
-        "stages": {k: dataclasses.asdict(v) for k, v in stages.items()}, "cells": cells,
-    }, indent=2))  # fmt: skip
+    write_text(
+        js,
+        json.dumps(
+            {
+                "recipe": r.name,
+                "title": r.title,
+                "source": r.source,
+                "recipe_file": r.path,
+                "unit": "percent",
+                "encoders": dataclasses.asdict(r.encoders),
+                "features": str(cfg.feature_dir),
+                "excluded": excluded,
+                "stages": {k: dataclasses.asdict(v) for k, v in stages.items()},
+                "cells": cells,
+            },
+            indent=2,
+        ),
+    )
     typer.echo(md.read_text(encoding="utf-8").rstrip())
     work = ", ".join(f"{k} {v.done} done / {v.kept} kept" for k, v in stages.items())
     typer.echo(f"done in {summary.seconds:.1f} s ({work}): {md}, {js}")
@@ -225,9 +266,17 @@ def _align(cfg: ReproduceConfig, methods: Sequence[MethodSpec], folders: dict[st
     for m in methods:
         path = run_dir(cfg, m)
         before = _finished_stamp(path)
-        acfg = AlignConfig(shards=str(folders["train"]), out=str(path), method=m.method,
-                           image_encoder=r.encoders.image, text_encoder=r.encoders.text, resume=True,
-                           run=align_run(cfg, m, folders), params=m.params, preset=m.preset)  # fmt: skip
+        acfg = AlignConfig(
+            shards=str(folders["train"]),
+            out=str(path),
+            method=m.method,
+            image_encoder=r.encoders.image,
+            text_encoder=r.encoders.text,
+            resume=True,
+            run=align_run(cfg, m, folders),
+            params=m.params,
+            preset=m.preset,
+        )
         res = run_align(acfg, progress=cfg.progress)
         kept = before is not None and before == _finished_stamp(path)
         w.kept += kept
@@ -286,9 +335,21 @@ def table_cells(cfg: ReproduceConfig, excluded: dict[str, str], device: str) -> 
                 if paper is None:
                     note = "; ".join(n for n in (note, "no published number") if n)
                 diff = measured - paper if measured is not None and paper is not None else None
-                cells.append({"method": m.name, "task": ev.task, "dataset": ev.dataset, "split": ev.split,
-                              "protocol": ev.protocol, "metric": metric, "label": labels.get(metric, metric),
-                              "measured": measured, "paper": paper, "diff": diff, "note": note})  # fmt: skip
+                cells.append(
+                    {
+                        "method": m.name,
+                        "task": ev.task,
+                        "dataset": ev.dataset,
+                        "split": ev.split,
+                        "protocol": ev.protocol,
+                        "metric": metric,
+                        "label": labels.get(metric, metric),
+                        "measured": measured,
+                        "paper": paper,
+                        "diff": diff,
+                        "note": note,
+                    }
+                )
     return cells
 
 
@@ -297,15 +358,23 @@ def _num(v: float | None, sign: bool = False) -> str:
 
 
 def to_markdown(r: Recipe, cells: list[dict[str, Any]], excluded: dict[str, str]) -> str:
-    lines = [f"# {r.title}", "", f"Recipe `{r.name}` ({r.path}); source: {r.source or 'not given'}.",
-             f"Encoders: {r.encoders.image} + {r.encoders.text}, layer {r.encoders.layer}. Percent; "
-             "Δ = measured − paper.", ""]  # fmt: skip
+    lines = [
+        f"# {r.title}",
+        "",
+        f"Recipe `{r.name}` ({r.path}); source: {r.source or 'not given'}.",
+        f"Encoders: {r.encoders.image} + {r.encoders.text}, layer {r.encoders.layer}. Percent; Δ = measured − paper.",
+        "",
+    ]
     if excluded:
         lines += ["Left out: " + ", ".join(f"{n} ({why})" for n, why in excluded.items()) + ".", ""]
-    lines += ["| method | task | dataset | metric | measured | paper | Δ | note |",
-              "|---|---|---|---|---:|---:|---:|---|"]
+    lines += [
+        "| method | task | dataset | metric | measured | paper | Δ | note |",
+        "|---|---|---|---|---:|---:|---:|---|",
+    ]
     for c in cells:
         where = f"{c['dataset']}/{c['split']}" + (f" [{c['protocol']}]" if c["protocol"] else "")
-        lines.append(f"| {c['method']} | {c['task']} | {where} | {c['label']} | {_num(c['measured'])} | "
-                     f"{_num(c['paper'])} | {_num(c['diff'], sign=True)} | {c['note']} |")
+        lines.append(
+            f"| {c['method']} | {c['task']} | {where} | {c['label']} | {_num(c['measured'])} | "
+            f"{_num(c['paper'])} | {_num(c['diff'], sign=True)} | {c['note']} |"
+        )
     return "\n".join(lines) + "\n"

@@ -29,8 +29,16 @@ def world_features(tmp_path_factory, tiny_dinov2, tiny_bert):
         for enc, text in encoders:
             if split == "train" and text == "prompts":
                 continue
-            cfg = ExtractConfig(encoder=enc, dataset="world", split=split, features=str(feats), text=text,
-                                options=(("size", size),), batch_size=8, shard_rows=8)  # fmt: skip
+            cfg = ExtractConfig(
+                encoder=enc,
+                dataset="world",
+                split=split,
+                features=str(feats),
+                text=text,
+                options=(("size", size),),
+                batch_size=8,
+                shard_rows=8,
+            )
             run_extract(cfg, progress=False)
     return feats
 

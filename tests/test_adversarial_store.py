@@ -43,8 +43,26 @@ def feats(tmp_path, world_features) -> Path:
 def trained(tmp_path_factory, world_features) -> Path:
     """A small PAL run trained on the world train stores (read-only: tests copy it before changing it)."""
     out = tmp_path_factory.mktemp("runs") / "pal"
-    code = main(["align", "--shards", str(world_features / "world" / "train"), "--out", str(out), "--anchors", "8",
-                 "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu", "--no-progress"])
+    code = main(
+        [
+            "align",
+            "--shards",
+            str(world_features / "world" / "train"),
+            "--out",
+            str(out),
+            "--anchors",
+            "8",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--val-fraction",
+            "0.25",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return out
 
@@ -57,8 +75,11 @@ def run_dir(tmp_path, trained) -> Path:
 def store(feats: Path, split: str, kind: str) -> Path:
     """The image, caption or prompt store of a world split."""
     paths = sorted((feats / "world" / split).glob("*.zarr"))
-    pick = {"image": lambda p: "dinov2" in p.name, "prompts": lambda p: p.name.endswith(".prompts.zarr"),
-            "captions": lambda p: "bert" in p.name and not p.name.endswith(".prompts.zarr")}[kind]  # fmt: skip
+    pick = {
+        "image": lambda p: "dinov2" in p.name,
+        "prompts": lambda p: p.name.endswith(".prompts.zarr"),
+        "captions": lambda p: "bert" in p.name and not p.name.endswith(".prompts.zarr"),
+    }[kind]
     return next(p for p in paths if pick(p))
 
 
@@ -75,8 +96,26 @@ def verify(path: Path, capsys) -> tuple[int, list[str]]:
 
 
 def evaluate(feats: Path, run: Path, task: str = "classification", *extra: str) -> int:
-    return main(["eval", task, "--dataset", "world", "--split", "val", "--features", str(feats), "--run", str(run),
-                 "-o", "size=8", "--device", "cpu", "--no-figures", *extra])  # fmt: skip
+    return main(
+        [
+            "eval",
+            task,
+            "--dataset",
+            "world",
+            "--split",
+            "val",
+            "--features",
+            str(feats),
+            "--run",
+            str(run),
+            "-o",
+            "size=8",
+            "--device",
+            "cpu",
+            "--no-figures",
+            *extra,
+        ]
+    )
 
 
 # -- 1. pipe verify sees damage --------------------------------------------------------------------------------------
@@ -99,8 +138,9 @@ def test_verify_catches_every_single_bit_flip_in_shard_files(feats, capsys):
     assert verify(path, capsys)[0] == 0
 
 
-@pytest.mark.parametrize("kind,array", [("image", a) for a in IMAGE_ARRAYS if a != "patches"]
-                         + [("captions", a) for a in TEXT_ARRAYS])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind,array", [("image", a) for a in IMAGE_ARRAYS if a != "patches"] + [("captions", a) for a in TEXT_ARRAYS]
+)
 def test_verify_catches_bit_flips_in_every_array(feats, capsys, kind, array):
     path = store(feats, "train", kind)
     rng = np.random.default_rng(1)
@@ -116,8 +156,10 @@ def test_verify_catches_bit_flips_in_every_array(feats, capsys, kind, array):
         f.write_bytes(original)
 
 
-@pytest.mark.parametrize("kind,array", [("image", "patches"), ("image", "cls"), ("image", "ids"),
-                                        ("captions", "tokens"), ("captions", "length")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind,array",
+    [("image", "patches"), ("image", "cls"), ("image", "ids"), ("captions", "tokens"), ("captions", "length")],
+)
 def test_verify_catches_swapped_shard_files(feats, capsys, kind, array):
     """Shard files of one array swapped between two places: every chunk passes its own checksum, the row digests
     (which hash the row index) do not."""
@@ -158,11 +200,26 @@ def test_store_without_checksums_is_reported_and_still_opens(tmp_path, capsys):
     """Stores written before checksums: they open and read as before, and `pipe verify` says they cannot be
     checked (exit 1) instead of passing them."""
     enc = {"alias": "tiny", "model_id": "/tmp/tiny", "dim": 4, "layer": "last"}
-    lay = StoreLayout(modality="image", encoder=enc, dataset="world", split="val", count=4, tokens=2, dim=4,
-                      rows_per_chunk=2, rows_per_shard=4, grid=(1, 2), checksums=None)  # fmt: skip
+    lay = StoreLayout(
+        modality="image",
+        encoder=enc,
+        dataset="world",
+        split="val",
+        count=4,
+        tokens=2,
+        dim=4,
+        rows_per_chunk=2,
+        rows_per_shard=4,
+        grid=(1, 2),
+        checksums=None,
+    )
     st = create_store(tmp_path / "old.zarr", lay)
-    rows = {"ids": np.array(list("abcd")), "cls": np.ones((4, 4), np.float16),
-            "patches": np.ones((4, 2, 4), np.float16), "labels": np.zeros(4, np.int32)}  # fmt: skip
+    rows = {
+        "ids": np.array(list("abcd")),
+        "cls": np.ones((4, 4), np.float16),
+        "patches": np.ones((4, 2, 4), np.float16),
+        "labels": np.zeros(4, np.int32),
+    }
     st.write_shard(0, rows, np.zeros(4, bool))
     st.finalize()
     assert "digest" not in [name for name, _ in st.group.arrays()]
@@ -183,8 +240,24 @@ def test_lost_lengths_stop_align(feats, tmp_path, capsys):
     """Before: the length chunk read back as 0 and PAL trained on zero-length captions."""
     for f in chunk_files(store(feats, "train", "captions") / "length", 0):
         f.unlink()
-    code = main(["align", "--shards", str(feats / "world" / "train"), "--out", str(tmp_path / "r"), "--anchors", "8",
-                 "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "align",
+            "--shards",
+            str(feats / "world" / "train"),
+            "--out",
+            str(tmp_path / "r"),
+            "--anchors",
+            "8",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     one_line_error(capsys, code, "'length'", "missing")
 
 
@@ -232,20 +305,36 @@ def _set_method(run: Path, **change) -> None:
 
 
 RUN_DAMAGE = {
-    "anchors-truncated": ("anchors.safetensors", lambda r: (r / "anchors.safetensors").write_bytes(
-        (r / "anchors.safetensors").read_bytes()[:100])),
-    "anchors-random": ("anchors.safetensors", lambda r: (r / "anchors.safetensors").write_bytes(
-        np.random.default_rng(0).bytes(4096))),
+    "anchors-truncated": (
+        "anchors.safetensors",
+        lambda r: (r / "anchors.safetensors").write_bytes((r / "anchors.safetensors").read_bytes()[:100]),
+    ),
+    "anchors-random": (
+        "anchors.safetensors",
+        lambda r: (r / "anchors.safetensors").write_bytes(np.random.default_rng(0).bytes(4096)),
+    ),
     "anchors-empty": ("anchors.safetensors", lambda r: (r / "anchors.safetensors").write_bytes(b"")),
-    "anchors-nan": ("anchors.safetensors", lambda r: save_file(
-        {k: v * float("nan") for k, v in _anchors(r).items()}, str(r / "anchors.safetensors"))),
-    "anchors-other-dim": ("anchors.safetensors", lambda r: save_file(
-        {k: torch.randn(v.shape[0], v.shape[1] + 3) for k, v in _anchors(r).items()}, str(r / "anchors.safetensors"))),
-    "anchors-banks-differ": ("anchors.safetensors", lambda r: save_file(
-        {k: v[: 4 if k == "text_anchors" else None].contiguous() for k, v in _anchors(r).items()},
-        str(r / "anchors.safetensors"))),
-    "anchors-one-bank": ("anchors.safetensors", lambda r: save_file(
-        {"image_anchors": _anchors(r)["image_anchors"]}, str(r / "anchors.safetensors"))),
+    "anchors-nan": (
+        "anchors.safetensors",
+        lambda r: save_file({k: v * float("nan") for k, v in _anchors(r).items()}, str(r / "anchors.safetensors")),
+    ),
+    "anchors-other-dim": (
+        "anchors.safetensors",
+        lambda r: save_file(
+            {k: torch.randn(v.shape[0], v.shape[1] + 3) for k, v in _anchors(r).items()}, str(r / "anchors.safetensors")
+        ),
+    ),
+    "anchors-banks-differ": (
+        "anchors.safetensors",
+        lambda r: save_file(
+            {k: v[: 4 if k == "text_anchors" else None].contiguous() for k, v in _anchors(r).items()},
+            str(r / "anchors.safetensors"),
+        ),
+    ),
+    "anchors-one-bank": (
+        "anchors.safetensors",
+        lambda r: save_file({"image_anchors": _anchors(r)["image_anchors"]}, str(r / "anchors.safetensors")),
+    ),
     "method-json-malformed": ("method.json", lambda r: (r / "method.json").write_text('{"method": "pal",')),
     "method-json-list": ("method.json", lambda r: (r / "method.json").write_text("[1, 2]")),
     "method-json-anchors-negative": ("method.json", lambda r: _set_method(r, config={"anchors": -3})),
@@ -254,7 +343,7 @@ RUN_DAMAGE = {
     "method-json-unknown-method": ("method.json", lambda r: _set_method(r, method="palx")),
     "method-json-other-method": ("method.json", lambda r: _set_method(r, method="procrustes")),
     "run-json-list": ("run.json", lambda r: (r / "run.json").write_text("[]")),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(RUN_DAMAGE))
@@ -283,8 +372,23 @@ def test_class_tasks_on_a_caption_only_dataset_say_so(feats, trained, capsys, ta
         dst = Path(shutil.copytree(src, coco / src.name))
         st = open_store(dst)
         st.group.attrs.update({"dataset": "coco", "classes": None, "origin": None})
-    code = main(["eval", task, "--dataset", "coco", "--split", "val", "--features", str(feats), "--run", str(trained),
-                 "--device", "cpu", "--no-figures"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            task,
+            "--dataset",
+            "coco",
+            "--split",
+            "val",
+            "--features",
+            str(feats),
+            "--run",
+            str(trained),
+            "--device",
+            "cpu",
+            "--no-figures",
+        ]
+    )
     err = one_line_error(capsys, code, "coco", "no classes")
     assert "--text prompts" not in err
 
@@ -292,8 +396,18 @@ def test_class_tasks_on_a_caption_only_dataset_say_so(feats, trained, capsys, ta
 def test_layout_change_of_checksums_is_not_resumed(tmp_path):
     """A store started by a pipe without checksums is not finished by one with them (a mixed store)."""
     enc = {"alias": "tiny", "model_id": "/tmp/tiny", "dim": 4, "layer": "last"}
-    lay = StoreLayout(modality="image", encoder=enc, dataset="world", split="val", count=8, tokens=2, dim=4,
-                      rows_per_chunk=2, rows_per_shard=4, grid=(1, 2))  # fmt: skip
+    lay = StoreLayout(
+        modality="image",
+        encoder=enc,
+        dataset="world",
+        split="val",
+        count=8,
+        tokens=2,
+        dim=4,
+        rows_per_chunk=2,
+        rows_per_shard=4,
+        grid=(1, 2),
+    )
     create_store(tmp_path / "s.zarr", replace(lay, checksums=None))
     with pytest.raises(PipeError, match="differs in checksums"):
         create_store(tmp_path / "s.zarr", lay)
@@ -330,8 +444,9 @@ def test_store_marked_old_is_noted_by_eval(feats, trained, capsys):
     assert err.count("no checksums") == 2 and "note:" in err, err
 
 
-@pytest.mark.parametrize("content,fragment", [("[]", "not an eval result"),
-                                              ('{"task": "classification", "acc1": "high"}', "acc1")])  # fmt: skip
+@pytest.mark.parametrize(
+    "content,fragment", [("[]", "not an eval result"), ('{"task": "classification", "acc1": "high"}', "acc1")]
+)
 def test_report_refuses_results_it_cannot_vouch_for(tmp_path, capsys, content, fragment):
     """Before: a result that is no JSON object was left out of the table without a word; a text where a number
     belongs was a ValueError traceback."""
@@ -371,6 +486,22 @@ def test_truncated_shard_stops_align_with_one_line(feats, tmp_path, capsys):
     path = store(feats, "train", "image")
     f = chunk_files(path / "patches", 1)[0]
     f.write_bytes(f.read_bytes()[:-100])
-    code = main(["align", "--shards", str(feats / "world" / "train"), "--out", str(tmp_path / "r"), "--anchors", "8",
-                 "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "align",
+            "--shards",
+            str(feats / "world" / "train"),
+            "--out",
+            str(tmp_path / "r"),
+            "--anchors",
+            "8",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     one_line_error(capsys, code, str(path), "'patches'", "checksum")

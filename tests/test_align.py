@@ -25,8 +25,9 @@ def shards(feats, split="train"):
 
 
 def test_pal_run_dir_and_learning(tmp_path, world_features):
-    out = run_align(AlignConfig(shards=shards(world_features), out=str(tmp_path / "run"), params=FAST, run=RUN),
-                    progress=False).path
+    out = run_align(
+        AlignConfig(shards=shards(world_features), out=str(tmp_path / "run"), params=FAST, run=RUN), progress=False
+    ).path
     meta = json.loads((out / "run.json").read_text())
     assert meta["complete"] and meta["method"] == "pal" and (meta["pairs"]["train"], meta["pairs"]["val"]) == (18, 6)
     assert len(meta["history"]) == 4 and meta["data_mode"] == "memory"
@@ -88,8 +89,12 @@ def test_streaming_serves_every_pair_once_per_epoch(world_features):
 
 def test_streamed_training_runs(tmp_path, world_features):
     out = run_align(
-        AlignConfig(shards=shards(world_features), out=str(tmp_path / "s"), params=FAST,
-                    run=RunConfig(batch_size=8, epochs=4, val_fraction=0.25, memory_budget=0)),
+        AlignConfig(
+            shards=shards(world_features),
+            out=str(tmp_path / "s"),
+            params=FAST,
+            run=RunConfig(batch_size=8, epochs=4, val_fraction=0.25, memory_budget=0),
+        ),
         progress=False,
     )
     assert out.meta["data_mode"] == "stream" and json.loads((out.path / "run.json").read_text()) == out.meta
@@ -105,8 +110,23 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, world_features, monkeypat
         return (loss * float("nan") if calls["n"] > 3 else loss), extras  # 3 steps = the first epoch is fine
 
     monkeypatch.setattr(PAL, "loss", poisoned)
-    code = main(["align", "--shards", shards(world_features), "--out", str(tmp_path / "r"), "--anchors", "16",
-                 "--no-use-cls", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "align",
+            "--shards",
+            shards(world_features),
+            "--out",
+            str(tmp_path / "r"),
+            "--anchors",
+            "16",
+            "--no-use-cls",
+            "--batch-size",
+            "8",
+            "--val-fraction",
+            "0.25",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 1 and all(torch.isfinite(p).all() for p in state["params"])
@@ -174,16 +194,45 @@ def test_sotalign_reads_unpaired_stores(tmp_path, world_features, monkeypatch):
         return original(self, data, seed)
 
     monkeypatch.setattr(SOTAlign, "setup", spy)
-    code = main(["align", "--method", "sotalign", "--shards", shards(world_features), "--out", str(tmp_path / "s"),
-                 "--unpaired-shards", shards(world_features, "val"), "--epochs", "2", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "align",
+            "--method",
+            "sotalign",
+            "--shards",
+            shards(world_features),
+            "--out",
+            str(tmp_path / "s"),
+            "--unpaired-shards",
+            shards(world_features, "val"),
+            "--epochs",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     img, txt = seen["unpaired"]
     val_img = open_store(next(p for p in (world_features / "world" / "val").glob("*dinov2*.zarr")))
     val_txt = open_store(next(p for p in (world_features / "world" / "val").glob("*bert.zarr")))
     assert img.cls.shape == (val_img.layout.count, val_img.layout.dim)  # the val rows, without their pairing
     assert txt.pooled.shape == (val_txt.layout.count, val_txt.layout.dim)
-    assert main(["align", "--method", "sotalign", "--shards", shards(world_features), "--out", str(tmp_path / "t"),
-                 "--unpaired-shards", str(tmp_path / "none"), "--no-progress"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "align",
+                "--method",
+                "sotalign",
+                "--shards",
+                shards(world_features),
+                "--out",
+                str(tmp_path / "t"),
+                "--unpaired-shards",
+                str(tmp_path / "none"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
 
 
 def test_unpaired_stores_are_checked(tmp_path, world_features, capsys):
@@ -212,8 +261,14 @@ def test_unpaired_stores_are_checked(tmp_path, world_features, capsys):
 
 def test_bad_pal_values_and_other_data_are_refused(tmp_path, world_features, capsys):
     base = ["align", "--shards", shards(world_features), "--no-progress"]
-    for flag, value in (("--anchors", "0"), ("--batch-size", "1"), ("--tau-p", "0"), ("--epochs", "0"),
-                        ("--val-fraction", "2"), ("--limit", "-3")):  # fmt: skip
+    for flag, value in (
+        ("--anchors", "0"),
+        ("--batch-size", "1"),
+        ("--tau-p", "0"),
+        ("--epochs", "0"),
+        ("--val-fraction", "2"),
+        ("--limit", "-3"),
+    ):
         assert main([*base, "--out", str(tmp_path / "bad"), flag, value]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and err.count("\n") == 1, (flag, err)
@@ -226,15 +281,44 @@ def test_bad_pal_values_and_other_data_are_refused(tmp_path, world_features, cap
 
 def test_eval_refuses_a_dataset_other_than_the_extracted_one(tmp_path, world_features, capsys):
     run = str(tmp_path / "run")
-    assert main(["align", "--shards", shards(world_features), "--out", run, "--anchors", "8", "--epochs", "1",
-                 "--batch-size", "8", "--no-progress"]) == 0  # fmt: skip
-    ev = ["eval", "segmentation", "--dataset", "world", "--split", "val", "--features", str(world_features),
-          "--run", run, "--no-figures", "-o", "size=8"]  # fmt: skip
+    assert (
+        main(
+            [
+                "align",
+                "--shards",
+                shards(world_features),
+                "--out",
+                run,
+                "--anchors",
+                "8",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    ev = [
+        "eval",
+        "segmentation",
+        "--dataset",
+        "world",
+        "--split",
+        "val",
+        "--features",
+        str(world_features),
+        "--run",
+        run,
+        "--no-figures",
+        "-o",
+        "size=8",
+    ]
     assert main(ev) == 0
     capsys.readouterr()
     assert main([*ev, "-o", "seed=5"]) == 2  # same ids, other scenes: the masks would not belong to the features
     assert "-o size=8" in capsys.readouterr().err
-
 
 
 _MAPPED = """
@@ -264,8 +348,9 @@ def test_large_host_blocks_come_from_the_heap_and_stay_for_reuse():
     import sys
 
     def run(**env):
-        out = subprocess.run([sys.executable, "-c", _MAPPED], env={**os.environ, **env}, capture_output=True,
-                             text=True, check=True).stdout.split()  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", _MAPPED], env={**os.environ, **env}, capture_output=True, text=True, check=True
+        ).stdout.split()
         return out[0] == "True", int(out[1]), int(out[2])
 
     size = 64 << 20

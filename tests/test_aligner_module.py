@@ -103,9 +103,12 @@ def random_rows(dim: int = 32, seed: int = 7) -> tuple[ImageRows, TextRows]:
 
 def outputs(aligner: Aligner, image: ImageRows, text: TextRows) -> dict[str, Tensor | None]:
     words = text.tokens[: len(image.patches)]  # one sentence per image
-    return {"image_global": aligner.image_global(image), "text_global": aligner.text_global(text),
-            "image_dense": aligner.image_dense(image.patches),
-            "word_patch_scores": aligner.word_patch_scores(image.patches, words)}  # fmt: skip
+    return {
+        "image_global": aligner.image_global(image),
+        "text_global": aligner.text_global(text),
+        "image_dense": aligner.image_dense(image.patches),
+        "word_patch_scores": aligner.word_patch_scores(image.patches, words),
+    }
 
 
 def weights_of(run: Path) -> Path:
@@ -262,8 +265,10 @@ def test_load_on_cuda_moves_every_tensor_and_agrees_with_cpu(runs, case):
     cpu, gpu = load_aligner(run), load_aligner(run, device="cuda")
     assert all(t.is_cuda for t in gpu.state_dict().values())
     image, text = random_rows()
-    on = (ImageRows(image.cls.cuda(), image.patches.cuda()),
-          TextRows(text.pooled.cuda(), text.tokens.cuda(), text.length.cuda()))  # fmt: skip
+    on = (
+        ImageRows(image.cls.cuda(), image.patches.cuda()),
+        TextRows(text.pooled.cuda(), text.tokens.cuda(), text.length.cuda()),
+    )
     want, got = outputs(cpu, image, text), outputs(gpu, *on)
     for key, value in want.items():
         if value is not None:

@@ -43,8 +43,13 @@ EMB_TOL = 1e-3  # fp16 storage error of features of norm ~1, after the methods' 
 
 def train(features: Path, out: Path, method: str, **params) -> Path:
     run = RunConfig(epochs=2, batch_size=8, val_fraction=0.25)
-    cfg = AlignConfig(shards=str(features / "world" / "train"), out=str(out), method=method, run=run,
-                      params=tuple(sorted(params.items())))  # fmt: skip
+    cfg = AlignConfig(
+        shards=str(features / "world" / "train"),
+        out=str(out),
+        method=method,
+        run=run,
+        params=tuple(sorted(params.items())),
+    )
     return run_align(cfg, progress=False).path
 
 
@@ -66,8 +71,17 @@ def val_images() -> list[Image.Image]:
 
 
 def eval_cfg(features: Path, run: Path, task: str = "segmentation") -> EvalConfig:
-    return EvalConfig(task=task, dataset="world", split="val", features=str(features), run=str(run), device="cpu",
-                      protocol="pal" if task == "segmentation" else None, options=(("size", VAL),), examples=VAL)
+    return EvalConfig(
+        task=task,
+        dataset="world",
+        split="val",
+        features=str(features),
+        run=str(run),
+        device="cpu",
+        protocol="pal" if task == "segmentation" else None,
+        options=(("size", VAL),),
+        examples=VAL,
+    )
 
 
 # -- consistency with `pipe eval` -----------------------------------------------------------------------------------
@@ -123,8 +137,7 @@ def test_inputs_paths_tensors_and_the_derived_scores(runs, tmp_path, one_thread)
     path = tmp_path / "x.png"
     images[1].save(path)  # lossless
     u8 = torch.from_numpy(np.array(images[2])).permute(2, 0, 1)
-    assert torch.equal(model.encode_image([images[0], path, u8, u8.float() / 255]),
-                       torch.cat([ref[:3], ref[2:3]]))  # fmt: skip
+    assert torch.equal(model.encode_image([images[0], path, u8, u8.float() / 255]), torch.cat([ref[:3], ref[2:3]]))
     assert torch.equal(model.encode_image(torch.stack([u8, u8])), ref[[2, 2]])
     texts = ["a red ball", "a tree above a house"]
     assert torch.allclose(model.similarity(images, texts), ref @ model.encode_text(texts).T)
@@ -219,8 +232,22 @@ def image_dir(tmp_path) -> Path:
 def test_segment_command(runs, image_dir, tmp_path, one_thread):
     out = tmp_path / "seg"
     paths = [image_dir / "img0.png", image_dir / "sub" / "img4.png"]
-    assert main(["segment", *map(str, paths), "--run", str(runs["pal"]), "--labels", "ball, star,tree",
-                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "segment",
+                *map(str, paths),
+                "--run",
+                str(runs["pal"]),
+                "--labels",
+                "ball, star,tree",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (out / "labels.txt").read_text().splitlines() == ["0\tbackground", "1\tball", "2\tstar", "3\ttree"]
     model = api.load(runs["pal"], device="cpu")
     for p in paths:
@@ -232,8 +259,24 @@ def test_segment_command(runs, image_dir, tmp_path, one_thread):
             assert png.width > 2 * 224 * 0.8  # image and overlay side by side
     for rule in ("--background-threshold", "--background-bias"):  # other labels: another --out (labels.txt)
         out = tmp_path / f"seg{rule}"
-        assert main(["segment", str(paths[0]), "--run", str(runs["pal"]), "--labels", "ball", "--out", str(out),
-                     rule, "1e9", "--no-progress"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "segment",
+                    str(paths[0]),
+                    "--run",
+                    str(runs["pal"]),
+                    "--labels",
+                    "ball",
+                    "--out",
+                    str(out),
+                    rule,
+                    "1e9",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         with Image.open(out / "img0.labels.png") as png:
             assert not np.asarray(png).any()  # every pixel background under an unreachable threshold or bias
 
@@ -242,8 +285,24 @@ def test_classify_command(runs, image_dir, tmp_path, one_thread):
     out = tmp_path / "c.csv"
     (image_dir / "broken.jpg").write_bytes(b"not a jpeg")
     labels = ["ball", "star", "tree", "house"]
-    assert main(["classify", str(image_dir), "--run", str(runs["pal"]), "--labels", ",".join(labels), "--top-k", "2",
-                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "classify",
+                str(image_dir),
+                "--run",
+                str(runs["pal"]),
+                "--labels",
+                ",".join(labels),
+                "--top-k",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with open(out) as f:
         rows = list(csv.DictReader(f))
     assert [Path(r["path"]).name for r in rows] == ["img0.png", "img1.png", "img2.png", "img3.png", "img4.png"]
@@ -252,13 +311,37 @@ def test_classify_command(runs, image_dir, tmp_path, one_thread):
         best = s.topk(2)
         assert [r["label_1"], r["label_2"]] == [labels[i] for i in best.indices]
         assert [float(r["score_1"]), float(r["score_2"])] == pytest.approx(best.values.tolist(), abs=1e-4)
-    assert main(["classify", str(image_dir), "--run", str(runs["pal"]), "--labels", "ball", "--out", str(out),
-                 "--strict", "--no-progress"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "classify",
+                str(image_dir),
+                "--run",
+                str(runs["pal"]),
+                "--labels",
+                "ball",
+                "--out",
+                str(out),
+                "--strict",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
 
 
 def test_search_command_and_its_cache(runs, image_dir, capsys, one_thread):
-    args = ["search", str(image_dir), "--run", str(runs["pal"]), "--query", "a red ball", "--top-k", "3",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "search",
+        str(image_dir),
+        "--run",
+        str(runs["pal"]),
+        "--query",
+        "a red ball",
+        "--top-k",
+        "3",
+        "--no-progress",
+    ]
     assert main(args) == 0
     out = capsys.readouterr()
     lines = out.out.splitlines()
@@ -305,8 +388,10 @@ def test_runs_that_cannot_be_rebuilt(runs, world_features, tmp_path, tiny_dinov2
     assert {"max_length", "pooling", "layer", "dtype"} <= set(meta["encoders"]["text"])
     meta["image_store"] = meta["text_store"] = str(tmp_path / "gone.zarr")
     (moved / "run.json").write_text(json.dumps(meta))
-    assert torch.equal(api.load(moved, device="cpu").encode_text("a ball"),
-                       api.load(runs["procrustes"], device="cpu").encode_text("a ball"))  # fmt: skip
+    assert torch.equal(
+        api.load(moved, device="cpu").encode_text("a ball"),
+        api.load(runs["procrustes"], device="cpu").encode_text("a ball"),
+    )
 
     (moved / "run.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "encoders"}))
     with pytest.raises(PipeError, match="image_size, resize not recorded"):
@@ -321,8 +406,12 @@ def test_runs_that_cannot_be_rebuilt(runs, world_features, tmp_path, tiny_dinov2
     shutil.copytree(tiny_dinov2, model_dir)
     feats = tmp_path / "feats"
     for enc, text in ((f"hf:{model_dir}", "auto"), (f"hf:{tiny_bert}", "captions")):
-        run_extract(ExtractConfig(encoder=enc, dataset="world", split="train", features=str(feats), text=text,
-                                  options=(("size", 6),)), progress=False)  # fmt: skip
+        run_extract(
+            ExtractConfig(
+                encoder=enc, dataset="world", split="train", features=str(feats), text=text, options=(("size", 6),)
+            ),
+            progress=False,
+        )
     run = train(feats, tmp_path / "run", "procrustes")
     shutil.rmtree(model_dir)
     image = tmp_path / "x.png"
@@ -344,12 +433,31 @@ def test_api_equals_eval_with_offline_dinov2_and_minilm(tmp_path, one_thread):
         for enc, text in (("dinov2-small", "auto"), ("minilm", "captions"), ("minilm", "prompts")):
             if split == "train" and text == "prompts":
                 continue
-            run_extract(ExtractConfig(encoder=enc, dataset="world", split=split, features=str(feats), text=text,
-                                      options=(("size", size),), batch_size=4), progress=False)  # fmt: skip
+            run_extract(
+                ExtractConfig(
+                    encoder=enc,
+                    dataset="world",
+                    split=split,
+                    features=str(feats),
+                    text=text,
+                    options=(("size", size),),
+                    batch_size=4,
+                ),
+                progress=False,
+            )
     run = train(feats, tmp_path / "pal", "pal", anchors=32)
     model = api.load(run, device="cpu")
-    cfg = EvalConfig(task="segmentation", dataset="world", split="val", features=str(feats), run=str(run),
-                     device="cpu", protocol="pal", options=(("size", 4),), examples=4)  # fmt: skip
+    cfg = EvalConfig(
+        task="segmentation",
+        dataset="world",
+        split="val",
+        features=str(feats),
+        run=str(run),
+        device="cpu",
+        protocol="pal",
+        options=(("size", 4),),
+        examples=4,
+    )
     ctx = load_context(cfg, "prompts", EXTRACT_OPTIONS)
     world = get_dataset("world", None, "val", size=4)
     images = [world.load_image(i) for i in range(4)]

@@ -92,8 +92,15 @@ def test_segment_keeps_every_output_of_images_with_the_same_name(pal_run, model,
         img.save(path)
     out = tmp_path / "out"
     assert segment(*inputs, "--run", pal_run, "--labels", ",".join(LABELS), "--out", out) == 0
-    assert sorted(files(out)) == ["a-2.labels.png", "a-2.overlay.png", "a-3.labels.png", "a-3.overlay.png",
-                                  "a.labels.png", "a.overlay.png", "labels.txt"]  # fmt: skip
+    assert sorted(files(out)) == [
+        "a-2.labels.png",
+        "a-2.overlay.png",
+        "a-3.labels.png",
+        "a-3.overlay.png",
+        "a.labels.png",
+        "a.overlay.png",
+        "labels.txt",
+    ]
     expected = [model.segment(path, LABELS).labels.numpy() for path in inputs]
     for i, stem in enumerate(["a", "a-3", "a-2"]):
         with Image.open(out / f"{stem}.labels.png") as png:
@@ -117,8 +124,16 @@ def test_out_folder_with_other_labels_is_refused(pal_run, tmp_path, capsys, one_
     assert (out / "labels.txt").read_text() == "0\tbackground\n1\tball\n2\tstar\n"
     before = files(out)
     capsys.readouterr()
-    for other in (["--labels", "star,ball"], ["--labels", "ball,star,tree"], ["--labels", "ball,star", "--background",
-                                                                                "", ]):  # fmt: skip
+    for other in (
+        ["--labels", "star,ball"],
+        ["--labels", "ball,star,tree"],
+        [
+            "--labels",
+            "ball,star",
+            "--background",
+            "",
+        ],
+    ):
         assert segment(image, *run, *other) == 2, other
         err = one_line_error(capsys, 2)
         assert f"--out {out}" in err and "background, ball, star" in err and "ball, star" in err, err
@@ -137,8 +152,10 @@ def test_an_output_never_replaces_an_input_image(pal_run, tmp_path, capsys, one_
     val_images()[1].save(tmp_path / "in" / "c.png")
     val_images()[2].save(out / "c.overlay.png")  # an input that `c.png`'s overlay would overwrite
     before = (out / "c.overlay.png").read_bytes()
-    assert segment(tmp_path / "in" / "c.png", out / "c.overlay.png", "--run", pal_run, "--labels", "ball", "--out",
-                   out) == 2  # fmt: skip
+    assert (
+        segment(tmp_path / "in" / "c.png", out / "c.overlay.png", "--run", pal_run, "--labels", "ball", "--out", out)
+        == 2
+    )
     assert "would replace that input image" in one_line_error(capsys, 2)
     assert (out / "c.overlay.png").read_bytes() == before
 
@@ -146,8 +163,10 @@ def test_an_output_never_replaces_an_input_image(pal_run, tmp_path, capsys, one_
 # -- 3. invisible queries -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("query", ["\u200b", "\u200b\u200d\ufeff", "\x07\x1b", "\u200b \u2060"])
 def test_a_query_without_a_visible_character_is_refused(pal_run, model, folder, capsys, query):
-    assert main(["search", str(folder), "--run", str(pal_run), "--query", "a red ball", "--query", query,
-                 "--no-progress"]) == 2  # fmt: skip
+    assert (
+        main(["search", str(folder), "--run", str(pal_run), "--query", "a red ball", "--query", query, "--no-progress"])
+        == 2
+    )
     err = one_line_error(capsys, 2)
     assert err.startswith(f"error: --query {query!r}") and "no visible character" in err
     with pytest.raises(PipeError, match="text 1 is empty"):
@@ -161,10 +180,15 @@ def test_tensors_that_are_not_images_are_refused(model, one_thread):
     assert torch.equal(model.encode_image(u8.to(torch.int64)), ref)  # integers 0..255 are pixels in any dtype
     too_big, negative = u8.to(torch.int32), u8.to(torch.int16)
     too_big[0, 0, 0], negative[1, 2, 3] = 300, -1  # a cast to uint8 would read 44 and 255
-    cases = [(too_big, r"values must lie in 0\.\.255, got \d+\.\.300"), (negative, r"0\.\.255, got -1\.\."),
-             (u8 > 128, "bool image tensor"), (torch.zeros(3, 0, 0, dtype=torch.uint8), "at least one pixel"),
-             (torch.zeros(5, 0), "at least one pixel"), (Image.new("RGB", (0, 0)), "image of size 0x0"),
-             (torch.zeros(0, 3, 8, 8), "no images given")]  # fmt: skip
+    cases = [
+        (too_big, r"values must lie in 0\.\.255, got \d+\.\.300"),
+        (negative, r"0\.\.255, got -1\.\."),
+        (u8 > 128, "bool image tensor"),
+        (torch.zeros(3, 0, 0, dtype=torch.uint8), "at least one pixel"),
+        (torch.zeros(5, 0), "at least one pixel"),
+        (Image.new("RGB", (0, 0)), "image of size 0x0"),
+        (torch.zeros(0, 3, 8, 8), "no images given"),
+    ]
     for image, match in cases:
         with pytest.raises(PipeError, match=match):
             model.encode_image(image)
@@ -184,17 +208,22 @@ def test_bad_arguments_name_themselves(model, one_thread):
         with pytest.raises(PipeError, match=r"score_map: label .* \(background, ball, star\) or their indices 0..2"):
             seg.score_map(label)
     assert torch.equal(seg.score_map(2), seg.score_map("star"))
-    for kwargs, match in (({"threshold": math.nan}, "threshold must be a finite number"),
-                          ({"threshold": -math.inf}, "threshold must be a finite number"),
-                          ({"bias": math.inf}, "bias must be a finite number"),
-                          ({"bias": -0.1}, "bias must be >= 0"), ({"bias": "0.1"}, "bias must be a number"),
-                          ({"bias": 0.0, "background": None}, "needs a background label")):  # fmt: skip
+    for kwargs, match in (
+        ({"threshold": math.nan}, "threshold must be a finite number"),
+        ({"threshold": -math.inf}, "threshold must be a finite number"),
+        ({"bias": math.inf}, "bias must be a finite number"),
+        ({"bias": -0.1}, "bias must be >= 0"),
+        ({"bias": "0.1"}, "bias must be a number"),
+        ({"bias": 0.0, "background": None}, "needs a background label"),
+    ):
         with pytest.raises(PipeError, match=match):
             model.segment(image, LABELS, **kwargs)
-    for labels, background, match in ((["ball", "\u200b"], "background", "no visible character"),
-                                      (["ball", "a\nb"], "background", "line break or control character"),
-                                      (["ball", "a\u2028b"], "background", "line break or control character"),
-                                      (LABELS, "\ufeff", "background: label '\\\\ufeff' has no visible character")):
+    for labels, background, match in (
+        (["ball", "\u200b"], "background", "no visible character"),
+        (["ball", "a\nb"], "background", "line break or control character"),
+        (["ball", "a\u2028b"], "background", "line break or control character"),
+        (LABELS, "\ufeff", "background: label '\\\\ufeff' has no visible character"),
+    ):
         with pytest.raises(PipeError, match=match):
             model.segment(image, labels, background=background)
 
@@ -261,8 +290,17 @@ def garbage(path, meta, emb):
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
 
 
-DAMAGE = (flip_a_bit, nan_row, scaled_row, no_metadata, index_not_a_dict, flat_embeddings, files_not_lists,
-          no_checksum, garbage)  # fmt: skip
+DAMAGE = (
+    flip_a_bit,
+    nan_row,
+    scaled_row,
+    no_metadata,
+    index_not_a_dict,
+    flat_embeddings,
+    files_not_lists,
+    no_checksum,
+    garbage,
+)
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
@@ -345,12 +383,31 @@ def test_file_size_limit_while_writing_outputs_is_one_line(pal_run, tmp_path):
     image, out = tmp_path / "x.png", tmp_path / "out"
     val_images()[0].save(image)
     limit, hard = 4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]
-    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {hard}));"
-            "from pipe_align.pipelines.cli import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    code = (
+        f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {hard}));"
+        "from pipe_align.pipelines.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code, "segment", str(image), "--run", str(pal_run), "--labels",
-                           "ball,star", "--out", str(out), "--no-progress"], capture_output=True, text=True, env=env,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "segment",
+            str(image),
+            "--run",
+            str(pal_run),
+            "--labels",
+            "ball,star",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     err = done.stderr.strip()
     assert "\n" not in err and err.startswith(f"error: {out / 'x.overlay.png'}: cannot be written: File too large"), err
@@ -359,10 +416,20 @@ def test_file_size_limit_while_writing_outputs_is_one_line(pal_run, tmp_path):
 
 
 # -- 7. option values -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("option, value", [
-    ("--background-threshold", "nan"), ("--background-threshold", "-inf"), ("--background-bias", "inf"),
-    ("--background-bias", "-0.5"), ("--labels", "ball,\u200b"), ("--labels", "ball,a\nb"), ("--labels", "ball,\x07"),
-    ("--background", "\u200b\u200b"), ("--background", "sky\nline")])  # fmt: skip
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--background-threshold", "nan"),
+        ("--background-threshold", "-inf"),
+        ("--background-bias", "inf"),
+        ("--background-bias", "-0.5"),
+        ("--labels", "ball,\u200b"),
+        ("--labels", "ball,a\nb"),
+        ("--labels", "ball,\x07"),
+        ("--background", "\u200b\u200b"),
+        ("--background", "sky\nline"),
+    ],
+)
 def test_bad_segment_option_values_are_one_line(pal_run, tmp_path, capsys, option, value):
     image, out = tmp_path / "x.png", tmp_path / "out"
     val_images()[0].save(image)

@@ -32,15 +32,28 @@ CUDA = torch.cuda.is_available()
 
 
 def _extract(features: Path, encoder: str, compute_dtype: str, device: str = "cpu", **kw) -> str:
-    cfg = ExtractConfig(encoder=encoder, dataset="world", split="train", features=str(features), device=device,
-                        options=(("size", SIZE),), batch_size=BATCH, shard_rows=BATCH, compute_dtype=compute_dtype,
-                        **kw)  # fmt: skip
+    cfg = ExtractConfig(
+        encoder=encoder,
+        dataset="world",
+        split="train",
+        features=str(features),
+        device=device,
+        options=(("size", SIZE),),
+        batch_size=BATCH,
+        shard_rows=BATCH,
+        compute_dtype=compute_dtype,
+        **kw,
+    )
     return run_extract(cfg, progress=False).path
 
 
 def _align(features: Path, out: Path) -> Path:
-    cfg = AlignConfig(shards=str(features / "world" / "train"), out=str(out), method="asif",
-                      run=RunConfig(epochs=1, batch_size=8, val_fraction=0.25))  # fmt: skip
+    cfg = AlignConfig(
+        shards=str(features / "world" / "train"),
+        out=str(out),
+        method="asif",
+        run=RunConfig(epochs=1, batch_size=8, val_fraction=0.25),
+    )
     return run_align(cfg, progress=False).path
 
 
@@ -121,7 +134,7 @@ def _spec(modality: str, **recorded) -> api.EncoderSpec:
 
 
 def test_apply_compute_dtype_follows_the_record_and_extractions_rule(monkeypatch):
-    """"store" is the recorded compute dtype; a record from before `compute_dtype` existed means float32 (every store
+    """ "store" is the recorded compute dtype; a record from before `compute_dtype` existed means float32 (every store
     was computed in float32 then); "auto" is extraction's own device rule: bfloat16 on a CUDA device with bf16,
     float32 on CPU; a name is taken as given."""
     for modality in ("image", "text"):
@@ -139,7 +152,7 @@ def test_apply_compute_dtype_follows_the_record_and_extractions_rule(monkeypatch
 
 
 def test_apply_auto_is_extractions_rule_not_a_copy(monkeypatch):
-    """"auto" goes through `resolve_compute_dtype`, the function `pipe extract` resolves its dtype with."""
+    """ "auto" goes through `resolve_compute_dtype`, the function `pipe extract` resolves its dtype with."""
     seen = []
 
     def rule(name, device):
@@ -166,8 +179,11 @@ def test_a_run_whose_record_predates_compute_dtype_loads_in_float32(bf16, tmp_pa
 
 
 def test_a_bad_compute_dtype_is_one_line(bf16, tmp_path):
-    with pytest.raises(PipeError, match=r"compute_dtype must be one of store, auto, float32, bfloat16, float16, got "
-                                        r"'fp8'"):  # fmt: skip
+    with pytest.raises(
+        PipeError,
+        match=r"compute_dtype must be one of store, auto, float32, bfloat16, float16, got "
+        r"'fp8'",
+    ):
         api.load(bf16[2], device="cpu", compute_dtype="fp8")
     run = _edit_encoders(bf16[2], tmp_path / "bad", lambda r: r.update(compute_dtype="int8"))
     with pytest.raises(PipeError, match=r"run\.json\) has compute_dtype 'int8'") as err:
@@ -213,8 +229,24 @@ def test_commands_pass_the_compute_dtype_and_search_caches_per_dtype(bf16, tmp_p
     assert "0 encoded now, 3 from the cache" in capsys.readouterr().err
     assert main([*search, "--compute-dtype", "float32"]) == 0
     assert "3 encoded now, 0 from the cache" in capsys.readouterr().err
-    assert main(["classify", str(folder), "--run", str(run), "--labels", "a,b", "--out", str(tmp_path / "c.csv"),
-          "--compute-dtype", "float32", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "classify",
+                str(folder),
+                "--run",
+                str(run),
+                "--labels",
+                "a,b",
+                "--out",
+                str(tmp_path / "c.csv"),
+                "--compute-dtype",
+                "float32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert loaded == ["bfloat16", "bfloat16", "float32", "float32"]
     key = model_key(original(run, device="cpu"))
     assert key != model_key(original(run, device="cpu", compute_dtype="float32"))

@@ -27,8 +27,14 @@ class FakePairs:
     """In-memory stand-in for align.data.PairSource: the same `batches` contract (one caption per image per epoch,
     drawn from the epoch seed; shuffled order per epoch)."""
 
-    def __init__(self, img: torch.Tensor, txt: torch.Tensor, patches: torch.Tensor | None = None,
-                 tokens: torch.Tensor | None = None, length: torch.Tensor | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        patches: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        length: torch.Tensor | None = None,
+    ) -> None:
         self.img, self.patches = img, patches
         self.txt = txt if txt.dim() == 3 else txt[:, None]  # [N, captions, D]
         self.tokens = tokens if tokens is None or tokens.dim() == 4 else tokens[:, None]
@@ -47,8 +53,11 @@ class FakePairs:
             idx = whole[lo:hi]
             ii, cc = torch.as_tensor(idx), torch.as_tensor(caps[idx])
             image = ImageRows(cls=self.img[ii], patches=None if self.patches is None else self.patches[ii])
-            text = TextRows(pooled=self.txt[ii, cc], tokens=None if self.tokens is None else self.tokens[ii, cc],
-                            length=None if self.length is None else self.length[ii, cc])  # fmt: skip
+            text = TextRows(
+                pooled=self.txt[ii, cc],
+                tokens=None if self.tokens is None else self.tokens[ii, cc],
+                length=None if self.length is None else self.length[ii, cc],
+            )
             yield Batch(image, text, idx, sizes)
 
 
@@ -120,8 +129,10 @@ def test_csa_weights_canonical_coordinates_by_sqrt_rho():
     train = FakePairs(x, y)
     (cca, _), (csa, _) = fit(CCA, CCAConfig(rank=8), train), fit(CSA, CCAConfig(rank=8), train)
     rho = cca.rho
-    for a, b in ((cca.image_global(ImageRows(cls=xt)), csa.image_global(ImageRows(cls=xt))),
-                 (cca.text_global(TextRows(pooled=yt)), csa.text_global(TextRows(pooled=yt)))):  # fmt: skip
+    for a, b in (
+        (cca.image_global(ImageRows(cls=xt)), csa.image_global(ImageRows(cls=xt))),
+        (cca.text_global(TextRows(pooled=yt)), csa.text_global(TextRows(pooled=yt))),
+    ):
         torch.testing.assert_close(b, l2n(a * rho.sqrt()))
 
 
@@ -154,10 +165,12 @@ def test_csa_pal_authors_variant_is_unregularised_cca_on_999_pca_with_plain_cosi
     rng = np.random.default_rng(4)
     n = 300
     shared = rng.normal(size=(n + 50, 4))
-    x = np.hstack([shared @ rng.normal(size=(4, 7)) + 0.5 * rng.normal(size=(n + 50, 7)),
-                   1e-4 * rng.normal(size=(n + 50, 3))])  # fmt: skip  (3 near-constant columns the PCA drops)
-    y = np.hstack([shared @ rng.normal(size=(4, 6)) + 0.5 * rng.normal(size=(n + 50, 6)),
-                   1e-4 * rng.normal(size=(n + 50, 2))])  # fmt: skip
+    x = np.hstack(
+        [shared @ rng.normal(size=(4, 7)) + 0.5 * rng.normal(size=(n + 50, 7)), 1e-4 * rng.normal(size=(n + 50, 3))]
+    )  # 3 near-constant columns the PCA drops
+    y = np.hstack(
+        [shared @ rng.normal(size=(4, 6)) + 0.5 * rng.normal(size=(n + 50, 6)), 1e-4 * rng.normal(size=(n + 50, 2))]
+    )
     r = 5
     rho, wx, wy, mx, my, kept = pal_authors_csa_reference(x[:n], y[:n], r)
     assert kept[0] < 10 and kept[1] < 8  # the PCA step did drop components
@@ -235,8 +248,13 @@ def test_structure_changes_the_loss_and_training_is_deterministic():
     train, _, _ = contrastive_data()
     runs = {}
     for w in (0.0, 10.0, 10.0):
-        al, hist = fit(LinearHeads, LinearConfig(dim=32, structure_weight=w, structure_warmup_steps=4), train, epochs=3,
-                       batch_size=128)
+        al, hist = fit(
+            LinearHeads,
+            LinearConfig(dim=32, structure_weight=w, structure_warmup_steps=4),
+            train,
+            epochs=3,
+            batch_size=128,
+        )
         runs.setdefault(w, []).append((hist, al.state_dict()))
     ((h0, s0),) = runs[0.0]
     (h1, s1), (h2, s2) = runs[10.0]
@@ -245,7 +263,8 @@ def test_structure_changes_the_loss_and_training_is_deterministic():
     assert not torch.equal(s0["img.weight"], s1["img.weight"])
     timing = ("seconds", "pairs_per_s")
     assert [{k: v for k, v in h.items() if k not in timing} for h in h1] == [
-        {k: v for k, v in h.items() if k not in timing} for h in h2]  # same seed, same run
+        {k: v for k, v in h.items() if k not in timing} for h in h2
+    ]  # same seed, same run
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
@@ -296,8 +315,10 @@ def test_sotalign_starts_at_teacher_and_klot_trains_on_unpaired_rows():
     train = FakePairs(x[:200], y[:200])
     frozen, _ = fit(SOTAlign, SOTAlignConfig(lr=0.0), train, epochs=1, batch_size=64)
     teacher, _ = fit(Procrustes, ProcrustesConfig(), train)
-    for a, b in ((frozen.image_global(ImageRows(cls=xt)), teacher.image_global(ImageRows(cls=xt))),
-                 (frozen.text_global(TextRows(pooled=yt)), teacher.text_global(TextRows(pooled=yt)))):  # fmt: skip
+    for a, b in (
+        (frozen.image_global(ImageRows(cls=xt)), teacher.image_global(ImageRows(cls=xt))),
+        (frozen.text_global(TextRows(pooled=yt)), teacher.text_global(TextRows(pooled=yt))),
+    ):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # cca teacher (rank 24 keeps noise directions, so it is imperfect); unpaired rows in another order; full batch
     unpaired = (ImageRows(cls=x[200:400]), TextRows(pooled=y[200:400].flip(0)))
@@ -392,8 +413,9 @@ def test_asif_raises_the_raw_top_k_similarities_to_p():
     got = relative_representation(z32, a32, k, p).numpy()
     np.testing.assert_allclose(got, expected(False), atol=1e-5)
     assert np.abs(got - expected(True)).max() > 1e-2
-    np.testing.assert_allclose(relative_representation(z32, a32, k, p, clamp_negative=True).numpy(), expected(True),
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        relative_representation(z32, a32, k, p, clamp_negative=True).numpy(), expected(True), atol=1e-5
+    )
     assert ASIFConfig().clamp_negative is False
     with pytest.raises(PipeError, match="integer p"):
         ASIFConfig(p=2.5)
@@ -536,8 +558,12 @@ def test_linear_head_optimiser_and_structure_warmup_are_the_structure_codes():
     al, _ = fit(LinearHeads, LinearConfig(dim=16), train, epochs=2, batch_size=128)
     w, b = al.state_dict()["img.weight"].double(), al.state_dict()["img.bias"].double()
     raw = xt.double() * 3.0
-    torch.testing.assert_close(al.image_global(ImageRows(cls=raw.float())).double(),
-                               torch.nn.functional.normalize(raw @ w.T + b, dim=1), atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        al.image_global(ImageRows(cls=raw.float())).double(),
+        torch.nn.functional.normalize(raw @ w.T + b, dim=1),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     assert [[tuple(p.shape) for p in g] for g in al.param_groups()] == [[(16, 32)], [(16,)], [(16, 24)], [(16,)]]
     batch = next(iter(train.batches(0, 64, 0)))
     heads = LinearHeads(LinearConfig(dim=16, structure_weight=10.0))
@@ -601,19 +627,36 @@ def test_semi_unpaired_stores_are_the_other_rows_disjoint_and_shuffled(tmp_path)
     n_img, per, n_pairs = 30, 3, 8
     enc = {"alias": "fake", "layer": None}
     arrays = {
-        "image": {"ids": np.array([f"im{i}" for i in range(n_img)]), "cls": np.arange(n_img * 4).reshape(n_img, 4),
-                  "patches": np.arange(n_img * 8).reshape(n_img, 2, 4), "labels": np.full(n_img, -1)},
-        "text": {"ids": np.array([f"c{i}" for i in range(n_img * per)]),
-                 "text": np.array([f"t{i}" for i in range(n_img * per)]), "item": np.repeat(np.arange(n_img), per),
-                 "tokens": np.zeros((n_img * per, 2, 4)), "length": np.full(n_img * per, 2),
-                 "pooled": np.arange(n_img * per * 4).reshape(-1, 4)},
-    }  # fmt: skip
+        "image": {
+            "ids": np.array([f"im{i}" for i in range(n_img)]),
+            "cls": np.arange(n_img * 4).reshape(n_img, 4),
+            "patches": np.arange(n_img * 8).reshape(n_img, 2, 4),
+            "labels": np.full(n_img, -1),
+        },
+        "text": {
+            "ids": np.array([f"c{i}" for i in range(n_img * per)]),
+            "text": np.array([f"t{i}" for i in range(n_img * per)]),
+            "item": np.repeat(np.arange(n_img), per),
+            "tokens": np.zeros((n_img * per, 2, 4)),
+            "length": np.full(n_img * per, 2),
+            "pooled": np.arange(n_img * per * 4).reshape(-1, 4),
+        },
+    }
     stores = {}
     for modality, arr in arrays.items():
         n = len(arr["ids"])
-        lay = StoreLayout(modality=modality, encoder=enc | {"dim": 4}, dataset="world", split="train", count=n,
-                          tokens=2, dim=4, rows_per_chunk=4, rows_per_shard=8,
-                          grid=(1, 2) if modality == "image" else None)  # fmt: skip
+        lay = StoreLayout(
+            modality=modality,
+            encoder=enc | {"dim": 4},
+            dataset="world",
+            split="train",
+            count=n,
+            tokens=2,
+            dim=4,
+            rows_per_chunk=4,
+            rows_per_shard=8,
+            grid=(1, 2) if modality == "image" else None,
+        )
         st = create_store(tmp_path / "train" / f"{modality}.zarr", lay)
         for s in range(lay.num_shards):
             a, b = lay.shard_range(s)
@@ -645,8 +688,11 @@ def test_a_head_saved_before_the_authors_definitions_loads_as_it_was_trained(met
     al, _ = fit(cls, cls.Config(dim=6, **former), FakePairs(x, y), epochs=2, batch_size=32)
     al.save(tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "method.json").read_text())
-    meta["config"] = {k: v for k, v in meta["config"].items() if k not in ("normalize_inputs", "head", "rank",
-                      "dropout", "gate_init", "structure_warmup_steps")} | {"structure_warmup": 5.0}  # fmt: skip
+    meta["config"] = {
+        k: v
+        for k, v in meta["config"].items()
+        if k not in ("normalize_inputs", "head", "rank", "dropout", "gate_init", "structure_warmup_steps")
+    } | {"structure_warmup": 5.0}
     (tmp_path / "run" / "method.json").write_text(json.dumps(meta))
     back = load_aligner(tmp_path / "run")
     assert back.config.normalize_inputs and back.config.center

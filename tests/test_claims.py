@@ -44,8 +44,12 @@ def test_pooled_control_is_the_anchor_similarity_of_the_mean_token():
 
 def test_pooled_control_trains_through_the_one_loop(tmp_path, world_features):
     params = (*FAST, ("profile", "pooled"))
-    out = run_align(AlignConfig(shards=str(world_features / "world" / "train"), out=str(tmp_path / "pooled"),
-                                params=params, run=RUN), progress=False).path  # fmt: skip
+    out = run_align(
+        AlignConfig(
+            shards=str(world_features / "world" / "train"), out=str(tmp_path / "pooled"), params=params, run=RUN
+        ),
+        progress=False,
+    ).path
     meta = json.loads((out / "run.json").read_text())
     assert meta["complete"] and len(meta["history"]) == 3
     assert meta["history"][-1]["train_loss"] < meta["history"][0]["train_loss"]
@@ -74,15 +78,37 @@ def test_within_sample_variance_against_numpy_and_the_shuffled_control():
 def test_eval_collapse_and_its_figure(tmp_path, world_features):
     from pipe_align.pipelines.cli import main
 
-    out = run_align(AlignConfig(shards=str(world_features / "world" / "train"), out=str(tmp_path / "pal"),
-                                params=FAST, run=RUN), progress=False).path  # fmt: skip
-    assert main(["eval", "collapse", "--dataset", "world", "--split", "val", "--features", str(world_features),
-                 "--run", str(out), "--device", "cpu", "-o", "size=8"]) == 0  # fmt: skip
+    out = run_align(
+        AlignConfig(shards=str(world_features / "world" / "train"), out=str(tmp_path / "pal"), params=FAST, run=RUN),
+        progress=False,
+    ).path
+    assert (
+        main(
+            [
+                "eval",
+                "collapse",
+                "--dataset",
+                "world",
+                "--split",
+                "val",
+                "--features",
+                str(world_features),
+                "--run",
+                str(out),
+                "--device",
+                "cpu",
+                "-o",
+                "size=8",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "eval" / "collapse-world-val.json").read_text())
     for side in ("image", "text"):
         assert res[f"{side}_within_var"] > 0 and res[f"{side}_shuffled_var"] > 0 and res[f"{side}_untrained_var"] > 0
-        assert res[f"{side}_within_over_shuffled"] == pytest.approx(res[f"{side}_within_var"]
-                                                                    / res[f"{side}_shuffled_var"])  # fmt: skip
+        assert res[f"{side}_within_over_shuffled"] == pytest.approx(
+            res[f"{side}_within_var"] / res[f"{side}_shuffled_var"]
+        )
     assert res["image_samples"] == 8 and (out / "eval" / "figures" / "collapse-world-val-variance.png").is_file()
 
 
@@ -116,16 +142,56 @@ def test_classification_reports_seen_and_unseen_for_a_run_trained_on_a_subset(tm
     from pipe_align.pipelines.cli import main
 
     feats = tmp_path / "f"
-    for split, text, opts in (("train", "captions", (("size", 24), ("unseen", "moon,cup"))),
-                              ("val", "prompts", (("size", 16),))):  # fmt: skip
+    for split, text, opts in (
+        ("train", "captions", (("size", 24), ("unseen", "moon,cup"))),
+        ("val", "prompts", (("size", 16),)),
+    ):
         for enc, t in ((f"hf:{tiny_dinov2}", "auto"), (f"hf:{tiny_bert}", text)):
-            run_extract(ExtractConfig(encoder=enc, dataset="world", split=split, features=str(feats), text=t,
-                                      options=opts, batch_size=8), progress=False)  # fmt: skip
+            run_extract(
+                ExtractConfig(
+                    encoder=enc, dataset="world", split=split, features=str(feats), text=t, options=opts, batch_size=8
+                ),
+                progress=False,
+            )
     run = tmp_path / "run"
-    assert main(["align", "--method", "procrustes", "--shards", str(feats / "world" / "train"), "--out", str(run),
-                 "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
-    assert main(["eval", "classification", "--dataset", "world", "--split", "val", "--features", str(feats),
-                 "--run", str(run), "--device", "cpu", "-o", "size=16"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "align",
+                "--method",
+                "procrustes",
+                "--shards",
+                str(feats / "world" / "train"),
+                "--out",
+                str(run),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "classification",
+                "--dataset",
+                "world",
+                "--split",
+                "val",
+                "--features",
+                str(feats),
+                "--run",
+                str(run),
+                "--device",
+                "cpu",
+                "-o",
+                "size=16",
+            ]
+        )
+        == 0
+    )
     res = json.loads((run / "eval" / "classification-world-val.json").read_text())
     labels = {json.dumps(n) for n in res["unseen_names"]}
     assert labels <= {'"moon"', '"cup"'} and 0 <= res["unseen_acc"] <= 1 and 0 <= res["seen_acc"] <= 1
@@ -156,15 +222,59 @@ def test_falsification_command_on_the_world(tmp_path, tiny_dinov2, tiny_bert):
     feats = tmp_path / "f"
     for split, size, texts in (("train", 16, ("captions",)), ("test", 8, ("captions", "phrases"))):
         for enc, t in [(f"hf:{tiny_dinov2}", "auto")] + [(f"hf:{tiny_bert}", x) for x in texts]:
-            run_extract(ExtractConfig(encoder=enc, dataset="world", split=split, features=str(feats), text=t,
-                                      options=(("size", size),), batch_size=8), progress=False)  # fmt: skip
+            run_extract(
+                ExtractConfig(
+                    encoder=enc,
+                    dataset="world",
+                    split=split,
+                    features=str(feats),
+                    text=t,
+                    options=(("size", size),),
+                    batch_size=8,
+                ),
+                progress=False,
+            )
     runs = {}
     for method, extra in (("pal", ["--epochs", "1", "--anchors", "8", "--lr-finder", "0"]), ("procrustes", [])):
         runs[method] = tmp_path / method
-        assert main(["align", "--method", method, "--shards", str(feats / "world" / "train"), "--out",
-                     str(runs[method]), "--device", "cpu", "--no-progress", *extra]) == 0  # fmt: skip
-    assert main(["claims", "--pal", str(runs["pal"]), "--baseline", str(runs["procrustes"]), "--dataset", "world",
-                 "--split", "test", "--features", str(feats), "-o", "size=8"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "align",
+                    "--method",
+                    method,
+                    "--shards",
+                    str(feats / "world" / "train"),
+                    "--out",
+                    str(runs[method]),
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(
+            [
+                "claims",
+                "--pal",
+                str(runs["pal"]),
+                "--baseline",
+                str(runs["procrustes"]),
+                "--dataset",
+                "world",
+                "--split",
+                "test",
+                "--features",
+                str(feats),
+                "-o",
+                "size=8",
+            ]
+        )
+        == 0
+    )
     res = json.loads((runs["pal"] / "eval" / "claims-world-test.json").read_text())
     assert res["images"] == 8 and res["best_baseline"].startswith("procrustes") and isinstance(res["holds"], bool)
     assert res["images_grounding_fails"] + res["images_grounding_works"] == 8 and 0 < res["spearman_p"] <= 1
@@ -184,18 +294,38 @@ def test_report_states_each_claim_with_its_numbers_and_verdict(tmp_path):
     from pipe_align.evaluate.report import write_report
 
     g = {"task": "grounding", "pointing_acc": 0.5, "chance": 0.1, "phrases": 100}  # 2 s.e. = 0.06: 0.5 > 0.16
-    full = _fake_run(tmp_path / "pal", "pal", "tokens", [
-        g, {"task": "collapse", "image_within_over_shuffled": 0.05, "text_within_over_shuffled": 0.4,
-            "image_within_over_untrained": 0.5, "text_within_over_untrained": 1.1},
-        {"task": "classification", "acc1": 0.5, "balanced_acc": 0.5, "classes": 10, "seen_acc": 0.7,
-         "unseen_acc": 0.05, "unseen_names": ["moon"]}])  # fmt: skip
+    full = _fake_run(
+        tmp_path / "pal",
+        "pal",
+        "tokens",
+        [
+            g,
+            {
+                "task": "collapse",
+                "image_within_over_shuffled": 0.05,
+                "text_within_over_shuffled": 0.4,
+                "image_within_over_untrained": 0.5,
+                "text_within_over_untrained": 1.1,
+            },
+            {
+                "task": "classification",
+                "acc1": 0.5,
+                "balanced_acc": 0.5,
+                "classes": 10,
+                "seen_acc": 0.7,
+                "unseen_acc": 0.05,
+                "unseen_names": ["moon"],
+            },
+        ],
+    )
     pooled = _fake_run(tmp_path / "pooled", "pal", "pooled", [g | {"pointing_acc": 0.12}])  # 0.12 < 0.16
     _, _, text = write_report([full, pooled], tmp_path / "report.md")
     lines = [x for x in text.splitlines() if x.startswith("- **")]
     assert any("Token correspondence** (pal," in x and "50.0%" in x and x.endswith(": holds.") for x in lines)
     assert any("Token correspondence** (pooled," in x and "12.0%" in x and x.endswith("does not hold.") for x in lines)
-    assert any("Per-token profiles matter" in x and "full 50.0% vs pooled 12.0%" in x and x.endswith(": holds.")
-               for x in lines)  # fmt: skip
+    assert any(
+        "Per-token profiles matter" in x and "full 50.0% vs pooled 12.0%" in x and x.endswith(": holds.") for x in lines
+    )
     assert any("No collapse" in x and "0.05 (image)" in x and "does not hold (figure: " in x for x in lines)
     assert any("unseen 5.0% (moon) vs chance 10.0%" in x and x.endswith("does not hold.") for x in lines)
     assert "## Claims of the PAL paper" in (tmp_path / "report.md").read_text()
@@ -207,14 +337,31 @@ def test_a_difference_within_sampling_error_is_no_verdict_for_the_claim(tmp_path
     from pipe_align.evaluate.report import write_report
 
     g = {"task": "grounding", "pointing_acc": 0.373, "chance": 0.118, "phrases": 644}
-    full = _fake_run(tmp_path / "pal", "pal", "tokens", [
-        g, {"task": "classification", "acc1": 0.5, "balanced_acc": 0.5, "classes": 12, "seen_acc": 0.7,
-            "unseen_acc": 0.102, "unseen_images": 30, "unseen_names": ["moon"]}])  # fmt: skip
+    full = _fake_run(
+        tmp_path / "pal",
+        "pal",
+        "tokens",
+        [
+            g,
+            {
+                "task": "classification",
+                "acc1": 0.5,
+                "balanced_acc": 0.5,
+                "classes": 12,
+                "seen_acc": 0.7,
+                "unseen_acc": 0.102,
+                "unseen_images": 30,
+                "unseen_names": ["moon"],
+            },
+        ],
+    )
     pooled = _fake_run(tmp_path / "pooled", "pal", "pooled", [g | {"pointing_acc": 0.366}])
     _, _, text = write_report([full, pooled], tmp_path / "report.md")
     lines = [x for x in text.splitlines() if x.startswith("- **")]
     se = 2 * (0.373 * 0.627 / 644 + 0.366 * 0.634 / 644) ** 0.5  # 5.4 points: 0.7 is inside it
-    assert any("Per-token profiles matter" in x and f"2 s.e. {100 * se:.1f}" in x and x.endswith("does not hold.")
-               for x in lines), lines  # fmt: skip
+    assert any(
+        "Per-token profiles matter" in x and f"2 s.e. {100 * se:.1f}" in x and x.endswith("does not hold.")
+        for x in lines
+    ), lines
     bar = 1 / 12 + 2 * ((1 / 12) * (11 / 12) / 30) ** 0.5  # 18.4%
     assert any("unseen 10.2%" in x and f"= {100 * bar:.1f}%" in x and x.endswith("does not hold.") for x in lines)

@@ -16,8 +16,17 @@ from pipe_align.pipelines import cli_spec
 from pipe_align.pipelines.cli import WORKFLOW, app, main
 
 HEAVY = ("torch", "zarr", "matplotlib", "transformers", "dask")
-HELPS = [["--help"], ["extract", "--help"], ["align", "--help"], ["eval", "--help"], ["eval", "segmentation", "--help"],
-         ["report", "--help"], ["segment", "--help"], ["encoders", "prepare", "--help"], ["reproduce", "--help"]]
+HELPS = [
+    ["--help"],
+    ["extract", "--help"],
+    ["align", "--help"],
+    ["eval", "--help"],
+    ["eval", "segmentation", "--help"],
+    ["report", "--help"],
+    ["segment", "--help"],
+    ["encoders", "prepare", "--help"],
+    ["reproduce", "--help"],
+]
 
 
 @pytest.fixture
@@ -34,9 +43,11 @@ def help_text(capsys, monkeypatch, *argv: str) -> str:
 
 def test_help_imports_no_heavy_module(spec_cache):
     cli_spec.spec()  # the first call after a source change builds the cache (that one imports torch)
-    code = ("import json, sys\nfrom pipe_align.pipelines.cli import main\n"
-            f"codes = [main(a) for a in {HELPS!r}]\n"
-            f"print(json.dumps([codes, [m for m in {HEAVY!r} if m in sys.modules]]))")  # fmt: skip
+    code = (
+        "import json, sys\nfrom pipe_align.pipelines.cli import main\n"
+        f"codes = [main(a) for a in {HELPS!r}]\n"
+        f"print(json.dumps([codes, [m for m in {HEAVY!r} if m in sys.modules]]))"
+    )
     env = {**os.environ, "PIPE_CACHE": str(spec_cache), "COLUMNS": "120"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     codes, heavy = json.loads(out.strip().splitlines()[-1])

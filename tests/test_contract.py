@@ -64,16 +64,22 @@ def val_rows(feats: Path) -> tuple[ImageRows, TextRows]:
     img = open_store(next(folder.glob("*dinov2*.zarr")))
     txt = open_store(next(folder.glob("*bert.zarr")))
     image = ImageRows(cls=img.rows("cls").float(), patches=img.rows("patches").float())
-    text = TextRows(pooled=txt.rows("pooled").float(), tokens=txt.rows("tokens").float(),
-                    length=torch.from_numpy(txt["length"][:].astype("int64")))  # fmt: skip
+    text = TextRows(
+        pooled=txt.rows("pooled").float(),
+        tokens=txt.rows("tokens").float(),
+        length=torch.from_numpy(txt["length"][:].astype("int64")),
+    )
     return image, text
 
 
 def embeddings(aligner, rows: tuple[ImageRows, TextRows]) -> dict[str, torch.Tensor]:
     image, text = rows
     with torch.no_grad():
-        return {"image": aligner.image_global(image), "text": aligner.text_global(text),
-                "dense": aligner.image_dense(image.patches)}  # fmt: skip
+        return {
+            "image": aligner.image_global(image),
+            "text": aligner.text_global(text),
+            "dense": aligner.image_dense(image.patches),
+        }
 
 
 def history(run: Path) -> list[dict]:
@@ -160,8 +166,7 @@ def test_sigkill_then_resume_gives_the_unbroken_run(tmp_path, world_features, me
     cut = tmp_path / "cut"
     args = ["align", *method_flags(method), "--shards", shards(world_features), "--out", str(cut), *RUN_FLAGS]
     env = {**os.environ, "KILL_AT": "2", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _KILLER, *args], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _KILLER, *args], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not json.loads((cut / "run.json").read_text())["complete"] and (cut / "checkpoint.pt").exists()
     assert len(history(cut)) < 3  # run.json is rewritten after each checkpoint: it may lag the kill by one epoch

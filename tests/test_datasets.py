@@ -66,8 +66,12 @@ def test_registry_names_and_unknown_name_lists_choices():
 def test_label_space_facts_are_class_attributes():
     """What evaluation reads by dataset name, without opening a file: the background class, label 0 ignored, void.
     Each fact must agree with the reader's class list."""
-    background = {"voc": VOC_CLASSES, "world": WORLD_CLASSES, "pascal-context": PASCAL_CONTEXT_CLASSES,
-                  "pascal-context-mat": PASCAL_CONTEXT_CLASSES}
+    background = {
+        "voc": VOC_CLASSES,
+        "world": WORLD_CLASSES,
+        "pascal-context": PASCAL_CONTEXT_CLASSES,
+        "pascal-context-mat": PASCAL_CONTEXT_CLASSES,
+    }
     for name, cls in DATASETS.items():
         assert dataset_class(name.upper()) is cls and cls.ignore_index == 255
         assert cls.background == (0 if name in background else None), name
@@ -150,11 +154,16 @@ def coco_json(root: Path, name: str, images: list, anns: list) -> Path:
 def coco_root(tmp_path) -> Path:
     for stem in ("000000000139", "000000000285"):
         jpg(tmp_path / "val2017" / f"{stem}.jpg")
-    images = [{"id": 285, "file_name": "000000000285.jpg"}, {"id": 139, "file_name": "000000000139.jpg"},
-              {"id": 285, "file_name": "000000000285.jpg"}]  # fmt: skip
-    anns = [{"id": 11, "image_id": 139, "caption": "A room with chairs.\n"},
-            {"id": 12, "image_id": 285, "caption": "  A big   brown bear. "},
-            {"id": 13, "image_id": 139, "caption": "Chairs in a room."}]  # fmt: skip
+    images = [
+        {"id": 285, "file_name": "000000000285.jpg"},
+        {"id": 139, "file_name": "000000000139.jpg"},
+        {"id": 285, "file_name": "000000000285.jpg"},
+    ]
+    anns = [
+        {"id": 11, "image_id": 139, "caption": "A room with chairs.\n"},
+        {"id": 12, "image_id": 285, "caption": "  A big   brown bear. "},
+        {"id": 13, "image_id": 139, "caption": "Chairs in a room."},
+    ]
     coco_json(tmp_path, "captions_val2017.json", images, anns)
     return tmp_path
 
@@ -164,14 +173,21 @@ def test_coco_images_captions_and_links(coco_root):
     assert [r.id for r in ds.images()] == ["000000000285", "000000000139"]  # json order, de-duplicated
     caps = ds.captions()
     assert [(c.id, c.text, c.item) for c in caps] == [
-        ("12", "A big brown bear.", 0), ("11", "A room with chairs.", 1), ("13", "Chairs in a room.", 1)]  # fmt: skip
+        ("12", "A big brown bear.", 0),
+        ("11", "A room with chairs.", 1),
+        ("13", "Chairs in a room.", 1),
+    ]
     assert ds.load_image(1).size == (20, 16) and ds.classes is None and ds.templates() == []
 
 
 def test_coco_2014_names(tmp_path):
     jpg(tmp_path / "train2014" / "COCO_train2014_000000000009.jpg")
-    coco_json(tmp_path, "captions_train2014.json", [{"id": 9, "file_name": "COCO_train2014_000000000009.jpg"}],
-              [{"id": 1, "image_id": 9, "caption": "food"}])  # fmt: skip
+    coco_json(
+        tmp_path,
+        "captions_train2014.json",
+        [{"id": 9, "file_name": "COCO_train2014_000000000009.jpg"}],
+        [{"id": 1, "image_id": 9, "caption": "food"}],
+    )
     ds = get_dataset("coco", tmp_path, "train")
     assert ds.year == 2014 and [r.id for r in ds.images()] == ["COCO_train2014_000000000009"]
     raises("captions_train2017.json", get_dataset, "coco", tmp_path, "train", year=2017)
@@ -209,9 +225,11 @@ def karpathy_entry(name: str, split: str, texts: list[str], filepath: str | None
 def flickr_root(tmp_path) -> Path:
     for stem in ("1000092795", "10002456", "1000268201"):
         jpg(tmp_path / "flickr30k-images" / f"{stem}.jpg")
-    images = [karpathy_entry("1000092795.jpg", "train", ["Two young guys.", "Two men outside."]),
-              karpathy_entry("10002456.jpg", "test", ["Workers look down."]),
-              karpathy_entry("1000268201.jpg", "test", ["A child in pink.", "A little girl."])]  # fmt: skip
+    images = [
+        karpathy_entry("1000092795.jpg", "train", ["Two young guys.", "Two men outside."]),
+        karpathy_entry("10002456.jpg", "test", ["Workers look down."]),
+        karpathy_entry("1000268201.jpg", "test", ["A child in pink.", "A little girl."]),
+    ]
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
     return tmp_path
 
@@ -220,8 +238,10 @@ def test_flickr30k_split_captions_and_links(flickr_root):
     ds = get_dataset("flickr30k", flickr_root, "test")
     assert [r.id for r in ds.images()] == ["10002456", "1000268201"]
     assert [(c.id, c.text, c.item) for c in ds.captions()] == [
-        ("10002456#0", "Workers look down.", 0), ("1000268201#0", "A child in pink.", 1),
-        ("1000268201#1", "A little girl.", 1)]  # fmt: skip
+        ("10002456#0", "Workers look down.", 0),
+        ("1000268201#0", "A child in pink.", 1),
+        ("1000268201#1", "A little girl.", 1),
+    ]
     assert [r.id for r in get_dataset("flickr30k", flickr_root, "train").images()] == ["1000092795"]
     assert get_dataset("flickr30k", flickr_root, "val").images() == []
 
@@ -243,8 +263,10 @@ def test_flickr30k_bad_inputs(flickr_root):
 def test_coco_karpathy_merges_restval(tmp_path):
     jpg(tmp_path / "train2014" / "COCO_train2014_000000000009.jpg")
     jpg(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg")
-    images = [karpathy_entry("COCO_train2014_000000000009.jpg", "train", ["a"], "train2014"),
-              karpathy_entry("COCO_val2014_000000000042.jpg", "restval", ["b"], "val2014")]  # fmt: skip
+    images = [
+        karpathy_entry("COCO_train2014_000000000009.jpg", "train", ["a"], "train2014"),
+        karpathy_entry("COCO_val2014_000000000042.jpg", "restval", ["b"], "val2014"),
+    ]
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images}))
     assert len(get_dataset("coco-karpathy", tmp_path, "train")) == 2
     assert len(get_dataset("coco-karpathy", tmp_path, "restval")) == 1

@@ -169,15 +169,19 @@ def test_stl10_wrong_roots_and_damaged_files(tmp_path):
 
 def imagenet_expected() -> dict[str, int]:
     """id -> label from the replica's table (the position of the wnid among the sorted 1000)."""
-    wnids = sorted(json.loads((Path(__file__).parents[1] / "extract/datasets/imagenet_classes.json").read_text())
-                   ["classes"])  # fmt: skip
+    wnids = sorted(
+        json.loads((Path(__file__).parents[1] / "extract/datasets/imagenet_classes.json").read_text())["classes"]
+    )
     return {imagenet_replica.stem(i): wnids.index(w) for i, (w, _, _) in enumerate(imagenet_replica.ITEMS)}
 
 
 @pytest.mark.parametrize("layout", ["folders", "devkit", "kaggle"])
 def test_imagenet_layouts_labels_names_and_decoding(tmp_path, layout):
-    build = {"folders": imagenet_replica.build, "devkit": imagenet_replica.build_devkit,
-             "kaggle": imagenet_replica.build_kaggle}[layout]  # fmt: skip
+    build = {
+        "folders": imagenet_replica.build,
+        "devkit": imagenet_replica.build_devkit,
+        "kaggle": imagenet_replica.build_kaggle,
+    }[layout]
     root = build(tmp_path)
     ds = get_dataset("imagenet", root, "val")
     assert {r.id: r.label for r in ds.images()} == imagenet_expected() and len(ds) == 6
@@ -277,8 +281,12 @@ def test_imagefolder_recursive_tiff_and_junk(tmp_path):
     jpg(split / "__MACOSX" / "cat" / "._1.jpg")
     ds = get_dataset("imagefolder", tmp_path, "train")
     assert ds.classes == ["cat", "dog"]
-    assert [(r.id, r.label) for r in ds.images()] == [("cat/1", 0), ("cat/more/deeper/2", 0), ("dog/3", 1),
-                                                      ("dog/4", 1)]  # fmt: skip
+    assert [(r.id, r.label) for r in ds.images()] == [
+        ("cat/1", 0),
+        ("cat/more/deeper/2", 0),
+        ("dog/3", 1),
+        ("dog/4", 1),
+    ]
     assert ds.load_image(2).getpixel((0, 0)) == (1, 2, 3) and ds.load_image(3).getpixel((7, 5)) == (9, 9, 9)
     assert ds.load_image(1).size == (12, 10)
 
@@ -295,17 +303,72 @@ def test_imagefolder_root_at_the_split_folder(tmp_path):
 
 def test_stl10_extract_and_eval_classification(tmp_path, tiny_dinov2, tiny_bert, world_features, capsys):
     root, feats, run = replica("stl10", tmp_path / "data"), tmp_path / "features", tmp_path / "run"
-    base = ["extract", "--dataset", "stl10", "--root", str(root), "--split", "test", "--features", str(feats),
-            "--device", "cpu", "--batch-size", "4", "--no-progress"]  # fmt: skip
+    base = [
+        "extract",
+        "--dataset",
+        "stl10",
+        "--root",
+        str(root),
+        "--split",
+        "test",
+        "--features",
+        str(feats),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     assert main([*base, "--encoder", f"hf:{tiny_dinov2}"]) == 0
     assert main([*base, "--encoder", f"hf:{tiny_bert}", "--text", "prompts"]) == 0
     prompts = next((feats / "stl10" / "test").glob("*.prompts.zarr"))
     attrs = zarr.open_group(str(prompts), mode="r").attrs
-    assert list(attrs["classes"])[7] == "monkey" and list(attrs["templates"]) == ["a photo of a {}.",
-                                                                                  "a photo of the {}."]  # fmt: skip
-    assert main(["align", "--shards", str(world_features / "world" / "train"), "--out", str(run), "--anchors", "8",
-                 "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress"]) == 0  # fmt: skip
-    assert main(["eval", "classification", "--dataset", "stl10", "--root", str(root), "--split", "test",
-                 "--features", str(feats), "--run", str(run), "--device", "cpu", "--no-figures"]) == 0  # fmt: skip
+    assert list(attrs["classes"])[7] == "monkey" and list(attrs["templates"]) == [
+        "a photo of a {}.",
+        "a photo of the {}.",
+    ]
+    assert (
+        main(
+            [
+                "align",
+                "--shards",
+                str(world_features / "world" / "train"),
+                "--out",
+                str(run),
+                "--anchors",
+                "8",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--val-fraction",
+                "0.25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "classification",
+                "--dataset",
+                "stl10",
+                "--root",
+                str(root),
+                "--split",
+                "test",
+                "--features",
+                str(feats),
+                "--run",
+                str(run),
+                "--device",
+                "cpu",
+                "--no-figures",
+            ]
+        )
+        == 0
+    )
     res = json.loads((run / "eval" / "classification-stl10-test.json").read_text())
     assert res["images"] == 12 and res["classes"] == 10 and 0.0 <= res["acc1"] <= res["acc5"] <= 1.0

@@ -45,8 +45,23 @@ def test_imagenet_ground_truth_for_fewer_images_than_the_folder_holds_is_refused
     root = imagenet_replica.build_devkit(tmp_path / "d")
     shutil.copy(root / "val" / f"{imagenet_replica.stem(0)}.JPEG", root / "val" / f"{imagenet_replica.stem(6)}.JPEG")
     raises("has 6 labels but", get_dataset, "imagenet", root, "val")
-    code = main(["extract", "--dataset", "imagenet", "--root", str(root), "--split", "val", "--encoder", "dinov2-small",
-                 "--features", str(tmp_path / "f"), "--device", "cpu"])  # fmt: skip
+    code = main(
+        [
+            "extract",
+            "--dataset",
+            "imagenet",
+            "--root",
+            str(root),
+            "--split",
+            "val",
+            "--encoder",
+            "dinov2-small",
+            "--features",
+            str(tmp_path / "f"),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err and "has 6 labels but" in err
     assert not (tmp_path / "f").exists()
@@ -84,15 +99,21 @@ class Reduce:
 def hostile_batches() -> dict[str, bytes]:
     reconstruct = np.ndarray.__reduce__(np.zeros(1, np.uint8))[0]  # numpy's _reconstruct (numpy.core or numpy._core)
     rows = np.zeros((1, 3072), np.uint8)
-    codec = pickle.dumps({"labels": [1], "data": rows, "batch_label": Reduce(_codecs.encode, "x", "no-such-codec")},
-                         protocol=2)  # fmt: skip
+    codec = pickle.dumps(
+        {"labels": [1], "data": rows, "batch_label": Reduce(_codecs.encode, "x", "no-such-codec")}, protocol=2
+    )
     huge = pickle.dumps({"labels": [1], "data": Reduce(reconstruct, np.ndarray, (4 * 10**12,), b"B")}, protocol=2)
     direct = pickle.dumps({"labels": [1], "data": Reduce(np.ndarray, (4 * 10**12,), np.dtype(np.uint8))}, protocol=2)
     # BINBYTES8 (protocol 4) whose length says 2**62 bytes follow: three do
     field = pickle.PROTO + b"\x04" + b"\x8e" + struct.pack("<Q", 2**62) + b"abc" + pickle.STOP
     label = pickle.dumps({"labels": [2**70], "data": rows}, protocol=2)
-    return {"unknown codec": codec, "4e12-element array": huge, "ndarray(4e12)": direct, "2**62-byte field": field,
-            "2**70 label": label}  # fmt: skip
+    return {
+        "unknown codec": codec,
+        "4e12-element array": huge,
+        "ndarray(4e12)": direct,
+        "2**62-byte field": field,
+        "2**70 label": label,
+    }
 
 
 @pytest.mark.parametrize("case", list(hostile_batches()))
@@ -121,8 +142,11 @@ def test_cifar_stand_ins_read_every_pickle_form_numpy_writes(tmp_path):
     want = np.stack([images[:, :, :, c].reshape(len(images), 1024) for c in range(3)], axis=1).reshape(-1, 3072)
     batch = root / "cifar-10-batches-py" / "test_batch"
     for protocol in (2, 3, 4, 5):
-        batch.write_bytes(pickle.dumps({"data": want, "labels": labels.tolist(), "extra": np.arange(3, dtype=">i8")},
-                                       protocol=protocol))  # fmt: skip
+        batch.write_bytes(
+            pickle.dumps(
+                {"data": want, "labels": labels.tolist(), "extra": np.arange(3, dtype=">i8")}, protocol=protocol
+            )
+        )
         ds = get_dataset("cifar10", root, "test")
         assert [r.label for r in ds.images()] == labels.tolist()
         assert all(np.array_equal(np.asarray(ds.load_image(i)), images[i]) for i in range(len(images)))
@@ -164,8 +188,13 @@ def test_imagefolder_classes_txt_linking_outside_the_root_is_refused(tmp_path, s
     for cls in ("c1", "c2"):
         imagenet_replica._jpeg(root / "val" / cls / "a.JPEG", 0)
     link(root / "classes.txt", secret)
-    raises(f"class list {root / 'classes.txt'} leads outside the dataset folder {root}", get_dataset, "imagefolder",
-           root, "val")  # fmt: skip
+    raises(
+        f"class list {root / 'classes.txt'} leads outside the dataset folder {root}",
+        get_dataset,
+        "imagefolder",
+        root,
+        "val",
+    )
     (root / "classes.txt").unlink()  # a link that stays inside, and a root that is itself a link, are fine
     (root / "meta").mkdir()
     (root / "meta" / "names.txt").write_text("c1 first\nc2 second\n")
@@ -230,8 +259,9 @@ def test_karpathy_filepath_leading_out_of_the_image_folder_is_refused(tmp_path, 
     entry = next(e for e in data["images"] if e["split"] == "test")
     entry["filepath"] = filepath
     (root / "dataset_flickr30k.json").write_text(json.dumps(data))
-    raises(f"filepath is {filepath!r}: it must be a path below the image folder", get_dataset, "flickr30k", root,
-           "test")  # fmt: skip
+    raises(
+        f"filepath is {filepath!r}: it must be a path below the image folder", get_dataset, "flickr30k", root, "test"
+    )
 
 
 def test_classification_files_linking_outside_are_refused(tmp_path, secret):

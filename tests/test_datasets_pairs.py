@@ -56,8 +56,18 @@ def by_image(ds) -> list[list[str]]:
 # ------------------------------------------------------------------------------------------------ brace ranges
 
 
-BRACES = ["shard-{00000..00003}.tar", "{a,b}{1..3}", "x{1..10}y", "{09..11}", "p{a,{b,c}d}q", "{3..1}", "{a,}z",
-          "{-2..2}", "s{0..1}/{000..002}.tar", "plain.tar"]  # fmt: skip
+BRACES = [
+    "shard-{00000..00003}.tar",
+    "{a,b}{1..3}",
+    "x{1..10}y",
+    "{09..11}",
+    "p{a,{b,c}d}q",
+    "{3..1}",
+    "{a,}z",
+    "{-2..2}",
+    "s{0..1}/{000..002}.tar",
+    "plain.tar",
+]
 
 
 @pytest.mark.parametrize("pattern", BRACES)
@@ -83,10 +93,16 @@ def test_source_files_folder_glob_brace_and_missing(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     names = lambda paths: [p.name for p in paths]  # noqa: E731
     assert names(source_files("webdataset", tmp_path, (".tar",), "shards")) == ["000.tar", "001.tar", "002.tar"]
-    assert names(source_files("webdataset", f"{tmp_path}/*.tar", (".tar",), "shards")) == ["000.tar", "001.tar",
-                                                                                              "002.tar"]
-    assert names(source_files("webdataset", f"{tmp_path}/{{002..000}}.tar", (".tar",), "x")) == ["002.tar", "001.tar",
-                                                                                                  "000.tar"]
+    assert names(source_files("webdataset", f"{tmp_path}/*.tar", (".tar",), "shards")) == [
+        "000.tar",
+        "001.tar",
+        "002.tar",
+    ]
+    assert names(source_files("webdataset", f"{tmp_path}/{{002..000}}.tar", (".tar",), "x")) == [
+        "002.tar",
+        "001.tar",
+        "000.tar",
+    ]
     raises("003.tar (from --root", source_files, "webdataset", f"{tmp_path}/{{000..003}}.tar", (".tar",), "x")
     raises("no file matches", source_files, "webdataset", f"{tmp_path}/*.tgz", (".tar",), "x")
     (tmp_path / "empty").mkdir()
@@ -123,8 +139,9 @@ def test_csv_tab_separated_tsv_jsonl_and_options(tmp_path):
     assert len(get_dataset("csv", semi, "train", separator=";").images()) == 4
     assert len(get_dataset("csv", tab, "train", separator="\\t").images()) == 4  # what a shell passes for -o sep=\t
     jl = tmp_path / "tab" / "pairs.jsonl"  # a list of captions in one cell is several captions
-    jl.write_text("".join(json.dumps({"filepath": f"{p.key}{p.suffix}", "title": list(p.captions)}) + "\n"
-                          for p in pairs))  # fmt: skip
+    jl.write_text(
+        "".join(json.dumps({"filepath": f"{p.key}{p.suffix}", "title": list(p.captions)}) + "\n" for p in pairs)
+    )
     assert by_image(get_dataset("csv", jl, "train")) == [list(p.captions) for p in pairs]
     raises("option separator='ab' must be one character", get_dataset, "csv", tab, "train", separator="ab")
 
@@ -217,8 +234,14 @@ def test_imagefolder_without_metadata_keeps_classes(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / "val" / cls / "a.png")
     ds = get_dataset("imagefolder", tmp_path, "val")
     assert ds.classes == ["cat", "dog"] and ds.captions() is None and ds.labelled
-    raises("option caption_key applies to a split folder with metadata.jsonl", get_dataset, "imagefolder", tmp_path,
-           "val", caption_key="text")  # fmt: skip
+    raises(
+        "option caption_key applies to a split folder with metadata.jsonl",
+        get_dataset,
+        "imagefolder",
+        tmp_path,
+        "val",
+        caption_key="text",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- webdataset
@@ -274,15 +297,26 @@ def test_webdataset_damaged_shards_are_one_line(tmp_path):
     msg = raises(f"damaged tar {cut}: ", get_dataset, "webdataset", cut, "train")
     assert f"at byte {members[4].offset}" in msg  # where the next member should have begun
     cut.write_bytes(data[: members[2].offset_data + 10])  # inside a caption member (.json), which is read
-    raises(f"damaged tar {cut}: member 000000.json (at byte {members[2].offset}) is cut short", get_dataset,
-           "webdataset", cut, "train", json_key="captions")  # fmt: skip
+    raises(
+        f"damaged tar {cut}: member 000000.json (at byte {members[2].offset}) is cut short",
+        get_dataset,
+        "webdataset",
+        cut,
+        "train",
+        json_key="captions",
+    )
     cut.write_bytes(data[: members[3].offset])  # cut on a member boundary
     raises(f"damaged tar {cut}: truncated at byte {members[3].offset}", get_dataset, "webdataset", cut, "train")
     bad = bytearray(data)  # a header overwritten in the middle
     bad[members[3].offset : members[3].offset + 100] = b"x" * 100
     cut.write_bytes(bytes(bad))
-    raises(f"damaged tar {cut}: unreadable member header at byte {members[3].offset}", get_dataset, "webdataset",
-           cut, "train")  # fmt: skip
+    raises(
+        f"damaged tar {cut}: unreadable member header at byte {members[3].offset}",
+        get_dataset,
+        "webdataset",
+        cut,
+        "train",
+    )
     cut.write_bytes(b"not a tar at all" * 100)
     raises(f"damaged tar {cut}", get_dataset, "webdataset", cut, "train")
     import gzip
@@ -332,8 +366,9 @@ def test_parquet_struct_rows_and_id_key(tmp_path):
     rows = get_dataset("parquet", tmp_path, "train")  # without id_key: one image per row, id = file stem / row
     n0 = sum(len(p.captions) for p in pairs[:3])
     assert [r.id for r in rows.images()][:2] == ["train-00000-of-00002/0", "train-00000-of-00002/1"]
-    assert rows.images()[n0].id == "train-00001-of-00002/0" and len(rows.images()) == sum(len(p.captions)
-                                                                                          for p in pairs)  # fmt: skip
+    assert rows.images()[n0].id == "train-00001-of-00002/0" and len(rows.images()) == sum(
+        len(p.captions) for p in pairs
+    )
 
 
 def test_parquet_binary_column_list_captions_and_bounded_row_groups(tmp_path, monkeypatch):
@@ -344,8 +379,9 @@ def test_parquet_binary_column_list_captions_and_bounded_row_groups(tmp_path, mo
     assert by_image(ds) == [list(p.captions) for p in pairs]
     reads = []
     original = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, **kw: reads.append(g) or original(self, g,
-                                                                                                           **kw))
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, g, **kw: reads.append(g) or original(self, g, **kw)
+    )
     for i, p in enumerate(pairs):
         np.testing.assert_array_equal(pixels(ds, i), decoded(p))
         assert len(ds._cache) <= 2  # memory: at most two row groups of images
@@ -397,14 +433,36 @@ def test_parquet_bad_input(tmp_path, monkeypatch):
 
 
 def extract(features, encoder: str, name: str, root: str, options=(), split: str = "train"):
-    cfg = ExtractConfig(encoder=encoder, dataset=name, split=split, features=str(features), root=str(root),
-                        options=tuple(options), batch_size=4, shard_rows=4)  # fmt: skip
+    cfg = ExtractConfig(
+        encoder=encoder,
+        dataset=name,
+        split=split,
+        features=str(features),
+        root=str(root),
+        options=tuple(options),
+        batch_size=4,
+        shard_rows=4,
+    )
     return run_extract(cfg, progress=False)
 
 
 def align(shards, run) -> int:
-    return main(["align", "--shards", str(shards), "--out", str(run), "--anchors", "8", "--epochs", "1",
-                 "--batch-size", "4", "--no-progress"])  # fmt: skip
+    return main(
+        [
+            "align",
+            "--shards",
+            str(shards),
+            "--out",
+            str(run),
+            "--anchors",
+            "8",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
 
 
 def test_same_pairs_in_four_containers_extract_identically_and_train(tmp_path, tiny_dinov2, tiny_bert):
@@ -424,7 +482,8 @@ def test_same_pairs_in_four_containers_extract_identically_and_train(tmp_path, t
     assert list(ref_img["ids"][:]) == [p.key for p in pairs]
     texts, items = ref_txt["text"][:], ref_txt["item"][:]
     assert [[str(t) for t, it in zip(texts, items) if it == i] for i in range(len(pairs))] == [
-        list(p.captions) for p in pairs]  # fmt: skip
+        list(p.captions) for p in pairs
+    ]
     for fmt, (img, txt) in stores.items():
         for name in ("ids", "patches", "cls"):
             np.testing.assert_array_equal(img[name][:], ref_img[name][:], err_msg=f"{fmt} {name}")
@@ -438,16 +497,55 @@ def test_csv_held_out_split_trains_and_evaluates_retrieval(tmp_path, tiny_dinov2
     table = write_csv(tmp_path / "data", pairs)
     lines = table.read_text().splitlines()
     held = {p.key for p in pairs[8:]}
-    table.write_text("\n".join([lines[0] + ",split"] + [f"{ln},{'test' if ln[:6] in held else 'train'}"
-                                                          for ln in lines[1:]]) + "\n")  # fmt: skip
+    table.write_text(
+        "\n".join([lines[0] + ",split"] + [f"{ln},{'test' if ln[:6] in held else 'train'}" for ln in lines[1:]]) + "\n"
+    )
     feats, run = tmp_path / "features", tmp_path / "run"
     for split in ("train", "test"):
         for enc in (tiny_dinov2, tiny_bert):
-            assert main(["extract", "--encoder", f"hf:{enc}", "--dataset", "csv", "--root", str(table), "--split",
-                         split, "--features", str(feats), "--batch-size", "4", "--no-progress"]) == 0  # fmt: skip
+            assert (
+                main(
+                    [
+                        "extract",
+                        "--encoder",
+                        f"hf:{enc}",
+                        "--dataset",
+                        "csv",
+                        "--root",
+                        str(table),
+                        "--split",
+                        split,
+                        "--features",
+                        str(feats),
+                        "--batch-size",
+                        "4",
+                        "--no-progress",
+                    ]
+                )
+                == 0
+            )
     assert align(feats / "csv" / "train", run) == 0
-    assert main(["eval", "retrieval", "--dataset", "csv", "--root", str(table), "--split", "test", "--features",
-                 str(feats), "--run", str(run), "--examples", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "retrieval",
+                "--dataset",
+                "csv",
+                "--root",
+                str(table),
+                "--split",
+                "test",
+                "--features",
+                str(feats),
+                "--run",
+                str(run),
+                "--examples",
+                "2",
+            ]
+        )
+        == 0
+    )
     result = json.loads((run / "eval" / "retrieval-csv-test.json").read_text())
     metrics = result.get("metrics", result)
     assert metrics["images"] == 4 and metrics["captions"] == sum(len(p.captions) for p in pairs[8:])
@@ -489,8 +587,16 @@ def test_samples_without_caption_are_listed_or_fatal_with_strict(tmp_path, tiny_
             tar_member(tar, f"{p.key}{p.suffix}", p.data)
             if p.key != "000001":
                 tar_member(tar, f"{p.key}.txt", p.captions[0].encode())
-    args = ["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "webdataset", "--root", str(path),
-            "--no-progress"]  # fmt: skip
+    args = [
+        "extract",
+        "--encoder",
+        f"hf:{tiny_dinov2}",
+        "--dataset",
+        "webdataset",
+        "--root",
+        str(path),
+        "--no-progress",
+    ]
     assert main([*args, "--features", str(tmp_path / "f1")]) == 0
     out = capsys.readouterr().out
     assert "skipped 1 unreadable images" in out and "000001: UnreadableImage" in out and "has no caption" in out

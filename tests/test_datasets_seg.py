@@ -38,8 +38,9 @@ def test_pascal_context_60_and_59_as_mmsegmentation_defines_them(tmp_path):
     # mmseg's PascalContextDataset: background first, then the 59 names alphabetically
     assert len(ds.classes) == 60 and ds.classes[:4] == ["background", "aeroplane", "bag", "bed"]
     assert ds.classes[-1] == "wood" and ds.classes.index("pottedplant") == 40 and ds.classes.index("table") == 50
-    assert [r.id for r in ds.images()] == sorted(year.joinpath("ImageSets/SegmentationContext/val.txt").read_text()
-                                                 .split())  # fmt: skip
+    assert [r.id for r in ds.images()] == sorted(
+        year.joinpath("ImageSets/SegmentationContext/val.txt").read_text().split()
+    )
     for i, rec in enumerate(ds.images()):
         mask = ds.load_mask(i)
         assert np.array_equal(mask, file_mask(year / "SegmentationClassContext" / f"{rec.id}.png"))
@@ -56,8 +57,13 @@ def test_pascal_context_root_levels_and_wrong_layouts(tmp_path):
     devkit = replica("pascal-context", tmp_path / "a")
     for root in (devkit.parent, devkit, devkit / "VOC2010"):
         assert len(get_dataset("pascal-context", root, "val")) == 3
-    msg = raises("expected the VOC layout (VOC2010: JPEGImages/ and ImageSets/SegmentationContext/)", get_dataset,
-                 "pascal-context", devkit / "VOC2010" / "JPEGImages", "val")  # fmt: skip
+    msg = raises(
+        "expected the VOC layout (VOC2010: JPEGImages/ and ImageSets/SegmentationContext/)",
+        get_dataset,
+        "pascal-context",
+        devkit / "VOC2010" / "JPEGImages",
+        "val",
+    )
     assert "VOCdevkit/VOC2010/" in msg
     raises("split 'test'", get_dataset, "pascal-context", devkit, "test")
     twice = tmp_path / "b"
@@ -74,13 +80,67 @@ def test_pascal_context_root_levels_and_wrong_layouts(tmp_path):
 
 # The PAL authors' class list, in their order (shiwonkim/PAL_working, src/evaluation/zero_shot_segmentation.py:134-144).
 AUTHORS_CONTEXT = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor", "bag", "bed", "bench",
-    "book", "building", "cabinet", "ceiling", "cloth", "computer", "cup", "door", "fence", "floor", "flower", "food",
-    "grass", "ground", "keyboard", "light", "mountain", "mouse", "curtain", "platform", "sign", "plate", "road",
-    "rock", "shelves", "sidewalk", "sky", "snow", "bedclothes", "track", "tree", "truck", "wall", "water", "window",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "table",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+    "bag",
+    "bed",
+    "bench",
+    "book",
+    "building",
+    "cabinet",
+    "ceiling",
+    "cloth",
+    "computer",
+    "cup",
+    "door",
+    "fence",
+    "floor",
+    "flower",
+    "food",
+    "grass",
+    "ground",
+    "keyboard",
+    "light",
+    "mountain",
+    "mouse",
+    "curtain",
+    "platform",
+    "sign",
+    "plate",
+    "road",
+    "rock",
+    "shelves",
+    "sidewalk",
+    "sky",
+    "snow",
+    "bedclothes",
+    "track",
+    "tree",
+    "truck",
+    "wall",
+    "water",
+    "window",
     "wood",
-]  # fmt: skip
+]
 
 
 def authors_names(raw: np.ndarray, labels_txt: Path) -> np.ndarray:
@@ -152,24 +212,79 @@ def test_pascal_context_mat_refuses_damaged_releases(tmp_path):
     raises("no images/ (or JPEGImages/) folder in", get_dataset, "pascal-context-mat", root, "trainval")
     (root / "images").symlink_to(tmp_path / "a" / "VOCdevkit" / "VOC2010" / "JPEGImages")
     (root / "images" / f"{ds.images()[0].id}.jpg").unlink()
-    raises(f"{root / 'trainval' / (ds.images()[0].id + '.mat')} has no image", get_dataset, "pascal-context-mat",
-           root, "trainval")  # fmt: skip
+    raises(
+        f"{root / 'trainval' / (ds.images()[0].id + '.mat')} has no image",
+        get_dataset,
+        "pascal-context-mat",
+        root,
+        "trainval",
+    )
     raises("no trainval/ folder of .mat label maps", get_dataset, "pascal-context-mat", root / "images", "trainval")
 
 
 def test_pascal_context_mat_under_the_pal_protocol(tmp_path, world_features, tiny_dinov2, tiny_bert):
     """The PAL protocol on the .mat release: every pixel scored (no void), background competing, fg_mIoU."""
     run = tmp_path / "run"
-    assert main(["align", "--method", "procrustes", "--shards", str(world_features / "world" / "train"), "--out",
-                 str(run), "--val-fraction", "0", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "align",
+                "--method",
+                "procrustes",
+                "--shards",
+                str(world_features / "world" / "train"),
+                "--out",
+                str(run),
+                "--val-fraction",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     root = replica("pascal-context-mat", tmp_path / "data")
     feats = tmp_path / "features"
     common = ["--features", str(feats), "--root", str(root), "--split", "trainval", "--no-progress"]
     assert main(["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "pascal-context-mat", *common]) == 0
-    assert main(["extract", "--encoder", f"hf:{tiny_bert}", "--dataset", "pascal-context-mat", "--text", "prompts",
-                 "--prompts", "pal", *common]) == 0  # fmt: skip
-    assert main(["eval", "segmentation", "--run", str(run), "--dataset", "pascal-context-mat", "--split", "trainval",
-                 "--features", str(feats), "--root", str(root), "--protocol", "pal", "--no-figures"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "extract",
+                "--encoder",
+                f"hf:{tiny_bert}",
+                "--dataset",
+                "pascal-context-mat",
+                "--text",
+                "prompts",
+                "--prompts",
+                "pal",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "segmentation",
+                "--run",
+                str(run),
+                "--dataset",
+                "pascal-context-mat",
+                "--split",
+                "trainval",
+                "--features",
+                str(feats),
+                "--root",
+                str(root),
+                "--protocol",
+                "pal",
+                "--no-figures",
+            ]
+        )
+        == 0
+    )
     res = json.loads((run / "eval" / "segmentation-pascal-context-mat-trainval-pal.json").read_text())
     ds = get_dataset("pascal-context-mat", root, "trainval")
     assert res["config"]["prompts"] == "pal" and res["num_classes"] == 60
@@ -238,8 +353,9 @@ def test_ade20k_nested_two_levels(tmp_path):
         ds = get_dataset("ade20k", root, "val")
         assert [r.id for r in ds.images()] == [f"ADE_val_{k:08d}" for k in (1, 2, 3)]
     (tmp_path / "empty").mkdir()
-    msg = raises("expected ADEChallengeData2016's images/ and annotations/", get_dataset, "ade20k", tmp_path / "empty",
-                 "val")  # fmt: skip
+    msg = raises(
+        "expected ADEChallengeData2016's images/ and annotations/", get_dataset, "ade20k", tmp_path / "empty", "val"
+    )
     assert "ADEChallengeData2016/ADEChallengeData2016/" in msg and "ade/ADEChallengeData2016/" in msg
 
 
@@ -259,8 +375,9 @@ def test_fashion_mnist_torchvision_raw_folder(tmp_path):
         ds = get_dataset("fashion-mnist", root, "test")
         assert [r.label for r in ds.images()] == [1, 2, 3]
     (tmp_path / "empty").mkdir()
-    msg = raises("expected t10k-images-idx3-ubyte.gz in --root", get_dataset, "fashion-mnist", tmp_path / "empty",
-                 "test")  # fmt: skip
+    msg = raises(
+        "expected t10k-images-idx3-ubyte.gz in --root", get_dataset, "fashion-mnist", tmp_path / "empty", "test"
+    )
     assert "FashionMNIST/raw/" in msg
 
 
@@ -268,9 +385,14 @@ def karpathy(path: Path, images: list[dict]) -> None:
     """A Karpathy split file with the keys of the real one (sentids, imgid, tokens, cocoid: extra keys)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for j, e in enumerate(images):
-        e.update(imgid=j, sentids=[2 * j, 2 * j + 1], sentences=[
-            {"raw": f"A picture number {j}.", "tokens": ["a", "picture"], "imgid": j, "sentid": 2 * j},
-            {"raw": f"Another caption {j}.", "tokens": ["another"], "imgid": j, "sentid": 2 * j + 1}])
+        e.update(
+            imgid=j,
+            sentids=[2 * j, 2 * j + 1],
+            sentences=[
+                {"raw": f"A picture number {j}.", "tokens": ["a", "picture"], "imgid": j, "sentid": 2 * j},
+                {"raw": f"Another caption {j}.", "tokens": ["another"], "imgid": j, "sentid": 2 * j + 1},
+            ],
+        )
     path.write_text(json.dumps({"images": images, "dataset": path.stem.split("_")[-1]}))
 
 
@@ -279,8 +401,10 @@ def test_flickr30k_kaggle_nested_images(tmp_path):
     for k, name in enumerate(["1000092795.jpg", "10002456.jpg"]):
         write_jpg(kaggle / "flickr30k_images" / name, k, (40, 30))
     (kaggle / "results.csv").write_text("image_name| comment_number| comment\n")
-    karpathy(tmp_path / "dataset_flickr30k.json", [{"filename": "1000092795.jpg", "split": "test"},
-                                                   {"filename": "10002456.jpg", "split": "train"}])  # fmt: skip
+    karpathy(
+        tmp_path / "dataset_flickr30k.json",
+        [{"filename": "1000092795.jpg", "split": "test"}, {"filename": "10002456.jpg", "split": "train"}],
+    )
     ds = get_dataset("flickr30k", tmp_path, "test")
     assert [r.id for r in ds.images()] == ["1000092795"] and ds.load_image(0).size == (40, 30)
     assert [c.text for c in ds.captions()] == ["A picture number 0.", "Another caption 0."]
@@ -290,15 +414,17 @@ def test_flickr30k_kaggle_nested_images(tmp_path):
 
 
 def coco_karpathy(root: Path, images_under: str) -> None:
-    for k, (folder, name) in enumerate([("val2014", "COCO_val2014_000000391895.jpg"),
-                                        ("train2014", "COCO_train2014_000000057870.jpg")]):  # fmt: skip
+    for k, (folder, name) in enumerate(
+        [("val2014", "COCO_val2014_000000391895.jpg"), ("train2014", "COCO_train2014_000000057870.jpg")]
+    ):
         write_jpg(root / images_under / folder / name, k, (40, 30))
 
 
 def coco_entries() -> list[dict]:
-    return [{"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "split": "test", "cocoid": 391895},
-            {"filepath": "train2014", "filename": "COCO_train2014_000000057870.jpg", "split": "restval",
-             "cocoid": 57870}]  # fmt: skip
+    return [
+        {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "split": "test", "cocoid": 391895},
+        {"filepath": "train2014", "filename": "COCO_train2014_000000057870.jpg", "split": "restval", "cocoid": 57870},
+    ]
 
 
 def test_coco_karpathy_lavis_images_folder_and_caption_datasets(tmp_path):
@@ -319,9 +445,12 @@ def test_coco_karpathy_lavis_images_folder_and_caption_datasets(tmp_path):
 def coco_year(root: Path, year: int, split: str = "val") -> None:
     name = f"{split}{year}"
     write_jpg(root / name / f"{year:012d}.jpg", year, (40, 30))
-    doc = {"info": {"year": year}, "licenses": [], "images": [{"id": year, "file_name": f"{year:012d}.jpg",
-           "height": 30, "width": 40, "license": 1}], "annotations": [{"id": 7, "image_id": year,
-           "caption": f"An image of {year}."}]}  # fmt: skip
+    doc = {
+        "info": {"year": year},
+        "licenses": [],
+        "images": [{"id": year, "file_name": f"{year:012d}.jpg", "height": 30, "width": 40, "license": 1}],
+        "annotations": [{"id": 7, "image_id": year, "caption": f"An image of {year}."}],
+    }
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / "annotations" / f"captions_{name}.json").write_text(json.dumps(doc))
 
@@ -333,8 +462,15 @@ def test_coco_years_have_their_own_store_paths(tmp_path, tiny_bert):
     paths = {}
     for dataset, options in (("coco", (("year", 2014),)), ("coco", ()), ("coco2014", ()), ("coco2017", ())):
         feats = tmp_path / ("features" if dataset != "coco" else f"features-{dataset}-{len(options)}")
-        cfg = ExtractConfig(encoder=f"hf:{tiny_bert}", dataset=dataset, split="val", features=str(feats),
-                            root=str(root), text="captions", options=options)  # fmt: skip
+        cfg = ExtractConfig(
+            encoder=f"hf:{tiny_bert}",
+            dataset=dataset,
+            split="val",
+            features=str(feats),
+            root=str(root),
+            text="captions",
+            options=options,
+        )
         paths[(dataset, options)] = Path(run_extract(cfg, progress=False).path).relative_to(feats)
     # the two years in one --features folder side by side; `coco` goes where the year's name goes
     assert paths[("coco", (("year", 2014),))] == paths[("coco2014", ())]
@@ -354,8 +490,16 @@ def prompt_texts(store) -> list[str]:
 
 
 def extract_prompts(encoder: str, dataset: str, root: Path, feats: Path, prompts: str):
-    cfg = ExtractConfig(encoder=encoder, dataset=dataset, split="val", features=str(feats), root=str(root),
-                        text="prompts", prompts=prompts, max_length=16)  # fmt: skip
+    cfg = ExtractConfig(
+        encoder=encoder,
+        dataset=dataset,
+        split="val",
+        features=str(feats),
+        root=str(root),
+        text="prompts",
+        prompts=prompts,
+        max_length=16,
+    )
     return open_store(run_extract(cfg, progress=False).path)
 
 
@@ -370,8 +514,13 @@ def test_pal_prompts_use_the_authors_names_and_templates(tmp_path, tiny_bert):
     assert pal.path != std.path and pal.layout.prompts == "pal" and std.layout.prompts is None
     texts = prompt_texts(pal)
     assert len(pal.layout.templates) == 80 and len(texts) == 21 * 80
-    for sentence in ("a bad photo of a dining table.", "a photo of many potted plant.", "itap of my tv monitor.",
-                     "a tattoo of the aeroplane.", "the origami background."):  # fmt: skip
+    for sentence in (
+        "a bad photo of a dining table.",
+        "a photo of many potted plant.",
+        "itap of my tv monitor.",
+        "a tattoo of the aeroplane.",
+        "the origami background.",
+    ):
         assert sentence in texts, sentence
     assert not any("diningtable" in t for t in texts)
     assert list(pal.layout.classes)[11] == "diningtable" and pal.layout.prompt_names[11] == "dining table"
@@ -386,16 +535,57 @@ def test_pal_prompts_use_the_authors_names_and_templates(tmp_path, tiny_bert):
 
 def test_pal_prompts_refused_where_the_authors_wrote_none(tmp_path, tiny_bert, capsys):
     base = ["extract", "--features", str(tmp_path / "f"), "--no-progress", "--split", "val"]
-    code = main([*base, "--encoder", f"hf:{tiny_bert}", "--dataset", "world", "-o", "size=4", "--text", "prompts",
-                 "--prompts", "pal"])  # fmt: skip
+    code = main(
+        [
+            *base,
+            "--encoder",
+            f"hf:{tiny_bert}",
+            "--dataset",
+            "world",
+            "-o",
+            "size=4",
+            "--text",
+            "prompts",
+            "--prompts",
+            "pal",
+        ]
+    )
     one_line_error(capsys, code, "--prompts pal", "world")
     voc = replica("voc", tmp_path / "voc")
     (voc / "VOCdevkit" / "VOC2012" / "classes.txt").write_text("background\nball\n")  # not PASCAL VOC's classes
-    code = main([*base, "--encoder", f"hf:{tiny_bert}", "--dataset", "voc", "--root", str(voc), "--text", "prompts",
-                 "--prompts", "pal"])  # fmt: skip
+    code = main(
+        [
+            *base,
+            "--encoder",
+            f"hf:{tiny_bert}",
+            "--dataset",
+            "voc",
+            "--root",
+            str(voc),
+            "--text",
+            "prompts",
+            "--prompts",
+            "pal",
+        ]
+    )
     one_line_error(capsys, code, "--prompts pal", "voc")
-    code = main([*base, "--encoder", f"hf:{tiny_bert}", "--dataset", "voc", "--root", str(voc), "--text", "prompts",
-                 "--prompts", "pal", "--templates", "a {}."])  # fmt: skip
+    code = main(
+        [
+            *base,
+            "--encoder",
+            f"hf:{tiny_bert}",
+            "--dataset",
+            "voc",
+            "--root",
+            str(voc),
+            "--text",
+            "prompts",
+            "--prompts",
+            "pal",
+            "--templates",
+            "a {}.",
+        ]
+    )
     one_line_error(capsys, code, "--templates")
     code = main([*base, "--encoder", f"hf:{tiny_bert}", "--dataset", "voc", "--root", str(voc), "--prompts", "mine"])
     one_line_error(capsys, code, "--prompts must be one of standard, pal")
@@ -408,21 +598,52 @@ def test_pal_prompts_refused_where_the_authors_wrote_none(tmp_path, tiny_bert, c
 def pc_env(tmp_path, world_features, tiny_dinov2, tiny_bert):
     """A procrustes run on the world stores, and pascal-context val image stores of the same tiny encoders."""
     run = tmp_path / "run"
-    assert main(["align", "--method", "procrustes", "--shards", str(world_features / "world" / "train"), "--out",
-                 str(run), "--val-fraction", "0", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "align",
+                "--method",
+                "procrustes",
+                "--shards",
+                str(world_features / "world" / "train"),
+                "--out",
+                str(run),
+                "--val-fraction",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     root = replica("pascal-context", tmp_path / "data")
     feats = tmp_path / "features"
     common = ["--features", str(feats), "--root", str(root), "--split", "val", "--no-progress"]
     for dataset in ("pascal-context", "pascal-context-59"):
         assert main(["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", dataset, *common]) == 0
-        assert main(["extract", "--encoder", f"hf:{tiny_bert}", "--dataset", dataset, "--text", "prompts",
-                     *common]) == 0  # fmt: skip
+        assert (
+            main(["extract", "--encoder", f"hf:{tiny_bert}", "--dataset", dataset, "--text", "prompts", *common]) == 0
+        )
     return {"run": run, "root": root, "feats": feats, "common": common}
 
 
 def seg(env, dataset: str, protocol: str) -> list[str]:
-    return ["eval", "segmentation", "--run", str(env["run"]), "--dataset", dataset, "--split", "val", "--features",
-            str(env["feats"]), "--root", str(env["root"]), "--protocol", protocol, "--no-figures"]  # fmt: skip
+    return [
+        "eval",
+        "segmentation",
+        "--run",
+        str(env["run"]),
+        "--dataset",
+        dataset,
+        "--split",
+        "val",
+        "--features",
+        str(env["feats"]),
+        "--root",
+        str(env["root"]),
+        "--protocol",
+        protocol,
+        "--no-figures",
+    ]
 
 
 def result(env, dataset: str, protocol: str) -> dict:
@@ -460,16 +681,50 @@ def test_voc_test_split_is_refused_for_segmentation(pc_env, tiny_dinov2, tiny_be
     common = ["--features", str(env["feats"]), "--root", str(voc), "--split", "test", "--no-progress"]
     assert main(["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "voc", *common]) == 0
     assert main(["extract", "--encoder", f"hf:{tiny_bert}", "--dataset", "voc", "--text", "prompts", *common]) == 0
-    code = main(["eval", "segmentation", "--run", str(env["run"]), "--dataset", "voc", "--split", "test", "--features",
-                 str(env["feats"]), "--root", str(voc), "--protocol", "standard", "--no-figures"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "segmentation",
+            "--run",
+            str(env["run"]),
+            "--dataset",
+            "voc",
+            "--split",
+            "test",
+            "--features",
+            str(env["feats"]),
+            "--root",
+            str(voc),
+            "--protocol",
+            "standard",
+            "--no-figures",
+        ]
+    )
     one_line_error(capsys, code, "has no segmentation masks")
 
 
 def test_pal_protocol_on_a_set_the_authors_never_evaluated_says_so(pc_env, world_features, capsys):
     """The world has no pal prompt set: --protocol pal scores with its standard prompts, noted and recorded."""
     run = pc_env["run"]
-    code = main(["eval", "segmentation", "--run", str(run), "--dataset", "world", "--split", "val", "--features",
-                 str(world_features), "-o", "size=8", "--protocol", "pal", "--no-figures"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "segmentation",
+            "--run",
+            str(run),
+            "--dataset",
+            "world",
+            "--split",
+            "val",
+            "--features",
+            str(world_features),
+            "-o",
+            "size=8",
+            "--protocol",
+            "pal",
+            "--no-figures",
+        ]
+    )
     assert code == 0
     assert "wrote no prompts for world" in capsys.readouterr().err
     res = json.loads((run / "eval" / "segmentation-world-val-pal.json").read_text())
@@ -483,13 +738,27 @@ def test_eval_finds_coco_stores_under_the_years_name(pc_env, tiny_dinov2, tiny_b
     common = ["--features", str(feats), "--root", str(root), "--split", "val", "--no-progress"]
     for dataset in ("coco", "coco2014"):
         assert main(["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", dataset, *common]) == 0
-        assert main(["extract", "--encoder", f"hf:{tiny_bert}", "--dataset", dataset, "--text", "captions",
-                     *common]) == 0  # fmt: skip
+        assert (
+            main(["extract", "--encoder", f"hf:{tiny_bert}", "--dataset", dataset, "--text", "captions", *common]) == 0
+        )
     assert not (feats / "coco").exists() and (feats / "coco2017" / "val").is_dir()
 
     def retrieval(dataset: str) -> int:
-        return main(["eval", "retrieval", "--run", str(run), "--dataset", dataset, "--split", "val", "--features",
-                     str(feats), "--no-figures"])  # fmt: skip
+        return main(
+            [
+                "eval",
+                "retrieval",
+                "--run",
+                str(run),
+                "--dataset",
+                dataset,
+                "--split",
+                "val",
+                "--features",
+                str(feats),
+                "--no-figures",
+            ]
+        )
 
     assert retrieval("coco") == 2  # both years' stores exist: the name must say which
     one_line_error(capsys, 2, "coco2014", "coco2017", "--dataset")

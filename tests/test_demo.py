@@ -10,8 +10,20 @@ from pipe_align.pipelines.cli import main
 
 def test_demo_small_end_to_end(tmp_path, tiny_dinov2, tiny_bert):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--size", "small", "--image-encoder", f"hf:{tiny_dinov2}",
-            "--text-encoder", f"hf:{tiny_bert}", "--pal-epochs", "2", "--no-progress"]  # fmt: skip
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--size",
+        "small",
+        "--image-encoder",
+        f"hf:{tiny_dinov2}",
+        "--text-encoder",
+        f"hf:{tiny_bert}",
+        "--pal-epochs",
+        "2",
+        "--no-progress",
+    ]
     assert main(args) == 0
     feats = out / "features" / "world"
     for split, n in (("train", 3), ("val", 4)):

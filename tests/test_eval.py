@@ -83,16 +83,37 @@ def identity_method():
 
 
 def encoder(alias: str, modality: str) -> dict:
-    return {"alias": alias, "model_id": f"test/{alias}", "revision": None, "weights": "random", "modality": modality,
-            "dim": D, "layer": "last", "image_size": 224, "patch_size": CELL, "num_register_tokens": 0,
-            "pooling": None, "max_length": None}  # fmt: skip
+    return {
+        "alias": alias,
+        "model_id": f"test/{alias}",
+        "revision": None,
+        "weights": "random",
+        "modality": modality,
+        "dim": D,
+        "layer": "last",
+        "image_size": 224,
+        "patch_size": CELL,
+        "num_register_tokens": 0,
+        "pooling": None,
+        "max_length": None,
+    }
 
 
 def write(path: Path, modality: str, alias: str, arrays: dict, skipped=None, dataset: str = "voc", **kw) -> None:
     n = len(arrays["ids"])
     tokens, dim = arrays["patches" if modality == "image" else "tokens"].shape[1:]
-    lay = StoreLayout(modality=modality, encoder=encoder(alias, modality) | {"dim": dim}, dataset=dataset, split="val",
-                      count=n, tokens=tokens, dim=dim, rows_per_chunk=2, rows_per_shard=4, **kw)  # fmt: skip
+    lay = StoreLayout(
+        modality=modality,
+        encoder=encoder(alias, modality) | {"dim": dim},
+        dataset=dataset,
+        split="val",
+        count=n,
+        tokens=tokens,
+        dim=dim,
+        rows_per_chunk=2,
+        rows_per_shard=4,
+        **kw,
+    )
     st = create_store(path, lay)
     for s in range(lay.num_shards):
         a, b = lay.shard_range(s)
@@ -125,34 +146,65 @@ def build_stores(features: Path, root: Path, resize: str = "squash", all_skipped
     patches = np.stack([eye[g.ravel()] for g in grids])
     ids = np.array([r.id for r in ds.images()])
     n = len(ids)
-    image = {"ids": ids, "cls": cls.astype(np.float16), "patches": patches.astype(np.float16),
-             "labels": np.full(n, -1, np.int32) if all_skipped else labels}  # fmt: skip
+    image = {
+        "ids": ids,
+        "cls": cls.astype(np.float16),
+        "patches": patches.astype(np.float16),
+        "labels": np.full(n, -1, np.int32) if all_skipped else labels,
+    }
     skipped = np.ones(n, bool) if all_skipped else None
-    write(store_path(features, "voc", "val", "img-test"), "image", "img-test", image, skipped, grid=GRID,
-          resize=resize, classes=tuple(classes))  # fmt: skip
+    write(
+        store_path(features, "voc", "val", "img-test"),
+        "image",
+        "img-test",
+        image,
+        skipped,
+        grid=GRID,
+        resize=resize,
+        classes=tuple(classes),
+    )
     item = np.repeat(np.arange(len(classes)), len(TEMPLATES))
     scale = np.tile(np.arange(1, len(TEMPLATES) + 1), len(classes))[:, None]
-    prompts = {"ids": np.array([f"{c}:{t}" for c, t in zip(item, range(len(item)))]),
-               "text": np.array([TEMPLATES[t % 2].format(classes[c]) for t, c in enumerate(item)]),
-               "item": item, "tokens": rng.standard_normal((len(item), 4, D)).astype(np.float16),
-               "length": np.full(len(item), 4, np.int16), "pooled": (eye[item] * scale).astype(np.float16)}  # fmt: skip
+    prompts = {
+        "ids": np.array([f"{c}:{t}" for c, t in zip(item, range(len(item)))]),
+        "text": np.array([TEMPLATES[t % 2].format(classes[c]) for t, c in enumerate(item)]),
+        "item": item,
+        "tokens": rng.standard_normal((len(item), 4, D)).astype(np.float16),
+        "length": np.full(len(item), 4, np.int16),
+        "pooled": (eye[item] * scale).astype(np.float16),
+    }
     path = store_path(features, "voc", "val", "txt-test")
-    write(path.with_name("txt-test.prompts.zarr"), "text", "txt-test", prompts, classes=tuple(classes),
-          templates=TEMPLATES)  # fmt: skip
+    write(
+        path.with_name("txt-test.prompts.zarr"),
+        "text",
+        "txt-test",
+        prompts,
+        classes=tuple(classes),
+        templates=TEMPLATES,
+    )
     cap_item = np.repeat(np.arange(n), 2)
-    captions = {"ids": np.array([f"{ids[i]}#{j % 2}" for j, i in enumerate(cap_item)]),
-                "text": np.array([f"caption {j % 2} of image {i}" for j, i in enumerate(cap_item)]),
-                "item": cap_item, "tokens": patches[cap_item].astype(np.float16),
-                "length": np.full(len(cap_item), GRID[0] * GRID[1], np.int16),
-                "pooled": cls[cap_item].astype(np.float16)}  # fmt: skip
+    captions = {
+        "ids": np.array([f"{ids[i]}#{j % 2}" for j, i in enumerate(cap_item)]),
+        "text": np.array([f"caption {j % 2} of image {i}" for j, i in enumerate(cap_item)]),
+        "item": cap_item,
+        "tokens": patches[cap_item].astype(np.float16),
+        "length": np.full(len(cap_item), GRID[0] * GRID[1], np.int16),
+        "pooled": cls[cap_item].astype(np.float16),
+    }
     write(path, "text", "txt-test", captions)
     return {"classes": classes, "grids": grids, "labels": labels}
 
 
 def make_run(path: Path, aligner: Aligner, **meta) -> Path:
     aligner.save(path)
-    run = {"method": aligner.name, "image_encoder": "img-test", "text_encoder": "txt-test", "dataset": "voc",
-           "split": "train", "tokens": {"image": "patches"}} | meta  # fmt: skip
+    run = {
+        "method": aligner.name,
+        "image_encoder": "img-test",
+        "text_encoder": "txt-test",
+        "dataset": "voc",
+        "split": "train",
+        "tokens": {"image": "patches"},
+    } | meta
     (path / "run.json").write_text(json.dumps(run))
     return path
 
@@ -180,10 +232,28 @@ def env(tmp_path_factory):
     return {"base": base, "root": root, "features": base / "features", "runs": runs, **facts}
 
 
-def cli(env, task: str, run: Path, *extra: str, features: Path | None = None, root: Path | None = None,
-        dataset: str = "voc") -> int:  # fmt: skip
-    return main(["eval", task, "--dataset", dataset, "--root", str(root or env["root"]), "--split", "val",
-                 "--features", str(features or env["features"]), "--run", str(run), "--device", "cpu", *extra])
+def cli(
+    env, task: str, run: Path, *extra: str, features: Path | None = None, root: Path | None = None, dataset: str = "voc"
+) -> int:
+    return main(
+        [
+            "eval",
+            task,
+            "--dataset",
+            dataset,
+            "--root",
+            str(root or env["root"]),
+            "--split",
+            "val",
+            "--features",
+            str(features or env["features"]),
+            "--run",
+            str(run),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def result(run: Path, name: str) -> dict:
@@ -250,8 +320,9 @@ def test_segmentation_recovers_masks_at_patch_resolution(env):
     assert res["mIoU"] > 0.6 and res["fg_mIoU"] > 0.55 and res["aAcc"] > 0.9
     assert {f"iou/{c}" for c in env["classes"]} <= set(res)
     # exact alignment: the prediction has the mask's shape and, at every cell centre, the cell's majority class
-    cfg = EvalConfig("segmentation", "voc", "val", str(env["features"]), str(run), str(env["root"]), "pal",
-                     figures=False, examples=6)  # fmt: skip
+    cfg = EvalConfig(
+        "segmentation", "voc", "val", str(env["features"]), str(run), str(env["root"]), "pal", figures=False, examples=6
+    )
     _, extras = run_segmentation(load_context(cfg, SegmentationTask.text))
     centres = np.arange(GRID[0]) * CELL + CELL // 2 - 1
     for row, index, mask, pred in extras["examples"]:
@@ -321,10 +392,17 @@ def test_bad_inputs_are_one_line_errors(env, capsys, tmp_path):
     runs = env["runs"]
     one_line_error(capsys, cli(env, "diagnostics", runs["a"]), "no anchors")
     no_prompts = make_run(tmp_path / "np", IdentityAligner(IdentityConfig()), text_encoder="txt-other")
-    one_line_error(capsys, cli(env, "classification", no_prompts),
-                   "pipe extract --encoder txt-other --dataset voc --split val", "--text prompts")
-    other = make_run(tmp_path / "other", IdentityAligner(IdentityConfig()),
-                     image_store={"encoder": encoder("img-test", "image") | {"model_id": "other/model"}})  # fmt: skip
+    one_line_error(
+        capsys,
+        cli(env, "classification", no_prompts),
+        "pipe extract --encoder txt-other --dataset voc --split val",
+        "--text prompts",
+    )
+    other = make_run(
+        tmp_path / "other",
+        IdentityAligner(IdentityConfig()),
+        image_store={"encoder": encoder("img-test", "image") | {"model_id": "other/model"}},
+    )
     one_line_error(capsys, cli(env, "classification", other), "model_id", "other/model")
     layer = make_run(tmp_path / "layer", IdentityAligner(IdentityConfig()), text_layer="-2")  # as pipe align writes it
     one_line_error(capsys, cli(env, "retrieval", layer), "layer='last'", "layer='-2'")
@@ -389,18 +467,51 @@ def build_ade(env, base: Path) -> tuple[Path, Path, list[np.ndarray]]:
     eye = np.eye(c + 1, dtype=np.float16)
     ids = np.array([r.id for r in voc.images()])
     patches = np.stack([eye[g.ravel()] for g in env["grids"]])
-    image = {"ids": ids, "cls": eye[np.arange(len(ids)) + 1], "patches": patches,
-             "labels": np.full(len(ids), -1, np.int32)}  # fmt: skip
+    image = {
+        "ids": ids,
+        "cls": eye[np.arange(len(ids)) + 1],
+        "patches": patches,
+        "labels": np.full(len(ids), -1, np.int32),
+    }
     features = base / "features-ade"
-    write(store_path(features, "ade20k", "val", "img-test"), "image", "img-test", image, dataset="ade20k", grid=GRID,
-          resize="squash", classes=tuple(ADE20K_CLASSES))  # fmt: skip
+    write(
+        store_path(features, "ade20k", "val", "img-test"),
+        "image",
+        "img-test",
+        image,
+        dataset="ade20k",
+        grid=GRID,
+        resize="squash",
+        classes=tuple(ADE20K_CLASSES),
+    )
     item = np.arange(c)
-    prompts = {"ids": item.astype(str), "text": np.array(ADE20K_CLASSES), "item": item, "pooled": eye[item],
-               "tokens": np.zeros((c, 2, c + 1), np.float16), "length": np.full(c, 2, np.int16)}  # fmt: skip
-    write(features / "ade20k" / "val" / "txt-test.prompts.zarr", "text", "txt-test", prompts, dataset="ade20k",
-          classes=tuple(ADE20K_CLASSES), templates=("{}",))  # fmt: skip
-    write(features / "ade20k" / "val" / "txt-test.pal.prompts.zarr", "text", "txt-test", prompts, dataset="ade20k",
-          classes=tuple(ADE20K_CLASSES), templates=("{}",), prompts="pal")  # fmt: skip  (--protocol pal reads it)
+    prompts = {
+        "ids": item.astype(str),
+        "text": np.array(ADE20K_CLASSES),
+        "item": item,
+        "pooled": eye[item],
+        "tokens": np.zeros((c, 2, c + 1), np.float16),
+        "length": np.full(c, 2, np.int16),
+    }
+    write(
+        features / "ade20k" / "val" / "txt-test.prompts.zarr",
+        "text",
+        "txt-test",
+        prompts,
+        dataset="ade20k",
+        classes=tuple(ADE20K_CLASSES),
+        templates=("{}",),
+    )
+    write(
+        features / "ade20k" / "val" / "txt-test.pal.prompts.zarr",
+        "text",
+        "txt-test",
+        prompts,
+        dataset="ade20k",
+        classes=tuple(ADE20K_CLASSES),
+        templates=("{}",),
+        prompts="pal",
+    )  # --protocol pal reads it
     return base / "ade", features, masks
 
 
@@ -411,8 +522,20 @@ def test_segmentation_zero_label_ignored_as_the_reader_says(env, tmp_path):
     counted = sum(int(((m != 0) & (m != 255)).sum()) for m in masks)  # label 0 ("other") and void never count
     # standard: mmseg's 150-way; pal: the PAL authors' 151-way, class 0's prompt competes (tests/test_baselines.py)
     for protocol, space, n in (("pal", "zero-competes", 151), ("standard", "zero-ignored", 150)):
-        assert cli(env, "segmentation", run, "--protocol", protocol, "--no-figures", features=features, root=root,
-                   dataset="ade20k") == 0  # fmt: skip
+        assert (
+            cli(
+                env,
+                "segmentation",
+                run,
+                "--protocol",
+                protocol,
+                "--no-figures",
+                features=features,
+                root=root,
+                dataset="ade20k",
+            )
+            == 0
+        )
         res = result(run, f"segmentation-ade20k-val-{protocol}")
         assert res["label_space"] == space and res["num_classes"] == n and res["pixels"] == counted
         assert ("iou/other" in res) == (protocol == "pal") and "iou/wall" in res and "fg_mIoU" not in res
@@ -500,8 +623,11 @@ def test_task_registry_refuses_duplicates_and_names_the_choices(env):
         register_task("segmentation")(type("Other", (SegmentationTask,), {}))
     assert TASKS.get("segmentation") is SegmentationTask
     cfg = EvalConfig("nope", "voc", "val", str(env["features"]), str(env["runs"]["a"]))
-    with pytest.raises(PipeError, match=r"unknown task 'nope'; valid: classification, collapse, diagnostics, "
-                                        r"grounding, retrieval, segmentation$"):  # fmt: skip
+    with pytest.raises(
+        PipeError,
+        match=r"unknown task 'nope'; valid: classification, collapse, diagnostics, "
+        r"grounding, retrieval, segmentation$",
+    ):
         run_eval(cfg)
     with pytest.raises(PipeError, match="--protocol applies to segmentation only, not retrieval"):
         run_eval(replace(cfg, task="retrieval", protocol="pal"))

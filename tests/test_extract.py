@@ -89,8 +89,20 @@ SLOW_WRITER = textwrap.dedent(
 
 
 def test_resume_after_sigkill_is_byte_identical(tmp_path, tiny_dinov2):
-    args = ["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=40", "--shard-rows", "4",
-            "--batch-size", "2", "--no-progress"]  # fmt: skip
+    args = [
+        "extract",
+        "--encoder",
+        f"hf:{tiny_dinov2}",
+        "--dataset",
+        "world",
+        "-o",
+        "size=40",
+        "--shard-rows",
+        "4",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     ref = tmp_path / "ref"
     assert main([*args, "--features", str(ref)]) == 0
     killed = tmp_path / "killed"
@@ -133,14 +145,25 @@ def test_corrupt_image_is_skipped_or_fatal_with_strict(tmp_path, tiny_dinov2, ca
     write_world(tmp_path / "data", "train", size=6, seed=0, layouts=("voc",))
     jpgs = sorted((tmp_path / "data").rglob("JPEGImages/*"))
     jpgs[2].write_bytes(b"not an image")
-    args = ["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "voc", "--root", str(tmp_path / "data"),
-            "--split", "train", "--no-progress"]  # fmt: skip
+    args = [
+        "extract",
+        "--encoder",
+        f"hf:{tiny_dinov2}",
+        "--dataset",
+        "voc",
+        "--root",
+        str(tmp_path / "data"),
+        "--split",
+        "train",
+        "--no-progress",
+    ]
     assert main([*args, "--features", str(tmp_path / "f"), "--strict"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and jpgs[2].stem in err
-    assert not list((tmp_path / "f").rglob("*.zarr")) or not open_store(
-        next((tmp_path / "f").rglob("*.zarr")), require_complete=False
-    ).complete
+    assert (
+        not list((tmp_path / "f").rglob("*.zarr"))
+        or not open_store(next((tmp_path / "f").rglob("*.zarr")), require_complete=False).complete
+    )
     assert main([*args, "--features", str(tmp_path / "g")]) == 0
     st = open_store(next((tmp_path / "g").rglob("*.zarr")))
     assert st.attrs["skipped"] == [jpgs[2].stem] and jpgs[2].stem in capsys.readouterr().out
@@ -163,8 +186,14 @@ def test_truncated_files_are_skipped_and_listed(tmp_path, tiny_dinov2, monkeypat
     load = VOCSegmentation.load_image
     monkeypatch.setattr(VOCSegmentation, "load_image", lambda self, i: Image.open(png) if i == 4 else load(self, i))
     ids = [r.id for r in get_dataset("voc", tmp_path / "data", "train").images()]
-    cfg = ExtractConfig(encoder=f"hf:{tiny_dinov2}", dataset="voc", root=str(tmp_path / "data"), split="train",
-                        features=str(tmp_path / "f"), batch_size=4)  # fmt: skip
+    cfg = ExtractConfig(
+        encoder=f"hf:{tiny_dinov2}",
+        dataset="voc",
+        root=str(tmp_path / "data"),
+        split="train",
+        features=str(tmp_path / "f"),
+        batch_size=4,
+    )
     summary = run_extract(cfg, progress=False)
     assert [rid for rid, _ in summary.skipped] == [jpg.stem, ids[4]] and "truncated" in summary.skipped[1][1]
     st = open_store(summary.path)
@@ -240,8 +269,18 @@ def test_info_and_verify_commands(tmp_path, tiny_dinov2, capsys):
 
 
 def test_store_is_not_resumed_with_other_dataset_options(tmp_path, tiny_dinov2, capsys):
-    base = ["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "--features", str(tmp_path),
-            "-o", "size=4", "--no-progress"]  # fmt: skip
+    base = [
+        "extract",
+        "--encoder",
+        f"hf:{tiny_dinov2}",
+        "--dataset",
+        "world",
+        "--features",
+        str(tmp_path),
+        "-o",
+        "size=4",
+        "--no-progress",
+    ]
     assert main([*base, "-o", "seed=0"]) == 0
     capsys.readouterr()
     assert main([*base, "-o", "seed=5"]) == 2  # another world: neither resumed into nor reported as done

@@ -34,8 +34,18 @@ def _has_triton() -> bool:
 
 
 def _extract(features: Path, encoder: str, compute_dtype: str, device: str = "cpu", **kw) -> str:
-    cfg = ExtractConfig(encoder=encoder, dataset="world", split="train", features=str(features), options=WORLD,
-                        batch_size=3, shard_rows=4, device=device, compute_dtype=compute_dtype, **kw)  # fmt: skip
+    cfg = ExtractConfig(
+        encoder=encoder,
+        dataset="world",
+        split="train",
+        features=str(features),
+        options=WORLD,
+        batch_size=3,
+        shard_rows=4,
+        device=device,
+        compute_dtype=compute_dtype,
+        **kw,
+    )
     return run_extract(cfg, progress=False).path
 
 
@@ -79,12 +89,15 @@ def test_stores_of_another_compute_dtype_are_never_mixed(tmp_path, tiny_dinov2):
         _extract(tmp_path, encoder, "bfloat16")
     assert "\n" not in str(err.value)
     store = open_store(path)
-    trained_bf16 = {"image_encoder": encoder, "image_store": {"encoder": dict(store.layout.encoder,
-                                                                              compute_dtype="bfloat16")}}
+    trained_bf16 = {
+        "image_encoder": encoder,
+        "image_store": {"encoder": dict(store.layout.encoder, compute_dtype="bfloat16")},
+    }
     with pytest.raises(PipeError, match="compute_dtype='float32' but run r was trained on compute_dtype='bfloat16'"):
         check_encoder(store, trained_bf16, "image", "r")
-    check_encoder(store, {"image_encoder": encoder, "image_store": {"encoder": dict(store.layout.encoder)}}, "image",
-                  "r")  # fmt: skip
+    check_encoder(
+        store, {"image_encoder": encoder, "image_store": {"encoder": dict(store.layout.encoder)}}, "image", "r"
+    )
 
 
 def test_store_written_before_compute_dtype_resumes_as_float32(tmp_path, tiny_dinov2):
@@ -112,15 +125,30 @@ def test_compute_dtype_auto_and_bad_names():
     with pytest.raises(PipeError, match="--compute-dtype must be auto, float32, bfloat16, float16"):
         resolve_compute_dtype("fp8", "cpu")
     with pytest.raises(PipeError, match="--compute-dtype"):
-        run_extract(ExtractConfig(encoder="minilm", dataset="world", split="train", features="/nonexistent",
-                                  compute_dtype="half"), progress=False)  # fmt: skip
+        run_extract(
+            ExtractConfig(
+                encoder="minilm", dataset="world", split="train", features="/nonexistent", compute_dtype="half"
+            ),
+            progress=False,
+        )
 
 
 def test_cli_compute_dtype(tmp_path, tiny_dinov2, capsys):
     from pipe_align.pipelines.cli import main
 
-    args = ["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "--features", str(tmp_path), "-o",
-            "size=4", "--batch-size", "2"]  # fmt: skip
+    args = [
+        "extract",
+        "--encoder",
+        f"hf:{tiny_dinov2}",
+        "--dataset",
+        "world",
+        "--features",
+        str(tmp_path),
+        "-o",
+        "size=4",
+        "--batch-size",
+        "2",
+    ]
     assert main([*args, "--compute-dtype", "half"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --compute-dtype must be") and err.count("\n") == 1
@@ -169,8 +197,17 @@ def test_every_tile_matches_reference_interp(monkeypatch):
 @pytest.mark.skipif(INTERPRET or not _has_triton(), reason="needs triton; already inside the interpreter run")
 def test_every_tile_via_interpreter_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-           "-k", "every_tile_matches_reference_interp"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(Path(__file__)),
+        "-k",
+        "every_tile_matches_reference_interp",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout + out.stderr
 
@@ -186,10 +223,14 @@ def test_autotune_bucket_of_token_counts():
 
 ROWS = (  # what issue 14 asks the table for
     "pytest-gpu",  # `pytest -m gpu`
-    "triton-err-fp32", "triton-err-bf16", "triton-err-fp16",  # max error against the reference, per token dtype
+    "triton-err-fp32",
+    "triton-err-bf16",
+    "triton-err-fp16",  # max error against the reference, per token dtype
     "triton-vs-matmul",  # Triton TFLOP/s against the measured bf16 matmul rate
-    "extract-image", "extract-text",  # `pipe extract` rows/s against a bare forward loop of the same model
-    "mfu-image", "mfu-text",  # the bare loop's model-FLOP utilisation against the GPU's bf16 peak
+    "extract-image",
+    "extract-text",  # `pipe extract` rows/s against a bare forward loop of the same model
+    "mfu-image",
+    "mfu-text",  # the bare loop's model-FLOP utilisation against the GPU's bf16 peak
     "epoch-resident",  # one PAL epoch, tokens on the device, against its FLOP floor
     "epoch-streamed",  # the same epoch streamed from the Zarr store, against resident
 )
@@ -197,10 +238,16 @@ ROWS = (  # what issue 14 asks the table for
 
 def test_gpu_script_tiny_prints_every_row():
     """`bash bench/gpu.sh --tiny` runs the whole GPU check on CPU with tiny sizes and prints every row."""
-    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
+    out = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    table = out.stdout[out.stdout.index("| check"):]
+    table = out.stdout[out.stdout.index("| check") :]
     for row in ROWS:
         line = next((ln for ln in table.splitlines() if ln.startswith(f"| {row} ")), None)
         assert line is not None, f"row {row!r} missing:\n{table}"

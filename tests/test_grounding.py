@@ -65,7 +65,10 @@ def test_parse_sentence_as_the_release_defines_the_markup():
     assert text == "A young man in an orange hat holds it ."
     # spans written down by hand from the plain text above
     assert [(text[a:b], e, t) for a, b, e, t in phrases] == [
-        ("A young man", 18, ("people",)), ("an orange hat", 19, ("clothing", "other")), ("it", 0, ("notvisual",))]
+        ("A young man", 18, ("people",)),
+        ("an orange hat", 19, ("clothing", "other")),
+        ("it", 0, ("notvisual",)),
+    ]
 
 
 def test_reader_keeps_phrases_and_boxes_in_zero_based_half_open_pixels(tmp_path):
@@ -73,28 +76,46 @@ def test_reader_keeps_phrases_and_boxes_in_zero_based_half_open_pixels(tmp_path)
     caps = ds.captions()
     assert [c.id for c in caps] == ["123#0", "123#1"]
     # entity 0 (not visual) is not marked; 18 and 19 are
-    assert [(caps[0].text[p.start : p.stop], p.entity) for p in caps[0].phrases] == [("A young man", 18),
-                                                                                    ("an orange hat", 19)]
+    assert [(caps[0].text[p.start : p.stop], p.entity) for p in caps[0].phrases] == [
+        ("A young man", 18),
+        ("an orange hat", 19),
+    ]
     g = ds.load_boxes(0)
     assert (g.width, g.height) == (40, 30)
     assert g.entities[18].boxes == ((0.0, 0.0, 10.0, 20.0),)  # xmin 1..xmax 10 inclusive, 1-based
     assert g.entities[19].boxes == () and g.entities[19].types == ("clothing", "other")
 
 
-@pytest.mark.parametrize("sentence, fragment", [
-    ("[/EN#18/people A man in a hat .", "never closed"),
-    ("A man] in a hat .", "']' without an open phrase"),
-    ("[/EN#18/people A [/EN#19/clothing man] .", "'[' inside an open phrase"),
-    ("[/EN#77/people A man] .", "entity 77 has no entry"),
-    ("[EN18 A man] .", "malformed phrase tag"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "sentence, fragment",
+    [
+        ("[/EN#18/people A man in a hat .", "never closed"),
+        ("A man] in a hat .", "']' without an open phrase"),
+        ("[/EN#18/people A [/EN#19/clothing man] .", "'[' inside an open phrase"),
+        ("[/EN#77/people A man] .", "entity 77 has no entry"),
+        ("[EN18 A man] .", "malformed phrase tag"),
+    ],
+)
 def test_strict_markup_names_file_and_line(tmp_path, capsys, sentence, fragment):
     root = write_f30k(tmp_path, sentence=sentence)
     with pytest.raises(PipeError, match=re.escape(fragment)) as e:
         get_dataset("flickr30k-entities", root, "test")
     assert str(e.value).startswith(str(root / "flickr30k_entities" / "Sentences" / "123.txt") + ":2:")
-    rc = main(["extract", "--encoder", "minilm", "--dataset", "flickr30k-entities", "--root", str(root),
-               "--split", "test", "--features", str(tmp_path / "f")])  # fmt: skip
+    rc = main(
+        [
+            "extract",
+            "--encoder",
+            "minilm",
+            "--dataset",
+            "flickr30k-entities",
+            "--root",
+            str(root),
+            "--split",
+            "test",
+            "--features",
+            str(tmp_path / "f"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and fragment in err and "\n" not in err
 
@@ -169,14 +190,27 @@ def test_pointing_game_against_an_independent_definition():
         ref = bilinear_reference(heat, height, width)
         y, x = point_of(torch.from_numpy(heat), height, width)
         assert ref[y, x] == pytest.approx(ref.max(), abs=1e-5)
-        boxes = tuple((float(rng.integers(0, width // 2)), float(rng.integers(0, height // 2)),
-                       float(rng.integers(width // 2 + 1, width + 1)), float(rng.integers(height // 2 + 1, height + 1)))
-                      for _ in range(2))  # fmt: skip
-        inside = np.array([[any(x0 <= xx < x1 and y0 <= yy < y1 for x0, y0, x1, y1 in boxes) for xx in range(width)]
-                           for yy in range(height)])  # fmt: skip
+        boxes = tuple(
+            (
+                float(rng.integers(0, width // 2)),
+                float(rng.integers(0, height // 2)),
+                float(rng.integers(width // 2 + 1, width + 1)),
+                float(rng.integers(height // 2 + 1, height + 1)),
+            )
+            for _ in range(2)
+        )
+        inside = np.array(
+            [
+                [any(x0 <= xx < x1 and y0 <= yy < y1 for x0, y0, x1, y1 in boxes) for xx in range(width)]
+                for yy in range(height)
+            ]
+        )
         assert (box_mask(boxes, height, width) == inside).all()
-    m = grounding_metrics({"tokens": [True, False, True], "phrase": [False, False, True]}, [0.5, 0.25, 0.0],
-                          [("people",), ("people", "clothing"), ("clothing",)])  # fmt: skip
+    m = grounding_metrics(
+        {"tokens": [True, False, True], "phrase": [False, False, True]},
+        [0.5, 0.25, 0.0],
+        [("people",), ("people", "clothing"), ("clothing",)],
+    )
     assert m["pointing_acc"] == pytest.approx(2 / 3) and m["pointing_acc/phrase"] == pytest.approx(1 / 3)
     assert m["chance"] == pytest.approx(0.25) and m["pointing_acc/type/people"] == pytest.approx(0.5)
     assert m["pointing_acc/type/clothing"] == pytest.approx(0.5) and m["phrases/type/clothing"] == 2
@@ -189,8 +223,25 @@ def test_eval_grounding_end_to_end_on_a_world_in_the_flickr30k_entities_layout(t
         write_world(root, split, size=size, layouts=("flickr30k-entities",))
     for split in ("train", "test"):
         for enc in (f"hf:{tiny_dinov2}", f"hf:{tiny_bert}"):
-            assert main(["extract", "--encoder", enc, "--dataset", "flickr30k-entities", "--root", str(root),
-                         "--split", split, "--features", str(feats), "--no-progress"]) == 0  # fmt: skip
+            assert (
+                main(
+                    [
+                        "extract",
+                        "--encoder",
+                        enc,
+                        "--dataset",
+                        "flickr30k-entities",
+                        "--root",
+                        str(root),
+                        "--split",
+                        split,
+                        "--features",
+                        str(feats),
+                        "--no-progress",
+                    ]
+                )
+                == 0
+            )
     caps = open_store(store_path(feats, "flickr30k-entities", "test", f"hf:{tiny_bert}"))
     table = read_phrases(caps)
     ds = get_dataset("flickr30k-entities", root, "test")
@@ -199,10 +250,45 @@ def test_eval_grounding_end_to_end_on_a_world_in_the_flickr30k_entities_layout(t
     assert (table[:, 2] <= length[table[:, 0]]).all() and [str(t) for t in texts] == [c.text for c in ds.captions()]
     for method, extra in (("pal", ["--epochs", "1", "--anchors", "8", "--lr-finder", "0"]), ("procrustes", [])):
         run = tmp_path / "runs" / method
-        assert main(["align", "--method", method, "--shards", str(feats / "flickr30k-entities" / "train"),
-                     "--out", str(run), "--device", "cpu", "--no-progress", *extra]) == 0  # fmt: skip
-        assert main(["eval", "grounding", "--dataset", "flickr30k-entities", "--root", str(root), "--split", "test",
-                     "--features", str(feats), "--run", str(run), "--device", "cpu"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "align",
+                    "--method",
+                    method,
+                    "--shards",
+                    str(feats / "flickr30k-entities" / "train"),
+                    "--out",
+                    str(run),
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "eval",
+                    "grounding",
+                    "--dataset",
+                    "flickr30k-entities",
+                    "--root",
+                    str(root),
+                    "--split",
+                    "test",
+                    "--features",
+                    str(feats),
+                    "--run",
+                    str(run),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         res = json.loads((run / "eval" / "grounding-flickr30k-entities-test.json").read_text())
         assert 0 <= res["pointing_acc"] <= 1 and 0 < res["chance"] < 1 and res["phrases"] > 0
         assert ("pointing_acc/tokens" in res) == (method == "pal") and "pointing_acc/phrase" in res

@@ -45,8 +45,13 @@ def test_a_second_clone_stops_before_any_test(tmp_path):
     shutil.copy(ROOT / "conftest.py", clone / "conftest.py")
     (clone / "pyproject.toml").write_text("[tool.pytest.ini_options]\ntestpaths = ['tests']\n")
     (clone / "tests" / "test_one.py").write_text("def test_one():\n    pass\n")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=clone,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 4
     assert "another checkout" in done.stdout + done.stderr and "make install" in done.stdout + done.stderr
     assert "passed" not in done.stdout

@@ -26,8 +26,17 @@ def _has_triton() -> bool:
     return True
 
 
-def make_inputs(b: int = 5, t: int = 23, d: int = 12, k: int = 9, *, dtype=torch.float64, anchor_dtype=torch.float64,
-                seed: int = 0, device: str = "cpu"):
+def make_inputs(
+    b: int = 5,
+    t: int = 23,
+    d: int = 12,
+    k: int = 9,
+    *,
+    dtype=torch.float64,
+    anchor_dtype=torch.float64,
+    seed: int = 0,
+    device: str = "cpu",
+):
     """Random tokens/anchors and a mask with a full row, a row with 1 valid token, an empty row and ragged rows."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randn(b, t, d, generator=gen, dtype=torch.float64)
@@ -38,7 +47,7 @@ def make_inputs(b: int = 5, t: int = 23, d: int = 12, k: int = 9, *, dtype=torch
     mask[1, t // 2] = True  # nearly empty: one valid token
     mask[2] = False  # fully empty
     if b > 3:
-        mask[3, t - 3:] = False  # padded tail
+        mask[3, t - 3 :] = False  # padded tail
     tokens[~mask] *= 7.0  # padding holds junk: it must not matter
     tokens, anchors = tokens.to(device=device, dtype=dtype), anchors.to(device=device, dtype=anchor_dtype)
     return tokens.requires_grad_(), mask.to(device), anchors.requires_grad_()
@@ -137,8 +146,9 @@ def test_empty_rows_are_zero_with_zero_gradient(fn):
     assert (p[2] == 0).all() and (gz[2] == 0).all()
     assert (gz[~mask] == 0).all()  # padding gets no gradient
     assert (p[1] != 0).all()  # one valid token: p = its cosines
-    assert torch.allclose(p[1], torch.nn.functional.cosine_similarity(
-        tokens[1, mask[1]].detach(), anchors.detach(), dim=-1), atol=1e-12)
+    assert torch.allclose(
+        p[1], torch.nn.functional.cosine_similarity(tokens[1, mask[1]].detach(), anchors.detach(), dim=-1), atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("fn", [anchor_profiles_reference, anchor_profiles])
@@ -265,8 +275,7 @@ TRITON_CASES = [(torch.float32, 2e-5), (torch.float16, 3e-3), (torch.bfloat16, 2
 
 def _check_triton(dtype, tol, device):
     # D, K, T not multiples of the tiles (64, 128, 64); padded tail, an empty and a one-token row
-    tokens, mask, anchors = make_inputs(b=4, t=70, d=40, k=150, dtype=dtype, anchor_dtype=torch.float32,
-                                        device=device)
+    tokens, mask, anchors = make_inputs(b=4, t=70, d=40, k=150, dtype=dtype, anchor_dtype=torch.float32, device=device)
     t64 = tokens.detach().double().requires_grad_()
     a64 = anchors.detach().double().requires_grad_()
     for tau in (0.03, 1.0):
@@ -333,16 +342,26 @@ def test_triton_self_test_accepts_a_correct_kernel(monkeypatch):
     from pipe_align.align import kernel_triton
 
     monkeypatch.setattr(kernel, "_SELF_TESTS", {})
-    monkeypatch.setattr(kernel_triton, "anchor_profiles_triton",
-                        lambda t, m, a, tau: anchor_profiles(t, m, a, tau, backend="torch"))  # fmt: skip
+    monkeypatch.setattr(
+        kernel_triton, "anchor_profiles_triton", lambda t, m, a, tau: anchor_profiles(t, m, a, tau, backend="torch")
+    )
     assert kernel.triton_self_test("cpu", torch.bfloat16)
 
 
 @pytest.mark.skipif(INTERPRET or not _has_triton(), reason="needs triton; already inside the interpreter run")
 def test_triton_via_interpreter_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-           "-k", "triton_interp_matches"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(Path(__file__)),
+        "-k",
+        "triton_interp_matches",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and f"{len(TRITON_CASES)} passed" in out.stdout, out.stdout + out.stderr
 

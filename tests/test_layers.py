@@ -189,8 +189,11 @@ def test_floor_zero_imports_only_floor_zero_and_no_torch_at_module_level() -> No
     """The bottom modules every stage may use (PipeError, atomic writes, the Registry, device and prefetch) import
     none of ours above them, and nothing heavy when imported: torch only inside a function."""
     assert FLOOR_ZERO <= set(MODULES), sorted(FLOOR_ZERO - set(MODULES))
-    up = [f"{rel(e.source)}:{e.line} imports {rel(e.target)}" for e in edges()
-          if e.source in FLOOR_ZERO and e.target not in FLOOR_ZERO]
+    up = [
+        f"{rel(e.source)}:{e.line} imports {rel(e.target)}"
+        for e in edges()
+        if e.source in FLOOR_ZERO and e.target not in FLOOR_ZERO
+    ]
     assert not up, "floor 0 imports only floor 0:\n" + "\n".join(up)
     for module in sorted(FLOOR_ZERO):
         tree = ast.parse(MODULES[module].read_text())
@@ -308,8 +311,14 @@ def installed(tmp_path_factory) -> dict:
     """What a process outside the repo sees (cwd elsewhere, no PYTHONPATH): the repo root is not on sys.path,
     so neither our folders nor the build's pipe_align.egg-info there can stand in for the installed distribution."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path_factory.mktemp("elsewhere"), env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=tmp_path_factory.mktemp("elsewhere"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -16,9 +16,30 @@ EPOCH_LINE = re.compile(r"^linear epoch \d+ .*train_loss", re.M)
 
 def align(feats, out, *extra: str) -> int:
     shards = str(feats / "world" / "train")
-    return main(["align", "--method", "linear", "--shards", shards, "--out", str(out), "--epochs", "3",
-                 "--batch-size", "8", "--patience", "0", "--dim", "16", "--lr-finder", "0", "--val-fraction", "0.25",
-                 *extra])  # fmt: skip
+    return main(
+        [
+            "align",
+            "--method",
+            "linear",
+            "--shards",
+            shards,
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            "--batch-size",
+            "8",
+            "--patience",
+            "0",
+            "--dim",
+            "16",
+            "--lr-finder",
+            "0",
+            "--val-fraction",
+            "0.25",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture
@@ -30,8 +51,9 @@ def svg_backend():
     matplotlib.use(before)
 
 
-def test_epochs_go_to_the_log_and_the_terminal_gets_a_summary(tmp_path, world_features, capsys, one_thread,
-                                                              svg_backend):  # fmt: skip
+def test_epochs_go_to_the_log_and_the_terminal_gets_a_summary(
+    tmp_path, world_features, capsys, one_thread, svg_backend
+):
     assert align(world_features, tmp_path / "run") == 0
     # loss.png is drawn on a bare Figure: the caller's matplotlib backend survives (matplotlib.use("Agg") switched it)
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -48,8 +70,9 @@ def test_epochs_go_to_the_log_and_the_terminal_gets_a_summary(tmp_path, world_fe
     assert log[-1] == summary[0]
 
 
-def test_verbose_prints_the_epoch_lines_too_and_a_fresh_training_starts_a_fresh_log(tmp_path, world_features,
-                                                                                      capsys, one_thread):  # fmt: skip
+def test_verbose_prints_the_epoch_lines_too_and_a_fresh_training_starts_a_fresh_log(
+    tmp_path, world_features, capsys, one_thread
+):
     out = tmp_path / "run"
     out.mkdir()
     (out / "train.log").write_text("linear epoch 7 train_loss 9 (an earlier training)\n", encoding="utf-8")
@@ -65,9 +88,11 @@ def test_summary_line_says_where_which_and_why():
     best = {"epoch": 41, "val_loss": 1.23456}
     assert summary_line("pal", 62, best, "patience", run) == (
         "pal: stopped at epoch 61, no better held-out loss for 20 epochs (--patience); best epoch 41 (held-out loss "
-        "1.2346) kept")
+        "1.2346) kept"
+    )
     assert summary_line("pal", 100, {"epoch": 99, "val_loss": float("inf")}, "epochs", run) == (
-        "pal: stopped at epoch 99, reached --epochs 100; no held-out pairs, epoch 99 kept")
+        "pal: stopped at epoch 99, reached --epochs 100; no held-out pairs, epoch 99 kept"
+    )
 
 
 def test_loading_an_encoder_shows_no_loading_bar_and_keeps_the_setting(tiny_dinov2, capfd):

@@ -78,7 +78,6 @@ class Toy(TrainedAligner):
         return l2n(patches.float() @ self.w_img.detach())
 
 
-
 @pytest.fixture
 def toy():
     """Registered for one test only: the global registry never keeps it."""
@@ -121,22 +120,65 @@ def test_the_docs_example_is_a_working_method(tmp_path, world_features, monkeypa
     module = types.ModuleType("docs_example")
     monkeypatch.setitem(sys.modules, "docs_example", module)
     exec(compile(code, "docs/align.md", "exec"), module.__dict__)
-    assert main(["align", "--method", "scaled", "--shards", shards(world_features), "--out", str(tmp_path / "s"),
-                 "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress", "-p", "dim=8"]) == 0
+    assert (
+        main(
+            [
+                "align",
+                "--method",
+                "scaled",
+                "--shards",
+                shards(world_features),
+                "--out",
+                str(tmp_path / "s"),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--val-fraction",
+                "0.25",
+                "--no-progress",
+                "-p",
+                "dim=8",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "s" / "run.json").read_text())["complete"]
     back = load_aligner(tmp_path / "s")  # built by its `blank`, loaded strictly
     assert type(back).__name__ == "Scaled" and [n for n, _ in back.named_parameters()] == ["img", "txt", "log_t"]
     assert back.img.shape == (32, 8) and set(load_file(str(tmp_path / "s" / "weights.safetensors"))) == {
-        "img", "txt", "log_t"}
+        "img",
+        "txt",
+        "log_t",
+    }
 
 
 # -- one held-out split, one meaning of patience ------------------------------------------------------------------
 @pytest.mark.parametrize("method", trained())
 def test_patience_zero_never_stops_early(tmp_path, world_features, method):
     out = tmp_path / method
-    assert main(["align", *method_flags(method), "--shards", shards(world_features), "--out", str(out),
-                 "--patience", "0", "--epochs", "6", "--val-fraction", "0.25", "--batch-size", "8",
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "align",
+                *method_flags(method),
+                "--shards",
+                shards(world_features),
+                "--out",
+                str(out),
+                "--patience",
+                "0",
+                "--epochs",
+                "6",
+                "--val-fraction",
+                "0.25",
+                "--batch-size",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "run.json").read_text())
     assert len(meta["history"]) == 6 and meta["fit"]["stopped"] == "epochs"
 
@@ -145,11 +187,46 @@ def test_patience_stops_after_that_many_epochs_without_a_better_heldout_loss(tmp
     # a rate this high makes the held-out loss of the linear heads worse after the first epochs (with the former
     # defaults: normalised, centred inputs, constant rate, no clipping)
     out = tmp_path / "p"
-    former = ["--normalize-inputs", "--center", "--beta2", "0.999", "--schedule", "constant", "--grad-clip", "0",
-              "--lr-finder", "0"]
-    assert main(["align", "--method", "linear", "--dim", "8", "--lr", "3", *former, "--shards", shards(world_features),
-                 "--out", str(out), "--patience", "2", "--epochs", "40", "--val-fraction", "0.25", "--batch-size",
-                 "8", "--no-progress"]) == 0  # fmt: skip
+    former = [
+        "--normalize-inputs",
+        "--center",
+        "--beta2",
+        "0.999",
+        "--schedule",
+        "constant",
+        "--grad-clip",
+        "0",
+        "--lr-finder",
+        "0",
+    ]
+    assert (
+        main(
+            [
+                "align",
+                "--method",
+                "linear",
+                "--dim",
+                "8",
+                "--lr",
+                "3",
+                *former,
+                "--shards",
+                shards(world_features),
+                "--out",
+                str(out),
+                "--patience",
+                "2",
+                "--epochs",
+                "40",
+                "--val-fraction",
+                "0.25",
+                "--batch-size",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "run.json").read_text())
     losses = [h["val_loss"] for h in meta["history"]]
     best = min(range(len(losses)), key=losses.__getitem__)
@@ -161,27 +238,63 @@ def test_patience_stops_after_that_many_epochs_without_a_better_heldout_loss(tmp
 @pytest.mark.parametrize("flags", [["--lr", "1e30"], ["--method", "linear", "--lr", "1e30", "--lr-finder", "0"]])
 def test_parameters_that_blow_up_stop_training(tmp_path, world_features, capsys, flags):
     out = tmp_path / "inf"
-    code = main(["align", *flags, "--shards", shards(world_features), "--out", str(out), "--epochs", "3",
-                 "--batch-size", "8", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "align",
+            *flags,
+            "--shards",
+            shards(world_features),
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            "--batch-size",
+            "8",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "non-finite" in err and err.count("\n") == 1, err
     assert not json.loads((out / "run.json").read_text())["complete"]
     assert not (out / "anchors.safetensors").exists() and not (out / "weights.safetensors").exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--tau", "inf"), ("--tau-p", "nan"), ("--seed", "-1"),
-                                        ("--weight-decay", "-5"), ("--warmup-epochs", "inf"),
-                                        ("--memory-budget", "1e400"), ("--schedule", "linear")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--lr", "inf"),
+        ("--tau", "inf"),
+        ("--tau-p", "nan"),
+        ("--seed", "-1"),
+        ("--weight-decay", "-5"),
+        ("--warmup-epochs", "inf"),
+        ("--memory-budget", "1e400"),
+        ("--schedule", "linear"),
+    ],
+)
 def test_absurd_values_are_refused_up_front(tmp_path, world_features, capsys, flag, value):
-    code = main(["align", "--shards", shards(world_features), "--out", str(tmp_path / "x"), flag, value,
-                 "--no-progress"])  # fmt: skip
+    code = main(
+        ["align", "--shards", shards(world_features), "--out", str(tmp_path / "x"), flag, value, "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
 
 
 def test_an_option_of_another_method_is_refused(tmp_path, world_features, capsys):
-    code = main(["align", "--method", "linear", "--anchors", "8", "--shards", shards(world_features), "--out",
-                 str(tmp_path / "x"), "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "align",
+            "--method",
+            "linear",
+            "--anchors",
+            "8",
+            "--shards",
+            shards(world_features),
+            "--out",
+            str(tmp_path / "x"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--anchors" in err and "linear" in err and err.count("\n") == 1, err

@@ -252,8 +252,17 @@ def test_confusion_matrix_hand() -> None:
     cm = ConfusionMatrix(3)
     cm.update(pred, target)
     m = cm.compute(["a", "b", "c"])
-    expect = {"mIoU": 11 / 18, "mAcc": 2 / 3, "aAcc": 3 / 5, "iou/a": 1 / 2, "iou/b": 1 / 3, "iou/c": 1.0,
-              "acc/a": 1 / 2, "acc/b": 1 / 2, "acc/c": 1.0}
+    expect = {
+        "mIoU": 11 / 18,
+        "mAcc": 2 / 3,
+        "aAcc": 3 / 5,
+        "iou/a": 1 / 2,
+        "iou/b": 1 / 3,
+        "iou/c": 1.0,
+        "acc/a": 1 / 2,
+        "acc/b": 1 / 2,
+        "acc/c": 1.0,
+    }
     assert m == pytest.approx(expect)
     assert cm.matrix.tolist() == [[1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0]]
     assert cm.compute() == pytest.approx(miou_reference([pred], [target], 3))  # reference names classes by index

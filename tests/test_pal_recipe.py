@@ -22,8 +22,11 @@ def shards(feats):
 
 def _grads(seed=0):
     g = torch.Generator().manual_seed(seed)
-    params = [torch.zeros(4, 3, requires_grad=True), torch.zeros(5, requires_grad=True), torch.zeros(2, 2,
-                                                                                                      requires_grad=True)]
+    params = [
+        torch.zeros(4, 3, requires_grad=True),
+        torch.zeros(5, requires_grad=True),
+        torch.zeros(2, 2, requires_grad=True),
+    ]
     for p, scale in zip(params, (3.0, 0.1, 2.0)):
         p.grad = torch.randn(p.shape, generator=g) * scale
     return params
@@ -62,8 +65,29 @@ def test_pal_clips_each_anchor_bank(tmp_path, world_features, monkeypatch):
         return real(groups, clip, mode)
 
     monkeypatch.setattr(loop, "clip_gradients", spy)
-    assert main(["align", "--shards", shards(world_features), "--out", str(tmp_path / "r"), "--preset", "paper",
-                 "--anchors", "8", "--lr", "0.01", "--epochs", "1", "--batch-size", "8", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "align",
+                "--shards",
+                shards(world_features),
+                "--out",
+                str(tmp_path / "r"),
+                "--preset",
+                "paper",
+                "--anchors",
+                "8",
+                "--lr",
+                "0.01",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert seen and all(s == ([[(8, 32)], [(8, 32)]], 1.0, "per_group") for s in seen), seen[:2]
 
 
@@ -114,8 +138,16 @@ def test_lr_finder_pick_equals_a_plain_definition_on_noisy_curves(seed):
 def test_lr_finder_walks_geometric_rates_stops_on_divergence_and_restores_parameters():
     w = torch.tensor([0.5, -0.2], requires_grad=True)
     start = w.detach().clone()
-    rec = find_lr([w], lambda _: ((w - 1) ** 2).sum() + 0.01, iter(range(1000)), iters=100, start=1e-4, end=1e4,
-                  betas=(0.9, 0.95), weight_decay=0.0)  # fmt: skip
+    rec = find_lr(
+        [w],
+        lambda _: ((w - 1) ** 2).sum() + 0.01,
+        iter(range(1000)),
+        iters=100,
+        start=1e-4,
+        end=1e4,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+    )
     assert torch.equal(w.detach(), start)
     mult = (1e4 / 1e-4) ** (1 / 100)
     assert all(lr == pytest.approx(1e-4 * mult**i) for i, lr in enumerate(rec["lrs"]))
@@ -146,9 +178,33 @@ def test_cosine_cycle_is_torchs_cosine_annealing_stepped_per_batch():
 def test_paper_schedule_period_is_50_epochs_of_floor_pairs_over_batch(tmp_path, world_features):
     # 18 training pairs, batch 8: T_max = cycle_epochs x max(1, 18 // 8) = 2 steps here; 3 steps per epoch (8, 8, 2)
     out = tmp_path / "r"
-    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--preset", "paper", "--anchors", "8",
-                 "--lr", "0.1", "--cycle-epochs", "1", "--epochs", "3", "--batch-size", "8", "--val-fraction", "0.25",
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "align",
+                "--shards",
+                shards(world_features),
+                "--out",
+                str(out),
+                "--preset",
+                "paper",
+                "--anchors",
+                "8",
+                "--lr",
+                "0.1",
+                "--cycle-epochs",
+                "1",
+                "--epochs",
+                "3",
+                "--batch-size",
+                "8",
+                "--val-fraction",
+                "0.25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "run.json").read_text())
     p = torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([p], lr=0.1)
@@ -164,15 +220,49 @@ def test_paper_schedule_period_is_50_epochs_of_floor_pairs_over_batch(tmp_path, 
 # -- presets in run.json; the user's options win ---------------------------------------------------------------------
 def test_paper_preset_is_the_authors_and_is_recorded(tmp_path, world_features, capsys):
     out = tmp_path / "paper"
-    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--preset", "paper", "--anchors", "8",
-                 "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "align",
+                "--shards",
+                shards(world_features),
+                "--out",
+                str(out),
+                "--preset",
+                "paper",
+                "--anchors",
+                "8",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--val-fraction",
+                "0.25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     meta = json.loads((out / "run.json").read_text())
     cfg, rec = meta["config"], meta["preset"]
     assert rec["name"] == "paper" and rec["requested"] == "paper" and "preset paper" in printed
-    authors = {"tau": 0.05, "tau_p": 0.03, "use_cls": True, "beta1": 0.9, "beta2": 0.95, "weight_decay": 1e-4,
-               "warmup_epochs": 0.0, "schedule": "cosine_cycle", "cycle_epochs": 50.0, "grad_clip": 1.0,
-               "grad_clip_mode": "per_group", "lr_finder": 100, "lr_finder_start": 1e-7, "lr_finder_end": 10.0}
+    authors = {
+        "tau": 0.05,
+        "tau_p": 0.03,
+        "use_cls": True,
+        "beta1": 0.9,
+        "beta2": 0.95,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 0.0,
+        "schedule": "cosine_cycle",
+        "cycle_epochs": 50.0,
+        "grad_clip": 1.0,
+        "grad_clip_mode": "per_group",
+        "lr_finder": 100,
+        "lr_finder_start": 1e-7,
+        "lr_finder_end": 10.0,
+    }
     assert {k: cfg[k] for k in authors} == authors and cfg["anchors"] == 8
     assert meta["run"]["patience"] == 200 and meta["run"]["epochs"] == 2  # the authors' patience; the given epochs
     finder = meta["fit"]["lr_finder"]
@@ -188,8 +278,12 @@ def test_paper_preset_is_the_authors_and_is_recorded(tmp_path, world_features, c
 
 def test_auto_on_small_data_picks_on_heldout_pairs_and_says_so(tmp_path, world_features, capsys):
     out = tmp_path / "auto"
-    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--val-fraction", "0.25",
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["align", "--shards", shards(world_features), "--out", str(out), "--val-fraction", "0.25", "--no-progress"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     meta = json.loads((out / "run.json").read_text())
     rec = meta["preset"]
@@ -203,17 +297,43 @@ def test_auto_on_small_data_picks_on_heldout_pairs_and_says_so(tmp_path, world_f
     assert meta["config"]["use_cls"] == rec["chosen"]["use_cls"]
     assert meta["config"]["lr_finder"] == 0 and meta["run"]["batch_size"] == 4  # 18 pairs: batch 18 // 4
     # a repeated command reuses the finished run (its search is not run again)
-    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--val-fraction", "0.25",
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["align", "--shards", shards(world_features), "--out", str(out), "--val-fraction", "0.25", "--no-progress"]
+        )
+        == 0
+    )
     assert json.loads((out / "run.json").read_text()) == meta
 
 
 @pytest.mark.parametrize("preset", ["paper", "small", "auto"])
 def test_given_anchors_epochs_and_lr_win_over_every_preset(tmp_path, world_features, preset):
     out = tmp_path / preset
-    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--preset", preset, "--anchors", "8",
-                 "--epochs", "2", "--lr", "0.05", "--batch-size", "8", "--val-fraction", "0.25",
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "align",
+                "--shards",
+                shards(world_features),
+                "--out",
+                str(out),
+                "--preset",
+                preset,
+                "--anchors",
+                "8",
+                "--epochs",
+                "2",
+                "--lr",
+                "0.05",
+                "--batch-size",
+                "8",
+                "--val-fraction",
+                "0.25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "run.json").read_text())
     assert meta["config"]["anchors"] == 8 and meta["config"]["lr"] == 0.05 and meta["config"]["lr_finder"] == 0
     assert meta["run"]["epochs"] == 2 and len(meta["history"]) <= 2 and meta["fit"]["lr"] == 0.05
@@ -222,7 +342,8 @@ def test_given_anchors_epochs_and_lr_win_over_every_preset(tmp_path, world_featu
 
 def test_preset_of_another_method_or_unknown_is_refused(tmp_path, world_features, capsys):
     for extra in (["--method", "linear", "--preset", "paper"], ["--preset", "fast"]):
-        code = main(["align", "--shards", shards(world_features), "--out", str(tmp_path / "x"), *extra,
-                     "--no-progress"])  # fmt: skip
+        code = main(
+            ["align", "--shards", shards(world_features), "--out", str(tmp_path / "x"), *extra, "--no-progress"]
+        )
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error:") and "--preset" in err and err.count("\n") == 1, err

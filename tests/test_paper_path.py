@@ -104,9 +104,26 @@ def paper_run(tmp_path_factory, tiny_dinov2, tiny_bert) -> tuple[Path, Path]:
     data = tmp_path_factory.mktemp("paper-data")
     replica("coco", data / "coco")
     out = tmp_path_factory.mktemp("paper-out")
-    args = ["reproduce", "pal-paper", "--data", str(data), "--skip", EVAL_SETS, "--only", "pal", "--out", str(out),
-            "--set", f"encoders.image=hf:{tiny_dinov2}", "--set", f"encoders.text=hf:{tiny_bert}",
-            "--set", "train.epochs=1", "--no-progress", "--no-figures"]  # fmt: skip
+    args = [
+        "reproduce",
+        "pal-paper",
+        "--data",
+        str(data),
+        "--skip",
+        EVAL_SETS,
+        "--only",
+        "pal",
+        "--out",
+        str(out),
+        "--set",
+        f"encoders.image=hf:{tiny_dinov2}",
+        "--set",
+        f"encoders.text=hf:{tiny_bert}",
+        "--set",
+        "train.epochs=1",
+        "--no-progress",
+        "--no-figures",
+    ]
     assert main(args) == 0
     return data, out
 
@@ -178,8 +195,9 @@ def test_eval_refuses_a_store_with_other_choices(tmp_path, tiny_bert) -> None:
 
     root = replica("coco", tmp_path / "coco")
     feats = tmp_path / "features"
-    cfg = ExtractConfig(encoder=f"hf:{tiny_bert}", dataset="coco", split="val", features=str(feats), root=str(root),
-                        limit=2)  # fmt: skip
+    cfg = ExtractConfig(
+        encoder=f"hf:{tiny_bert}", dataset="coco", split="val", features=str(feats), root=str(root), limit=2
+    )
     store = open_store(run_extract(cfg, progress=False).path)
     trained = dict(store.layout.encoder)
     meta = {"text_encoder": f"hf:{tiny_bert}", "encoders": {"text": trained}}
@@ -257,8 +275,10 @@ def test_periodic_cosine_period_follows_all_of_train(paper_run) -> None:
     cut = pair_split(stores, run.val_fraction, run.seed)
     held = heldout_stores(val_folder, stores)
     held_cut = pair_split(held, 0.0, run.seed)
-    data = TrainingData(PairSource(stores, cut.train, cut.captions, tokens=True, caption_rule="first"),
-                        PairSource(held, held_cut.train, held_cut.captions, tokens=True, caption_rule="first"))
+    data = TrainingData(
+        PairSource(stores, cut.train, cut.captions, tokens=True, caption_rule="first"),
+        PairSource(held, held_cut.train, held_cut.captions, tokens=True, caption_rule="first"),
+    )
     trainer = Trainer(PAL, PALConfig(anchors=8, lr_finder=0), run.resolved(PAL), data)
     assert trainer.period == 50 * (TRAIN // 5) == 200
 
@@ -297,8 +317,12 @@ def test_recipe_runs_every_trained_method_as_the_authors(tmp_path) -> None:
 
     r = load_recipe("pal-paper", data=tmp_path)
     assert (r.encoders.layer, r.encoders.crop, r.encoders.special_tokens) == ("-1", "short-side", "keep")
-    assert (r.train.split, r.train.val_split, r.train.run.captions, r.train.run.val_fraction) == ("train", "val",
-                                                                                                  "first", 0.0)
+    assert (r.train.split, r.train.val_split, r.train.run.captions, r.train.run.val_fraction) == (
+        "train",
+        "val",
+        "first",
+        0.0,
+    )
     for m in r.methods:
         if m.method in ("pal", "linear", "mlp"):
             assert (m.run.epochs, m.run.patience) == (1000, 200), m.name
@@ -354,9 +378,23 @@ def test_dry_run_prints_the_plan_and_does_nothing(tmp_path, tiny_dinov2, tiny_be
     data = tmp_path / "data"
     replica("coco", data / "coco")
     out = tmp_path / "out"
-    args = ["reproduce", "pal-paper", "--data", str(data), "--skip", EVAL_SETS, "--out", str(out),
-            "--set", f"encoders.image=hf:{tiny_dinov2}", "--set", f"encoders.text=hf:{tiny_bert}", "--dry-run",
-            "--tflops", "50"]  # fmt: skip
+    args = [
+        "reproduce",
+        "pal-paper",
+        "--data",
+        str(data),
+        "--skip",
+        EVAL_SETS,
+        "--out",
+        str(out),
+        "--set",
+        f"encoders.image=hf:{tiny_dinov2}",
+        "--set",
+        f"encoders.text=hf:{tiny_bert}",
+        "--dry-run",
+        "--tflops",
+        "50",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert not out.exists()  # nothing written

@@ -21,8 +21,19 @@ from pipe_align.align.run import AlignConfig, run_align
 from pipe_align.pipelines.cli import main
 from pipe_align.pipelines.recipe import load_recipe
 
-QUICK = ["--anchors", "8", "--lr", "0.01", "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25",
-         "--no-progress"]  # fmt: skip
+QUICK = [
+    "--anchors",
+    "8",
+    "--lr",
+    "0.01",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--val-fraction",
+    "0.25",
+    "--no-progress",
+]
 
 
 def shards(feats: Path) -> str:
@@ -52,8 +63,20 @@ def test_preset_flag_and_its_old_name_recipe_give_the_same_run(tmp_path, world_f
 
 def test_preset_and_recipe_both_given_is_one_line_error(tmp_path, world_features, capsys):
     out = tmp_path / "r"
-    code = main(["align", "--shards", shards(world_features), "--out", str(out), "--preset", "paper", "--recipe",
-                 "small", *QUICK])  # fmt: skip
+    code = main(
+        [
+            "align",
+            "--shards",
+            shards(world_features),
+            "--out",
+            str(out),
+            "--preset",
+            "paper",
+            "--recipe",
+            "small",
+            *QUICK,
+        ]
+    )
     err = one_line_error(capsys)
     assert code == 2 and "--preset paper" in err and "--recipe small" in err
     assert not out.exists()
@@ -61,14 +84,41 @@ def test_preset_and_recipe_both_given_is_one_line_error(tmp_path, world_features
 
 def test_method_without_presets_refuses_preset_small(tmp_path, world_features, capsys):
     out = tmp_path / "r"
-    code = main(["align", "--shards", shards(world_features), "--out", str(out), "--method", "procrustes",
-                 "--preset", "small", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "align",
+            "--shards",
+            shards(world_features),
+            "--out",
+            str(out),
+            "--method",
+            "procrustes",
+            "--preset",
+            "small",
+            "--no-progress",
+        ]
+    )
     err = one_line_error(capsys)
     assert code == 2 and "--preset small" in err and "method procrustes has no presets" in err
     assert not out.exists()
     # "none" is no preset: the method's own defaults
-    assert main(["align", "--shards", shards(world_features), "--out", str(out), "--method", "procrustes",
-                 "--preset", "none", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "align",
+                "--shards",
+                shards(world_features),
+                "--out",
+                str(out),
+                "--method",
+                "procrustes",
+                "--preset",
+                "none",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "run.json").read_text())["preset"] is None
 
 
@@ -153,8 +203,9 @@ def toy_method():
 
 def test_run_align_calls_the_methods_own_preset_hooks(tmp_path, world_features, toy_method):
     run = RunConfig(val_fraction=0.25)
-    first = run_align(AlignConfig(shards(world_features), str(tmp_path / "q"), method=toy_method.name, run=run),
-                      progress=False)  # fmt: skip
+    first = run_align(
+        AlignConfig(shards(world_features), str(tmp_path / "q"), method=toy_method.name, run=run), progress=False
+    )
     assert toy_method.calls == [("plan", "quick", {}, 18)]  # no --preset: the method's first; 24 pairs, 6 held out
     assert first.meta["config"]["dim"] == 2 and first.meta["fit"]["dim"] == 2
     assert first.meta["preset"]["name"] == "quick" and first.meta["preset"]["params"] == {"dim": 2}
@@ -201,15 +252,19 @@ def test_recipe_train_preset_goes_to_the_methods_that_have_presets(tmp_path):
     assert r.train.preset == "small"
     presets = {m.method: m.preset for m in r.methods}
     assert presets["pal"] == "small" and all(p is None for m, p in presets.items() if m != "pal"), presets
-    assert {m.method: m.preset for m in load_recipe("pal-paper", data=tmp_path, sets=["train.recipe=paper"]).methods
-            }["pal"] == "paper"  # fmt: skip
+    assert {m.method: m.preset for m in load_recipe("pal-paper", data=tmp_path, sets=["train.recipe=paper"]).methods}[
+        "pal"
+    ] == "paper"
     assert all(m.preset is None for m in load_recipe("pal-paper", data=tmp_path).methods)  # auto, as before
 
 
-@pytest.mark.parametrize(("sets", "expected"), [
-    (["train.preset=fast"], "train.preset: unknown for method pal; choose one of auto, paper, small"),
-    (["train.preset=paper", "train.recipe=small"], "train.recipe: is the old name of train.preset; give one"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (["train.preset=fast"], "train.preset: unknown for method pal; choose one of auto, paper, small"),
+        (["train.preset=paper", "train.recipe=small"], "train.recipe: is the old name of train.preset; give one"),
+    ],
+)
 def test_recipe_train_preset_is_checked(tmp_path, sets, expected):
     from pipe_align.extract.errors import PipeError
 

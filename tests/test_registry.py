@@ -261,5 +261,6 @@ def test_a_recipe_naming_an_unknown_reader_lists_every_registered_one():
     recipe = SimpleNamespace(path="r.toml", dataset=lambda name: SimpleNamespace(reader="nope", root=None))
     with pytest.raises(PipeError) as e:
         check_datasets(recipe, ["mine"])
-    assert str(e.value).endswith(f"no dataset reader 'nope' in this pipe (leave it out with --skip mine); allowed: "
-                                 f"{', '.join(DATASETS.names())}")  # fmt: skip
+    assert str(e.value).endswith(
+        f"no dataset reader 'nope' in this pipe (leave it out with --skip mine); allowed: {', '.join(DATASETS.names())}"
+    )

@@ -25,8 +25,21 @@ WORLD = ["-o", "size=24", "--shard-rows", "8", "--batch-size", "8", "--no-progre
 
 
 def extract(features: str, encoder: str, split: str = "train", *extra: str) -> int:
-    return main(["extract", "--encoder", f"hf:{encoder}", "--dataset", "world", "--split", split,
-                 "--features", features, *WORLD, *extra])  # fmt: skip
+    return main(
+        [
+            "extract",
+            "--encoder",
+            f"hf:{encoder}",
+            "--dataset",
+            "world",
+            "--split",
+            split,
+            "--features",
+            features,
+            *WORLD,
+            *extra,
+        ]
+    )
 
 
 def arrays(store) -> dict[str, np.ndarray]:
@@ -69,8 +82,16 @@ def test_remote_store_killed_while_created_is_resumed(s3, tiny_dinov2, monkeypat
     from pipe_align.extract import store as store_mod
     from pipe_align.extract.job import ExtractConfig, plan
 
-    job = plan(ExtractConfig(encoder=f"hf:{tiny_dinov2}", dataset="world", split="train", features="s3://feat/f",
-                             options=(("size", 24),), shard_rows=8))  # fmt: skip
+    job = plan(
+        ExtractConfig(
+            encoder=f"hf:{tiny_dinov2}",
+            dataset="world",
+            split="train",
+            features="s3://feat/f",
+            options=(("size", 24),),
+            shard_rows=8,
+        )
+    )
     real = store_mod.create_arrays
 
     def dies_after_two(group, layout, names=None):
@@ -114,8 +135,9 @@ def test_extract_verify_align_eval_from_s3_equal_local(s3, tiny_dinov2, tiny_ber
 
     train = ["--anchors", "8", "--epochs", "2", "--batch-size", "8", "--memory-budget", "0", "--no-progress"]
     assert main(["align", "--shards", "s3://feat/f/world/train", "--out", str(tmp_path / "run-s3"), *train]) == 0
-    assert main(["align", "--shards", str(local / "world" / "train"), "--out", str(tmp_path / "run-local"),
-                 *train]) == 0  # fmt: skip
+    assert (
+        main(["align", "--shards", str(local / "world" / "train"), "--out", str(tmp_path / "run-local"), *train]) == 0
+    )
     meta = json.loads((tmp_path / "run-s3" / "run.json").read_text())
     assert meta["data_mode"] != json.loads((tmp_path / "run-local" / "run.json").read_text()).get("x")
     assert "stream" in str(meta["data_mode"]), meta["data_mode"]
@@ -124,10 +146,29 @@ def test_extract_verify_align_eval_from_s3_equal_local(s3, tiny_dinov2, tiny_ber
     assert (tmp_path / "run-s3" / weights).read_bytes() == (tmp_path / "run-local" / weights).read_bytes()
 
     for run, features in (("run-s3", "s3://feat/f"), ("run-local", str(local))):
-        assert main(["eval", "retrieval", "--dataset", "world", "--split", "val", "--features", features,
-                     "--run", str(tmp_path / run), "--device", "cpu", "--no-figures"]) == 0  # fmt: skip
-    res = [json.loads(next((tmp_path / r / "eval").glob("retrieval-*.json")).read_text()) for r in ("run-s3",
-                                                                                                      "run-local")]
+        assert (
+            main(
+                [
+                    "eval",
+                    "retrieval",
+                    "--dataset",
+                    "world",
+                    "--split",
+                    "val",
+                    "--features",
+                    features,
+                    "--run",
+                    str(tmp_path / run),
+                    "--device",
+                    "cpu",
+                    "--no-figures",
+                ]
+            )
+            == 0
+        )
+    res = [
+        json.loads(next((tmp_path / r / "eval").glob("retrieval-*.json")).read_text()) for r in ("run-s3", "run-local")
+    ]
     recalls = [{k: v for k, v in r.items() if "recall@" in k} for r in res]
     assert recalls[0] and recalls[0] == recalls[1]
     # load() on a run whose stores are remote: its encoder records come from run.json / the stores at their URLs
@@ -145,14 +186,36 @@ def test_storage_options_reach_the_backend_and_are_never_written(s3, tiny_dinov2
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)
     secret = "s3cr3t-never-stored"
-    opts = ["--storage-option", f"endpoint_url={s3}", "--storage-option", "key=k1",
-            "--storage-option", f"secret={secret}"]  # fmt: skip
-    assert main([*opts, "extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "--features",
-                 "s3://feat/o", *WORLD]) == 0  # fmt: skip
+    opts = [
+        "--storage-option",
+        f"endpoint_url={s3}",
+        "--storage-option",
+        "key=k1",
+        "--storage-option",
+        f"secret={secret}",
+    ]
+    assert (
+        main(
+            [
+                *opts,
+                "extract",
+                "--encoder",
+                f"hf:{tiny_dinov2}",
+                "--dataset",
+                "world",
+                "--features",
+                "s3://feat/o",
+                *WORLD,
+            ]
+        )
+        == 0
+    )
     stored = objects(s3, "o/")
     assert stored and not any(secret.encode() in v or s3.encode() in v for v in stored.values())
-    assert main([*opts, "verify", f"s3://feat/o/world/train/{Path(store_path('x', 'w', 's', f'hf:{tiny_dinov2}')).name}"
-                 ]) == 0  # fmt: skip
+    assert (
+        main([*opts, "verify", f"s3://feat/o/world/train/{Path(store_path('x', 'w', 's', f'hf:{tiny_dinov2}')).name}"])
+        == 0
+    )
 
 
 def test_streamed_epoch_reads_each_shard_object_once(s3, tiny_dinov2, tiny_bert, monkeypatch):
@@ -193,8 +256,20 @@ def test_streamed_epoch_reads_each_shard_object_once(s3, tiny_dinov2, tiny_bert,
 def test_killed_extraction_to_s3_resumes_to_the_same_bytes(s3, tiny_dinov2, tmp_path):
     """SIGKILL mid-run: the store is incomplete (never read as complete); the rerun resumes it, and every object then
     holds the bytes of an uninterrupted extraction."""
-    args = ["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=40", "--shard-rows", "4",
-            "--batch-size", "2", "--no-progress"]  # fmt: skip
+    args = [
+        "extract",
+        "--encoder",
+        f"hf:{tiny_dinov2}",
+        "--dataset",
+        "world",
+        "-o",
+        "size=40",
+        "--shard-rows",
+        "4",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     assert main([*args, "--features", "s3://feat/ref"]) == 0
     script = tmp_path / "slow.py"
     script.write_text(SLOW_WRITER)
@@ -235,8 +310,12 @@ def test_dask_workers_write_their_shards_to_s3(s3, tiny_dinov2, tmp_path):
 
 def test_missing_bucket_is_one_line(s3, tiny_dinov2, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "--features", "s3://nobucket/f",
-                 *WORLD]) == 2  # fmt: skip
+    assert (
+        main(
+            ["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "--features", "s3://nobucket/f", *WORLD]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: object storage: ") and "bucket does not exist" in err and "\n" not in err, err
     assert list(tmp_path.iterdir()) == []

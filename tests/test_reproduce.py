@@ -59,9 +59,24 @@ def roots(tmp_path_factory) -> dict[str, Path]:
 
 
 def reproduce_args(out: Path, roots: dict[str, Path], dinov2: str, bert: str, *extra: str) -> list[str]:
-    args = ["reproduce", "pal-paper", "--out", str(out), "--set", f"encoders.image=hf:{dinov2}", "--set",
-            f"encoders.text=hf:{bert}", "--set", "train.epochs=2", "--no-progress", "--no-figures",
-            "--set", "methods.pal-fixed.anchors=8", "--set", "methods.csa.rank=8"]  # fmt: skip
+    args = [
+        "reproduce",
+        "pal-paper",
+        "--out",
+        str(out),
+        "--set",
+        f"encoders.image=hf:{dinov2}",
+        "--set",
+        f"encoders.text=hf:{bert}",
+        "--set",
+        "train.epochs=2",
+        "--no-progress",
+        "--no-figures",
+        "--set",
+        "methods.pal-fixed.anchors=8",
+        "--set",
+        "methods.csa.rank=8",
+    ]
     # (the replica has 24 training pairs, not 512; csa's PCA keeps fewer than 512 components of them)
     for name, path in roots.items():
         args += ["--root", f"{name}={path}"]
@@ -229,9 +244,16 @@ def test_world_recipe_every_task_and_the_differences(tmp_path, tiny_dinov2, tiny
     assert prompts["attributes"]["templates"] == ["a photo of a {}.", "a {} in the scene."]  # the dataset's extract
     cells = json.loads((out / "table.json").read_text())["cells"]
     shown = {(c["method"], c["task"], c["metric"]) for c in cells}
-    assert shown == {(m, t, k) for m in ("pal", "procrustes") for t, ks in (
-        ("classification", ("acc1", "balanced_acc")), ("segmentation", ("mIoU", "fg_mIoU")),
-        ("retrieval", ("text_retrieval_recall@5",))) for k in ks}  # fmt: skip
+    assert shown == {
+        (m, t, k)
+        for m in ("pal", "procrustes")
+        for t, ks in (
+            ("classification", ("acc1", "balanced_acc")),
+            ("segmentation", ("mIoU", "fg_mIoU")),
+            ("retrieval", ("text_retrieval_recall@5",)),
+        )
+        for k in ks
+    }
     for c in cells:
         name = f"{c['task']}-world-val" + ("-pal" if c["task"] == "segmentation" else "")
         result = json.loads((out / "runs" / c["method"] / "eval" / f"{name}.json").read_text())
@@ -240,8 +262,9 @@ def test_world_recipe_every_task_and_the_differences(tmp_path, tiny_dinov2, tiny
     assert set(paper) == {("pal", "balanced_acc"), ("pal", "fg_mIoU")}
     assert paper["pal", "balanced_acc"]["diff"] == pytest.approx(paper["pal", "balanced_acc"]["measured"] - 50.0)
     assert paper["pal", "fg_mIoU"]["diff"] == pytest.approx(paper["pal", "fg_mIoU"]["measured"] - 10.0)
-    line = next(x for x in (out / "table.md").read_text().splitlines() if "| pal | segmentation" in x
-                and "fg mIoU" in x)  # fmt: skip
+    line = next(
+        x for x in (out / "table.md").read_text().splitlines() if "| pal | segmentation" in x and "fg mIoU" in x
+    )
     c = paper["pal", "fg_mIoU"]
     assert f"| {c['measured']:.1f} | 10.0 | {c['diff']:+.1f} |" in line
 
@@ -269,8 +292,11 @@ def test_killed_runs_resume(tmp_path, tiny_dinov2, tiny_bert, interrupt_at, monk
 
     monkeypatch.setattr(runner, "run_local", dies_on_third_store)
     assert main([*base, "--out", str(out)]) == 130
-    incomplete = [p for p in (out / "features").rglob("zarr.json") if p.parent.suffix == ".zarr"
-                  and not json.loads(p.read_text())["attributes"].get("complete")]  # fmt: skip
+    incomplete = [
+        p
+        for p in (out / "features").rglob("zarr.json")
+        if p.parent.suffix == ".zarr" and not json.loads(p.read_text())["attributes"].get("complete")
+    ]
     assert len(incomplete) == 1 and not (out / "runs").exists()
     monkeypatch.setattr(runner, "run_local", original)
     interrupt_at(2)  # training dies at epoch 2, after epoch 1's checkpoint
@@ -284,7 +310,8 @@ def test_killed_runs_resume(tmp_path, tiny_dinov2, tiny_bert, interrupt_at, monk
     a, b = (load_file(d / "runs" / "pal" / "anchors.safetensors") for d in (unbroken, out))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert [c["measured"] for c in table["cells"]] == [
-        c["measured"] for c in json.loads((unbroken / "table.json").read_text())["cells"]]
+        c["measured"] for c in json.loads((unbroken / "table.json").read_text())["cells"]
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -298,31 +325,69 @@ def bad_recipe(tmp_path: Path, old: str, new: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("old", "new", "expected"), [
-    ('root = "VOCdevkit"  ', 'rooot = "VOCdevkit"',
-     r"datasets\.voc\.rooot: unknown key; allowed: reader, root, options"),
-    ("anchors = 512", "anchors = 512\nanchor = 3", r"methods\.pal\.anchor: unknown key; allowed: method, run, anchors"),
-    ('task = "retrieval"', 'task = "retreival"', r"eval\[2\]\.task: 'retreival' is not one of them; allowed: "
-                                                 "classification, retrieval, segmentation"),
-    ('protocol = "pal"', 'protocol = "mmseg"', r"eval\[4\]\.protocol: 'mmseg' is not one of them; allowed: pal, "),
-    ("balanced_acc = 95.3", "balanced_acc = 953", r'paper\.pal\.classification\.stl10\."balanced_acc": 953 is not a '
-                                                  r"percentage"),
-    ("fg_mIoU = 32.3", "mIoU_fg = 32.3",
-     r"paper\.pal\.segmentation\.voc\.mIoU_fg: unknown key; allowed: mIoU, fg_mIoU"),
-    ('dataset = "coco"\nsplit', 'dataset = "cocoa"\nsplit',
-     r"train\.dataset: 'cocoa' is not one of them; allowed: coco, "),
-    ("structure_weight = 10.0\nrun", "structure_weight = 10.0\nrun = { epoch = 3 }\n#", r"methods\.linear-structure"
-                                                                                         r"\.run\.epoch: unknown key"),
-    ('method = "mlp"', 'method = "mpl"', r"methods\.mlp-structure\.method: 'mpl' is not one of them; allowed: asif, "),
-    ("[methods.asif]", "[methods.asif]\nk = -3", r"methods\.asif: bad option value for method asif"),
-    ('[datasets.stl10]', '[datasets.stl10]\nextract = { resize = "zoom" }',
-     r"datasets\.stl10\.extract: --resize must be auto, crop or squash, got 'zoom'"),
-    ('[datasets.stl10]', '[datasets.stl10]\nextract = { colour = 1 }',
-     r"datasets\.stl10\.extract\.colour: unknown key; allowed: dtype, compute_dtype, limit, image_size, templates, "
-     r"resize, strict, shard_rows, prompts"),
-    ('max_length = "longest"', "max_length = 0", r'encoders\.max_length: 0 is not a positive integer or "longest"'),
-    ("[train]", "[trian]\n[train]", r"trian: unknown key; allowed: recipe, encoders, datasets"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            'root = "VOCdevkit"  ',
+            'rooot = "VOCdevkit"',
+            r"datasets\.voc\.rooot: unknown key; allowed: reader, root, options",
+        ),
+        (
+            "anchors = 512",
+            "anchors = 512\nanchor = 3",
+            r"methods\.pal\.anchor: unknown key; allowed: method, run, anchors",
+        ),
+        (
+            'task = "retrieval"',
+            'task = "retreival"',
+            r"eval\[2\]\.task: 'retreival' is not one of them; allowed: "
+            "classification, retrieval, segmentation",
+        ),
+        ('protocol = "pal"', 'protocol = "mmseg"', r"eval\[4\]\.protocol: 'mmseg' is not one of them; allowed: pal, "),
+        (
+            "balanced_acc = 95.3",
+            "balanced_acc = 953",
+            r'paper\.pal\.classification\.stl10\."balanced_acc": 953 is not a '
+            r"percentage",
+        ),
+        (
+            "fg_mIoU = 32.3",
+            "mIoU_fg = 32.3",
+            r"paper\.pal\.segmentation\.voc\.mIoU_fg: unknown key; allowed: mIoU, fg_mIoU",
+        ),
+        (
+            'dataset = "coco"\nsplit',
+            'dataset = "cocoa"\nsplit',
+            r"train\.dataset: 'cocoa' is not one of them; allowed: coco, ",
+        ),
+        (
+            "structure_weight = 10.0\nrun",
+            "structure_weight = 10.0\nrun = { epoch = 3 }\n#",
+            r"methods\.linear-structure"
+            r"\.run\.epoch: unknown key",
+        ),
+        (
+            'method = "mlp"',
+            'method = "mpl"',
+            r"methods\.mlp-structure\.method: 'mpl' is not one of them; allowed: asif, ",
+        ),
+        ("[methods.asif]", "[methods.asif]\nk = -3", r"methods\.asif: bad option value for method asif"),
+        (
+            "[datasets.stl10]",
+            '[datasets.stl10]\nextract = { resize = "zoom" }',
+            r"datasets\.stl10\.extract: --resize must be auto, crop or squash, got 'zoom'",
+        ),
+        (
+            "[datasets.stl10]",
+            "[datasets.stl10]\nextract = { colour = 1 }",
+            r"datasets\.stl10\.extract\.colour: unknown key; allowed: dtype, compute_dtype, limit, image_size, "
+            r"templates, resize, strict, shard_rows, prompts",
+        ),
+        ('max_length = "longest"', "max_length = 0", r'encoders\.max_length: 0 is not a positive integer or "longest"'),
+        ("[train]", "[trian]\n[train]", r"trian: unknown key; allowed: recipe, encoders, datasets"),
+    ],
+)
 def test_bad_recipe_is_one_line_exit_2(tmp_path, capsys, old, new, expected):
     path = bad_recipe(tmp_path, old, new)
     assert main(["reproduce", str(path), "--out", str(tmp_path / "out"), "--data", str(tmp_path)]) == 2
@@ -345,9 +410,10 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
         ([*data, "--only", "voc"], "not in --only leaves out coco, the training set"),
         ([], "datasets.coco.root: 'coco' is relative and pal-paper.toml is a shipped recipe; allowed: --data DIR"),
         (data, "datasets.stl10.reader: no dataset reader 'stl10' in this pipe (leave it out with --skip stl10)")
-        if "stl10" in NOT_YET else None,
+        if "stl10" in NOT_YET
+        else None,
         ([*data, *skip, "--device", "tpu"], "--device must be auto, cpu or cuda"),
-    ]  # fmt: skip
+    ]
     for extra, expected in filter(None, cases):
         assert main(["reproduce", "pal-paper", "--out", str(tmp_path / "out"), *extra]) == 2
         err = capsys.readouterr().err
@@ -378,6 +444,9 @@ def test_relative_roots_resolve_against_the_recipe_folder_or_data(tmp_path, monk
     assert shipped.dataset("coco").root == str(tmp_path.resolve() / "rel" / "coco")
     assert shipped.dataset("flickr30k").root == "flickr30k"
     check_datasets(shipped, ["coco"])
-    with pytest.raises(PipeError, match="datasets.flickr30k.root: 'flickr30k' is relative and pal-paper.toml is a "
-                                        "shipped recipe; allowed: --data DIR .* or --root flickr30k=PATH"):
+    with pytest.raises(
+        PipeError,
+        match="datasets.flickr30k.root: 'flickr30k' is relative and pal-paper.toml is a "
+        "shipped recipe; allowed: --data DIR .* or --root flickr30k=PATH",
+    ):
         check_datasets(shipped, ["coco", "flickr30k"])

@@ -27,8 +27,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "pipelines" / "recipes" / "pal-paper.toml"
-FAST = ["--anchors", "8", "--no-use-cls", "--epochs", "3", "--batch-size", "8", "--val-fraction", "0.25",
-        "--no-progress"]  # fmt: skip
+FAST = [
+    "--anchors",
+    "8",
+    "--no-use-cls",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "8",
+    "--val-fraction",
+    "0.25",
+    "--no-progress",
+]
 
 
 def align_args(world_features: Path, out: Path, *extra: str) -> list[str]:
@@ -73,15 +83,18 @@ def recipe_with(tmp_path: Path, old: str, new: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("old", "new", "key"), [
-    ("[methods.pal]", '[methods."../../../x"]', "methods.'../../../x'"),
-    ("[methods.pal]", '[methods."/abs/path"]', "methods.'/abs/path'"),
-    ('name = "pal-paper"', 'name = "x/../../y"', "recipe.name"),
-    ('split = "val"\nprotocol = "pal"', 'split = "../../../z"\nprotocol = "pal"', "eval[4].split"),
-    ('split = "train" ', 'split = ".." ', "train.split"),
-    ("[datasets.stl10]", '[datasets."a/b"]', "datasets.'a/b'"),
-    ('reader = "coco"', 'reader = "../coco"', "datasets.coco.reader"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ("[methods.pal]", '[methods."../../../x"]', "methods.'../../../x'"),
+        ("[methods.pal]", '[methods."/abs/path"]', "methods.'/abs/path'"),
+        ('name = "pal-paper"', 'name = "x/../../y"', "recipe.name"),
+        ('split = "val"\nprotocol = "pal"', 'split = "../../../z"\nprotocol = "pal"', "eval[4].split"),
+        ('split = "train" ', 'split = ".." ', "train.split"),
+        ("[datasets.stl10]", '[datasets."a/b"]', "datasets.'a/b'"),
+        ('reader = "coco"', 'reader = "../coco"', "datasets.coco.reader"),
+    ],
+)
 def test_recipe_names_are_one_path_component(tmp_path, capsys, old, new, key):
     path = recipe_with(tmp_path, old, new)
     out = tmp_path / "work" / "out"
@@ -92,31 +105,68 @@ def test_recipe_names_are_one_path_component(tmp_path, capsys, old, new, key):
 
 def test_split_options_are_names(tmp_path, tiny_dinov2, world_features, capsys):
     feats = tmp_path / "a" / "features"
-    assert main(["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "--split", "../../x",
-                 "--features", str(feats), "-o", "size=4", "--no-progress"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "extract",
+                "--encoder",
+                f"hf:{tiny_dinov2}",
+                "--dataset",
+                "world",
+                "--split",
+                "../../x",
+                "--features",
+                str(feats),
+                "-o",
+                "size=4",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, 2, "--split: '../../x' is not a name")
     assert not (tmp_path / "a").exists() and not (tmp_path / "x").exists()
-    assert main(["eval", "classification", "--dataset", "world", "--split", "../val", "--features",
-                 str(world_features), "--run", str(tmp_path / "run")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "classification",
+                "--dataset",
+                "world",
+                "--split",
+                "../val",
+                "--features",
+                str(world_features),
+                "--run",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, 2, "--split: '../val' is not a name")
 
 
 # ------------------------------------------------------------------------------- 3. values of their type and range
 
 
-@pytest.mark.parametrize(("setting", "expected"), [
-    ("methods.pal.anchors=100000000000", "anchors=100000000000 is out of range; allowed: from 1 to 65536"),
-    ("methods.pal.anchors=true", "anchors=True is not an integer; allowed: an integer from 1 to 65536"),
-    ("methods.pal.lr_finder=100000000", "lr_finder=100000000 is out of range; allowed: from 0 to 10000"),
-    ("train.epochs=1e400", "train.epochs: inf is not an integer; allowed: an integer from 1 to 100000"),
-    ("train.epochs=9223372036854775807", "train.epochs: 9223372036854775807 is out of range; allowed: from 1 to "
-                                         "100000"),
-    ('train.epochs="three"', "train.epochs: 'three' is not an integer; allowed: an integer from 1 to 100000"),
-    ("train.epochs=2.5", "train.epochs: 2.5 is not an integer"),
-    ("train.batch_size=true", "train.batch_size: True is not an integer"),
-    ("train.val_fraction=true", "train.val_fraction: True is not a finite number"),
-    ("methods.pal.run.patience=1e9", "methods.pal.run.patience: 1000000000.0 is not an integer"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("methods.pal.anchors=100000000000", "anchors=100000000000 is out of range; allowed: from 1 to 65536"),
+        ("methods.pal.anchors=true", "anchors=True is not an integer; allowed: an integer from 1 to 65536"),
+        ("methods.pal.lr_finder=100000000", "lr_finder=100000000 is out of range; allowed: from 0 to 10000"),
+        ("train.epochs=1e400", "train.epochs: inf is not an integer; allowed: an integer from 1 to 100000"),
+        (
+            "train.epochs=9223372036854775807",
+            "train.epochs: 9223372036854775807 is out of range; allowed: from 1 to 100000",
+        ),
+        ('train.epochs="three"', "train.epochs: 'three' is not an integer; allowed: an integer from 1 to 100000"),
+        ("train.epochs=2.5", "train.epochs: 2.5 is not an integer"),
+        ("train.batch_size=true", "train.batch_size: True is not an integer"),
+        ("train.val_fraction=true", "train.val_fraction: True is not a finite number"),
+        ("methods.pal.run.patience=1e9", "methods.pal.run.patience: 1000000000.0 is not an integer"),
+    ],
+)
 def test_recipe_values_have_their_type_and_range(tmp_path, capsys, setting, expected):
     out = tmp_path / "out"
     assert main(["reproduce", "pal-paper", "--out", str(out), "--data", str(tmp_path), "--set", setting]) == 2
@@ -124,17 +174,20 @@ def test_recipe_values_have_their_type_and_range(tmp_path, capsys, setting, expe
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    (["--anchors", "100000000000"], "anchors=100000000000 is out of range; allowed: from 1 to 65536"),
-    (["--lr-finder", "100000000"], "lr_finder=100000000 is out of range; allowed: from 0 to 10000"),
-    (["--epochs", "1000000"], "--epochs 1000000 is out of range; allowed: from 1 to 100000"),
-    (["--patience", "1000000"], "--patience 1000000 is out of range; allowed: from 0 to 100000"),
-    (["--batch-size", "100000000000"], "--batch-size 100000000000 is out of range; allowed: from 2 to 16777216"),
-    (["-p", "anchors=true"], "anchors=True is not an integer"),
-    (["-p", "anchors=2.5"], "anchors=2.5 is not an integer"),
-    (["-p", "tau=\"x\""], "tau='x' is not a finite number"),
-    (["--method", "sotalign", "--n-iter", "100000000"], "n_iter=100000000 is out of range; allowed: up to 1048576"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--anchors", "100000000000"], "anchors=100000000000 is out of range; allowed: from 1 to 65536"),
+        (["--lr-finder", "100000000"], "lr_finder=100000000 is out of range; allowed: from 0 to 10000"),
+        (["--epochs", "1000000"], "--epochs 1000000 is out of range; allowed: from 1 to 100000"),
+        (["--patience", "1000000"], "--patience 1000000 is out of range; allowed: from 0 to 100000"),
+        (["--batch-size", "100000000000"], "--batch-size 100000000000 is out of range; allowed: from 2 to 16777216"),
+        (["-p", "anchors=true"], "anchors=True is not an integer"),
+        (["-p", "anchors=2.5"], "anchors=2.5 is not an integer"),
+        (["-p", 'tau="x"'], "tau='x' is not a finite number"),
+        (["--method", "sotalign", "--n-iter", "100000000"], "n_iter=100000000 is out of range; allowed: up to 1048576"),
+    ],
+)
 def test_align_options_are_bounded(tmp_path, capsys, flags, expected):
     """Checked before the stores are even looked for (--shards does not exist)."""
     assert main(["align", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "run"), *flags]) == 2
@@ -187,12 +240,17 @@ def test_pal_segmentation_eval_gets_its_prompts_extracted(tmp_path, tiny_dinov2,
 
 
 def test_a_prompt_setting_the_eval_cannot_use_is_refused_up_front(tmp_path, tiny_dinov2, tiny_bert, capsys):
-    recipe = pal_seg_recipe(tmp_path, tiny_dinov2, tiny_bert, protocol="standard",
-                            extract=', extract = { prompts = "pal" }')  # fmt: skip
+    recipe = pal_seg_recipe(
+        tmp_path, tiny_dinov2, tiny_bert, protocol="standard", extract=', extract = { prompts = "pal" }'
+    )
     out = tmp_path / "out"
     assert main(["reproduce", str(recipe), "--out", str(out), "--no-progress", "--no-figures"]) == 2
-    one_line_error(capsys, 2, f"{recipe}: datasets.voc.extract.prompts: 'pal', but segmentation voc/val [standard] "
-                           "scores with the standard prompts")  # fmt: skip
+    one_line_error(
+        capsys,
+        2,
+        f"{recipe}: datasets.voc.extract.prompts: 'pal', but segmentation voc/val [standard] "
+        "scores with the standard prompts",
+    )
     assert not (out / "features").exists() and not (out / "runs").exists()
 
 
@@ -213,8 +271,28 @@ def test_planted_links_at_temporary_names_are_not_followed(tmp_path, world_featu
     assert json.loads((out / "run.json").read_text())["complete"] is True
     (out / "eval").mkdir()
     (out / "eval" / "classification-world-val.json.tmp").symlink_to(victims["eval"])
-    assert main(["eval", "classification", "--dataset", "world", "--split", "val", "--features", str(world_features),
-                 "--run", str(out), "-o", "size=8", "--no-figures", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "classification",
+                "--dataset",
+                "world",
+                "--split",
+                "val",
+                "--features",
+                str(world_features),
+                "--run",
+                str(out),
+                "-o",
+                "size=8",
+                "--no-figures",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "eval" / "classification-world-val.json").read_text())["acc1"] >= 0
     assert {n: v.read_text() for n, v in victims.items()} == dict.fromkeys(victims, "precious")
     left = sorted(p.name for p in out.rglob("*.tmp") if not p.is_symlink())
@@ -250,17 +328,41 @@ def test_a_model_folder_that_needs_custom_code_is_refused(tmp_path, capsys, monk
     folder = tmp_path / "evil-model"
     folder.mkdir()
     marker = tmp_path / "pwned"
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "pipe-evil-model", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"},
-    }))  # fmt: skip
-    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                    "from transformers import PretrainedConfig\n"
-                                    "class EvilConfig(PretrainedConfig):\n    model_type = 'pipe-evil-model'\n")
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "pipe-evil-model",
+                "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"},
+            }
+        )
+    )
+    (folder / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'pipe-evil-model'\n"
+    )
     asked = []
     monkeypatch.setattr(builtins, "input", lambda *a: asked.append(a) or "y")
     feats = tmp_path / "features"
-    assert main(["extract", "--encoder", f"hf:{folder}", "--dataset", "world", "--split", "train", "--features",
-                 str(feats), "-o", "size=4", "--no-progress"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "extract",
+                "--encoder",
+                f"hf:{folder}",
+                "--dataset",
+                "world",
+                "--split",
+                "train",
+                "--features",
+                str(feats),
+                "-o",
+                "size=4",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, 2, str(folder.resolve()), "needs the model's own Python code", "never runs")
     assert not marker.exists() and asked == []
 
@@ -280,11 +382,24 @@ def test_swapped_single_file_beside_a_stale_index_changes_the_identity(tmp_path,
     shard = "model-00001-of-00001.safetensors"
     shutil.copy(folder / "model.safetensors", folder / shard)  # the stale index names an old copy of the weights
     weights = load_file(folder / "model.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(
-        weights, shard)}))  # fmt: skip
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": dict.fromkeys(weights, shard)})
+    )
     before = folder_sha256(folder)
-    args = ["extract", "--encoder", f"hf:{folder}", "--dataset", "world", "--split", "train", "--features",
-            str(tmp_path / "features"), "-o", "size=4", "--no-progress"]  # fmt: skip
+    args = [
+        "extract",
+        "--encoder",
+        f"hf:{folder}",
+        "--dataset",
+        "world",
+        "--split",
+        "train",
+        "--features",
+        str(tmp_path / "features"),
+        "-o",
+        "size=4",
+        "--no-progress",
+    ]
     assert main(args) == 0
     swapped = {k: v + 1.0 if v.is_floating_point() else v for k, v in weights.items()}
     save_file(swapped, str(tmp_path / "new.safetensors"), metadata={"format": "pt"})
@@ -317,8 +432,9 @@ def test_file_size_limit_while_checkpointing_is_one_line_and_keeps_the_last(tmp_
         sys.exit(main({[*align_args(world_features, out), "--resume"]!r}))
     """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
     err = proc.stderr.strip()
     assert proc.returncode == 2 and err.count("\n") == 0, err
     assert err.startswith(f"error: {ckpt}: cannot be written: ") and "(EFBIG)" in err and "previous file is kept" in err
@@ -338,7 +454,10 @@ def test_disk_full_while_writing_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(files.os, "fsync", full)
-    with pytest.raises(PipeError, match=r"checkpoint\.pt: cannot be written: No space left on device \(ENOSPC\); "
-                                        "the previous file is kept; free space"):  # fmt: skip
+    with pytest.raises(
+        PipeError,
+        match=r"checkpoint\.pt: cannot be written: No space left on device \(ENOSPC\); "
+        "the previous file is kept; free space",
+    ):
         files.write_bytes(target, b"new" * 1000)
     assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]

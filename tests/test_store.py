@@ -13,9 +13,18 @@ ENC = {"alias": "tiny", "model_id": "/tmp/tiny", "modality": "image", "dim": 8, 
 
 def layout(count=10, per_shard=4, modality="image", **kw) -> StoreLayout:
     return StoreLayout(
-        modality=modality, encoder=ENC | {"modality": modality}, dataset="world", split="train", count=count,
-        tokens=6, dim=8, rows_per_chunk=2, rows_per_shard=per_shard, grid=(2, 3) if modality == "image" else None, **kw,
-    )  # fmt: skip
+        modality=modality,
+        encoder=ENC | {"modality": modality},
+        dataset="world",
+        split="train",
+        count=count,
+        tokens=6,
+        dim=8,
+        rows_per_chunk=2,
+        rows_per_shard=per_shard,
+        grid=(2, 3) if modality == "image" else None,
+        **kw,
+    )
 
 
 def fill_image_shard(store, shard, rng, skipped=None):

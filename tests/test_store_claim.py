@@ -88,8 +88,22 @@ def test_two_extracts_of_one_new_store_never_interleave(tmp_path, tiny_dinov2):
         assert sorted(results.get(timeout=120)[0] for _ in workers) == ["ready", "ready"]
         for rep, delay in enumerate((0.05, 0.1, 0.2)):
             features = tmp_path / f"f{rep}"
-            argv = ["extract", "--encoder", f"hf:{tiny_dinov2}", "--dataset", "world", "-o", "size=12",
-                    "--shard-rows", "4", "--features", str(features), "--device", "cpu", "--no-progress"]  # fmt: skip
+            argv = [
+                "extract",
+                "--encoder",
+                f"hf:{tiny_dinov2}",
+                "--dataset",
+                "world",
+                "-o",
+                "size=12",
+                "--shard-rows",
+                "4",
+                "--features",
+                str(features),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
             start = time.time() + 2.0  # both workers have planned by then (a tiny model, 12 world images)
             tasks[0].put(((rep, 0), argv, start))
             tasks[1].put(((rep, 1), argv, start + delay))
@@ -115,17 +129,39 @@ def test_two_extracts_of_one_new_store_never_interleave(tmp_path, tiny_dinov2):
 
 
 def layout(count: int = 8) -> StoreLayout:
-    enc = {"alias": "t", "model_id": "t", "revision": None, "dim": 4, "layer": "last", "image_size": 28,
-           "patch_size": 14, "num_register_tokens": 0}  # fmt: skip
-    return StoreLayout(modality="image", encoder=enc, dataset="world", split="val", count=count, tokens=4, dim=4,
-                       rows_per_chunk=4, rows_per_shard=4, grid=(2, 2))  # fmt: skip
+    enc = {
+        "alias": "t",
+        "model_id": "t",
+        "revision": None,
+        "dim": 4,
+        "layer": "last",
+        "image_size": 28,
+        "patch_size": 14,
+        "num_register_tokens": 0,
+    }
+    return StoreLayout(
+        modality="image",
+        encoder=enc,
+        dataset="world",
+        split="val",
+        count=count,
+        tokens=4,
+        dim=4,
+        rows_per_chunk=4,
+        rows_per_shard=4,
+        grid=(2, 2),
+    )
 
 
 def fill(store) -> None:
     for s in range(store.layout.num_shards):
         a, b = store.layout.shard_range(s)
-        rows = {"ids": np.array([f"i{r}" for r in range(a, b)]), "cls": np.ones((b - a, 4), np.float16),
-                "patches": np.ones((b - a, 4, 4), np.float16), "labels": np.zeros(b - a, np.int32)}  # fmt: skip
+        rows = {
+            "ids": np.array([f"i{r}" for r in range(a, b)]),
+            "cls": np.ones((b - a, 4), np.float16),
+            "patches": np.ones((b - a, 4, 4), np.float16),
+            "labels": np.zeros(b - a, np.int32),
+        }
         store.write_shard(s, rows, np.zeros(b - a, bool))
     store.finalize()
 

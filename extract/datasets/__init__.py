@@ -3,7 +3,7 @@
 Importing this package imports every reader module, which registers it by name (see base.register_dataset).
 """
 
-from pipe_align.extract.datasets import (  # noqa: F401  (register)
+from . import (  # noqa: F401  (register)
     ade20k,
     cifar,
     coco,
@@ -21,7 +21,7 @@ from pipe_align.extract.datasets import (  # noqa: F401  (register)
     webdataset,
     world,
 )
-from pipe_align.extract.datasets.base import (
+from .base import (
     CLIP_TEMPLATES,
     DATASETS,
     Caption,
@@ -35,8 +35,8 @@ from pipe_align.extract.datasets.base import (
     get_dataset,
     register_dataset,
 )
-from pipe_align.extract.datasets.world import World
-from pipe_align.extract.datasets.world_write import write_world
+from .world import World
+from .world_write import write_world
 
 __all__ = [
     "CLIP_TEMPLATES",

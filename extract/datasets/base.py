@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipe_align.extract.errors import PipeError
-from pipe_align.extract.registry import Registry
+from ..errors import PipeError
+from ..registry import Registry
 
 # A handful of the CLIP ImageNet templates (Radford et al. 2021), "{}" = class name. Used by every labelled set
 # unless a reader knows better, so that prompts for one class name are the same across datasets.
@@ -210,8 +210,10 @@ def inside(path: Path, root: Path, what: str) -> Path:
     folder the reader found, itself resolved, so a root that is a link works."""
     real, base = path.resolve(), root.resolve()
     if real != base and not real.is_relative_to(base):
-        raise PipeError(f"{what} {path} leads outside the dataset folder {root} (to {real}); a reader opens only "
-                        "files inside its dataset: copy the file there instead of linking it")  # fmt: skip
+        raise PipeError(
+            f"{what} {path} leads outside the dataset folder {root} (to {real}); a reader opens only "
+            "files inside its dataset: copy the file there instead of linking it"
+        )
     return path
 
 

@@ -14,31 +14,134 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipe_align.extract.datasets.base import Dataset, ImageRecord, inside, register_dataset, require_root
-from pipe_align.extract.errors import PipeError
+from ..errors import PipeError
+from .base import Dataset, ImageRecord, inside, register_dataset, require_root
 
 # Class names and templates of CLIP's zero-shot evaluation (openai/CLIP data/prompts.md, "CIFAR10" / "CIFAR100";
 # clip_benchmark uses the same templates). CIFAR-100's names are the meta file's with "_" written as a space.
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR100_CLASSES = [
-    "apple", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
-    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
-    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest",
-    "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn mower", "leopard", "lion", "lizard",
-    "lobster", "man", "maple tree", "motorcycle", "mountain", "mouse", "mushroom", "oak tree", "orange", "orchid",
-    "otter", "palm tree", "pear", "pickup truck", "pine tree", "plain", "plate", "poppy", "porcupine", "possum",
-    "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper",
-    "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet pepper", "table", "tank", "telephone",
-    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow tree", "wolf",
-    "woman", "worm",
-]  # fmt: skip
+    "apple",
+    "aquarium fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm tree",
+    "pear",
+    "pickup truck",
+    "pine tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow tree",
+    "wolf",
+    "woman",
+    "worm",
+]
 CIFAR_TEMPLATES = [
-    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.", "a low contrast photo of a {}.",
-    "a high contrast photo of a {}.", "a bad photo of a {}.", "a good photo of a {}.", "a photo of a small {}.",
-    "a photo of a big {}.", "a photo of the {}.", "a blurry photo of the {}.", "a black and white photo of the {}.",
-    "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
-    "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.",
-]  # fmt: skip
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low contrast photo of a {}.",
+    "a high contrast photo of a {}.",
+    "a bad photo of a {}.",
+    "a good photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a big {}.",
+    "a photo of the {}.",
+    "a blurry photo of the {}.",
+    "a black and white photo of the {}.",
+    "a low contrast photo of the {}.",
+    "a high contrast photo of the {}.",
+    "a bad photo of the {}.",
+    "a good photo of the {}.",
+    "a photo of the small {}.",
+    "a photo of the big {}.",
+]
 
 
 def spelled(raw: list[str]) -> list[str]:
@@ -81,15 +184,19 @@ class _Cifar(Dataset):
             if (cand / self.meta[0]).is_file():
                 return cand
         if (root / self.archive).is_file():
-            raise PipeError(f"dataset '{self.name}': {root / self.archive} is still packed; unpack it there "
-                            f"(tar xzf {self.archive}) so that {root / self.folder} exists")  # fmt: skip
+            raise PipeError(
+                f"dataset '{self.name}': {root / self.archive} is still packed; unpack it there "
+                f"(tar xzf {self.archive}) so that {root / self.folder} exists"
+            )
         others = [f for f in ("cifar-10-batches-py", "cifar-100-python") if f != self.folder]
         other = next((root / f for f in (*others, "cifar-10-batches-bin") if (root / f).is_dir()), None)
         if other is None and root.name in (*others, "cifar-10-batches-bin"):
             other = root
         hint = f" ({other} is another dataset or the binary version)" if other is not None else ""
-        raise PipeError(f"dataset '{self.name}': expected {root / self.folder}/{self.meta[0]} (--root is the folder "
-                        f"holding {self.folder}/, or that folder itself){hint}")  # fmt: skip
+        raise PipeError(
+            f"dataset '{self.name}': expected {root / self.folder}/{self.meta[0]} (--root is the folder "
+            f"holding {self.folder}/, or that folder itself){hint}"
+        )
 
     def _file(self, name: str) -> Path:
         path = self.dir / name
@@ -171,8 +278,9 @@ def _array(raw: object, dtype: object, shape: object, order: str = "C") -> np.nd
         raw = raw.encode("latin1")
     if not isinstance(dtype, _Dtype) or not isinstance(raw, (bytes, bytearray, pickle.PickleBuffer)):
         raise pickle.UnpicklingError("array state is not (raw bytes, dtype) as numpy writes it")
-    if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                for d in shape):  # fmt: skip
+    if not isinstance(shape, tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise pickle.UnpicklingError(f"array shape {str(shape)[:60]} is not a tuple of sizes")
     dt = dtype.resolve()
     need = math.prod(shape) * dt.itemsize  # python ints: no overflow
@@ -216,11 +324,14 @@ _NDARRAY = object()  # stands for numpy.ndarray: only ever an argument, never ca
 # numpy's array and dtype constructors and the codec call python 3 writes for bytes. Anything else (os.system, ...)
 # is refused, never called.
 PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _ArrayState, ("numpy._core.multiarray", "_reconstruct"): _ArrayState,
-    ("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _Dtype,
-    ("numpy.core.numeric", "_frombuffer"): _frombuffer, ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy.core.multiarray", "_reconstruct"): _ArrayState,
+    ("numpy._core.multiarray", "_reconstruct"): _ArrayState,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _Dtype,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("_codecs", "encode"): _encode,
-}  # fmt: skip
+}
 
 
 class _BatchUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
@@ -243,8 +354,20 @@ def _load(path: Path) -> dict:
         raise PipeError(f"{path} is {size} bytes, more than any CIFAR batch (at most {MAX_FILE_BYTES >> 20} MiB)")
     try:
         obj = _BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError,
-            OverflowError, struct.error, MemoryError, RecursionError) as e:  # fmt: skip
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        struct.error,
+        MemoryError,
+        RecursionError,
+    ) as e:
         raise PipeError(f"damaged pickle file {path}: {type(e).__name__}: {e}"[:300].replace("\n", " ")) from None
     if not isinstance(obj, dict):
         raise PipeError(f"{path} is not a CIFAR batch (a pickled dict), got {type(obj).__name__}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     Caption,
     CaptionFiles,
     ImageRecord,
@@ -21,8 +22,7 @@ from pipe_align.extract.datasets.base import (
     require_root,
     stems,
 )
-from pipe_align.extract.datasets.roots import find_under
-from pipe_align.extract.errors import PipeError
+from .roots import find_under
 
 YEARS = (2017, 2014)
 
@@ -68,8 +68,9 @@ class COCOCaptions(CaptionFiles):
         ann_file = self.root / "annotations" / f"captions_{split}{self.year}.json"
         data = read_json(inside(ann_file, self.root, "captions file"))
         folder = f"{split}{self.year}"
-        self.image_dir = find_under(self.name, self.root, (folder, f"images/{folder}"), lambda p: True,
-                                    f"the image folder {folder}/")  # fmt: skip
+        self.image_dir = find_under(
+            self.name, self.root, (folder, f"images/{folder}"), lambda p: True, f"the image folder {folder}/"
+        )
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise PipeError(f"malformed COCO captions file {ann_file}: no 'images' list")
         if not isinstance(data.get("annotations"), list):
@@ -104,7 +105,6 @@ class COCOCaptions(CaptionFiles):
             caps.append(Caption(cid, clean_text(ann.get("caption"), f"{ann_file} (caption id {cid})"), item))
         caps.sort(key=lambda c: c.item)  # stable: file order within an image
         self._captions = caps
-
 
 
 @register_dataset("coco2014")

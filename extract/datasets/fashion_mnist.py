@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     Caption,
     Dataset,
     ImageRecord,
@@ -21,18 +22,38 @@ from pipe_align.extract.datasets.base import (
     register_dataset,
     require_root,
 )
-from pipe_align.extract.datasets.roots import find_under, has_files
-from pipe_align.extract.errors import PipeError
+from .roots import find_under, has_files
 
 FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 # Plain-word class names and sentence forms for the caption pairs (the eval prompts use `templates()` instead).
 CAPTION_NAMES = [
-    "t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
-]  # fmt: skip
+    "t-shirt",
+    "pair of trousers",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 CAPTION_TEMPLATES = [
-    "a grey picture of a {}.", "an image showing a {}.", "a small photo of the {}.", "this is a {}.",
+    "a grey picture of a {}.",
+    "an image showing a {}.",
+    "a small photo of the {}.",
+    "this is a {}.",
 ]
 # Where `apt-get install dataset-fashion-mnist` puts the files (Debian/Ubuntu), then the name the brief guessed.
 DEFAULT_ROOTS = (Path("/usr/share/datasets/fashion-mnist"), Path("/usr/share/dataset-fashion-mnist"))
@@ -90,9 +111,14 @@ class FashionMNIST(Dataset):
     labelled = True
 
     def __init__(
-        self, root: str | Path | None = None, split: str = "test", *, per_class: int | None = None,
-        classes: str | list[int] | None = None, captions: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        root: str | Path | None = None,
+        split: str = "test",
+        *,
+        per_class: int | None = None,
+        classes: str | list[int] | None = None,
+        captions: bool = False,
+    ) -> None:
         """`per_class` keeps the first N images of each class, `classes` (e.g. "0,1,2") keeps only those classes, and
         `captions` makes templated captions ("a grey picture of a trouser.") so the set can train an alignment: the
         demo's zero-shot transfer check trains on 7 classes and tests on all 10."""
@@ -110,8 +136,9 @@ class FashionMNIST(Dataset):
                 )
         prefix = PREFIX[split]
         idx = f"{prefix}-images-idx3-ubyte"
-        self.root = find_under(self.name, require_root(self.name, root), ROOT_CANDIDATES, has_files(idx, f"{idx}.gz"),
-                               f"{idx}.gz")  # fmt: skip
+        self.root = find_under(
+            self.name, require_root(self.name, root), ROOT_CANDIDATES, has_files(idx, f"{idx}.gz"), f"{idx}.gz"
+        )
         self.image_file = _find(self.root, f"{prefix}-images-idx3-ubyte")
         self.label_file = _find(self.root, f"{prefix}-labels-idx1-ubyte")
         n, self.rows, self.cols = _header(self.image_file, IMAGES_MAGIC, 3)

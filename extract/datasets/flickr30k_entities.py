@@ -23,7 +23,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     Caption,
     CaptionFiles,
     Entity,
@@ -37,7 +38,6 @@ from pipe_align.extract.datasets.base import (
     require_root,
     stems,
 )
-from pipe_align.extract.errors import PipeError
 
 TAG = re.compile(r"^\[/EN#(\d+)((?:/[^\s/\[\]]+)+)$")  # "[/EN#18/people" or "[/EN#7/other/bodyparts"
 NOT_VISUAL = 0
@@ -139,8 +139,10 @@ def parse_annotation(path: Path) -> tuple[int, int, dict[int, list[tuple[float, 
         out[entity] = []
         for x0, y0, x1, y1, line in boxes:
             if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-                raise PipeError(f"{path}:{line}: box of entity {entity} ({x0 + 1:g}, {y0 + 1:g}, {x1:g}, {y1:g}) is "
-                                f"outside the {w}x{h} image or empty")  # fmt: skip
+                raise PipeError(
+                    f"{path}:{line}: box of entity {entity} ({x0 + 1:g}, {y0 + 1:g}, {x1:g}, {y1:g}) is "
+                    f"outside the {w}x{h} image or empty"
+                )
             out[entity].append((x0, y0, x1, y1))
     return w, h, out
 
@@ -211,7 +213,9 @@ class Flickr30kEntities(CaptionFiles):
             except OSError as e:
                 raise PipeError(f"unreadable image {self._paths[i]}: {e}") from None
             if size != (g.width, g.height):
-                raise PipeError(f"{self.annotations / f'{self._records[i].id}.xml'}: says the image is "
-                                f"{g.width}x{g.height}, {self._paths[i]} is {size[0]}x{size[1]}")  # fmt: skip
+                raise PipeError(
+                    f"{self.annotations / f'{self._records[i].id}.xml'}: says the image is "
+                    f"{g.width}x{g.height}, {self._paths[i]} is {size[0]}x{size[1]}"
+                )
             self._checked.add(i)
         return g

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     IMAGE_SUFFIXES,
     Caption,
     Dataset,
@@ -18,10 +19,9 @@ from pipe_align.extract.datasets.base import (
     register_dataset,
     require_root,
 )
-from pipe_align.extract.datasets.imagenet_classes import imagenet_classes, imagenet_templates
-from pipe_align.extract.datasets.pairs import string_option
-from pipe_align.extract.datasets.tables import group_rows, read_table, require_columns
-from pipe_align.extract.errors import PipeError
+from .imagenet_classes import imagenet_classes, imagenet_templates
+from .pairs import string_option
+from .tables import group_rows, read_table, require_columns
 
 CLASSES_FILE = "classes.txt"
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # Hugging Face imagefolder: image-caption pairs
@@ -85,8 +85,9 @@ class ImageFolder(Dataset):
         if not split_dir.is_dir() and self.root.name == split:  # --root given as the split folder itself
             split_dir, self.root = self.root, self.root.parent
         if not split_dir.is_dir():
-            raise PipeError(f"dataset '{self.name}': split folder not found: {split_dir} (expected "
-                            f"<root>/{split}/<class>/<images>)")  # fmt: skip
+            raise PipeError(
+                f"dataset '{self.name}': split folder not found: {split_dir} (expected <root>/{split}/<class>/<images>)"
+            )
         self._captions: list[Caption] | None = None
         if self._read_metadata(split_dir, caption_key):
             return
@@ -125,8 +126,10 @@ class ImageFolder(Dataset):
         found = [split_dir / n for n in METADATA_FILES if (split_dir / n).is_file()]
         if not found:
             if caption_key is not None:
-                raise PipeError(f"dataset '{self.name}': option caption_key applies to a split folder with "
-                                f"{' or '.join(METADATA_FILES)}; {split_dir} has neither")  # fmt: skip
+                raise PipeError(
+                    f"dataset '{self.name}': option caption_key applies to a split folder with "
+                    f"{' or '.join(METADATA_FILES)}; {split_dir} has neither"
+                )
             return False
         if len(found) > 1:
             raise PipeError(f"dataset '{self.name}': both {found[0]} and {found[1]}; keep one")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     Dataset,
     ImageRecord,
     inside,
@@ -24,9 +25,8 @@ from pipe_align.extract.datasets.base import (
     register_dataset,
     require_root,
 )
-from pipe_align.extract.datasets.imagefolder import class_folders, class_images, ignored
-from pipe_align.extract.datasets.imagenet_classes import imagenet_classes, imagenet_templates, is_wnid
-from pipe_align.extract.errors import PipeError
+from .imagefolder import class_folders, class_images, ignored
+from .imagenet_classes import imagenet_classes, imagenet_templates, is_wnid
 
 DEVKIT = Path("ILSVRC2012_devkit_t12") / "data"
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
@@ -78,8 +78,10 @@ class ImageNet(Dataset):
         pairs = []
         for folder in class_folders(split_dir):
             if folder not in self._label:
-                raise PipeError(f"dataset 'imagenet': {split_dir / folder} is not one of the 1000 ILSVRC2012 class "
-                                "folders (wnids like n01440764); use dataset 'imagefolder' for other sets")  # fmt: skip
+                raise PipeError(
+                    f"dataset 'imagenet': {split_dir / folder} is not one of the 1000 ILSVRC2012 class "
+                    "folders (wnids like n01440764); use dataset 'imagefolder' for other sets"
+                )
             pairs += [(p, self._label[folder]) for p in class_images(split_dir / folder)]
         return pairs
 
@@ -91,15 +93,18 @@ class ImageNet(Dataset):
         image_dir = next((d for d in folders if d.is_dir() and (d / f"{next(iter(names))}.JPEG").is_file()), None)
         if image_dir is None:
             tried = ", ".join(str(d) for d in folders[:3])
-            raise PipeError(f"dataset 'imagenet': {where} lists {next(iter(names))}.JPEG but no folder holds it "
-                            f"(tried {tried})")  # fmt: skip
+            raise PipeError(
+                f"dataset 'imagenet': {where} lists {next(iter(names))}.JPEG but no folder holds it (tried {tried})"
+            )
         files = {p.stem: p for p in image_dir.iterdir() if p.suffix == ".JPEG" and not ignored(p.name)}
         missing = next((n for n in names if n not in files), None)
         if missing is not None:
             raise PipeError(f"dataset 'imagenet': {image_dir / missing}.JPEG is missing (listed in {where})")
         if len(files) != len(names):
-            raise PipeError(f"{where} has {len(names)} labels but {image_dir} holds {len(files)} images: the number of "
-                            "labels must equal the number of images (a line lost, or images added?)")  # fmt: skip
+            raise PipeError(
+                f"{where} has {len(names)} labels but {image_dir} holds {len(files)} images: the number of "
+                "labels must equal the number of images (a line lost, or images added?)"
+            )
         return [(files[n], label) for n, label in names.items()]
 
     def _devkit(self, root: Path) -> list[tuple[Path, int]] | None:
@@ -117,8 +122,9 @@ class ImageNet(Dataset):
         for i, line in enumerate(read_text(data / GROUND_TRUTH, "ground truth").split(), 1):
             wnid = id_to_wnid.get(int(line)) if line.isdigit() else None
             if wnid is None:
-                raise PipeError(f"{data / GROUND_TRUTH} line {i}: {line!r} is not an ILSVRC2012_ID of meta.mat "
-                                "(1..1000)")  # fmt: skip
+                raise PipeError(
+                    f"{data / GROUND_TRUTH} line {i}: {line!r} is not an ILSVRC2012_ID of meta.mat (1..1000)"
+                )
             names[f"ILSVRC2012_val_{i:08d}"] = self._label[wnid]
         if not names:
             raise PipeError(f"{data / GROUND_TRUTH} is empty")
@@ -160,20 +166,26 @@ def _devkit_wnids(path: Path) -> dict[int, str]:
     if not path.is_file():
         raise PipeError(f"dataset 'imagenet': file not found: {path} (the devkit's class table)")
     if _is_hdf5_mat(path):
-        raise PipeError(f"{path} is a MATLAB v7.3 (HDF5) file, not the devkit's own meta.mat (MATLAB v5, which "
-                        "scipy reads): use the meta.mat of ILSVRC2012_devkit_t12.tar.gz, or sort the val images into "
-                        "val/<wnid>/ folders (valprep.sh), or the Kaggle layout (LOC_val_solution.csv)")  # fmt: skip
+        raise PipeError(
+            f"{path} is a MATLAB v7.3 (HDF5) file, not the devkit's own meta.mat (MATLAB v5, which "
+            "scipy reads): use the meta.mat of ILSVRC2012_devkit_t12.tar.gz, or sort the val images into "
+            "val/<wnid>/ folders (valprep.sh), or the Kaggle layout (LOC_val_solution.csv)"
+        )
     try:
         from scipy.io import loadmat  # optional: only this layout needs it (docs/datasets.md)
     except ImportError:
-        raise PipeError(f"reading {path} needs scipy (pip install scipy), or sort the val images into "
-                        "val/<wnid>/ folders (valprep.sh) and point --root there") from None  # fmt: skip
+        raise PipeError(
+            f"reading {path} needs scipy (pip install scipy), or sort the val images into "
+            "val/<wnid>/ folders (valprep.sh) and point --root there"
+        ) from None
     try:
         synsets = loadmat(str(path), squeeze_me=True)["synsets"]
         table = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
     except (KeyError, ValueError, TypeError, IndexError, OSError, NotImplementedError) as e:
-        raise PipeError(f"{path} is not the devkit's meta.mat (synsets with ILSVRC2012_ID, WNID, num_children): "
-                        f"{type(e).__name__}: {e}"[:300]) from None  # fmt: skip
+        raise PipeError(
+            f"{path} is not the devkit's meta.mat (synsets with ILSVRC2012_ID, WNID, num_children): "
+            f"{type(e).__name__}: {e}"[:300]
+        ) from None
     unknown = next((w for w in table.values() if w not in imagenet_classes()), None)
     if unknown is not None:
         raise PipeError(f"{path}: leaf synset {unknown} is not an ILSVRC2012 class")

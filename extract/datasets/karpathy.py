@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     Caption,
     CaptionFiles,
     ImageRecord,
@@ -19,8 +20,7 @@ from pipe_align.extract.datasets.base import (
     require_root,
     stems,
 )
-from pipe_align.extract.datasets.roots import find_under, has_files
-from pipe_align.extract.errors import PipeError
+from .roots import find_under, has_files
 
 
 def relative(name: str, where: str) -> str:
@@ -59,8 +59,10 @@ class KarpathyCaptions(CaptionFiles):
                 raise PipeError(f"malformed Karpathy split file {self.json_file}: images[{j}] lacks 'filename'")
             for key in ("split", "filepath"):
                 if not isinstance(entry.get(key, ""), str):
-                    raise PipeError(f"malformed Karpathy split file {self.json_file}: images[{j}].{key} is "
-                                    f"{str(entry[key])[:40]}, not a string")
+                    raise PipeError(
+                        f"malformed Karpathy split file {self.json_file}: images[{j}].{key} is "
+                        f"{str(entry[key])[:40]}, not a string"
+                    )
             if entry.get("split") not in wanted:
                 continue
             folder = image_root / relative(entry.get("filepath", ""), f"{self.json_file} images[{j}].filepath")
@@ -86,8 +88,9 @@ class KarpathyCaptions(CaptionFiles):
 
     def _find_json(self) -> Path:
         """The split json in --root, its annotations/, or Karpathy's caption_datasets/ folder (from his release zip)."""
-        folder = find_under(self.name, self.root, (".", "annotations", "caption_datasets"), has_files(self.json_name),
-                            self.json_name)  # fmt: skip
+        folder = find_under(
+            self.name, self.root, (".", "annotations", "caption_datasets"), has_files(self.json_name), self.json_name
+        )
         return inside(folder / self.json_name, self.root, "split file")
 
     def _image_root(self, entries: list, wanted: set[str]) -> Path:
@@ -102,10 +105,16 @@ class KarpathyCaptions(CaptionFiles):
         if first is None:  # an empty split: no image to look for
             return self.root
         where = f"{self.json_file} images[{entries.index(first)}]"
-        rel = Path(relative(first.get("filepath", ""), f"{where}.filepath")) / relative(first["filename"],
-                                                                                         f"{where}.filename")
-        return find_under(self.name, self.root, cands, lambda p: (p / rel).is_file(),
-                          f"{rel} (the split's first image in {self.json_file.name})")  # fmt: skip
+        rel = Path(relative(first.get("filepath", ""), f"{where}.filepath")) / relative(
+            first["filename"], f"{where}.filename"
+        )
+        return find_under(
+            self.name,
+            self.root,
+            cands,
+            lambda p: (p / rel).is_file(),
+            f"{rel} (the split's first image in {self.json_file.name})",
+        )
 
 
 @register_dataset("flickr30k")

@@ -18,8 +18,8 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from pipe_align.extract.datasets.base import Caption, ImageRecord, UnreadableImage, clean_text, to_rgb
-from pipe_align.extract.errors import PipeError
+from ..errors import PipeError
+from .base import Caption, ImageRecord, UnreadableImage, clean_text, to_rgb
 
 _RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
 _GLOB = re.compile(r"[*?[]")
@@ -99,8 +99,11 @@ def source_files(name: str, root: str | Path | None, suffixes: tuple[str, ...], 
         return files
     path = Path(text)
     if path.is_dir():
-        files = [p for p in sorted(path.iterdir()) if p.suffix.lower() in suffixes and not p.name.startswith(".")
-                 and p.is_file()]  # fmt: skip
+        files = [
+            p
+            for p in sorted(path.iterdir())
+            if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file()
+        ]
         if not files:
             raise PipeError(f"dataset '{name}': no {what} ({', '.join(suffixes)}) in {path}")
         return files
@@ -161,8 +164,10 @@ class PairGroups:
         i = self.index.get(key)
         if i is None:
             if image_id in self.owner:
-                raise PipeError(f"dataset '{self.dataset}': {where} and {self.owner[image_id]} are different images "
-                                f"with the same id '{image_id}'")  # fmt: skip
+                raise PipeError(
+                    f"dataset '{self.dataset}': {where} and {self.owner[image_id]} are different images "
+                    f"with the same id '{image_id}'"
+                )
             i = self.index[key] = len(self.records)
             self.owner[image_id] = where
             self.records.append(ImageRecord(image_id))
@@ -172,8 +177,11 @@ class PairGroups:
         return i
 
     def captions(self) -> list[Caption]:
-        return [Caption(f"{rec.id}#{j}", text, i) for i, rec in enumerate(self.records)
-                for j, text in enumerate(self.texts[i])]  # fmt: skip
+        return [
+            Caption(f"{rec.id}#{j}", text, i)
+            for i, rec in enumerate(self.records)
+            for j, text in enumerate(self.texts[i])
+        ]
 
     def __len__(self) -> int:
         return len(self.records)

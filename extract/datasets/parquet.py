@@ -16,7 +16,8 @@ from typing import Any
 
 from PIL import Image
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     Caption,
     Dataset,
     ImageRecord,
@@ -24,7 +25,7 @@ from pipe_align.extract.datasets.base import (
     open_rgb,
     register_dataset,
 )
-from pipe_align.extract.datasets.pairs import (
+from .pairs import (
     PairGroups,
     caption_texts,
     decode_image,
@@ -32,7 +33,6 @@ from pipe_align.extract.datasets.pairs import (
     source_files,
     string_option,
 )
-from pipe_align.extract.errors import PipeError
 
 ROW_GROUPS_KEPT = 2  # a batch of rows may straddle two row groups
 
@@ -58,8 +58,15 @@ class ParquetPairs(Dataset):
     `-o id_key=COLUMN`, rows with the same value there are one image (its bytes from the first such row) and the
     value is the id. Otherwise the id is `<file stem>/<row in the file>`. Captions `<image id>#<j>`."""
 
-    def __init__(self, root: str | Path | None, split: str = "train", *, image_key: str = "image",
-                 caption_key: str = "text", id_key: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: str | Path | None,
+        split: str = "train",
+        *,
+        image_key: str = "image",
+        caption_key: str = "text",
+        id_key: str | None = None,
+    ) -> None:
         super().__init__(root, split)
         pq = parquet_module()
         self.image_key = string_option(self.name, "image_key", image_key)
@@ -98,13 +105,16 @@ class ParquetPairs(Dataset):
         names = list(schema.names)
         for col, option in ((self.image_key, "image_key"), (caption_key, "caption_key"), (id_key, "id_key")):
             if col is not None and col not in names:
-                raise PipeError(f"{path} has no column '{col}' (columns: {', '.join(names)}); choose one with "
-                                f"-o {option}=")  # fmt: skip
+                raise PipeError(
+                    f"{path} has no column '{col}' (columns: {', '.join(names)}); choose one with -o {option}="
+                )
         kind = schema.field(self.image_key).type
         fields = [kind.field(k).name for k in range(kind.num_fields)] if str(kind).startswith("struct") else []
         if "bytes" not in fields and str(kind) not in ("binary", "large_binary"):
-            raise PipeError(f"{path}: column '{self.image_key}' is {kind}, not image bytes (binary, or a struct with "
-                            "'bytes' as Hugging Face writes images)")  # fmt: skip
+            raise PipeError(
+                f"{path}: column '{self.image_key}' is {kind}, not image bytes (binary, or a struct with "
+                "'bytes' as Hugging Face writes images)"
+            )
 
     @staticmethod
     def _id(path: Path, row: int, value: object, id_key: str | None, where: str) -> str:

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     Dataset,
     ImageRecord,
     image_size,
@@ -35,8 +36,7 @@ from pipe_align.extract.datasets.base import (
     require_dir,
     require_root,
 )
-from pipe_align.extract.datasets.pascal_context import PASCAL_CONTEXT_CLASSES
-from pipe_align.extract.errors import PipeError
+from .pascal_context import PASCAL_CONTEXT_CLASSES
 
 ANNOTATIONS = "trainval"
 LABELS = "labels.txt"
@@ -71,8 +71,10 @@ def label_lookup(labels: dict[int, str], path: Path) -> np.ndarray:
     lookup[list(labels)] = 0
     for cls, name in enumerate(PASCAL_CONTEXT_CLASSES[1:], 1):
         if name not in by_name:
-            raise PipeError(f"{path} has no label named {name!r} (one of the 59 PASCAL-Context classes): not the "
-                            "release's labels.txt of the 459 labels")  # fmt: skip
+            raise PipeError(
+                f"{path} has no label named {name!r} (one of the 59 PASCAL-Context classes): not the "
+                "release's labels.txt of the 459 labels"
+            )
         lookup[by_name[name]] = cls
     return lookup
 
@@ -90,22 +92,28 @@ class PascalContextMat(Dataset):
         self.root = require_root(self.name, root)
         ann = self.root / ANNOTATIONS
         if not ann.is_dir():
-            raise PipeError(f"dataset '{self.name}': no {ANNOTATIONS}/ folder of .mat label maps in {self.root} "
-                            f"(expected {ANNOTATIONS}/, {LABELS} and images/ from trainval.tar.gz and VOC2010)")
+            raise PipeError(
+                f"dataset '{self.name}': no {ANNOTATIONS}/ folder of .mat label maps in {self.root} "
+                f"(expected {ANNOTATIONS}/, {LABELS} and images/ from trainval.tar.gz and VOC2010)"
+            )
         self._lookup = label_lookup(read_labels(self.root / LABELS), self.root / LABELS)
         ids = sorted(p.stem for p in ann.glob("*.mat"))
         if not ids:
             raise PipeError(f"dataset '{self.name}': no .mat label maps in {ann}")
         images = next((self.root / d for d in IMAGE_DIRS if (self.root / d).is_dir()), None)
         if images is None:
-            raise PipeError(f"dataset '{self.name}': no images/ (or JPEGImages/) folder in {self.root}: link "
-                            "VOCdevkit/VOC2010/JPEGImages there")  # fmt: skip
+            raise PipeError(
+                f"dataset '{self.name}': no images/ (or JPEGImages/) folder in {self.root}: link "
+                "VOCdevkit/VOC2010/JPEGImages there"
+            )
         require_dir(images, "image")
         self._paths = [images / f"{i}.jpg" for i in ids]
         missing = next((i for i, p in zip(ids, self._paths) if not p.is_file()), None)
         if missing is not None:
-            raise PipeError(f"dataset '{self.name}': label map {ann / (missing + '.mat')} has no image "
-                            f"{images / (missing + '.jpg')}")
+            raise PipeError(
+                f"dataset '{self.name}': label map {ann / (missing + '.mat')} has no image "
+                f"{images / (missing + '.jpg')}"
+            )
         self._mats = [ann / f"{i}.mat" for i in ids]
         self._records = [ImageRecord(i) for i in ids]
         self.classes = list(PASCAL_CONTEXT_CLASSES)

@@ -11,12 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipe_align.extract.errors import PipeError
+from ..errors import PipeError
 
 
-def find_under(
-    name: str, root: Path, candidates: Sequence[str], fits: Callable[[Path], bool], expected: str
-) -> Path:  # fmt: skip
+def find_under(name: str, root: Path, candidates: Sequence[str], fits: Callable[[Path], bool], expected: str) -> Path:
     """The one folder `root / c` (c in `candidates`, "." = root itself) for which `fits` holds.
 
     `expected` names what a fitting folder holds, relative to it (e.g. "images/validation and
@@ -27,8 +25,10 @@ def find_under(
         if path.is_dir() and path not in found and fits(path):
             found.append(path)
     if len(found) > 1:
-        raise PipeError(f"dataset '{name}': {expected} found in {len(found)} places under {root} ("
-                        f"{', '.join(str(p) for p in found)}); point --root at the one to use")  # fmt: skip
+        raise PipeError(
+            f"dataset '{name}': {expected} found in {len(found)} places under {root} ("
+            f"{', '.join(str(p) for p in found)}); point --root at the one to use"
+        )
     if not found:
         subs = [f"{c}/" for c in candidates if c not in ("", ".")]
         where = f"{root}" + (" itself" if len(subs) < len(candidates) else "")

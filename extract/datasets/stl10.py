@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     Dataset,
     ImageRecord,
     inside,
@@ -15,7 +16,6 @@ from pipe_align.extract.datasets.base import (
     register_dataset,
     require_root,
 )
-from pipe_align.extract.errors import PipeError
 
 # CLIP's names and templates for STL10 (openai/CLIP data/prompts.md; clip_benchmark uses the same two templates and
 # torchvision's names, which are these: the authors' class_names.txt).
@@ -84,7 +84,11 @@ def _locate(root: Path) -> Path:
         if (cand / "test_X.bin").is_file() or (cand / "train_X.bin").is_file():
             return cand
     if (root / ARCHIVE).is_file():
-        raise PipeError(f"dataset 'stl10': {root / ARCHIVE} is still packed; unpack it there (tar xzf {ARCHIVE}) so "
-                        f"that {root / FOLDER} exists")  # fmt: skip
-    raise PipeError(f"dataset 'stl10': expected {root / FOLDER}/test_X.bin (--root is the folder holding {FOLDER}/, "
-                    "or that folder itself)")  # fmt: skip
+        raise PipeError(
+            f"dataset 'stl10': {root / ARCHIVE} is still packed; unpack it there (tar xzf {ARCHIVE}) so "
+            f"that {root / FOLDER} exists"
+        )
+    raise PipeError(
+        f"dataset 'stl10': expected {root / FOLDER}/test_X.bin (--root is the folder holding {FOLDER}/, "
+        "or that folder itself)"
+    )

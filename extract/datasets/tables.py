@@ -13,9 +13,9 @@ import json
 import os
 from pathlib import Path
 
-from pipe_align.extract.datasets.base import CaptionFiles, register_dataset
-from pipe_align.extract.datasets.pairs import PairGroups, caption_texts, string_option
-from pipe_align.extract.errors import PipeError
+from ..errors import PipeError
+from .base import CaptionFiles, register_dataset
+from .pairs import PairGroups, caption_texts, string_option
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
 SEPARATORS = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
@@ -28,7 +28,7 @@ def separator_option(dataset: str, value: object) -> str | None:
     if value is None:
         return None
     sep = SEPARATORS.get(str(value), str(value))
-    if len(sep) != 1 or sep in "\"\r\n":
+    if len(sep) != 1 or sep in '"\r\n':
         raise PipeError(f"dataset '{dataset}': option separator={value!r} must be one character (e.g. ',' or tab)")
     return sep
 
@@ -70,8 +70,10 @@ def read_delimited(path: Path, separator: str | None, image_key: str) -> tuple[l
                 columns = [c.strip() for c in fields]
                 continue
             if len(fields) != len(columns):
-                raise PipeError(f"{path} line {reader.line_num} has {len(fields)} fields, the header has "
-                                f"{len(columns)} (separator {sep!r}; set -o separator=)")  # fmt: skip
+                raise PipeError(
+                    f"{path} line {reader.line_num} has {len(fields)} fields, the header has "
+                    f"{len(columns)} (separator {sep!r}; set -o separator=)"
+                )
             rows.append((reader.line_num, dict(zip(columns, fields))))
     except csv.Error as e:
         raise PipeError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
@@ -107,8 +109,9 @@ def require_columns(path: Path, columns: list[str], rows: Rows, needed: dict[str
     are and the option that picks another. `needed` maps column -> option name."""
     for col, option in needed.items():
         if col not in columns:
-            raise PipeError(f"{path} has no column '{col}' (columns: {', '.join(columns)}); choose one with "
-                            f"-o {option}=")  # fmt: skip
+            raise PipeError(
+                f"{path} has no column '{col}' (columns: {', '.join(columns)}); choose one with -o {option}="
+            )
         missing = next((n for n, cells in rows if col not in cells), None)
         if missing is not None:
             keys = ", ".join(next(c for n, c in rows if n == missing))
@@ -149,8 +152,9 @@ def find_table(dataset: str, root: str | Path | None) -> Path:
     found = [p for p in sorted(path.iterdir()) if p.suffix.lower() in TABLE_SUFFIXES and p.is_file()]
     if len(found) != 1:
         what = "no" if not found else f"{len(found)} ({', '.join(p.name for p in found)})"
-        raise PipeError(f"dataset '{dataset}': {what} {'/'.join(TABLE_SUFFIXES)} files in {path}; point --root at "
-                        "the table")  # fmt: skip
+        raise PipeError(
+            f"dataset '{dataset}': {what} {'/'.join(TABLE_SUFFIXES)} files in {path}; point --root at the table"
+        )
     return found[0]
 
 
@@ -160,9 +164,16 @@ class CsvPairs(CaptionFiles):
     are one image with several captions (file order). With a `split` column, `--split` picks its rows; without one,
     `--split` names the whole table. Ids: the image's path without suffix; captions `<image id>#<j>`."""
 
-    def __init__(self, root: str | Path | None, split: str = "train", *, image_key: str = "filepath",
-                 caption_key: str = "title", separator: str | None = None,
-                 split_key: str = "split") -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: str | Path | None,
+        split: str = "train",
+        *,
+        image_key: str = "filepath",
+        caption_key: str = "title",
+        separator: str | None = None,
+        split_key: str = "split",
+    ) -> None:
         super().__init__(root, split)
         image_key = string_option(self.name, "image_key", image_key)
         caption_key = string_option(self.name, "caption_key", caption_key)
@@ -175,8 +186,10 @@ class CsvPairs(CaptionFiles):
             present = list(dict.fromkeys(str(cells[split_key]) for _, cells in rows))
             rows = [(n, cells) for n, cells in rows if str(cells[split_key]) == split]
             if not rows:
-                raise PipeError(f"dataset '{self.name}': no rows of split '{split}' in {self.file} (column "
-                                f"'{split_key}' holds: {', '.join(present[:20])})")  # fmt: skip
+                raise PipeError(
+                    f"dataset '{self.name}': no rows of split '{split}' in {self.file} (column "
+                    f"'{split_key}' holds: {', '.join(present[:20])})"
+                )
         if not rows:
             raise PipeError(f"dataset '{self.name}': {self.file} has no rows")
         groups = group_rows(self.name, self.file, rows, image_key, caption_key)

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     Dataset,
     ImageRecord,
     image_size,
@@ -23,28 +24,56 @@ from pipe_align.extract.datasets.base import (
     require_root,
     stems,
 )
-from pipe_align.extract.datasets.roots import find_under, has_all
-from pipe_align.extract.errors import PipeError
+from .roots import find_under, has_all
 
 # The standard VOC names (as in the devkit and mmsegmentation), index = palette index in SegmentationClass.
 VOC_CLASSES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-]  # fmt: skip
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 
 # Written by write_world (and by anyone re-using the layout for other classes): one class name per line, line i =
 # palette index i. When present it replaces VOC_CLASSES.
 CLASSES_FILE = "classes.txt"
 # Split -> mask folder. trainaug: the 10,582 SBD-augmented training ids, grey index PNGs in SegmentationClassAug
 # (the DeepLab layout); test: images only, whatever mask folders exist.
-MASK_DIRS = {"train": "SegmentationClass", "val": "SegmentationClass", "trainval": "SegmentationClass",
-             "trainaug": "SegmentationClassAug", "test": None}  # fmt: skip
+MASK_DIRS = {
+    "train": "SegmentationClass",
+    "val": "SegmentationClass",
+    "trainval": "SegmentationClass",
+    "trainaug": "SegmentationClassAug",
+    "test": None,
+}
 
 
 def find_year(name: str, root: Path, year: str, sets: str) -> Path:
     """The VOC<year> folder: --root may be it, the VOCdevkit above it, or the folder holding VOCdevkit."""
-    return find_under(name, root, (".", year, f"VOCdevkit/{year}"), has_all("JPEGImages", f"ImageSets/{sets}"),
-                      f"the VOC layout ({year}: JPEGImages/ and ImageSets/{sets}/)")  # fmt: skip
+    return find_under(
+        name,
+        root,
+        (".", year, f"VOCdevkit/{year}"),
+        has_all("JPEGImages", f"ImageSets/{sets}"),
+        f"the VOC layout ({year}: JPEGImages/ and ImageSets/{sets}/)",
+    )
 
 
 def read_split(root: Path, split_file: Path) -> tuple[list[str], list[Path]]:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     Caption,
     Dataset,
     ImageRecord,
@@ -27,7 +28,7 @@ from pipe_align.extract.datasets.base import (
     clean_text,
     register_dataset,
 )
-from pipe_align.extract.datasets.pairs import (
+from .pairs import (
     PairGroups,
     caption_texts,
     decode_image,
@@ -35,7 +36,6 @@ from pipe_align.extract.datasets.pairs import (
     source_files,
     string_option,
 )
-from pipe_align.extract.errors import PipeError
 
 SHARD_SUFFIXES = (".tar",)
 IMAGE_EXTENSIONS = "jpg;jpeg;png;webp;bmp;tif;tiff"
@@ -68,8 +68,9 @@ def _check_end(f, path: Path, end: int) -> None:
     f.seek(end)
     block = f.read(BLOCK)
     if len(block) < BLOCK:
-        raise PipeError(f"damaged tar {path}: truncated at byte {end} (no end-of-archive block; a shard cut short "
-                        "loses samples)")  # fmt: skip
+        raise PipeError(
+            f"damaged tar {path}: truncated at byte {end} (no end-of-archive block; a shard cut short loses samples)"
+        )
     if block.strip(b"\0"):
         raise PipeError(f"damaged tar {path}: unreadable member header at byte {end}")
 
@@ -82,8 +83,15 @@ class WebDataset(Dataset):
     `.json` (a string or a list of strings). Id = the sample key; captions `<key>#<j>`. A sample without image or
     caption stays a row that is skipped and listed like an unreadable image (fatal with --strict)."""
 
-    def __init__(self, root: str | Path | None, split: str = "train", *, image_key: str = IMAGE_EXTENSIONS,
-                 caption_key: str = "txt", json_key: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: str | Path | None,
+        split: str = "train",
+        *,
+        image_key: str = IMAGE_EXTENSIONS,
+        caption_key: str = "txt",
+        json_key: str | None = None,
+    ) -> None:
         super().__init__(root, split)
         exts = [e.strip().lower().lstrip(".") for e in string_option(self.name, "image_key", image_key).split(";")]
         self.image_exts = [e for e in exts if e]
@@ -100,13 +108,17 @@ class WebDataset(Dataset):
                 if found.image is None:
                     problem = f"has no image ({', '.join('.' + e for e in self.image_exts)})"
                 elif not texts:
-                    problem = "has no caption (" + (f".json field '{self.json_key}'" if self.json_key else
-                                                    f".{self.caption_ext}") + ")"  # fmt: skip
+                    problem = (
+                        "has no caption ("
+                        + (f".json field '{self.json_key}'" if self.json_key else f".{self.caption_ext}")
+                        + ")"
+                    )
                 offset, size, member = found.image or (0, 0, "")
                 groups.add(key, key, None, texts, where)
                 if len(groups) == len(samples):  # the key was seen in an earlier shard
-                    raise PipeError(f"dataset '{self.name}': sample key '{key}' is in two shards ({where} and "
-                                    f"{groups.owner[key]})")  # fmt: skip
+                    raise PipeError(
+                        f"dataset '{self.name}': sample key '{key}' is in two shards ({where} and {groups.owner[key]})"
+                    )
                 samples.append(Sample(s, offset, size, member, problem))
         if not samples:
             raise PipeError(f"dataset '{self.name}': no samples in {len(self.shards)} shard(s) under --root {root}")
@@ -120,8 +132,9 @@ class WebDataset(Dataset):
         seen: set[tuple[str, str]] = set()
         with open_source(path) as f:
             if f.read(2) == b"\x1f\x8b":
-                raise PipeError(f"{path} is a gzip-compressed tar; webdataset shards are read as plain .tar "
-                                "(decompress it: gunzip)")  # fmt: skip
+                raise PipeError(
+                    f"{path} is a gzip-compressed tar; webdataset shards are read as plain .tar (decompress it: gunzip)"
+                )
             f.seek(0)
             tar = None
             try:
@@ -133,8 +146,14 @@ class WebDataset(Dataset):
             _check_end(f, path, tar.offset)
         return found
 
-    def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo, path: Path, found: dict[str, _Listing],
-                seen: set[tuple[str, str]]) -> None:  # fmt: skip
+    def _member(
+        self,
+        tar: tarfile.TarFile,
+        m: tarfile.TarInfo,
+        path: Path,
+        found: dict[str, _Listing],
+        seen: set[tuple[str, str]],
+    ) -> None:
         match = _KEY.match(m.name) if m.isfile() else None
         if match is None:
             return

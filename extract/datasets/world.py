@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipe_align.extract.datasets.base import (
+from ..errors import PipeError
+from .base import (
     Caption,
     Dataset,
     Entity,
@@ -28,8 +29,7 @@ from pipe_align.extract.datasets.base import (
     int_option,
     register_dataset,
 )
-from pipe_align.extract.datasets.world_draw import BACKGROUNDS, COLOURS, SHAPES, Placed, background, draw_object
-from pipe_align.extract.errors import PipeError
+from .world_draw import BACKGROUNDS, COLOURS, SHAPES, Placed, background, draw_object
 
 WORLD_CLASSES = list(SHAPES)  # ball star tree house car fish flower moon heart cup key boat
 CLASSES = ["background", *WORLD_CLASSES]
@@ -105,10 +105,17 @@ def sample_scene(seed: int, split: str, index: int, size: int = 224) -> Scene:
             extent = min(rng.uniform(lo, hi - 15 * (n - 1)) * SIZE_BOOST.get(cls, 1.0), hi) * scale
             colour, rgb = _colour(rng, choices, bg)
             margin = 0.35 * extent
-            obj = Placed(cls, colour, rgb, cx=float(rng.uniform(margin, size - margin)),
-                         cy=float(rng.uniform(margin, size - margin)), size=float(extent),
-                         angle=float(rng.uniform(-max_rot, max_rot)), aspect=float(rng.uniform(0.85, 1.15)),
-                         flip=bool(mirror and rng.random() < 0.5))  # fmt: skip
+            obj = Placed(
+                cls,
+                colour,
+                rgb,
+                cx=float(rng.uniform(margin, size - margin)),
+                cy=float(rng.uniform(margin, size - margin)),
+                size=float(extent),
+                angle=float(rng.uniform(-max_rot, max_rot)),
+                aspect=float(rng.uniform(0.85, 1.15)),
+                flip=bool(mirror and rng.random() < 0.5),
+            )
             got = _visible([*objects, obj], size)
             if got is not None:
                 objects.append(obj)
@@ -173,8 +180,9 @@ def _unmark(marked: str) -> tuple[str, tuple[Phrase, ...]]:
     return "".join(out), tuple(phrases)
 
 
-def _np_marked(obj: Placed, rng: np.random.Generator, size: int, colour_p: float = 0.6, size_p: float = 0.3,
-               entity: int = 0) -> str:  # fmt: skip
+def _np_marked(
+    obj: Placed, rng: np.random.Generator, size: int, colour_p: float = 0.6, size_p: float = 0.3, entity: int = 0
+) -> str:
     """A phrase like "a small red ball": the noun always, colour and size sometimes; marked as `entity`."""
     words = []
     if _size_word(obj, size) and rng.random() < size_p:
@@ -270,8 +278,16 @@ class World(Dataset):
         unseen = _class_names(options.get("unseen"))
         return [c for c in WORLD_CLASSES if c not in unseen] if unseen else None
 
-    def __init__(self, root: str | Path | None = None, split: str = "train", *, seed: int = 0,
-                 size: int | None = None, image_size: int = 224, unseen: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        split: str = "train",
+        *,
+        seed: int = 0,
+        size: int | None = None,
+        image_size: int = 224,
+        unseen: str | None = None,
+    ) -> None:
         """`unseen` ("moon,cup,key"): leave out every item whose scene shows one of these classes, so that training
         captions never name them (the unseen-classes protocol, docs/claims.md); kept items keep their ids."""
         super().__init__(root, split)

@@ -17,11 +17,22 @@ HOLE = "hole"
 MAIN = "main"
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (205, 40, 40), "orange": (240, 130, 30), "yellow": (245, 205, 40), "green": (40, 125, 45),
-    "blue": (40, 85, 205), "purple": (125, 55, 170), "pink": (240, 125, 180), "white": (240, 240, 232),
-    "brown": (125, 75, 35), "gray": (145, 145, 150), "black": (25, 25, 28), "lightblue": (170, 215, 240),
-    "darkbrown": (80, 45, 20), "roof": (150, 45, 35), "leaf": (60, 150, 50),
-}  # fmt: skip
+    "red": (205, 40, 40),
+    "orange": (240, 130, 30),
+    "yellow": (245, 205, 40),
+    "green": (40, 125, 45),
+    "blue": (40, 85, 205),
+    "purple": (125, 55, 170),
+    "pink": (240, 125, 180),
+    "white": (240, 240, 232),
+    "brown": (125, 75, 35),
+    "gray": (145, 145, 150),
+    "black": (25, 25, 28),
+    "lightblue": (170, 215, 240),
+    "darkbrown": (80, 45, 20),
+    "roof": (150, 45, 35),
+    "leaf": (60, 150, 50),
+}
 
 
 @dataclass(frozen=True)
@@ -58,49 +69,121 @@ def _heart() -> np.ndarray:
 
 
 def _petals(n: int = 6) -> list[Part]:
-    return [Part(circle(0.36 * np.cos(a), -0.3 + 0.36 * np.sin(a), 0.3), MAIN, "shade")
-            for a in np.arange(n) * 2 * np.pi / n]  # fmt: skip
+    return [
+        Part(circle(0.36 * np.cos(a), -0.3 + 0.36 * np.sin(a), 0.3), MAIN, "shade")
+        for a in np.arange(n) * 2 * np.pi / n
+    ]
 
 
 # name -> (parts, main colour choices, max rotation in degrees, may be mirrored)
 SHAPES: dict[str, tuple[list[Part], tuple[str, ...], float, bool]] = {
-    "ball": ([Part(circle(0, 0, 1, n=48), MAIN, "shade"), Part(circle(-0.38, -0.38, 0.16), "white")],
-             ("red", "blue", "orange"), 180, False),
+    "ball": (
+        [Part(circle(0, 0, 1, n=48), MAIN, "shade"), Part(circle(-0.38, -0.38, 0.16), "white")],
+        ("red", "blue", "orange"),
+        180,
+        False,
+    ),
     "star": ([Part(_star(), MAIN, "shade")], ("yellow", "orange"), 180, False),
-    "tree": ([Part(rect(-0.14, 0.35, 0.14, 1.0), "brown"),
-              Part(poly(-0.8, 0.5, 0.8, 0.5, 0, -0.2), MAIN, "shade"),
-              Part(poly(-0.62, 0.12, 0.62, 0.12, 0, -0.62), MAIN, "shade"),
-              Part(poly(-0.45, -0.28, 0.45, -0.28, 0, -1.0), MAIN, "shade")], ("green",), 12, True),
-    "house": ([Part(rect(-0.7, -0.1, 0.7, 1.0), MAIN), Part(poly(-0.92, -0.08, 0.92, -0.08, 0, -0.95), "roof"),
-               Part(rect(-0.16, 0.42, 0.16, 1.0), "darkbrown"), Part(rect(0.28, 0.12, 0.55, 0.38), "lightblue"),
-               Part(rect(-0.55, 0.12, -0.28, 0.38), "lightblue")], ("red", "white", "yellow", "blue"), 10, True),
-    "car": ([Part(rect(-1.0, -0.05, 1.0, 0.5), MAIN, "shade"),
-             Part(poly(-0.55, 0.0, -0.32, -0.5, 0.42, -0.5, 0.65, 0.0), MAIN, "shade"),
-             Part(poly(-0.42, -0.06, -0.26, -0.4, 0.0, -0.4, 0.0, -0.06), "lightblue"),
-             Part(poly(0.08, -0.06, 0.08, -0.4, 0.36, -0.4, 0.52, -0.06), "lightblue"),
-             Part(circle(-0.55, 0.5, 0.27), "black"), Part(circle(0.55, 0.5, 0.27), "black"),
-             Part(circle(-0.55, 0.5, 0.1), "gray"), Part(circle(0.55, 0.5, 0.1), "gray")],
-            ("red", "blue", "yellow", "green"), 12, True),
-    "fish": ([Part(poly(0.45, 0.0, 1.0, -0.5, 1.0, 0.5), MAIN), Part(poly(-0.25, -0.3, 0.25, -0.3, 0.1, -0.62), MAIN),
-              Part(circle(-0.1, 0, 0.72, 0.42), MAIN, "stripes"), Part(circle(-0.52, -0.08, 0.11), "white"),
-              Part(circle(-0.55, -0.08, 0.055), "black")], ("orange", "blue", "yellow"), 25, True),
-    "flower": ([Part(rect(-0.06, 0.0, 0.06, 1.0), "leaf"), Part(poly(0.04, 0.75, 0.5, 0.45, 0.55, 0.5, 0.04, 0.9),
-                                                                   "leaf")]
-               + _petals() + [Part(circle(0, -0.3, 0.22), "yellow")], ("pink", "purple", "white", "red"), 20, True),
-    "moon": ([Part(circle(0, 0, 1, n=48), MAIN, "shade"), Part(circle(0.5, -0.18, 0.74, n=48), HOLE)],
-             ("yellow", "white"), 40, True),
+    "tree": (
+        [
+            Part(rect(-0.14, 0.35, 0.14, 1.0), "brown"),
+            Part(poly(-0.8, 0.5, 0.8, 0.5, 0, -0.2), MAIN, "shade"),
+            Part(poly(-0.62, 0.12, 0.62, 0.12, 0, -0.62), MAIN, "shade"),
+            Part(poly(-0.45, -0.28, 0.45, -0.28, 0, -1.0), MAIN, "shade"),
+        ],
+        ("green",),
+        12,
+        True,
+    ),
+    "house": (
+        [
+            Part(rect(-0.7, -0.1, 0.7, 1.0), MAIN),
+            Part(poly(-0.92, -0.08, 0.92, -0.08, 0, -0.95), "roof"),
+            Part(rect(-0.16, 0.42, 0.16, 1.0), "darkbrown"),
+            Part(rect(0.28, 0.12, 0.55, 0.38), "lightblue"),
+            Part(rect(-0.55, 0.12, -0.28, 0.38), "lightblue"),
+        ],
+        ("red", "white", "yellow", "blue"),
+        10,
+        True,
+    ),
+    "car": (
+        [
+            Part(rect(-1.0, -0.05, 1.0, 0.5), MAIN, "shade"),
+            Part(poly(-0.55, 0.0, -0.32, -0.5, 0.42, -0.5, 0.65, 0.0), MAIN, "shade"),
+            Part(poly(-0.42, -0.06, -0.26, -0.4, 0.0, -0.4, 0.0, -0.06), "lightblue"),
+            Part(poly(0.08, -0.06, 0.08, -0.4, 0.36, -0.4, 0.52, -0.06), "lightblue"),
+            Part(circle(-0.55, 0.5, 0.27), "black"),
+            Part(circle(0.55, 0.5, 0.27), "black"),
+            Part(circle(-0.55, 0.5, 0.1), "gray"),
+            Part(circle(0.55, 0.5, 0.1), "gray"),
+        ],
+        ("red", "blue", "yellow", "green"),
+        12,
+        True,
+    ),
+    "fish": (
+        [
+            Part(poly(0.45, 0.0, 1.0, -0.5, 1.0, 0.5), MAIN),
+            Part(poly(-0.25, -0.3, 0.25, -0.3, 0.1, -0.62), MAIN),
+            Part(circle(-0.1, 0, 0.72, 0.42), MAIN, "stripes"),
+            Part(circle(-0.52, -0.08, 0.11), "white"),
+            Part(circle(-0.55, -0.08, 0.055), "black"),
+        ],
+        ("orange", "blue", "yellow"),
+        25,
+        True,
+    ),
+    "flower": (
+        [Part(rect(-0.06, 0.0, 0.06, 1.0), "leaf"), Part(poly(0.04, 0.75, 0.5, 0.45, 0.55, 0.5, 0.04, 0.9), "leaf")]
+        + _petals()
+        + [Part(circle(0, -0.3, 0.22), "yellow")],
+        ("pink", "purple", "white", "red"),
+        20,
+        True,
+    ),
+    "moon": (
+        [Part(circle(0, 0, 1, n=48), MAIN, "shade"), Part(circle(0.5, -0.18, 0.74, n=48), HOLE)],
+        ("yellow", "white"),
+        40,
+        True,
+    ),
     "heart": ([Part(_heart(), MAIN, "shade")], ("red", "pink", "purple"), 25, False),
-    "cup": ([Part(circle(0.55, 0.05, 0.42), MAIN), Part(circle(0.55, 0.05, 0.22), HOLE),
-             Part(poly(-0.65, -0.7, 0.5, -0.7, 0.38, 0.8, -0.53, 0.8), MAIN, "shade"),
-             Part(circle(-0.075, -0.7, 0.575, 0.1), "black")], ("white", "blue", "red", "green"), 12, True),
-    "key": ([Part(circle(-0.55, 0, 0.45), MAIN), Part(circle(-0.55, 0, 0.2), HOLE),
-             Part(rect(-0.15, -0.11, 1.0, 0.11), MAIN), Part(rect(0.52, 0.1, 0.68, 0.4), MAIN),
-             Part(rect(0.8, 0.1, 0.96, 0.32), MAIN)], ("yellow", "gray"), 180, True),
-    "boat": ([Part(rect(-0.04, -0.95, 0.04, 0.4), "brown"), Part(poly(0.1, -0.9, 0.1, 0.28, 0.78, 0.28), "white"),
-              Part(poly(-0.1, -0.65, -0.1, 0.28, -0.6, 0.28), "white"),
-              Part(poly(-1.0, 0.32, 1.0, 0.32, 0.7, 0.8, -0.7, 0.8), MAIN, "shade")],
-             ("brown", "red", "blue"), 12, True),
-}  # fmt: skip
+    "cup": (
+        [
+            Part(circle(0.55, 0.05, 0.42), MAIN),
+            Part(circle(0.55, 0.05, 0.22), HOLE),
+            Part(poly(-0.65, -0.7, 0.5, -0.7, 0.38, 0.8, -0.53, 0.8), MAIN, "shade"),
+            Part(circle(-0.075, -0.7, 0.575, 0.1), "black"),
+        ],
+        ("white", "blue", "red", "green"),
+        12,
+        True,
+    ),
+    "key": (
+        [
+            Part(circle(-0.55, 0, 0.45), MAIN),
+            Part(circle(-0.55, 0, 0.2), HOLE),
+            Part(rect(-0.15, -0.11, 1.0, 0.11), MAIN),
+            Part(rect(0.52, 0.1, 0.68, 0.4), MAIN),
+            Part(rect(0.8, 0.1, 0.96, 0.32), MAIN),
+        ],
+        ("yellow", "gray"),
+        180,
+        True,
+    ),
+    "boat": (
+        [
+            Part(rect(-0.04, -0.95, 0.04, 0.4), "brown"),
+            Part(poly(0.1, -0.9, 0.1, 0.28, 0.78, 0.28), "white"),
+            Part(poly(-0.1, -0.65, -0.1, 0.28, -0.6, 0.28), "white"),
+            Part(poly(-1.0, 0.32, 1.0, 0.32, 0.7, 0.8, -0.7, 0.8), MAIN, "shade"),
+        ],
+        ("brown", "red", "blue"),
+        12,
+        True,
+    ),
+}
 
 
 # ------------------------------------------------------------------------------------------------ backgrounds

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipe_align.extract.datasets.base import Caption, Grounding, voc_palette
-from pipe_align.extract.datasets.voc import CLASSES_FILE
-from pipe_align.extract.datasets.world import World
-from pipe_align.extract.errors import PipeError
+from ..errors import PipeError
+from .base import Caption, Grounding, voc_palette
+from .voc import CLASSES_FILE
+from .world import World
 
 LAYOUTS = ("voc", "coco", "flickr30k-entities")
 JPEG_QUALITY = 95  # with 4:4:4 chroma: object colours stay crisp at their edges, files stay small
@@ -24,8 +24,14 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_world(out_dir: str | Path, split: str, size: int | None = None, seed: int = 0,
-                layouts: tuple[str, ...] = LAYOUTS, image_size: int = 224) -> Path:  # fmt: skip
+def write_world(
+    out_dir: str | Path,
+    split: str,
+    size: int | None = None,
+    seed: int = 0,
+    layouts: tuple[str, ...] = LAYOUTS,
+    image_size: int = 224,
+) -> Path:
     """Write one split of the world under out_dir and return out_dir; call once per split, same out_dir.
 
     voc:  out_dir/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette indices, VOC
@@ -85,12 +91,20 @@ def write_world(out_dir: str | Path, split: str, size: int | None = None, seed: 
         (f30k / f"{split}.txt").write_text("".join(f"{r.id}\n" for r in records))
     if "coco" in layouts:
         base = (list(World.splits).index(split) + 1) * 1_000_000  # image ids unique across splits, like COCO's
-        images = [{"id": base + i, "file_name": f"{r.id}.jpg", "height": image_size, "width": image_size}
-                  for i, r in enumerate(records)]  # fmt: skip
-        anns = [{"id": (base + c.item) * 10 + int(c.id.rsplit("#", 1)[1]), "image_id": base + c.item, "caption": c.text}
-                for c in world.captions() or []]  # fmt: skip
-        doc = {"info": {"description": f"pipe procedural world, split {split}, seed {seed}"}, "licenses": [],
-               "images": images, "annotations": anns}  # fmt: skip
+        images = [
+            {"id": base + i, "file_name": f"{r.id}.jpg", "height": image_size, "width": image_size}
+            for i, r in enumerate(records)
+        ]
+        anns = [
+            {"id": (base + c.item) * 10 + int(c.id.rsplit("#", 1)[1]), "image_id": base + c.item, "caption": c.text}
+            for c in world.captions() or []
+        ]
+        doc = {
+            "info": {"description": f"pipe procedural world, split {split}, seed {seed}"},
+            "licenses": [],
+            "images": images,
+            "annotations": anns,
+        }
         (out / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(doc), encoding="utf-8")
     return out
 
@@ -113,8 +127,10 @@ def annotation_xml(image_id: str, grounding: Grounding) -> str:
     objects = []
     for entity, ent in grounding.entities.items():
         for x0, y0, x1, y1 in ent.boxes:
-            coords = "".join(f"      <{k}>{v}</{k}>\n" for k, v in (("xmin", int(x0) + 1), ("ymin", int(y0) + 1),
-                                                                       ("xmax", int(x1)), ("ymax", int(y1))))
+            coords = "".join(
+                f"      <{k}>{v}</{k}>\n"
+                for k, v in (("xmin", int(x0) + 1), ("ymin", int(y0) + 1), ("xmax", int(x1)), ("ymax", int(y1)))
+            )
             objects.append(f"  <object>\n    <name>{entity}</name>\n    <bndbox>\n{coords}    </bndbox>\n  </object>\n")
     size = f"    <width>{grounding.width}</width>\n    <height>{grounding.height}</height>\n    <depth>3</depth>\n"
     head = f"<annotation>\n  <filename>{image_id}.jpg</filename>\n  <size>\n{size}  </size>\n"

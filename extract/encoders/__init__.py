@@ -4,10 +4,10 @@ One module per family registers its aliases (`dinov2`, `clip`, `sentence`); `pro
 `local` finds them (imports: base <- local <- registry <- families, provision).
 """
 
-from pipe_align.extract.encoders import clip, dinov2, sentence  # noqa: F401  (import registers the families)
-from pipe_align.extract.encoders.base import EncoderInfo, ImageEncoder, TextEncoder
-from pipe_align.extract.encoders.provision import prepare_encoder
-from pipe_align.extract.encoders.registry import encoder_names, hub_id, load_encoder
+from . import clip, dinov2, sentence  # noqa: F401  (import registers the families)
+from .base import EncoderInfo, ImageEncoder, TextEncoder
+from .provision import prepare_encoder
+from .registry import encoder_names, hub_id, load_encoder
 
 __all__ = [
     "EncoderInfo",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipe_align.extract.errors import PipeError
+from ..errors import PipeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -110,7 +110,7 @@ def check_choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
 
 
 def resolve_compute_dtype(name: str, device: str | torch.device) -> str:
-    """"auto": bfloat16 on a CUDA device that supports it (what the PAL authors load their text encoder in), else
+    """ "auto": bfloat16 on a CUDA device that supports it (what the PAL authors load their text encoder in), else
     float32 (CPU bfloat16 matmuls are slow without AMX, and float16 on CPU slower still); other names as given."""
     if name == "auto":
         dev = torch.device(device)
@@ -123,7 +123,7 @@ def resolve_compute_dtype(name: str, device: str | torch.device) -> str:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """"bfloat16" for torch.bfloat16 (the name the store records)."""
+    """ "bfloat16" for torch.bfloat16 (the name the store records)."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -224,13 +224,18 @@ def load_pretrained(loader: Any, source: Source, what: str, **kwargs: Any) -> An
             return loader.from_pretrained(source.model_id, **hub, **kwargs, trust_remote_code=False)
     except (OSError, ValueError, KeyError, ImportError) as error:
         if "trust_remote_code" in str(error):
-            raise PipeError(f"{source.model_id}: its {what} needs the model's own Python code (auto_map), which pipe "
-                            "never runs; use a model type transformers supports") from None  # fmt: skip
+            raise PipeError(
+                f"{source.model_id}: its {what} needs the model's own Python code (auto_map), which pipe "
+                "never runs; use a model type transformers supports"
+            ) from None
         if hub.get("local_files_only"):
-            raise HubUnreachable(f"cannot load {what} for encoder {source.alias!r}: {source.model_id!r} is not in the "
-                                 f"Hugging Face cache and the hub cannot be used ({hub_unusable()})") from None
-        raise PipeError(f"cannot load {what} for encoder {source.alias!r} from {source.model_id!r}: "
-                        f"{one_line(error)}") from error
+            raise HubUnreachable(
+                f"cannot load {what} for encoder {source.alias!r}: {source.model_id!r} is not in the "
+                f"Hugging Face cache and the hub cannot be used ({hub_unusable()})"
+            ) from None
+        raise PipeError(
+            f"cannot load {what} for encoder {source.alias!r} from {source.model_id!r}: {one_line(error)}"
+        ) from error
 
 
 def read_marker(folder: str | Path) -> dict[str, Any] | None:
@@ -250,9 +255,17 @@ class ImageEncoder:
     info: EncoderInfo
     grid: tuple[int, int]
 
-    def __init__(self, info: EncoderInfo, model: torch.nn.Module, *, mean: tuple[float, ...] = IMAGENET_MEAN,
-                 std: tuple[float, ...] = IMAGENET_STD, crop_ratio: float = EVAL_CROP_RATIO,
-                 device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        info: EncoderInfo,
+        model: torch.nn.Module,
+        *,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        crop_ratio: float = EVAL_CROP_RATIO,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.info = info
         self.crop = check_choice(info.crop or "processor", CROPS, "--crop")
         self.model = model
@@ -296,8 +309,9 @@ class ImageEncoder:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / np.float32(255.0)).permute(2, 0, 1)
         return (pixels - self.mean) / self.std
 
-    def encode(self, pixel_values: torch.Tensor,
-               out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def encode(
+        self, pixel_values: torch.Tensor, out_dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cls [B,D], patches [B,P,D]) in `out_dtype` on the model's device, registers dropped, patches row-major.
         Pixels travel in float32 (non-blocking from pinned memory) and are cast on the device."""
         with torch.no_grad():
@@ -314,8 +328,9 @@ class TextEncoder:
 
     info: EncoderInfo
 
-    def encode(self, texts: list[str],
-               out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    def encode(
+        self, texts: list[str], out_dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 

@@ -7,9 +7,9 @@ hidden state. The CLIP processor resizes the short side to the crop size (ratio 
 
 from __future__ import annotations
 
-from pipe_align.extract.encoders.base import Options, Source
-from pipe_align.extract.encoders.registry import register, register_types
-from pipe_align.extract.encoders.vision import TransformerImageEncoder, build_image_encoder
+from .base import Options, Source
+from .registry import register, register_types
+from .vision import TransformerImageEncoder, build_image_encoder
 
 MODELS = {"clip-vit-b16": "openai/clip-vit-base-patch16"}
 

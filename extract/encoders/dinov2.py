@@ -6,9 +6,9 @@ position embeddings are always interpolated, so any image size works (grid = S /
 
 from __future__ import annotations
 
-from pipe_align.extract.encoders.base import Options, Source
-from pipe_align.extract.encoders.registry import register, register_types
-from pipe_align.extract.encoders.vision import TransformerImageEncoder, build_image_encoder
+from .base import Options, Source
+from .registry import register, register_types
+from .vision import TransformerImageEncoder, build_image_encoder
 
 SIZES = ("small", "base", "large", "giant")
 MODELS = {"dinov2": "facebook/dinov2-base"}

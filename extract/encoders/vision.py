@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from pipe_align.extract.encoders.base import (
+from ..errors import PipeError
+from .base import (
     CROPS,
     EncoderInfo,
     ImageEncoder,
@@ -21,14 +22,22 @@ from pipe_align.extract.encoders.base import (
     parse_layer,
     processor_settings,
 )
-from pipe_align.extract.errors import PipeError
 
 
 class TransformerImageEncoder(ImageEncoder):
     """One forward, then split the sequence into CLS, registers (dropped) and the row-major patch grid."""
 
-    def __init__(self, info: EncoderInfo, model: torch.nn.Module, *, layer_index: int | None, prefix: int,
-                 pooled_cls: bool, native_size: int | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        info: EncoderInfo,
+        model: torch.nn.Module,
+        *,
+        layer_index: int | None,
+        prefix: int,
+        pooled_cls: bool,
+        native_size: int | None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(info, model, **kwargs)
         self.layer_index = layer_index
         self.prefix = prefix  # CLS + register tokens ahead of the patches
@@ -45,7 +54,7 @@ class TransformerImageEncoder(ImageEncoder):
         hidden = self.layer_index is not None
         out = self.model(pixel_values=pixel_values, output_hidden_states=hidden, **kwargs)
         states = out.hidden_states[self.layer_index] if hidden else out.last_hidden_state
-        patches = states[:, self.prefix:]
+        patches = states[:, self.prefix :]
         expected = (height // patch) * (width // patch)
         if patches.shape[1] != expected:
             raise PipeError(f"encoder {self.info.alias!r} gave {patches.shape[1]} patch tokens, expected {expected}")
@@ -53,8 +62,9 @@ class TransformerImageEncoder(ImageEncoder):
         return cls, patches
 
 
-def build_image_encoder(source: Source, options: Options, model_class: Any, *, pooled_cls: bool = False,
-                        interpolate_kwarg: bool = False) -> TransformerImageEncoder:
+def build_image_encoder(
+    source: Source, options: Options, model_class: Any, *, pooled_cls: bool = False, interpolate_kwarg: bool = False
+) -> TransformerImageEncoder:
     """Load model and processor settings through transformers, then wrap them; used by every vision family."""
     model = load_model(model_class, source, options)
     config = model.config
@@ -64,16 +74,33 @@ def build_image_encoder(source: Source, options: Options, model_class: Any, *, p
     check_image_size(size, patch, "--image-size" if options.image_size else f"the default image size of {source.alias}")
     registers = int(getattr(config, "num_register_tokens", 0) or 0)
     info = EncoderInfo(
-        alias=source.alias, model_id=source.model_id, revision=source.identity, weights=source.weights,
-        modality="image", dim=int(config.hidden_size),
+        alias=source.alias,
+        model_id=source.model_id,
+        revision=source.identity,
+        weights=source.weights,
+        modality="image",
+        dim=int(config.hidden_size),
         layer=_layer_name(options.layer, int(config.num_hidden_layers)),
-        image_size=size, patch_size=patch, num_register_tokens=registers, pooling=None, max_length=None,
-        compute_dtype=dtype_name(options.dtype), crop=check_choice(options.crop, CROPS, "--crop"),
+        image_size=size,
+        patch_size=patch,
+        num_register_tokens=registers,
+        pooling=None,
+        max_length=None,
+        compute_dtype=dtype_name(options.dtype),
+        crop=check_choice(options.crop, CROPS, "--crop"),
     )
     encoder = TransformerImageEncoder(
-        info, model, layer_index=parse_layer(options.layer, int(config.num_hidden_layers)), prefix=1 + registers,
-        pooled_cls=pooled_cls, native_size=int(config.image_size), mean=settings["mean"], std=settings["std"],
-        crop_ratio=settings["crop_ratio"], device=options.device, dtype=options.dtype,
+        info,
+        model,
+        layer_index=parse_layer(options.layer, int(config.num_hidden_layers)),
+        prefix=1 + registers,
+        pooled_cls=pooled_cls,
+        native_size=int(config.image_size),
+        mean=settings["mean"],
+        std=settings["std"],
+        crop_ratio=settings["crop_ratio"],
+        device=options.device,
+        dtype=options.dtype,
     )
     encoder.interpolate_kwarg = interpolate_kwarg
     return encoder

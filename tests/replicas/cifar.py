@@ -16,11 +16,27 @@ NAMES = ("cifar10", "cifar100")
 # images per file: cifar-10 has five training batches; the real files have 10000 rows each
 SIZES = {"cifar10": {"train": (3, 3, 3, 3, 3), "test": (7,)}, "cifar100": {"train": (12,), "test": (8,)}}
 CIFAR100_COARSE = [
-    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
-    "household_furniture", "insects", "large_carnivores", "large_man-made_outdoor_things",
-    "large_natural_outdoor_scenes", "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates",
-    "people", "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2",
-]  # fmt: skip
+    "aquatic_mammals",
+    "fish",
+    "flowers",
+    "food_containers",
+    "fruit_and_vegetables",
+    "household_electrical_devices",
+    "household_furniture",
+    "insects",
+    "large_carnivores",
+    "large_man-made_outdoor_things",
+    "large_natural_outdoor_scenes",
+    "large_omnivores_and_herbivores",
+    "medium_mammals",
+    "non-insect_invertebrates",
+    "people",
+    "reptiles",
+    "small_mammals",
+    "trees",
+    "vehicles_1",
+    "vehicles_2",
+]
 
 
 class Py2Pickler(pickle._Pickler):  # the pure-python pickler, whose opcodes can be chosen

@@ -20,11 +20,21 @@ from PIL import Image
 NAMES = ("coco", "coco-karpathy")
 TRAIN, VAL = 24, 14  # images in train2014 / val2014
 KARPATHY_VAL, KARPATHY_TEST = 2, 8  # the rest of val2014 is restval
-INFO = {"description": "This is stable 1.0 version of the 2014 MS COCO dataset.", "url": "http://mscoco.org",
-        "version": "1.0", "year": 2014, "contributor": "Microsoft COCO group",
-        "date_created": "2015-01-27 09:11:52.357475"}  # fmt: skip
-LICENSES = [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1,
-             "name": "Attribution-NonCommercial-ShareAlike License"}]  # fmt: skip
+INFO = {
+    "description": "This is stable 1.0 version of the 2014 MS COCO dataset.",
+    "url": "http://mscoco.org",
+    "version": "1.0",
+    "year": 2014,
+    "contributor": "Microsoft COCO group",
+    "date_created": "2015-01-27 09:11:52.357475",
+}
+LICENSES = [
+    {
+        "url": "http://creativecommons.org/licenses/by-nc-sa/2.0/",
+        "id": 1,
+        "name": "Attribution-NonCommercial-ShareAlike License",
+    }
+]
 
 OBJECTS = ("cat", "dog", "bird", "horse", "car", "bus", "boat", "person", "table", "chair", "tree", "house")
 COLOURS = ("red", "green", "blue", "yellow", "black", "white", "brown", "pink")
@@ -75,11 +85,18 @@ def build(root: Path, name: str) -> Path:
             w, h = 64 + 8 * (i % 5), 48 + 6 * (i % 3)
             mode = "L" if (split, i) == ("train", 5) else "CMYK" if (split, i) == ("val", 1) else "RGB"
             write_jpeg(root / f"{split}2014" / file_name(split, i), w, h, cocoid(split, i), mode)
-            images.append({"license": 1, "file_name": file_name(split, i),
-                           "coco_url": f"http://images.cocodataset.org/{split}2014/{file_name(split, i)}",
-                           "height": h, "width": w, "date_captured": "2013-11-14 16:28:13",
-                           "flickr_url": f"http://farm4.staticflickr.com/{cocoid(split, i)}.jpg",
-                           "id": cocoid(split, i)})  # fmt: skip
+            images.append(
+                {
+                    "license": 1,
+                    "file_name": file_name(split, i),
+                    "coco_url": f"http://images.cocodataset.org/{split}2014/{file_name(split, i)}",
+                    "height": h,
+                    "width": w,
+                    "date_captured": "2013-11-14 16:28:13",
+                    "flickr_url": f"http://farm4.staticflickr.com/{cocoid(split, i)}.jpg",
+                    "id": cocoid(split, i),
+                }
+            )
             texts = captions_of(split, i)
             ids = list(range(sent, sent + len(texts)))
             sent += len(texts)
@@ -89,10 +106,21 @@ def build(root: Path, name: str) -> Path:
             else:
                 kp = "val" if i < KARPATHY_VAL else "test" if i < KARPATHY_VAL + KARPATHY_TEST else "restval"
             imgid = len(karpathy)
-            sentences = [{"tokens": t.strip().rstrip(".").lower().split(), "raw": t, "imgid": imgid, "sentid": s}
-                         for s, t in zip(ids, texts)]  # fmt: skip
-            karpathy.append({"filepath": f"{split}2014", "sentids": ids, "filename": file_name(split, i),
-                             "imgid": imgid, "split": kp, "sentences": sentences, "cocoid": cocoid(split, i)})
+            sentences = [
+                {"tokens": t.strip().rstrip(".").lower().split(), "raw": t, "imgid": imgid, "sentid": s}
+                for s, t in zip(ids, texts)
+            ]
+            karpathy.append(
+                {
+                    "filepath": f"{split}2014",
+                    "sentids": ids,
+                    "filename": file_name(split, i),
+                    "imgid": imgid,
+                    "split": kp,
+                    "sentences": sentences,
+                    "cocoid": cocoid(split, i),
+                }
+            )
         anns.reverse()  # the real files are not grouped by image
         (root / "annotations").mkdir(exist_ok=True)
         data = {"info": INFO, "images": images, "licenses": LICENSES, "annotations": anns}

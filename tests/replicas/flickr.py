@@ -22,13 +22,23 @@ def build(root: Path, name: str) -> Path:
     images, sent = [], 0
     for imgid, i in enumerate(order):
         fid = 1000092795 + 104729 * i
-        write_jpeg(root / "flickr30k-images" / f"{fid}.jpg", 60 + 4 * (i % 4), 50 + 5 * (i % 3), fid,
-                   "L" if i == 7 else "RGB")  # fmt: skip
+        write_jpeg(
+            root / "flickr30k-images" / f"{fid}.jpg", 60 + 4 * (i % 4), 50 + 5 * (i % 3), fid, "L" if i == 7 else "RGB"
+        )
         texts = [caption(fid * 10 + j) for j in range(5)]
         ids = list(range(sent, sent + 5))
         sent += 5
-        images.append({"sentids": ids, "imgid": imgid, "split": SPLITS[i], "filename": f"{fid}.jpg",
-                       "sentences": [{"tokens": t.rstrip(".").lower().split(), "raw": t, "imgid": imgid, "sentid": s}
-                                     for s, t in zip(ids, texts)]})  # fmt: skip
+        images.append(
+            {
+                "sentids": ids,
+                "imgid": imgid,
+                "split": SPLITS[i],
+                "filename": f"{fid}.jpg",
+                "sentences": [
+                    {"tokens": t.rstrip(".").lower().split(), "raw": t, "imgid": imgid, "sentid": s}
+                    for s, t in zip(ids, texts)
+                ],
+            }
+        )
     (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
     return root

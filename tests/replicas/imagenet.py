@@ -19,9 +19,13 @@ from pipe_align.extract.datasets.imagenet_classes import imagenet_classes
 NAMES = ("imagenet",)
 # (wnid, mode, colour) of ILSVRC2012_val_00000001.. : first and last class, and two in between
 ITEMS = [
-    ("n01440764", "RGB", (200, 30, 30)), ("n15075141", "L", (77,)), ("n02119789", "CMYK", (0, 255, 255, 0)),
-    ("n01440764", "RGB", (20, 180, 40)), ("n04590129", "RGB", (10, 10, 220)), ("n02119789", "RGB", (250, 250, 0)),
-]  # fmt: skip
+    ("n01440764", "RGB", (200, 30, 30)),
+    ("n15075141", "L", (77,)),
+    ("n02119789", "CMYK", (0, 255, 255, 0)),
+    ("n01440764", "RGB", (20, 180, 40)),
+    ("n04590129", "RGB", (10, 10, 220)),
+    ("n02119789", "RGB", (250, 250, 0)),
+]
 
 
 def stem(i: int) -> str:
@@ -56,12 +60,24 @@ def build_devkit(root: Path) -> Path:
     data.mkdir(parents=True)
     ids, names = devkit_ids(), imagenet_classes()
     (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[w]}\n" for w, _, _ in ITEMS))
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]  # fmt: skip
-    rows = [(float(ids[w]), w, names[w], f"gloss of {names[w]}", 0.0, np.zeros((1, 0)), 0.0, 1300.0)
-            for w in sorted(ids, key=ids.get)]  # fmt: skip
-    rows += [(1001.0, "n00001740", "entity", "that which is perceived", 1.0, np.array([[1002.0]]), 19.0, 0.0),
-             (1002.0, "n00021939", "artifact", "a man-made object", 1.0, np.array([[1.0]]), 18.0, 0.0)]  # fmt: skip
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
+    rows = [
+        (float(ids[w]), w, names[w], f"gloss of {names[w]}", 0.0, np.zeros((1, 0)), 0.0, 1300.0)
+        for w in sorted(ids, key=ids.get)
+    ]
+    rows += [
+        (1001.0, "n00001740", "entity", "that which is perceived", 1.0, np.array([[1002.0]]), 19.0, 0.0),
+        (1002.0, "n00021939", "artifact", "a man-made object", 1.0, np.array([[1.0]]), 18.0, 0.0),
+    ]
     synsets = np.empty((len(rows), 1), dtype=[(f, object) for f in fields])
     for k, row in enumerate(rows):
         synsets[k, 0] = row
