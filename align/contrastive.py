@@ -210,10 +210,15 @@ class ResLowRankHead(nn.Module):
     def alpha(self) -> Tensor:
         return torch.sigmoid(self.gate_logit) if hasattr(self, "gate_logit") else self.gate
 
-    def forward(self, z: Tensor, gen: torch.Generator | None = None) -> Tensor:
+    def forward(self, z: Tensor, gen: torch.Generator | None = None, part: tuple[int, int] | None = None) -> Tensor:
+        """`part` = (offset, total): these rows start at `offset` of a batch of `total` rows split over data-parallel
+        ranks; the masks are drawn for the whole batch and sliced, so the ranks together use the masks one process
+        would."""
         h = F.gelu(self.W1(z))
         if gen is not None and self.p > 0:
-            keep = torch.rand(h.shape, generator=gen, device=h.device) >= self.p
+            offset, total = part if part is not None else (0, len(h))
+            draw = torch.rand((total, *h.shape[1:]), generator=gen, device=h.device)
+            keep = draw[offset : offset + len(h)] >= self.p
             h = h * keep / (1 - self.p)
         return self.P(z) + self.alpha * self.W2(h)
 
@@ -293,21 +298,28 @@ class ContrastiveHeads(TrainedAligner):
         m = mask.to(h.dtype).unsqueeze(-1)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
-    def _head_out(self, side: str, z: Tensor, gen: torch.Generator | None = None) -> Tensor:
+    def _head_out(
+        self, side: str, z: Tensor, gen: torch.Generator | None = None, part: tuple[int, int] | None = None
+    ) -> Tensor:
         """The head of `side` on centred inputs (token-wise: the last dim is the feature dim); `gen` draws the
         dropout masks of a residual head in training."""
         head = (self.img if side == "img" else self.txt).to(z.device)
         z = z - (self.center_img if side == "img" else self.center_txt).to(z.device)
-        return head(z, gen) if isinstance(head, ResLowRankHead) else head(z)
+        return head(z, gen, part) if isinstance(head, ResLowRankHead) else head(z)
 
     def _encode(
-        self, image: ImageRows, text: TextRows, gen: torch.Generator | None = None
+        self,
+        image: ImageRows,
+        text: TextRows,
+        gen: torch.Generator | None = None,
+        part: tuple[int, int] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(image out, text out, image frozen input, text frozen input), outputs L2-normalised, inputs pooled."""
+        """(image out, text out, image frozen input, text frozen input), outputs L2-normalised, inputs pooled; `part`:
+        where these rows sit in the whole batch (`ResLowRankHead.forward`)."""
         zi = self._image_tokens(image)
         zt, mask = self._text_tokens(text)
-        hi = l2n(self._pool(self._head_out("img", zi, gen), None))
-        ht = l2n(self._pool(self._head_out("txt", zt, gen), mask))
+        hi = l2n(self._pool(self._head_out("img", zi, gen, part), None))
+        ht = l2n(self._pool(self._head_out("txt", zt, gen, part), mask))
         return hi, ht, self._pool(zi, None), self._pool(zt, mask)
 
     def image_global(self, rows: ImageRows) -> Tensor:
@@ -364,7 +376,8 @@ class ContrastiveHeads(TrainedAligner):
     def loss(self, batch: Any, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         config = self.config
         gen = self._dropout_generator(ctx.step, batch.image.cls.device)
-        hi, ht, zi, zt = self._encode(batch.image, batch.text, gen)
+        part = (getattr(batch, "offset", 0), batch.total)  # this rank's rows in the whole batch
+        hi, ht, zi, zt = self._encode(batch.image, batch.text, gen, part)
         hi, ht = ctx.gather(hi, batch.sizes), ctx.gather(ht, batch.sizes)
         nce = info_nce(hi, ht, config.temperature)
         if config.structure_weight <= 0:

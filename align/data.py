@@ -149,6 +149,7 @@ class Batch:
     text: TextRows
     rows: np.ndarray  # image rows in this batch (this rank's part of it under data parallelism)
     sizes: tuple[int, ...] | None = None  # rows of every rank's part, in rank order (data parallelism)
+    offset: int = 0  # where this rank's part starts in the whole batch (data parallelism)
 
     @property
     def total(self) -> int:
@@ -259,13 +260,13 @@ class PairSource:
         rows = self.rows[pos]
         caps = self.choose_captions(rows, epoch, seed)
         if not self.in_memory:
-            return Batch(self._read_images(rows), self._read_texts(caps), rows, sizes)
+            return Batch(self._read_images(rows), self._read_texts(caps), rows, sizes, lo)
         img, txt, all_caps = self._memory()
         if getattr(self, "_cap_pos", None) is None:
             self._cap_pos = {int(c): i for i, c in enumerate(all_caps)}
         ii = torch.as_tensor(pos, device=img.cls.device)
         ti = torch.as_tensor([self._cap_pos[int(c)] for c in caps], device=img.cls.device)
-        return Batch(_index_img(img, ii), _index_txt(txt, ti), rows, sizes)
+        return Batch(_index_img(img, ii), _index_txt(txt, ti), rows, sizes, lo)
 
     # -- serving ----------------------------------------------------------------------------------------------------
     def _memory(self) -> tuple[ImageRows, TextRows, np.ndarray]:
@@ -292,7 +293,7 @@ class PairSource:
                 idx = whole[lo:hi]
                 ti = torch.as_tensor([cap_pos[int(c)] for c in chosen[idx]], device=img.cls.device)
                 ii = torch.as_tensor(idx, device=img.cls.device)
-                yield Batch(_index_img(img, ii), _index_txt(txt, ti), self.rows[idx], sizes)
+                yield Batch(_index_img(img, ii), _index_txt(txt, ti), self.rows[idx], sizes, lo)
             return
         yield from self._stream(epoch, batch_size, seed, rng, shuffle, part)
 
@@ -327,7 +328,7 @@ class PairSource:
                 lo, hi, sizes = part_bounds(len(whole), part)
                 sel = whole[lo:hi]
                 ii = torch.as_tensor(sel, device=img.cls.device)
-                yield Batch(_index_img(img, ii), _index_txt(txt, ii), rows[sel], sizes)
+                yield Batch(_index_img(img, ii), _index_txt(txt, ii), rows[sel], sizes, lo)
 
 
 def _from_whole_shards(store: FeatureStore, name: str, rows: np.ndarray) -> np.ndarray:

@@ -60,10 +60,7 @@ FAST = ("pal", "linear")
 
 
 # Methods whose data-parallel run is known to differ from one process (their contract test is a strict xfail).
-DP_GAPS = {
-    "mlp": "the residual head's dropout masks are drawn per rank for its own rows from the same (seed, step) "
-    "generator, so two ranks use other masks than one process (align/contrastive.py ResLowRankHead.forward)",
-}
+DP_GAPS: dict[str, str] = {}  # method -> why two ranks do not train what one process trains (none known)
 
 
 def trained() -> list[str]:

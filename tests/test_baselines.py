@@ -698,3 +698,26 @@ def test_a_head_saved_before_the_authors_definitions_loads_as_it_was_trained(met
     assert back.config.normalize_inputs and back.config.center
     assert torch.equal(back.image_global(ImageRows(cls=x)), al.image_global(ImageRows(cls=x)))
     assert torch.equal(back.text_global(TextRows(pooled=y)), al.text_global(TextRows(pooled=y)))
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_dropout_masks_of_rank_parts_are_the_whole_batch_masks(tokens):
+    """Under data parallelism each rank holds a part of the batch: its dropout masks must be the rows of the masks one
+    process draws for the whole batch, or two ranks train other weights than one process."""
+    from pipe_align.align.contrastive import ResLowRankHead
+
+    torch.manual_seed(0)
+    head = ResLowRankHead(6, 5, 3, 0.5, 0.25)
+    with torch.no_grad():
+        head.W2.weight.normal_()  # zero at init (the residual starts off): give the masks something to change
+    z = torch.randn(10, 4, 6) if tokens else torch.randn(10, 6)
+
+    def gen():
+        return torch.Generator().manual_seed(1234)
+
+    whole = head(z, gen())
+    lo, hi, sizes = part_bounds(10, (1, 3))  # rank 1 of 3: rows 4..6 of the batch
+    parts = [head(z[a:b], gen(), (a, 10)) for a, b in ((0, lo), (lo, hi), (hi, 10))]
+    assert sizes == (4, 3, 3)
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(head(z[lo:hi], gen()), whole[lo:hi])  # a part drawn on its own gets other masks
