@@ -7,13 +7,16 @@ from pathlib import Path
 
 import typer
 
+from . import cli_spec
 from .options import parse_options
+
+GROUNDING = ", ".join(cli_spec.spec()["choices"]["grounding"])  # readers with phrase boxes, from the registry
 
 
 def claims(
     pal: Path = typer.Option(..., help="PAL run dir."),
     baseline: list[Path] = typer.Option(..., help="Baseline run dirs (repeat); the best by image->text R@1 is used."),
-    dataset: str = typer.Option(..., help="Dataset with phrase boxes: flickr30k-entities or world."),
+    dataset: str = typer.Option(..., help=f"Dataset with phrase boxes: {GROUNDING}."),
     split: str = typer.Option("test", help="Dataset split."),
     features: Path = typer.Option(..., help="Root folder of the feature stores."),
     root: str | None = typer.Option(None, help="Dataset root folder (not needed for world)."),

@@ -106,6 +106,7 @@ def build() -> dict[str, Any]:
     from pipe_align.align.methods import METHODS
     from pipe_align.evaluate.tasks import all_tasks
     from pipe_align.extract.datasets import DATASETS
+    from pipe_align.extract.datasets.base import defines_boxes
     from pipe_align.extract.encoders.registry import ENCODERS
 
     methods = METHODS.values()
@@ -183,6 +184,7 @@ def build() -> dict[str, Any]:
         "choices": {
             "method": sorted(METHODS.names(aliases=True), key=lambda n: n != "pal"),
             "dataset": DATASETS.names(aliases=True),
+            "grounding": [n for n in DATASETS.names(aliases=True) if defines_boxes(DATASETS.get(n))],
             "encoder": ENCODERS.names(aliases=True),
         },
     }

@@ -235,6 +235,7 @@ def test_help_texts_list_exactly_the_registered_names(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPE_CACHE", str(tmp_path))
     from pipe_align.align.methods import METHODS
     from pipe_align.extract.datasets import DATASETS
+    from pipe_align.extract.datasets.base import Dataset
     from pipe_align.extract.encoders.registry import ENCODERS
     from pipe_align.pipelines.cli import app
 
@@ -250,6 +251,10 @@ def test_help_texts_list_exactly_the_registered_names(tmp_path, monkeypatch):
     assert tasks and all(listed(help_of[c, "dataset"], "stores: ", ".") == datasets for c in tasks)
     assert listed(help_of["extract", "encoder"], "alias (", ")") == ENCODERS.names(aliases=True)
     assert listed(help_of["encoders prepare", "alias"], "prepare: ", ".") == ENCODERS.names(aliases=True)
+    claims_help = next(p.help for p in commands["claims"].params if p.name == "dataset")
+    boxed = [n for n in datasets if DATASETS.get(n).has_boxes is not Dataset.has_boxes]  # readers that define boxes
+    assert {"world", "flickr30k-entities"} <= set(boxed) < set(datasets)
+    assert listed(claims_help, "phrase boxes: ", ".") == boxed
 
 
 def test_a_recipe_naming_an_unknown_reader_lists_every_registered_one():

@@ -155,6 +155,12 @@ class Dataset(abc.ABC):
 DATASETS: Registry[type[Dataset]] = Registry("dataset", name_attr="name")
 
 
+def defines_boxes(cls: type[Dataset]) -> bool:
+    """Whether a reader defines phrase boxes (overrides `has_boxes`): the readers `pipe claims` and phrase grounding
+    can use, listed in their help."""
+    return cls.has_boxes is not Dataset.has_boxes
+
+
 def register_dataset(name: str, *, aliases: Iterable[str] = ()) -> Callable[[type[Dataset]], type[Dataset]]:
     """Class decorator: make a reader reachable by name from the CLI and the config (its module must be listed in
     extract/datasets/__init__.py). A name is registered once (extract/registry.py)."""
