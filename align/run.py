@@ -126,7 +126,12 @@ class Job:
     def planned(self, plan: Plan) -> Job:
         """This job with its plan: the typed config and the run key follow from it (the one place they are built)."""
         config = method_config(self.cfg.method, plan.params) if plan.params != self.cfg.params else self.cfg.given
-        return replace(self, plan=plan, config=config, key=_run_key(self.cfg, config, plan.run, self.stores))
+        return replace(
+            self,
+            plan=plan,
+            config=config,
+            key=_run_key(self.cfg, config, plan.run, self.stores, self.request["fingerprint"]),
+        )
 
     def finished(self) -> AlignResult | None:
         """The run dir's finished run when it is this one; another finished run there is refused."""
@@ -357,16 +362,19 @@ def _read_json(path: Path) -> dict:
     return _legacy_names(obj)
 
 
-def _run_key(cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: PairStores) -> dict[str, Any]:
+def _run_key(
+    cfg: AlignConfig, mcfg: MethodConfig, run: RunConfig, stores: PairStores, fingerprint: dict[str, str]
+) -> dict[str, Any]:
     """What a run's result depends on: a finished run is reused, and a checkpoint resumed, only when this matches
-    (the stores' paths resolved, and their content fingerprints, so re-extracted stores are never mistaken)."""
+    (the stores' paths resolved, and their content fingerprints, `store_fingerprint` of each store as the request
+    computed them once, so re-extracted stores are never mistaken)."""
     return {
         "method": cfg.method,
         "config": asdict(mcfg),
         "run": run.training_key(),
         "image_store": str(stores.image.path.resolve()),
         "text_store": str(stores.text.path.resolve()),
-        "fingerprint": {"image": store_fingerprint(stores.image), "text": store_fingerprint(stores.text)},
+        "fingerprint": dict(fingerprint),
         "unpaired_shards": str(location(cfg.unpaired_shards).resolve()) if cfg.unpaired_shards else None,
     }
 
